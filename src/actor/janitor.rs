@@ -1,0 +1,134 @@
+//! The janitor: on an interval (and on demand) it sweeps staged files of interrupted
+//! writes and applies the [`RetentionPolicy`](crate::RetentionPolicy).
+//!
+//! It does no I/O itself: sweeping and checkpoint trimming run as storage-actor jobs and
+//! idle sessions are deleted through their session actors (which cache state), so
+//! stopping the janitor mid-pass can never tear a write.
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::session::SessionMsg;
+use super::supervisor::SupervisorMsg;
+use super::{Shared, call_session, storage};
+use crate::error::Result;
+use crate::types::{SessionId, VacuumReport, now_ms};
+
+/// Messages of the janitor.
+pub(crate) enum JanitorMsg {
+    /// The interval timer fired.
+    Tick,
+    /// Run one pass now and reply with its report.
+    RunNow { reply: RpcReplyPort<Result<VacuumReport>> },
+}
+
+pub(crate) struct JanitorActor;
+
+pub(crate) struct JanitorState {
+    shared: Shared,
+    supervisor: ActorRef<SupervisorMsg>,
+    timer: Option<JoinHandle<()>>,
+}
+
+impl Actor for JanitorActor {
+    type Msg = JanitorMsg;
+    type State = JanitorState;
+    type Arguments = (Shared, ActorRef<SupervisorMsg>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<JanitorMsg>,
+        (shared, supervisor): Self::Arguments,
+    ) -> Result<JanitorState, ActorProcessingErr> {
+        let timer = shared.config.janitor_interval.map(|every| myself.send_interval(every, || JanitorMsg::Tick));
+        Ok(JanitorState { shared, supervisor, timer })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<JanitorMsg>, st: &mut JanitorState) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = st.timer.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<JanitorMsg>,
+        msg: JanitorMsg,
+        st: &mut JanitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            JanitorMsg::Tick => {
+                if let Err(e) = st.pass().await {
+                    warn!(error = %e, "janitor pass failed; retrying at the next interval");
+                }
+            }
+            JanitorMsg::RunNow { reply } => {
+                let _ = reply.send(st.pass().await);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl JanitorState {
+    async fn pass(&self) -> Result<VacuumReport> {
+        let (swept, trimmed) = storage::run(&self.shared.storage, |store| async move {
+            let swept = store.backend.sweep().await?;
+            let trimmed = store.trim_checkpoints().await?;
+            Ok((swept, trimmed))
+        })
+        .await?;
+        let mut report = VacuumReport {
+            temp_files_removed: swept.files_removed,
+            temp_bytes_freed: swept.bytes_freed,
+            checkpoints_removed: trimmed,
+            ..Default::default()
+        };
+        if let Some(idle) = self.shared.config.retention.max_session_idle {
+            let cutoff = now_ms().saturating_sub(idle.as_millis() as u64);
+            report.sessions_removed = remove_idle_sessions(&self.supervisor, &self.shared, cutoff, 0).await?;
+        }
+        info!(
+            temp_files = report.temp_files_removed,
+            temp_bytes = report.temp_bytes_freed,
+            checkpoints = report.checkpoints_removed,
+            sessions = report.sessions_removed,
+            "janitor pass finished"
+        );
+        Ok(report)
+    }
+}
+
+/// Deletes, through their session actors, the sessions whose last activity is older than
+/// `cutoff_ms`, sparing the `keep_last` most recently active ones. Each actor re-checks
+/// the cutoff, so a session saved meanwhile survives.
+pub(crate) async fn remove_idle_sessions(
+    supervisor: &ActorRef<SupervisorMsg>,
+    shared: &Shared,
+    cutoff_ms: u64,
+    keep_last: usize,
+) -> Result<usize> {
+    let mut candidates: Vec<(u64, SessionId)> =
+        shared.store.index().sessions.iter().map(|(sid, e)| (e.last_activity(), sid.clone())).collect();
+    candidates.sort_by(|a, b| b.cmp(a));
+    let mut removed = 0;
+    for (last, sid) in candidates.into_iter().skip(keep_last) {
+        if last >= cutoff_ms {
+            continue;
+        }
+        let timeout = shared.config.call_timeout.max(Duration::from_secs(1));
+        if call_session(supervisor, timeout, "delete_if_idle", &sid, |reply| SessionMsg::DeleteIfIdle {
+            cutoff_ms,
+            reply,
+        })
+        .await?
+        {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,87 @@
+//! The actor topology: a supervisor, one actor per session, a storage actor and a janitor.
+//!
+//! ```text
+//! StateManager ──Get──▶ SupervisorActor ──spawns/links──▶ SessionActor (one per session id)
+//!      │                      │                                  │ storage jobs (awaited:
+//!      └──SessionMsg──────────┼─────────────────────────────────▶│  one at a time per session)
+//!                             ├──spawns/links──▶ StorageActor ◀──┘ runs jobs concurrently
+//!                             └──spawns/links──▶ JanitorActor (interval timer)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{ActorRef, RpcReplyPort};
+
+use crate::error::{Result, StateError};
+use crate::store::{RetentionPolicy, Store};
+use crate::types::SessionId;
+
+pub(crate) mod janitor;
+pub(crate) mod session;
+pub(crate) mod storage;
+pub(crate) mod supervisor;
+
+pub use session::SessionMsg;
+
+/// Settings shared by the actors.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) idle_timeout: Duration,
+    pub(crate) call_timeout: Duration,
+    pub(crate) max_state_bytes: usize,
+    pub(crate) janitor_interval: Option<Duration>,
+    pub(crate) retention: RetentionPolicy,
+}
+
+/// What every actor needs to reach the rest.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<Store>,
+    pub(crate) storage: ActorRef<storage::StorageMsg>,
+    pub(crate) config: Arc<Config>,
+}
+
+/// Sends a request to `sid`'s session actor (spawned on demand by the supervisor) and
+/// waits for the reply.
+///
+/// If the actor was passivating, the send is refused before the message was queued, so
+/// resending to a fresh actor cannot apply it twice. A reply that does not come within
+/// the call timeout is [`StateError::Timeout`]: the outcome is unknown.
+pub(crate) async fn call_session<R: Send + 'static>(
+    supervisor: &ActorRef<supervisor::SupervisorMsg>,
+    timeout: Duration,
+    operation: &'static str,
+    sid: &SessionId,
+    build: impl FnOnce(RpcReplyPort<Result<R>>) -> SessionMsg,
+) -> Result<R> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut msg = build(RpcReplyPort::from(tx));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out =
+        || StateError::Timeout { operation, session: sid.to_string(), timeout_ms: timeout.as_millis() as u64 };
+    let mut attempts = 0;
+    loop {
+        let actor = tokio::time::timeout_at(deadline, supervisor::get_session(supervisor, sid))
+            .await
+            .map_err(|_| timed_out())??;
+        match actor.send_message(msg) {
+            Ok(()) => break,
+            Err(ractor::MessagingErr::SendErr(back)) if attempts < 100 => {
+                // The actor is draining after an idle timeout: it never saw this message.
+                msg = back;
+                attempts += 1;
+                tokio::task::yield_now().await;
+            }
+            Err(_) => return Err(StateError::unavailable("session actor refused the request")),
+        }
+    }
+    match tokio::time::timeout_at(deadline, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(StateError::Panicked {
+            session: sid.to_string(),
+            message: format!("the session actor stopped while handling {operation}; outcome unknown"),
+        }),
+        Err(_) => Err(timed_out()),
+    }
+}

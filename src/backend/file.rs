@@ -1,0 +1,312 @@
+//! The embedded file backend: one file per record, every write atomic and durable.
+//!
+//! Durability contract, and why each step is there:
+//! - a put writes a staged file `.NAME.tmp-RANDOM` in the record's own directory
+//!   (`create_new`, so a stale or planted file is never reused, and `O_NOFOLLOW`), writes
+//!   it, `fdatasync`s it (so the data is on disk before any name points at it), renames
+//!   it over the record (atomic: readers see the old or the new file), then fsyncs the
+//!   directory (so the rename itself survives a power loss). Only then is `Ok` returned.
+//!   On any error the staged file is removed and the old record is untouched.
+//! - a delete unlinks the record and fsyncs its directory before returning `Ok`.
+//! - a new directory is fsynced into its parent before any record is written in it.
+//! - the store is locked with an OS file lock on `metadata/LOCK` for the backend's life,
+//!   so a second process gets [`StateError::Locked`] instead of racing this one.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::fs::{Fs, OsFs};
+use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use crate::error::{Result, StateError};
+
+/// Marker in the names of staged files (`.NAME.tmp-RANDOM`).
+const STAGED_MARK: &str = ".tmp-";
+
+/// Stores each record as a file under a base directory (`sessions/`, `checkpoints/`,
+/// `metadata/`), writing through a staged file, fsync, rename and directory fsync so that
+/// every `Ok` survives a power loss. Files are created `0600`, directories `0700`.
+///
+/// ```no_run
+/// # fn main() -> Result<(), mars_state::StateError> {
+/// let backend = mars_state::FileStorageBackend::new("./state_storage")?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FileStorageBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    fs: Arc<dyn Fs>,
+    /// Directories known to exist durably, so puts skip the mkdir and its fsync.
+    known_dirs: Mutex<HashSet<PathBuf>>,
+    /// Staged files of writes in progress; `sweep` leaves these alone.
+    in_flight: Mutex<HashSet<PathBuf>>,
+    /// Held for the backend's life: the OS releases the lock when the process dies.
+    _lock: Option<File>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded sets are only inserted into or removed from in single calls, so a
+    // panic elsewhere cannot leave them inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn random_suffix() -> String {
+    let mut r = [0u8; 8];
+    let _ = getrandom::fill(&mut r);
+    format!("{:016x}", u64::from_le_bytes(r))
+}
+
+impl FileStorageBackend {
+    /// Opens (creating if needed) the store at `path` and takes its lock.
+    ///
+    /// Fails with [`StateError::Locked`] if another process, or another backend in this
+    /// process, has it open.
+    pub fn new(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path.as_ref(), Arc::new(OsFs), true)
+    }
+
+    #[allow(dead_code)] // used by the power-loss simulator tests
+    pub(crate) fn with_fs(path: &Path, fs: Arc<dyn Fs>) -> Result<Self> {
+        Self::open_with(path, fs, false)
+    }
+
+    fn open_with(root: &Path, fs: Arc<dyn Fs>, take_lock: bool) -> Result<Self> {
+        let root = if root.is_absolute() {
+            root.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(|e| StateError::io("resolving", root, e))?.join(root)
+        };
+        // create_dir_all then fsync each created level's parent: the store's directories
+        // must exist durably before any record claims to be saved in them.
+        if !root.exists() {
+            std::fs::create_dir_all(&root).map_err(|e| StateError::io("creating the store directory", &root, e))?;
+            if let Some(parent) = root.parent() {
+                fs.sync_dir(parent).map_err(|e| StateError::io("syncing", parent, e))?;
+            }
+        }
+        let backend = FileStorageBackend {
+            inner: Arc::new(Inner {
+                root: root.clone(),
+                fs,
+                known_dirs: Mutex::new(HashSet::new()),
+                in_flight: Mutex::new(HashSet::new()),
+                _lock: None,
+            }),
+        };
+        for dir in ["sessions", "checkpoints", "metadata", "quarantine"] {
+            backend.ensure_dir(&root.join(dir))?;
+        }
+        if !take_lock {
+            return Ok(backend);
+        }
+        let lock_path = root.join("metadata").join("LOCK");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&lock_path)
+            .map_err(|e| StateError::io("opening the lock file", &lock_path, e))?;
+        // An exclusive flock: held until this backend (and every clone) is dropped or the
+        // process dies, so a second process can never write the same store concurrently.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(StateError::Locked { path: lock_path }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(StateError::io("locking", &lock_path, e)),
+        }
+        let inner = Arc::try_unwrap(backend.inner).map_err(|_| StateError::unavailable("backend in use"))?;
+        Ok(FileStorageBackend { inner: Arc::new(Inner { _lock: Some(file), ..inner }) })
+    }
+
+    /// The store's base directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn path_of(&self, key: &StorageKey) -> PathBuf {
+        let mut p = self.inner.root.clone();
+        p.extend(key.segments());
+        p
+    }
+
+    /// Creates `dir` and any missing ancestors below the root, each fsynced into its parent.
+    fn ensure_dir(&self, dir: &Path) -> Result<()> {
+        if lock(&self.inner.known_dirs).contains(dir) {
+            return Ok(());
+        }
+        if dir != self.inner.root
+            && let Some(parent) = dir.parent()
+        {
+            if parent.starts_with(&self.inner.root) && parent != self.inner.root {
+                self.ensure_dir(parent)?;
+            }
+            let created = self.inner.fs.create_dir(dir).map_err(|e| StateError::io("creating directory", dir, e))?;
+            if created {
+                // The new entry must be durable in its parent before records go in it.
+                self.inner.fs.sync_dir(parent).map_err(|e| StateError::io("syncing directory", parent, e))?;
+            }
+        }
+        lock(&self.inner.known_dirs).insert(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn put_blocking(&self, key: &StorageKey, value: &[u8]) -> Result<()> {
+        let path = self.path_of(key);
+        let dir = path.parent().unwrap_or(&self.inner.root).to_path_buf();
+        self.ensure_dir(&dir)?;
+        let staged = dir.join(format!(".{}{STAGED_MARK}{}", key.file_name(), random_suffix()));
+        lock(&self.inner.in_flight).insert(staged.clone());
+        let result = self.write_atomic(&staged, &path, &dir, value);
+        if result.is_err() {
+            // Never leave a half-written staged file behind; the record itself is untouched.
+            let _ = self.inner.fs.remove_file(&staged);
+        }
+        lock(&self.inner.in_flight).remove(&staged);
+        result
+    }
+
+    /// The one place records are written: stage, fdatasync, rename, fsync the directory.
+    fn write_atomic(&self, staged: &Path, path: &Path, dir: &Path, value: &[u8]) -> Result<()> {
+        let fs = &self.inner.fs;
+        let mut f = fs.create_new(staged).map_err(|e| StateError::io("creating staged file", staged, e))?;
+        f.write_all(value).map_err(|e| StateError::io("writing", staged, e))?;
+        // The data must be on disk before the rename can make a name point at it.
+        f.sync_data().map_err(|e| StateError::io("syncing", staged, e))?;
+        drop(f);
+        // Atomic replace: a reader or a crash sees either the old record or the new one.
+        fs.rename(staged, path).map_err(|e| StateError::io("renaming into place", path, e))?;
+        // Without this the rename may be lost on power failure, resurrecting the old record.
+        fs.sync_dir(dir).map_err(|e| StateError::io("syncing directory", dir, e))?;
+        Ok(())
+    }
+
+    fn delete_blocking(&self, key: &StorageKey) -> Result<bool> {
+        let path = self.path_of(key);
+        let existed = self.inner.fs.remove_file(&path).map_err(|e| StateError::io("deleting", &path, e))?;
+        if existed {
+            let dir = path.parent().unwrap_or(&self.inner.root);
+            // The unlink must be durable before Ok, or the record reappears after a power loss.
+            self.inner.fs.sync_dir(dir).map_err(|e| StateError::io("syncing directory", dir, e))?;
+        }
+        Ok(existed)
+    }
+
+    fn list_blocking(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        let mut stack = vec![(self.path_of(prefix), prefix.as_str().to_owned())];
+        while let Some((dir, key_prefix)) = stack.pop() {
+            let entries = self.inner.fs.list_dir(&dir).map_err(|e| StateError::io("listing", &dir, e))?;
+            for e in entries {
+                if e.name.starts_with('.') {
+                    continue; // staged files and anything hidden are not records
+                }
+                let key = format!("{key_prefix}/{}", e.name);
+                if e.is_dir {
+                    stack.push((dir.join(&e.name), key));
+                } else if e.is_file
+                    && let Ok(key) = StorageKey::new(key)
+                {
+                    out.push(ObjectMeta { key, size: e.size });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn sweep_blocking(&self) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        let mut stack = vec![self.inner.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = self.inner.fs.list_dir(&dir).map_err(|e| StateError::io("listing", &dir, e))?;
+            let mut removed_here = false;
+            for e in entries {
+                let path = dir.join(&e.name);
+                if e.is_dir {
+                    stack.push(path);
+                } else if e.is_file && e.name.starts_with('.') && e.name.contains(STAGED_MARK) {
+                    if lock(&self.inner.in_flight).contains(&path) {
+                        continue;
+                    }
+                    if self.inner.fs.remove_file(&path).map_err(|e| StateError::io("removing staged file", &path, e))? {
+                        report.files_removed += 1;
+                        report.bytes_freed += e.size;
+                        removed_here = true;
+                    }
+                }
+            }
+            if removed_here {
+                // Make the removals durable so a power loss does not bring the files back.
+                self.inner.fs.sync_dir(&dir).map_err(|e| StateError::io("syncing directory", &dir, e))?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn append_blocking(&self, key: &StorageKey, bytes: &[u8]) -> Result<()> {
+        let path = self.path_of(key);
+        let dir = path.parent().unwrap_or(&self.inner.root).to_path_buf();
+        self.ensure_dir(&dir)?;
+        let mut f = self.inner.fs.open_append(&path).map_err(|e| StateError::io("opening log", &path, e))?;
+        // No fsync: the contract says an appended log may lose its tail in a crash; its
+        // only user, the index journal, is reconciled against the records at start.
+        f.write_all(bytes).map_err(|e| StateError::io("appending", &path, e))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(FileStorageBackend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        // File I/O blocks; run it on tokio's blocking pool so the async workers stay free.
+        tokio::task::spawn_blocking(move || f(this))
+            .await
+            .map_err(|e| StateError::unavailable(format!("file I/O task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl StorageBackend for FileStorageBackend {
+    async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
+        let key = key.clone();
+        self.blocking(move |b| {
+            let path = b.path_of(&key);
+            b.inner.fs.read(&path).map_err(|e| StateError::io("reading", &path, e))
+        })
+        .await
+    }
+
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
+        let key = key.clone();
+        self.blocking(move |b| b.put_blocking(&key, &value)).await
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool> {
+        let key = key.clone();
+        self.blocking(move |b| b.delete_blocking(&key)).await
+    }
+
+    async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
+        let prefix = prefix.clone();
+        self.blocking(move |b| b.list_blocking(&prefix)).await
+    }
+
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        let key = key.clone();
+        self.blocking(move |b| b.append_blocking(&key, &bytes)).await
+    }
+
+    async fn sweep(&self) -> Result<SweepReport> {
+        self.blocking(|b| b.sweep_blocking()).await
+    }
+}

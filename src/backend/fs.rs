@@ -1,0 +1,168 @@
+//! The file-system seam under [`FileStorageBackend`](super::FileStorageBackend).
+//!
+//! Every file operation the file backend performs goes through [`Fs`], so tests can swap
+//! in a file system that records what was synced and build the states a power loss would
+//! leave behind. [`OsFs`] is the real one. Nothing here follows a symbolic link.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+/// A file opened for writing through the seam.
+pub(crate) trait FsFile: Send {
+    /// Writes all of `buf`.
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Flushes the file's data (and the size needed to read it) to stable storage.
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone)]
+pub(crate) struct DirEntry {
+    pub(crate) name: String,
+    pub(crate) is_dir: bool,
+    pub(crate) is_file: bool,
+    pub(crate) size: u64,
+}
+
+/// The file operations the file backend needs, all relative to absolute paths it built.
+pub(crate) trait Fs: Send + Sync + fmt::Debug + 'static {
+    /// Creates a new file (failing if it exists), owner-only, for writing.
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
+    /// Opens (creating if needed) a file for appending, owner-only.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
+    /// Reads a whole regular file; `Ok(None)` if it does not exist. Refuses symbolic links.
+    fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
+    /// Renames `from` over `to` atomically.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file; `Ok(false)` if it did not exist.
+    fn remove_file(&self, path: &Path) -> io::Result<bool>;
+    /// Creates a directory (owner-only); `Ok(false)` if it already exists as a directory.
+    fn create_dir(&self, path: &Path) -> io::Result<bool>;
+    /// Flushes a directory's entries (creates, renames, removes) to stable storage.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Lists a directory without following symbolic links; a missing directory lists nothing.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+}
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OsFs;
+
+struct OsFile(File);
+
+impl FsFile for OsFile {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+fn not_a_file(path: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display()))
+}
+
+impl Fs for OsFs {
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(Box::new(OsFile(f)))
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        let f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(Box::new(OsFile(f)))
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        let mut f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            // O_NOFOLLOW on a symbolic link fails with ELOOP: a planted link is not followed.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_file(path)),
+            Err(e) => return Err(e),
+        };
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Err(not_a_file(path));
+        }
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        f.read_to_end(&mut buf)?;
+        Ok(Some(buf))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<bool> {
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn create_dir(&self, path: &Path) -> io::Result<bool> {
+        match std::fs::DirBuilder::new().mode(0o700).create(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if std::fs::symlink_metadata(path)?.is_dir() {
+                    Ok(false)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("{} exists and is not a directory", path.display()),
+                    ))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        let d = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        d.sync_all()
+    }
+
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        let rd = match std::fs::read_dir(path) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            // symlink_metadata: a symbolic link is reported as neither file nor directory.
+            let meta = match std::fs::symlink_metadata(entry.path()) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            out.push(DirEntry { name, is_dir: meta.is_dir(), is_file: meta.is_file(), size: meta.len() });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,163 @@
+//! The storage contract ([`StorageBackend`]) and the backends that implement it.
+//!
+//! Backends store opaque bytes under [`StorageKey`]s. Serialization, compression and
+//! integrity checks happen above them (in the codec), so every backend gets them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::{Result, StateError};
+
+mod file;
+pub(crate) mod fs;
+mod memory;
+
+pub use file::FileStorageBackend;
+pub use memory::MemoryStorageBackend;
+
+/// A validated relative key such as `sessions/s1.json`: `/`-separated segments, each
+/// non-empty, without NUL or `\`, not `.` or `..`, and not starting with `.` (names starting
+/// with a dot are reserved for a backend's staged files).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StorageKey(String);
+
+impl StorageKey {
+    /// Validates `path` as a key.
+    ///
+    /// ```
+    /// use mars_state::StorageKey;
+    /// assert!(StorageKey::new("sessions/s1.json").is_ok());
+    /// assert!(StorageKey::new("sessions/../../etc/passwd").is_err());
+    /// ```
+    pub fn new(path: impl Into<String>) -> Result<Self> {
+        let path = path.into();
+        let ok = !path.is_empty()
+            && path.len() <= 1024
+            && path.split('/').all(|seg| {
+                !seg.is_empty()
+                    && !seg.starts_with('.')
+                    && seg.len() <= 255
+                    && !seg.chars().any(|c| c == '\\' || c.is_control())
+            });
+        if !ok {
+            return Err(StateError::InvalidId {
+                what: "storage key",
+                id: path.chars().take(80).flat_map(char::escape_debug).collect(),
+                reason: "segments must be non-empty, not start with '.', and hold no '\\' or control characters",
+            });
+        }
+        Ok(StorageKey(path))
+    }
+
+    /// Builds a key from segments the crate has already validated.
+    pub(crate) fn from_valid(path: String) -> Self {
+        StorageKey(path)
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key's segments.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+
+    /// The last segment.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    /// Whether this key lies under `prefix` (`prefix/...`).
+    pub fn starts_with(&self, prefix: &StorageKey) -> bool {
+        self.0.len() > prefix.0.len() && self.0.starts_with(&prefix.0) && self.0.as_bytes()[prefix.0.len()] == b'/'
+    }
+}
+
+impl fmt::Display for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A key and the size of its value, as returned by [`StorageBackend::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The key.
+    pub key: StorageKey,
+    /// Size of the stored value in bytes.
+    pub size: u64,
+}
+
+/// What [`StorageBackend::sweep`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Staged leftovers of interrupted writes that were removed.
+    pub files_removed: usize,
+    /// Bytes they held.
+    pub bytes_freed: u64,
+}
+
+/// Where records are kept. Small on purpose: every method is a contract that the
+/// conformance tests check for every backend.
+///
+/// Implementations must be usable as `Arc<dyn StorageBackend>` from many tasks at once;
+/// callers never issue two writes to the same key concurrently (the session actor
+/// serializes them), but do issue writes to different keys concurrently.
+#[async_trait]
+pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
+    /// Reads the whole value at `key`. Absence is `Ok(None)`, never an error.
+    async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>>;
+
+    /// Replaces the value at `key` atomically and durably: readers see the old value or the
+    /// new one, never a mix; after `Ok` the new value survives a crash and a power loss;
+    /// after `Err` the old value is intact.
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()>;
+
+    /// Removes `key` durably. Returns whether it existed; removing a missing key succeeds.
+    async fn delete(&self, key: &StorageKey) -> Result<bool>;
+
+    /// Lists every key under `prefix` (at any depth) with its size, without reading values,
+    /// in no particular order. A missing prefix lists nothing.
+    async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>>;
+
+    /// Appends `bytes` to the log at `key`, creating it if needed. Not durable by itself:
+    /// after a crash the log may lack a tail or end in a torn write. Used only for data that
+    /// can be rebuilt (the index journal).
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()>;
+
+    /// Removes leftovers of interrupted writes (staged files), except those of writes in
+    /// progress. Backends without such leftovers return an empty report.
+    async fn sweep(&self) -> Result<SweepReport>;
+}
+
+#[async_trait]
+impl<T: StorageBackend + ?Sized> StorageBackend for Arc<T> {
+    async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
+        (**self).get(key).await
+    }
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
+        (**self).put(key, value).await
+    }
+    async fn delete(&self, key: &StorageKey) -> Result<bool> {
+        (**self).delete(key).await
+    }
+    async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
+        (**self).list(prefix).await
+    }
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        (**self).append(key, bytes).await
+    }
+    async fn sweep(&self) -> Result<SweepReport> {
+        (**self).sweep().await
+    }
+}

@@ -1,0 +1,269 @@
+//! Records on disk: a JSON envelope with a CRC-32 over all of its bytes, optionally gzipped.
+//!
+//! A record is one line of JSON that `jq` reads:
+//!
+//! ```text
+//! {"mars_state":1,"crc32":"1a2b3c4d","kind":"session","session_id":"s1","saved_at":1764095662123,"data":{...}}
+//! ```
+//!
+//! The envelope always starts with the literal `{"mars_state":1,"crc32":"`; the eight hex
+//! digits that follow are the CRC-32 of every byte after the `",` that closes them. So a
+//! change to any byte is detected: in the literal prefix (it no longer matches), in the
+//! checksum (it no longer agrees), or in the rest (the checksum no longer covers it). The
+//! `session_id` and `checkpoint_id` inside bind the record to its key, so a record copied
+//! over another is refused.
+//!
+//! Compressed stores gzip the whole line (`zcat | jq` reads it). Because a deflate stream
+//! has bits a decoder ignores, the gzip header carries an extra field (`MS`, 4 bytes) with
+//! the CRC-32 of every byte after the 20-byte header, and the header itself must match a
+//! fixed layout: a flipped bit anywhere in a compressed record is detected too.
+//! Decompression is bounded and must consume every input byte.
+
+use std::io::Read;
+use std::ops::Range;
+use std::sync::Arc;
+
+use flate2::Compression as GzLevel;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::backend::StorageKey;
+use crate::error::{Result, StateError};
+use crate::types::{BranchId, CheckpointId, SessionId};
+
+const PREFIX: &[u8] = br#"{"mars_state":1,"crc32":""#;
+const HEADER_LEN: usize = PREFIX.len() + 8 + 2; // prefix, 8 hex digits, `",`
+
+/// How records are stored: plain JSON, or gzip at a level from 1 to 9.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Compression {
+    None,
+    Gzip(u32),
+}
+
+impl Compression {
+    pub(crate) fn extension(self) -> &'static str {
+        match self {
+            Compression::None => ".json",
+            Compression::Gzip(_) => ".json.gz",
+        }
+    }
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip(_) => "gzip",
+        }
+    }
+}
+
+/// Encodes and decodes records for one store.
+#[derive(Debug, Clone)]
+pub(crate) struct Codec {
+    pub(crate) compression: Compression,
+    /// Largest decoded record accepted (bounds memory on a hostile or corrupt file).
+    pub(crate) max_record: usize,
+}
+
+/// What a record says about itself besides its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RecordHead {
+    Session { session_id: SessionId, saved_at: u64 },
+    Checkpoint { session_id: SessionId, checkpoint_id: CheckpointId, branch_id: BranchId, timestamp: u64 },
+}
+
+/// A verified record: its envelope bytes and where its `data` lies in them.
+#[derive(Debug, Clone)]
+pub(crate) struct Decoded {
+    pub(crate) head: RecordHead,
+    pub(crate) bytes: Arc<Vec<u8>>,
+    pub(crate) data: Range<usize>,
+}
+
+impl Decoded {
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.bytes[self.data.clone()]
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope<'a> {
+    #[allow(dead_code)]
+    mars_state: u32,
+    #[allow(dead_code)]
+    crc32: &'a str,
+    kind: &'a str,
+    session_id: SessionId,
+    #[serde(default)]
+    saved_at: Option<u64>,
+    #[serde(default)]
+    checkpoint_id: Option<CheckpointId>,
+    #[serde(default)]
+    branch_id: Option<BranchId>,
+    #[serde(default)]
+    timestamp: Option<u64>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+fn json_str(s: &str) -> String {
+    // Ids are validated to a safe ASCII set, but escape anyway so the envelope stays JSON.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+impl Codec {
+    /// Builds the envelope around `data` (compact JSON) and compresses it if configured.
+    pub(crate) fn encode(&self, head: &RecordHead, data: &[u8]) -> Result<Vec<u8>> {
+        let fields = match head {
+            RecordHead::Session { session_id, saved_at } => {
+                format!(
+                    r#""kind":"session","session_id":{},"saved_at":{saved_at},"data":"#,
+                    json_str(session_id.as_str())
+                )
+            }
+            RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp } => format!(
+                r#""kind":"checkpoint","session_id":{},"checkpoint_id":{},"branch_id":{},"timestamp":{timestamp},"data":"#,
+                json_str(session_id.as_str()),
+                json_str(checkpoint_id.as_str()),
+                json_str(branch_id.as_str()),
+            ),
+        };
+        let mut rest = Vec::with_capacity(fields.len() + data.len() + 2);
+        rest.extend_from_slice(fields.as_bytes());
+        rest.extend_from_slice(data);
+        rest.extend_from_slice(b"}\n");
+        let crc = crc32fast::hash(&rest);
+        let mut out = Vec::with_capacity(HEADER_LEN + rest.len());
+        out.extend_from_slice(PREFIX);
+        out.extend_from_slice(format!("{crc:08x}\",").as_bytes());
+        out.extend_from_slice(&rest);
+        match self.compression {
+            Compression::None => Ok(out),
+            Compression::Gzip(level) => gzip(&out, level),
+        }
+    }
+
+    /// Verifies and decodes the bytes stored at `key`. Any damage is [`StateError::Corrupt`].
+    pub(crate) fn decode(&self, key: &StorageKey, raw: Vec<u8>) -> Result<Decoded> {
+        let bytes = if raw.starts_with(&[0x1f, 0x8b]) { self.gunzip(key, &raw)? } else { raw };
+        if bytes.len() > self.max_record {
+            return Err(StateError::corrupt(key, format!("record of {} bytes exceeds the limit", bytes.len())));
+        }
+        if bytes.len() < HEADER_LEN || !bytes.starts_with(PREFIX) || &bytes[HEADER_LEN - 2..HEADER_LEN] != b"\"," {
+            return Err(StateError::corrupt(key, "not a mars-state record (header missing or damaged)"));
+        }
+        let hex = std::str::from_utf8(&bytes[PREFIX.len()..PREFIX.len() + 8])
+            .ok()
+            .filter(|h| h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| StateError::corrupt(key, "checksum field damaged"))?;
+        if crc32fast::hash(&bytes[HEADER_LEN..]) != hex {
+            return Err(StateError::corrupt(key, "checksum mismatch"));
+        }
+        if !bytes.ends_with(b"}\n") {
+            return Err(StateError::corrupt(key, "record is truncated"));
+        }
+        let env: Envelope<'_> = serde_json::from_slice(&bytes)
+            .map_err(|e| StateError::corrupt(key, format!("envelope does not parse: {e}")))?;
+        let head = match (env.kind, env.saved_at, env.checkpoint_id, env.branch_id, env.timestamp) {
+            ("session", Some(saved_at), None, None, None) => {
+                RecordHead::Session { session_id: env.session_id, saved_at }
+            }
+            ("checkpoint", None, Some(checkpoint_id), Some(branch_id), Some(timestamp)) => {
+                RecordHead::Checkpoint { session_id: env.session_id, checkpoint_id, branch_id, timestamp }
+            }
+            _ => return Err(StateError::corrupt(key, "envelope fields do not match its kind")),
+        };
+        let start = env.data.get().as_ptr() as usize - bytes.as_ptr() as usize;
+        let data = start..start + env.data.get().len();
+        Ok(Decoded { head, bytes: Arc::new(bytes), data })
+    }
+
+    fn gunzip(&self, key: &StorageKey, raw: &[u8]) -> Result<Vec<u8>> {
+        if raw.len() < GZ_HEADER_LEN + 8 || raw[..16] != gz_header_template()[..16] {
+            return Err(StateError::corrupt(key, "gzip header damaged"));
+        }
+        let outer = u32::from_le_bytes([raw[16], raw[17], raw[18], raw[19]]);
+        if crc32fast::hash(&raw[GZ_HEADER_LEN..]) != outer {
+            return Err(StateError::corrupt(key, "compressed checksum mismatch"));
+        }
+        let mut dec = flate2::bufread::GzDecoder::new(raw);
+        let mut out = Vec::new();
+        (&mut dec)
+            .take(self.max_record as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| StateError::corrupt(key, format!("gzip stream damaged: {e}")))?;
+        if out.len() > self.max_record {
+            return Err(StateError::corrupt(key, "decompressed record exceeds the limit"));
+        }
+        if !dec.into_inner().is_empty() {
+            return Err(StateError::corrupt(key, "trailing bytes after the gzip stream"));
+        }
+        Ok(out)
+    }
+}
+
+/// Gzip header: magic, deflate, FEXTRA, mtime 0, XFL 0, OS unknown, XLEN 8, subfield `MS`
+/// of length 4 holding the CRC-32 of everything after the header.
+const GZ_HEADER_LEN: usize = 20;
+
+fn gz_header_template() -> [u8; GZ_HEADER_LEN] {
+    [0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 8, 0, b'M', b'S', 4, 0, 0, 0, 0, 0]
+}
+
+fn gzip(data: &[u8], level: u32) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len() / 3 + 64);
+    out.extend_from_slice(&gz_header_template());
+    let mut enc = flate2::write::DeflateEncoder::new(out, GzLevel::new(level));
+    let mut out = std::io::Write::write_all(&mut enc, data)
+        .and_then(|_| enc.finish())
+        .map_err(|e| StateError::io("compressing", "", e))?;
+    out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let outer = crc32fast::hash(&out[GZ_HEADER_LEN..]);
+    out[16..20].copy_from_slice(&outer.to_le_bytes());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> StorageKey {
+        StorageKey::new("sessions/s1.json").unwrap()
+    }
+
+    fn head() -> RecordHead {
+        RecordHead::Session { session_id: SessionId::new("s1").unwrap(), saved_at: 7 }
+    }
+
+    #[test]
+    fn round_trip_and_every_bit_flip_detected() {
+        for compression in [Compression::None, Compression::Gzip(6)] {
+            let codec = Codec { compression, max_record: 1 << 20 };
+            let enc = codec.encode(&head(), br#"{"step":42,"msg":"hello"}"#).unwrap();
+            let dec = codec.decode(&key(), enc.clone()).unwrap();
+            assert_eq!(dec.data(), br#"{"step":42,"msg":"hello"}"#);
+            assert_eq!(dec.head, head());
+            for i in 0..enc.len() * 8 {
+                let mut bad = enc.clone();
+                bad[i / 8] ^= 1 << (i % 8);
+                let r = codec.decode(&key(), bad);
+                assert!(matches!(r, Err(StateError::Corrupt { .. })), "flip {i} not detected ({compression:?})");
+            }
+            for len in 0..enc.len() {
+                let r = codec.decode(&key(), enc[..len].to_vec());
+                assert!(matches!(r, Err(StateError::Corrupt { .. })), "truncation {len} not detected");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_record_is_json() {
+        let codec = Codec { compression: Compression::None, max_record: 1 << 20 };
+        let enc = codec.encode(&head(), br#"{"a":[1,2]}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&enc).unwrap();
+        assert_eq!(v["data"]["a"][1], 2);
+        assert_eq!(v["session_id"], "s1");
+    }
+}

@@ -1,0 +1,216 @@
+//! The crate's one public error type.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = StateError> = std::result::Result<T, E>;
+
+/// A boxed error from user code (a closure passed to
+/// [`transactional_update`](crate::StateManager::transactional_update)).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Every failure mars-state reports.
+///
+/// Missing data is never an error (loads return `Ok(None)`); damaged data always is.
+/// Messages name ids, keys and paths but never contain state payloads.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// An id (session, branch or checkpoint) was rejected before anything was touched.
+    #[error("invalid {what} {id:?}: {reason}")]
+    InvalidId {
+        /// Which kind of id: `"session id"`, `"branch id"`, `"checkpoint id"`.
+        what: &'static str,
+        /// The offending id, escaped and cut to 80 characters.
+        id: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A stored record failed its integrity check or could not be decoded.
+    /// The record is kept and a copy is placed in the store's quarantine.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// The storage key of the damaged record.
+        key: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A checkpoint named in a rollback does not exist.
+    #[error("checkpoint {id} not found")]
+    CheckpointNotFound {
+        /// The id that was asked for.
+        id: String,
+    },
+    /// Another process (or another backend in this one) holds the store's lock.
+    #[error("the store at {} is locked by another process", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The operating system refused access to a path.
+    #[error("permission denied: {operation} {}", path.display())]
+    PermissionDenied {
+        /// What was being done.
+        operation: &'static str,
+        /// The path the OS refused.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk is full. Cleanup ran and the save was retried once; the previous
+    /// version of the record is intact.
+    #[error("no space left on device while {operation} {}", path.display())]
+    StorageFull {
+        /// What was being done.
+        operation: &'static str,
+        /// The path being written.
+        path: PathBuf,
+    },
+    /// Any other I/O failure. The previous version of the record is intact.
+    #[error("I/O error while {operation} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state could not be serialized to, or deserialized from, JSON.
+    #[error("state of session {session} could not be (de)serialized: {source}")]
+    Serialization {
+        /// The session involved.
+        session: String,
+        /// The serde_json error (it names a position, never the payload).
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A state is larger than the configured limit.
+    #[error("state of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the serialized state.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The closure given to `transactional_update` returned an error; nothing was written.
+    #[error("update of session {session} rejected by the caller's closure: {source}")]
+    UpdateRejected {
+        /// The session involved.
+        session: String,
+        /// The closure's error.
+        #[source]
+        source: BoxError,
+    },
+    /// Code running inside a session actor panicked (for example a user closure).
+    /// Nothing was written; the session actor was restarted.
+    #[error("a panic in session {session} was contained: {message}")]
+    Panicked {
+        /// The session involved.
+        session: String,
+        /// The panic message.
+        message: String,
+    },
+    /// An actor did not answer in time. The outcome of the operation is **unknown**:
+    /// it may or may not have been applied.
+    #[error("{operation} on session {session} timed out after {timeout_ms} ms; outcome unknown")]
+    Timeout {
+        /// The operation.
+        operation: &'static str,
+        /// The session involved.
+        session: String,
+        /// The timeout that expired.
+        timeout_ms: u64,
+    },
+    /// The manager is shut down or one of its actors is gone.
+    #[error("state manager unavailable: {reason}")]
+    Unavailable {
+        /// What happened.
+        reason: String,
+    },
+    /// The builder or the store's metadata holds an invalid or conflicting setting.
+    #[error("configuration error: {message}")]
+    Config {
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A coarse classification of [`StateError`], for matching without caring about fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`StateError::InvalidId`].
+    InvalidId,
+    /// [`StateError::Corrupt`].
+    Corrupt,
+    /// [`StateError::CheckpointNotFound`].
+    NotFound,
+    /// [`StateError::Locked`].
+    Locked,
+    /// [`StateError::PermissionDenied`].
+    PermissionDenied,
+    /// [`StateError::StorageFull`].
+    StorageFull,
+    /// [`StateError::Io`].
+    Io,
+    /// [`StateError::Serialization`].
+    Serialization,
+    /// [`StateError::TooLarge`].
+    TooLarge,
+    /// [`StateError::UpdateRejected`].
+    UpdateRejected,
+    /// [`StateError::Panicked`].
+    Panicked,
+    /// [`StateError::Timeout`].
+    Timeout,
+    /// [`StateError::Unavailable`].
+    Unavailable,
+    /// [`StateError::Config`].
+    Config,
+}
+
+impl StateError {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StateError::InvalidId { .. } => ErrorKind::InvalidId,
+            StateError::Corrupt { .. } => ErrorKind::Corrupt,
+            StateError::CheckpointNotFound { .. } => ErrorKind::NotFound,
+            StateError::Locked { .. } => ErrorKind::Locked,
+            StateError::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            StateError::StorageFull { .. } => ErrorKind::StorageFull,
+            StateError::Io { .. } => ErrorKind::Io,
+            StateError::Serialization { .. } => ErrorKind::Serialization,
+            StateError::TooLarge { .. } => ErrorKind::TooLarge,
+            StateError::UpdateRejected { .. } => ErrorKind::UpdateRejected,
+            StateError::Panicked { .. } => ErrorKind::Panicked,
+            StateError::Timeout { .. } => ErrorKind::Timeout,
+            StateError::Unavailable { .. } => ErrorKind::Unavailable,
+            StateError::Config { .. } => ErrorKind::Config,
+        }
+    }
+
+    /// Maps an OS error on `path` to the matching variant (disk full, permission, other).
+    pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        match source.kind() {
+            std::io::ErrorKind::StorageFull => StateError::StorageFull { operation, path },
+            std::io::ErrorKind::PermissionDenied => StateError::PermissionDenied { operation, path, source },
+            _ if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) => {
+                StateError::StorageFull { operation, path }
+            }
+            _ => StateError::Io { operation, path, source },
+        }
+    }
+
+    pub(crate) fn corrupt(key: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        StateError::Corrupt { key: key.to_string(), reason: reason.into() }
+    }
+
+    pub(crate) fn unavailable(reason: impl Into<String>) -> Self {
+        StateError::Unavailable { reason: reason.into() }
+    }
+}

@@ -1,0 +1,21 @@
+#![doc = include_str!("../README.md")]
+
+mod actor;
+pub mod backend;
+mod codec;
+mod error;
+mod index;
+mod manager;
+mod store;
+mod types;
+
+pub use actor::SessionMsg;
+pub use actor::session::UpdateFn;
+pub use backend::{FileStorageBackend, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
+pub use error::{BoxError, ErrorKind, Result, StateError};
+pub use manager::{StateManager, StateManagerBuilder};
+pub use store::RetentionPolicy;
+pub use types::{
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, MAX_ID_LEN, SessionId, SessionInfo, StateBytes, StorageStats,
+    VacuumReport,
+};

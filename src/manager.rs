@@ -1,0 +1,526 @@
+//! [`StateManager`]: the handle orchestrators use, and its builder.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::actor::session::{SessionMsg, UpdateFn};
+use crate::actor::supervisor::{self, SupervisorActor, SupervisorArgs, SupervisorMsg};
+use crate::actor::{Config, call_session, janitor, storage};
+use crate::backend::StorageBackend;
+use crate::codec::{Codec, Compression, RecordHead};
+use crate::error::{BoxError, Result, StateError};
+use crate::store::{RetentionPolicy, Store};
+use crate::types::{
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, SessionId, SessionInfo, StateBytes, StorageStats, VacuumReport,
+    now_ms,
+};
+
+/// Configures and starts a [`StateManager`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+/// use std::time::Duration;
+/// use mars_state::{MemoryStorageBackend, RetentionPolicy, StateManager};
+///
+/// let manager = StateManager::builder(MemoryStorageBackend::new())
+///     .compression(6)
+///     .idle_timeout(Duration::from_secs(30))
+///     .retention(RetentionPolicy { keep_checkpoints: Some(10), ..Default::default() })
+///     .start()
+///     .await?;
+/// manager.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a builder does nothing until .start() is awaited"]
+pub struct StateManagerBuilder {
+    backend: Arc<dyn StorageBackend>,
+    compression: Option<u32>,
+    config: Config,
+}
+
+impl StateManagerBuilder {
+    /// Stores records gzipped at `level` (1 = fastest … 9 = smallest). A store keeps the
+    /// compression it was created with; opening it with another setting is a
+    /// [`StateError::Config`] error.
+    pub fn compression(mut self, level: u32) -> Self {
+        self.compression = Some(level);
+        self
+    }
+
+    /// How long a session actor may sit idle before it is passivated (default 60 s). Its
+    /// cached state is dropped; the next request respawns it and reads from storage.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for its session actor's reply (default 30 s). A call that
+    /// times out returns [`StateError::Timeout`]: its outcome is unknown.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.config.call_timeout = timeout;
+        self
+    }
+
+    /// Largest serialized state accepted, in bytes (default 64 MiB). Larger states are
+    /// rejected with [`StateError::TooLarge`] before anything is written.
+    pub fn max_state_bytes(mut self, limit: usize) -> Self {
+        self.config.max_state_bytes = limit;
+        self
+    }
+
+    /// How often the janitor runs (default every 10 minutes).
+    pub fn janitor_interval(mut self, every: Duration) -> Self {
+        self.config.janitor_interval = Some(every);
+        self
+    }
+
+    /// The retention policy the janitor enforces (default: keep everything).
+    pub fn retention(mut self, policy: RetentionPolicy) -> Self {
+        self.config.retention = policy;
+        self
+    }
+
+    /// Opens the store (checks its format, sweeps staged files, loads and reconciles the
+    /// index, finishes interrupted deletes) and starts the actors.
+    pub async fn start(self) -> Result<StateManager> {
+        let compression = match self.compression {
+            None => Compression::None,
+            Some(level) => Compression::gzip(level)?,
+        };
+        if self.config.idle_timeout.is_zero() || self.config.call_timeout.is_zero() {
+            return Err(StateError::Config { message: "timeouts must be greater than zero".into() });
+        }
+        if self.config.janitor_interval.is_some_and(|d| d.is_zero()) {
+            return Err(StateError::Config { message: "the janitor interval must be greater than zero".into() });
+        }
+        // The envelope adds well under 1 KiB to the state.
+        let codec = Codec { compression, max_record: self.config.max_state_bytes.saturating_add(64 * 1024) };
+        let store = Arc::new(Store::open(self.backend, codec, self.config.retention.clone()).await?);
+        let config = Arc::new(self.config);
+        let (supervisor, _) =
+            Actor::spawn(None, SupervisorActor, SupervisorArgs { store: store.clone(), config: config.clone() })
+                .await
+                .map_err(|e| StateError::unavailable(format!("could not start the supervisor: {e}")))?;
+        Ok(StateManager { inner: Arc::new(Inner { supervisor, store: Arc::downgrade(&store), config }) })
+    }
+}
+
+/// The handle to a running state manager: cheap to clone, usable from any task.
+///
+/// Every method validates its ids first (a rejected id touches nothing), then sends the
+/// request to the session's actor, which applies requests for that session one at a time.
+/// An `Ok` from a save, checkpoint, rollback, update or delete means the change is durable:
+/// it survives a crash and a power loss.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+/// use mars_state::{MemoryStorageBackend, StateManager};
+/// use serde_json::json;
+///
+/// let manager = StateManager::start(MemoryStorageBackend::new()).await?;
+/// manager.save_session("session_123", &json!({"step": 42})).await?;
+/// assert_eq!(manager.load_session("session_123").await?, Some(json!({"step": 42})));
+/// manager.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct StateManager {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    supervisor: ActorRef<SupervisorMsg>,
+    /// Weak: the actors own the store, so once they have stopped it is dropped and the
+    /// backend (and its lock) released, even while handles to this manager remain.
+    store: Weak<Store>,
+    config: Arc<Config>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone without shutdown(): drain in the background so queued
+        // work still finishes and the actors do not outlive their users.
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let _ = self.supervisor.cast(SupervisorMsg::Shutdown { reply: tx.into() });
+    }
+}
+
+fn sid(session: impl AsRef<str>) -> Result<SessionId> {
+    SessionId::new(session)
+}
+
+fn ser_err(session: &SessionId, e: StateError) -> StateError {
+    match e {
+        StateError::Serialization { source, .. } => StateError::Serialization { session: session.to_string(), source },
+        other => other,
+    }
+}
+
+impl StateManager {
+    /// A builder over `backend`.
+    pub fn builder(backend: impl StorageBackend) -> StateManagerBuilder {
+        StateManagerBuilder {
+            backend: Arc::new(backend),
+            compression: None,
+            config: Config {
+                idle_timeout: Duration::from_secs(60),
+                call_timeout: Duration::from_secs(30),
+                max_state_bytes: 64 * 1024 * 1024,
+                janitor_interval: Some(Duration::from_secs(600)),
+                retention: RetentionPolicy::default(),
+            },
+        }
+    }
+
+    /// Starts a manager over `backend` with default settings.
+    pub async fn start(backend: impl StorageBackend) -> Result<StateManager> {
+        Self::builder(backend).start().await
+    }
+
+    fn store(&self) -> Result<Arc<Store>> {
+        self.inner.store.upgrade().ok_or_else(|| StateError::unavailable("the state manager is shut down"))
+    }
+
+    async fn call<R: Send + 'static>(
+        &self,
+        operation: &'static str,
+        sid: &SessionId,
+        build: impl FnOnce(ractor::RpcReplyPort<Result<R>>) -> SessionMsg,
+    ) -> Result<R> {
+        call_session(&self.inner.supervisor, self.inner.config.call_timeout, operation, sid, build).await
+    }
+
+    /// Saves `state` as the session's state, replacing the previous one. Durable on `Ok`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.save_session("s1", &serde_json::json!({"step": 1})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn save_session<T: Serialize + ?Sized>(&self, session: impl AsRef<str>, state: &T) -> Result<()> {
+        let sid = sid(session)?;
+        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
+        self.call("save_session", &sid, |reply| SessionMsg::Save { state, reply }).await
+    }
+
+    /// Loads the session's state as JSON; `Ok(None)` if it has none. A damaged record is
+    /// [`StateError::Corrupt`], never `None`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// assert_eq!(manager.load_session("nobody").await?, None);
+    /// # Ok(()) }
+    /// ```
+    pub async fn load_session(&self, session: impl AsRef<str>) -> Result<Option<Value>> {
+        self.load_session_as(session).await
+    }
+
+    /// Loads the session's state into `T`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    /// struct Run { step: u32 }
+    /// manager.save_session("s1", &Run { step: 7 }).await?;
+    /// assert_eq!(manager.load_session_as::<Run>("s1").await?, Some(Run { step: 7 }));
+    /// # Ok(()) }
+    /// ```
+    pub async fn load_session_as<T: DeserializeOwned>(&self, session: impl AsRef<str>) -> Result<Option<T>> {
+        let sid = sid(session)?;
+        let state = self.call("load_session", &sid, |reply| SessionMsg::Load { reply }).await?;
+        state.map(|s| s.deserialize().map_err(|e| ser_err(&sid, e))).transpose()
+    }
+
+    /// Deletes the session's state and all its checkpoints; returns whether anything
+    /// existed. Crash-safe: an interrupted delete is finished at the next start.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.save_session("s1", &1).await?;
+    /// assert!(manager.delete_session("s1").await?);
+    /// assert!(!manager.delete_session("s1").await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn delete_session(&self, session: impl AsRef<str>) -> Result<bool> {
+        let sid = sid(session)?;
+        self.call("delete_session", &sid, |reply| SessionMsg::Delete { reply }).await
+    }
+
+    /// Every session with a state or checkpoints, sorted by id, from the index (no record
+    /// is read).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.save_session("s1", &1).await?;
+    /// let sessions = manager.list_sessions().await?;
+    /// assert_eq!(sessions[0].session_id.as_str(), "s1");
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
+        Ok(self.store()?.index().list_sessions())
+    }
+
+    /// Stores a checkpoint of `state` for the session on `branch`, durably, and returns its
+    /// id. Ids are ordered by creation within a session, even within one millisecond.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// let a = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 1})).await?;
+    /// let b = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 2})).await?;
+    /// assert!(a < b);
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_checkpoint<T: Serialize + ?Sized>(
+        &self,
+        session: impl AsRef<str>,
+        branch: impl AsRef<str>,
+        state: &T,
+    ) -> Result<CheckpointId> {
+        let sid = sid(session)?;
+        let branch_id = BranchId::new(branch)?;
+        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
+        self.call("create_checkpoint", &sid, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reply }).await
+    }
+
+    /// Reads a checkpoint by id alone (also after a restart); `Ok(None)` if there is none.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// let id = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 25})).await?;
+    /// let cp = manager.restore_checkpoint(&id).await?.unwrap();
+    /// assert_eq!(cp.data["step"], 25);
+    /// assert_eq!(cp.branch_id.as_str(), "main");
+    /// # Ok(()) }
+    /// ```
+    pub async fn restore_checkpoint(&self, id: &CheckpointId) -> Result<Option<Checkpoint>> {
+        self.restore_checkpoint_as(id).await
+    }
+
+    /// Like [`restore_checkpoint`](Self::restore_checkpoint), deserializing into `T`.
+    pub async fn restore_checkpoint_as<T: DeserializeOwned>(&self, id: &CheckpointId) -> Result<Option<Checkpoint<T>>> {
+        let Some(sid) = self.store()?.index().by_checkpoint.get(id).cloned() else { return Ok(None) };
+        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+        let (s, cid) = (sid.clone(), id.clone());
+        let decoded = storage::run(&storage, move |store| async move { store.load_checkpoint(&s, &cid).await }).await?;
+        let Some(d) = decoded else { return Ok(None) };
+        let RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp } = d.head.clone() else {
+            return Err(StateError::corrupt(id, "not a checkpoint record"));
+        };
+        let data = serde_json::from_slice(d.data())
+            .map_err(|source| StateError::Serialization { session: sid.to_string(), source })?;
+        Ok(Some(Checkpoint { id: checkpoint_id, session_id, branch_id, timestamp, data }))
+    }
+
+    /// Makes the checkpoint's state the session's state, atomically and durably.
+    /// [`StateError::CheckpointNotFound`] if there is no such checkpoint.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// let id = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 1})).await?;
+    /// manager.save_session("s1", &serde_json::json!({"step": 9})).await?;
+    /// manager.rollback_to_checkpoint(&id).await?;
+    /// assert_eq!(manager.load_session("s1").await?, Some(serde_json::json!({"step": 1})));
+    /// # Ok(()) }
+    /// ```
+    pub async fn rollback_to_checkpoint(&self, id: &CheckpointId) -> Result<()> {
+        let sid = self
+            .store()?
+            .index()
+            .by_checkpoint
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StateError::CheckpointNotFound { id: id.to_string() })?;
+        let checkpoint_id = id.clone();
+        self.call("rollback_to_checkpoint", &sid, |reply| SessionMsg::Rollback { checkpoint_id, reply }).await
+    }
+
+    /// The session's checkpoints, oldest first, from the index (no state is read).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.create_checkpoint("s1", "main", &1).await?;
+    /// assert_eq!(manager.list_checkpoints("s1").await?.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_checkpoints(&self, session: impl AsRef<str>) -> Result<Vec<CheckpointInfo>> {
+        let sid = sid(session)?;
+        Ok(self.store()?.index().list_checkpoints(&sid))
+    }
+
+    /// Deletes all but the `keep` newest checkpoints of the session; returns how many went.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// for i in 0..5 { manager.create_checkpoint("s1", "main", &i).await?; }
+    /// assert_eq!(manager.cleanup_checkpoints("s1", 3).await?, 2);
+    /// # Ok(()) }
+    /// ```
+    pub async fn cleanup_checkpoints(&self, session: impl AsRef<str>, keep: usize) -> Result<usize> {
+        let sid = sid(session)?;
+        self.call("cleanup_checkpoints", &sid, |reply| SessionMsg::CleanupCheckpoints { keep, reply }).await
+    }
+
+    /// Reads the state, applies `f`, and saves the result, with no other request for the
+    /// session in between. If `f` returns an error (or panics) nothing is written and the
+    /// error is returned as [`StateError::UpdateRejected`] (or [`StateError::Panicked`]).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// use serde_json::{json, Value};
+    /// let new = manager.transactional_update("s1", |old: Option<Value>| {
+    ///     Ok::<_, std::io::Error>(json!({"n": old.and_then(|v| v["n"].as_i64()).unwrap_or(0) + 1}))
+    /// }).await?;
+    /// assert_eq!(new, json!({"n": 1}));
+    /// # Ok(()) }
+    /// ```
+    pub async fn transactional_update<T, E, F>(&self, session: impl AsRef<str>, f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Into<BoxError>,
+        F: FnOnce(Option<T>) -> std::result::Result<T, E> + Send + 'static,
+    {
+        let sid = sid(session)?;
+        let slot: Arc<std::sync::Mutex<Option<T>>> = Arc::new(std::sync::Mutex::new(None));
+        let out = slot.clone();
+        let name = sid.to_string();
+        let update: UpdateFn = Box::new(move |old: Option<&[u8]>| {
+            let ser = |source| StateError::Serialization { session: name.clone(), source };
+            let old: Option<T> = old.map(serde_json::from_slice).transpose().map_err(ser)?;
+            let new = f(old).map_err(|e| StateError::UpdateRejected { session: name.clone(), source: e.into() })?;
+            let bytes = serde_json::to_vec(&new).map_err(ser)?;
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(new);
+            Ok(bytes)
+        });
+        let bytes = self.call("transactional_update", &sid, |reply| SessionMsg::Update { update, reply }).await?;
+        let kept = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match kept {
+            Some(v) => Ok(v),
+            None => bytes.deserialize().map_err(|e| ser_err(&sid, e)),
+        }
+    }
+
+    /// Totals over the store, from the index.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.save_session("s1", &1).await?;
+    /// let stats = manager.get_storage_stats().await?;
+    /// assert_eq!(stats.session_count, 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_storage_stats(&self) -> Result<StorageStats> {
+        Ok(self.store()?.index().stats())
+    }
+
+    /// Deletes sessions (state and checkpoints) whose last save or checkpoint is older than
+    /// `older_than`, always keeping the `keep_last` most recently active ones. Returns how
+    /// many were deleted. A session saved while this runs is kept.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// use std::time::Duration;
+    /// manager.save_session("s1", &1).await?;
+    /// assert_eq!(manager.cleanup_old_sessions(Duration::from_secs(86_400), 0).await?, 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn cleanup_old_sessions(&self, older_than: Duration, keep_last: usize) -> Result<usize> {
+        let cutoff = now_ms().saturating_sub(older_than.as_millis() as u64);
+        let shared = self.shared().await?;
+        janitor::remove_idle_sessions(&self.inner.supervisor, &shared, cutoff, keep_last).await
+    }
+
+    /// Removes staged files of interrupted writes, finishes interrupted deletes, and
+    /// rebuilds the index from every record (reporting damaged ones).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.save_session("s1", &1).await?;
+    /// let report = manager.vacuum_storage().await?;
+    /// assert_eq!(report.index_entries, 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn vacuum_storage(&self) -> Result<VacuumReport> {
+        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+        storage::run(&storage, |store| async move { store.vacuum().await }).await
+    }
+
+    /// Runs one janitor pass now (sweep, retention) and returns what it did.
+    pub async fn run_janitor_now(&self) -> Result<VacuumReport> {
+        let janitor = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Janitor { reply })
+            .await?
+            .ok_or_else(|| StateError::unavailable("the janitor is not running"))?;
+        match janitor.call(|reply| janitor::JanitorMsg::RunNow { reply }, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(StateError::unavailable("the janitor stopped during its pass")),
+        }
+    }
+
+    /// The session's actor, for orchestrators that are ractor actors themselves and want
+    /// to message it directly with [`SessionMsg`]. It passivates when idle; after that,
+    /// sends fail with `SendErr` and you ask again.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// use mars_state::{SessionMsg, StateBytes};
+    /// let actor = manager.session_actor("s1").await?;
+    /// let state = StateBytes::from_serialize(&serde_json::json!({"step": 3}))?;
+    /// ractor::call!(actor, |reply| SessionMsg::Save { state, reply }).unwrap()?;
+    /// assert_eq!(manager.load_session("s1").await?, Some(serde_json::json!({"step": 3})));
+    /// # Ok(()) }
+    /// ```
+    pub async fn session_actor(&self, session: impl AsRef<str>) -> Result<ActorRef<SessionMsg>> {
+        supervisor::get_session(&self.inner.supervisor, &sid(session)?).await
+    }
+
+    /// How many session actors are alive (not passivated) right now.
+    pub async fn live_session_actors(&self) -> Result<usize> {
+        supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::LiveSessions { reply }).await
+    }
+
+    async fn shared(&self) -> Result<crate::actor::Shared> {
+        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+        Ok(crate::actor::Shared { store: self.store()?, storage, config: self.inner.config.clone() })
+    }
+
+    /// Finishes every queued request, stops the actors and releases the store. Later calls
+    /// on any clone of this handle fail with [`StateError::Unavailable`].
+    pub async fn shutdown(&self) -> Result<()> {
+        if self.inner.store.strong_count() == 0 {
+            return Ok(());
+        }
+        supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Shutdown { reply }).await?;
+        self.inner.supervisor.wait(Some(Duration::from_secs(10))).await.ok();
+        // The actors' states (and so the store and its lock) are dropped just after they
+        // report stopped; wait for that so the store can be reopened at once.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.inner.store.strong_count() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                return Err(StateError::unavailable("the store was not released within 10 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}

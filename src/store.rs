@@ -1,0 +1,431 @@
+//! The store: backend + codec + index. Every record operation of the crate goes through
+//! here, called from the storage actor's tasks (and once from start-up).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::backend::{StorageBackend, StorageKey};
+use crate::codec::{Codec, Compression, Decoded, RecordHead};
+use crate::error::{Result, StateError};
+use crate::index::{Change, Index};
+use crate::types::{BranchId, CheckpointId, SessionId, VacuumReport, now_ms};
+
+const JOURNAL: &str = "metadata/index.log";
+const STORE_META: &str = "metadata/store.json";
+const PENDING: &str = "metadata/pending";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoreMeta {
+    mars_state: u32,
+    compression: String,
+}
+
+/// Retention rules applied by the janitor and by the emergency pass on a full disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Keep at most this many checkpoints per session (the newest ones).
+    pub keep_checkpoints: Option<usize>,
+    /// Remove sessions (state and checkpoints) whose last save or checkpoint is older
+    /// than this.
+    pub max_session_idle: Option<std::time::Duration>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    pub(crate) backend: Arc<dyn StorageBackend>,
+    pub(crate) codec: Codec,
+    index: Mutex<Index>,
+    /// Serializes journal appends with compaction.
+    journal: tokio::sync::Mutex<()>,
+    quarantined: Mutex<HashSet<StorageKey>>,
+    pub(crate) retention: RetentionPolicy,
+}
+
+pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
+    StorageKey::from_valid(format!("sessions/{sid}{}", codec.compression.extension()))
+}
+
+pub(crate) fn checkpoint_key(codec: &Codec, sid: &SessionId, cid: &CheckpointId) -> StorageKey {
+    StorageKey::from_valid(format!("checkpoints/{sid}/{cid}{}", codec.compression.extension()))
+}
+
+fn pending_key(sid: &SessionId) -> StorageKey {
+    StorageKey::from_valid(format!("{PENDING}/{sid}"))
+}
+
+fn fixed(k: &str) -> StorageKey {
+    StorageKey::from_valid(k.to_owned())
+}
+
+impl Store {
+    /// Opens the store: checks its format, sweeps staged files, loads and reconciles the
+    /// index, and finishes deletes a crash interrupted.
+    pub(crate) async fn open(
+        backend: Arc<dyn StorageBackend>,
+        codec: Codec,
+        retention: RetentionPolicy,
+    ) -> Result<Store> {
+        let meta_key = fixed(STORE_META);
+        match backend.get(&meta_key).await? {
+            Some(bytes) => {
+                let meta: StoreMeta = serde_json::from_slice(&bytes)
+                    .map_err(|e| StateError::corrupt(&meta_key, format!("store metadata does not parse: {e}")))?;
+                if meta.mars_state != 1 {
+                    return Err(StateError::Config {
+                        message: format!("unsupported store format {}", meta.mars_state),
+                    });
+                }
+                if meta.compression != codec.compression.name() {
+                    return Err(StateError::Config {
+                        message: format!(
+                            "the store was created with compression \"{}\" but the manager is configured with \"{}\"",
+                            meta.compression,
+                            codec.compression.name()
+                        ),
+                    });
+                }
+            }
+            None => {
+                let meta = StoreMeta { mars_state: 1, compression: codec.compression.name().to_owned() };
+                let bytes = serde_json::to_vec(&meta).map_err(|e| StateError::Config { message: e.to_string() })?;
+                backend.put(&meta_key, bytes).await?;
+            }
+        }
+        let swept = backend.sweep().await?;
+        if swept.files_removed > 0 {
+            info!(files = swept.files_removed, bytes = swept.bytes_freed, "removed staged files of interrupted writes");
+        }
+        let store = Store {
+            backend,
+            codec,
+            index: Mutex::new(Index::default()),
+            journal: tokio::sync::Mutex::new(()),
+            quarantined: Mutex::new(HashSet::new()),
+            retention,
+        };
+        let journal = store.backend.get(&fixed(JOURNAL)).await?.unwrap_or_default();
+        let loaded = Index::replay(&journal).unwrap_or_else(|| {
+            warn!("index journal is damaged; rebuilding it from the records");
+            Index { journal_lines: usize::MAX / 2, ..Index::default() }
+        });
+        *store.index() = loaded;
+        store.finish_pending_deletes().await?;
+        store.reconcile(false).await?;
+        Ok(store)
+    }
+
+    pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
+        // Index mutations are single in-memory map updates; a panic cannot tear one.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn record(&self, change: Change) -> Result<()> {
+        let _guard = self.journal.lock().await;
+        self.index().apply(&change);
+        // The journal write is best effort: the record is already durable and the index
+        // is reconciled against the records at the next start.
+        if let Err(e) = self.backend.append(&fixed(JOURNAL), Index::line(&change)).await {
+            warn!(error = %e, "index journal append failed; it will be rebuilt at the next start");
+        }
+        self.index().journal_lines += 1;
+        Ok(())
+    }
+
+    /// Rewrites the journal as one line per live entry (atomic put), if it has grown past
+    /// twice the live entries, or always when `force`.
+    async fn compact(&self, force: bool) -> Result<()> {
+        let _guard = self.journal.lock().await;
+        let (bytes, n) = {
+            let idx = self.index();
+            if !force && idx.journal_lines <= 2 * idx.live_entries() + 64 {
+                return Ok(());
+            }
+            idx.snapshot()
+        };
+        self.backend.put(&fixed(JOURNAL), bytes).await?;
+        self.index().journal_lines = n;
+        debug!(entries = n, "index journal compacted");
+        Ok(())
+    }
+
+    /// Puts with the disk-full rule: on ENOSPC, sweep and apply retention once, then retry.
+    async fn put(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        match self.backend.put(key, bytes.clone()).await {
+            Err(StateError::StorageFull { .. }) => {
+                warn!(key = %key, "disk full; running an emergency cleanup and retrying once");
+                let _ = self.backend.sweep().await;
+                let _ = self.trim_checkpoints().await;
+                self.backend.put(key, bytes).await
+            }
+            other => other,
+        }
+    }
+
+    fn quarantine_later(&self, key: &StorageKey, raw: &[u8]) -> Option<(StorageKey, Vec<u8>)> {
+        let mut q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
+        if !q.insert(key.clone()) {
+            return None;
+        }
+        let name = format!("quarantine/{}-{}", now_ms(), key.as_str().replace('/', "~"));
+        Some((StorageKey::from_valid(name), raw.to_vec()))
+    }
+
+    /// Reads and verifies a record. Damage is an error naming the key; a copy of the damaged
+    /// bytes goes to `quarantine/` (the record itself stays in place for inspection).
+    async fn read(&self, key: &StorageKey) -> Result<Option<Decoded>> {
+        let Some(raw) = self.backend.get(key).await? else { return Ok(None) };
+        let copy = self.codec.decode(key, raw.clone());
+        match copy {
+            Ok(d) => Ok(Some(d)),
+            Err(e) => {
+                warn!(key = %key, error = %e, "damaged record");
+                if let Some((qk, bytes)) = self.quarantine_later(key, &raw)
+                    && let Err(qe) = self.backend.put(&qk, bytes).await
+                {
+                    warn!(key = %qk, error = %qe, "could not write quarantine copy");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) async fn load_session(&self, sid: &SessionId) -> Result<Option<Decoded>> {
+        let key = session_key(&self.codec, sid);
+        let d = self.read(&key).await?;
+        if let Some(d) = &d {
+            match &d.head {
+                RecordHead::Session { session_id, .. } if session_id == sid => {}
+                _ => return Err(StateError::corrupt(&key, "record belongs to another key")),
+            }
+        }
+        Ok(d)
+    }
+
+    pub(crate) async fn save_session(&self, sid: &SessionId, data: &[u8], saved_at: u64) -> Result<()> {
+        let head = RecordHead::Session { session_id: sid.clone(), saved_at };
+        let bytes = self.codec.encode(&head, data)?;
+        let size = bytes.len() as u64;
+        let key = session_key(&self.codec, sid);
+        self.put(&key, bytes).await?;
+        self.quarantined.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size }).await
+    }
+
+    pub(crate) async fn put_checkpoint(
+        &self,
+        sid: &SessionId,
+        cid: &CheckpointId,
+        branch: &BranchId,
+        timestamp: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let head = RecordHead::Checkpoint {
+            session_id: sid.clone(),
+            checkpoint_id: cid.clone(),
+            branch_id: branch.clone(),
+            timestamp,
+        };
+        let bytes = self.codec.encode(&head, data)?;
+        let size = bytes.len() as u64;
+        self.put(&checkpoint_key(&self.codec, sid, cid), bytes).await?;
+        self.record(Change::Checkpoint { sid: sid.clone(), cid: cid.clone(), b: branch.clone(), ts: timestamp, size })
+            .await
+    }
+
+    pub(crate) async fn load_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<Option<Decoded>> {
+        let key = checkpoint_key(&self.codec, sid, cid);
+        let d = self.read(&key).await?;
+        if let Some(d) = &d {
+            match &d.head {
+                RecordHead::Checkpoint { session_id, checkpoint_id, .. }
+                    if session_id == sid && checkpoint_id == cid => {}
+                _ => return Err(StateError::corrupt(&key, "record belongs to another key")),
+            }
+        }
+        Ok(d)
+    }
+
+    pub(crate) async fn delete_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<bool> {
+        let existed = self.backend.delete(&checkpoint_key(&self.codec, sid, cid)).await?;
+        self.record(Change::CheckpointDeleted { sid: sid.clone(), cid: cid.clone() }).await?;
+        Ok(existed)
+    }
+
+    /// Deletes a session's record and all its checkpoints. Crash-safe through a durable
+    /// pending-delete marker written first and removed last: a delete interrupted by a crash
+    /// is finished at the next start, so a session never comes back half-deleted.
+    pub(crate) async fn delete_session(&self, sid: &SessionId) -> Result<bool> {
+        let marker = pending_key(sid);
+        self.backend.put(&marker, Vec::new()).await?;
+        let existed = self.delete_session_records(sid).await?;
+        self.backend.delete(&marker).await?;
+        Ok(existed)
+    }
+
+    async fn delete_session_records(&self, sid: &SessionId) -> Result<bool> {
+        let mut existed = self.backend.delete(&session_key(&self.codec, sid)).await?;
+        self.record(Change::SessionDeleted { sid: sid.clone() }).await?;
+        let prefix = StorageKey::from_valid(format!("checkpoints/{sid}"));
+        for meta in self.backend.list(&prefix).await? {
+            existed |= self.backend.delete(&meta.key).await?;
+            if let Some(cid) = cid_from_name(meta.key.file_name(), &self.codec) {
+                self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
+            }
+        }
+        // Index entries whose files were already gone.
+        let leftover: Vec<CheckpointId> =
+            self.index().sessions.get(sid).map(|e| e.checkpoints.keys().cloned().collect()).unwrap_or_default();
+        for cid in leftover {
+            self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
+        }
+        Ok(existed)
+    }
+
+    async fn finish_pending_deletes(&self) -> Result<usize> {
+        let pending = self.backend.list(&fixed(PENDING)).await?;
+        for meta in &pending {
+            if let Ok(sid) = SessionId::new(meta.key.file_name()) {
+                info!(session = %sid, "finishing a delete interrupted by a crash");
+                self.delete_session_records(&sid).await?;
+            }
+            self.backend.delete(&meta.key).await?;
+        }
+        Ok(pending.len())
+    }
+
+    /// Brings the index in line with the records: drops entries whose record is gone,
+    /// reads records it lacks or whose size differs. With `full`, reads every record.
+    pub(crate) async fn reconcile(&self, full: bool) -> Result<(usize, Vec<String>)> {
+        let ext = self.codec.compression.extension();
+        let mut corrupt = Vec::new();
+        let mut fresh = Index::default();
+        let old = if full { Index::default() } else { self.index().clone() };
+        let mut changed = full;
+
+        for meta in self.backend.list(&fixed("sessions")).await? {
+            let Some(sid) = meta.key.file_name().strip_suffix(ext).and_then(|s| SessionId::new(s).ok()) else {
+                continue;
+            };
+            if let Some((at, size)) = old.sessions.get(&sid).and_then(|e| e.record)
+                && size == meta.size
+            {
+                fresh.apply(&Change::Saved { sid, at, size });
+                continue;
+            }
+            changed = true;
+            match self.load_session(&sid).await {
+                Ok(Some(d)) => {
+                    if let RecordHead::Session { saved_at, .. } = d.head {
+                        fresh.apply(&Change::Saved { sid, at: saved_at, size: meta.size });
+                    }
+                }
+                Ok(None) => {}
+                Err(StateError::Corrupt { key, .. }) => {
+                    // Keep it listed: loading it reports the damage rather than "missing".
+                    corrupt.push(key);
+                    fresh.apply(&Change::Saved { sid, at: 0, size: meta.size });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for meta in self.backend.list(&fixed("checkpoints")).await? {
+            let mut segs = meta.key.segments().skip(1);
+            let (Some(s), Some(name), None) = (segs.next(), segs.next(), segs.next()) else { continue };
+            let (Ok(sid), Some(cid)) = (SessionId::new(s), cid_from_name(name, &self.codec)) else { continue };
+            if let Some(c) = old.sessions.get(&sid).and_then(|e| e.checkpoints.get(&cid))
+                && c.size == meta.size
+            {
+                fresh.apply(&Change::Checkpoint { sid, cid, b: c.branch.clone(), ts: c.ts, size: c.size });
+                continue;
+            }
+            changed = true;
+            match self.load_checkpoint(&sid, &cid).await {
+                Ok(Some(d)) => {
+                    if let RecordHead::Checkpoint { branch_id, timestamp, .. } = d.head {
+                        fresh.apply(&Change::Checkpoint { sid, cid, b: branch_id, ts: timestamp, size: meta.size });
+                    }
+                }
+                Ok(None) => {}
+                Err(StateError::Corrupt { key, .. }) => {
+                    corrupt.push(key);
+                    let ts = cid.timestamp_ms();
+                    let b = BranchId::from_valid("unknown");
+                    fresh.apply(&Change::Checkpoint { sid, cid, b, ts, size: meta.size });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let entries = fresh.live_entries();
+        if fresh.sessions != old.sessions {
+            changed = true;
+        }
+        {
+            let mut idx = self.index();
+            fresh.journal_lines = idx.journal_lines;
+            *idx = fresh;
+        }
+        if changed {
+            info!(entries, corrupt = corrupt.len(), "index reconciled with the records");
+        }
+        self.compact(changed).await?;
+        Ok((entries, corrupt))
+    }
+
+    /// Removes checkpoints beyond the policy's per-session limit, oldest first. Safe without
+    /// the session actors: they never cache checkpoints, and deleting is idempotent.
+    /// (Idle sessions are removed by the janitor through the session actors, which cache.)
+    pub(crate) async fn trim_checkpoints(&self) -> Result<usize> {
+        let mut cps = 0;
+        if let Some(keep) = self.retention.keep_checkpoints {
+            let excess: Vec<(SessionId, CheckpointId)> = {
+                let idx = self.index();
+                idx.sessions
+                    .iter()
+                    .flat_map(|(sid, e)| {
+                        let n = e.checkpoints.len().saturating_sub(keep);
+                        e.checkpoints.keys().take(n).map(move |c| (sid.clone(), c.clone()))
+                    })
+                    .collect()
+            };
+            for (sid, cid) in excess {
+                self.delete_checkpoint(&sid, &cid).await?;
+                cps += 1;
+            }
+        }
+        Ok(cps)
+    }
+
+    /// Sweeps staged files, finishes interrupted deletes and rebuilds the index from every
+    /// record.
+    pub(crate) async fn vacuum(&self) -> Result<VacuumReport> {
+        let swept = self.backend.sweep().await?;
+        let orphans = self.finish_pending_deletes().await?;
+        let (entries, corrupt) = self.reconcile(true).await?;
+        Ok(VacuumReport {
+            temp_files_removed: swept.files_removed,
+            temp_bytes_freed: swept.bytes_freed,
+            orphans_removed: orphans,
+            index_entries: entries,
+            corrupt_records: corrupt,
+            ..Default::default()
+        })
+    }
+}
+
+pub(crate) fn cid_from_name(name: &str, codec: &Codec) -> Option<CheckpointId> {
+    name.strip_suffix(codec.compression.extension()).and_then(|s| CheckpointId::parse(s).ok())
+}
+
+impl Compression {
+    /// Checks a gzip level from the builder.
+    pub(crate) fn gzip(level: u32) -> Result<Compression> {
+        if (1..=9).contains(&level) {
+            Ok(Compression::Gzip(level))
+        } else {
+            Err(StateError::Config { message: format!("compression level {level} is not in 1..=9") })
+        }
+    }
+}

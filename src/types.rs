@@ -1,0 +1,333 @@
+//! Validated ids and the records the manager returns.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StateError};
+
+/// Longest accepted session or branch id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+fn escaped(id: &str) -> String {
+    let mut s: String = id.chars().take(80).flat_map(char::escape_debug).collect();
+    if id.chars().count() > 80 {
+        s.push('…');
+    }
+    s
+}
+
+/// Checks a session or branch id: 1 to 128 bytes of `A-Z a-z 0-9 _ - . : @`, starting with
+/// a letter, digit or `_`. This rules out empty ids, `.`, `..`, path separators, absolute
+/// paths, NUL, control, bidi and other invisible characters, and percent-encodings.
+fn validate(what: &'static str, id: &str) -> Result<()> {
+    let reject = |reason| Err(StateError::InvalidId { what, id: escaped(id), reason });
+    if id.is_empty() {
+        return reject("it is empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return reject("it is longer than 128 bytes");
+    }
+    let first = id.as_bytes()[0];
+    if !(first.is_ascii_alphanumeric() || first == b'_') {
+        return reject("it must start with an ASCII letter, digit or '_'");
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@')) {
+        return reject("only ASCII letters, digits and _ - . : @ are allowed");
+    }
+    Ok(())
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `id`; see the type's docs for the accepted form.
+            pub fn new(id: impl AsRef<str>) -> Result<Self> {
+                let id = id.as_ref();
+                validate($what, id)?;
+                Ok(Self(id.to_owned()))
+            }
+
+            /// The id as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Wraps a string the crate knows to be valid.
+            #[allow(dead_code)]
+            pub(crate) fn from_valid(id: &str) -> Self {
+                debug_assert!(validate($what, id).is_ok());
+                Self(id.to_owned())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A validated session id: 1 to 128 bytes of ASCII letters, digits and `_ - . : @`,
+    /// starting with a letter, digit or `_`.
+    ///
+    /// ```
+    /// use mars_state::SessionId;
+    /// assert!(SessionId::new("session_123").is_ok());
+    /// assert!(SessionId::new("../etc/passwd").is_err());
+    /// ```
+    SessionId,
+    "session id"
+);
+
+string_id!(
+    /// A validated branch id (same rules as [`SessionId`]).
+    BranchId,
+    "branch id"
+);
+
+/// A checkpoint id: unique across the store, strictly increasing in creation order within
+/// a session (many per millisecond included), safe as a file name, and enough on its own
+/// to find the checkpoint after a restart.
+///
+/// Its text form is 16 lowercase hex digits of a hybrid logical clock (milliseconds since
+/// the Unix epoch shifted left 16 bits, plus a counter), a `-`, and 8 random hex digits.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct CheckpointId(String);
+
+impl CheckpointId {
+    pub(crate) fn generate(clock: u64) -> Self {
+        let mut r = [0u8; 4];
+        // Uniqueness across sessions comes from the random suffix; ordering from the clock.
+        // If the OS RNG fails we still have a unique-per-session clock value.
+        let _ = getrandom::fill(&mut r);
+        CheckpointId(format!("{clock:016x}-{:08x}", u32::from_le_bytes(r)))
+    }
+
+    /// Parses and validates the text form of an id.
+    ///
+    /// ```
+    /// use mars_state::CheckpointId;
+    /// assert!(CheckpointId::parse("0192a3b4c5d60001-1a2b3c4d").is_ok());
+    /// assert!(CheckpointId::parse("../../x").is_err());
+    /// ```
+    pub fn parse(s: &str) -> Result<Self> {
+        let ok = s.len() == 25
+            && s.as_bytes()[16] == b'-'
+            && s.bytes().enumerate().all(|(i, b)| i == 16 || matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !ok {
+            return Err(StateError::InvalidId {
+                what: "checkpoint id",
+                id: escaped(s),
+                reason: "expected 16 hex digits, '-', 8 hex digits",
+            });
+        }
+        Ok(CheckpointId(s.to_owned()))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The clock value that orders checkpoints within a session.
+    pub(crate) fn clock(&self) -> u64 {
+        u64::from_str_radix(&self.0[..16], 16).unwrap_or(0)
+    }
+
+    /// Creation time in milliseconds since the Unix epoch.
+    pub fn timestamp_ms(&self) -> u64 {
+        self.clock() >> 16
+    }
+}
+
+impl fmt::Display for CheckpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for CheckpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::str::FromStr for CheckpointId {
+    type Err = StateError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for CheckpointId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// One session as listed by [`list_sessions`](crate::StateManager::list_sessions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The session's id.
+    pub session_id: SessionId,
+    /// When its state was last saved, in milliseconds since the Unix epoch
+    /// (0 when the session has checkpoints but no saved state).
+    pub updated_at: u64,
+    /// Size of the stored session record in bytes (0 when there is none).
+    pub size_bytes: u64,
+    /// How many checkpoints the session has.
+    pub checkpoint_count: usize,
+}
+
+/// A checkpoint with its state, as returned by
+/// [`restore_checkpoint`](crate::StateManager::restore_checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint<T = serde_json::Value> {
+    /// The checkpoint's id.
+    pub id: CheckpointId,
+    /// The session it belongs to.
+    pub session_id: SessionId,
+    /// The branch it was taken on.
+    pub branch_id: BranchId,
+    /// Creation time in milliseconds since the Unix epoch.
+    pub timestamp: u64,
+    /// The state captured.
+    pub data: T,
+}
+
+/// A checkpoint's metadata, as listed by
+/// [`list_checkpoints`](crate::StateManager::list_checkpoints) without reading its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// The checkpoint's id.
+    pub id: CheckpointId,
+    /// The session it belongs to.
+    pub session_id: SessionId,
+    /// The branch it was taken on.
+    pub branch_id: BranchId,
+    /// Creation time in milliseconds since the Unix epoch.
+    pub timestamp: u64,
+    /// Size of the stored record in bytes.
+    pub size_bytes: u64,
+}
+
+/// Totals over the whole store, from the index (no record is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StorageStats {
+    /// Sessions with a saved state or at least one checkpoint.
+    pub session_count: usize,
+    /// Checkpoints over all sessions.
+    pub checkpoint_count: usize,
+    /// Bytes of all session and checkpoint records.
+    pub total_bytes: u64,
+}
+
+impl StorageStats {
+    /// [`total_bytes`](Self::total_bytes) in MiB.
+    pub fn total_size_mb(&self) -> f64 {
+        self.total_bytes as f64 / (1024.0 * 1024.0)
+    }
+}
+
+/// What [`vacuum_storage`](crate::StateManager::vacuum_storage) or a janitor pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VacuumReport {
+    /// Staged files of interrupted writes that were removed.
+    pub temp_files_removed: usize,
+    /// Bytes those staged files held.
+    pub temp_bytes_freed: u64,
+    /// Records of interrupted deletes that were finished off.
+    pub orphans_removed: usize,
+    /// Checkpoints removed by the retention policy.
+    pub checkpoints_removed: usize,
+    /// Sessions removed by the retention policy.
+    pub sessions_removed: usize,
+    /// Entries in the index after it was rebuilt from the records.
+    pub index_entries: usize,
+    /// Records that failed verification while the index was rebuilt (kept and quarantined).
+    pub corrupt_records: Vec<String>,
+}
+
+/// A state serialized as compact JSON, cheap to clone. This is what travels in
+/// [`SessionMsg`](crate::SessionMsg)s and what session actors cache.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StateBytes(std::sync::Arc<[u8]>);
+
+impl StateBytes {
+    /// Serializes `state` to compact JSON.
+    ///
+    /// ```
+    /// let b = mars_state::StateBytes::from_serialize(&serde_json::json!({"step": 1})).unwrap();
+    /// assert_eq!(b.as_bytes(), br#"{"step":1}"#);
+    /// ```
+    pub fn from_serialize<T: Serialize + ?Sized>(state: &T) -> Result<Self> {
+        serde_json::to_vec(state)
+            .map(|v| StateBytes(v.into()))
+            .map_err(|source| StateError::Serialization { session: String::new(), source })
+    }
+
+    /// Deserializes the state into `T`.
+    pub fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.0).map_err(|source| StateError::Serialization { session: String::new(), source })
+    }
+
+    /// The JSON bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no bytes (never true for a valid state).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn from_slice(b: &[u8]) -> Self {
+        StateBytes(b.into())
+    }
+}
+
+impl fmt::Debug for StateBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print state contents: they may hold user data or credentials.
+        write!(f, "StateBytes({} bytes)", self.0.len())
+    }
+}
