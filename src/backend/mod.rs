@@ -13,6 +13,8 @@ use crate::error::{Result, StateError};
 mod file;
 pub(crate) mod fs;
 mod memory;
+#[cfg(test)]
+mod simfs;
 
 pub use file::FileStorageBackend;
 pub use memory::MemoryStorageBackend;
