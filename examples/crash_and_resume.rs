@@ -139,17 +139,18 @@ async fn child(store: &Path) -> AnyResult<()> {
 }
 
 async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
+    // Random-ish without a dependency: the clock's nanoseconds mixed with our pid.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+    let seed = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
     let kill_after = match kill_arg {
         Some(s) => match s.parse::<u32>() {
             Ok(n) if (1..STEPS).contains(&n) => n,
             _ => return Err(format!("the kill step must be a number from 1 to {}", STEPS - 1).into()),
         },
-        None => {
-            // Random-ish without a dependency: the clock's nanoseconds mixed with our pid.
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
-            8 + (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % 25
-        }
+        None => 8 + seed % 25,
     };
+    // Where in the next step the kill lands: during the "thinking", the save or the checkpoint.
+    let kill_delay = Duration::from_millis(u64::from(seed >> 8) % (WORK.as_millis() as u64 + 5));
     let dir = tempfile::Builder::new().prefix("mars-crash-and-resume-").tempdir()?;
     let store = dir.path();
     let start = Instant::now();
@@ -159,8 +160,9 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
     println!("  store:   {} (FileStorageBackend, plain JSON records)", store.display());
     println!("  task:    {STEPS} steps in session {SESSION:?}; after each step the agent saves its");
     println!("           state and takes a checkpoint on branch {BRANCH:?}");
-    println!("  plan:    a child process runs the task; it is killed with SIGKILL after step {kill_after}");
-    println!("           (pass a step number to choose another: cargo run --example crash_and_resume -- 17)");
+    println!("  plan:    a child process runs the task; {} ms after it reports step {kill_after}", kill_delay.as_millis());
+    println!("           it is killed with SIGKILL (pass a step number to choose another:");
+    println!("           cargo run --example crash_and_resume -- 17)");
     println!();
 
     // 1. The child runs the task until we kill it.
@@ -177,31 +179,38 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
     let stdout = child.stdout.take().ok_or("the child's stdout is not piped")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut last_reported = 0;
-    while let Some(line) = lines.next_line().await? {
-        let step = report_line(&line)?;
-        last_reported = step.0;
-        println!("{} [child {pid}] step {:2} done, state saved, checkpoint {} taken", t(), step.0, step.1);
-        if step.0 >= kill_after {
-            break;
+    let mut kill_at = None;
+    loop {
+        let next = match kill_at {
+            None => lines.next_line().await?,
+            // `next_line` is cancel-safe: a line cut off by the deadline is read after the kill.
+            Some(deadline) => match tokio::time::timeout_at(deadline, lines.next_line()).await {
+                Ok(line) => line?,
+                Err(_) => break, // time to pull the plug
+            },
+        };
+        let Some(line) = next else {
+            let status = child.wait().await?;
+            return Err(format!("the child stopped after step {last_reported} on its own ({status})").into());
+        };
+        let (step, id) = report_line(&line)?;
+        last_reported = step;
+        println!("{} [child {pid}] step {step:2} done, state saved, checkpoint {id} taken", t());
+        if step == kill_after {
+            kill_at = Some(tokio::time::Instant::now() + kill_delay);
         }
     }
-    if last_reported < kill_after {
-        let status = child.wait().await?;
-        return Err(format!("the child stopped after step {last_reported} on its own ({status})").into());
-    }
     child.start_kill()?; // SIGKILL on Unix
-    println!("{} >>> SIGKILL sent to child {pid} while it works on step {} <<<", t(), last_reported + 1);
+    println!("{} >>> SIGKILL sent to child {pid} <<<", t());
     let status = child.wait().await?;
     // Whatever the child printed before the signal landed is still in the pipe.
     while let Some(line) = lines.next_line().await? {
-        let step = report_line(&line)?;
-        last_reported = step.0;
-        println!("{} [child {pid}] step {:2} done (reported just before the kill landed)", t(), step.0);
+        let (step, _) = report_line(&line)?;
+        last_reported = step;
+        println!("{} [child {pid}] step {step:2} done (reported just before the kill landed)", t());
     }
     match status.signal() {
-        Some(9) => {
-            println!("{} child {pid} is dead: killed by signal 9 (SIGKILL); no shutdown or flush ran", t())
-        }
+        Some(9) => println!("{} child {pid} is dead: killed by signal 9 (SIGKILL); no shutdown or flush ran", t()),
         _ => return Err(format!("the child was not killed by SIGKILL: {status}").into()),
     }
     println!();

@@ -128,25 +128,45 @@ impl Codec {
                 json_str(branch_id.as_str()),
             ),
         };
-        let mut rest = Vec::with_capacity(fields.len() + data.len() + 2);
-        rest.extend_from_slice(fields.as_bytes());
-        rest.extend_from_slice(data);
-        rest.extend_from_slice(b"}\n");
-        let crc = crc32fast::hash(&rest);
-        let mut out = Vec::with_capacity(HEADER_LEN + rest.len());
+        // One buffer, one copy of the state: header with a placeholder checksum, fields,
+        // data, then the checksum of everything after the header written in place.
+        let mut out = Vec::with_capacity(HEADER_LEN + fields.len() + data.len() + 2);
         out.extend_from_slice(PREFIX);
-        out.extend_from_slice(format!("{crc:08x}\",").as_bytes());
-        out.extend_from_slice(&rest);
+        out.extend_from_slice(b"00000000\",");
+        out.extend_from_slice(fields.as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"}\n");
+        let crc = crc32fast::hash(&out[HEADER_LEN..]);
+        out[PREFIX.len()..PREFIX.len() + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
         match self.compression {
             Compression::None => Ok(out),
             Compression::Gzip(level) => gzip(&out, level),
         }
     }
 
-    /// Verifies and decodes the bytes stored at `key`. Any damage is [`StateError::Corrupt`].
-    pub(crate) fn decode(&self, key: &StorageKey, raw: Vec<u8>) -> Result<Decoded> {
-        let bytes = if raw.starts_with(&[0x1f, 0x8b]) { self.gunzip(key, &raw)? } else { raw };
-        if bytes.len() > self.max_record {
+    /// Verifies and decodes the bytes stored at `key`. Any damage is [`StateError::Corrupt`],
+    /// returned with the raw bytes (for the quarantine copy).
+    pub(crate) fn decode(&self, key: &StorageKey, raw: Vec<u8>) -> std::result::Result<Decoded, (StateError, Vec<u8>)> {
+        if raw.starts_with(&[0x1f, 0x8b]) {
+            match self.gunzip(key, &raw).and_then(|plain| self.decode_plain(key, plain).map_err(|(e, _)| e)) {
+                Ok(d) => Ok(d),
+                Err(e) => Err((e, raw)),
+            }
+        } else {
+            self.decode_plain(key, raw)
+        }
+    }
+
+    fn decode_plain(&self, key: &StorageKey, bytes: Vec<u8>) -> std::result::Result<Decoded, (StateError, Vec<u8>)> {
+        match Self::parse(key, &bytes, self.max_record) {
+            Ok((head, data)) => Ok(Decoded { head, bytes: Arc::new(bytes), data }),
+            Err(e) => Err((e, bytes)),
+        }
+    }
+
+    /// Checks the header, checksum and envelope; returns the head and where `data` lies.
+    fn parse(key: &StorageKey, bytes: &[u8], max_record: usize) -> Result<(RecordHead, Range<usize>)> {
+        if bytes.len() > max_record {
             return Err(StateError::corrupt(key, format!("record of {} bytes exceeds the limit", bytes.len())));
         }
         if bytes.len() < HEADER_LEN || !bytes.starts_with(PREFIX) || &bytes[HEADER_LEN - 2..HEADER_LEN] != b"\"," {
@@ -163,7 +183,7 @@ impl Codec {
         if !bytes.ends_with(b"}\n") {
             return Err(StateError::corrupt(key, "record is truncated"));
         }
-        let env: Envelope<'_> = serde_json::from_slice(&bytes)
+        let env: Envelope<'_> = serde_json::from_slice(bytes)
             .map_err(|e| StateError::corrupt(key, format!("envelope does not parse: {e}")))?;
         let head = match (env.kind, env.saved_at, env.checkpoint_id, env.branch_id, env.timestamp) {
             ("session", Some(saved_at), None, None, None) => {
@@ -175,8 +195,7 @@ impl Codec {
             _ => return Err(StateError::corrupt(key, "envelope fields do not match its kind")),
         };
         let start = env.data.get().as_ptr() as usize - bytes.as_ptr() as usize;
-        let data = start..start + env.data.get().len();
-        Ok(Decoded { head, bytes: Arc::new(bytes), data })
+        Ok((head, start..start + env.data.get().len()))
     }
 
     fn gunzip(&self, key: &StorageKey, raw: &[u8]) -> Result<Vec<u8>> {
@@ -242,18 +261,18 @@ mod tests {
         for compression in [Compression::None, Compression::Gzip(6)] {
             let codec = Codec { compression, max_record: 1 << 20 };
             let enc = codec.encode(&head(), br#"{"step":42,"msg":"hello"}"#).unwrap();
-            let dec = codec.decode(&key(), enc.clone()).unwrap();
+            let dec = codec.decode(&key(), enc.clone()).map_err(|e| e.0).unwrap();
             assert_eq!(dec.data(), br#"{"step":42,"msg":"hello"}"#);
             assert_eq!(dec.head, head());
             for i in 0..enc.len() * 8 {
                 let mut bad = enc.clone();
                 bad[i / 8] ^= 1 << (i % 8);
                 let r = codec.decode(&key(), bad);
-                assert!(matches!(r, Err(StateError::Corrupt { .. })), "flip {i} not detected ({compression:?})");
+                assert!(matches!(r, Err((StateError::Corrupt { .. }, _))), "flip {i} not detected ({compression:?})");
             }
             for len in 0..enc.len() {
                 let r = codec.decode(&key(), enc[..len].to_vec());
-                assert!(matches!(r, Err(StateError::Corrupt { .. })), "truncation {len} not detected");
+                assert!(matches!(r, Err((StateError::Corrupt { .. }, _))), "truncation {len} not detected");
             }
         }
     }

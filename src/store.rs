@@ -136,8 +136,12 @@ impl Store {
 
     /// Rewrites the journal as one line per live entry (atomic put), if it has grown past
     /// twice the live entries, or always when `force`.
-    async fn compact(&self, force: bool) -> Result<()> {
+    pub(crate) async fn compact(&self, force: bool) -> Result<()> {
         let _guard = self.journal.lock().await;
+        self.compact_locked(force).await
+    }
+
+    async fn compact_locked(&self, force: bool) -> Result<()> {
         let (bytes, n) = {
             let idx = self.index();
             if !force && idx.journal_lines <= 2 * idx.live_entries() + 64 {
@@ -151,17 +155,22 @@ impl Store {
         Ok(())
     }
 
-    /// Puts with the disk-full rule: on ENOSPC, sweep and apply retention once, then retry.
-    async fn put(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
-        match self.backend.put(key, bytes.clone()).await {
+    /// Encodes and puts a record with the disk-full rule: on ENOSPC, sweep staged files and
+    /// trim checkpoints past the retention limit once, then retry. Returns the stored size.
+    /// (The retry encodes again rather than keeping a copy of every record just in case.)
+    async fn put(&self, key: &StorageKey, head: &RecordHead, data: &[u8]) -> Result<u64> {
+        let bytes = self.codec.encode(head, data)?;
+        let size = bytes.len() as u64;
+        match self.backend.put(key, bytes).await {
             Err(StateError::StorageFull { .. }) => {
                 warn!(key = %key, "disk full; running an emergency cleanup and retrying once");
                 let _ = self.backend.sweep().await;
                 let _ = self.trim_checkpoints().await;
-                self.backend.put(key, bytes).await
+                self.backend.put(key, self.codec.encode(head, data)?).await?;
             }
-            other => other,
+            other => other?,
         }
+        Ok(size)
     }
 
     fn quarantine_later(&self, key: &StorageKey, raw: &[u8]) -> Option<(StorageKey, Vec<u8>)> {
@@ -177,10 +186,9 @@ impl Store {
     /// bytes goes to `quarantine/` (the record itself stays in place for inspection).
     async fn read(&self, key: &StorageKey) -> Result<Option<Decoded>> {
         let Some(raw) = self.backend.get(key).await? else { return Ok(None) };
-        let copy = self.codec.decode(key, raw.clone());
-        match copy {
+        match self.codec.decode(key, raw) {
             Ok(d) => Ok(Some(d)),
-            Err(e) => {
+            Err((e, raw)) => {
                 warn!(key = %key, error = %e, "damaged record");
                 if let Some((qk, bytes)) = self.quarantine_later(key, &raw)
                     && let Err(qe) = self.backend.put(&qk, bytes).await
@@ -206,10 +214,8 @@ impl Store {
 
     pub(crate) async fn save_session(&self, sid: &SessionId, data: &[u8], saved_at: u64) -> Result<()> {
         let head = RecordHead::Session { session_id: sid.clone(), saved_at };
-        let bytes = self.codec.encode(&head, data)?;
-        let size = bytes.len() as u64;
         let key = session_key(&self.codec, sid);
-        self.put(&key, bytes).await?;
+        let size = self.put(&key, &head, data).await?;
         self.quarantined.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
         self.record(Change::Saved { sid: sid.clone(), at: saved_at, size }).await
     }
@@ -228,9 +234,7 @@ impl Store {
             branch_id: branch.clone(),
             timestamp,
         };
-        let bytes = self.codec.encode(&head, data)?;
-        let size = bytes.len() as u64;
-        self.put(&checkpoint_key(&self.codec, sid, cid), bytes).await?;
+        let size = self.put(&checkpoint_key(&self.codec, sid, cid), &head, data).await?;
         self.record(Change::Checkpoint { sid: sid.clone(), cid: cid.clone(), b: branch.clone(), ts: timestamp, size })
             .await
     }
@@ -298,7 +302,11 @@ impl Store {
 
     /// Brings the index in line with the records: drops entries whose record is gone,
     /// reads records it lacks or whose size differs. With `full`, reads every record.
+    ///
+    /// Holds the journal lock throughout, so writes finishing meanwhile record their change
+    /// after the new index is in place (changes are idempotent, so none is lost or undone).
     pub(crate) async fn reconcile(&self, full: bool) -> Result<(usize, Vec<String>)> {
+        let _guard = self.journal.lock().await;
         let ext = self.codec.compression.extension();
         let mut corrupt = Vec::new();
         let mut fresh = Index::default();
@@ -370,7 +378,7 @@ impl Store {
         if changed {
             info!(entries, corrupt = corrupt.len(), "index reconciled with the records");
         }
-        self.compact(changed).await?;
+        self.compact_locked(changed).await?;
         Ok((entries, corrupt))
     }
 

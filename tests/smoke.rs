@@ -1,3 +1,5 @@
+//! A first end-to-end pass over the file backend: save, checkpoint, rollback, restart, restore, delete.
+
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::json;
 

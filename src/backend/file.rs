@@ -12,7 +12,7 @@
 //! - the store is locked with an OS file lock on `metadata/LOCK` for the backend's life,
 //!   so a second process gets [`StateError::Locked`] instead of racing this one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::fs::{Fs, OsFs};
+use super::fs::{Fs, FsFile, OsFs};
 use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
 
@@ -49,8 +49,19 @@ struct Inner {
     known_dirs: Mutex<HashSet<PathBuf>>,
     /// Staged files of writes in progress; `sweep` leaves these alone.
     in_flight: Mutex<HashSet<PathBuf>>,
+    /// Open handles of append-only logs. A put or delete of the same key drops the handle,
+    /// which would otherwise keep appending to the replaced (unlinked) file.
+    appenders: Appenders,
     /// Held for the backend's life: the OS releases the lock when the process dies.
     _lock: Option<File>,
+}
+
+struct Appenders(Mutex<HashMap<PathBuf, Box<dyn FsFile>>>);
+
+impl std::fmt::Debug for Appenders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Appenders")
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,6 +110,7 @@ impl FileStorageBackend {
                 fs,
                 known_dirs: Mutex::new(HashSet::new()),
                 in_flight: Mutex::new(HashSet::new()),
+                appenders: Appenders(Mutex::new(HashMap::new())),
                 _lock: None,
             }),
         };
@@ -167,6 +179,7 @@ impl FileStorageBackend {
         self.ensure_dir(&dir)?;
         let staged = dir.join(format!(".{}{STAGED_MARK}{}", key.file_name(), random_suffix()));
         lock(&self.inner.in_flight).insert(staged.clone());
+        lock(&self.inner.appenders.0).remove(&path);
         let result = self.write_atomic(&staged, &path, &dir, value);
         if result.is_err() {
             // Never leave a half-written staged file behind; the record itself is untouched.
@@ -193,6 +206,7 @@ impl FileStorageBackend {
 
     fn delete_blocking(&self, key: &StorageKey) -> Result<bool> {
         let path = self.path_of(key);
+        lock(&self.inner.appenders.0).remove(&path);
         let existed = self.inner.fs.remove_file(&path).map_err(|e| StateError::io("deleting", &path, e))?;
         if existed {
             let dir = path.parent().unwrap_or(&self.inner.root);
@@ -257,10 +271,20 @@ impl FileStorageBackend {
         let path = self.path_of(key);
         let dir = path.parent().unwrap_or(&self.inner.root).to_path_buf();
         self.ensure_dir(&dir)?;
-        let mut f = self.inner.fs.open_append(&path).map_err(|e| StateError::io("opening log", &path, e))?;
+        let mut appenders = lock(&self.inner.appenders.0);
+        let f = match appenders.entry(path.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(self.inner.fs.open_append(&path).map_err(|e| StateError::io("opening log", &path, e))?)
+            }
+        };
         // No fsync: the contract says an appended log may lose its tail in a crash; its
         // only user, the index journal, is reconciled against the records at start.
-        f.write_all(bytes).map_err(|e| StateError::io("appending", &path, e))
+        let r = f.write_all(bytes).map_err(|e| StateError::io("appending", &path, e));
+        if r.is_err() {
+            appenders.remove(&path);
+        }
+        r
     }
 
     async fn blocking<T: Send + 'static>(

@@ -1,0 +1,398 @@
+//! Pins the store lock and the store's file permissions.
+//!
+//! - A second `FileStorageBackend` on an open store, in this process or in another one,
+//!   fails at once with `ErrorKind::Locked` and changes nothing on disk; the lock goes away
+//!   when the manager is shut down and dropped, and when the holding process is killed.
+//! - Records, logs and metadata are created `0600`, directories `0700`.
+//!
+//! The cross-process tests re-run this test binary as a child (`--exact` one of the
+//! `child_*` tests, selected by an environment variable); without that variable the
+//! `child_*` tests do nothing.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mars_state::{ErrorKind, FileStorageBackend, StateError, StateManager};
+use serde_json::json;
+
+/// Set in a child: the store the child probes (tries to open, prints the outcome, exits).
+const PROBE_ENV: &str = "MARS_STATE_LOCKING_PROBE_DIR";
+/// Set in a child: the store the child opens and holds until it is killed.
+const HOLD_ENV: &str = "MARS_STATE_LOCKING_HOLD_DIR";
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Dir,
+    File(Vec<u8>),
+    Link(PathBuf),
+    Other,
+}
+
+/// Every path under `root` (relative), with file contents and link targets.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for path in entries {
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.file_type().is_symlink() {
+                out.insert(rel, Node::Link(std::fs::read_link(&path).unwrap()));
+            } else if meta.is_dir() {
+                out.insert(rel, Node::Dir);
+                walk(root, &path, out);
+            } else if meta.is_file() {
+                out.insert(rel, Node::File(std::fs::read(&path).unwrap()));
+            } else {
+                out.insert(rel, Node::Other);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn builder(base: &Path) -> mars_state::StateManagerBuilder {
+    StateManager::builder(FileStorageBackend::new(base).unwrap())
+        .janitor_interval(Duration::from_secs(3600))
+        .call_timeout(Duration::from_secs(10))
+}
+
+fn expect_locked<T>(r: Result<T, StateError>, base: &Path) {
+    match r {
+        Ok(_) => panic!("a second backend on {} opened while the first holds it", base.display()),
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Locked, "wrong error kind: {e}");
+            let StateError::Locked { path } = &e else { panic!("not StateError::Locked: {e:?}") };
+            assert!(path.starts_with(base), "lock path {} is not inside the store {}", path.display(), base.display());
+            let msg = e.to_string();
+            assert!(msg.contains("locked"), "message does not say the store is locked: {msg}");
+        }
+    }
+}
+
+/// Polls `FileStorageBackend::new` until it succeeds or `within` passes.
+async fn reopen_within(base: &Path, within: Duration) -> FileStorageBackend {
+    let deadline = Instant::now() + within;
+    loop {
+        match FileStorageBackend::new(base) {
+            Ok(b) => return b,
+            Err(e) if e.kind() == ErrorKind::Locked && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("the store was not released within {within:?}: {e}"),
+        }
+    }
+}
+
+/// Runs this test binary as a child executing only `test`, with `env` set.
+fn child(test: &str, env: (&str, &Path)) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env.0, env.1)
+        .env_remove(if env.0 == PROBE_ENV { HOLD_ENV } else { PROBE_ENV })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs a probe child against `base`; returns what it printed after `LOCK_PROBE=` and how
+/// long it took. Kills the child if it has not answered within 10 s (a blocking lock).
+fn probe(base: &Path) -> (String, Duration) {
+    let started = Instant::now();
+    let mut c = child("child_probe_store", (PROBE_ENV, base)).spawn().unwrap();
+    loop {
+        if c.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("the probe child did not answer within 10 s: opening a locked store blocks");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let elapsed = started.elapsed();
+    let out = c.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "probe child failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let answer = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("LOCK_PROBE="))
+        .unwrap_or_else(|| panic!("probe child printed no answer:\n{stdout}"))
+        .to_owned();
+    (answer, elapsed)
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+// ---------------------------------------------------------------------------------------
+// Child entry points (no-ops unless the parent set their variable)
+// ---------------------------------------------------------------------------------------
+
+/// Child: tries to open the store named by `PROBE_ENV`, prints `LOCK_PROBE=<kind>` or
+/// `LOCK_PROBE=Ok`, and exits.
+#[test]
+fn child_probe_store() {
+    let Some(dir) = std::env::var_os(PROBE_ENV) else { return };
+    let answer = match FileStorageBackend::new(PathBuf::from(dir)) {
+        Ok(_) => "Ok".to_owned(),
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    println!("LOCK_PROBE={answer}");
+    std::io::stdout().flush().unwrap();
+}
+
+/// Child: opens the store named by `HOLD_ENV`, prints `LOCK_HELD`, and sleeps until killed
+/// (at most 60 s).
+#[test]
+fn child_hold_store() {
+    let Some(dir) = std::env::var_os(HOLD_ENV) else { return };
+    let backend = FileStorageBackend::new(PathBuf::from(dir)).unwrap();
+    println!("LOCK_HELD");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    drop(backend);
+}
+
+// ---------------------------------------------------------------------------------------
+// Same process
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_backend_in_this_process_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let first = FileStorageBackend::new(&base).unwrap();
+    expect_locked(FileStorageBackend::new(&base), &base);
+    // Also through another spelling of the same path.
+    expect_locked(FileStorageBackend::new(base.join("sessions").join("..")), &base);
+    drop(first);
+    let again = FileStorageBackend::new(&base).expect("the lock is released when the backend is dropped");
+    drop(again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_is_held_while_the_manager_runs_and_released_by_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let m = builder(&base).start().await.unwrap();
+    m.save_session("s1", &json!({"step": 1})).await.unwrap();
+    expect_locked(FileStorageBackend::new(&base), &base);
+    let before = snapshot(&base);
+    expect_locked(FileStorageBackend::new(&base), &base);
+    assert_eq!(snapshot(&base), before, "a refused open changed the store");
+
+    m.shutdown().await.unwrap();
+    // shutdown() documents that it releases the store, even while the handle lives on.
+    let b = FileStorageBackend::new(&base).expect("the lock is released by shutdown()");
+    drop(b);
+    drop(m);
+    let m2 = StateManager::start(FileStorageBackend::new(&base).expect("reopen after drop")).await.unwrap();
+    assert_eq!(m2.load_session("s1").await.unwrap(), Some(json!({"step": 1})));
+    m2.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_is_released_when_the_last_handle_is_dropped_without_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let m = builder(&base).start().await.unwrap();
+    m.save_session("s1", &json!({"step": 1})).await.unwrap();
+    let clone = m.clone();
+    drop(m);
+    expect_locked(FileStorageBackend::new(&base), &base);
+    drop(clone);
+    let b = reopen_within(&base, Duration::from_secs(5)).await;
+    let m2 = StateManager::start(b).await.unwrap();
+    assert_eq!(m2.load_session("s1").await.unwrap(), Some(json!({"step": 1})));
+    m2.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_clone_of_a_backend_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let first = FileStorageBackend::new(&base).unwrap();
+    let clone = first.clone();
+    drop(first);
+    expect_locked(FileStorageBackend::new(&base), &base);
+    drop(clone);
+    FileStorageBackend::new(&base).expect("released after the last clone is dropped");
+}
+
+// ---------------------------------------------------------------------------------------
+// Another process
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_process_gets_locked_at_once_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let m = builder(&base).start().await.unwrap();
+    m.save_session("s1", &json!({"step": 1})).await.unwrap();
+    let cp = m.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
+    let before = snapshot(dir.path());
+
+    let (answer, took) = probe(&base);
+    println!("second process answered {answer:?} in {took:?}");
+    assert_eq!(answer, "Locked", "a second process opening the store must get ErrorKind::Locked");
+    assert!(took < Duration::from_secs(1), "the second process took {took:?} to answer (limit 1 s)");
+    assert_eq!(snapshot(dir.path()), before, "the refused second process changed the store");
+
+    // The first process is unaffected.
+    assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 1})));
+    m.save_session("s1", &json!({"step": 2})).await.unwrap();
+    m.shutdown().await.unwrap();
+    drop(m);
+
+    // Released: the second process may open it now.
+    let (answer, _) = probe(&base);
+    assert_eq!(answer, "Ok", "after shutdown and drop the store must open in another process");
+
+    let m = StateManager::start(FileStorageBackend::new(&base).unwrap()).await.unwrap();
+    assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 2})));
+    assert_eq!(m.restore_checkpoint(&cp).await.unwrap().unwrap().data, json!({"step": 1}));
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_of_a_killed_process_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    {
+        let m = builder(&base).start().await.unwrap();
+        m.save_session("s1", &json!({"step": 7})).await.unwrap();
+        m.shutdown().await.unwrap();
+    }
+    let mut holder = child("child_hold_store", (HOLD_ENV, &base)).spawn().unwrap();
+    let stdout = holder.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.trim() == "LOCK_HELD" {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let _ = holder.kill();
+        let _ = holder.wait();
+        panic!("the holding child never reported LOCK_HELD");
+    }
+    expect_locked(FileStorageBackend::new(&base), &base);
+    holder.kill().unwrap(); // SIGKILL: no destructor runs, the OS drops the lock
+    holder.wait().unwrap();
+    let b = FileStorageBackend::new(&base).expect("the OS releases the lock of a killed process");
+    let m = StateManager::start(b).await.unwrap();
+    assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 7})));
+    m.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Permissions
+// ---------------------------------------------------------------------------------------
+
+/// Builds a store with every kind of file the backend creates: records, checkpoints, the
+/// journal, store metadata, the lock, a pending-delete directory and a quarantine copy.
+async fn populate(base: &Path, compression: Option<u32>) {
+    let mut b = builder(base);
+    if let Some(level) = compression {
+        b = b.compression(level);
+    }
+    let m = b.start().await.unwrap();
+    m.save_session("s1", &json!({"secret": "token"})).await.unwrap();
+    m.save_session("s1", &json!({"secret": "token2"})).await.unwrap();
+    m.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
+    m.save_session("doomed", &json!(1)).await.unwrap();
+    m.create_checkpoint("doomed", "main", &json!(1)).await.unwrap();
+    assert!(m.delete_session("doomed").await.unwrap());
+    m.save_session("broken", &json!({"x": 1})).await.unwrap();
+    m.shutdown().await.unwrap();
+    drop(m);
+    // Damage a record so that reading it writes a quarantine copy.
+    let ext = if compression.is_some() { "json.gz" } else { "json" };
+    let path = base.join("sessions").join(format!("broken.{ext}"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::OpenOptions::new().write(true).truncate(true).open(&path).unwrap().write_all(&bytes).unwrap();
+    let mut b = builder(base);
+    if let Some(level) = compression {
+        b = b.compression(level);
+    }
+    let m = b.start().await.unwrap();
+    assert_eq!(m.load_session("broken").await.unwrap_err().kind(), ErrorKind::Corrupt);
+    m.shutdown().await.unwrap();
+}
+
+fn check_permissions(base: &Path) {
+    let mut bad = Vec::new();
+    let mut files = 0;
+    let mut dirs = 0;
+    for (rel, node) in snapshot(base) {
+        let path = base.join(&rel);
+        let m = mode(&path);
+        match node {
+            Node::Dir => {
+                dirs += 1;
+                if m != 0o700 {
+                    bad.push(format!("directory {} is {m:o}, expected 700", rel.display()));
+                }
+            }
+            Node::File(_) => {
+                files += 1;
+                if m != 0o600 {
+                    bad.push(format!("file {} is {m:o}, expected 600", rel.display()));
+                }
+            }
+            other => bad.push(format!("unexpected {other:?} at {}", rel.display())),
+        }
+    }
+    for must in ["sessions", "checkpoints", "checkpoints/s1", "metadata", "metadata/pending", "quarantine"] {
+        assert!(base.join(must).is_dir(), "{must} was not created");
+    }
+    assert!(std::fs::read_dir(base.join("quarantine")).unwrap().count() > 0, "no quarantine copy was written");
+    assert!(files >= 6 && dirs >= 6, "too few files ({files}) or directories ({dirs}) to check");
+    assert!(bad.is_empty(), "wrong permissions:\n{}", bad.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_0600_and_directories_0700() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    populate(&base, None).await;
+    check_permissions(&base);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_0600_and_directories_0700_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    populate(&base, Some(6)).await;
+    check_permissions(&base);
+}
+
+/// The backend's docs say "Files are created 0600, directories 0700"; the store's base
+/// directory, when the backend creates it, is one of those directories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_directory_created_by_the_backend_is_0700() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("tmp").join("store");
+    drop(FileStorageBackend::new(&base).unwrap());
+    let m = mode(&base);
+    assert_eq!(m, 0o700, "the base directory {} was created {m:o}, expected 700", base.display());
+}
