@@ -17,7 +17,6 @@ use crate::error::{BoxError, Result, StateError};
 use crate::store::{RetentionPolicy, Store};
 use crate::types::{
     BranchId, Checkpoint, CheckpointId, CheckpointInfo, SessionId, SessionInfo, StateBytes, StorageStats, VacuumReport,
-    now_ms,
 };
 
 /// Configures and starts a [`StateManager`].
@@ -444,7 +443,7 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn cleanup_old_sessions(&self, older_than: Duration, keep_last: usize) -> Result<usize> {
-        let cutoff = now_ms().saturating_sub(older_than.as_millis() as u64);
+        let cutoff = self.store()?.clock.now_ms().saturating_sub(older_than.as_millis() as u64);
         let shared = self.shared().await?;
         janitor::remove_idle_sessions(&self.inner.supervisor, &shared, cutoff, keep_last).await
     }

@@ -11,7 +11,7 @@ use crate::backend::{StorageBackend, StorageKey};
 use crate::codec::{Codec, Compression, Decoded, RecordHead};
 use crate::error::{Result, StateError};
 use crate::index::{Change, Index};
-use crate::types::{BranchId, CheckpointId, SessionId, VacuumReport, now_ms};
+use crate::types::{BranchId, CheckpointId, Clock, SessionId, VacuumReport};
 
 const JOURNAL: &str = "metadata/index.log";
 const STORE_META: &str = "metadata/store.json";
@@ -42,6 +42,7 @@ pub(crate) struct Store {
     journal: tokio::sync::Mutex<()>,
     quarantined: Mutex<HashSet<StorageKey>>,
     pub(crate) retention: RetentionPolicy,
+    pub(crate) clock: Clock,
 }
 
 pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
@@ -105,6 +106,7 @@ impl Store {
             journal: tokio::sync::Mutex::new(()),
             quarantined: Mutex::new(HashSet::new()),
             retention,
+            clock: Clock::new(),
         };
         let journal = store.backend.get(&fixed(JOURNAL)).await?.unwrap_or_default();
         let loaded = Index::replay(&journal).unwrap_or_else(|| {
@@ -178,7 +180,7 @@ impl Store {
         if !q.insert(key.clone()) {
             return None;
         }
-        let name = format!("quarantine/{}-{}", now_ms(), key.as_str().replace('/', "~"));
+        let name = format!("quarantine/{}-{}", self.clock.now_ms(), key.as_str().replace('/', "~"));
         Some((StorageKey::from_valid(name), raw.to_vec()))
     }
 

@@ -194,9 +194,30 @@ impl<'de> Deserialize<'de> for CheckpointId {
     }
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub(crate) fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch by the system clock.
+fn system_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The manager's clock: wall-clock milliseconds that also follow tokio's clock, so that
+/// tests with paused time (`tokio::time::advance`) move timestamps, idleness and retention
+/// forward. It reads the later of the system clock and (system clock at start + tokio time
+/// elapsed since), so it never runs behind the system clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall_at_start: u64,
+    at_start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        Clock { wall_at_start: system_ms(), at_start: tokio::time::Instant::now() }
+    }
+
+    /// Milliseconds since the Unix epoch, now.
+    pub(crate) fn now_ms(&self) -> u64 {
+        system_ms().max(self.wall_at_start + self.at_start.elapsed().as_millis() as u64)
+    }
 }
 
 /// One session as listed by [`list_sessions`](crate::StateManager::list_sessions).

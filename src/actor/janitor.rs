@@ -15,7 +15,7 @@ use super::session::SessionMsg;
 use super::supervisor::SupervisorMsg;
 use super::{Shared, call_session, storage};
 use crate::error::Result;
-use crate::types::{SessionId, VacuumReport, now_ms};
+use crate::types::{SessionId, VacuumReport};
 
 /// Messages of the janitor.
 pub(crate) enum JanitorMsg {
@@ -91,7 +91,7 @@ impl JanitorState {
             ..Default::default()
         };
         if let Some(idle) = self.shared.config.retention.max_session_idle {
-            let cutoff = now_ms().saturating_sub(idle.as_millis() as u64);
+            let cutoff = self.shared.store.clock.now_ms().saturating_sub(idle.as_millis() as u64);
             report.sessions_removed = remove_idle_sessions(&self.supervisor, &self.shared, cutoff, 0).await?;
         }
         info!(

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::{Shared, storage, supervisor::SupervisorMsg};
 use crate::error::{Result, StateError};
-use crate::types::{BranchId, CheckpointId, SessionId, StateBytes, now_ms};
+use crate::types::{BranchId, CheckpointId, SessionId, StateBytes};
 
 /// A read-modify-write step run inside the session actor: it receives the current state
 /// (JSON) and returns the new one (JSON) or an error, in which case nothing is written.
@@ -220,7 +220,7 @@ impl SessionState {
         self.check_size(&state)?;
         let sid = self.sid.clone();
         let data = state.clone();
-        let at = now_ms();
+        let at = self.shared.store.clock.now_ms();
         let r = storage::run(&self.shared.storage, move |store| async move {
             store.save_session(&sid, data.as_bytes(), at).await
         })
@@ -273,7 +273,7 @@ impl SessionState {
         });
         // A hybrid logical clock: wall-clock milliseconds in the high bits, a counter in
         // the low 16, never going backwards: ids stay ordered even within a millisecond.
-        let next = (now_ms() << 16).max(last + 1);
+        let next = (self.shared.store.clock.now_ms() << 16).max(last + 1);
         self.last_clock = Some(next);
         next
     }
