@@ -15,8 +15,8 @@
 //! Run it with:
 //!
 //! ```text
-//! cargo run --example crash_and_resume          # kill at a random step between 8 and 32
-//! cargo run --example crash_and_resume -- 17    # kill right after step 17
+//! cargo run --example crash_and_resume          # kill during a random step, 9 to 33
+//! cargo run --example crash_and_resume -- 17    # kill during step 18, after 17 is reported
 //! ```
 #![allow(clippy::print_stdout)]
 
@@ -144,8 +144,9 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
     let seed = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
     let kill_after = match kill_arg {
         Some(s) => match s.parse::<u32>() {
-            Ok(n) if (1..STEPS).contains(&n) => n,
-            _ => return Err(format!("the kill step must be a number from 1 to {}", STEPS - 1).into()),
+            // Leave the child a few steps, so it is killed before it can finish.
+            Ok(n) if (1..=STEPS - 5).contains(&n) => n,
+            _ => return Err(format!("the kill step must be a number from 1 to {}", STEPS - 5).into()),
         },
         None => 8 + seed % 25,
     };
@@ -160,7 +161,10 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
     println!("  store:   {} (FileStorageBackend, plain JSON records)", store.display());
     println!("  task:    {STEPS} steps in session {SESSION:?}; after each step the agent saves its");
     println!("           state and takes a checkpoint on branch {BRANCH:?}");
-    println!("  plan:    a child process runs the task; {} ms after it reports step {kill_after}", kill_delay.as_millis());
+    println!(
+        "  plan:    a child process runs the task; {} ms after it reports step {kill_after}",
+        kill_delay.as_millis()
+    );
     println!("           it is killed with SIGKILL (pass a step number to choose another:");
     println!("           cargo run --example crash_and_resume -- 17)");
     println!();
@@ -210,7 +214,7 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
         println!("{} [child {pid}] step {step:2} done (reported just before the kill landed)", t());
     }
     match status.signal() {
-        Some(9) => println!("{} child {pid} is dead: killed by signal 9 (SIGKILL); no shutdown or flush ran", t()),
+        Some(libc::SIGKILL) => println!("{} child {pid} is dead: killed by SIGKILL; no shutdown or flush ran", t()),
         _ => return Err(format!("the child was not killed by SIGKILL: {status}").into()),
     }
     println!();
@@ -235,13 +239,14 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
         let note = if saved.step == state.step {
             "the same step"
         } else {
-            "saved after the last checkpoint, before the kill"
+            "saved after that checkpoint, just before the kill"
         };
         println!("{}   the session record holds step {} ({note})", t(), saved.step);
     }
     if state.step < last_reported {
-        return Err(format!("step {last_reported} was reported done but the latest checkpoint is step {}", state.step)
-            .into());
+        return Err(
+            format!("step {last_reported} was reported done but the latest checkpoint is step {}", state.step).into()
+        );
     }
     println!(
         "{} resuming from step {}: step {} was in progress when the child died and is redone",
@@ -290,11 +295,11 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
     println!("summary");
     println!("  child finished steps 1..={resumed_from} and was killed with SIGKILL during step {}", resumed_from + 1);
     println!(
-        "  resumed from the checkpoint of step {resumed_from}; redid step {} and ran steps {}..={STEPS}",
-        resumed_from + 1,
+        "  resumed from the checkpoint of step {resumed_from} in this process and ran steps {}..={STEPS}",
         resumed_from + 1
     );
-    println!("  checkpoints: {} on disk, one per step, each equal to the uninterrupted run at that step", steps.len());
+    println!("  work redone: step {} only (it was in progress at the kill)", resumed_from + 1);
+    println!("  checkpoints: {} listed, each compared with the uninterrupted run at its step", steps.len());
     println!(
         "  final state:        step {}, {} messages, {} tokens, digest {}",
         final_state.step,
@@ -310,6 +315,11 @@ async fn parent(kill_arg: Option<&str>) -> AnyResult<()> {
         expected.digest
     );
     manager.shutdown().await?;
+    let record = store.join("sessions").join(format!("{SESSION}.json"));
+    let record_len = std::fs::metadata(&record)?.len();
+    let cp_files = std::fs::read_dir(store.join("checkpoints").join(SESSION))?.count();
+    println!("  on disk:            sessions/{SESSION}.json ({record_len} bytes of plain JSON: jq reads it),");
+    println!("                      checkpoints/{SESSION}/ ({cp_files} records), metadata/ (lock, index journal)");
     if !problems.is_empty() {
         for p in &problems {
             println!("MISMATCH: {p}");

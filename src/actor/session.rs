@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Shared, storage, supervisor::SupervisorMsg};
+use crate::codec::RecordHead;
 use crate::error::{Result, StateError};
 use crate::types::{BranchId, CheckpointId, SessionId, StateBytes};
 
@@ -104,7 +105,8 @@ pub(crate) struct SessionArgs {
 enum Cache {
     Unknown,
     Absent,
-    Present(StateBytes),
+    /// The state and its record's `saved_at`.
+    Present(StateBytes, u64),
 }
 
 pub(crate) struct SessionState {
@@ -186,9 +188,7 @@ impl Actor for SessionActor {
                 let _ = reply.send(st.update(update).await);
             }
             SessionMsg::DeleteIfIdle { cutoff_ms, reply } => {
-                let idle = st.shared.store.index().sessions.get(&st.sid).is_some_and(|e| e.last_activity() < cutoff_ms);
-                let r = if idle { st.delete().await } else { Ok(false) };
-                let _ = reply.send(r);
+                let _ = reply.send(st.delete_if_idle(cutoff_ms).await);
             }
             SessionMsg::IdleCheck => {
                 if !st.passivating && st.last_activity.elapsed() >= st.shared.config.idle_timeout {
@@ -227,7 +227,7 @@ impl SessionState {
         .await;
         match r {
             Ok(()) => {
-                self.cache = Cache::Present(state);
+                self.cache = Cache::Present(state, at);
                 Ok(())
             }
             Err(e) => {
@@ -240,20 +240,57 @@ impl SessionState {
 
     async fn load(&mut self) -> Result<Option<StateBytes>> {
         match &self.cache {
-            Cache::Present(s) => return Ok(Some(s.clone())),
+            Cache::Present(s, _) => return Ok(Some(s.clone())),
             Cache::Absent => return Ok(None),
             Cache::Unknown => {}
         }
         let sid = self.sid.clone();
         let loaded = storage::run(&self.shared.storage, move |store| async move {
-            Ok(store.load_session(&sid).await?.map(|d| StateBytes::from_slice(d.data())))
+            Ok(store.load_session(&sid).await?.map(|d| {
+                let at = match d.head {
+                    RecordHead::Session { saved_at, .. } => saved_at,
+                    RecordHead::Checkpoint { timestamp, .. } => timestamp,
+                };
+                (StateBytes::from_slice(d.data()), at)
+            }))
         })
         .await?;
-        self.cache = match &loaded {
-            Some(s) => Cache::Present(s.clone()),
-            None => Cache::Absent,
+        Ok(match loaded {
+            Some((s, at)) => {
+                self.cache = Cache::Present(s.clone(), at);
+                Some(s)
+            }
+            None => {
+                self.cache = Cache::Absent;
+                None
+            }
+        })
+    }
+
+    /// Deletes the session if nothing happened to it since `cutoff_ms`. The index's
+    /// save time may be stale after a power loss (its journal is not fsynced), so the
+    /// record's own `saved_at` decides; checkpoint times come from their files.
+    async fn delete_if_idle(&mut self, cutoff_ms: u64) -> Result<bool> {
+        let (indexed, newest_cp) = match self.shared.store.index().sessions.get(&self.sid) {
+            Some(e) => (e.last_activity(), e.checkpoints.values().map(|c| c.ts).max().unwrap_or(0)),
+            None => return Ok(false),
         };
-        Ok(loaded)
+        if indexed >= cutoff_ms {
+            return Ok(false);
+        }
+        let saved_at = match self.load().await {
+            Ok(_) => match &self.cache {
+                Cache::Present(_, at) => *at,
+                _ => 0,
+            },
+            // A damaged record does not keep an idle session alive; a copy is in quarantine.
+            Err(StateError::Corrupt { .. }) => 0,
+            Err(e) => return Err(e),
+        };
+        if saved_at.max(newest_cp) >= cutoff_ms {
+            return Ok(false);
+        }
+        self.delete().await
     }
 
     async fn delete(&mut self) -> Result<bool> {
