@@ -78,14 +78,15 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
-    /// A state could not be serialized to, or deserialized from, JSON.
-    #[error("state of session {session} could not be (de)serialized: {source}")]
+    /// A state could not be serialized to, or deserialized from, JSON (for example it
+    /// does not match the type asked for).
+    #[error("state of session {session} could not be (de)serialized: {detail}")]
     Serialization {
         /// The session involved.
         session: String,
-        /// The serde_json error (it names a position, never the payload).
-        #[source]
-        source: serde_json::Error,
+        /// serde_json's message with every quoted value replaced by `…` (so no part of the
+        /// state leaks into logs), and the line and column.
+        detail: String,
     },
     /// A state is larger than the configured limit.
     #[error("state of {size} bytes exceeds the limit of {limit} bytes")]
@@ -206,11 +207,54 @@ impl StateError {
         }
     }
 
+    /// A serde_json error, with the values it quotes redacted.
+    pub(crate) fn json(session: impl Into<String>, e: &serde_json::Error) -> Self {
+        StateError::Serialization { session: session.into(), detail: redact(&e.to_string()) }
+    }
+
     pub(crate) fn corrupt(key: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         StateError::Corrupt { key: key.to_string(), reason: reason.into() }
     }
 
     pub(crate) fn unavailable(reason: impl Into<String>) -> Self {
         StateError::Unavailable { reason: reason.into() }
+    }
+}
+
+/// Replaces the contents of every `"…"` and `` `…` `` span in a serde message: serde quotes
+/// the offending value ("invalid type: string \"secret\"") and values may be secrets.
+fn redact(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut quote: Option<char> = None;
+    for c in msg.chars() {
+        match quote {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '"' || c == '`' {
+                    quote = Some(c);
+                }
+            }
+        }
+    }
+    if quote.is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn serde_messages_are_redacted() {
+        let e = serde_json::from_str::<u64>(r#""SECRET""#).unwrap_err();
+        let msg = super::StateError::json("s", &e).to_string();
+        assert!(!msg.contains("SECRET"), "{msg}");
+        assert!(msg.contains("expected u64"), "{msg}");
     }
 }

@@ -31,6 +31,10 @@ pub(crate) enum Change {
     /// A checkpoint record was removed.
     #[serde(rename = "cd")]
     CheckpointDeleted { sid: SessionId, cid: CheckpointId },
+    /// First line of a journal written at a clean shutdown: exactly `n` entry lines follow,
+    /// whose bytes have CRC-32 `crc`.
+    #[serde(rename = "clean")]
+    Clean { n: usize, crc: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +92,7 @@ impl Index {
                     .insert(cid.clone(), CpEntry { branch: b.clone(), ts: *ts, size: *size });
                 self.by_checkpoint.insert(cid.clone(), sid.clone());
             }
+            Change::Clean { .. } => {}
             Change::CheckpointDeleted { sid, cid } => {
                 if let Some(e) = self.sessions.get_mut(sid) {
                     e.checkpoints.remove(cid);
@@ -107,8 +112,13 @@ impl Index {
     }
 
     /// Replays a journal. `None` if a line other than a torn last one is damaged.
-    pub(crate) fn replay(bytes: &[u8]) -> Option<Index> {
+    /// The flag says whether the journal is exactly what a clean shutdown wrote: only then
+    /// are its session entries trusted without reading the records (after a crash the
+    /// unsynced tail, and with it a session's latest save time, may be gone).
+    pub(crate) fn replay(bytes: &[u8]) -> Option<(Index, bool)> {
         let mut index = Index::default();
+        let mut clean_n = None;
+        let mut torn = false;
         let mut lines = bytes.split_inclusive(|b| *b == b'\n').peekable();
         while let Some(line) = lines.next() {
             let complete = line.ends_with(b"\n");
@@ -120,20 +130,29 @@ impl Index {
                 serde_json::from_str::<Change>(json).ok()
             });
             match parsed {
+                Some(Change::Clean { n, crc }) if complete && index.journal_lines == 0 && clean_n.is_none() => {
+                    let rest = &bytes[line.len()..];
+                    clean_n = (crc32fast::hash(rest) == crc).then_some(n);
+                }
                 Some(change) if complete => {
                     index.apply(&change);
                     index.journal_lines += 1;
                 }
                 // A torn tail: the crash the journal's contract allows. Reconcile fixes it.
-                _ if lines.peek().is_none() && !complete => break,
+                _ if lines.peek().is_none() && !complete => {
+                    torn = true;
+                    break;
+                }
                 _ => return None,
             }
         }
-        Some(index)
+        let clean = !torn && clean_n == Some(index.journal_lines);
+        Some((index, clean))
     }
 
-    /// The journal that recreates this index, one line per live entry.
-    pub(crate) fn snapshot(&self) -> (Vec<u8>, usize) {
+    /// The journal that recreates this index, one line per live entry, headed by a
+    /// clean-shutdown line when `clean`.
+    pub(crate) fn snapshot(&self, clean: bool) -> (Vec<u8>, usize) {
         let mut out = Vec::new();
         let mut n = 0;
         let mut sids: Vec<_> = self.sessions.keys().collect();
@@ -154,6 +173,11 @@ impl Index {
                 }));
                 n += 1;
             }
+        }
+        if clean {
+            let mut head = Self::line(&Change::Clean { n, crc: crc32fast::hash(&out) });
+            head.extend(out);
+            out = head;
         }
         (out, n)
     }
@@ -216,11 +240,25 @@ mod tests {
         let b = Index::line(&Change::Saved { sid: sid.clone(), at: 2, size: 20 });
         let mut j = a.clone();
         j.extend(&b[..b.len() - 3]);
-        let idx = Index::replay(&j).unwrap();
+        let (idx, clean) = Index::replay(&j).unwrap();
+        assert!(!clean);
         assert_eq!(idx.sessions[&sid].record, Some((1, 10)));
         let mut damaged = a.clone();
         damaged[12] ^= 1;
         damaged.extend(&b);
         assert!(Index::replay(&damaged).is_none());
+    }
+
+    #[test]
+    fn only_an_untouched_clean_snapshot_is_clean() {
+        let mut idx = Index::default();
+        let sid = SessionId::new("s").unwrap();
+        idx.apply(&Change::Saved { sid: sid.clone(), at: 1, size: 10 });
+        let (snap, _) = idx.snapshot(true);
+        assert!(Index::replay(&snap).unwrap().1);
+        let mut more = snap.clone();
+        more.extend(Index::line(&Change::Saved { sid, at: 2, size: 10 }));
+        assert!(!Index::replay(&more).unwrap().1, "appends after a clean shutdown make it unclean");
+        assert!(!Index::replay(&idx.snapshot(false).0).unwrap().1);
     }
 }

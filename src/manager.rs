@@ -157,7 +157,7 @@ fn sid(session: impl AsRef<str>) -> Result<SessionId> {
 
 fn ser_err(session: &SessionId, e: StateError) -> StateError {
     match e {
-        StateError::Serialization { source, .. } => StateError::Serialization { session: session.to_string(), source },
+        StateError::Serialization { detail, .. } => StateError::Serialization { session: session.to_string(), detail },
         other => other,
     }
 }
@@ -319,8 +319,7 @@ impl StateManager {
         let RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp } = d.head.clone() else {
             return Err(StateError::corrupt(id, "not a checkpoint record"));
         };
-        let data = serde_json::from_slice(d.data())
-            .map_err(|source| StateError::Serialization { session: sid.to_string(), source })?;
+        let data = serde_json::from_slice(d.data()).map_err(|e| StateError::json(sid.as_str(), &e))?;
         Ok(Some(Checkpoint { id: checkpoint_id, session_id, branch_id, timestamp, data }))
     }
 
@@ -401,7 +400,7 @@ impl StateManager {
         let out = slot.clone();
         let name = sid.to_string();
         let update: UpdateFn = Box::new(move |old: Option<&[u8]>| {
-            let ser = |source| StateError::Serialization { session: name.clone(), source };
+            let ser = |e: serde_json::Error| StateError::json(name.as_str(), &e);
             let old: Option<T> = old.map(serde_json::from_slice).transpose().map_err(ser)?;
             let new = f(old).map_err(|e| StateError::UpdateRejected { session: name.clone(), source: e.into() })?;
             let bytes = serde_json::to_vec(&new).map_err(ser)?;

@@ -17,6 +17,18 @@ const JOURNAL: &str = "metadata/index.log";
 const STORE_META: &str = "metadata/store.json";
 const PENDING: &str = "metadata/pending";
 
+/// How much of the journal's index `reconcile` may take on trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trust {
+    /// Entries whose record exists with the same size (after a clean shutdown).
+    Sizes,
+    /// Only checkpoint entries (their records never change); session records are re-read,
+    /// since a crash may have dropped the journal line of their latest save.
+    Checkpoints,
+    /// Nothing: every record is read (vacuum, or a damaged journal).
+    Nothing,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StoreMeta {
     mars_state: u32,
@@ -109,14 +121,27 @@ impl Store {
             clock: Clock::new(),
         };
         let journal = store.backend.get(&fixed(JOURNAL)).await?.unwrap_or_default();
-        let loaded = Index::replay(&journal).unwrap_or_else(|| {
+        let (loaded, clean) = Index::replay(&journal).unwrap_or_else(|| {
             warn!("index journal is damaged; rebuilding it from the records");
-            Index { journal_lines: usize::MAX / 2, ..Index::default() }
+            (Index::default(), false)
         });
         *store.index() = loaded;
         store.finish_pending_deletes().await?;
-        store.reconcile(false).await?;
+        if !clean && !journal.is_empty() {
+            info!("the store was not shut down cleanly; re-reading session records for the index");
+        }
+        store.reconcile(if clean { Trust::Sizes } else { Trust::Checkpoints }).await?;
         Ok(store)
+    }
+
+    /// Writes the journal as a clean snapshot. Called at shutdown, after every write has
+    /// finished; the next start then trusts it without reading any record.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let _guard = self.journal.lock().await;
+        let (bytes, n) = self.index().snapshot(true);
+        self.backend.put(&fixed(JOURNAL), bytes).await?;
+        self.index().journal_lines = n;
+        Ok(())
     }
 
     pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
@@ -149,7 +174,7 @@ impl Store {
             if !force && idx.journal_lines <= 2 * idx.live_entries() + 64 {
                 return Ok(());
             }
-            idx.snapshot()
+            idx.snapshot(false)
         };
         self.backend.put(&fixed(JOURNAL), bytes).await?;
         self.index().journal_lines = n;
@@ -186,32 +211,30 @@ impl Store {
 
     /// Reads and verifies a record. Damage is an error naming the key; a copy of the damaged
     /// bytes goes to `quarantine/` (the record itself stays in place for inspection).
-    async fn read(&self, key: &StorageKey) -> Result<Option<Decoded>> {
+    async fn read(&self, key: &StorageKey, belongs: impl Fn(&RecordHead) -> bool) -> Result<Option<Decoded>> {
         let Some(raw) = self.backend.get(key).await? else { return Ok(None) };
-        match self.codec.decode(key, raw) {
-            Ok(d) => Ok(Some(d)),
-            Err((e, raw)) => {
-                warn!(key = %key, error = %e, "damaged record");
-                if let Some((qk, bytes)) = self.quarantine_later(key, &raw)
-                    && let Err(qe) = self.backend.put(&qk, bytes).await
-                {
-                    warn!(key = %qk, error = %qe, "could not write quarantine copy");
-                }
-                Err(e)
+        let (e, raw) = match self.codec.decode(key, raw) {
+            Ok(d) if belongs(&d.head) => return Ok(Some(d)),
+            // Intact, but another key's record (copied or swapped over this one). Quarantine
+            // the stored bytes as they are (compressed or not).
+            Ok(_) => {
+                let raw = self.backend.get(key).await?.unwrap_or_default();
+                (StateError::corrupt(key, "record belongs to another key"), raw)
             }
+            Err(failed) => failed,
+        };
+        warn!(key = %key, error = %e, "damaged record");
+        if let Some((qk, bytes)) = self.quarantine_later(key, &raw)
+            && let Err(qe) = self.backend.put(&qk, bytes).await
+        {
+            warn!(key = %qk, error = %qe, "could not write quarantine copy");
         }
+        Err(e)
     }
 
     pub(crate) async fn load_session(&self, sid: &SessionId) -> Result<Option<Decoded>> {
         let key = session_key(&self.codec, sid);
-        let d = self.read(&key).await?;
-        if let Some(d) = &d {
-            match &d.head {
-                RecordHead::Session { session_id, .. } if session_id == sid => {}
-                _ => return Err(StateError::corrupt(&key, "record belongs to another key")),
-            }
-        }
-        Ok(d)
+        self.read(&key, |h| matches!(h, RecordHead::Session { session_id, .. } if session_id == sid)).await
     }
 
     pub(crate) async fn save_session(&self, sid: &SessionId, data: &[u8], saved_at: u64) -> Result<()> {
@@ -243,15 +266,10 @@ impl Store {
 
     pub(crate) async fn load_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<Option<Decoded>> {
         let key = checkpoint_key(&self.codec, sid, cid);
-        let d = self.read(&key).await?;
-        if let Some(d) = &d {
-            match &d.head {
-                RecordHead::Checkpoint { session_id, checkpoint_id, .. }
-                    if session_id == sid && checkpoint_id == cid => {}
-                _ => return Err(StateError::corrupt(&key, "record belongs to another key")),
-            }
-        }
-        Ok(d)
+        self.read(&key, |h| {
+            matches!(h, RecordHead::Checkpoint { session_id, checkpoint_id, .. } if session_id == sid && checkpoint_id == cid)
+        })
+        .await
     }
 
     pub(crate) async fn delete_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<bool> {
@@ -307,13 +325,15 @@ impl Store {
     ///
     /// Holds the journal lock throughout, so writes finishing meanwhile record their change
     /// after the new index is in place (changes are idempotent, so none is lost or undone).
-    pub(crate) async fn reconcile(&self, full: bool) -> Result<(usize, Vec<String>)> {
+    pub(crate) async fn reconcile(&self, trust: Trust) -> Result<(usize, Vec<String>)> {
         let _guard = self.journal.lock().await;
+        let full = trust == Trust::Nothing;
         let ext = self.codec.compression.extension();
         let mut corrupt = Vec::new();
         let mut fresh = Index::default();
         let old = if full { Index::default() } else { self.index().clone() };
-        let mut changed = full;
+        // Anything short of full trust rewrites the journal, which also ends a torn tail.
+        let mut changed = trust != Trust::Sizes;
 
         for meta in self.backend.list(&fixed("sessions")).await? {
             let Some(sid) = meta.key.file_name().strip_suffix(ext).and_then(|s| SessionId::new(s).ok()) else {
@@ -321,6 +341,7 @@ impl Store {
             };
             if let Some((at, size)) = old.sessions.get(&sid).and_then(|e| e.record)
                 && size == meta.size
+                && trust == Trust::Sizes
             {
                 fresh.apply(&Change::Saved { sid, at, size });
                 continue;
@@ -413,7 +434,7 @@ impl Store {
     pub(crate) async fn vacuum(&self) -> Result<VacuumReport> {
         let swept = self.backend.sweep().await?;
         let orphans = self.finish_pending_deletes().await?;
-        let (entries, corrupt) = self.reconcile(true).await?;
+        let (entries, corrupt) = self.reconcile(Trust::Nothing).await?;
         Ok(VacuumReport {
             temp_files_removed: swept.files_removed,
             temp_bytes_freed: swept.bytes_freed,

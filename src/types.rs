@@ -316,14 +316,12 @@ impl StateBytes {
     /// assert_eq!(b.as_bytes(), br#"{"step":1}"#);
     /// ```
     pub fn from_serialize<T: Serialize + ?Sized>(state: &T) -> Result<Self> {
-        serde_json::to_vec(state)
-            .map(|v| StateBytes(v.into()))
-            .map_err(|source| StateError::Serialization { session: String::new(), source })
+        serde_json::to_vec(state).map(|v| StateBytes(v.into())).map_err(|e| StateError::json("", &e))
     }
 
     /// Deserializes the state into `T`.
     pub fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_slice(&self.0).map_err(|source| StateError::Serialization { session: String::new(), source })
+        serde_json::from_slice(&self.0).map_err(|e| StateError::json("", &e))
     }
 
     /// The JSON bytes.

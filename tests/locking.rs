@@ -125,10 +125,15 @@ fn probe(base: &Path) -> (String, Duration) {
     let elapsed = started.elapsed();
     let out = c.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "probe child failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "probe child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("LOCK_PROBE="))
+        .find_map(|l| l.split_once("LOCK_PROBE=").map(|(_, a)| a.trim()))
         .unwrap_or_else(|| panic!("probe child printed no answer:\n{stdout}"))
         .to_owned();
     (answer, elapsed)
@@ -151,7 +156,8 @@ fn child_probe_store() {
         Ok(_) => "Ok".to_owned(),
         Err(e) => format!("{:?}", e.kind()),
     };
-    println!("LOCK_PROBE={answer}");
+    // A line of its own: libtest has already printed "test child_probe_store ... ".
+    println!("\nLOCK_PROBE={answer}");
     std::io::stdout().flush().unwrap();
 }
 
@@ -161,7 +167,7 @@ fn child_probe_store() {
 fn child_hold_store() {
     let Some(dir) = std::env::var_os(HOLD_ENV) else { return };
     let backend = FileStorageBackend::new(PathBuf::from(dir)).unwrap();
-    println!("LOCK_HELD");
+    println!("\nLOCK_HELD");
     std::io::stdout().flush().unwrap();
     std::thread::sleep(Duration::from_secs(60));
     drop(backend);

@@ -283,8 +283,9 @@ impl SessionState {
                 Cache::Present(_, at) => *at,
                 _ => 0,
             },
-            // A damaged record does not keep an idle session alive; a copy is in quarantine.
-            Err(StateError::Corrupt { .. }) => 0,
+            // A damaged record is kept for inspection, not removed as "idle since 1970";
+            // it is reported by loads and by vacuum_storage.
+            Err(StateError::Corrupt { .. }) => return Ok(false),
             Err(e) => return Err(e),
         };
         if saved_at.max(newest_cp) >= cutoff_ms {

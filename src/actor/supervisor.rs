@@ -167,6 +167,10 @@ impl Actor for SupervisorActor {
                 // Every session actor awaited its storage jobs, so this only waits for
                 // jobs started outside them (restores, listings, vacuum).
                 let _ = st.shared.storage.drain_and_wait(timeout).await;
+                // Everything is written: leave a clean journal so the next start reads no record.
+                if let Err(e) = st.shared.store.close().await {
+                    warn!(error = %e, "could not write the clean index journal; the next start re-reads session records");
+                }
                 let _ = reply.send(());
                 myself.stop(None);
             }
@@ -231,9 +235,12 @@ impl Actor for SupervisorActor {
             Some(Slot::Live(a)) if a.get_id() != id => {
                 st.sessions.insert(sid, Slot::Live(a));
             }
-            Some(other @ Slot::Draining { .. }) => {
-                st.sessions.insert(sid, other);
+            // Another actor's slot (a newer one for the same session): leave it alone.
+            Some(Slot::Draining { actor, waiting }) if actor != id => {
+                st.sessions.insert(sid, Slot::Draining { actor, waiting });
             }
+            // This actor's slot with nobody waiting, or its live slot: the session simply
+            // has no actor now; the next request spawns one.
             _ => {}
         }
         Ok(())

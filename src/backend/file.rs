@@ -70,6 +70,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Creates the store's base directory and any missing ancestors (owner-only), each made
+/// durable in its parent, through the file-system seam.
+fn create_root(fs: &dyn Fs, dir: &Path) -> std::io::Result<()> {
+    match fs.create_dir(dir) {
+        Ok(false) => Ok(()),
+        Ok(true) => match dir.parent() {
+            // A new level must be durable in its parent before anything is stored below it.
+            Some(parent) => fs.sync_dir(parent),
+            None => Ok(()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = dir.parent().ok_or(e)?;
+            create_root(fs, parent)?;
+            fs.create_dir(dir)?;
+            fs.sync_dir(parent)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn random_suffix() -> String {
     let mut r = [0u8; 8];
     let _ = getrandom::fill(&mut r);
@@ -96,14 +116,7 @@ impl FileStorageBackend {
         } else {
             std::env::current_dir().map_err(|e| StateError::io("resolving", root, e))?.join(root)
         };
-        // create_dir_all then fsync each created level's parent: the store's directories
-        // must exist durably before any record claims to be saved in them.
-        if !root.exists() {
-            std::fs::create_dir_all(&root).map_err(|e| StateError::io("creating the store directory", &root, e))?;
-            if let Some(parent) = root.parent() {
-                fs.sync_dir(parent).map_err(|e| StateError::io("syncing", parent, e))?;
-            }
-        }
+        create_root(fs.as_ref(), &root).map_err(|e| StateError::io("creating the store directory", &root, e))?;
         let backend = FileStorageBackend {
             inner: Arc::new(Inner {
                 root: root.clone(),
@@ -155,7 +168,7 @@ impl FileStorageBackend {
     /// Creates `dir` and any missing ancestors below the root, each fsynced into its parent.
     fn ensure_dir(&self, dir: &Path) -> Result<()> {
         if lock(&self.inner.known_dirs).contains(dir) {
-            return Ok(());
+            return self.check_parents(dir);
         }
         if dir != self.inner.root
             && let Some(parent) = dir.parent()
@@ -163,13 +176,29 @@ impl FileStorageBackend {
             if parent.starts_with(&self.inner.root) && parent != self.inner.root {
                 self.ensure_dir(parent)?;
             }
-            let created = self.inner.fs.create_dir(dir).map_err(|e| StateError::io("creating directory", dir, e))?;
-            if created {
-                // The new entry must be durable in its parent before records go in it.
-                self.inner.fs.sync_dir(parent).map_err(|e| StateError::io("syncing directory", parent, e))?;
-            }
+            self.inner.fs.create_dir(dir).map_err(|e| StateError::io("creating directory", dir, e))?;
+            // The entry must be durable in its parent before records go in it. Synced even
+            // when the directory already existed: a crash (or a failed fsync) right after an
+            // earlier mkdir may have left it there but not yet durable.
+            self.inner.fs.sync_dir(parent).map_err(|e| StateError::io("syncing directory", parent, e))?;
         }
         lock(&self.inner.known_dirs).insert(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Checks that `dir` and each directory between it and the root is a real directory,
+    /// not a symbolic link swapped in since it was created: `O_NOFOLLOW` guards only the
+    /// last component of a path. (A swap racing this check is outside the threat model: it
+    /// needs write access to the store while it is open.)
+    fn check_parents(&self, dir: &Path) -> Result<()> {
+        let mut d = dir;
+        while d != self.inner.root && d.starts_with(&self.inner.root) {
+            self.inner.fs.check_dir(d).map_err(|e| StateError::io("checking directory", d, e))?;
+            match d.parent() {
+                Some(p) => d = p,
+                None => break,
+            }
+        }
         Ok(())
     }
 
@@ -207,6 +236,11 @@ impl FileStorageBackend {
     fn delete_blocking(&self, key: &StorageKey) -> Result<bool> {
         let path = self.path_of(key);
         lock(&self.inner.appenders.0).remove(&path);
+        let dir = path.parent().unwrap_or(&self.inner.root);
+        match self.check_parents(dir) {
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            other => other?,
+        }
         let existed = self.inner.fs.remove_file(&path).map_err(|e| StateError::io("deleting", &path, e))?;
         if existed {
             let dir = path.parent().unwrap_or(&self.inner.root);
@@ -305,6 +339,10 @@ impl StorageBackend for FileStorageBackend {
         let key = key.clone();
         self.blocking(move |b| {
             let path = b.path_of(&key);
+            match b.check_parents(path.parent().unwrap_or(&b.inner.root)) {
+                Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                other => other?,
+            }
             b.inner.fs.read(&path).map_err(|e| StateError::io("reading", &path, e))
         })
         .await

@@ -43,8 +43,20 @@ pub(crate) trait Fs: Send + Sync + fmt::Debug + 'static {
     fn create_dir(&self, path: &Path) -> io::Result<bool>;
     /// Flushes a directory's entries (creates, renames, removes) to stable storage.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
-    /// Lists a directory without following symbolic links; a missing directory lists nothing.
+    /// Lists a directory without following symbolic links (the directory itself must not
+    /// be one); a missing directory lists nothing.
     fn list_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+    /// Fails unless `path` is a real directory (not a symbolic link to one).
+    fn check_dir(&self, _path: &Path) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn symlink_refused(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{} is a symbolic link, which the store never follows", path.display()),
+    )
 }
 
 /// The operating system's file system.
@@ -145,7 +157,26 @@ impl Fs for OsFs {
         d.sync_all()
     }
 
+    fn check_dir(&self, path: &Path) -> io::Result<()> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() {
+            return Err(symlink_refused(path));
+        }
+        if !meta.is_dir() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a directory", path.display())));
+        }
+        Ok(())
+    }
+
     fn list_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        // read_dir would follow a symbolic link planted in place of a directory, and the
+        // caller might then delete what it lists: refuse links outright.
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => return Err(symlink_refused(path)),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
         let rd = match std::fs::read_dir(path) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
