@@ -131,6 +131,24 @@ pub enum StateError {
         /// What happened.
         reason: String,
     },
+    /// The encryption key or passphrase does not open this store (checked once, at start,
+    /// against the store's key-check record), or the store needs a key it was not given.
+    #[error("encryption key rejected: {reason}")]
+    WrongKey {
+        /// What is wrong (never any key material).
+        reason: String,
+    },
+    /// The principal may not perform this operation on this session. Nothing was changed
+    /// and no storage was touched.
+    #[error("access denied: principal {principal} may not {operation} session {session}")]
+    AccessDenied {
+        /// Who asked.
+        principal: String,
+        /// What they asked to do.
+        operation: &'static str,
+        /// The session.
+        session: String,
+    },
     /// The builder or the store's metadata holds an invalid or conflicting setting.
     #[error("configuration error: {message}")]
     Config {
@@ -169,6 +187,10 @@ pub enum ErrorKind {
     Timeout,
     /// [`StateError::Unavailable`].
     Unavailable,
+    /// [`StateError::WrongKey`].
+    WrongKey,
+    /// [`StateError::AccessDenied`].
+    AccessDenied,
     /// [`StateError::Config`].
     Config,
 }
@@ -190,6 +212,8 @@ impl StateError {
             StateError::Panicked { .. } => ErrorKind::Panicked,
             StateError::Timeout { .. } => ErrorKind::Timeout,
             StateError::Unavailable { .. } => ErrorKind::Unavailable,
+            StateError::WrongKey { .. } => ErrorKind::WrongKey,
+            StateError::AccessDenied { .. } => ErrorKind::AccessDenied,
             StateError::Config { .. } => ErrorKind::Config,
         }
     }

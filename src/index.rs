@@ -219,9 +219,14 @@ impl Index {
             .unwrap_or_default()
     }
 
-    pub(crate) fn stats(&self) -> StorageStats {
-        let mut s = StorageStats { session_count: self.sessions.len(), ..Default::default() };
-        for e in self.sessions.values() {
+    /// Totals over the sessions `include` accepts.
+    pub(crate) fn stats_where(&self, include: impl Fn(&SessionId) -> bool) -> StorageStats {
+        let mut s = StorageStats::default();
+        for (sid, e) in &self.sessions {
+            if !include(sid) {
+                continue;
+            }
+            s.session_count += 1;
             s.checkpoint_count += e.checkpoints.len();
             s.total_bytes += e.record.map(|r| r.1).unwrap_or(0) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
         }

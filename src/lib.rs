@@ -8,6 +8,7 @@ mod codec;
 mod error;
 mod index;
 mod manager;
+pub mod middleware;
 mod store;
 mod types;
 
@@ -16,8 +17,9 @@ pub use actor::session::UpdateFn;
 pub use backend::{FileStorageBackend, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
 pub use error::{BoxError, ErrorKind, Result, StateError};
 pub use manager::{StateManager, StateManagerBuilder};
+pub use middleware::acl::{Access, AccessControlLayer, AccessRecord};
 pub use store::RetentionPolicy;
 pub use types::{
-    BranchId, Checkpoint, CheckpointId, CheckpointInfo, MAX_ID_LEN, SessionId, SessionInfo, StateBytes, StorageStats,
-    VacuumReport,
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, MAX_ID_LEN, Principal, SessionId, SessionInfo, StateBytes,
+    StorageStats, VacuumReport,
 };

@@ -14,9 +14,11 @@ use crate::actor::{Config, call_session, janitor, storage};
 use crate::backend::StorageBackend;
 use crate::codec::{Codec, Compression, RecordHead};
 use crate::error::{BoxError, Result, StateError};
+use crate::middleware::acl::{Access, AccessControlLayer, AccessRecord, Decision, Op};
 use crate::store::{RetentionPolicy, Store};
 use crate::types::{
-    BranchId, Checkpoint, CheckpointId, CheckpointInfo, SessionId, SessionInfo, StateBytes, StorageStats, VacuumReport,
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, Principal, SessionId, SessionInfo, StateBytes, StorageStats,
+    VacuumReport,
 };
 
 /// Configures and starts a [`StateManager`].
@@ -41,6 +43,7 @@ pub struct StateManagerBuilder {
     backend: Arc<dyn StorageBackend>,
     compression: Option<u32>,
     config: Config,
+    access: Option<AccessControlLayer>,
 }
 
 impl StateManagerBuilder {
@@ -79,6 +82,14 @@ impl StateManagerBuilder {
         self
     }
 
+    /// Access control settings (administrators) for handles from
+    /// [`StateManager::for_principal`]. Access control is always on for such handles; this
+    /// only names administrators.
+    pub fn access_control(mut self, layer: AccessControlLayer) -> Self {
+        self.access = Some(layer);
+        self
+    }
+
     /// The retention policy the janitor enforces (default: keep everything).
     pub fn retention(mut self, policy: RetentionPolicy) -> Self {
         self.config.retention = policy;
@@ -100,13 +111,18 @@ impl StateManagerBuilder {
         }
         // The envelope adds well under 1 KiB to the state.
         let codec = Codec { compression, max_record: self.config.max_state_bytes.saturating_add(64 * 1024) };
-        let store = Arc::new(Store::open(self.backend, codec, self.config.retention.clone()).await?);
+        let store = Arc::new(
+            Store::open(self.backend, codec, self.config.retention.clone(), self.access.unwrap_or_default()).await?,
+        );
         let config = Arc::new(self.config);
         let (supervisor, _) =
             Actor::spawn(None, SupervisorActor, SupervisorArgs { store: store.clone(), config: config.clone() })
                 .await
                 .map_err(|e| StateError::unavailable(format!("could not start the supervisor: {e}")))?;
-        Ok(StateManager { inner: Arc::new(Inner { supervisor, store: Arc::downgrade(&store), config }) })
+        Ok(StateManager {
+            inner: Arc::new(Inner { supervisor, store: Arc::downgrade(&store), config }),
+            principal: None,
+        })
     }
 }
 
@@ -131,6 +147,8 @@ impl StateManagerBuilder {
 #[derive(Clone, Debug)]
 pub struct StateManager {
     inner: Arc<Inner>,
+    /// `None`: the trusted in-process system principal, never checked.
+    principal: Option<Principal>,
 }
 
 #[derive(Debug)]
@@ -168,6 +186,7 @@ impl StateManager {
         StateManagerBuilder {
             backend: Arc::new(backend),
             compression: None,
+            access: None,
             config: Config {
                 idle_timeout: Duration::from_secs(60),
                 call_timeout: Duration::from_secs(30),
@@ -181,6 +200,113 @@ impl StateManager {
     /// Starts a manager over `backend` with default settings.
     pub async fn start(backend: impl StorageBackend) -> Result<StateManager> {
         Self::builder(backend).start().await
+    }
+
+    /// A handle that makes every request as `principal`, checked by access control (see
+    /// [`middleware::acl`](crate::middleware::acl)). It has the same methods; requests it is
+    /// not allowed to make fail with [`StateError::AccessDenied`] and touch nothing.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{ErrorKind, MemoryStorageBackend, Principal, StateManager};
+    /// let manager = StateManager::start(MemoryStorageBackend::new()).await?;
+    /// let alice = manager.for_principal(Principal::new("alice")?);
+    /// let bob = manager.for_principal(Principal::new("bob")?);
+    /// alice.save_session("plan", &serde_json::json!({"step": 1})).await?;   // alice owns "plan"
+    /// let err = bob.load_session("plan").await.unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::AccessDenied);
+    /// # Ok(()) }
+    /// ```
+    pub fn for_principal(&self, principal: Principal) -> StateManager {
+        StateManager { inner: self.inner.clone(), principal: Some(principal) }
+    }
+
+    /// The principal of this handle; `None` for the unscoped (system) manager.
+    pub fn principal(&self) -> Option<&Principal> {
+        self.principal.as_ref()
+    }
+
+    /// Checks `op` on `sid` for this handle's principal; a first write claims the session,
+    /// and its access record is made durable before the request goes on.
+    async fn authorize(&self, op: Op, sid: &SessionId) -> Result<()> {
+        let Some(p) = &self.principal else { return Ok(()) };
+        let store = self.store()?;
+        let exists = store.index().sessions.contains_key(sid);
+        match store.access.check(p, op, sid, exists, store.clock.now_ms())? {
+            Decision::Allow => Ok(()),
+            Decision::Claim(record) => {
+                let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+                let (s, r) = (sid.clone(), record.clone());
+                let put = storage::run(&storage, move |store| async move { store.put_access(&s, &r).await }).await;
+                if put.is_err() {
+                    store.access.unclaim(sid, &record.owner);
+                }
+                put
+            }
+        }
+    }
+
+    fn authorize_maintenance(&self, name: &'static str) -> Result<()> {
+        match &self.principal {
+            None => Ok(()),
+            Some(p) => self.store()?.access.check_maintenance(p, Op::Maintenance(name)),
+        }
+    }
+
+    fn can_read(&self, store: &Store, sid: &SessionId) -> bool {
+        self.principal.as_ref().is_none_or(|p| store.access.can_read(p, sid))
+    }
+
+    /// Lets `principal` read, or read and write, `session`. Only the owner, an
+    /// administrator or the unscoped manager may grant.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{Access, MemoryStorageBackend, Principal, StateManager};
+    /// let manager = StateManager::start(MemoryStorageBackend::new()).await?;
+    /// let alice = manager.for_principal(Principal::new("alice")?);
+    /// alice.save_session("plan", &1).await?;
+    /// alice.grant_access("plan", Principal::new("bob")?, Access::Read).await?;
+    /// let bob = manager.for_principal(Principal::new("bob")?);
+    /// assert_eq!(bob.load_session("plan").await?, Some(serde_json::json!(1)));
+    /// # Ok(()) }
+    /// ```
+    pub async fn grant_access(&self, session: impl AsRef<str>, principal: Principal, access: Access) -> Result<()> {
+        let sid = sid(session)?;
+        self.change_access(Op::Grant, &sid, |r| {
+            r.grants.insert(principal, access);
+        })
+        .await
+    }
+
+    /// Takes back whatever `principal` was granted on `session`.
+    pub async fn revoke_access(&self, session: impl AsRef<str>, principal: &Principal) -> Result<()> {
+        let sid = sid(session)?;
+        self.change_access(Op::Revoke, &sid, |r| {
+            r.grants.remove(principal);
+        })
+        .await
+    }
+
+    /// The session's access record, if it has an owner (readable by whoever may read it).
+    pub async fn access_record(&self, session: impl AsRef<str>) -> Result<Option<AccessRecord>> {
+        let sid = sid(session)?;
+        self.authorize(Op::Load, &sid).await?;
+        Ok(self.store()?.access.get(&sid))
+    }
+
+    async fn change_access(&self, op: Op, sid: &SessionId, change: impl FnOnce(&mut AccessRecord)) -> Result<()> {
+        self.authorize(op, sid).await?;
+        let store = self.store()?;
+        let Some(mut record) = store.access.get(sid) else {
+            return Err(StateError::Config { message: format!("session {sid} has no owner to grant from") });
+        };
+        change(&mut record);
+        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+        let (s, r) = (sid.clone(), record.clone());
+        storage::run(&storage, move |store| async move { store.put_access(&s, &r).await }).await?;
+        store.access.set(sid, record);
+        Ok(())
     }
 
     fn store(&self) -> Result<Arc<Store>> {
@@ -206,6 +332,7 @@ impl StateManager {
     /// ```
     pub async fn save_session<T: Serialize + ?Sized>(&self, session: impl AsRef<str>, state: &T) -> Result<()> {
         let sid = sid(session)?;
+        self.authorize(Op::Save, &sid).await?;
         let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
         self.call("save_session", &sid, |reply| SessionMsg::Save { state, reply }).await
     }
@@ -236,6 +363,7 @@ impl StateManager {
     /// ```
     pub async fn load_session_as<T: DeserializeOwned>(&self, session: impl AsRef<str>) -> Result<Option<T>> {
         let sid = sid(session)?;
+        self.authorize(Op::Load, &sid).await?;
         let state = self.call("load_session", &sid, |reply| SessionMsg::Load { reply }).await?;
         state.map(|s| s.deserialize().map_err(|e| ser_err(&sid, e))).transpose()
     }
@@ -253,6 +381,7 @@ impl StateManager {
     /// ```
     pub async fn delete_session(&self, session: impl AsRef<str>) -> Result<bool> {
         let sid = sid(session)?;
+        self.authorize(Op::Delete, &sid).await?;
         self.call("delete_session", &sid, |reply| SessionMsg::Delete { reply }).await
     }
 
@@ -268,7 +397,10 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
-        Ok(self.store()?.index().list_sessions())
+        let store = self.store()?;
+        let mut sessions = store.index().list_sessions();
+        sessions.retain(|s| self.can_read(&store, &s.session_id));
+        Ok(sessions)
     }
 
     /// Stores a checkpoint of `state` for the session on `branch`, durably, and returns its
@@ -289,6 +421,7 @@ impl StateManager {
         state: &T,
     ) -> Result<CheckpointId> {
         let sid = sid(session)?;
+        self.authorize(Op::CreateCheckpoint, &sid).await?;
         let branch_id = BranchId::new(branch)?;
         let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
         self.call("create_checkpoint", &sid, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reply }).await
@@ -312,6 +445,7 @@ impl StateManager {
     /// Like [`restore_checkpoint`](Self::restore_checkpoint), deserializing into `T`.
     pub async fn restore_checkpoint_as<T: DeserializeOwned>(&self, id: &CheckpointId) -> Result<Option<Checkpoint<T>>> {
         let Some(sid) = self.store()?.index().by_checkpoint.get(id).cloned() else { return Ok(None) };
+        self.authorize(Op::RestoreCheckpoint, &sid).await?;
         let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
         let (s, cid) = (sid.clone(), id.clone());
         let decoded = storage::run(&storage, move |store| async move { store.load_checkpoint(&s, &cid).await }).await?;
@@ -343,6 +477,7 @@ impl StateManager {
             .get(id)
             .cloned()
             .ok_or_else(|| StateError::CheckpointNotFound { id: id.to_string() })?;
+        self.authorize(Op::Rollback, &sid).await?;
         let checkpoint_id = id.clone();
         self.call("rollback_to_checkpoint", &sid, |reply| SessionMsg::Rollback { checkpoint_id, reply }).await
     }
@@ -358,6 +493,7 @@ impl StateManager {
     /// ```
     pub async fn list_checkpoints(&self, session: impl AsRef<str>) -> Result<Vec<CheckpointInfo>> {
         let sid = sid(session)?;
+        self.authorize(Op::ListCheckpoints, &sid).await?;
         Ok(self.store()?.index().list_checkpoints(&sid))
     }
 
@@ -372,6 +508,7 @@ impl StateManager {
     /// ```
     pub async fn cleanup_checkpoints(&self, session: impl AsRef<str>, keep: usize) -> Result<usize> {
         let sid = sid(session)?;
+        self.authorize(Op::CleanupCheckpoints, &sid).await?;
         self.call("cleanup_checkpoints", &sid, |reply| SessionMsg::CleanupCheckpoints { keep, reply }).await
     }
 
@@ -396,6 +533,7 @@ impl StateManager {
         F: FnOnce(Option<T>) -> std::result::Result<T, E> + Send + 'static,
     {
         let sid = sid(session)?;
+        self.authorize(Op::Update, &sid).await?;
         let slot: Arc<std::sync::Mutex<Option<T>>> = Arc::new(std::sync::Mutex::new(None));
         let out = slot.clone();
         let name = sid.to_string();
@@ -426,7 +564,9 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn get_storage_stats(&self) -> Result<StorageStats> {
-        Ok(self.store()?.index().stats())
+        let store = self.store()?;
+        let idx = store.index();
+        Ok(idx.stats_where(|sid| self.can_read(&store, sid)))
     }
 
     /// Deletes sessions (state and checkpoints) whose last save or checkpoint is older than
@@ -442,6 +582,7 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn cleanup_old_sessions(&self, older_than: Duration, keep_last: usize) -> Result<usize> {
+        self.authorize_maintenance("clean up old sessions of")?;
         let cutoff = self.store()?.clock.now_ms().saturating_sub(older_than.as_millis() as u64);
         let shared = self.shared().await?;
         janitor::remove_idle_sessions(&self.inner.supervisor, &shared, cutoff, keep_last).await
@@ -459,12 +600,14 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn vacuum_storage(&self) -> Result<VacuumReport> {
+        self.authorize_maintenance("vacuum")?;
         let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
         storage::run(&storage, |store| async move { store.vacuum().await }).await
     }
 
     /// Runs one janitor pass now (sweep, retention) and returns what it did.
     pub async fn run_janitor_now(&self) -> Result<VacuumReport> {
+        self.authorize_maintenance("run the janitor on")?;
         let janitor = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Janitor { reply })
             .await?
             .ok_or_else(|| StateError::unavailable("the janitor is not running"))?;
@@ -489,7 +632,9 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn session_actor(&self, session: impl AsRef<str>) -> Result<ActorRef<SessionMsg>> {
-        supervisor::get_session(&self.inner.supervisor, &sid(session)?).await
+        let sid = sid(session)?;
+        self.authorize(Op::SessionActor, &sid).await?;
+        supervisor::get_session(&self.inner.supervisor, &sid).await
     }
 
     /// How many session actors are alive (not passivated) right now.
@@ -505,6 +650,9 @@ impl StateManager {
     /// Finishes every queued request, stops the actors and releases the store. Later calls
     /// on any clone of this handle fail with [`StateError::Unavailable`].
     pub async fn shutdown(&self) -> Result<()> {
+        if self.inner.store.strong_count() > 0 {
+            self.authorize_maintenance("shut down")?;
+        }
         if self.inner.store.strong_count() == 0 {
             return Ok(());
         }

@@ -11,11 +11,14 @@ use crate::backend::{StorageBackend, StorageKey};
 use crate::codec::{Codec, Compression, Decoded, RecordHead};
 use crate::error::{Result, StateError};
 use crate::index::{Change, Index};
+use crate::middleware::acl::{AccessControlLayer, AccessRecord, AccessTable};
 use crate::types::{BranchId, CheckpointId, Clock, SessionId, VacuumReport};
+use std::collections::HashMap;
 
 const JOURNAL: &str = "metadata/index.log";
 const STORE_META: &str = "metadata/store.json";
 const PENDING: &str = "metadata/pending";
+const ACCESS: &str = "metadata/access";
 
 /// How much of the journal's index `reconcile` may take on trust.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +58,7 @@ pub(crate) struct Store {
     quarantined: Mutex<HashSet<StorageKey>>,
     pub(crate) retention: RetentionPolicy,
     pub(crate) clock: Clock,
+    pub(crate) access: AccessTable,
 }
 
 pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
@@ -63,6 +67,10 @@ pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
 
 pub(crate) fn checkpoint_key(codec: &Codec, sid: &SessionId, cid: &CheckpointId) -> StorageKey {
     StorageKey::from_valid(format!("checkpoints/{sid}/{cid}{}", codec.compression.extension()))
+}
+
+fn access_key(sid: &SessionId) -> StorageKey {
+    StorageKey::from_valid(format!("{ACCESS}/{sid}.json"))
 }
 
 fn pending_key(sid: &SessionId) -> StorageKey {
@@ -80,6 +88,7 @@ impl Store {
         backend: Arc<dyn StorageBackend>,
         codec: Codec,
         retention: RetentionPolicy,
+        access: AccessControlLayer,
     ) -> Result<Store> {
         let meta_key = fixed(STORE_META);
         match backend.get(&meta_key).await? {
@@ -119,7 +128,10 @@ impl Store {
             quarantined: Mutex::new(HashSet::new()),
             retention,
             clock: Clock::new(),
+            access: AccessTable::default(),
         };
+        let access = store.load_access(access).await?;
+        let store = Store { access, ..store };
         let journal = store.backend.get(&fixed(JOURNAL)).await?.unwrap_or_default();
         let (loaded, clean) = Index::replay(&journal).unwrap_or_else(|| {
             warn!("index journal is damaged; rebuilding it from the records");
@@ -132,6 +144,36 @@ impl Store {
         }
         store.reconcile(if clean { Trust::Sizes } else { Trust::Checkpoints }).await?;
         Ok(store)
+    }
+
+    /// Reads every session's access record. An unreadable one leaves its session without
+    /// an owner, so only administrators and the system principal may use it (fail closed).
+    async fn load_access(&self, layer: AccessControlLayer) -> Result<AccessTable> {
+        let mut records = HashMap::new();
+        for meta in self.backend.list(&fixed(ACCESS)).await? {
+            let Some(sid) = meta.key.file_name().strip_suffix(".json").and_then(|s| SessionId::new(s).ok()) else {
+                continue;
+            };
+            let parsed = match self.backend.get(&meta.key).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<AccessRecord>(&bytes).ok(),
+                Ok(None) => continue,
+                Err(StateError::Corrupt { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            match parsed {
+                Some(r) => {
+                    records.insert(sid, r);
+                }
+                None => warn!(key = %meta.key, "unreadable access record; the session is left to administrators"),
+            }
+        }
+        Ok(AccessTable::new(layer, records))
+    }
+
+    /// Persists a session's access record (durably, before the request it guards goes on).
+    pub(crate) async fn put_access(&self, sid: &SessionId, record: &AccessRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(record).map_err(|e| StateError::json(sid.as_str(), &e))?;
+        self.backend.put(&access_key(sid), bytes).await
     }
 
     /// Writes the journal as a clean snapshot. Called at shutdown, after every write has
@@ -290,6 +332,11 @@ impl Store {
     }
 
     async fn delete_session_records(&self, sid: &SessionId) -> Result<bool> {
+        // The access record goes first: a session half-deleted by a crash is finished by
+        // its pending marker, and must not be left claimable in between by another owner
+        // while records remain (the marker keeps it "existing" until the end).
+        self.backend.delete(&access_key(sid)).await?;
+        self.access.remove(sid);
         let mut existed = self.backend.delete(&session_key(&self.codec, sid)).await?;
         self.record(Change::SessionDeleted { sid: sid.clone() }).await?;
         let prefix = StorageKey::from_valid(format!("checkpoints/{sid}"));

@@ -112,6 +112,19 @@ string_id!(
     "branch id"
 );
 
+string_id!(
+    /// Who makes a request through a handle from
+    /// [`StateManager::for_principal`](crate::StateManager::for_principal) (same rules as
+    /// [`SessionId`]).
+    ///
+    /// ```
+    /// let alice = mars_state::Principal::new("alice@example.com").unwrap();
+    /// assert_eq!(alice.as_str(), "alice@example.com");
+    /// ```
+    Principal,
+    "principal"
+);
+
 /// A checkpoint id: unique across the store, strictly increasing in creation order within
 /// a session (many per millisecond included), safe as a file name, and enough on its own
 /// to find the checkpoint after a restart.

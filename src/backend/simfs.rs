@@ -625,7 +625,12 @@ impl Fs for SimFs {
     fn remove_file(&self, path: &Path) -> io::Result<bool> {
         let mut g = self.lock();
         g.check(Op::RemoveFile)?;
-        let (dir, name) = g.tree.parent(path)?;
+        // Like unlink(2) through OsFs: a missing directory means a missing file.
+        let (dir, name) = match g.tree.parent(path) {
+            Ok(found) => found,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
         match g.tree.entries(dir)?.get(&name).copied() {
             None => Ok(false),
             Some(ino) if g.tree.is_dir(ino) => Err(errno(libc::EISDIR)),
@@ -666,6 +671,15 @@ impl Fs for SimFs {
         }
         g.changed();
         Ok(())
+    }
+
+    fn check_dir(&self, path: &Path) -> io::Result<()> {
+        let g = self.lock();
+        match g.tree.lookup(path)? {
+            None => Err(errno(libc::ENOENT)),
+            Some(ino) if g.tree.is_dir(ino) => Ok(()),
+            Some(_) => Err(errno(libc::ENOTDIR)),
+        }
     }
 
     fn list_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {

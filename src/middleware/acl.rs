@@ -1,0 +1,260 @@
+//! Access control: who may do what to which session.
+//!
+//! A handle from [`StateManager::for_principal`](crate::StateManager::for_principal)
+//! carries its [`Principal`] on every request. Before a request reaches any actor, this
+//! middleware checks it against the session's [`AccessRecord`] (kept in memory, persisted
+//! as `metadata/access/<session>.json` through the same backend and middleware as records,
+//! so it is encrypted when the store is). A denied request changes nothing and reaches no
+//! storage.
+//!
+//! The rules:
+//! - the first write (save, checkpoint, update) of a session that does not exist records
+//!   the principal as its owner, with the time;
+//! - the owner may do everything, including delete, grant and revoke;
+//! - a principal granted [`Access::Write`] may read and write (not delete, grant or revoke);
+//!   one granted [`Access::Read`] may load, list and restore;
+//! - an administrator (see [`AccessControlLayer::admin`]) may do everything everywhere;
+//! - anyone else is denied with [`StateError::AccessDenied`], and listings leave out what
+//!   they may not read;
+//! - store-wide maintenance (`cleanup_old_sessions`, `vacuum_storage`, `run_janitor_now`,
+//!   `shutdown`) is for administrators and the unscoped manager only.
+//!
+//! The unscoped [`StateManager`](crate::StateManager) is the trusted in-process system
+//! principal: it is never checked. Sessions it creates have no owner, so only it and
+//! administrators may touch them.
+//!
+//! Order in which a request sees the layers: access control (in the handle, before the
+//! session actor and its cache) → session actor → codec (JSON, gzip, CRC) → encryption →
+//! storage actor → backend.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StateError};
+use crate::types::{Principal, SessionId};
+
+/// A level of access granted to a principal on one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Load, list checkpoints, restore checkpoints.
+    Read,
+    /// Everything `Read` allows, plus save, checkpoint, update, roll back and clean up
+    /// checkpoints.
+    Write,
+}
+
+/// Who owns a session and who else may use it (the design document's `_access` metadata).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRecord {
+    /// The principal whose first write created the session.
+    pub owner: Principal,
+    /// When that was, in milliseconds since the Unix epoch.
+    pub created_at: u64,
+    /// Access granted to other principals.
+    #[serde(default)]
+    pub grants: BTreeMap<Principal, Access>,
+}
+
+/// Configures access control: which principals are administrators.
+///
+/// ```
+/// use mars_state::{AccessControlLayer, Principal};
+/// let layer = AccessControlLayer::new().admin(Principal::new("ops").unwrap());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct AccessControlLayer {
+    admins: BTreeSet<Principal>,
+}
+
+impl AccessControlLayer {
+    /// No administrators.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes `principal` an administrator: it may do everything to every session.
+    pub fn admin(mut self, principal: Principal) -> Self {
+        self.admins.insert(principal);
+        self
+    }
+}
+
+/// An operation, as access control sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Load,
+    ListCheckpoints,
+    RestoreCheckpoint,
+    Save,
+    CreateCheckpoint,
+    Update,
+    Rollback,
+    CleanupCheckpoints,
+    Delete,
+    SessionActor,
+    Grant,
+    Revoke,
+    Maintenance(&'static str),
+}
+
+impl Op {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Op::Load => "load",
+            Op::ListCheckpoints => "list checkpoints of",
+            Op::RestoreCheckpoint => "restore a checkpoint of",
+            Op::Save => "save",
+            Op::CreateCheckpoint => "create a checkpoint of",
+            Op::Update => "update",
+            Op::Rollback => "roll back",
+            Op::CleanupCheckpoints => "clean up checkpoints of",
+            Op::Delete => "delete",
+            Op::SessionActor => "message the actor of",
+            Op::Grant => "grant access to",
+            Op::Revoke => "revoke access to",
+            Op::Maintenance(name) => name,
+        }
+    }
+
+    /// The access needed; `None` means owner (or administrator) only.
+    fn needs(self) -> Option<Access> {
+        match self {
+            Op::Load | Op::ListCheckpoints | Op::RestoreCheckpoint => Some(Access::Read),
+            Op::Save | Op::CreateCheckpoint | Op::Update | Op::Rollback | Op::CleanupCheckpoints => Some(Access::Write),
+            Op::Delete | Op::SessionActor | Op::Grant | Op::Revoke | Op::Maintenance(_) => None,
+        }
+    }
+
+    /// Whether this operation may create the session (and so claim it).
+    fn creates(self) -> bool {
+        matches!(self, Op::Save | Op::CreateCheckpoint | Op::Update)
+    }
+}
+
+/// What the check decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decision {
+    Allow,
+    /// Allowed, and the principal becomes the owner of this new session: persist the record
+    /// before going on.
+    Claim(AccessRecord),
+}
+
+/// The access records of every session, in memory.
+#[derive(Debug, Default)]
+pub(crate) struct AccessTable {
+    layer: AccessControlLayer,
+    records: Mutex<HashMap<SessionId, AccessRecord>>,
+}
+
+impl AccessTable {
+    pub(crate) fn new(layer: AccessControlLayer, records: HashMap<SessionId, AccessRecord>) -> Self {
+        AccessTable { layer, records: Mutex::new(records) }
+    }
+
+    fn records(&self) -> MutexGuard<'_, HashMap<SessionId, AccessRecord>> {
+        // Every mutation is a single map call: a panic cannot leave it half-done.
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn is_admin(&self, p: &Principal) -> bool {
+        self.layer.admins.contains(p)
+    }
+
+    fn denied(p: &Principal, op: Op, session: &str) -> StateError {
+        StateError::AccessDenied { principal: p.to_string(), operation: op.name(), session: session.to_owned() }
+    }
+
+    /// Store-wide operations: administrators only.
+    pub(crate) fn check_maintenance(&self, p: &Principal, op: Op) -> Result<()> {
+        if self.is_admin(p) { Ok(()) } else { Err(Self::denied(p, op, "*")) }
+    }
+
+    /// Decides whether `p` may do `op` to `sid`. `exists` says whether the session has a
+    /// state or checkpoints. A claim is reserved in memory at once, so two principals racing
+    /// to create one session cannot both own it.
+    pub(crate) fn check(&self, p: &Principal, op: Op, sid: &SessionId, exists: bool, now: u64) -> Result<Decision> {
+        if self.is_admin(p) {
+            return Ok(Decision::Allow);
+        }
+        let mut records = self.records();
+        match records.get(sid) {
+            Some(r) if &r.owner == p => Ok(Decision::Allow),
+            Some(r) => match (op.needs(), r.grants.get(p)) {
+                (Some(need), Some(have)) if *have >= need => Ok(Decision::Allow),
+                _ => Err(Self::denied(p, op, sid.as_str())),
+            },
+            // Unowned and absent: the first write claims it; reads find nothing anyway.
+            None if !exists => {
+                if op.creates() {
+                    let record = AccessRecord { owner: p.clone(), created_at: now, grants: BTreeMap::new() };
+                    records.insert(sid.clone(), record.clone());
+                    Ok(Decision::Claim(record))
+                } else if op.needs() == Some(Access::Read) {
+                    Ok(Decision::Allow)
+                } else {
+                    Err(Self::denied(p, op, sid.as_str()))
+                }
+            }
+            // Created by the system principal (or its access record is unreadable).
+            None => Err(Self::denied(p, op, sid.as_str())),
+        }
+    }
+
+    /// Undoes a claim whose record could not be persisted.
+    pub(crate) fn unclaim(&self, sid: &SessionId, owner: &Principal) {
+        let mut records = self.records();
+        if records.get(sid).is_some_and(|r| &r.owner == owner) {
+            records.remove(sid);
+        }
+    }
+
+    /// Whether `p` may read `sid` (for filtering listings).
+    pub(crate) fn can_read(&self, p: &Principal, sid: &SessionId) -> bool {
+        if self.is_admin(p) {
+            return true;
+        }
+        self.records().get(sid).is_some_and(|r| &r.owner == p || r.grants.contains_key(p))
+    }
+
+    pub(crate) fn get(&self, sid: &SessionId) -> Option<AccessRecord> {
+        self.records().get(sid).cloned()
+    }
+
+    pub(crate) fn set(&self, sid: &SessionId, record: AccessRecord) {
+        self.records().insert(sid.clone(), record);
+    }
+
+    pub(crate) fn remove(&self, sid: &SessionId) {
+        self.records().remove(sid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Principal {
+        Principal::new(s).unwrap()
+    }
+
+    #[test]
+    fn first_writer_owns_and_others_are_denied() {
+        let t = AccessTable::new(AccessControlLayer::new().admin(p("root")), HashMap::new());
+        let s = SessionId::new("s").unwrap();
+        assert!(matches!(t.check(&p("alice"), Op::Save, &s, false, 1).unwrap(), Decision::Claim(_)));
+        assert_eq!(t.check(&p("alice"), Op::Delete, &s, true, 2).unwrap(), Decision::Allow);
+        assert!(t.check(&p("bob"), Op::Load, &s, true, 2).is_err());
+        assert!(t.check(&p("bob"), Op::Save, &s, true, 2).is_err());
+        assert_eq!(t.check(&p("root"), Op::Delete, &s, true, 2).unwrap(), Decision::Allow);
+        let mut r = t.get(&s).unwrap();
+        r.grants.insert(p("bob"), Access::Read);
+        t.set(&s, r);
+        assert_eq!(t.check(&p("bob"), Op::Load, &s, true, 2).unwrap(), Decision::Allow);
+        assert!(t.check(&p("bob"), Op::Save, &s, true, 2).is_err());
+        assert!(t.check(&p("carol"), Op::Load, &s, true, 2).is_err());
+    }
+}
