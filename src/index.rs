@@ -68,34 +68,39 @@ pub(crate) struct Index {
     pub(crate) by_checkpoint: HashMap<CheckpointId, SessionId>,
     /// Journal lines written since the last compaction.
     pub(crate) journal_lines: usize,
+    /// Bytes of all records, kept up to date by `apply`.
+    pub(crate) total_bytes: u64,
 }
 
 impl Index {
     pub(crate) fn apply(&mut self, change: &Change) {
         match change {
             Change::Saved { sid, at, size } => {
-                self.sessions.entry(sid.clone()).or_default().record = Some((*at, *size));
+                let old = self.sessions.entry(sid.clone()).or_default().record.replace((*at, *size));
+                self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.1);
             }
             Change::SessionDeleted { sid } => {
                 if let Some(e) = self.sessions.get_mut(sid) {
-                    e.record = None;
+                    self.total_bytes -= e.record.take().map_or(0, |o| o.1);
                     if e.is_empty() {
                         self.sessions.remove(sid);
                     }
                 }
             }
             Change::Checkpoint { sid, cid, b, ts, size } => {
-                self.sessions
+                let old = self
+                    .sessions
                     .entry(sid.clone())
                     .or_default()
                     .checkpoints
                     .insert(cid.clone(), CpEntry { branch: b.clone(), ts: *ts, size: *size });
+                self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.size);
                 self.by_checkpoint.insert(cid.clone(), sid.clone());
             }
             Change::Clean { .. } => {}
             Change::CheckpointDeleted { sid, cid } => {
                 if let Some(e) = self.sessions.get_mut(sid) {
-                    e.checkpoints.remove(cid);
+                    self.total_bytes -= e.checkpoints.remove(cid).map_or(0, |o| o.size);
                     if e.is_empty() {
                         self.sessions.remove(sid);
                     }

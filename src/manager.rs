@@ -585,7 +585,7 @@ impl StateManager {
         self.authorize_maintenance("clean up old sessions of")?;
         let cutoff = self.store()?.clock.now_ms().saturating_sub(older_than.as_millis() as u64);
         let shared = self.shared().await?;
-        janitor::remove_idle_sessions(&self.inner.supervisor, &shared, cutoff, keep_last).await
+        Ok(janitor::remove_idle_sessions(&self.inner.supervisor, &shared, cutoff, keep_last).await?.0)
     }
 
     /// Removes staged files of interrupted writes, finishes interrupted deletes, and

@@ -20,6 +20,17 @@ const STORE_META: &str = "metadata/store.json";
 const PENDING: &str = "metadata/pending";
 const ACCESS: &str = "metadata/access";
 
+/// What `reconcile` found.
+#[derive(Debug, Default)]
+pub(crate) struct Reconciled {
+    /// Entries in the index afterwards.
+    pub(crate) entries: usize,
+    /// Entries that had to be corrected (read from their record, or dropped).
+    pub(crate) repaired: usize,
+    /// Keys of records that failed verification.
+    pub(crate) corrupt: Vec<String>,
+}
+
 /// How much of the journal's index `reconcile` may take on trust.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Trust {
@@ -38,14 +49,34 @@ struct StoreMeta {
     compression: String,
 }
 
-/// Retention rules applied by the janitor and by the emergency pass on a full disk.
+/// Retention rules, applied by the janitor on its interval, by
+/// [`run_janitor_now`](crate::StateManager::run_janitor_now), and by the emergency pass on
+/// a full disk. The byte cap is also enforced after every write.
+///
+/// ```
+/// use std::time::Duration;
+/// use mars_state::RetentionPolicy;
+/// let policy = RetentionPolicy {
+///     keep_checkpoints: Some(20),
+///     max_checkpoint_age: Some(Duration::from_secs(7 * 86_400)),
+///     max_session_idle: Some(Duration::from_secs(30 * 86_400)),
+///     max_total_bytes: Some(10 << 30),
+/// };
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RetentionPolicy {
     /// Keep at most this many checkpoints per session (the newest ones).
     pub keep_checkpoints: Option<usize>,
+    /// Remove checkpoints older than this, except the newest one of each session.
+    pub max_checkpoint_age: Option<std::time::Duration>,
     /// Remove sessions (state and checkpoints) whose last save or checkpoint is older
     /// than this.
     pub max_session_idle: Option<std::time::Duration>,
+    /// Keep the bytes of all records at or under this, evicting the oldest checkpoints
+    /// first (across sessions; the newest checkpoint of each session is spared). Checked
+    /// after every save and checkpoint, so a write returns once the store is back under
+    /// the cap (or has nothing left to evict).
+    pub max_total_bytes: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -59,6 +90,9 @@ pub(crate) struct Store {
     pub(crate) retention: RetentionPolicy,
     pub(crate) clock: Clock,
     pub(crate) access: AccessTable,
+    /// One eviction pass at a time (passes triggered by concurrent writes would otherwise
+    /// pick the same victims and overshoot).
+    evicting: tokio::sync::Mutex<()>,
 }
 
 pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
@@ -129,6 +163,7 @@ impl Store {
             retention,
             clock: Clock::new(),
             access: AccessTable::default(),
+            evicting: tokio::sync::Mutex::new(()),
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
@@ -205,11 +240,6 @@ impl Store {
 
     /// Rewrites the journal as one line per live entry (atomic put), if it has grown past
     /// twice the live entries, or always when `force`.
-    pub(crate) async fn compact(&self, force: bool) -> Result<()> {
-        let _guard = self.journal.lock().await;
-        self.compact_locked(force).await
-    }
-
     async fn compact_locked(&self, force: bool) -> Result<()> {
         let (bytes, n) = {
             let idx = self.index();
@@ -284,7 +314,8 @@ impl Store {
         let key = session_key(&self.codec, sid);
         let size = self.put(&key, &head, data).await?;
         self.quarantined.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size }).await
+        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size }).await?;
+        self.enforce_cap().await
     }
 
     pub(crate) async fn put_checkpoint(
@@ -303,7 +334,8 @@ impl Store {
         };
         let size = self.put(&checkpoint_key(&self.codec, sid, cid), &head, data).await?;
         self.record(Change::Checkpoint { sid: sid.clone(), cid: cid.clone(), b: branch.clone(), ts: timestamp, size })
-            .await
+            .await?;
+        self.enforce_cap().await
     }
 
     pub(crate) async fn load_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<Option<Decoded>> {
@@ -372,7 +404,7 @@ impl Store {
     ///
     /// Holds the journal lock throughout, so writes finishing meanwhile record their change
     /// after the new index is in place (changes are idempotent, so none is lost or undone).
-    pub(crate) async fn reconcile(&self, trust: Trust) -> Result<(usize, Vec<String>)> {
+    pub(crate) async fn reconcile(&self, trust: Trust) -> Result<Reconciled> {
         let _guard = self.journal.lock().await;
         let full = trust == Trust::Nothing;
         let ext = self.codec.compression.extension();
@@ -381,6 +413,7 @@ impl Store {
         let old = if full { Index::default() } else { self.index().clone() };
         // Anything short of full trust rewrites the journal, which also ends a torn tail.
         let mut changed = trust != Trust::Sizes;
+        let mut reads = 0;
 
         for meta in self.backend.list(&fixed("sessions")).await? {
             let Some(sid) = meta.key.file_name().strip_suffix(ext).and_then(|s| SessionId::new(s).ok()) else {
@@ -394,6 +427,7 @@ impl Store {
                 continue;
             }
             changed = true;
+            reads += 1;
             match self.load_session(&sid).await {
                 Ok(Some(d)) => {
                     if let RecordHead::Session { saved_at, .. } = d.head {
@@ -420,6 +454,7 @@ impl Store {
                 continue;
             }
             changed = true;
+            reads += 1;
             match self.load_checkpoint(&sid, &cid).await {
                 Ok(Some(d)) => {
                     if let RecordHead::Checkpoint { branch_id, timestamp, .. } = d.head {
@@ -437,6 +472,9 @@ impl Store {
             }
         }
         let entries = fresh.live_entries();
+        // Entries read from records, plus entries dropped because their record is gone.
+        let kept = entries - reads.min(entries);
+        let repaired = if full { 0 } else { reads + old.live_entries().saturating_sub(kept) };
         if fresh.sessions != old.sessions {
             changed = true;
         }
@@ -449,31 +487,69 @@ impl Store {
             info!(entries, corrupt = corrupt.len(), "index reconciled with the records");
         }
         self.compact_locked(changed).await?;
-        Ok((entries, corrupt))
+        Ok(Reconciled { entries, repaired, corrupt })
     }
 
-    /// Removes checkpoints beyond the policy's per-session limit, oldest first. Safe without
-    /// the session actors: they never cache checkpoints, and deleting is idempotent.
-    /// (Idle sessions are removed by the janitor through the session actors, which cache.)
-    pub(crate) async fn trim_checkpoints(&self) -> Result<usize> {
-        let mut cps = 0;
-        if let Some(keep) = self.retention.keep_checkpoints {
-            let excess: Vec<(SessionId, CheckpointId)> = {
-                let idx = self.index();
-                idx.sessions
-                    .iter()
-                    .flat_map(|(sid, e)| {
-                        let n = e.checkpoints.len().saturating_sub(keep);
-                        e.checkpoints.keys().take(n).map(move |c| (sid.clone(), c.clone()))
-                    })
-                    .collect()
-            };
-            for (sid, cid) in excess {
-                self.delete_checkpoint(&sid, &cid).await?;
-                cps += 1;
+    /// Removes the checkpoints the retention policy condemns: beyond the per-session limit,
+    /// older than the age limit (sparing each session's newest), and, while the store is
+    /// over its byte cap, the oldest across sessions (again sparing each newest). Safe
+    /// without the session actors: they never cache checkpoints, and deleting is
+    /// idempotent. (Idle sessions are removed by the janitor through the session actors,
+    /// which cache.) Returns how many checkpoints went and their bytes.
+    pub(crate) async fn trim_checkpoints(&self) -> Result<(usize, u64)> {
+        let _one = self.evicting.lock().await;
+        let policy = &self.retention;
+        let now = self.clock.now_ms();
+        let age_cutoff = policy.max_checkpoint_age.map(|a| now.saturating_sub(a.as_millis() as u64));
+        let doomed: Vec<(SessionId, CheckpointId, u64)> = {
+            let idx = self.index();
+            let mut doomed = Vec::new();
+            let mut spare = Vec::new();
+            for (sid, e) in &idx.sessions {
+                let excess = policy.keep_checkpoints.map_or(0, |k| e.checkpoints.len().saturating_sub(k));
+                let newest = e.checkpoints.keys().next_back();
+                for (i, (cid, c)) in e.checkpoints.iter().enumerate() {
+                    let is_newest = Some(cid) == newest;
+                    let too_old = age_cutoff.is_some_and(|cut| c.ts < cut) && !is_newest;
+                    if i < excess || too_old {
+                        doomed.push((sid.clone(), cid.clone(), c.size));
+                    } else if !is_newest {
+                        spare.push((c.ts, cid.clone(), sid.clone(), c.size));
+                    }
+                }
+            }
+            if let Some(cap) = policy.max_total_bytes {
+                let mut total = idx.total_bytes - doomed.iter().map(|d| d.2).sum::<u64>();
+                spare.sort();
+                for (_, cid, sid, size) in spare {
+                    if total <= cap {
+                        break;
+                    }
+                    total -= size;
+                    doomed.push((sid, cid, size));
+                }
+            }
+            doomed
+        };
+        let (mut n, mut bytes) = (0, 0);
+        for (sid, cid, size) in doomed {
+            if self.delete_checkpoint(&sid, &cid).await? {
+                n += 1;
+                bytes += size;
             }
         }
-        Ok(cps)
+        if n > 0 {
+            debug!(checkpoints = n, bytes, "retention removed checkpoints");
+        }
+        Ok((n, bytes))
+    }
+
+    /// After a write: if the store is over its byte cap, evict now.
+    async fn enforce_cap(&self) -> Result<()> {
+        if self.retention.max_total_bytes.is_some_and(|cap| self.index().total_bytes > cap) {
+            self.trim_checkpoints().await?;
+        }
+        Ok(())
     }
 
     /// Sweeps staged files, finishes interrupted deletes and rebuilds the index from every
@@ -481,13 +557,13 @@ impl Store {
     pub(crate) async fn vacuum(&self) -> Result<VacuumReport> {
         let swept = self.backend.sweep().await?;
         let orphans = self.finish_pending_deletes().await?;
-        let (entries, corrupt) = self.reconcile(Trust::Nothing).await?;
+        let r = self.reconcile(Trust::Nothing).await?;
         Ok(VacuumReport {
             temp_files_removed: swept.files_removed,
             temp_bytes_freed: swept.bytes_freed,
             orphans_removed: orphans,
-            index_entries: entries,
-            corrupt_records: corrupt,
+            index_entries: r.entries,
+            corrupt_records: r.corrupt,
             ..Default::default()
         })
     }

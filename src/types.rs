@@ -310,6 +310,10 @@ pub struct VacuumReport {
     pub checkpoints_removed: usize,
     /// Sessions removed by the retention policy.
     pub sessions_removed: usize,
+    /// Bytes of the records removed by the retention policy.
+    pub bytes_freed: u64,
+    /// Index entries the janitor found wrong and corrected from the records.
+    pub index_repairs: usize,
     /// Entries in the index after it was rebuilt from the records.
     pub index_entries: usize,
     /// Records that failed verification while the index was rebuilt (kept and quarantined).

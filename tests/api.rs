@@ -1313,7 +1313,7 @@ async fn builder_rejects_zero_durations(compression: Option<u32>) {
 
 async fn run_janitor_now_applies_retention(compression: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
-    let policy = RetentionPolicy { keep_checkpoints: Some(2), max_session_idle: None };
+    let policy = RetentionPolicy { keep_checkpoints: Some(2), ..Default::default() };
     let m = builder(dir.path(), compression).retention(policy).start().await.unwrap();
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -1338,7 +1338,7 @@ async fn run_janitor_now_applies_retention(compression: Option<u32>) {
 
 async fn run_janitor_now_drops_idle_sessions(compression: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
-    let policy = RetentionPolicy { keep_checkpoints: None, max_session_idle: Some(Duration::from_secs(3600)) };
+    let policy = RetentionPolicy { max_session_idle: Some(Duration::from_secs(3600)), ..Default::default() };
     let m = builder(dir.path(), compression)
         .retention(policy)
         .idle_timeout(Duration::from_secs(365 * 86_400))

@@ -401,7 +401,7 @@ async fn constant_janitor_passes_never_break_writes(compression: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let m = builder(dir.path(), compression)
         .janitor_interval(Duration::from_millis(2))
-        .retention(RetentionPolicy { keep_checkpoints: Some(3), max_session_idle: None })
+        .retention(RetentionPolicy { keep_checkpoints: Some(3), ..Default::default() })
         .start()
         .await
         .unwrap();

@@ -102,3 +102,91 @@ async fn cleanup_old_sessions_keeps_the_most_recent() {
     assert_eq!(names, vec!["b".to_string(), "c".to_string()]);
     m.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn old_checkpoints_go_but_each_sessions_newest_stays() {
+    let m = StateManager::builder(MemoryStorageBackend::new())
+        .janitor_interval(Duration::from_secs(3600))
+        .retention(RetentionPolicy { max_checkpoint_age: Some(Duration::from_secs(86_400)), ..Default::default() })
+        .start()
+        .await
+        .unwrap();
+    settle().await;
+    let old_a = m.create_checkpoint("a", "main", &json!(1)).await.unwrap();
+    let old_b = m.create_checkpoint("b", "main", &json!(1)).await.unwrap();
+    // Ten hours later "a" gets a newer checkpoint; "b" does not.
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        settle().await;
+    }
+    let new_a = m.create_checkpoint("a", "main", &json!(2)).await.unwrap();
+    // Past a day for the old ones, not for the new one.
+    for _ in 0..15 {
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        settle().await;
+    }
+    let ids = |s: &'static str| {
+        let m = m.clone();
+        async move { m.list_checkpoints(s).await.unwrap().into_iter().map(|c| c.id).collect::<Vec<_>>() }
+    };
+    assert_eq!(ids("a").await, vec![new_a], "the old one of a is removed");
+    assert_eq!(ids("b").await, vec![old_b], "b's only (newest) checkpoint is spared however old");
+    assert!(m.restore_checkpoint(&old_a).await.unwrap().is_none());
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_cap_holds_across_1000_checkpoints_and_evicts_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap: u64 = 64 * 1024;
+    let m = StateManager::builder(FileStorageBackend::new(dir.path()).unwrap())
+        .retention(RetentionPolicy { max_total_bytes: Some(cap), ..Default::default() })
+        .start()
+        .await
+        .unwrap();
+    let payload = "x".repeat(900);
+    let mut all = Vec::new();
+    let mut max_seen = 0;
+    for i in 0..1000 {
+        let s = ["a", "b", "c"][i % 3];
+        all.push(m.create_checkpoint(s, "main", &json!({"i": i, "p": payload})).await.unwrap());
+        let stats = m.get_storage_stats().await.unwrap();
+        max_seen = max_seen.max(stats.total_bytes);
+        assert!(stats.total_bytes <= cap, "over the cap after checkpoint {i}: {}", stats.total_bytes);
+    }
+    // What is left is exactly a suffix of the creation order (oldest evicted first),
+    // and the bytes on disk agree with the stats.
+    let mut left: Vec<_> = Vec::new();
+    for s in ["a", "b", "c"] {
+        left.extend(m.list_checkpoints(s).await.unwrap().into_iter().map(|c| c.id));
+    }
+    left.sort_by_key(|id| all.iter().position(|x| x == id).unwrap());
+    let first = all.iter().position(|x| *x == left[0]).unwrap();
+    assert_eq!(left, all[first..].to_vec());
+    assert!(left.len() > 10, "the cap leaves room for {} checkpoints", left.len());
+    let mut on_disk = 0;
+    for s in ["a", "b", "c"] {
+        for e in std::fs::read_dir(dir.path().join("checkpoints").join(s)).unwrap() {
+            on_disk += e.unwrap().metadata().unwrap().len();
+        }
+    }
+    assert_eq!(on_disk, m.get_storage_stats().await.unwrap().total_bytes);
+    println!("byte cap {cap}: max total seen {max_seen}, {} checkpoints kept of 1000", left.len());
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn janitor_repairs_an_index_that_disagrees_with_the_records_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = StateManager::start(FileStorageBackend::new(dir.path()).unwrap()).await.unwrap();
+    m.save_session("s1", &json!({"v": 1})).await.unwrap();
+    let cp = m.create_checkpoint("s1", "main", &json!({"v": 1})).await.unwrap();
+    // A record removed behind the store's back: the index still lists it.
+    std::fs::remove_file(dir.path().join("checkpoints/s1").join(format!("{cp}.json"))).unwrap();
+    assert_eq!(m.list_checkpoints("s1").await.unwrap().len(), 1);
+    let report = m.run_janitor_now().await.unwrap();
+    assert_eq!(report.index_repairs, 1, "{report:?}");
+    assert!(m.list_checkpoints("s1").await.unwrap().is_empty());
+    assert_eq!(m.get_storage_stats().await.unwrap().checkpoint_count, 0);
+    m.shutdown().await.unwrap();
+}

@@ -15,6 +15,7 @@ use super::session::SessionMsg;
 use super::supervisor::SupervisorMsg;
 use super::{Shared, call_session, storage};
 use crate::error::Result;
+use crate::store::Trust;
 use crate::types::{SessionId, VacuumReport};
 
 /// Messages of the janitor.
@@ -76,29 +77,38 @@ impl Actor for JanitorActor {
 
 impl JanitorState {
     async fn pass(&self) -> Result<VacuumReport> {
-        let (swept, trimmed) = storage::run(&self.shared.storage, |store| async move {
+        let mut report = storage::run(&self.shared.storage, |store| async move {
             let swept = store.backend.sweep().await?;
-            let trimmed = store.trim_checkpoints().await?;
-            // Keep the index journal near its live size (a no-op until it doubles).
-            store.compact(false).await?;
-            Ok((swept, trimmed))
+            let (checkpoints, bytes) = store.trim_checkpoints().await?;
+            // Verify the index against the records (names and sizes) and repair it; this
+            // also keeps the journal near its live size.
+            let checked = store.reconcile(Trust::Sizes).await?;
+            Ok(VacuumReport {
+                temp_files_removed: swept.files_removed,
+                temp_bytes_freed: swept.bytes_freed,
+                checkpoints_removed: checkpoints,
+                bytes_freed: bytes,
+                index_entries: checked.entries,
+                index_repairs: checked.repaired,
+                corrupt_records: checked.corrupt,
+                ..Default::default()
+            })
         })
         .await?;
-        let mut report = VacuumReport {
-            temp_files_removed: swept.files_removed,
-            temp_bytes_freed: swept.bytes_freed,
-            checkpoints_removed: trimmed,
-            ..Default::default()
-        };
         if let Some(idle) = self.shared.config.retention.max_session_idle {
             let cutoff = self.shared.store.clock.now_ms().saturating_sub(idle.as_millis() as u64);
-            report.sessions_removed = remove_idle_sessions(&self.supervisor, &self.shared, cutoff, 0).await?;
+            let (n, bytes) = remove_idle_sessions(&self.supervisor, &self.shared, cutoff, 0).await?;
+            report.sessions_removed = n;
+            report.bytes_freed += bytes;
         }
         info!(
             temp_files = report.temp_files_removed,
             temp_bytes = report.temp_bytes_freed,
             checkpoints = report.checkpoints_removed,
             sessions = report.sessions_removed,
+            bytes_freed = report.bytes_freed,
+            index_repairs = report.index_repairs,
+            corrupt = report.corrupt_records.len(),
             "janitor pass finished"
         );
         Ok(report)
@@ -107,18 +117,27 @@ impl JanitorState {
 
 /// Deletes, through their session actors, the sessions whose last activity is older than
 /// `cutoff_ms`, sparing the `keep_last` most recently active ones. Each actor re-checks
-/// the cutoff, so a session saved meanwhile survives.
+/// the cutoff, so a session saved meanwhile survives. Returns how many went and roughly
+/// their bytes (from the index).
 pub(crate) async fn remove_idle_sessions(
     supervisor: &ActorRef<SupervisorMsg>,
     shared: &Shared,
     cutoff_ms: u64,
     keep_last: usize,
-) -> Result<usize> {
-    let mut candidates: Vec<(u64, SessionId)> =
-        shared.store.index().sessions.iter().map(|(sid, e)| (e.last_activity(), sid.clone())).collect();
+) -> Result<(usize, u64)> {
+    let mut candidates: Vec<(u64, SessionId, u64)> = shared
+        .store
+        .index()
+        .sessions
+        .iter()
+        .map(|(sid, e)| {
+            let bytes = e.record.map_or(0, |r| r.1) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
+            (e.last_activity(), sid.clone(), bytes)
+        })
+        .collect();
     candidates.sort_by(|a, b| b.cmp(a));
-    let mut removed = 0;
-    for (last, sid) in candidates.into_iter().skip(keep_last) {
+    let (mut removed, mut freed) = (0, 0);
+    for (last, sid, bytes) in candidates.into_iter().skip(keep_last) {
         if last >= cutoff_ms {
             continue;
         }
@@ -130,7 +149,8 @@ pub(crate) async fn remove_idle_sessions(
         .await?
         {
             removed += 1;
+            freed += bytes;
         }
     }
-    Ok(removed)
+    Ok((removed, freed))
 }
