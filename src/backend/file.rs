@@ -102,15 +102,30 @@ impl FileStorageBackend {
     /// Fails with [`StateError::Locked`] if another process, or another backend in this
     /// process, has it open.
     pub fn new(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with(path.as_ref(), Arc::new(OsFs), true)
+        Self::open_with(path.as_ref(), Arc::new(OsFs), Some(std::time::Duration::ZERO))
+    }
+
+    /// Like [`new`](Self::new), but if another process holds the store, waits up to
+    /// `timeout` for it to let go (it exits, is killed, or shuts its manager down) before
+    /// failing with [`StateError::Locked`]. Blocks the calling thread while it waits.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), mars_state::StateError> {
+    /// let backend = mars_state::FileStorageBackend::open_waiting("./state_storage", std::time::Duration::from_secs(5))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn open_waiting(path: impl AsRef<Path>, timeout: std::time::Duration) -> Result<Self> {
+        Self::open_with(path.as_ref(), Arc::new(OsFs), Some(timeout))
     }
 
     #[allow(dead_code)] // used by the power-loss simulator tests
     pub(crate) fn with_fs(path: &Path, fs: Arc<dyn Fs>) -> Result<Self> {
-        Self::open_with(path, fs, false)
+        Self::open_with(path, fs, None)
     }
 
-    fn open_with(root: &Path, fs: Arc<dyn Fs>, take_lock: bool) -> Result<Self> {
+    /// `lock_wait`: `None` takes no OS lock (simulated file systems); otherwise how long to
+    /// wait for a lock held by someone else.
+    fn open_with(root: &Path, fs: Arc<dyn Fs>, lock_wait: Option<std::time::Duration>) -> Result<Self> {
         let root = if root.is_absolute() {
             root.to_path_buf()
         } else {
@@ -130,9 +145,7 @@ impl FileStorageBackend {
         for dir in ["sessions", "checkpoints", "metadata", "quarantine"] {
             backend.ensure_dir(&root.join(dir))?;
         }
-        if !take_lock {
-            return Ok(backend);
-        }
+        let Some(lock_wait) = lock_wait else { return Ok(backend) };
         let lock_path = root.join("metadata").join("LOCK");
         let file = OpenOptions::new()
             .read(true)
@@ -145,10 +158,18 @@ impl FileStorageBackend {
             .map_err(|e| StateError::io("opening the lock file", &lock_path, e))?;
         // An exclusive flock: held until this backend (and every clone) is dropped or the
         // process dies, so a second process can never write the same store concurrently.
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(StateError::Locked { path: lock_path }),
-            Err(std::fs::TryLockError::Error(e)) => return Err(StateError::io("locking", &lock_path, e)),
+        let deadline = std::time::Instant::now() + lock_wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    // The OS drops a dead holder's lock at once; poll rather than block in
+                    // lock() so the wait is bounded.
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(StateError::Locked { path: lock_path }),
+                Err(std::fs::TryLockError::Error(e)) => return Err(StateError::io("locking", &lock_path, e)),
+            }
         }
         let inner = Arc::try_unwrap(backend.inner).map_err(|_| StateError::unavailable("backend in use"))?;
         Ok(FileStorageBackend { inner: Arc::new(Inner { _lock: Some(file), ..inner }) })
