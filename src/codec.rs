@@ -3,7 +3,7 @@
 //! A record is one line of JSON that `jq` reads:
 //!
 //! ```text
-//! {"mars_state":1,"crc32":"1a2b3c4d","kind":"session","session_id":"s1","saved_at":1764095662123,"data":{...}}
+//! {"mars_state":1,"crc32":"1a2b3c4d","kind":"session","session_id":"s1","saved_at":1764095662123,"meta":{"schema":1,"status":"running"},"data":{...}}
 //! ```
 //!
 //! The envelope always starts with the literal `{"mars_state":1,"crc32":"`; the eight hex
@@ -24,12 +24,12 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use flate2::Compression as GzLevel;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::backend::StorageKey;
 use crate::error::{Result, StateError};
-use crate::types::{BranchId, CheckpointId, SessionId};
+use crate::types::{BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus};
 
 const PREFIX: &[u8] = br#"{"mars_state":1,"crc32":""#;
 const HEADER_LEN: usize = PREFIX.len() + 8 + 2; // prefix, 8 hex digits, `",`
@@ -67,8 +67,51 @@ pub(crate) struct Codec {
 /// What a record says about itself besides its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RecordHead {
-    Session { session_id: SessionId, saved_at: u64 },
-    Checkpoint { session_id: SessionId, checkpoint_id: CheckpointId, branch_id: BranchId, timestamp: u64 },
+    Session {
+        session_id: SessionId,
+        saved_at: u64,
+        meta: SessionMeta,
+    },
+    Checkpoint {
+        session_id: SessionId,
+        checkpoint_id: CheckpointId,
+        branch_id: BranchId,
+        timestamp: u64,
+        meta: CheckpointMeta,
+    },
+}
+
+/// The `meta` object of a session record. Records written before a field existed read
+/// as its default; unknown fields (from later versions) are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SessionMeta {
+    /// The application's schema version of `data` (see the builder's `schema_version`).
+    #[serde(default)]
+    pub(crate) schema: u32,
+    #[serde(default)]
+    pub(crate) status: SessionStatus,
+    /// Why the status was set (a pause or failure reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+    /// When the status was set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) status_at: Option<u64>,
+    /// The orchestrator's step of this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) step: Option<u64>,
+}
+
+/// The `meta` object of a checkpoint record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CheckpointMeta {
+    #[serde(default)]
+    pub(crate) schema: u32,
+    #[serde(default)]
+    pub(crate) reason: CheckpointReason,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) step: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) parent: Option<CheckpointId>,
 }
 
 /// A verified record: its envelope bytes and where its `data` lies in them.
@@ -102,6 +145,8 @@ struct Envelope<'a> {
     branch_id: Option<BranchId>,
     #[serde(default)]
     timestamp: Option<u64>,
+    #[serde(default, borrow)]
+    meta: Option<&'a RawValue>,
     #[serde(borrow)]
     data: &'a RawValue,
 }
@@ -114,18 +159,19 @@ fn json_str(s: &str) -> String {
 impl Codec {
     /// Builds the envelope around `data` (compact JSON) and compresses it if configured.
     pub(crate) fn encode(&self, head: &RecordHead, data: &[u8]) -> Result<Vec<u8>> {
+        let meta_json = |m: Result<String, serde_json::Error>| m.map_err(|e| StateError::json("", &e));
         let fields = match head {
-            RecordHead::Session { session_id, saved_at } => {
-                format!(
-                    r#""kind":"session","session_id":{},"saved_at":{saved_at},"data":"#,
-                    json_str(session_id.as_str())
-                )
-            }
-            RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp } => format!(
-                r#""kind":"checkpoint","session_id":{},"checkpoint_id":{},"branch_id":{},"timestamp":{timestamp},"data":"#,
+            RecordHead::Session { session_id, saved_at, meta } => format!(
+                r#""kind":"session","session_id":{},"saved_at":{saved_at},"meta":{},"data":"#,
+                json_str(session_id.as_str()),
+                meta_json(serde_json::to_string(meta))?,
+            ),
+            RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } => format!(
+                r#""kind":"checkpoint","session_id":{},"checkpoint_id":{},"branch_id":{},"timestamp":{timestamp},"meta":{},"data":"#,
                 json_str(session_id.as_str()),
                 json_str(checkpoint_id.as_str()),
                 json_str(branch_id.as_str()),
+                meta_json(serde_json::to_string(meta))?,
             ),
         };
         // One buffer, one copy of the state: header with a placeholder checksum, fields,
@@ -185,13 +231,23 @@ impl Codec {
         }
         let env: Envelope<'_> = serde_json::from_slice(bytes)
             .map_err(|e| StateError::corrupt(key, format!("envelope does not parse: {e}")))?;
+        fn meta<M: Default + serde::de::DeserializeOwned>(key: &StorageKey, raw: Option<&RawValue>) -> Result<M> {
+            raw.map(|r| serde_json::from_str(r.get()))
+                .transpose()
+                .map(Option::unwrap_or_default)
+                .map_err(|e| StateError::corrupt(key, format!("meta does not parse: {e}")))
+        }
         let head = match (env.kind, env.saved_at, env.checkpoint_id, env.branch_id, env.timestamp) {
             ("session", Some(saved_at), None, None, None) => {
-                RecordHead::Session { session_id: env.session_id, saved_at }
+                RecordHead::Session { session_id: env.session_id, saved_at, meta: meta(key, env.meta)? }
             }
-            ("checkpoint", None, Some(checkpoint_id), Some(branch_id), Some(timestamp)) => {
-                RecordHead::Checkpoint { session_id: env.session_id, checkpoint_id, branch_id, timestamp }
-            }
+            ("checkpoint", None, Some(checkpoint_id), Some(branch_id), Some(timestamp)) => RecordHead::Checkpoint {
+                session_id: env.session_id,
+                checkpoint_id,
+                branch_id,
+                timestamp,
+                meta: meta(key, env.meta)?,
+            },
             _ => return Err(StateError::corrupt(key, "envelope fields do not match its kind")),
         };
         let start = env.data.get().as_ptr() as usize - bytes.as_ptr() as usize;
@@ -253,7 +309,7 @@ mod tests {
     }
 
     fn head() -> RecordHead {
-        RecordHead::Session { session_id: SessionId::new("s1").unwrap(), saved_at: 7 }
+        RecordHead::Session { session_id: SessionId::new("s1").unwrap(), saved_at: 7, meta: SessionMeta::default() }
     }
 
     #[test]

@@ -149,6 +149,19 @@ pub enum StateError {
         /// The session.
         session: String,
     },
+    /// A record could not be brought to the application's schema version: it is newer than
+    /// the application, a migration step is missing, or a step failed. Nothing was written.
+    #[error("state of session {session} cannot be migrated from schema {from} to {to}: {reason}")]
+    Migration {
+        /// The session involved.
+        session: String,
+        /// The record's schema version.
+        from: u32,
+        /// The application's schema version.
+        to: u32,
+        /// What went wrong (no payload).
+        reason: String,
+    },
     /// The builder or the store's metadata holds an invalid or conflicting setting.
     #[error("configuration error: {message}")]
     Config {
@@ -191,6 +204,8 @@ pub enum ErrorKind {
     WrongKey,
     /// [`StateError::AccessDenied`].
     AccessDenied,
+    /// [`StateError::Migration`].
+    Migration,
     /// [`StateError::Config`].
     Config,
 }
@@ -214,6 +229,7 @@ impl StateError {
             StateError::Unavailable { .. } => ErrorKind::Unavailable,
             StateError::WrongKey { .. } => ErrorKind::WrongKey,
             StateError::AccessDenied { .. } => ErrorKind::AccessDenied,
+            StateError::Migration { .. } => ErrorKind::Migration,
             StateError::Config { .. } => ErrorKind::Config,
         }
     }

@@ -9,11 +9,13 @@
 //! compacted (rewritten atomically with one line per live entry) when it grows past
 //! twice the live entries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{BranchId, CheckpointId, CheckpointInfo, SessionId, SessionInfo, StorageStats};
+use crate::types::{
+    BranchId, CheckpointId, CheckpointInfo, CheckpointReason, SessionId, SessionInfo, SessionStatus, StorageStats,
+};
 
 /// One journal line's payload.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -21,13 +23,33 @@ use crate::types::{BranchId, CheckpointId, CheckpointInfo, SessionId, SessionInf
 pub(crate) enum Change {
     /// A session record was written.
     #[serde(rename = "s")]
-    Saved { sid: SessionId, at: u64, size: u64 },
+    Saved {
+        sid: SessionId,
+        at: u64,
+        size: u64,
+        #[serde(default)]
+        st: SessionStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+    },
     /// A session record was removed.
     #[serde(rename = "sd")]
     SessionDeleted { sid: SessionId },
     /// A checkpoint record was written.
     #[serde(rename = "c")]
-    Checkpoint { sid: SessionId, cid: CheckpointId, b: BranchId, ts: u64, size: u64 },
+    Checkpoint {
+        sid: SessionId,
+        cid: CheckpointId,
+        b: BranchId,
+        ts: u64,
+        size: u64,
+        #[serde(default)]
+        r: CheckpointReason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<CheckpointId>,
+    },
     /// A checkpoint record was removed.
     #[serde(rename = "cd")]
     CheckpointDeleted { sid: SessionId, cid: CheckpointId },
@@ -42,13 +64,46 @@ pub(crate) struct CpEntry {
     pub(crate) branch: BranchId,
     pub(crate) ts: u64,
     pub(crate) size: u64,
+    pub(crate) reason: CheckpointReason,
+    pub(crate) step: Option<u64>,
+    pub(crate) parent: Option<CheckpointId>,
+}
+
+/// The index's view of a session record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordEntry {
+    pub(crate) at: u64,
+    pub(crate) size: u64,
+    pub(crate) status: SessionStatus,
+    pub(crate) step: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct SessionEntry {
-    /// (saved_at, size) of the session record, if there is one.
-    pub(crate) record: Option<(u64, u64)>,
+    /// The session record, if there is one.
+    pub(crate) record: Option<RecordEntry>,
     pub(crate) checkpoints: BTreeMap<CheckpointId, CpEntry>,
+}
+
+impl Change {
+    /// The line that records `r` as `sid`'s session record.
+    pub(crate) fn saved(sid: &SessionId, r: RecordEntry) -> Change {
+        Change::Saved { sid: sid.clone(), at: r.at, size: r.size, st: r.status, step: r.step }
+    }
+
+    /// The line that records checkpoint `cid` of `sid`.
+    pub(crate) fn checkpoint(sid: &SessionId, cid: &CheckpointId, c: &CpEntry) -> Change {
+        Change::Checkpoint {
+            sid: sid.clone(),
+            cid: cid.clone(),
+            b: c.branch.clone(),
+            ts: c.ts,
+            size: c.size,
+            r: c.reason,
+            step: c.step,
+            parent: c.parent.clone(),
+        }
+    }
 }
 
 impl SessionEntry {
@@ -58,7 +113,7 @@ impl SessionEntry {
     /// When the session last changed: its save time or its newest checkpoint.
     pub(crate) fn last_activity(&self) -> u64 {
         let cp = self.checkpoints.values().map(|c| c.ts).max().unwrap_or(0);
-        self.record.map(|r| r.0).unwrap_or(0).max(cp)
+        self.record.map_or(0, |r| r.at).max(cp)
     }
 }
 
@@ -70,30 +125,37 @@ pub(crate) struct Index {
     pub(crate) journal_lines: usize,
     /// Bytes of all records, kept up to date by `apply`.
     pub(crate) total_bytes: u64,
+    /// Sessions that were running when the store was opened and have not been saved since.
+    pub(crate) interrupted: HashSet<SessionId>,
 }
 
 impl Index {
     pub(crate) fn apply(&mut self, change: &Change) {
         match change {
-            Change::Saved { sid, at, size } => {
-                let old = self.sessions.entry(sid.clone()).or_default().record.replace((*at, *size));
-                self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.1);
+            Change::Saved { sid, at, size, st, step } => {
+                let entry = RecordEntry { at: *at, size: *size, status: *st, step: *step };
+                let old = self.sessions.entry(sid.clone()).or_default().record.replace(entry);
+                self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.size);
+                self.interrupted.remove(sid);
             }
             Change::SessionDeleted { sid } => {
                 if let Some(e) = self.sessions.get_mut(sid) {
-                    self.total_bytes -= e.record.take().map_or(0, |o| o.1);
+                    self.total_bytes -= e.record.take().map_or(0, |o| o.size);
                     if e.is_empty() {
                         self.sessions.remove(sid);
                     }
                 }
             }
-            Change::Checkpoint { sid, cid, b, ts, size } => {
-                let old = self
-                    .sessions
-                    .entry(sid.clone())
-                    .or_default()
-                    .checkpoints
-                    .insert(cid.clone(), CpEntry { branch: b.clone(), ts: *ts, size: *size });
+            Change::Checkpoint { sid, cid, b, ts, size, r, step, parent } => {
+                let entry = CpEntry {
+                    branch: b.clone(),
+                    ts: *ts,
+                    size: *size,
+                    reason: *r,
+                    step: *step,
+                    parent: parent.clone(),
+                };
+                let old = self.sessions.entry(sid.clone()).or_default().checkpoints.insert(cid.clone(), entry);
                 self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.size);
                 self.by_checkpoint.insert(cid.clone(), sid.clone());
             }
@@ -164,18 +226,12 @@ impl Index {
         sids.sort();
         for sid in sids {
             let e = &self.sessions[sid];
-            if let Some((at, size)) = e.record {
-                out.extend(Self::line(&Change::Saved { sid: sid.clone(), at, size }));
+            if let Some(r) = e.record {
+                out.extend(Self::line(&Change::saved(sid, r)));
                 n += 1;
             }
             for (cid, c) in &e.checkpoints {
-                out.extend(Self::line(&Change::Checkpoint {
-                    sid: sid.clone(),
-                    cid: cid.clone(),
-                    b: c.branch.clone(),
-                    ts: c.ts,
-                    size: c.size,
-                }));
+                out.extend(Self::line(&Change::checkpoint(sid, cid, c)));
                 n += 1;
             }
         }
@@ -194,9 +250,11 @@ impl Index {
     pub(crate) fn session_info(&self, sid: &SessionId, e: &SessionEntry) -> SessionInfo {
         SessionInfo {
             session_id: sid.clone(),
-            updated_at: e.record.map(|r| r.0).unwrap_or(0),
-            size_bytes: e.record.map(|r| r.1).unwrap_or(0),
+            updated_at: e.record.map_or(0, |r| r.at),
+            size_bytes: e.record.map_or(0, |r| r.size),
             checkpoint_count: e.checkpoints.len(),
+            status: e.record.map_or(SessionStatus::Running, |r| r.status),
+            interrupted: self.interrupted.contains(sid),
         }
     }
 
@@ -218,6 +276,9 @@ impl Index {
                         branch_id: c.branch.clone(),
                         timestamp: c.ts,
                         size_bytes: c.size,
+                        reason: c.reason,
+                        step: c.step,
+                        parent: c.parent.clone(),
                     })
                     .collect()
             })
@@ -233,7 +294,7 @@ impl Index {
             }
             s.session_count += 1;
             s.checkpoint_count += e.checkpoints.len();
-            s.total_bytes += e.record.map(|r| r.1).unwrap_or(0) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
+            s.total_bytes += e.record.map_or(0, |r| r.size) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
         }
         s
     }
@@ -246,13 +307,15 @@ mod tests {
     #[test]
     fn replay_skips_torn_tail_and_rejects_damage() {
         let sid = SessionId::new("s").unwrap();
-        let a = Index::line(&Change::Saved { sid: sid.clone(), at: 1, size: 10 });
-        let b = Index::line(&Change::Saved { sid: sid.clone(), at: 2, size: 20 });
+        let a =
+            Index::line(&Change::Saved { sid: sid.clone(), at: 1, size: 10, st: SessionStatus::Running, step: None });
+        let b =
+            Index::line(&Change::Saved { sid: sid.clone(), at: 2, size: 20, st: SessionStatus::Running, step: None });
         let mut j = a.clone();
         j.extend(&b[..b.len() - 3]);
         let (idx, clean) = Index::replay(&j).unwrap();
         assert!(!clean);
-        assert_eq!(idx.sessions[&sid].record, Some((1, 10)));
+        assert_eq!(idx.sessions[&sid].record.map(|r| (r.at, r.size)), Some((1, 10)));
         let mut damaged = a.clone();
         damaged[12] ^= 1;
         damaged.extend(&b);
@@ -263,11 +326,11 @@ mod tests {
     fn only_an_untouched_clean_snapshot_is_clean() {
         let mut idx = Index::default();
         let sid = SessionId::new("s").unwrap();
-        idx.apply(&Change::Saved { sid: sid.clone(), at: 1, size: 10 });
+        idx.apply(&Change::Saved { sid: sid.clone(), at: 1, size: 10, st: SessionStatus::Running, step: None });
         let (snap, _) = idx.snapshot(true);
         assert!(Index::replay(&snap).unwrap().1);
         let mut more = snap.clone();
-        more.extend(Index::line(&Change::Saved { sid, at: 2, size: 10 }));
+        more.extend(Index::line(&Change::Saved { sid, at: 2, size: 10, st: SessionStatus::Running, step: None }));
         assert!(!Index::replay(&more).unwrap().1, "appends after a clean shutdown make it unclean");
         assert!(!Index::replay(&idx.snapshot(false).0).unwrap().1);
     }

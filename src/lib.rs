@@ -7,6 +7,7 @@ pub mod backend;
 mod codec;
 mod error;
 mod index;
+mod lifecycle;
 mod manager;
 pub mod middleware;
 mod store;
@@ -16,10 +17,14 @@ pub use actor::SessionMsg;
 pub use actor::session::UpdateFn;
 pub use backend::{FileStorageBackend, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
 pub use error::{BoxError, ErrorKind, Result, StateError};
+pub use lifecycle::{
+    CheckpointPolicy, EventKind, MigrationFn, MigrationReport, Recovery, SkippedCheckpoint, StateEvent, Watch,
+    WatchError,
+};
 pub use manager::{StateManager, StateManagerBuilder};
 pub use middleware::acl::{Access, AccessControlLayer, AccessRecord};
 pub use store::RetentionPolicy;
 pub use types::{
-    BranchId, Checkpoint, CheckpointId, CheckpointInfo, MAX_ID_LEN, Principal, SessionId, SessionInfo, StateBytes,
-    StorageStats, VacuumReport,
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN, Principal, SessionId,
+    SessionInfo, SessionStatus, StateBytes, StorageStats, VacuumReport,
 };

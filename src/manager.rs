@@ -14,11 +14,12 @@ use crate::actor::{Config, call_session, janitor, storage};
 use crate::backend::StorageBackend;
 use crate::codec::{Codec, Compression, RecordHead};
 use crate::error::{BoxError, Result, StateError};
+use crate::lifecycle::{CheckpointPolicy, MigrationReport, Migrations, Recovery, SkippedCheckpoint, Watch};
 use crate::middleware::acl::{Access, AccessControlLayer, AccessRecord, Decision, Op};
 use crate::store::{RetentionPolicy, Store};
 use crate::types::{
-    BranchId, Checkpoint, CheckpointId, CheckpointInfo, Principal, SessionId, SessionInfo, StateBytes, StorageStats,
-    VacuumReport,
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, Principal, SessionId, SessionInfo,
+    SessionStatus, StateBytes, StorageStats, VacuumReport,
 };
 
 /// Configures and starts a [`StateManager`].
@@ -87,6 +88,49 @@ impl StateManagerBuilder {
     /// only names administrators.
     pub fn access_control(mut self, layer: AccessControlLayer) -> Self {
         self.access = Some(layer);
+        self
+    }
+
+    /// The checkpoint policy of every session unless
+    /// [`set_checkpoint_policy`](StateManager::set_checkpoint_policy) says otherwise
+    /// (default: on demand).
+    pub fn checkpoint_policy(mut self, policy: CheckpointPolicy) -> Self {
+        self.config.checkpoint_policy = policy;
+        self
+    }
+
+    /// The application's schema version of its states (default 1). Every record stores
+    /// the version it was written at; older ones are brought up to date on load through
+    /// the [`migration`](Self::migration)s registered.
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.config.migrations.current = version;
+        self
+    }
+
+    /// Registers the step that turns a state at version `from` into one at `from + 1`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{MemoryStorageBackend, StateManager};
+    /// let manager = StateManager::builder(MemoryStorageBackend::new())
+    ///     .schema_version(2)
+    ///     .migration(1, |mut v| {
+    ///         // v2 renamed "msgs" to "messages".
+    ///         if let Some(m) = v.as_object_mut().and_then(|o| o.remove("msgs")) {
+    ///             v["messages"] = m;
+    ///         }
+    ///         Ok(v)
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn migration(
+        mut self,
+        from: u32,
+        step: impl Fn(Value) -> std::result::Result<Value, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.config.migrations.steps.insert(from, Arc::new(step));
         self
     }
 
@@ -193,6 +237,8 @@ impl StateManager {
                 max_state_bytes: 64 * 1024 * 1024,
                 janitor_interval: Some(Duration::from_secs(600)),
                 retention: RetentionPolicy::default(),
+                migrations: Migrations { current: 1, steps: Default::default() },
+                checkpoint_policy: CheckpointPolicy::default(),
             },
         }
     }
@@ -424,7 +470,9 @@ impl StateManager {
         self.authorize(Op::CreateCheckpoint, &sid).await?;
         let branch_id = BranchId::new(branch)?;
         let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
-        self.call("create_checkpoint", &sid, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reply }).await
+        let reason = CheckpointReason::Manual;
+        self.call("create_checkpoint", &sid, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reason, reply })
+            .await
     }
 
     /// Reads a checkpoint by id alone (also after a restart); `Ok(None)` if there is none.
@@ -450,11 +498,22 @@ impl StateManager {
         let (s, cid) = (sid.clone(), id.clone());
         let decoded = storage::run(&storage, move |store| async move { store.load_checkpoint(&s, &cid).await }).await?;
         let Some(d) = decoded else { return Ok(None) };
-        let RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp } = d.head.clone() else {
+        let RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } = d.head.clone() else {
             return Err(StateError::corrupt(id, "not a checkpoint record"));
         };
-        let data = serde_json::from_slice(d.data()).map_err(|e| StateError::json(sid.as_str(), &e))?;
-        Ok(Some(Checkpoint { id: checkpoint_id, session_id, branch_id, timestamp, data }))
+        let migrated = self.inner.config.migrations.upgrade(&sid, meta.schema, d.data())?;
+        let data = serde_json::from_slice(migrated.as_deref().unwrap_or(d.data()))
+            .map_err(|e| StateError::json(sid.as_str(), &e))?;
+        Ok(Some(Checkpoint {
+            id: checkpoint_id,
+            session_id,
+            branch_id,
+            timestamp,
+            reason: meta.reason,
+            step: meta.step,
+            parent: meta.parent,
+            data,
+        }))
     }
 
     /// Makes the checkpoint's state the session's state, atomically and durably.
@@ -470,6 +529,28 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn rollback_to_checkpoint(&self, id: &CheckpointId) -> Result<()> {
+        self.rollback(id, false).await
+    }
+
+    /// Like [`rollback_to_checkpoint`](Self::rollback_to_checkpoint), and also deletes the
+    /// checkpoints taken after `id` on its branch, so the branch ends at `id` again.
+    /// (Without truncation, later checkpoints are kept and the next checkpoint on the branch
+    /// starts a fork whose parent is `id`.)
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// let a = manager.create_checkpoint("s1", "main", &1).await?;
+    /// manager.create_checkpoint("s1", "main", &2).await?;
+    /// manager.rollback_and_truncate(&a).await?;
+    /// assert_eq!(manager.list_checkpoints("s1").await?.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn rollback_and_truncate(&self, id: &CheckpointId) -> Result<()> {
+        self.rollback(id, true).await
+    }
+
+    async fn rollback(&self, id: &CheckpointId, truncate: bool) -> Result<()> {
         let sid = self
             .store()?
             .index()
@@ -479,7 +560,7 @@ impl StateManager {
             .ok_or_else(|| StateError::CheckpointNotFound { id: id.to_string() })?;
         self.authorize(Op::Rollback, &sid).await?;
         let checkpoint_id = id.clone();
-        self.call("rollback_to_checkpoint", &sid, |reply| SessionMsg::Rollback { checkpoint_id, reply }).await
+        self.call("rollback_to_checkpoint", &sid, |reply| SessionMsg::Rollback { checkpoint_id, truncate, reply }).await
     }
 
     /// The session's checkpoints, oldest first, from the index (no state is read).
@@ -640,6 +721,228 @@ impl StateManager {
     /// How many session actors are alive (not passivated) right now.
     pub async fn live_session_actors(&self) -> Result<usize> {
         supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::LiveSessions { reply }).await
+    }
+
+    /// Sets the session's [`CheckpointPolicy`] (for this process's life; an orchestrator
+    /// sets it again when it resumes a run after a restart). The builder's
+    /// [`checkpoint_policy`](StateManagerBuilder::checkpoint_policy) is the default.
+    pub async fn set_checkpoint_policy(&self, session: impl AsRef<str>, policy: CheckpointPolicy) -> Result<()> {
+        let sid = sid(session)?;
+        self.authorize(Op::Save, &sid).await?;
+        self.call("set_checkpoint_policy", &sid, |reply| SessionMsg::SetPolicy { policy, reply }).await
+    }
+
+    /// Reports progress: the state after `step`. Cheap: the state is kept in the session
+    /// actor's memory (loads see it at once), and it is made durable, as the session record
+    /// plus a checkpoint, when the session's policy says so; it is also made durable by the
+    /// next save or pause, when the actor goes idle, and at shutdown. Returns the checkpoint
+    /// the policy took, if any. After a crash, recorded steps since the last checkpoint are
+    /// redone.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{CheckpointPolicy, MemoryStorageBackend, StateManager};
+    /// let manager = StateManager::builder(MemoryStorageBackend::new())
+    ///     .checkpoint_policy(CheckpointPolicy::every_steps(10))
+    ///     .start()
+    ///     .await?;
+    /// let mut taken = 0;
+    /// for step in 1..=25 {
+    ///     if manager.record_step("run", step, &serde_json::json!({"step": step})).await?.is_some() {
+    ///         taken += 1;
+    ///     }
+    /// }
+    /// assert_eq!(taken, 2); // at steps 10 and 20
+    /// # Ok(()) }
+    /// ```
+    pub async fn record_step<T: Serialize + ?Sized>(
+        &self,
+        session: impl AsRef<str>,
+        step: u64,
+        state: &T,
+    ) -> Result<Option<CheckpointId>> {
+        let sid = sid(session)?;
+        self.authorize(Op::Save, &sid).await?;
+        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
+        self.call("record_step", &sid, |reply| SessionMsg::RecordStep { step, state, reply }).await
+    }
+
+    /// Takes a checkpoint marked [`CheckpointReason::BeforeRisky`], for an orchestrator
+    /// about to do something it may want to undo.
+    pub async fn checkpoint_before_risky<T: Serialize + ?Sized>(
+        &self,
+        session: impl AsRef<str>,
+        branch: impl AsRef<str>,
+        state: &T,
+    ) -> Result<CheckpointId> {
+        let sid = sid(session)?;
+        let branch_id = BranchId::new(branch)?;
+        self.authorize(Op::CreateCheckpoint, &sid).await?;
+        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
+        let reason = CheckpointReason::BeforeRisky;
+        self.call("create_checkpoint", &sid, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reason, reply })
+            .await
+    }
+
+    async fn set_status<T: Serialize + ?Sized>(
+        &self,
+        op: Op,
+        session: impl AsRef<str>,
+        status: SessionStatus,
+        reason: Option<String>,
+        state: Option<&T>,
+    ) -> Result<Option<CheckpointId>> {
+        let sid = sid(session)?;
+        self.authorize(op, &sid).await?;
+        let state = state.map(|s| StateBytes::from_serialize(s).map_err(|e| ser_err(&sid, e))).transpose()?;
+        self.call("set_status", &sid, |reply| SessionMsg::SetStatus { status, reason, state, reply }).await
+    }
+
+    /// Pauses the session: saves `state` with status [`SessionStatus::Paused`], the pause
+    /// time and `reason`, and takes a checkpoint ([`CheckpointReason::Pause`]). Returns that
+    /// checkpoint. Another process can [`resume_session`](Self::resume_session) it later.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// use mars_state::SessionStatus;
+    /// manager.pause_session("run", &serde_json::json!({"step": 7}), "waiting for approval").await?;
+    /// assert_eq!(manager.list_sessions_by_status(SessionStatus::Paused).await?.len(), 1);
+    /// let state = manager.resume_session("run").await?;
+    /// assert_eq!(state, Some(serde_json::json!({"step": 7})));
+    /// # Ok(()) }
+    /// ```
+    pub async fn pause_session<T: Serialize + ?Sized>(
+        &self,
+        session: impl AsRef<str>,
+        state: &T,
+        reason: impl Into<String>,
+    ) -> Result<CheckpointId> {
+        self.set_status(Op::Save, session, SessionStatus::Paused, Some(reason.into()), Some(state))
+            .await?
+            .ok_or_else(|| StateError::unavailable("pause took no checkpoint"))
+    }
+
+    /// Resumes the session: marks it [`SessionStatus::Running`] (durably) and returns its
+    /// state (`None` if it has none).
+    pub async fn resume_session(&self, session: impl AsRef<str>) -> Result<Option<Value>> {
+        self.resume_session_as(session).await
+    }
+
+    /// Like [`resume_session`](Self::resume_session), deserializing into `T`.
+    pub async fn resume_session_as<T: DeserializeOwned>(&self, session: impl AsRef<str>) -> Result<Option<T>> {
+        let session = session.as_ref();
+        let state = self.load_session_as::<Value>(session).await?;
+        if state.is_none() {
+            return Ok(None);
+        }
+        self.set_status::<Value>(Op::Save, session, SessionStatus::Running, None, None).await?;
+        let sid = sid(session)?;
+        state.map(|v| serde_json::from_value(v).map_err(|e| StateError::json(sid.as_str(), &e))).transpose()
+    }
+
+    /// Saves the final `state` and marks the session [`SessionStatus::Completed`].
+    pub async fn complete_session<T: Serialize + ?Sized>(&self, session: impl AsRef<str>, state: &T) -> Result<()> {
+        self.set_status(Op::Save, session, SessionStatus::Completed, None, Some(state)).await.map(|_| ())
+    }
+
+    /// Marks the session [`SessionStatus::Failed`] with `reason`, keeping its state.
+    pub async fn fail_session(&self, session: impl AsRef<str>, reason: impl Into<String>) -> Result<()> {
+        self.set_status::<Value>(Op::Save, session, SessionStatus::Failed, Some(reason.into()), None).await.map(|_| ())
+    }
+
+    /// The sessions with `status` (see [`list_sessions`](Self::list_sessions)).
+    pub async fn list_sessions_by_status(&self, status: SessionStatus) -> Result<Vec<SessionInfo>> {
+        let mut sessions = self.list_sessions().await?;
+        sessions.retain(|s| s.status == status);
+        Ok(sessions)
+    }
+
+    /// What a run needs to pick up after a crash: the session's last saved state, whether
+    /// it was running when this manager started (cut off), and the newest checkpoint that
+    /// verifies, with any newer damaged ones skipped and reported.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.create_checkpoint("run", "main", &serde_json::json!({"step": 3})).await?;
+    /// let recovery = manager.recover_session("run").await?;
+    /// assert_eq!(recovery.checkpoint.unwrap().data["step"], 3);
+    /// assert!(recovery.skipped.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub async fn recover_session(&self, session: impl AsRef<str>) -> Result<Recovery> {
+        let sid = sid(session)?;
+        self.authorize(Op::Load, &sid).await?;
+        let store = self.store()?;
+        let (interrupted, status) = {
+            let idx = store.index();
+            let status = idx.sessions.get(&sid).and_then(|e| e.record).map_or(SessionStatus::Running, |r| r.status);
+            (idx.interrupted.contains(&sid), status)
+        };
+        let state = match self.load_session(sid.as_str()).await {
+            Ok(s) => s,
+            // A damaged session record: recovery falls back to the checkpoints.
+            Err(StateError::Corrupt { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let mut skipped = Vec::new();
+        let mut checkpoint = None;
+        let newest_first: Vec<CheckpointInfo> = store.index().list_checkpoints(&sid).into_iter().rev().collect();
+        for info in newest_first {
+            match self.restore_checkpoint(&info.id).await {
+                Ok(Some(cp)) => {
+                    checkpoint = Some(cp);
+                    break;
+                }
+                Ok(None) => {}
+                Err(
+                    e @ (StateError::Corrupt { .. } | StateError::Migration { .. } | StateError::Serialization { .. }),
+                ) => skipped.push(SkippedCheckpoint { id: info.id, reason: e.to_string() }),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Recovery { state, status, interrupted, checkpoint, skipped })
+    }
+
+    /// Live change events of one session, in the order they were applied.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// use mars_state::EventKind;
+    /// let mut watch = manager.watch("s1").await?;
+    /// manager.save_session("s1", &1).await?;
+    /// assert_eq!(watch.recv().await.unwrap().kind, EventKind::Saved);
+    /// # Ok(()) }
+    /// ```
+    pub async fn watch(&self, session: impl AsRef<str>) -> Result<Watch> {
+        let sid = sid(session)?;
+        self.authorize(Op::Load, &sid).await?;
+        Ok(Watch { rx: self.store()?.events.subscribe(), session: Some(sid) })
+    }
+
+    /// Live change events of every session (administrators and the unscoped manager only).
+    pub async fn watch_all(&self) -> Result<Watch> {
+        self.authorize_maintenance("watch all sessions of")?;
+        Ok(Watch { rx: self.store()?.events.subscribe(), session: None })
+    }
+
+    /// Rewrites every record stored at an older schema version at the current one (see
+    /// [`schema_version`](StateManagerBuilder::schema_version)). Loads migrate in memory
+    /// without this; the pass makes it permanent. Each record is rewritten atomically and
+    /// records already current are skipped, so a pass that was interrupted is simply run
+    /// again.
+    pub async fn migrate_store(&self) -> Result<MigrationReport> {
+        self.authorize_maintenance("migrate")?;
+        let sessions: Vec<SessionId> = self.store()?.index().sessions.keys().cloned().collect();
+        let mut total = MigrationReport::default();
+        for sid in sessions {
+            let r = self.call("migrate_store", &sid, |reply| SessionMsg::Migrate { reply }).await?;
+            total.sessions += r.sessions;
+            total.checkpoints += r.checkpoints;
+        }
+        Ok(total)
     }
 
     async fn shared(&self) -> Result<crate::actor::Shared> {

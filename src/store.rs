@@ -8,17 +8,20 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::backend::{StorageBackend, StorageKey};
-use crate::codec::{Codec, Compression, Decoded, RecordHead};
+use crate::codec::{CheckpointMeta, Codec, Compression, Decoded, RecordHead, SessionMeta};
 use crate::error::{Result, StateError};
-use crate::index::{Change, Index};
+use crate::index::{Change, CpEntry, Index, RecordEntry};
+use crate::lifecycle::{CheckpointPolicy, EventKind, StateEvent};
 use crate::middleware::acl::{AccessControlLayer, AccessRecord, AccessTable};
-use crate::types::{BranchId, CheckpointId, Clock, SessionId, VacuumReport};
+use crate::types::{BranchId, CheckpointId, CheckpointReason, Clock, SessionId, SessionStatus, VacuumReport};
 use std::collections::HashMap;
 
 const JOURNAL: &str = "metadata/index.log";
 const STORE_META: &str = "metadata/store.json";
 const PENDING: &str = "metadata/pending";
 const ACCESS: &str = "metadata/access";
+/// Present while a manager has the store open; left behind by a process that died.
+const RUNNING: &str = "metadata/running";
 
 /// What `reconcile` found.
 #[derive(Debug, Default)]
@@ -93,6 +96,11 @@ pub(crate) struct Store {
     /// One eviction pass at a time (passes triggered by concurrent writes would otherwise
     /// pick the same victims and overshoot).
     evicting: tokio::sync::Mutex<()>,
+    /// Live change events for watchers.
+    pub(crate) events: tokio::sync::broadcast::Sender<StateEvent>,
+    /// Per-session checkpoint policies set at run time (in memory: an orchestrator sets
+    /// them again when it resumes a run).
+    pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
 }
 
 pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
@@ -164,6 +172,8 @@ impl Store {
             clock: Clock::new(),
             access: AccessTable::default(),
             evicting: tokio::sync::Mutex::new(()),
+            events: tokio::sync::broadcast::channel(4096).0,
+            policies: Mutex::new(HashMap::new()),
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
@@ -178,6 +188,21 @@ impl Store {
             info!("the store was not shut down cleanly; re-reading session records for the index");
         }
         store.reconcile(if clean { Trust::Sizes } else { Trust::Checkpoints }).await?;
+        // The marker exists from start to clean shutdown: found now, the last process
+        // using the store died, and sessions it left running were cut off.
+        let running_key = fixed(RUNNING);
+        let died = store.backend.get(&running_key).await.map(|m| m.is_some()).unwrap_or(true);
+        store.backend.put(&running_key, Vec::new()).await?;
+        if died {
+            let mut idx = store.index();
+            let running: HashSet<SessionId> = idx
+                .sessions
+                .iter()
+                .filter(|(_, e)| e.record.is_some_and(|r| r.status == SessionStatus::Running))
+                .map(|(s, _)| s.clone())
+                .collect();
+            idx.interrupted = running;
+        }
         Ok(store)
     }
 
@@ -205,6 +230,11 @@ impl Store {
         Ok(AccessTable::new(layer, records))
     }
 
+    /// Tells watchers about a change (no one listening is fine).
+    pub(crate) fn emit(&self, sid: &SessionId, kind: EventKind) {
+        let _ = self.events.send(StateEvent { session_id: sid.clone(), kind, at: self.clock.now_ms() });
+    }
+
     /// Persists a session's access record (durably, before the request it guards goes on).
     pub(crate) async fn put_access(&self, sid: &SessionId, record: &AccessRecord) -> Result<()> {
         let bytes = serde_json::to_vec(record).map_err(|e| StateError::json(sid.as_str(), &e))?;
@@ -218,6 +248,7 @@ impl Store {
         let (bytes, n) = self.index().snapshot(true);
         self.backend.put(&fixed(JOURNAL), bytes).await?;
         self.index().journal_lines = n;
+        self.backend.delete(&fixed(RUNNING)).await?;
         Ok(())
     }
 
@@ -309,12 +340,19 @@ impl Store {
         self.read(&key, |h| matches!(h, RecordHead::Session { session_id, .. } if session_id == sid)).await
     }
 
-    pub(crate) async fn save_session(&self, sid: &SessionId, data: &[u8], saved_at: u64) -> Result<()> {
-        let head = RecordHead::Session { session_id: sid.clone(), saved_at };
+    pub(crate) async fn save_session(
+        &self,
+        sid: &SessionId,
+        data: &[u8],
+        saved_at: u64,
+        meta: SessionMeta,
+    ) -> Result<()> {
+        let (st, step) = (meta.status, meta.step);
+        let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
         let key = session_key(&self.codec, sid);
         let size = self.put(&key, &head, data).await?;
         self.quarantined.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size }).await?;
+        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size, st, step }).await?;
         self.enforce_cap().await
     }
 
@@ -324,17 +362,29 @@ impl Store {
         cid: &CheckpointId,
         branch: &BranchId,
         timestamp: u64,
+        meta: CheckpointMeta,
         data: &[u8],
     ) -> Result<()> {
+        let (r, step, parent) = (meta.reason, meta.step, meta.parent.clone());
         let head = RecordHead::Checkpoint {
             session_id: sid.clone(),
             checkpoint_id: cid.clone(),
             branch_id: branch.clone(),
             timestamp,
+            meta,
         };
         let size = self.put(&checkpoint_key(&self.codec, sid, cid), &head, data).await?;
-        self.record(Change::Checkpoint { sid: sid.clone(), cid: cid.clone(), b: branch.clone(), ts: timestamp, size })
-            .await?;
+        self.record(Change::Checkpoint {
+            sid: sid.clone(),
+            cid: cid.clone(),
+            b: branch.clone(),
+            ts: timestamp,
+            size,
+            r,
+            step,
+            parent,
+        })
+        .await?;
         self.enforce_cap().await
     }
 
@@ -419,26 +469,28 @@ impl Store {
             let Some(sid) = meta.key.file_name().strip_suffix(ext).and_then(|s| SessionId::new(s).ok()) else {
                 continue;
             };
-            if let Some((at, size)) = old.sessions.get(&sid).and_then(|e| e.record)
-                && size == meta.size
+            if let Some(r) = old.sessions.get(&sid).and_then(|e| e.record)
+                && r.size == meta.size
                 && trust == Trust::Sizes
             {
-                fresh.apply(&Change::Saved { sid, at, size });
+                fresh.apply(&Change::saved(&sid, r));
                 continue;
             }
             changed = true;
             reads += 1;
             match self.load_session(&sid).await {
                 Ok(Some(d)) => {
-                    if let RecordHead::Session { saved_at, .. } = d.head {
-                        fresh.apply(&Change::Saved { sid, at: saved_at, size: meta.size });
+                    if let RecordHead::Session { saved_at, meta: m, .. } = d.head {
+                        let r = RecordEntry { at: saved_at, size: meta.size, status: m.status, step: m.step };
+                        fresh.apply(&Change::saved(&sid, r));
                     }
                 }
                 Ok(None) => {}
                 Err(StateError::Corrupt { key, .. }) => {
                     // Keep it listed: loading it reports the damage rather than "missing".
                     corrupt.push(key);
-                    fresh.apply(&Change::Saved { sid, at: 0, size: meta.size });
+                    let r = RecordEntry { at: 0, size: meta.size, status: SessionStatus::Running, step: None };
+                    fresh.apply(&Change::saved(&sid, r));
                 }
                 Err(e) => return Err(e),
             }
@@ -450,23 +502,37 @@ impl Store {
             if let Some(c) = old.sessions.get(&sid).and_then(|e| e.checkpoints.get(&cid))
                 && c.size == meta.size
             {
-                fresh.apply(&Change::Checkpoint { sid, cid, b: c.branch.clone(), ts: c.ts, size: c.size });
+                fresh.apply(&Change::checkpoint(&sid, &cid, c));
                 continue;
             }
             changed = true;
             reads += 1;
             match self.load_checkpoint(&sid, &cid).await {
                 Ok(Some(d)) => {
-                    if let RecordHead::Checkpoint { branch_id, timestamp, .. } = d.head {
-                        fresh.apply(&Change::Checkpoint { sid, cid, b: branch_id, ts: timestamp, size: meta.size });
+                    if let RecordHead::Checkpoint { branch_id, timestamp, meta: m, .. } = d.head {
+                        let c = CpEntry {
+                            branch: branch_id,
+                            ts: timestamp,
+                            size: meta.size,
+                            reason: m.reason,
+                            step: m.step,
+                            parent: m.parent,
+                        };
+                        fresh.apply(&Change::checkpoint(&sid, &cid, &c));
                     }
                 }
                 Ok(None) => {}
                 Err(StateError::Corrupt { key, .. }) => {
                     corrupt.push(key);
-                    let ts = cid.timestamp_ms();
-                    let b = BranchId::from_valid("unknown");
-                    fresh.apply(&Change::Checkpoint { sid, cid, b, ts, size: meta.size });
+                    let c = CpEntry {
+                        branch: BranchId::from_valid("unknown"),
+                        ts: cid.timestamp_ms(),
+                        size: meta.size,
+                        reason: CheckpointReason::default(),
+                        step: None,
+                        parent: None,
+                    };
+                    fresh.apply(&Change::checkpoint(&sid, &cid, &c));
                 }
                 Err(e) => return Err(e),
             }
@@ -481,6 +547,7 @@ impl Store {
         {
             let mut idx = self.index();
             fresh.journal_lines = idx.journal_lines;
+            fresh.interrupted = std::mem::take(&mut idx.interrupted);
             *idx = fresh;
         }
         if changed {

@@ -233,6 +233,43 @@ impl Clock {
     }
 }
 
+/// Where a session's run stands, stored with its state and listed by
+/// [`list_sessions`](crate::StateManager::list_sessions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// Being worked on (the status of any session saved without one).
+    #[default]
+    Running,
+    /// Paused by [`pause_session`](crate::StateManager::pause_session), waiting to resume.
+    Paused,
+    /// Finished (see [`complete_session`](crate::StateManager::complete_session)).
+    Completed,
+    /// Given up on (see [`fail_session`](crate::StateManager::fail_session)).
+    Failed,
+}
+
+/// Why a checkpoint was taken, stored with it and listed by
+/// [`list_checkpoints`](crate::StateManager::list_checkpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointReason {
+    /// Asked for explicitly ([`create_checkpoint`](crate::StateManager::create_checkpoint)).
+    #[default]
+    Manual,
+    /// The session's policy: every N steps.
+    Steps,
+    /// The session's policy: every so much time.
+    Time,
+    /// Taken by [`pause_session`](crate::StateManager::pause_session).
+    Pause,
+    /// Taken before a risky operation ([`checkpoint_before_risky`](crate::StateManager::checkpoint_before_risky)).
+    BeforeRisky,
+    /// Recorded steps not yet checkpointed, flushed when the session actor went idle or
+    /// the manager shut down.
+    Flush,
+}
+
 /// One session as listed by [`list_sessions`](crate::StateManager::list_sessions).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
@@ -245,6 +282,12 @@ pub struct SessionInfo {
     pub size_bytes: u64,
     /// How many checkpoints the session has.
     pub checkpoint_count: usize,
+    /// Where its run stands.
+    pub status: SessionStatus,
+    /// True when the session was [`Running`](SessionStatus::Running) when the previous
+    /// process using the store died without shutting down, and has not been saved since:
+    /// its run was cut off and needs [`recover_session`](crate::StateManager::recover_session).
+    pub interrupted: bool,
 }
 
 /// A checkpoint with its state, as returned by
@@ -259,6 +302,12 @@ pub struct Checkpoint<T = serde_json::Value> {
     pub branch_id: BranchId,
     /// Creation time in milliseconds since the Unix epoch.
     pub timestamp: u64,
+    /// Why it was taken.
+    pub reason: CheckpointReason,
+    /// The orchestrator's step it captures, if known.
+    pub step: Option<u64>,
+    /// The previous checkpoint on the same branch (its lineage).
+    pub parent: Option<CheckpointId>,
     /// The state captured.
     pub data: T,
 }
@@ -277,6 +326,12 @@ pub struct CheckpointInfo {
     pub timestamp: u64,
     /// Size of the stored record in bytes.
     pub size_bytes: u64,
+    /// Why it was taken.
+    pub reason: CheckpointReason,
+    /// The orchestrator's step it captures, if known.
+    pub step: Option<u64>,
+    /// The previous checkpoint on the same branch of the same session (its lineage).
+    pub parent: Option<CheckpointId>,
 }
 
 /// Totals over the whole store, from the index (no record is read).

@@ -1,7 +1,7 @@
 //! Pins every public `StateManager` method on the file backend, once without and once with
 //! gzip compression: each behaviour below is a plain `async fn(compression)` that the
-//! `per_mode!` macro expands into two `#[tokio::test]`s (`plain::NAME` and `gzip::NAME`), so
-//! one failing mode or behaviour hides no other.
+//! `common::per_mode!` macro expands into two `#[tokio::test]`s (`plain::NAME` and
+//! `gzip::NAME`), so one failing mode or behaviour hides no other.
 //!
 //! Besides the facade's results, the tests look at the disk: uncompressed records are plain
 //! JSON under `sessions/<id>.json`, compressed ones gzip under `sessions/<id>.json.gz`, and
@@ -9,12 +9,17 @@
 //! of those files. Every behaviour that must survive a restart is checked across a full
 //! `shutdown` and a new manager on the same directory.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::{
+    builder, checkpoint_ids, ext, flip_byte, increment, open, open_temp, per_mode, put_file, quiet_deliberate_panics,
+    restart, session_file, session_ids, spawn_each,
+};
 use mars_state::{
     CheckpointId, ErrorKind, FileStorageBackend, RetentionPolicy, SessionMsg, StateBytes, StateError, StateManager,
     UpdateFn,
@@ -26,58 +31,15 @@ use serde_json::{Value, json};
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// Expands each behaviour into one test per storage mode.
-macro_rules! per_mode {
-    ($($name:ident),* $(,)?) => {
-        mod plain {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(None).await;
-                }
-            )*
-        }
-        mod gzip {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(Some(6)).await;
-                }
-            )*
-        }
-    };
-}
-
-/// Like `per_mode!`, under paused tokio time (the manager's clock follows it): for
-/// behaviours that depend on how old sessions are. `tokio::time::advance` ages them.
-macro_rules! per_mode_paused {
-    ($($name:ident),* $(,)?) => {
-        mod plain_paused {
-            $(
-                #[tokio::test(start_paused = true)]
-                async fn $name() {
-                    super::$name(None).await;
-                }
-            )*
-        }
-        mod gzip_paused {
-            $(
-                #[tokio::test(start_paused = true)]
-                async fn $name() {
-                    super::$name(Some(6)).await;
-                }
-            )*
-        }
-    };
-}
-
-per_mode_paused!(
+// Under paused tokio time (the manager's clock follows it): for behaviours that depend on
+// how old sessions are. `tokio::time::advance` ages them.
+per_mode!(plain_paused, gzip_paused, #[tokio::test(start_paused = true)]:
     cleanup_old_sessions_respects_age_and_keep_last,
     cleanup_old_sessions_keeps_recent_sessions,
     run_janitor_now_drops_idle_sessions,
 );
 
-per_mode!(
+per_mode!(plain, gzip, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]:
     save_and_load_round_trip,
     load_missing_session_is_none,
     load_session_as_typed,
@@ -114,37 +76,6 @@ per_mode!(
     transactional_update_on_corrupt_record_is_an_error,
     live_session_actors_counts_session_actors,
 );
-
-fn backend(dir: &Path) -> FileStorageBackend {
-    FileStorageBackend::new(dir).expect("open file backend")
-}
-
-fn builder(dir: &Path, compression: Option<u32>) -> mars_state::StateManagerBuilder {
-    let b = StateManager::builder(backend(dir));
-    match compression {
-        Some(level) => b.compression(level),
-        None => b,
-    }
-}
-
-async fn open(dir: &Path, compression: Option<u32>) -> StateManager {
-    builder(dir, compression).start().await.expect("start manager")
-}
-
-/// Shuts `m` down and opens a new manager on the same directory.
-async fn restart(m: StateManager, dir: &Path, compression: Option<u32>) -> StateManager {
-    m.shutdown().await.expect("shutdown");
-    drop(m);
-    open(dir, compression).await
-}
-
-fn ext(compression: Option<u32>) -> &'static str {
-    if compression.is_some() { ".json.gz" } else { ".json" }
-}
-
-fn session_file(dir: &Path, sid: &str, compression: Option<u32>) -> PathBuf {
-    dir.join("sessions").join(format!("{sid}{}", ext(compression)))
-}
 
 /// Every regular, non-hidden file under `dir/sub`, recursively, with its size.
 fn files_under(dir: &Path, sub: &str) -> Vec<(PathBuf, u64)> {
@@ -194,13 +125,6 @@ fn read_record(path: &Path, compression: Option<u32>) -> Value {
     serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-/// Overwrites a file without the crate's helpers (tests simulate outside damage).
-fn overwrite(path: &Path, bytes: &[u8]) {
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path).unwrap();
-    f.write_all(bytes).unwrap();
-    f.sync_all().unwrap();
-}
-
 fn assert_kind<T: std::fmt::Debug>(r: mars_state::Result<T>, kind: ErrorKind, what: &str) -> StateError {
     match r {
         Err(e) => {
@@ -209,25 +133,6 @@ fn assert_kind<T: std::fmt::Debug>(r: mars_state::Result<T>, kind: ErrorKind, wh
         }
         Ok(v) => panic!("{what}: expected {kind:?}, got Ok({v:?})"),
     }
-}
-
-/// Silences the default panic message for panics the tests cause on purpose.
-fn quiet_deliberate_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let msg = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            if !msg.contains("deliberate") {
-                default(info);
-            }
-        }));
-    });
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -251,8 +156,7 @@ struct Refused(&'static str);
 // ---------------------------------------------------------------------------------------
 
 async fn save_and_load_round_trip(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let v1 = json!({"step": 42, "nested": {"list": [1, 2, 3], "s": "héllo \"quoted\" \n"}, "f": 1.5, "null": null});
     m.save_session("session_123", &v1).await.unwrap();
     assert_eq!(m.load_session("session_123").await.unwrap(), Some(v1.clone()));
@@ -277,8 +181,7 @@ async fn save_and_load_round_trip(compression: Option<u32>) {
 }
 
 async fn load_missing_session_is_none(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     assert_eq!(m.load_session("nobody").await.unwrap(), None);
     assert_eq!(m.load_session_as::<Agent>("nobody").await.unwrap(), None);
     // A lookup creates nothing.
@@ -288,8 +191,7 @@ async fn load_missing_session_is_none(compression: Option<u32>) {
 }
 
 async fn load_session_as_typed(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let a = Agent { step: 7, name: "planner".into(), history: vec!["think".into(), "act".into()] };
     m.save_session("agent", &a).await.unwrap();
     assert_eq!(m.load_session_as::<Agent>("agent").await.unwrap(), Some(a.clone()));
@@ -304,8 +206,7 @@ async fn load_session_as_typed(compression: Option<u32>) {
 }
 
 async fn load_session_as_wrong_type_is_serialization_error(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"unrelated": true})).await.unwrap();
     let e = assert_kind(m.load_session_as::<Agent>("s1").await, ErrorKind::Serialization, "wrong type");
     match e {
@@ -322,8 +223,7 @@ async fn load_session_as_wrong_type_is_serialization_error(compression: Option<u
 // ---------------------------------------------------------------------------------------
 
 async fn delete_session_removes_state_and_checkpoints(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("doomed", &json!({"step": 1})).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -345,7 +245,7 @@ async fn delete_session_removes_state_and_checkpoints(compression: Option<u32>) 
         assert_kind(m.rollback_to_checkpoint(id).await, ErrorKind::NotFound, "rollback to deleted checkpoint");
     }
     assert!(!session_file(dir.path(), "doomed", compression).exists());
-    let listed: Vec<String> = m.list_sessions().await.unwrap().iter().map(|s| s.session_id.to_string()).collect();
+    let listed = session_ids(&m).await;
     assert_eq!(listed, vec!["bystander".to_string()]);
     let stats = m.get_storage_stats().await.unwrap();
     assert_eq!((stats.session_count, stats.checkpoint_count), (1, 1));
@@ -373,8 +273,7 @@ async fn delete_session_removes_state_and_checkpoints(compression: Option<u32>) 
 }
 
 async fn delete_checkpoint_only_session(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let id = m.create_checkpoint("cp_only", "b", &json!(1)).await.unwrap();
     assert_eq!(m.list_sessions().await.unwrap().len(), 1);
     assert!(m.delete_session("cp_only").await.unwrap(), "a session with only checkpoints existed");
@@ -389,8 +288,7 @@ async fn delete_checkpoint_only_session(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn list_sessions_reports_fields(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     assert!(m.list_sessions().await.unwrap().is_empty());
 
     let before = now_ms();
@@ -445,8 +343,7 @@ async fn list_sessions_reports_fields(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn create_and_restore_checkpoint(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     let before = now_ms();
     let id = m.create_checkpoint("s1", "branch_456", &json!({"step": 25})).await.unwrap();
     let after = now_ms();
@@ -478,8 +375,7 @@ async fn create_and_restore_checkpoint(compression: Option<u32>) {
 }
 
 async fn restore_checkpoint_after_restart_by_id_alone(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let id = m.create_checkpoint("s1", "branch_456", &json!({"step": 25})).await.unwrap();
     let other = m.create_checkpoint("s2", "main", &json!({"step": 99})).await.unwrap();
     let text = id.to_string();
@@ -504,8 +400,7 @@ async fn restore_checkpoint_after_restart_by_id_alone(compression: Option<u32>) 
 }
 
 async fn restore_unknown_checkpoint_is_none(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     m.create_checkpoint("s1", "main", &json!(1)).await.unwrap();
     let unknown = CheckpointId::parse("0000000000000001-00000000").unwrap();
     assert!(m.restore_checkpoint(&unknown).await.unwrap().is_none());
@@ -513,8 +408,7 @@ async fn restore_unknown_checkpoint_is_none(compression: Option<u32>) {
 }
 
 async fn checkpoint_ids_unique_across_sessions(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     let mut all = BTreeSet::new();
     let mut owners = Vec::new();
     for i in 0..20 {
@@ -537,8 +431,7 @@ async fn checkpoint_ids_unique_across_sessions(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn rollback_to_checkpoint_replaces_state(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"step": 0})).await.unwrap();
     let c1 = m.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
     let c2 = m.create_checkpoint("s1", "main", &json!({"step": 2})).await.unwrap();
@@ -566,8 +459,7 @@ async fn rollback_to_checkpoint_replaces_state(compression: Option<u32>) {
 }
 
 async fn rollback_to_unknown_checkpoint_is_not_found(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"step": 5})).await.unwrap();
     m.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
     let unknown = CheckpointId::parse("0000000000000001-deadbeef").unwrap();
@@ -585,8 +477,7 @@ async fn rollback_to_unknown_checkpoint_is_not_found(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn list_checkpoints_200_in_a_tight_loop(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let mut created = Vec::new();
     for i in 0..200 {
         let branch = if i % 2 == 0 { "even" } else { "odd" };
@@ -641,8 +532,7 @@ async fn list_checkpoints_200_in_a_tight_loop(compression: Option<u32>) {
 }
 
 async fn list_checkpoints_of_unknown_session_is_empty(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     m.save_session("has_state_only", &json!(1)).await.unwrap();
     assert!(m.list_checkpoints("nobody").await.unwrap().is_empty());
     assert!(m.list_checkpoints("has_state_only").await.unwrap().is_empty());
@@ -654,8 +544,7 @@ async fn list_checkpoints_of_unknown_session_is_empty(compression: Option<u32>) 
 // ---------------------------------------------------------------------------------------
 
 async fn cleanup_checkpoints_keeps_newest(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"state": true})).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..7 {
@@ -664,7 +553,7 @@ async fn cleanup_checkpoints_keeps_newest(compression: Option<u32>) {
     let other = m.create_checkpoint("s2", "main", &json!("other")).await.unwrap();
 
     assert_eq!(m.cleanup_checkpoints("s1", 3).await.unwrap(), 4);
-    let listed: Vec<CheckpointId> = m.list_checkpoints("s1").await.unwrap().into_iter().map(|c| c.id).collect();
+    let listed = checkpoint_ids(&m, "s1").await;
     assert_eq!(listed, ids[4..].to_vec(), "the 3 newest are kept");
     for id in &ids[..4] {
         assert!(m.restore_checkpoint(id).await.unwrap().is_none(), "{id} should be gone");
@@ -686,7 +575,7 @@ async fn cleanup_checkpoints_keeps_newest(compression: Option<u32>) {
 
     // Survives a restart; keep 0 removes all, but not the session's state.
     let m = restart(m, dir.path(), compression).await;
-    let listed: Vec<CheckpointId> = m.list_checkpoints("s1").await.unwrap().into_iter().map(|c| c.id).collect();
+    let listed = checkpoint_ids(&m, "s1").await;
     assert_eq!(listed, ids[4..].to_vec());
     assert_eq!(m.cleanup_checkpoints("s1", 0).await.unwrap(), 3);
     assert!(m.list_checkpoints("s1").await.unwrap().is_empty());
@@ -702,13 +591,8 @@ async fn cleanup_checkpoints_keeps_newest(compression: Option<u32>) {
 // transactional_update
 // ---------------------------------------------------------------------------------------
 
-fn increment(old: Option<Value>) -> Result<Value, Refused> {
-    Ok(json!({"n": old.and_then(|v| v["n"].as_i64()).unwrap_or(0) + 1}))
-}
-
 async fn transactional_update_increments(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     // The first call sees no state.
     let seen = m
         .transactional_update("s1", |old: Option<Value>| {
@@ -734,8 +618,7 @@ async fn transactional_update_increments(compression: Option<u32>) {
 }
 
 async fn transactional_update_typed(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     for expected in 1..=3u64 {
         let c: Counter = m
             .transactional_update("typed", |old: Option<Counter>| {
@@ -755,8 +638,7 @@ async fn transactional_update_typed(compression: Option<u32>) {
 }
 
 async fn transactional_update_err_writes_nothing(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"n": 5})).await.unwrap();
     let path = session_file(dir.path(), "s1", compression);
     let bytes_before = std::fs::read(&path).unwrap();
@@ -793,8 +675,7 @@ async fn transactional_update_err_writes_nothing(compression: Option<u32>) {
 
 async fn transactional_update_panic_is_contained(compression: Option<u32>) {
     quiet_deliberate_panics();
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"n": 1})).await.unwrap();
     let path = session_file(dir.path(), "s1", compression);
     let bytes_before = std::fs::read(&path).unwrap();
@@ -849,8 +730,7 @@ fn record_bytes_on_disk(dir: &Path) -> u64 {
 }
 
 async fn get_storage_stats_matches_disk(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let empty = m.get_storage_stats().await.unwrap();
     assert_eq!((empty.session_count, empty.checkpoint_count, empty.total_bytes), (0, 0, 0));
     assert_eq!(empty.total_size_mb(), 0.0);
@@ -914,7 +794,7 @@ async fn cleanup_old_sessions_respects_age_and_keep_last(compression: Option<u32
     assert_eq!(m.list_sessions().await.unwrap().len(), 4);
     // Older than 150 s: old1 and old2 (4 and 3 minutes), not old3 (2 minutes).
     assert_eq!(m.cleanup_old_sessions(Duration::from_secs(150), 0).await.unwrap(), 2);
-    let ids: Vec<String> = m.list_sessions().await.unwrap().iter().map(|s| s.session_id.to_string()).collect();
+    let ids = session_ids(&m).await;
     assert_eq!(ids, ["newest_cp_only", "old3"]);
     assert_eq!(m.load_session("old1").await.unwrap(), None);
     assert_eq!(m.load_session("old2").await.unwrap(), None);
@@ -925,7 +805,7 @@ async fn cleanup_old_sessions_respects_age_and_keep_last(compression: Option<u32
 
     // Everything is older than 30 s, but keep_last spares the most recently active one.
     assert_eq!(m.cleanup_old_sessions(Duration::from_secs(30), 1).await.unwrap(), 1);
-    let ids: Vec<String> = m.list_sessions().await.unwrap().iter().map(|s| s.session_id.to_string()).collect();
+    let ids = session_ids(&m).await;
     assert_eq!(ids, ["newest_cp_only"]);
 
     // The ages survive a restart.
@@ -966,8 +846,7 @@ async fn cleanup_old_sessions_keeps_recent_sessions(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn vacuum_storage_sweeps_and_rebuilds(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"a": 1})).await.unwrap();
     m.save_session("s2", &json!({"b": 2})).await.unwrap();
     let cp = m.create_checkpoint("s1", "main", &json!({"c": 3})).await.unwrap();
@@ -975,7 +854,7 @@ async fn vacuum_storage_sweeps_and_rebuilds(compression: Option<u32>) {
 
     // A staged file left by an interrupted write.
     let staged = dir.path().join("sessions").join(format!(".s1{}.tmp-0123456789abcdef", ext(compression)));
-    overwrite(&staged, b"half a record");
+    put_file(&staged, b"half a record");
 
     let report = m.vacuum_storage().await.unwrap();
     assert_eq!(report.temp_files_removed, 1, "{report:?}");
@@ -998,15 +877,11 @@ async fn vacuum_storage_sweeps_and_rebuilds(compression: Option<u32>) {
 }
 
 async fn vacuum_storage_reports_corrupt_records(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("good", &json!({"ok": true})).await.unwrap();
     m.save_session("bad", &json!({"ok": false})).await.unwrap();
     let path = session_file(dir.path(), "bad", compression);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x20;
-    overwrite(&path, &bytes);
+    flip_byte(&path, |len| len / 2, 0x20);
 
     let report = m.vacuum_storage().await.unwrap();
     assert_eq!(report.corrupt_records.len(), 1, "{report:?}");
@@ -1027,8 +902,7 @@ async fn vacuum_storage_reports_corrupt_records(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn shutdown_makes_later_calls_unavailable(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!(1)).await.unwrap();
     let id = m.create_checkpoint("s1", "main", &json!(1)).await.unwrap();
     let clone = m.clone();
@@ -1066,14 +940,10 @@ async fn shutdown_makes_later_calls_unavailable(compression: Option<u32>) {
 }
 
 async fn shutdown_drains_and_releases_the_store(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     // Queue many saves from other tasks, then shut down while they may still be queued.
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let m = m.clone();
-        tasks.push(tokio::spawn(async move { (i, m.save_session(format!("s{i}"), &json!({"i": i})).await) }));
-    }
+    let tasks =
+        spawn_each(&m, 0..20, |m, i| async move { (i, m.save_session(format!("s{i}"), &json!({"i": i})).await) });
     tokio::task::yield_now().await;
     m.shutdown().await.unwrap();
     let mut acked = Vec::new();
@@ -1097,8 +967,7 @@ async fn shutdown_drains_and_releases_the_store(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn session_actor_answers_session_msgs(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     let actor = m.session_actor("s1").await.unwrap();
 
     let state = StateBytes::from_serialize(&json!({"step": 3})).unwrap();
@@ -1111,7 +980,14 @@ async fn session_actor_answers_session_msgs(compression: Option<u32>) {
 
     let branch_id = mars_state::BranchId::new("main").unwrap();
     let state = StateBytes::from_serialize(&json!({"cp": 1})).unwrap();
-    let cid = ractor::call!(actor, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reply }).unwrap().unwrap();
+    let cid = ractor::call!(actor, |reply| SessionMsg::CreateCheckpoint {
+        branch_id,
+        state,
+        reason: mars_state::CheckpointReason::Manual,
+        reply
+    })
+    .unwrap()
+    .unwrap();
     assert_eq!(m.restore_checkpoint(&cid).await.unwrap().unwrap().data, json!({"cp": 1}));
     assert_eq!(m.list_checkpoints("s1").await.unwrap().len(), 1);
 
@@ -1124,12 +1000,12 @@ async fn session_actor_answers_session_msgs(compression: Option<u32>) {
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 5})));
 
     let checkpoint_id = cid.clone();
-    ractor::call!(actor, |reply| SessionMsg::Rollback { checkpoint_id, reply }).unwrap().unwrap();
+    ractor::call!(actor, |reply| SessionMsg::Rollback { checkpoint_id, truncate: false, reply }).unwrap().unwrap();
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"cp": 1})));
 
     // Domain failures come back in the reply and do not stop the actor.
     let checkpoint_id = CheckpointId::parse("0000000000000001-00000000").unwrap();
-    let r = ractor::call!(actor, |reply| SessionMsg::Rollback { checkpoint_id, reply }).unwrap();
+    let r = ractor::call!(actor, |reply| SessionMsg::Rollback { checkpoint_id, truncate: false, reply }).unwrap();
     assert_kind(r, ErrorKind::NotFound, "rollback via actor to unknown checkpoint");
     let loaded = ractor::call!(actor, |reply| SessionMsg::Load { reply }).unwrap().unwrap().unwrap();
     assert_eq!(loaded.deserialize::<Value>().unwrap(), json!({"cp": 1}), "the actor still serves");
@@ -1163,8 +1039,7 @@ async fn session_actor_answers_session_msgs(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 async fn records_have_documented_on_disk_format(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let state = json!({"step": 42, "msg": "hello"});
     m.save_session("session_123", &state).await.unwrap();
     let cid = m.create_checkpoint("session_123", "branch_456", &json!({"step": 25})).await.unwrap();
@@ -1199,8 +1074,7 @@ async fn records_have_documented_on_disk_format(compression: Option<u32>) {
 }
 
 async fn store_refuses_other_compression_setting(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!(1)).await.unwrap();
     m.shutdown().await.unwrap();
     drop(m);
@@ -1224,7 +1098,7 @@ async fn store_refuses_other_compression_setting(compression: Option<u32>) {
     // Invalid levels are configuration errors.
     for level in [0, 10] {
         let other = tempfile::tempdir().unwrap();
-        let r = StateManager::builder(backend(other.path())).compression(level).start().await;
+        let r = builder(other.path(), Some(level)).start().await;
         assert_kind(r, ErrorKind::Config, "gzip level out of range");
     }
 }
@@ -1259,8 +1133,7 @@ async fn too_large_states_are_rejected(compression: Option<u32>) {
 }
 
 async fn invalid_ids_are_rejected(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     for bad in ["", "..", "../x", "/abs", "a/b", "a\0b"] {
         let k = ErrorKind::InvalidId;
         assert_kind(m.save_session(bad, &json!(1)).await, k, "save_session");
@@ -1278,8 +1151,7 @@ async fn invalid_ids_are_rejected(compression: Option<u32>) {
 }
 
 async fn second_backend_on_same_dir_is_locked(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!(1)).await.unwrap();
     match FileStorageBackend::new(dir.path()) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::Locked, "{e}"),
@@ -1321,14 +1193,14 @@ async fn run_janitor_now_applies_retention(compression: Option<u32>) {
     }
     m.create_checkpoint("s2", "main", &json!("only one")).await.unwrap();
     let staged = dir.path().join("checkpoints").join(".junk.json.tmp-00000000000000ff");
-    overwrite(&staged, b"abc");
+    put_file(&staged, b"abc");
 
     let report = m.run_janitor_now().await.unwrap();
     assert_eq!(report.checkpoints_removed, 3, "{report:?}");
     assert_eq!(report.temp_files_removed, 1, "{report:?}");
     assert_eq!(report.sessions_removed, 0, "{report:?}");
     assert!(!staged.exists());
-    let kept: Vec<CheckpointId> = m.list_checkpoints("s1").await.unwrap().into_iter().map(|c| c.id).collect();
+    let kept = checkpoint_ids(&m, "s1").await;
     assert_eq!(kept, ids[3..].to_vec(), "the newest 2 are kept");
     assert_eq!(m.list_checkpoints("s2").await.unwrap().len(), 1);
     assert!(m.restore_checkpoint(&ids[0]).await.unwrap().is_none());
@@ -1352,7 +1224,7 @@ async fn run_janitor_now_drops_idle_sessions(compression: Option<u32>) {
     m.save_session("active", &json!(2)).await.unwrap();
     let report = m.run_janitor_now().await.unwrap();
     assert_eq!(report.sessions_removed, 2, "{report:?}");
-    let ids: Vec<String> = m.list_sessions().await.unwrap().iter().map(|s| s.session_id.to_string()).collect();
+    let ids = session_ids(&m).await;
     assert_eq!(ids, ["active"]);
     assert_eq!(m.load_session("idle").await.unwrap(), None);
     assert_eq!(m.run_janitor_now().await.unwrap().sessions_removed, 0);
@@ -1360,16 +1232,12 @@ async fn run_janitor_now_drops_idle_sessions(compression: Option<u32>) {
 }
 
 async fn transactional_update_on_corrupt_record_is_an_error(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"n": 1})).await.unwrap();
     m.shutdown().await.unwrap();
     drop(m);
     let path = session_file(dir.path(), "s1", compression);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let last = bytes.len() - 3;
-    bytes[last] ^= 0x01;
-    overwrite(&path, &bytes);
+    let bytes = flip_byte(&path, |len| len - 3, 0x01);
 
     let m = open(dir.path(), compression).await;
     let called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1389,8 +1257,7 @@ async fn transactional_update_on_corrupt_record_is_an_error(compression: Option<
 }
 
 async fn live_session_actors_counts_session_actors(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (_dir, m) = open_temp(compression).await;
     assert_eq!(m.live_session_actors().await.unwrap(), 0);
     let id = m.create_checkpoint("a", "main", &json!(1)).await.unwrap();
     m.save_session("b", &json!(2)).await.unwrap();

@@ -8,36 +8,20 @@
 //! time is used only where passivation needs it; nothing asserts on timing or speed (waits
 //! poll with generous deadlines).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Once;
 use std::time::Duration;
 
-use mars_state::{CheckpointId, ErrorKind, FileStorageBackend, RetentionPolicy, StateError, StateManager};
+use common::{
+    Never, builder, checkpoint_ids, increment, open_temp, per_mode, quiet_deliberate_panics, restart, session_ids,
+    spawn_each, wait_for_no_live_actors,
+};
+use mars_state::{ErrorKind, RetentionPolicy, StateError, StateManager};
 use serde_json::{Value, json};
 
-macro_rules! per_mode {
-    ($($name:ident),* $(,)?) => {
-        mod plain {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(None).await;
-                }
-            )*
-        }
-        mod gzip {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(Some(6)).await;
-                }
-            )*
-        }
-    };
-}
-
-per_mode!(
+per_mode!(plain, gzip, #[tokio::test(flavor = "multi_thread", worker_threads = 4)]:
     hundred_concurrent_increments_end_at_100,
     hundred_sessions_saved_concurrently_all_load,
     panics_in_one_session_do_not_disturb_others,
@@ -50,22 +34,6 @@ per_mode!(
     cleanup_old_sessions_racing_saves_never_serves_stale_state,
 );
 
-#[derive(Debug, thiserror::Error)]
-#[error("never")]
-struct Never;
-
-fn builder(dir: &Path, compression: Option<u32>) -> mars_state::StateManagerBuilder {
-    let b = StateManager::builder(FileStorageBackend::new(dir).expect("open file backend"));
-    match compression {
-        Some(level) => b.compression(level),
-        None => b,
-    }
-}
-
-async fn open(dir: &Path, compression: Option<u32>) -> StateManager {
-    builder(dir, compression).start().await.expect("start manager")
-}
-
 /// A manager whose session actors passivate after 50 ms idle. The call timeout is short so
 /// that a request stuck behind a passivated actor fails the test quickly instead of hanging.
 async fn open_passivating(dir: &Path, compression: Option<u32>) -> StateManager {
@@ -77,49 +45,9 @@ async fn open_passivating(dir: &Path, compression: Option<u32>) -> StateManager 
         .expect("start manager")
 }
 
-/// Polls until no session actor is alive; returns the last count seen.
-async fn wait_for_no_live_actors(m: &StateManager, deadline: Duration) -> usize {
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        let live = m.live_session_actors().await.unwrap();
-        if live == 0 || tokio::time::Instant::now() > until {
-            return live;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn quiet_deliberate_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let msg = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            if !msg.contains("deliberate") {
-                default(info);
-            }
-        }));
-    });
-}
-
-fn increment(old: Option<Value>) -> Result<Value, Never> {
-    Ok(json!({"n": old.and_then(|v| v["n"].as_i64()).unwrap_or(0) + 1}))
-}
-
 async fn hundred_concurrent_increments_end_at_100(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let m = m.clone();
-            tokio::spawn(async move { m.transactional_update("counter", increment).await })
-        })
-        .collect();
+    let (dir, m) = open_temp(compression).await;
+    let tasks = spawn_each(&m, 0..100, |m, _| async move { m.transactional_update("counter", increment).await });
     let mut seen = BTreeSet::new();
     for t in tasks {
         let v = t.await.unwrap().expect("increment failed");
@@ -129,22 +57,15 @@ async fn hundred_concurrent_increments_end_at_100(compression: Option<u32>) {
     assert_eq!(seen, (1..=100).collect::<BTreeSet<i64>>());
     assert_eq!(m.load_session("counter").await.unwrap(), Some(json!({"n": 100})));
 
-    m.shutdown().await.unwrap();
-    let m = open(dir.path(), compression).await;
+    let m = restart(m, dir.path(), compression).await;
     assert_eq!(m.load_session("counter").await.unwrap(), Some(json!({"n": 100})));
     m.shutdown().await.unwrap();
 }
 
 async fn hundred_sessions_saved_concurrently_all_load(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     let state = |i: usize| json!({"session": i, "payload": "p".repeat(i * 10)});
-    let tasks: Vec<_> = (0..100)
-        .map(|i| {
-            let m = m.clone();
-            tokio::spawn(async move { m.save_session(format!("s{i:03}"), &state(i)).await })
-        })
-        .collect();
+    let tasks = spawn_each(&m, 0..100, |m, i| async move { m.save_session(format!("s{i:03}"), &state(i)).await });
     for (i, t) in tasks.into_iter().enumerate() {
         t.await.unwrap().unwrap_or_else(|e| panic!("save of s{i:03} failed: {e}"));
     }
@@ -155,15 +76,9 @@ async fn hundred_sessions_saved_concurrently_all_load(compression: Option<u32>) 
     assert_eq!(listed.len(), 100);
     assert_eq!(m.get_storage_stats().await.unwrap().session_count, 100);
 
-    m.shutdown().await.unwrap();
-    let m = open(dir.path(), compression).await;
+    let m = restart(m, dir.path(), compression).await;
     // Loaded concurrently too, after the restart.
-    let tasks: Vec<_> = (0..100)
-        .map(|i| {
-            let m = m.clone();
-            tokio::spawn(async move { (i, m.load_session(format!("s{i:03}")).await) })
-        })
-        .collect();
+    let tasks = spawn_each(&m, 0..100, |m, i| async move { (i, m.load_session(format!("s{i:03}")).await) });
     for t in tasks {
         let (i, r) = t.await.unwrap();
         assert_eq!(r.unwrap(), Some(state(i)), "s{i:03} after restart");
@@ -174,8 +89,7 @@ async fn hundred_sessions_saved_concurrently_all_load(compression: Option<u32>) 
 
 async fn panics_in_one_session_do_not_disturb_others(compression: Option<u32>) {
     quiet_deliberate_panics();
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     m.save_session("victim", &json!({"n": 7})).await.unwrap();
 
     let panicker = {
@@ -193,20 +107,15 @@ async fn panics_in_one_session_do_not_disturb_others(compression: Option<u32>) {
             outcomes
         })
     };
-    let savers: Vec<_> = (0..20)
-        .map(|s| {
-            let m = m.clone();
-            tokio::spawn(async move {
-                let mut last = None;
-                for round in 0..10 {
-                    let v = json!({"session": s, "round": round});
-                    m.save_session(format!("other{s}"), &v).await.unwrap_or_else(|e| panic!("other{s}: {e}"));
-                    last = Some(v);
-                }
-                (s, last.unwrap())
-            })
-        })
-        .collect();
+    let savers = spawn_each(&m, 0..20, |m, s| async move {
+        let mut last = None;
+        for round in 0..10 {
+            let v = json!({"session": s, "round": round});
+            m.save_session(format!("other{s}"), &v).await.unwrap_or_else(|e| panic!("other{s}: {e}"));
+            last = Some(v);
+        }
+        (s, last.unwrap())
+    });
 
     for (i, r) in panicker.await.unwrap().into_iter().enumerate() {
         match r {
@@ -227,8 +136,7 @@ async fn panics_in_one_session_do_not_disturb_others(compression: Option<u32>) {
     m.save_session("victim", &json!({"n": 100})).await.unwrap();
     assert_eq!(m.load_session("victim").await.unwrap(), Some(json!({"n": 100})));
 
-    m.shutdown().await.unwrap();
-    let m = open(dir.path(), compression).await;
+    let m = restart(m, dir.path(), compression).await;
     assert_eq!(m.load_session("victim").await.unwrap(), Some(json!({"n": 100})));
     for s in 0..20 {
         assert_eq!(m.load_session(format!("other{s}")).await.unwrap(), Some(json!({"session": s, "round": 9})));
@@ -237,12 +145,7 @@ async fn panics_in_one_session_do_not_disturb_others(compression: Option<u32>) {
 }
 
 async fn touch_50_sessions(m: &StateManager) {
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let m = m.clone();
-            tokio::spawn(async move { m.save_session(format!("p{i}"), &json!({"i": i})).await })
-        })
-        .collect();
+    let tasks = spawn_each(m, 0..50, |m, i| async move { m.save_session(format!("p{i}"), &json!({"i": i})).await });
     for t in tasks {
         t.await.unwrap().unwrap();
     }
@@ -267,12 +170,7 @@ async fn passivated_sessions_load_correctly(compression: Option<u32>) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Concurrently, so that a stuck session costs one call timeout, not fifty.
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let m = m.clone();
-            tokio::spawn(async move { (i, m.load_session(format!("p{i}")).await) })
-        })
-        .collect();
+    let tasks = spawn_each(&m, 0..50, |m, i| async move { (i, m.load_session(format!("p{i}")).await) });
     let mut failures = Vec::new();
     for t in tasks {
         let (i, r) = t.await.unwrap();
@@ -324,8 +222,7 @@ async fn saves_racing_passivation_are_never_lost(compression: Option<u32>) {
     // Once more after the actor has certainly gone idle, then after a restart.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(m.load_session("hammered").await.unwrap(), Some(json!({"i": acked})));
-    m.shutdown().await.unwrap();
-    let m = open(dir.path(), compression).await;
+    let m = restart(m, dir.path(), compression).await;
     assert_eq!(m.load_session("hammered").await.unwrap(), Some(json!({"i": acked})));
     m.shutdown().await.unwrap();
 }
@@ -334,28 +231,23 @@ async fn updates_racing_passivation_are_never_lost(compression: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let m = open_passivating(dir.path(), compression).await;
     // Two tasks increment the same counter with pauses around the idle timeout.
-    let tasks: Vec<_> = (0..2)
-        .map(|t| {
-            let m = m.clone();
-            tokio::spawn(async move {
-                let mut acked = 0;
-                let mut errors = Vec::new();
-                for i in 0..20 {
-                    tokio::time::sleep(pause(i + t * 4)).await;
-                    match m.transactional_update("racy_counter", increment).await {
-                        Ok(_) => acked += 1,
-                        Err(e) => {
-                            errors.push(format!("task {t} update {i}: {e} ({:?})", e.kind()));
-                            if e.kind() == ErrorKind::Timeout {
-                                break;
-                            }
-                        }
+    let tasks = spawn_each(&m, 0..2, |m, t| async move {
+        let mut acked = 0;
+        let mut errors = Vec::new();
+        for i in 0..20 {
+            tokio::time::sleep(pause(i + t * 4)).await;
+            match m.transactional_update("racy_counter", increment).await {
+                Ok(_) => acked += 1,
+                Err(e) => {
+                    errors.push(format!("task {t} update {i}: {e} ({:?})", e.kind()));
+                    if e.kind() == ErrorKind::Timeout {
+                        break;
                     }
                 }
-                (acked, errors)
-            })
-        })
-        .collect();
+            }
+        }
+        (acked, errors)
+    });
     let mut total = 0;
     let mut errors = Vec::new();
     for t in tasks {
@@ -366,27 +258,21 @@ async fn updates_racing_passivation_are_never_lost(compression: Option<u32>) {
     assert!(errors.is_empty(), "updates racing passivation failed: {errors:#?}");
     assert_eq!(total, 40);
     assert_eq!(m.load_session("racy_counter").await.unwrap(), Some(json!({"n": 40})));
-    m.shutdown().await.unwrap();
-    let m = open(dir.path(), compression).await;
+    let m = restart(m, dir.path(), compression).await;
     assert_eq!(m.load_session("racy_counter").await.unwrap(), Some(json!({"n": 40})));
     m.shutdown().await.unwrap();
 }
 
 async fn concurrent_checkpoints_on_one_session_are_ordered(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
-    let tasks: Vec<_> = (0..100)
-        .map(|i| {
-            let m = m.clone();
-            tokio::spawn(async move { (i, m.create_checkpoint("s1", "main", &json!({"i": i})).await) })
-        })
-        .collect();
+    let (_dir, m) = open_temp(compression).await;
+    let tasks =
+        spawn_each(&m, 0..100, |m, i| async move { (i, m.create_checkpoint("s1", "main", &json!({"i": i})).await) });
     let mut created = Vec::new();
     for t in tasks {
         let (i, r) = t.await.unwrap();
         created.push((r.unwrap_or_else(|e| panic!("checkpoint {i}: {e}")), i));
     }
-    let listed: Vec<CheckpointId> = m.list_checkpoints("s1").await.unwrap().into_iter().map(|c| c.id).collect();
+    let listed = checkpoint_ids(&m, "s1").await;
     assert_eq!(listed.len(), 100, "no checkpoint overwrote another");
     assert!(listed.windows(2).all(|w| w[0] < w[1]), "listed ids strictly increasing");
     created.sort();
@@ -407,20 +293,15 @@ async fn constant_janitor_passes_never_break_writes(compression: Option<u32>) {
         .unwrap();
     // The janitor sweeps staged files every few ms while 20 sessions write concurrently: it
     // must never remove the staged file of a write in progress.
-    let tasks: Vec<_> = (0..20)
-        .map(|s| {
-            let m = m.clone();
-            tokio::spawn(async move {
-                let mut last = Vec::new();
-                for round in 0..10 {
-                    m.save_session(format!("s{s}"), &json!({"round": round})).await.unwrap();
-                    let id = m.create_checkpoint(format!("s{s}"), "main", &json!({"cp": round})).await.unwrap();
-                    last.push(id);
-                }
-                (s, last)
-            })
-        })
-        .collect();
+    let tasks = spawn_each(&m, 0..20, |m, s| async move {
+        let mut last = Vec::new();
+        for round in 0..10 {
+            m.save_session(format!("s{s}"), &json!({"round": round})).await.unwrap();
+            let id = m.create_checkpoint(format!("s{s}"), "main", &json!({"cp": round})).await.unwrap();
+            last.push(id);
+        }
+        (s, last)
+    });
     let mut newest = Vec::new();
     for t in tasks {
         let (s, ids) = t.await.unwrap();
@@ -430,8 +311,7 @@ async fn constant_janitor_passes_never_break_writes(compression: Option<u32>) {
     m.run_janitor_now().await.unwrap();
     for (s, ids) in newest {
         assert_eq!(m.load_session(format!("s{s}")).await.unwrap(), Some(json!({"round": 9})), "s{s}");
-        let listed: Vec<CheckpointId> =
-            m.list_checkpoints(format!("s{s}")).await.unwrap().into_iter().map(|c| c.id).collect();
+        let listed = checkpoint_ids(&m, &format!("s{s}")).await;
         assert_eq!(listed, ids, "s{s}: retention keeps exactly the 3 newest");
         assert_eq!(m.restore_checkpoint(&ids[2]).await.unwrap().unwrap().data, json!({"cp": 9}));
     }
@@ -439,8 +319,7 @@ async fn constant_janitor_passes_never_break_writes(compression: Option<u32>) {
 }
 
 async fn cleanup_old_sessions_racing_saves_never_serves_stale_state(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path(), compression).await;
+    let (dir, m) = open_temp(compression).await;
     for s in 0..30 {
         m.save_session(format!("s{s}"), &json!({"v": "old"})).await.unwrap();
     }
@@ -449,12 +328,8 @@ async fn cleanup_old_sessions_racing_saves_never_serves_stale_state(compression:
         let m = m.clone();
         tokio::spawn(async move { m.cleanup_old_sessions(Duration::ZERO, 0).await })
     };
-    let savers: Vec<_> = (0..30)
-        .map(|s| {
-            let m = m.clone();
-            tokio::spawn(async move { m.save_session(format!("s{s}"), &json!({"v": "new"})).await })
-        })
-        .collect();
+    let savers =
+        spawn_each(&m, 0..30, |m, s| async move { m.save_session(format!("s{s}"), &json!({"v": "new"})).await });
     for (s, t) in savers.into_iter().enumerate() {
         t.await.unwrap().unwrap_or_else(|e| panic!("save s{s}: {e}"));
     }
@@ -462,8 +337,7 @@ async fn cleanup_old_sessions_racing_saves_never_serves_stale_state(compression:
     assert!(removed <= 30);
     // Whatever the interleaving, a session is either gone or holds its last acknowledged
     // state: never the old one, and the listing agrees with the loads.
-    let listed: BTreeSet<String> =
-        m.list_sessions().await.unwrap().into_iter().map(|s| s.session_id.to_string()).collect();
+    let listed: BTreeSet<String> = session_ids(&m).await.into_iter().collect();
     let mut present = 0;
     for s in 0..30 {
         let sid = format!("s{s}");
@@ -478,11 +352,9 @@ async fn cleanup_old_sessions_racing_saves_never_serves_stale_state(compression:
     }
     // A session missing now was removed (one removed and then saved again counts in both).
     assert!(present + removed >= 30, "{present} present + {removed} removed < 30: a session vanished");
-    m.shutdown().await.unwrap();
     // And the disk agrees with what was served.
-    let m = open(dir.path(), compression).await;
-    let after: BTreeSet<String> =
-        m.list_sessions().await.unwrap().into_iter().map(|s| s.session_id.to_string()).collect();
+    let m = restart(m, dir.path(), compression).await;
+    let after: BTreeSet<String> = session_ids(&m).await.into_iter().collect();
     assert_eq!(after, listed);
     m.shutdown().await.unwrap();
 }

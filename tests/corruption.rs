@@ -13,73 +13,27 @@
 //! Every probe starts from a byte-exact copy of a pristine store and reads through a fresh
 //! `StateManager` (a running one caches states).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mars_state::{
-    CheckpointId, CheckpointInfo, ErrorKind, FileStorageBackend, SessionInfo, StateError, StateManager,
-    StateManagerBuilder, StorageStats,
-};
+use common::{JANITOR_HOURLY, Node, SplitMix64, plain_and_compressed, put_file, temp_store};
+use mars_state::{CheckpointId, CheckpointInfo, ErrorKind, SessionInfo, StateError, StateManagerBuilder, StorageStats};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir,
-    File(Vec<u8>),
-}
-
+/// [`common::snapshot`] of a store, which must hold only directories and regular files.
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let path = e.unwrap().path();
-            let rel = path.strip_prefix(root).unwrap().to_path_buf();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            if meta.is_dir() {
-                out.insert(rel, Node::Dir);
-                walk(root, &path, out);
-            } else {
-                assert!(meta.is_file(), "unexpected file type at {}", path.display());
-                out.insert(rel, Node::File(std::fs::read(&path).unwrap()));
-            }
-        }
+    let tree = common::snapshot(root);
+    for (rel, node) in &tree {
+        assert!(matches!(node, Node::Dir | Node::File(_)), "unexpected file type at {}", root.join(rel).display());
     }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// Writes a whole file without `std::fs::write` (banned crate-wide by clippy.toml).
-fn put_file(path: &Path, bytes: &[u8]) {
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(bytes).unwrap();
-}
-
-/// A small seeded PRNG (SplitMix64), so every run corrupts the same bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
+    tree
 }
 
 /// Offsets to damage: all of them for records up to 512 bytes, else 256 spread evenly
@@ -101,20 +55,20 @@ enum Comp {
 }
 
 impl Comp {
-    fn ext(self) -> &'static str {
+    fn of(compression: Option<u32>) -> Comp {
+        if compression.is_some() { Comp::Gzip } else { Comp::Plain }
+    }
+    fn compression(self) -> Option<u32> {
         match self {
-            Comp::Plain => ".json",
-            Comp::Gzip => ".json.gz",
+            Comp::Plain => None,
+            Comp::Gzip => Some(common::GZIP_LEVEL),
         }
     }
+    fn ext(self) -> &'static str {
+        common::ext(self.compression())
+    }
     fn builder(self, base: &Path) -> StateManagerBuilder {
-        let b = StateManager::builder(FileStorageBackend::new(base).unwrap())
-            .janitor_interval(Duration::from_secs(3600))
-            .call_timeout(Duration::from_secs(20));
-        match self {
-            Comp::Plain => b,
-            Comp::Gzip => b.compression(6),
-        }
+        common::builder(base, self.compression()).janitor_interval(JANITOR_HOURLY).call_timeout(Duration::from_secs(20))
     }
 }
 
@@ -142,7 +96,7 @@ fn state_b() -> Value {
 }
 fn state_big() -> Value {
     // Incompressible text, so the gzipped record is large too.
-    let mut rng = Rng(7);
+    let mut rng = SplitMix64(7);
     let blob: String = (0..20_000).map(|_| char::from(b"0123456789abcdef"[rng.below(16)])).collect();
     json!({"who": "big", "blob": blob})
 }
@@ -164,8 +118,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new(comp: Comp) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("store");
+        let (dir, base) = temp_store("store");
         let m = comp.builder(&base).start().await.unwrap();
         m.save_session("sB", &state_b()).await.unwrap();
         m.save_session("sBig", &state_big()).await.unwrap();
@@ -213,6 +166,7 @@ impl Fixture {
             match node {
                 Node::Dir => std::fs::create_dir_all(self.base.join(rel)).unwrap(),
                 Node::File(bytes) => put_file(&self.base.join(rel), bytes),
+                other => unreachable!("snapshot() admits no {other:?}"),
             }
         }
     }
@@ -371,79 +325,71 @@ async fn expect_all_detected(fx: &Fixture, what: &str, cases: Vec<(String, Targe
 // Deterministic damage
 // ---------------------------------------------------------------------------------------
 
-async fn flipped_bytes(comp: Comp) {
-    let fx = Fixture::new(comp).await;
+/// Damages the pristine record of every target with `damage` (named damaged copies of the
+/// record's bytes) and expects every copy to be detected.
+async fn damage_every_target(
+    compression: Option<u32>,
+    what: &str,
+    mut damage: impl FnMut(&[u8]) -> Vec<(String, Vec<u8>)>,
+) {
+    let fx = Fixture::new(Comp::of(compression)).await;
     let mut cases = Vec::new();
     for t in fx.targets() {
-        let good = fx.bytes(&t.key(comp));
-        for i in offsets(good.len()) {
-            let mut bad = good.clone();
+        let good = fx.bytes(&t.key(fx.comp));
+        cases.extend(damage(&good).into_iter().map(|(name, bad)| (name, t.clone(), bad)));
+    }
+    expect_all_detected(&fx, what, cases).await;
+}
+
+async fn flipped_bytes(compression: Option<u32>) {
+    damage_every_target(compression, "flipped bytes", |good| {
+        let flipped = |i: usize| {
+            let mut bad = good.to_vec();
             bad[i] ^= 0xff;
-            cases.push((format!("byte {i} of {} flipped", good.len()), t.clone(), bad));
-        }
-    }
-    expect_all_detected(&fx, "flipped bytes", cases).await;
+            (format!("byte {i} of {} flipped", good.len()), bad)
+        };
+        offsets(good.len()).into_iter().map(flipped).collect()
+    })
+    .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flipped_bytes_are_corrupt() {
-    flipped_bytes(Comp::Plain).await;
+plain_and_compressed! {
+    flipped_bytes_are_corrupt,
+    flipped_bytes_are_corrupt_compressed => flipped_bytes;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flipped_bytes_are_corrupt_compressed() {
-    flipped_bytes(Comp::Gzip).await;
+async fn truncations(compression: Option<u32>) {
+    damage_every_target(compression, "truncations", |good| {
+        let cut = |len: usize| (format!("cut to {len} of {} bytes", good.len()), good[..len].to_vec());
+        offsets(good.len()).into_iter().map(cut).collect()
+    })
+    .await;
 }
 
-async fn truncations(comp: Comp) {
-    let fx = Fixture::new(comp).await;
-    let mut cases = Vec::new();
-    for t in fx.targets() {
-        let good = fx.bytes(&t.key(comp));
-        for len in offsets(good.len()) {
-            cases.push((format!("cut to {len} of {} bytes", good.len()), t.clone(), good[..len].to_vec()));
-        }
-    }
-    expect_all_detected(&fx, "truncations", cases).await;
+plain_and_compressed! {
+    truncated_records_are_corrupt,
+    truncated_records_are_corrupt_compressed => truncations;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_records_are_corrupt() {
-    truncations(Comp::Plain).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_records_are_corrupt_compressed() {
-    truncations(Comp::Gzip).await;
-}
-
-async fn appended_and_emptied(comp: Comp) {
-    let fx = Fixture::new(comp).await;
-    let mut cases = Vec::new();
-    let mut rng = Rng(42);
-    for t in fx.targets() {
-        let good = fx.bytes(&t.key(comp));
+async fn appended_and_emptied(compression: Option<u32>) {
+    let mut rng = SplitMix64(42);
+    damage_every_target(compression, "appended garbage / emptied", |good| {
+        let mut cases = Vec::new();
         for extra in [&b"\n"[..], b" ", b"\0", b"}", b"{}\n", b"garbage", &rng.bytes(1), &rng.bytes(4096)] {
-            let mut bad = good.clone();
-            bad.extend_from_slice(extra);
-            cases.push((format!("{} bytes appended", extra.len()), t.clone(), bad));
+            cases.push((format!("{} bytes appended", extra.len()), [good, extra].concat()));
         }
-        cases.push(("doubled".to_owned(), t.clone(), [good.clone(), good.clone()].concat()));
-        cases.push(("emptied".to_owned(), t.clone(), Vec::new()));
-        cases.push(("zeroed".to_owned(), t.clone(), vec![0; good.len()]));
-        cases.push(("random, same size".to_owned(), t.clone(), rng.bytes(good.len())));
-    }
-    expect_all_detected(&fx, "appended garbage / emptied", cases).await;
+        cases.push(("doubled".to_owned(), [good, good].concat()));
+        cases.push(("emptied".to_owned(), Vec::new()));
+        cases.push(("zeroed".to_owned(), vec![0; good.len()]));
+        cases.push(("random, same size".to_owned(), rng.bytes(good.len())));
+        cases
+    })
+    .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appended_garbage_and_empty_files_are_corrupt() {
-    appended_and_emptied(Comp::Plain).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appended_garbage_and_empty_files_are_corrupt_compressed() {
-    appended_and_emptied(Comp::Gzip).await;
+plain_and_compressed! {
+    appended_garbage_and_empty_files_are_corrupt,
+    appended_garbage_and_empty_files_are_corrupt_compressed => appended_and_emptied;
 }
 
 /// The swap cases: another key's genuine record put in place of `sA`'s and of `cpA1`'s.
@@ -462,59 +408,54 @@ fn swaps(fx: &Fixture) -> Vec<(String, Target, Vec<u8>)> {
     ]
 }
 
-/// A genuine record of another key must be refused as corrupt (the envelope binds the
-/// session and checkpoint id), and the healthy records it came from still read right.
-async fn swapped_detected(comp: Comp) {
-    let fx = Fixture::new(comp).await;
+/// Probes every swap case and returns the mode and, for each probe `problem` finds fault
+/// with, the case's name and the fault.
+async fn swap_problems(compression: Option<u32>, problem: impl Fn(&Probe) -> Option<String>) -> (Comp, Vec<String>) {
+    let fx = Fixture::new(Comp::of(compression)).await;
     let mut bad = Vec::new();
     for (name, t, bytes) in swaps(&fx) {
-        let p = probe(&fx, &t, &bytes).await;
-        if p.verdict != Verdict::Detected || !p.original_kept || p.collateral.is_some() {
-            bad.push(format!("{name}: {p:?}"));
+        if let Some(fault) = problem(&probe(&fx, &t, &bytes).await) {
+            bad.push(format!("{name}: {fault}"));
         }
     }
+    (fx.comp, bad)
+}
+
+/// A genuine record of another key must be refused as corrupt (the envelope binds the
+/// session and checkpoint id), and the healthy records it came from still read right.
+async fn swapped_detected(compression: Option<u32>) {
+    let (comp, bad) = swap_problems(compression, |p| {
+        let ok = p.verdict == Verdict::Detected && p.original_kept && p.collateral.is_none();
+        (!ok).then(|| format!("{p:?}"))
+    })
+    .await;
     assert!(bad.is_empty(), "swapped records ({comp:?}):\n{}", bad.join("\n"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swapped_records_are_rejected() {
-    swapped_detected(Comp::Plain).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swapped_records_are_rejected_compressed() {
-    swapped_detected(Comp::Gzip).await;
+plain_and_compressed! {
+    swapped_records_are_rejected,
+    swapped_records_are_rejected_compressed => swapped_detected;
 }
 
 /// A record refused because it belongs to another key is damaged like any other: a copy
 /// must go to `quarantine/` ("the file is kept (moved to a quarantine folder)").
-async fn swapped_quarantined(comp: Comp) {
-    let fx = Fixture::new(comp).await;
-    let mut bad = Vec::new();
-    for (name, t, bytes) in swaps(&fx) {
-        let p = probe(&fx, &t, &bytes).await;
-        if !p.quarantined {
-            bad.push(format!("{name}: no copy in quarantine/ ({:?})", p.verdict));
-        }
-    }
+async fn swapped_quarantined(compression: Option<u32>) {
+    let (comp, bad) =
+        swap_problems(compression, |p| (!p.quarantined).then(|| format!("no copy in quarantine/ ({:?})", p.verdict)))
+            .await;
     assert!(bad.is_empty(), "swapped records ({comp:?}) were not quarantined:\n{}", bad.join("\n"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swapped_records_are_quarantined() {
-    swapped_quarantined(Comp::Plain).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swapped_records_are_quarantined_compressed() {
-    swapped_quarantined(Comp::Gzip).await;
+plain_and_compressed! {
+    swapped_records_are_quarantined,
+    swapped_records_are_quarantined_compressed => swapped_quarantined;
 }
 
 // ---------------------------------------------------------------------------------------
 // Random damage
 // ---------------------------------------------------------------------------------------
 
-fn random_damage(rng: &mut Rng, good: &[u8]) -> (String, Vec<u8>) {
+fn random_damage(rng: &mut SplitMix64, good: &[u8]) -> (String, Vec<u8>) {
     loop {
         let len = good.len();
         let (name, bad) = match rng.below(7) {
@@ -583,7 +524,7 @@ fn random_damage(rng: &mut Rng, good: &[u8]) -> (String, Vec<u8>) {
 async fn random_corruptions_are_all_detected() {
     const N: usize = 2000;
     let fixtures = [Fixture::new(Comp::Plain).await, Fixture::new(Comp::Gzip).await];
-    let mut rng = Rng(0x6d61_7273_2d73_7461); // "mars-sta"
+    let mut rng = SplitMix64(0x6d61_7273_2d73_7461); // "mars-sta"
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut examples: Vec<String> = Vec::new();
     for i in 0..N {
@@ -664,11 +605,12 @@ async fn listings_match(fx: &Fixture) -> Result<(), String> {
 
 const JOURNAL: &str = "metadata/index.log";
 
-async fn damaged_journal(comp: Comp) {
+async fn damaged_journal(compression: Option<u32>) {
+    let comp = Comp::of(compression);
     let fx = Fixture::new(comp).await;
     let good = fx.bytes(JOURNAL);
     assert!(good.len() > 100, "journal unexpectedly small");
-    let mut rng = Rng(99);
+    let mut rng = SplitMix64(99);
     let mut cases: Vec<(String, Option<Vec<u8>>)> = vec![
         ("deleted".into(), None),
         ("emptied".into(), Some(Vec::new())),
@@ -718,14 +660,9 @@ async fn damaged_journal(comp: Comp) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_index_journal_is_rebuilt_from_the_records() {
-    damaged_journal(Comp::Plain).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_index_journal_is_rebuilt_from_the_records_compressed() {
-    damaged_journal(Comp::Gzip).await;
+plain_and_compressed! {
+    damaged_index_journal_is_rebuilt_from_the_records,
+    damaged_index_journal_is_rebuilt_from_the_records_compressed => damaged_journal;
 }
 
 /// The journal is not fsynced, so a crash may drop its last line. If that line recorded a
@@ -734,8 +671,7 @@ async fn damaged_index_journal_is_rebuilt_from_the_records_compressed() {
 /// was saved just now: an age-based cleanup must not delete it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_that_lost_its_tail_does_not_make_a_fresh_session_look_idle() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
+    let (_dir, base) = temp_store("store");
     let m = Comp::Plain.builder(&base).start().await.unwrap();
     m.save_session("sA", &json!({"n": 1})).await.unwrap();
     m.save_session("keep", &json!({"n": 1})).await.unwrap();
@@ -782,7 +718,8 @@ async fn journal_that_lost_its_tail_does_not_make_a_fresh_session_look_idle() {
 
 /// A damaged record whose save time cannot be read must not count as "idle since 1970":
 /// an age-based cleanup would delete the very file kept for inspection.
-async fn corrupt_not_idle(comp: Comp) {
+async fn corrupt_not_idle(compression: Option<u32>) {
+    let comp = Comp::of(compression);
     let fx = Fixture::new(comp).await;
     let key = Target::Session("sBig").key(comp);
     let good = fx.bytes(&key);
@@ -797,14 +734,9 @@ async fn corrupt_not_idle(comp: Comp) {
     assert!(fx.base.join(&key).is_file(), "the damaged record was deleted");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_record_is_not_removed_as_idle() {
-    corrupt_not_idle(Comp::Plain).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_record_is_not_removed_as_idle_compressed() {
-    corrupt_not_idle(Comp::Gzip).await;
+plain_and_compressed! {
+    damaged_record_is_not_removed_as_idle,
+    damaged_record_is_not_removed_as_idle_compressed => corrupt_not_idle;
 }
 
 /// Damaged store metadata stops the start with an error naming it; it is not silently

@@ -24,6 +24,8 @@
 //! its 12 newest checkpoints after each round so the store stays small.
 //! `MARS_CRASH_ROUNDS` sets the rounds per test (default 150).
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -32,6 +34,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{SplitMix64, ext, with_compression};
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -68,11 +71,10 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn open(dir: &Path, compression: Option<u32>) -> mars_state::Result<StateManager> {
-    let mut builder = StateManager::builder(FileStorageBackend::new(dir)?);
-    if let Some(level) = compression {
-        builder = builder.compression(level);
-    }
-    builder.start().await
+    // Waiting briefly: a child spawned by the other test of this file may hold an inherited
+    // copy of the lock between its fork and its exec.
+    let backend = FileStorageBackend::open_waiting(dir, std::time::Duration::from_secs(2))?;
+    with_compression(StateManager::builder(backend), compression).start().await
 }
 
 fn session_name(s: u64) -> String {
@@ -85,10 +87,7 @@ struct XorShift(u64);
 impl XorShift {
     /// Scrambles `seed` first (splitmix64), so nearby seeds give unrelated sequences.
     fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        XorShift((z ^ (z >> 31)).max(1))
+        XorShift(SplitMix64(seed).next().max(1))
     }
     fn next(&mut self) -> u64 {
         let mut x = self.0;
@@ -334,7 +333,7 @@ fn run_child_and_kill(exe: &Path, test_name: &str, dir: &Path, delay: Duration, 
 async fn check(dir: &Path, compression: Option<u32>, model: &mut Model, counts: &mut Counts, round: usize) {
     let m = open(dir, compression).await.unwrap_or_else(|e| panic!("round {round}: reopening failed: {e}"));
     counts.staged_left += staged_files(dir, true);
-    let ext = if compression.is_some() { ".json.gz" } else { ".json" };
+    let ext = ext(compression);
     let mut on_disk_total = 0;
 
     for s in 0..SESSIONS {

@@ -8,9 +8,12 @@
 //! this backend and against the crate's own `MemoryStorageBackend` and `FileStorageBackend`
 //! so the three agree.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use common::{ext, plain_and_compressed, spawn_each, with_compression};
 use mars_state::{
     ErrorKind, FileStorageBackend, MemoryStorageBackend, ObjectMeta, StateManager, StorageBackend, StorageKey,
     SweepReport,
@@ -81,12 +84,10 @@ fn key(k: &str) -> StorageKey {
 // ---------------------------------------------------------------------------------------
 
 async fn start(backend: &MapBackend, compression: Option<u32>) -> StateManager {
-    let b = StateManager::builder(backend.clone());
-    let b = match compression {
-        Some(level) => b.compression(level),
-        None => b,
-    };
-    b.start().await.expect("start over the custom backend")
+    with_compression(StateManager::builder(backend.clone()), compression)
+        .start()
+        .await
+        .expect("start over the custom backend")
 }
 
 async fn core_flows(compression: Option<u32>) {
@@ -97,7 +98,7 @@ async fn core_flows(compression: Option<u32>) {
     assert_eq!(m.load_session("s1").await.unwrap(), None);
     m.save_session("s1", &json!({"step": 42})).await.unwrap();
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 42})));
-    let ext = if compression.is_some() { ".json.gz" } else { ".json" };
+    let ext = ext(compression);
     assert!(backend.keys().contains(&format!("sessions/s1{ext}")), "keys: {:?}", backend.keys());
     let raw = backend.map().get(&format!("sessions/s1{ext}")).cloned().unwrap();
     if compression.is_none() {
@@ -165,14 +166,8 @@ async fn core_flows(compression: Option<u32>) {
     m.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn core_flows_plain() {
-    core_flows(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn core_flows_gzip() {
-    core_flows(Some(6)).await;
+plain_and_compressed! {
+    core_flows_plain, core_flows_gzip => core_flows;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,14 +198,9 @@ async fn custom_store_refuses_other_compression() {
 async fn concurrent_increments_over_custom_backend() {
     let backend = MapBackend::default();
     let m = start(&backend, None).await;
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let m = m.clone();
-            tokio::spawn(async move {
-                m.transactional_update("n", |old: Option<u64>| Ok::<_, std::io::Error>(old.unwrap_or(0) + 1)).await
-            })
-        })
-        .collect();
+    let tasks = spawn_each(&m, 0..100, |m, _| async move {
+        m.transactional_update("n", |old: Option<u64>| Ok::<_, std::io::Error>(old.unwrap_or(0) + 1)).await
+    });
     for t in tasks {
         t.await.unwrap().unwrap();
     }
@@ -222,32 +212,22 @@ async fn concurrent_increments_over_custom_backend() {
 // The trait contract, one function per clause, run against every backend.
 // ---------------------------------------------------------------------------------------
 
-/// Gives each contract test a fresh backend; the guard keeps a temporary directory alive.
-trait Fixture {
-    fn make() -> (Option<tempfile::TempDir>, Arc<dyn StorageBackend>);
+/// A fresh backend for one contract test, and a guard that keeps its temporary directory
+/// (if it has one) alive.
+type Fresh = (Option<tempfile::TempDir>, Arc<dyn StorageBackend>);
+
+fn custom() -> Fresh {
+    (None, Arc::new(MapBackend::default()))
 }
 
-struct Custom;
-impl Fixture for Custom {
-    fn make() -> (Option<tempfile::TempDir>, Arc<dyn StorageBackend>) {
-        (None, Arc::new(MapBackend::default()))
-    }
+fn memory() -> Fresh {
+    (None, Arc::new(MemoryStorageBackend::new()))
 }
 
-struct Memory;
-impl Fixture for Memory {
-    fn make() -> (Option<tempfile::TempDir>, Arc<dyn StorageBackend>) {
-        (None, Arc::new(MemoryStorageBackend::new()))
-    }
-}
-
-struct File;
-impl Fixture for File {
-    fn make() -> (Option<tempfile::TempDir>, Arc<dyn StorageBackend>) {
-        let dir = tempfile::tempdir().unwrap();
-        let b = FileStorageBackend::new(dir.path()).unwrap();
-        (Some(dir), Arc::new(b))
-    }
+fn file() -> Fresh {
+    let dir = tempfile::tempdir().unwrap();
+    let b = FileStorageBackend::new(dir.path()).unwrap();
+    (Some(dir), Arc::new(b))
 }
 
 async fn get_missing_is_none(b: &dyn StorageBackend) {
@@ -318,17 +298,16 @@ async fn sweep_on_clean_store_removes_nothing(b: &dyn StorageBackend) {
 
 macro_rules! contract {
     ($($clause:ident),* $(,)?) => {
-        contract!(@backend contract_custom, Custom, $($clause),*);
-        contract!(@backend contract_memory, Memory, $($clause),*);
-        contract!(@backend contract_file, File, $($clause),*);
+        contract!(@backend contract_custom, custom, $($clause),*);
+        contract!(@backend contract_memory, memory, $($clause),*);
+        contract!(@backend contract_file, file, $($clause),*);
     };
-    (@backend $module:ident, $fixture:ident, $($clause:ident),*) => {
+    (@backend $module:ident, $fresh:ident, $($clause:ident),*) => {
         mod $module {
-            use super::Fixture;
             $(
                 #[tokio::test]
                 async fn $clause() {
-                    let (_guard, backend) = super::$fixture::make();
+                    let (_guard, backend) = super::$fresh();
                     super::$clause(&*backend).await;
                 }
             )*

@@ -12,13 +12,18 @@
 //! - Error messages (`Display` and `Debug`) and logs never contain the state's payload, and
 //!   hostile ids appear in them escaped and cut short.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use common::{
+    JANITOR_HOURLY, builder, diff, ext, flip_byte, open_quiet, plain_and_compressed, put_file, quiet, session_file,
+    snapshot, temp_store,
+};
 use mars_state::{BranchId, CheckpointId, ErrorKind, FileStorageBackend, SessionId, StateError, StateManager};
 use serde_json::{Value, json};
 
@@ -26,68 +31,8 @@ use serde_json::{Value, json};
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir,
-    File(Vec<u8>),
-    Link(PathBuf),
-    Other,
-}
-
-/// Every path under `root` (relative), with file contents and link targets.
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-        entries.sort();
-        for path in entries {
-            let rel = path.strip_prefix(root).unwrap().to_path_buf();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            if meta.file_type().is_symlink() {
-                out.insert(rel, Node::Link(std::fs::read_link(&path).unwrap()));
-            } else if meta.is_dir() {
-                out.insert(rel, Node::Dir);
-                walk(root, &path, out);
-            } else if meta.is_file() {
-                out.insert(rel, Node::File(std::fs::read(&path).unwrap()));
-            } else {
-                out.insert(rel, Node::Other);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// Describes how two snapshots differ (empty if they are equal).
-fn diff(before: &BTreeMap<PathBuf, Node>, after: &BTreeMap<PathBuf, Node>) -> Vec<String> {
-    let mut out = Vec::new();
-    for (p, n) in before {
-        match after.get(p) {
-            None => out.push(format!("removed: {}", p.display())),
-            Some(m) if m != n => out.push(format!("changed: {}", p.display())),
-            _ => {}
-        }
-    }
-    for p in after.keys().filter(|p| !before.contains_key(*p)) {
-        out.push(format!("added: {}", p.display()));
-    }
-    out
-}
-
-/// Writes a whole file without `std::fs::write` (banned crate-wide by clippy.toml).
-fn put_file(path: &Path, bytes: &[u8]) {
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(bytes).unwrap();
-}
-
 async fn start(base: &Path) -> StateManager {
-    StateManager::builder(FileStorageBackend::new(base).unwrap())
-        .janitor_interval(Duration::from_secs(3600))
-        .call_timeout(Duration::from_secs(10))
-        .start()
-        .await
-        .unwrap()
+    open_quiet(base, None).await
 }
 
 /// Escaped form for failure messages.
@@ -105,9 +50,13 @@ fn is_dangerous(c: char) -> bool {
             | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{E0000}'..='\u{E007F}')
 }
 
+fn owned(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
 /// More than 60 ids that must all be rejected.
 fn hostile_ids() -> Vec<String> {
-    let mut v: Vec<String> = [
+    let mut v = owned(&[
         // empty, dots, traversal, absolute paths, separators
         "",
         ".",
@@ -186,10 +135,7 @@ fn hostile_ids() -> Vec<String> {
         "a%b",
         "a&b",
         "a+b",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     v.push("a".repeat(129));
     v.push("a".repeat(10_000));
     v.push("\u{E9}".repeat(64)); // 128 bytes, but not ASCII
@@ -225,19 +171,12 @@ fn check_invalid<T>(failures: &mut Vec<String>, call: &str, what: &str, id: &str
 // ---------------------------------------------------------------------------------------
 
 async fn hostile_ids_touch_nothing(compression: Option<u32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tmp").join("store");
+    let (dir, base) = temp_store("tmp/store");
     // Canaries where an escaping id could land.
     std::fs::create_dir_all(dir.path().join("etc")).unwrap();
     put_file(&dir.path().join("etc").join("passwd"), b"root:x:0:0\n");
     put_file(&dir.path().join("x"), b"canary");
-    let mut b = StateManager::builder(FileStorageBackend::new(&base).unwrap())
-        .janitor_interval(Duration::from_secs(3600))
-        .call_timeout(Duration::from_secs(10));
-    if let Some(level) = compression {
-        b = b.compression(level);
-    }
-    let m = b.start().await.unwrap();
+    let m = open_quiet(&base, compression).await;
     m.save_session("legit", &json!({"step": 1})).await.unwrap();
     let legit_cp = m.create_checkpoint("legit", "main", &json!({"step": 0})).await.unwrap();
 
@@ -291,9 +230,9 @@ async fn hostile_ids_touch_nothing(compression: Option<u32>) {
     assert_eq!(m.list_sessions().await.unwrap(), sessions_before);
     assert_eq!(m.get_storage_stats().await.unwrap(), stats_before);
     assert_eq!(m.live_session_actors().await.unwrap(), actors_before, "hostile ids spawned session actors");
-    let ext = if compression.is_some() { "legit.json.gz" } else { "legit.json" };
     let records: Vec<_> = std::fs::read_dir(base.join("sessions")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(records, vec![std::ffi::OsString::from(ext)], "the sessions folder gained entries");
+    let legit = std::ffi::OsString::from(format!("legit{}", ext(compression)));
+    assert_eq!(records, vec![legit], "the sessions folder gained entries");
     let cps: Vec<_> = std::fs::read_dir(base.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(cps, vec![std::ffi::OsString::from("legit")], "the checkpoints folder gained entries");
     assert_eq!(m.list_checkpoints("legit").await.unwrap().len(), 1);
@@ -302,21 +241,16 @@ async fn hostile_ids_touch_nothing(compression: Option<u32>) {
     m.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_ids_are_rejected_by_every_method_and_touch_nothing() {
-    hostile_ids_touch_nothing(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_ids_are_rejected_by_every_method_and_touch_nothing_compressed() {
-    hostile_ids_touch_nothing(Some(6)).await;
+plain_and_compressed! {
+    hostile_ids_are_rejected_by_every_method_and_touch_nothing,
+    hostile_ids_are_rejected_by_every_method_and_touch_nothing_compressed => hostile_ids_touch_nothing;
 }
 
 #[test]
 fn hostile_checkpoint_ids_are_rejected() {
     let valid = "0192a3b4c5d60001-1a2b3c4d";
     assert!(CheckpointId::parse(valid).is_ok());
-    let mut bad: Vec<String> = [
+    let mut bad = owned(&[
         "",
         ".",
         "..",
@@ -348,10 +282,7 @@ fn hostile_checkpoint_ids_are_rejected() {
         "%2e%2e%2f0192a3b4c5d60001-1a2b3c",
         "0x92a3b4c5d60001-1a2b3c4d",
         "0192a3b4c5d60001-1a2b3c4d\u{301}",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     bad.push("0".repeat(10_000));
     bad.push(format!("{}-{}", "0".repeat(16), "0".repeat(10_000)));
     let mut failures = Vec::new();
@@ -368,8 +299,7 @@ fn hostile_checkpoint_ids_are_rejected() {
 /// A well-formed id that names nothing is "not there", not an error, and touches nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_checkpoint_ids_find_nothing_and_touch_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tmp").join("store");
+    let (dir, base) = temp_store("tmp/store");
     let m = start(&base).await;
     m.save_session("s1", &json!(1)).await.unwrap();
     let before = snapshot(dir.path());
@@ -387,8 +317,7 @@ async fn unknown_checkpoint_ids_find_nothing_and_touch_nothing() {
 /// store's own files) stay inside `sessions/` and `checkpoints/` and never collide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusual_valid_ids_stay_inside_the_store_and_do_not_collide() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tmp").join("store");
+    let (dir, base) = temp_store("tmp/store");
     put_file(&dir.path().join("x"), b"canary");
     let m = start(&base).await;
     let long = "a".repeat(128);
@@ -472,12 +401,18 @@ async fn genuine_records(sid: &str, data: &Value) -> (Vec<u8>, CheckpointId, Vec
 
 const OUTSIDE_SECRET: &str = "outside-secret-4b1d";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn planted_session_symlink_is_not_followed() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tmp").join("store");
+/// A fresh temporary directory with the store path `tmp/store` in it (not created yet) and
+/// the folder `outside/` beside the store, for planted links to point to.
+fn store_and_outside() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (dir, base) = temp_store("tmp/store");
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
+    (dir, base, outside)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_session_symlink_is_not_followed() {
+    let (_dir, base, outside) = store_and_outside();
     let (record, _, _) = genuine_records("evil", &json!({"secret": OUTSIDE_SECRET})).await;
     let target = outside.join("evil.json");
     put_file(&target, &record);
@@ -503,22 +438,19 @@ async fn planted_session_symlink_is_not_followed() {
 
 /// Fixture for the checkpoint-folder link: `checkpoints/s1 -> outside/` where `outside/`
 /// holds a genuine checkpoint record of `s1` and an unrelated file.
-async fn planted_checkpoint_dir(dir: &Path) -> (PathBuf, PathBuf, CheckpointId) {
-    let base = dir.join("tmp").join("store");
-    let outside = dir.join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
+async fn planted_checkpoint_dir() -> (tempfile::TempDir, PathBuf, PathBuf, CheckpointId) {
+    let (dir, base, outside) = store_and_outside();
     let (_, cid, cp) = genuine_records("s1", &json!({"secret": OUTSIDE_SECRET})).await;
     put_file(&outside.join(format!("{cid}.json")), &cp);
     put_file(&outside.join("precious.txt"), b"do not delete");
     drop(FileStorageBackend::new(&base).unwrap());
     std::os::unix::fs::symlink(&outside, base.join("checkpoints").join("s1")).unwrap();
-    (base, outside, cid)
+    (dir, base, outside, cid)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planted_checkpoint_dir_symlink_is_not_read_or_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, outside, cid) = planted_checkpoint_dir(dir.path()).await;
+    let (_dir, base, outside, cid) = planted_checkpoint_dir().await;
     let before = snapshot(&outside);
     let m = start(&base).await;
     assert!(m.list_checkpoints("s1").await.unwrap().is_empty(), "checkpoints listed through a symlink");
@@ -528,18 +460,14 @@ async fn planted_checkpoint_dir_symlink_is_not_read_or_written() {
     let _ = m.create_checkpoint("s1", "main", &json!({"mine": 1})).await;
     let _ = m.cleanup_checkpoints("s1", 0).await;
     let _ = m.vacuum_storage().await;
-    assert!(
-        diff(&before, &snapshot(&outside)).is_empty(),
-        "the link's target changed: {:?}",
-        diff(&before, &snapshot(&outside))
-    );
+    let d = diff(&before, &snapshot(&outside));
+    assert!(d.is_empty(), "the link's target changed: {d:?}");
     m.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_session_does_not_follow_a_planted_checkpoint_dir_symlink() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, outside, _) = planted_checkpoint_dir(dir.path()).await;
+    let (_dir, base, outside, _) = planted_checkpoint_dir().await;
     let before = snapshot(&outside);
     let m = start(&base).await;
     m.save_session("s1", &json!(1)).await.unwrap();
@@ -553,10 +481,7 @@ async fn delete_session_does_not_follow_a_planted_checkpoint_dir_symlink() {
 /// link to `outside` (a directory, or a file in it). Results are ignored; only the effect
 /// on `outside` and any leak of its content count. Returns the problems found.
 async fn workload_against_link(link: &str, to_dir: bool) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tmp").join("store");
-    let outside = dir.path().join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
+    let (_dir, base, outside) = store_and_outside();
     let (session, cid, cp) = genuine_records("s1", &json!({"secret": OUTSIDE_SECRET})).await;
     put_file(&outside.join("s1.json"), &session);
     put_file(&outside.join(format!("{cid}.json")), &cp);
@@ -589,14 +514,7 @@ async fn workload_against_link(link: &str, to_dir: bool) -> Vec<String> {
     };
     let backend = FileStorageBackend::new(&base);
     if let Ok(backend) = backend {
-        let started = tokio::time::timeout(
-            t,
-            StateManager::builder(backend)
-                .janitor_interval(Duration::from_secs(3600))
-                .call_timeout(Duration::from_secs(10))
-                .start(),
-        )
-        .await;
+        let started = tokio::time::timeout(t, quiet(StateManager::builder(backend)).start()).await;
         if let Ok(Ok(m)) = started {
             let _ = tokio::time::timeout(t, m.save_session("s1", &json!({"mine": 1}))).await;
             if let Ok(r) = tokio::time::timeout(t, m.load_session("s1")).await {
@@ -654,10 +572,7 @@ async fn planted_symlinks_anywhere_in_the_store_are_not_followed() {
 /// cached that the folder exists) must not be written through either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_dir_swapped_for_a_symlink_while_running_is_not_written_through() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tmp").join("store");
-    let outside = dir.path().join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
+    let (dir, base, outside) = store_and_outside();
     let m = start(&base).await;
     m.create_checkpoint("s1", "main", &json!(1)).await.unwrap();
     let real = base.join("checkpoints").join("s1");
@@ -738,14 +653,9 @@ fn no_marker(failures: &mut Vec<String>, what: &str, e: &StateError) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_and_logs_never_contain_the_payload() {
     let logs = captured_logs();
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    let m = StateManager::builder(FileStorageBackend::new(&base).unwrap())
-        .janitor_interval(Duration::from_secs(3600))
-        .max_state_bytes(4096)
-        .start()
-        .await
-        .unwrap();
+    let (_dir, base) = temp_store("store");
+    let open = || builder(&base, None).janitor_interval(JANITOR_HOURLY).max_state_bytes(4096).start();
+    let m = open().await.unwrap();
     let mut failures = Vec::new();
     let f = &mut failures;
 
@@ -774,20 +684,11 @@ async fn errors_and_logs_never_contain_the_payload() {
     m.save_session("cut", &json!({"note": MARKER})).await.unwrap();
     m.shutdown().await.unwrap();
     drop(m);
-    let flip = base.join("sessions").join("flip.json");
-    let mut bytes = std::fs::read(&flip).unwrap();
-    let at = bytes.len() - 4;
-    bytes[at] ^= 0x01;
-    put_file(&flip, &bytes);
-    let cut = base.join("sessions").join("cut.json");
+    flip_byte(&session_file(&base, "flip", None), |len| len - 4, 0x01);
+    let cut = session_file(&base, "cut", None);
     let bytes = std::fs::read(&cut).unwrap();
     put_file(&cut, &bytes[..bytes.len() - 3]);
-    let m = StateManager::builder(FileStorageBackend::new(&base).unwrap())
-        .janitor_interval(Duration::from_secs(3600))
-        .max_state_bytes(4096)
-        .start()
-        .await
-        .unwrap();
+    let m = open().await.unwrap();
     no_marker(f, "load_session (flipped byte)", &m.load_session("flip").await.unwrap_err());
     no_marker(f, "load_session (truncated)", &m.load_session("cut").await.unwrap_err());
     let report = m.vacuum_storage().await.unwrap();

@@ -1,26 +1,31 @@
 //! The janitor on its interval, under paused time: it trims checkpoints past the retention
 //! limit and removes idle sessions exactly when the policy says, and nothing else.
 
+mod common;
+
 use std::time::Duration;
 
-use mars_state::{FileStorageBackend, MemoryStorageBackend, RetentionPolicy, StateManager};
+use common::{builder, checkpoint_ids, open_temp, session_ids, settle};
+use mars_state::{MemoryStorageBackend, RetentionPolicy, StateManager};
 use serde_json::json;
 
-/// Lets the actors run until they have nothing left to do (paused time does not move).
-async fn settle() {
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
+/// A manager over a fresh in-memory store whose janitor runs `every` so long under `policy`.
+async fn memory_manager(every: Duration, policy: RetentionPolicy) -> StateManager {
+    StateManager::builder(MemoryStorageBackend::new()).janitor_interval(every).retention(policy).start().await.unwrap()
+}
+
+/// Advances paused time by `n` hours, one at a time, letting the janitor run after each.
+async fn pass_hours(n: usize) {
+    for _ in 0..n {
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        settle().await;
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn interval_pass_trims_checkpoints_to_the_limit() {
-    let m = StateManager::builder(MemoryStorageBackend::new())
-        .janitor_interval(Duration::from_secs(60))
-        .retention(RetentionPolicy { keep_checkpoints: Some(2), ..Default::default() })
-        .start()
-        .await
-        .unwrap();
+    let policy = RetentionPolicy { keep_checkpoints: Some(2), ..Default::default() };
+    let m = memory_manager(Duration::from_secs(60), policy).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(m.create_checkpoint("s1", "main", &json!({"i": i})).await.unwrap());
@@ -43,30 +48,19 @@ async fn interval_pass_trims_checkpoints_to_the_limit() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_sessions_are_removed_and_active_ones_kept() {
-    let m = StateManager::builder(MemoryStorageBackend::new())
-        .janitor_interval(Duration::from_secs(3600))
-        .retention(RetentionPolicy { max_session_idle: Some(Duration::from_secs(86_400)), ..Default::default() })
-        .start()
-        .await
-        .unwrap();
+    let policy = RetentionPolicy { max_session_idle: Some(Duration::from_secs(86_400)), ..Default::default() };
+    let m = memory_manager(Duration::from_secs(3600), policy).await;
     m.save_session("old", &json!({"v": 1})).await.unwrap();
     m.create_checkpoint("old", "main", &json!({"v": 1})).await.unwrap();
     m.save_session("busy", &json!({"v": 1})).await.unwrap();
     settle().await;
     // 23 hours: nobody is idle long enough yet.
-    for _ in 0..23 {
-        tokio::time::advance(Duration::from_secs(3600)).await;
-        settle().await;
-    }
+    pass_hours(23).await;
     assert_eq!(m.list_sessions().await.unwrap().len(), 2);
     m.save_session("busy", &json!({"v": 2})).await.unwrap();
     // Two more hours: "old" is now idle over a day, "busy" was saved an hour and a bit ago.
-    for _ in 0..2 {
-        tokio::time::advance(Duration::from_secs(3600)).await;
-        settle().await;
-    }
-    let names: Vec<String> = m.list_sessions().await.unwrap().into_iter().map(|s| s.session_id.to_string()).collect();
-    assert_eq!(names, vec!["busy".to_string()]);
+    pass_hours(2).await;
+    assert_eq!(session_ids(&m).await, vec!["busy".to_string()]);
     assert_eq!(m.load_session("old").await.unwrap(), None);
     assert!(m.list_checkpoints("old").await.unwrap().is_empty());
     assert_eq!(m.load_session("busy").await.unwrap(), Some(json!({"v": 2})));
@@ -75,8 +69,7 @@ async fn idle_sessions_are_removed_and_active_ones_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_now_sweeps_staged_files_of_interrupted_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = StateManager::start(FileStorageBackend::new(dir.path()).unwrap()).await.unwrap();
+    let (dir, m) = open_temp(None).await;
     m.save_session("s1", &json!({"v": 1})).await.unwrap();
     // What a crash between "create staged file" and "rename" leaves behind.
     let staged = dir.path().join("sessions").join(".s1.json.tmp-0123456789abcdef");
@@ -98,39 +91,24 @@ async fn cleanup_old_sessions_keeps_the_most_recent() {
     // Everything is older than 0 s; keep the two most recently updated.
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(m.cleanup_old_sessions(Duration::ZERO, 2).await.unwrap(), 1);
-    let names: Vec<String> = m.list_sessions().await.unwrap().into_iter().map(|s| s.session_id.to_string()).collect();
-    assert_eq!(names, vec!["b".to_string(), "c".to_string()]);
+    assert_eq!(session_ids(&m).await, vec!["b".to_string(), "c".to_string()]);
     m.shutdown().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn old_checkpoints_go_but_each_sessions_newest_stays() {
-    let m = StateManager::builder(MemoryStorageBackend::new())
-        .janitor_interval(Duration::from_secs(3600))
-        .retention(RetentionPolicy { max_checkpoint_age: Some(Duration::from_secs(86_400)), ..Default::default() })
-        .start()
-        .await
-        .unwrap();
+    let policy = RetentionPolicy { max_checkpoint_age: Some(Duration::from_secs(86_400)), ..Default::default() };
+    let m = memory_manager(Duration::from_secs(3600), policy).await;
     settle().await;
     let old_a = m.create_checkpoint("a", "main", &json!(1)).await.unwrap();
     let old_b = m.create_checkpoint("b", "main", &json!(1)).await.unwrap();
     // Ten hours later "a" gets a newer checkpoint; "b" does not.
-    for _ in 0..10 {
-        tokio::time::advance(Duration::from_secs(3600)).await;
-        settle().await;
-    }
+    pass_hours(10).await;
     let new_a = m.create_checkpoint("a", "main", &json!(2)).await.unwrap();
     // Past a day for the old ones, not for the new one.
-    for _ in 0..15 {
-        tokio::time::advance(Duration::from_secs(3600)).await;
-        settle().await;
-    }
-    let ids = |s: &'static str| {
-        let m = m.clone();
-        async move { m.list_checkpoints(s).await.unwrap().into_iter().map(|c| c.id).collect::<Vec<_>>() }
-    };
-    assert_eq!(ids("a").await, vec![new_a], "the old one of a is removed");
-    assert_eq!(ids("b").await, vec![old_b], "b's only (newest) checkpoint is spared however old");
+    pass_hours(15).await;
+    assert_eq!(checkpoint_ids(&m, "a").await, vec![new_a], "the old one of a is removed");
+    assert_eq!(checkpoint_ids(&m, "b").await, vec![old_b], "b's only (newest) checkpoint is spared however old");
     assert!(m.restore_checkpoint(&old_a).await.unwrap().is_none());
     m.shutdown().await.unwrap();
 }
@@ -139,7 +117,7 @@ async fn old_checkpoints_go_but_each_sessions_newest_stays() {
 async fn a_byte_cap_holds_across_1000_checkpoints_and_evicts_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
     let cap: u64 = 64 * 1024;
-    let m = StateManager::builder(FileStorageBackend::new(dir.path()).unwrap())
+    let m = builder(dir.path(), None)
         .retention(RetentionPolicy { max_total_bytes: Some(cap), ..Default::default() })
         .start()
         .await
@@ -177,8 +155,7 @@ async fn a_byte_cap_holds_across_1000_checkpoints_and_evicts_oldest_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn janitor_repairs_an_index_that_disagrees_with_the_records_and_reports_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = StateManager::start(FileStorageBackend::new(dir.path()).unwrap()).await.unwrap();
+    let (dir, m) = open_temp(None).await;
     m.save_session("s1", &json!({"v": 1})).await.unwrap();
     let cp = m.create_checkpoint("s1", "main", &json!({"v": 1})).await.unwrap();
     // A record removed behind the store's back: the index still lists it.

@@ -9,13 +9,15 @@
 //! `child_*` tests, selected by an environment variable); without that variable the
 //! `child_*` tests do nothing.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Node, flip_byte, open_quiet, plain_and_compressed, reopen_within, session_file, snapshot, temp_store};
 use mars_state::{ErrorKind, FileStorageBackend, StateError, StateManager};
 use serde_json::json;
 
@@ -28,45 +30,6 @@ const HOLD_ENV: &str = "MARS_STATE_LOCKING_HOLD_DIR";
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir,
-    File(Vec<u8>),
-    Link(PathBuf),
-    Other,
-}
-
-/// Every path under `root` (relative), with file contents and link targets.
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-        entries.sort();
-        for path in entries {
-            let rel = path.strip_prefix(root).unwrap().to_path_buf();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            if meta.file_type().is_symlink() {
-                out.insert(rel, Node::Link(std::fs::read_link(&path).unwrap()));
-            } else if meta.is_dir() {
-                out.insert(rel, Node::Dir);
-                walk(root, &path, out);
-            } else if meta.is_file() {
-                out.insert(rel, Node::File(std::fs::read(&path).unwrap()));
-            } else {
-                out.insert(rel, Node::Other);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-fn builder(base: &Path) -> mars_state::StateManagerBuilder {
-    StateManager::builder(FileStorageBackend::new(base).unwrap())
-        .janitor_interval(Duration::from_secs(3600))
-        .call_timeout(Duration::from_secs(10))
-}
-
 fn expect_locked<T>(r: Result<T, StateError>, base: &Path) {
     match r {
         Ok(_) => panic!("a second backend on {} opened while the first holds it", base.display()),
@@ -76,20 +39,6 @@ fn expect_locked<T>(r: Result<T, StateError>, base: &Path) {
             assert!(path.starts_with(base), "lock path {} is not inside the store {}", path.display(), base.display());
             let msg = e.to_string();
             assert!(msg.contains("locked"), "message does not say the store is locked: {msg}");
-        }
-    }
-}
-
-/// Polls `FileStorageBackend::new` until it succeeds or `within` passes.
-async fn reopen_within(base: &Path, within: Duration) -> FileStorageBackend {
-    let deadline = Instant::now() + within;
-    loop {
-        match FileStorageBackend::new(base) {
-            Ok(b) => return b,
-            Err(e) if e.kind() == ErrorKind::Locked && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("the store was not released within {within:?}: {e}"),
         }
     }
 }
@@ -139,6 +88,13 @@ fn probe(base: &Path) -> (String, Duration) {
     (answer, elapsed)
 }
 
+/// Starts a manager on `backend` and checks that session `s1` holds `{"step": step}`.
+async fn reopened_with_step(backend: FileStorageBackend, step: u64) -> StateManager {
+    let m = StateManager::start(backend).await.unwrap();
+    assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": step})));
+    m
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
 }
@@ -179,8 +135,7 @@ fn child_hold_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_backend_in_this_process_is_locked() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
+    let (_dir, base) = temp_store("store");
     let first = FileStorageBackend::new(&base).unwrap();
     expect_locked(FileStorageBackend::new(&base), &base);
     // Also through another spelling of the same path.
@@ -192,9 +147,8 @@ async fn second_backend_in_this_process_is_locked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_is_held_while_the_manager_runs_and_released_by_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    let m = builder(&base).start().await.unwrap();
+    let (_dir, base) = temp_store("store");
+    let m = open_quiet(&base, None).await;
     m.save_session("s1", &json!({"step": 1})).await.unwrap();
     expect_locked(FileStorageBackend::new(&base), &base);
     let before = snapshot(&base);
@@ -206,31 +160,26 @@ async fn lock_is_held_while_the_manager_runs_and_released_by_shutdown() {
     let b = FileStorageBackend::new(&base).expect("the lock is released by shutdown()");
     drop(b);
     drop(m);
-    let m2 = StateManager::start(FileStorageBackend::new(&base).expect("reopen after drop")).await.unwrap();
-    assert_eq!(m2.load_session("s1").await.unwrap(), Some(json!({"step": 1})));
+    let m2 = reopened_with_step(FileStorageBackend::new(&base).expect("reopen after drop"), 1).await;
     m2.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_is_released_when_the_last_handle_is_dropped_without_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    let m = builder(&base).start().await.unwrap();
+    let (_dir, base) = temp_store("store");
+    let m = open_quiet(&base, None).await;
     m.save_session("s1", &json!({"step": 1})).await.unwrap();
     let clone = m.clone();
     drop(m);
     expect_locked(FileStorageBackend::new(&base), &base);
     drop(clone);
-    let b = reopen_within(&base, Duration::from_secs(5)).await;
-    let m2 = StateManager::start(b).await.unwrap();
-    assert_eq!(m2.load_session("s1").await.unwrap(), Some(json!({"step": 1})));
+    let m2 = reopened_with_step(reopen_within(&base, Duration::from_secs(5)).await, 1).await;
     m2.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_clone_of_a_backend_holds_the_lock() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
+    let (_dir, base) = temp_store("store");
     let first = FileStorageBackend::new(&base).unwrap();
     let clone = first.clone();
     drop(first);
@@ -245,9 +194,8 @@ async fn every_clone_of_a_backend_holds_the_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_process_gets_locked_at_once_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    let m = builder(&base).start().await.unwrap();
+    let (dir, base) = temp_store("store");
+    let m = open_quiet(&base, None).await;
     m.save_session("s1", &json!({"step": 1})).await.unwrap();
     let cp = m.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
     let before = snapshot(dir.path());
@@ -268,18 +216,16 @@ async fn second_process_gets_locked_at_once_and_changes_nothing() {
     let (answer, _) = probe(&base);
     assert_eq!(answer, "Ok", "after shutdown and drop the store must open in another process");
 
-    let m = StateManager::start(FileStorageBackend::new(&base).unwrap()).await.unwrap();
-    assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 2})));
+    let m = reopened_with_step(FileStorageBackend::new(&base).unwrap(), 2).await;
     assert_eq!(m.restore_checkpoint(&cp).await.unwrap().unwrap().data, json!({"step": 1}));
     m.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_of_a_killed_process_is_released() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
+    let (_dir, base) = temp_store("store");
     {
-        let m = builder(&base).start().await.unwrap();
+        let m = open_quiet(&base, None).await;
         m.save_session("s1", &json!({"step": 7})).await.unwrap();
         m.shutdown().await.unwrap();
     }
@@ -303,9 +249,7 @@ async fn lock_of_a_killed_process_is_released() {
     holder.kill().unwrap(); // SIGKILL: no destructor runs, the OS drops the lock
     holder.wait().unwrap();
     let b = FileStorageBackend::new(&base).expect("the OS releases the lock of a killed process");
-    let m = StateManager::start(b).await.unwrap();
-    assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 7})));
-    m.shutdown().await.unwrap();
+    reopened_with_step(b, 7).await.shutdown().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -315,11 +259,7 @@ async fn lock_of_a_killed_process_is_released() {
 /// Builds a store with every kind of file the backend creates: records, checkpoints, the
 /// journal, store metadata, the lock, a pending-delete directory and a quarantine copy.
 async fn populate(base: &Path, compression: Option<u32>) {
-    let mut b = builder(base);
-    if let Some(level) = compression {
-        b = b.compression(level);
-    }
-    let m = b.start().await.unwrap();
+    let m = open_quiet(base, compression).await;
     m.save_session("s1", &json!({"secret": "token"})).await.unwrap();
     m.save_session("s1", &json!({"secret": "token2"})).await.unwrap();
     m.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
@@ -330,17 +270,8 @@ async fn populate(base: &Path, compression: Option<u32>) {
     m.shutdown().await.unwrap();
     drop(m);
     // Damage a record so that reading it writes a quarantine copy.
-    let ext = if compression.is_some() { "json.gz" } else { "json" };
-    let path = base.join("sessions").join(format!("broken.{ext}"));
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::OpenOptions::new().write(true).truncate(true).open(&path).unwrap().write_all(&bytes).unwrap();
-    let mut b = builder(base);
-    if let Some(level) = compression {
-        b = b.compression(level);
-    }
-    let m = b.start().await.unwrap();
+    flip_byte(&session_file(base, "broken", compression), |len| len / 2, 0xff);
+    let m = open_quiet(base, compression).await;
     assert_eq!(m.load_session("broken").await.unwrap_err().kind(), ErrorKind::Corrupt);
     m.shutdown().await.unwrap();
 }
@@ -376,28 +307,22 @@ fn check_permissions(base: &Path) {
     assert!(bad.is_empty(), "wrong permissions:\n{}", bad.join("\n"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_are_0600_and_directories_0700() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    populate(&base, None).await;
+async fn populated_store_has_private_permissions(compression: Option<u32>) {
+    let (_dir, base) = temp_store("store");
+    populate(&base, compression).await;
     check_permissions(&base);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_are_0600_and_directories_0700_compressed() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    populate(&base, Some(6)).await;
-    check_permissions(&base);
+plain_and_compressed! {
+    files_are_0600_and_directories_0700,
+    files_are_0600_and_directories_0700_compressed => populated_store_has_private_permissions;
 }
 
 /// The backend's docs say "Files are created 0600, directories 0700"; the store's base
 /// directory, when the backend creates it, is one of those directories.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_directory_created_by_the_backend_is_0700() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tmp").join("store");
+    let (_dir, base) = temp_store("tmp/store");
     drop(FileStorageBackend::new(&base).unwrap());
     let m = mode(&base);
     assert_eq!(m, 0o700, "the base directory {} was created {m:o}, expected 700", base.display());

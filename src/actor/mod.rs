@@ -14,6 +14,7 @@ use std::time::Duration;
 use ractor::{ActorRef, RpcReplyPort};
 
 use crate::error::{Result, StateError};
+use crate::lifecycle::{CheckpointPolicy, Migrations};
 use crate::store::{RetentionPolicy, Store};
 use crate::types::SessionId;
 
@@ -32,6 +33,8 @@ pub(crate) struct Config {
     pub(crate) max_state_bytes: usize,
     pub(crate) janitor_interval: Option<Duration>,
     pub(crate) retention: RetentionPolicy,
+    pub(crate) migrations: Migrations,
+    pub(crate) checkpoint_policy: CheckpointPolicy,
 }
 
 /// What every actor needs to reach the rest.

@@ -3,10 +3,13 @@
 //! Every save, checkpoint and read-modify-write of a session goes through this actor's
 //! mailbox and is finished (durably) before the next one starts, so updates are never
 //! lost. It keeps the latest state in memory (write-through), so loads of a live session
-//! never touch the disk. After an idle timeout it passivates: it tells the supervisor,
-//! closes its mailbox (later sends are refused, not dropped), finishes what was queued and
-//! stops. The next request spawns a fresh one.
+//! never touch the disk. It also runs the session's [`CheckpointPolicy`]: steps reported
+//! with `RecordStep` update the state in memory, and the actor checkpoints when the policy
+//! says (on its own timer for time rules). After an idle timeout it flushes unsaved steps
+//! and passivates: it tells the supervisor, closes its mailbox (later sends are refused,
+//! not dropped), finishes what was queued and stops. The next request spawns a fresh one.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -16,9 +19,10 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Shared, storage, supervisor::SupervisorMsg};
-use crate::codec::RecordHead;
+use crate::codec::{CheckpointMeta, RecordHead, SessionMeta};
 use crate::error::{Result, StateError};
-use crate::types::{BranchId, CheckpointId, SessionId, StateBytes};
+use crate::lifecycle::{CheckpointPolicy, EventKind, MigrationReport};
+use crate::types::{BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus, StateBytes};
 
 /// A read-modify-write step run inside the session actor: it receives the current state
 /// (JSON) and returns the new one (JSON) or an error, in which case nothing is written.
@@ -27,8 +31,8 @@ pub type UpdateFn = Box<dyn FnOnce(Option<&[u8]>) -> Result<Vec<u8>> + Send>;
 /// The messages a session actor handles. An orchestrator that is itself a ractor actor
 /// can hold the session's `ActorRef<SessionMsg>` (from
 /// [`StateManager::session_actor`](crate::StateManager::session_actor)) and use
-/// `ractor::call!` with these variants. Every reply is a `Result`: domain failures travel
-/// back in it and never stop the actor.
+/// `ractor::call!` / `ractor::cast!` with these variants. Every reply is a `Result`: domain
+/// failures travel back in it and never stop the actor.
 ///
 /// A session actor passivates after its idle timeout; sends to it then fail with
 /// `MessagingErr::SendErr` (the message was not queued): ask the manager for the actor
@@ -58,13 +62,29 @@ pub enum SessionMsg {
         branch_id: BranchId,
         /// The state to capture.
         state: StateBytes,
+        /// Why (normally [`CheckpointReason::Manual`]).
+        reason: CheckpointReason,
         /// Receives the new checkpoint's id once it is durable.
         reply: RpcReplyPort<Result<CheckpointId>>,
+    },
+    /// Report progress: `state` after `step`. Cheap: the state is kept in memory and made
+    /// durable (session record plus a checkpoint) when the session's policy says so, or at
+    /// the next save, pause, passivation or shutdown.
+    RecordStep {
+        /// The orchestrator's step number.
+        step: u64,
+        /// The state after it.
+        state: StateBytes,
+        /// Receives the checkpoint taken, if the policy took one.
+        reply: RpcReplyPort<Result<Option<CheckpointId>>>,
     },
     /// Replace the session's state with a checkpoint's.
     Rollback {
         /// The checkpoint (of this session).
         checkpoint_id: CheckpointId,
+        /// Also delete the checkpoints taken after it on its branch (otherwise they are
+        /// kept, and the next checkpoint on the branch forks from this one).
+        truncate: bool,
         /// Receives `Ok(())` once the session state is durable.
         reply: RpcReplyPort<Result<()>>,
     },
@@ -82,6 +102,30 @@ pub enum SessionMsg {
         /// Receives the new state once it is durable.
         reply: RpcReplyPort<Result<StateBytes>>,
     },
+    /// Save `state` (or keep the current one) with a new status, and for a pause, take a
+    /// checkpoint. Replies with the checkpoint of a pause.
+    SetStatus {
+        /// The new status.
+        status: SessionStatus,
+        /// Why (a pause or failure reason).
+        reason: Option<String>,
+        /// The state to save with it; `None` keeps the current state.
+        state: Option<StateBytes>,
+        /// Receives the pause checkpoint (for [`SessionStatus::Paused`]).
+        reply: RpcReplyPort<Result<Option<CheckpointId>>>,
+    },
+    /// Set this session's checkpoint policy (kept in memory for the process's life).
+    SetPolicy {
+        /// The policy.
+        policy: CheckpointPolicy,
+        /// Receives `Ok(())`.
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// Rewrite this session's records that are at an older schema version.
+    Migrate {
+        /// Receives what was rewritten.
+        reply: RpcReplyPort<Result<MigrationReport>>,
+    },
     /// Delete the session if its last activity is older than `cutoff_ms` (Unix ms).
     DeleteIfIdle {
         /// The cutoff.
@@ -92,6 +136,9 @@ pub enum SessionMsg {
     /// Internal: the idle timer's tick.
     #[doc(hidden)]
     IdleCheck,
+    /// Internal: the checkpoint policy's timer tick.
+    #[doc(hidden)]
+    TimeCheck,
 }
 
 pub(crate) struct SessionActor;
@@ -102,22 +149,33 @@ pub(crate) struct SessionArgs {
     pub(crate) supervisor: ActorRef<SupervisorMsg>,
 }
 
-enum Cache {
-    Unknown,
-    Absent,
-    /// The state and its record's `saved_at`.
-    Present(StateBytes, u64),
+/// The latest state as this actor knows it.
+#[derive(Clone)]
+struct Current {
+    /// `None`: the session has no saved state.
+    state: Option<StateBytes>,
+    saved_at: u64,
+    meta: SessionMeta,
 }
 
 pub(crate) struct SessionState {
     sid: SessionId,
     shared: Shared,
     supervisor: ActorRef<SupervisorMsg>,
-    cache: Cache,
+    /// `None` until read from storage.
+    current: Option<Current>,
+    /// Steps were recorded that are not durable yet.
+    dirty: bool,
+    policy: CheckpointPolicy,
+    last_checkpoint_step: Option<u64>,
+    last_checkpoint_at: Instant,
+    /// Newest checkpoint of each branch, the parent of the next one (looked up lazily).
+    heads: HashMap<BranchId, Option<CheckpointId>>,
     last_clock: Option<u64>,
     last_activity: Instant,
     passivating: bool,
-    timer: Option<JoinHandle<()>>,
+    idle_timer: Option<JoinHandle<()>>,
+    policy_timer: Option<JoinHandle<()>>,
 }
 
 impl Actor for SessionActor {
@@ -132,27 +190,40 @@ impl Actor for SessionActor {
     ) -> Result<SessionState, ActorProcessingErr> {
         let idle = args.shared.config.idle_timeout;
         let tick = (idle / 2).max(Duration::from_millis(10));
-        let timer = Some(myself.send_interval(tick, || SessionMsg::IdleCheck));
-        Ok(SessionState {
+        let idle_timer = Some(myself.send_interval(tick, || SessionMsg::IdleCheck));
+        let policy = lock(&args.shared.store.policies)
+            .get(&args.sid)
+            .cloned()
+            .unwrap_or_else(|| args.shared.config.checkpoint_policy.clone());
+        let mut st = SessionState {
             sid: args.sid,
             shared: args.shared,
             supervisor: args.supervisor,
-            cache: Cache::Unknown,
+            current: None,
+            dirty: false,
+            policy: CheckpointPolicy::default(),
+            last_checkpoint_step: None,
+            last_checkpoint_at: Instant::now(),
+            heads: HashMap::new(),
             last_clock: None,
             last_activity: Instant::now(),
             passivating: false,
-            timer,
-        })
+            idle_timer,
+            policy_timer: None,
+        };
+        st.set_policy(&myself, policy);
+        Ok(st)
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<SessionMsg>,
-        state: &mut SessionState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(t) = state.timer.take() {
+    async fn post_stop(&self, _myself: ActorRef<SessionMsg>, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        for t in [st.idle_timer.take(), st.policy_timer.take()].into_iter().flatten() {
             t.abort();
         }
+        // Drained at shutdown (or passivating): recorded steps become durable now.
+        if st.dirty
+            && let Err(e) = st.flush(CheckpointReason::Flush).await {
+                warn!(session = %st.sid, error = %e, "could not flush recorded steps while stopping");
+            }
         Ok(())
     }
 
@@ -162,12 +233,13 @@ impl Actor for SessionActor {
         msg: SessionMsg,
         st: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
-        if !matches!(msg, SessionMsg::IdleCheck) {
+        if !matches!(msg, SessionMsg::IdleCheck | SessionMsg::TimeCheck) {
             st.last_activity = Instant::now();
         }
         match msg {
             SessionMsg::Save { state, reply } => {
-                let _ = reply.send(st.save(state).await);
+                let r = st.save_with(state, |_| {}).await.map(|_| ());
+                let _ = reply.send(r);
             }
             SessionMsg::Load { reply } => {
                 let _ = reply.send(st.load().await);
@@ -175,11 +247,15 @@ impl Actor for SessionActor {
             SessionMsg::Delete { reply } => {
                 let _ = reply.send(st.delete().await);
             }
-            SessionMsg::CreateCheckpoint { branch_id, state, reply } => {
-                let _ = reply.send(st.checkpoint(branch_id, state).await);
+            SessionMsg::CreateCheckpoint { branch_id, state, reason, reply } => {
+                let step = st.current.as_ref().and_then(|c| c.meta.step);
+                let _ = reply.send(st.checkpoint(branch_id, state, reason, step).await);
             }
-            SessionMsg::Rollback { checkpoint_id, reply } => {
-                let _ = reply.send(st.rollback(checkpoint_id).await);
+            SessionMsg::RecordStep { step, state, reply } => {
+                let _ = reply.send(st.record_step(step, state).await);
+            }
+            SessionMsg::Rollback { checkpoint_id, truncate, reply } => {
+                let _ = reply.send(st.rollback(checkpoint_id, truncate).await);
             }
             SessionMsg::CleanupCheckpoints { keep, reply } => {
                 let _ = reply.send(st.cleanup(keep).await);
@@ -187,11 +263,36 @@ impl Actor for SessionActor {
             SessionMsg::Update { update, reply } => {
                 let _ = reply.send(st.update(update).await);
             }
+            SessionMsg::SetStatus { status, reason, state, reply } => {
+                let _ = reply.send(st.set_status(status, reason, state).await);
+            }
+            SessionMsg::SetPolicy { policy, reply } => {
+                lock(&st.shared.store.policies).insert(st.sid.clone(), policy.clone());
+                st.set_policy(&myself, policy);
+                let _ = reply.send(Ok(()));
+            }
+            SessionMsg::Migrate { reply } => {
+                let _ = reply.send(st.migrate().await);
+            }
             SessionMsg::DeleteIfIdle { cutoff_ms, reply } => {
                 let _ = reply.send(st.delete_if_idle(cutoff_ms).await);
             }
+            SessionMsg::TimeCheck => {
+                let due = st.policy.every.is_some_and(|every| st.last_checkpoint_at.elapsed() >= every);
+                if st.dirty && due
+                    && let Err(e) = st.flush(CheckpointReason::Time).await {
+                        warn!(session = %st.sid, error = %e, "time-based checkpoint failed; retrying at the next tick");
+                    }
+            }
             SessionMsg::IdleCheck => {
                 if !st.passivating && st.last_activity.elapsed() >= st.shared.config.idle_timeout {
+                    if st.dirty {
+                        // Never passivate with steps only in memory.
+                        if let Err(e) = st.flush(CheckpointReason::Flush).await {
+                            warn!(session = %st.sid, error = %e, "flush before passivation failed; staying alive");
+                            return Ok(());
+                        }
+                    }
                     st.passivating = true;
                     debug!(session = %st.sid, "passivating idle session actor");
                     // Tell the supervisor first so it parks new requests for this session
@@ -207,6 +308,11 @@ impl Actor for SessionActor {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Guarded maps are changed in single calls; a panic cannot leave them torn.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl SessionState {
     fn check_size(&self, state: &StateBytes) -> Result<()> {
         let limit = self.shared.config.max_state_bytes;
@@ -216,55 +322,88 @@ impl SessionState {
         Ok(())
     }
 
-    async fn save(&mut self, state: StateBytes) -> Result<()> {
+    fn set_policy(&mut self, myself: &ActorRef<SessionMsg>, policy: CheckpointPolicy) {
+        if let Some(t) = self.policy_timer.take() {
+            t.abort();
+        }
+        if let Some(every) = policy.every {
+            // Tick often enough that a checkpoint is never much later than `every`.
+            let tick = (every / 4).max(Duration::from_millis(5));
+            self.policy_timer = Some(myself.send_interval(tick, || SessionMsg::TimeCheck));
+        }
+        self.policy = policy;
+    }
+
+    /// The current state and meta, read from storage (and migrated) on first use.
+    async fn current(&mut self) -> Result<&mut Current> {
+        if self.current.is_none() {
+            let sid = self.sid.clone();
+            let loaded = storage::run(&self.shared.storage, move |store| async move {
+                Ok(store.load_session(&sid).await?.map(|d| match d.head.clone() {
+                    RecordHead::Session { saved_at, meta, .. } => (d, saved_at, meta),
+                    RecordHead::Checkpoint { timestamp, .. } => (d, timestamp, SessionMeta::default()),
+                }))
+            })
+            .await?;
+            let current = match loaded {
+                Some((d, saved_at, mut meta)) => {
+                    let migrated = self.shared.config.migrations.upgrade(&self.sid, meta.schema, d.data())?;
+                    let state = match migrated {
+                        Some(bytes) => {
+                            meta.schema = self.shared.config.migrations.current;
+                            StateBytes::from_slice(&bytes)
+                        }
+                        None => StateBytes::from_slice(d.data()),
+                    };
+                    Current { state: Some(state), saved_at, meta }
+                }
+                None => Current {
+                    state: None,
+                    saved_at: 0,
+                    meta: SessionMeta { schema: self.shared.config.migrations.current, ..SessionMeta::default() },
+                },
+            };
+            self.last_checkpoint_step = current.meta.step;
+            self.current = Some(current);
+        }
+        self.current.as_mut().ok_or_else(|| StateError::unavailable("session state missing"))
+    }
+
+    async fn load(&mut self) -> Result<Option<StateBytes>> {
+        Ok(self.current().await?.state.clone())
+    }
+
+    /// Saves `state` durably with the current meta changed by `edit`.
+    async fn save_with(&mut self, state: StateBytes, edit: impl FnOnce(&mut SessionMeta)) -> Result<u64> {
         self.check_size(&state)?;
+        let mut meta = match self.current().await {
+            Ok(c) => c.meta.clone(),
+            // A damaged record must not block overwriting it with a good state.
+            Err(StateError::Corrupt { .. }) => SessionMeta::default(),
+            Err(e) => return Err(e),
+        };
+        meta.schema = self.shared.config.migrations.current;
+        edit(&mut meta);
         let sid = self.sid.clone();
-        let data = state.clone();
         let at = self.shared.store.clock.now_ms();
+        let (data, m) = (state.clone(), meta.clone());
         let r = storage::run(&self.shared.storage, move |store| async move {
-            store.save_session(&sid, data.as_bytes(), at).await
+            store.save_session(&sid, data.as_bytes(), at, m).await
         })
         .await;
         match r {
             Ok(()) => {
-                self.cache = Cache::Present(state, at);
-                Ok(())
+                self.current = Some(Current { state: Some(state), saved_at: at, meta });
+                self.dirty = false;
+                self.shared.store.emit(&self.sid, EventKind::Saved);
+                Ok(at)
             }
             Err(e) => {
                 // The old version is intact on disk, but be conservative about the cache.
-                self.cache = Cache::Unknown;
+                self.current = None;
                 Err(e)
             }
         }
-    }
-
-    async fn load(&mut self) -> Result<Option<StateBytes>> {
-        match &self.cache {
-            Cache::Present(s, _) => return Ok(Some(s.clone())),
-            Cache::Absent => return Ok(None),
-            Cache::Unknown => {}
-        }
-        let sid = self.sid.clone();
-        let loaded = storage::run(&self.shared.storage, move |store| async move {
-            Ok(store.load_session(&sid).await?.map(|d| {
-                let at = match d.head {
-                    RecordHead::Session { saved_at, .. } => saved_at,
-                    RecordHead::Checkpoint { timestamp, .. } => timestamp,
-                };
-                (StateBytes::from_slice(d.data()), at)
-            }))
-        })
-        .await?;
-        Ok(match loaded {
-            Some((s, at)) => {
-                self.cache = Cache::Present(s.clone(), at);
-                Some(s)
-            }
-            None => {
-                self.cache = Cache::Absent;
-                None
-            }
-        })
     }
 
     /// Deletes the session if nothing happened to it since `cutoff_ms`. The index's
@@ -275,14 +414,11 @@ impl SessionState {
             Some(e) => (e.last_activity(), e.checkpoints.values().map(|c| c.ts).max().unwrap_or(0)),
             None => return Ok(false),
         };
-        if indexed >= cutoff_ms {
+        if indexed >= cutoff_ms || self.dirty {
             return Ok(false);
         }
-        let saved_at = match self.load().await {
-            Ok(_) => match &self.cache {
-                Cache::Present(_, at) => *at,
-                _ => 0,
-            },
+        let saved_at = match self.current().await {
+            Ok(c) => c.saved_at,
             // A damaged record is kept for inspection, not removed as "idle since 1970";
             // it is reported by loads and by vacuum_storage.
             Err(StateError::Corrupt { .. }) => return Ok(false),
@@ -296,11 +432,15 @@ impl SessionState {
 
     async fn delete(&mut self) -> Result<bool> {
         let sid = self.sid.clone();
-        self.cache = Cache::Unknown;
+        self.current = None;
         let existed =
             storage::run(&self.shared.storage, move |store| async move { store.delete_session(&sid).await }).await?;
-        self.cache = Cache::Absent;
+        self.current = Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() });
+        self.dirty = false;
+        self.heads.clear();
         self.last_clock = None;
+        self.last_checkpoint_step = None;
+        self.shared.store.emit(&self.sid, EventKind::Deleted);
         Ok(existed)
     }
 
@@ -316,26 +456,118 @@ impl SessionState {
         next
     }
 
-    async fn checkpoint(&mut self, branch: BranchId, state: StateBytes) -> Result<CheckpointId> {
+    /// The newest checkpoint on `branch` (the parent of the next one there).
+    fn head(&mut self, branch: &BranchId) -> Option<CheckpointId> {
+        self.heads
+            .entry(branch.clone())
+            .or_insert_with(|| {
+                let idx = self.shared.store.index();
+                idx.sessions.get(&self.sid).and_then(|e| {
+                    e.checkpoints.iter().rev().find(|(_, c)| &c.branch == branch).map(|(id, _)| id.clone())
+                })
+            })
+            .clone()
+    }
+
+    async fn checkpoint(
+        &mut self,
+        branch: BranchId,
+        state: StateBytes,
+        reason: CheckpointReason,
+        step: Option<u64>,
+    ) -> Result<CheckpointId> {
         self.check_size(&state)?;
         let clock = self.next_clock();
         let cid = CheckpointId::generate(clock);
-        let (sid, id) = (self.sid.clone(), cid.clone());
+        let meta =
+            CheckpointMeta { schema: self.shared.config.migrations.current, reason, step, parent: self.head(&branch) };
+        let (sid, id, b) = (self.sid.clone(), cid.clone(), branch.clone());
         storage::run(&self.shared.storage, move |store| async move {
-            store.put_checkpoint(&sid, &id, &branch, clock >> 16, state.as_bytes()).await
+            store.put_checkpoint(&sid, &id, &b, clock >> 16, meta, state.as_bytes()).await
         })
         .await?;
+        self.heads.insert(branch, Some(cid.clone()));
+        self.last_checkpoint_at = Instant::now();
+        if step.is_some() {
+            self.last_checkpoint_step = step;
+        }
+        self.shared.store.emit(&self.sid, EventKind::Checkpointed { id: cid.clone(), reason, step });
         Ok(cid)
     }
 
-    async fn rollback(&mut self, cid: CheckpointId) -> Result<()> {
+    /// Makes recorded steps durable: the session record, then a checkpoint of it.
+    async fn flush(&mut self, reason: CheckpointReason) -> Result<Option<CheckpointId>> {
+        let Some(state) = self.current.as_ref().and_then(|c| c.state.clone()) else { return Ok(None) };
+        let step = self.current.as_ref().and_then(|c| c.meta.step);
+        self.save_with(state.clone(), |_| {}).await?;
+        let branch = self.policy.branch.clone();
+        self.checkpoint(branch, state, reason, step).await.map(Some)
+    }
+
+    async fn record_step(&mut self, step: u64, state: StateBytes) -> Result<Option<CheckpointId>> {
+        self.check_size(&state)?;
+        let current = match self.current().await {
+            Ok(c) => c,
+            Err(StateError::Corrupt { .. }) => {
+                self.current = Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() });
+                self.current().await?
+            }
+            Err(e) => return Err(e),
+        };
+        current.state = Some(state);
+        current.meta.step = Some(step);
+        current.meta.status = SessionStatus::Running;
+        self.dirty = true;
+        let due = self.policy.every_steps.is_some_and(|n| match self.last_checkpoint_step {
+            Some(last) => step >= last.saturating_add(n),
+            None => step >= n,
+        });
+        if due { self.flush(CheckpointReason::Steps).await } else { Ok(None) }
+    }
+
+    async fn rollback(&mut self, cid: CheckpointId, truncate: bool) -> Result<()> {
         let (sid, id) = (self.sid.clone(), cid.clone());
-        let cp = storage::run(&self.shared.storage, move |store| async move {
-            Ok(store.load_checkpoint(&sid, &id).await?.map(|d| StateBytes::from_slice(d.data())))
+        let cp = storage::run(&self.shared.storage, move |store| async move { store.load_checkpoint(&sid, &id).await })
+            .await?
+            .ok_or_else(|| StateError::CheckpointNotFound { id: cid.to_string() })?;
+        let RecordHead::Checkpoint { branch_id, meta, .. } = cp.head.clone() else {
+            return Err(StateError::corrupt(&cid, "not a checkpoint record"));
+        };
+        let data = match self.shared.config.migrations.upgrade(&self.sid, meta.schema, cp.data())? {
+            Some(bytes) => StateBytes::from_slice(&bytes),
+            None => StateBytes::from_slice(cp.data()),
+        };
+        self.save_with(data, |m| {
+            m.step = meta.step;
+            m.status = SessionStatus::Running;
         })
         .await?;
-        let state = cp.ok_or_else(|| StateError::CheckpointNotFound { id: cid.to_string() })?;
-        self.save(state).await
+        if truncate {
+            let later: Vec<CheckpointId> = {
+                let idx = self.shared.store.index();
+                idx.sessions
+                    .get(&self.sid)
+                    .map(|e| e.checkpoints.range(cid.clone()..).skip(1).filter(|(_, c)| c.branch == branch_id))
+                    .into_iter()
+                    .flatten()
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            };
+            let sid = self.sid.clone();
+            storage::run(&self.shared.storage, move |store| async move {
+                // Newest first: a crash midway leaves a shorter branch, never a gap.
+                for id in later.iter().rev() {
+                    store.delete_checkpoint(&sid, id).await?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        // The branch continues (forks) from here.
+        self.heads.insert(branch_id, Some(cid.clone()));
+        self.last_checkpoint_step = meta.step;
+        self.shared.store.emit(&self.sid, EventKind::RolledBack { to: cid });
+        Ok(())
     }
 
     async fn cleanup(&mut self, keep: usize) -> Result<usize> {
@@ -376,12 +608,98 @@ impl SessionState {
                     .unwrap_or_else(|| "non-string panic payload".to_owned());
                 warn!(session = %sid, "a panic in an update closure was contained; nothing was written");
                 // Start from a clean slate: re-read from disk on next use.
-                self.cache = Cache::Unknown;
+                self.current = None;
+                self.dirty = false;
                 return Err(StateError::Panicked { session: sid, message });
             }
         };
         let new = StateBytes::from_slice(&new);
-        self.save(new.clone()).await?;
+        self.save_with(new.clone(), |_| {}).await?;
         Ok(new)
+    }
+
+    async fn set_status(
+        &mut self,
+        status: SessionStatus,
+        reason: Option<String>,
+        state: Option<StateBytes>,
+    ) -> Result<Option<CheckpointId>> {
+        let state = match state {
+            Some(s) => s,
+            None => self.load().await?.ok_or_else(|| StateError::Config {
+                message: format!("session {} has no state to mark {status:?}", self.sid),
+            })?,
+        };
+        let at = self.shared.store.clock.now_ms();
+        let r = reason.clone();
+        self.save_with(state.clone(), |m| {
+            m.status = status;
+            m.reason = r;
+            m.status_at = Some(at);
+        })
+        .await?;
+        let reason = reason.unwrap_or_default();
+        let mut checkpoint = None;
+        match status {
+            SessionStatus::Paused => {
+                let step = self.current.as_ref().and_then(|c| c.meta.step);
+                let branch = self.policy.branch.clone();
+                checkpoint = Some(self.checkpoint(branch, state, CheckpointReason::Pause, step).await?);
+                self.shared.store.emit(&self.sid, EventKind::Paused { reason });
+            }
+            SessionStatus::Running => self.shared.store.emit(&self.sid, EventKind::Resumed),
+            SessionStatus::Completed => self.shared.store.emit(&self.sid, EventKind::Completed),
+            SessionStatus::Failed => self.shared.store.emit(&self.sid, EventKind::Failed { reason }),
+        }
+        Ok(checkpoint)
+    }
+
+    /// Rewrites the session record and checkpoints stored at an older schema version.
+    /// Each rewrite is one atomic put, and records already current are skipped, so an
+    /// interrupted pass simply runs again.
+    async fn migrate(&mut self) -> Result<MigrationReport> {
+        let mut report = MigrationReport::default();
+        let current = self.shared.config.migrations.current;
+        let sid = self.sid.clone();
+        let on_disk =
+            storage::run(&self.shared.storage, move |store| async move { store.load_session(&sid).await }).await?;
+        if let Some(d) = on_disk
+            && let RecordHead::Session { saved_at, mut meta, .. } = d.head.clone()
+            && let Some(bytes) = self.shared.config.migrations.upgrade(&self.sid, meta.schema, d.data())?
+        {
+            meta.schema = current;
+            let (sid, m) = (self.sid.clone(), meta.clone());
+            storage::run(&self.shared.storage, move |store| async move {
+                store.save_session(&sid, &bytes, saved_at, m).await
+            })
+            .await?;
+            self.current = None;
+            report.sessions += 1;
+        }
+        let ids: Vec<CheckpointId> = {
+            let idx = self.shared.store.index();
+            idx.sessions.get(&self.sid).map(|e| e.checkpoints.keys().cloned().collect()).unwrap_or_default()
+        };
+        for cid in ids {
+            let (sid, id) = (self.sid.clone(), cid.clone());
+            let Some(d) =
+                storage::run(&self.shared.storage, move |store| async move { store.load_checkpoint(&sid, &id).await })
+                    .await?
+            else {
+                continue;
+            };
+            let RecordHead::Checkpoint { branch_id, timestamp, mut meta, .. } = d.head.clone() else { continue };
+            let Some(bytes) = self.shared.config.migrations.upgrade(&self.sid, meta.schema, d.data())? else {
+                continue;
+            };
+            meta.schema = current;
+            let sid = self.sid.clone();
+            storage::run(&self.shared.storage, move |store| async move {
+                store.put_checkpoint(&sid, &cid, &branch_id, timestamp, meta, &bytes).await
+            })
+            .await?;
+            report.checkpoints += 1;
+        }
+        Ok(report)
     }
 }

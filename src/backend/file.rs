@@ -100,7 +100,10 @@ impl FileStorageBackend {
     /// Opens (creating if needed) the store at `path` and takes its lock.
     ///
     /// Fails with [`StateError::Locked`] if another process, or another backend in this
-    /// process, has it open.
+    /// process, has it open. (A process that spawns children while it holds the store lends
+    /// them the lock between their fork and exec, for microseconds; a process that reopens
+    /// the store right after such a child was spawned should use
+    /// [`open_waiting`](Self::open_waiting).)
     pub fn new(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(path.as_ref(), Arc::new(OsFs), Some(std::time::Duration::ZERO))
     }
