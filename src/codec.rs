@@ -42,12 +42,6 @@ pub(crate) enum Compression {
 }
 
 impl Compression {
-    pub(crate) fn extension(self) -> &'static str {
-        match self {
-            Compression::None => ".json",
-            Compression::Gzip(_) => ".json.gz",
-        }
-    }
     pub(crate) fn name(self) -> &'static str {
         match self {
             Compression::None => "none",
@@ -60,6 +54,8 @@ impl Compression {
 #[derive(Debug, Clone)]
 pub(crate) struct Codec {
     pub(crate) compression: Compression,
+    /// Whether an encryption layer sits below (records are then named `….enc`).
+    pub(crate) encrypted: bool,
     /// Largest decoded record accepted (bounds memory on a hostile or corrupt file).
     pub(crate) max_record: usize,
 }
@@ -157,6 +153,16 @@ fn json_str(s: &str) -> String {
 }
 
 impl Codec {
+    /// The file-name ending of records: `.json`, `.json.gz`, `.json.enc`, `.json.gz.enc`.
+    pub(crate) fn extension(&self) -> &'static str {
+        match (self.compression, self.encrypted) {
+            (Compression::None, false) => ".json",
+            (Compression::Gzip(_), false) => ".json.gz",
+            (Compression::None, true) => ".json.enc",
+            (Compression::Gzip(_), true) => ".json.gz.enc",
+        }
+    }
+
     /// Builds the envelope around `data` (compact JSON) and compresses it if configured.
     pub(crate) fn encode(&self, head: &RecordHead, data: &[u8]) -> Result<Vec<u8>> {
         let meta_json = |m: Result<String, serde_json::Error>| m.map_err(|e| StateError::json("", &e));
@@ -315,7 +321,7 @@ mod tests {
     #[test]
     fn round_trip_and_every_bit_flip_detected() {
         for compression in [Compression::None, Compression::Gzip(6)] {
-            let codec = Codec { compression, max_record: 1 << 20 };
+            let codec = Codec { compression, encrypted: false, max_record: 1 << 20 };
             let enc = codec.encode(&head(), br#"{"step":42,"msg":"hello"}"#).unwrap();
             let dec = codec.decode(&key(), enc.clone()).map_err(|e| e.0).unwrap();
             assert_eq!(dec.data(), br#"{"step":42,"msg":"hello"}"#);
@@ -335,7 +341,7 @@ mod tests {
 
     #[test]
     fn plain_record_is_json() {
-        let codec = Codec { compression: Compression::None, max_record: 1 << 20 };
+        let codec = Codec { compression: Compression::None, encrypted: false, max_record: 1 << 20 };
         let enc = codec.encode(&head(), br#"{"a":[1,2]}"#).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&enc).unwrap();
         assert_eq!(v["data"]["a"][1], 2);

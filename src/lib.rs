@@ -23,6 +23,8 @@ pub use lifecycle::{
 };
 pub use manager::{StateManager, StateManagerBuilder};
 pub use middleware::acl::{Access, AccessControlLayer, AccessRecord};
+#[cfg(feature = "encryption")]
+pub use middleware::crypto::{EncryptedFileStorageBackend, EncryptionKey, EncryptionLayer, KeySource, Passphrase};
 pub use store::RetentionPolicy;
 pub use types::{
     BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN, Principal, SessionId,

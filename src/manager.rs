@@ -16,6 +16,10 @@ use crate::codec::{Codec, Compression, RecordHead};
 use crate::error::{BoxError, Result, StateError};
 use crate::lifecycle::{CheckpointPolicy, MigrationReport, Migrations, Recovery, SkippedCheckpoint, Watch};
 use crate::middleware::acl::{Access, AccessControlLayer, AccessRecord, Decision, Op};
+#[cfg(feature = "encryption")]
+use crate::middleware::crypto::{Encrypted, EncryptionKey, EncryptionLayer, KeySource, Passphrase};
+#[cfg(feature = "encryption")]
+use crate::store;
 use crate::store::{RetentionPolicy, Store};
 use crate::types::{
     BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, Principal, SessionId, SessionInfo,
@@ -45,7 +49,12 @@ pub struct StateManagerBuilder {
     compression: Option<u32>,
     config: Config,
     access: Option<AccessControlLayer>,
+    #[cfg(feature = "encryption")]
+    encryption: Option<(KeySource, Vec<KeySource>)>,
 }
+
+#[cfg(feature = "encryption")]
+type EncryptedBackend = Encrypted<Arc<dyn StorageBackend>>;
 
 impl StateManagerBuilder {
     /// Stores records gzipped at `level` (1 = fastest … 9 = smallest). A store keeps the
@@ -88,6 +97,44 @@ impl StateManagerBuilder {
     /// only names administrators.
     pub fn access_control(mut self, layer: AccessControlLayer) -> Self {
         self.access = Some(layer);
+        self
+    }
+
+    /// Encrypts every record, the index and access records at rest with `key`
+    /// (XChaCha20-Poly1305; see [`middleware::crypto`](crate::middleware::crypto) for what
+    /// stays visible). A wrong key is [`StateError::WrongKey`] at start. A store keeps the
+    /// encryption setting it was created with.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{EncryptionKey, MemoryStorageBackend, StateManager};
+    /// let manager = StateManager::builder(MemoryStorageBackend::new())
+    ///     .encryption_key(EncryptionKey::from_bytes([7; 32]))
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "encryption")]
+    pub fn encryption_key(mut self, key: EncryptionKey) -> Self {
+        self.encryption = Some((key.into(), Vec::new()));
+        self
+    }
+
+    /// Like [`encryption_key`](Self::encryption_key), with a key stretched from
+    /// `passphrase` by Argon2id (salt and costs are kept in the store's metadata).
+    #[cfg(feature = "encryption")]
+    pub fn encryption_passphrase(mut self, passphrase: impl Into<String>) -> Self {
+        self.encryption = Some((Passphrase::new(passphrase).into(), Vec::new()));
+        self
+    }
+
+    /// A key the store used before [`rotate_key`](StateManager::rotate_key): records still
+    /// sealed under it stay readable. Needed only to finish a rotation that was cut off.
+    #[cfg(feature = "encryption")]
+    pub fn previous_encryption_key(mut self, key: impl Into<KeySource>) -> Self {
+        if let Some((_, previous)) = &mut self.encryption {
+            previous.push(key.into());
+        }
         self
     }
 
@@ -154,9 +201,28 @@ impl StateManagerBuilder {
             return Err(StateError::Config { message: "the janitor interval must be greater than zero".into() });
         }
         // The envelope adds well under 1 KiB to the state.
-        let codec = Codec { compression, max_record: self.config.max_state_bytes.saturating_add(64 * 1024) };
+        let max_record = self.config.max_state_bytes.saturating_add(64 * 1024);
+        #[allow(unused_mut)]
+        let mut codec = Codec { compression, encrypted: false, max_record };
+        #[allow(unused_mut)]
+        let mut backend = self.backend;
+        #[cfg(feature = "encryption")]
+        let mut crypt = Weak::new();
+        #[cfg(feature = "encryption")]
+        if let Some((current, previous)) = self.encryption {
+            codec.encrypted = true;
+            // Check the store's settings before the layer writes its key metadata, so an
+            // unencrypted store is refused untouched.
+            if let Some(meta) = store::read_store_meta(backend.as_ref()).await? {
+                meta.check(&codec)?;
+            }
+            let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
+            let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
+            crypt = Arc::downgrade(&encrypted);
+            backend = encrypted;
+        }
         let store = Arc::new(
-            Store::open(self.backend, codec, self.config.retention.clone(), self.access.unwrap_or_default()).await?,
+            Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default()).await?,
         );
         let config = Arc::new(self.config);
         let (supervisor, _) =
@@ -164,7 +230,13 @@ impl StateManagerBuilder {
                 .await
                 .map_err(|e| StateError::unavailable(format!("could not start the supervisor: {e}")))?;
         Ok(StateManager {
-            inner: Arc::new(Inner { supervisor, store: Arc::downgrade(&store), config }),
+            inner: Arc::new(Inner {
+                supervisor,
+                store: Arc::downgrade(&store),
+                config,
+                #[cfg(feature = "encryption")]
+                crypt,
+            }),
             principal: None,
         })
     }
@@ -202,6 +274,9 @@ struct Inner {
     /// backend (and its lock) released, even while handles to this manager remain.
     store: Weak<Store>,
     config: Arc<Config>,
+    /// The encryption layer under the store, for key rotation (weak for the same reason).
+    #[cfg(feature = "encryption")]
+    crypt: Weak<EncryptedBackend>,
 }
 
 impl Drop for Inner {
@@ -231,6 +306,8 @@ impl StateManager {
             backend: Arc::new(backend),
             compression: None,
             access: None,
+            #[cfg(feature = "encryption")]
+            encryption: None,
             config: Config {
                 idle_timeout: Duration::from_secs(60),
                 call_timeout: Duration::from_secs(30),
@@ -943,6 +1020,48 @@ impl StateManager {
             total.checkpoints += r.checkpoints;
         }
         Ok(total)
+    }
+
+    /// Re-encrypts every record under `new` and retires the old key. Reads of old-key
+    /// records keep working throughout; each record is rewritten atomically (session
+    /// records and checkpoints through their session actors, so no write is lost). If the
+    /// process dies midway, start again with `new` as the key and the old one as
+    /// [`previous_encryption_key`](StateManagerBuilder::previous_encryption_key), and call
+    /// [`finish_key_rotation`](Self::finish_key_rotation) (or `rotate_key(new)` again).
+    /// Returns how many records were rewritten.
+    #[cfg(feature = "encryption")]
+    pub async fn rotate_key(&self, new: impl Into<KeySource>) -> Result<usize> {
+        self.authorize_maintenance("rotate the key of")?;
+        self.crypt()?.rotate_to(new.into()).await?;
+        self.finish_key_rotation().await
+    }
+
+    /// Rewrites every record still sealed under an older key with the current one, then
+    /// retires the older keys. Idempotent: run it again after an interruption.
+    #[cfg(feature = "encryption")]
+    pub async fn finish_key_rotation(&self) -> Result<usize> {
+        self.authorize_maintenance("rotate the key of")?;
+        let crypt = self.crypt()?;
+        let sessions: Vec<SessionId> = self.store()?.index().sessions.keys().cloned().collect();
+        let mut rewritten = 0;
+        for sid in sessions {
+            rewritten += self.call("rotate_key", &sid, |reply| SessionMsg::Reencrypt { reply }).await?;
+        }
+        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+        rewritten += storage::run(&storage, |store| async move { store.reencrypt_rest().await }).await?;
+        crypt.retire_keys_except_current().await?;
+        Ok(rewritten)
+    }
+
+    #[cfg(feature = "encryption")]
+    fn crypt(&self) -> Result<Arc<EncryptedBackend>> {
+        match self.inner.crypt.upgrade() {
+            Some(c) => Ok(c),
+            None if self.inner.store.strong_count() == 0 => {
+                Err(StateError::unavailable("the state manager is shut down"))
+            }
+            None => Err(StateError::Config { message: "encryption is not enabled for this store".into() }),
+        }
     }
 
     async fn shared(&self) -> Result<crate::actor::Shared> {

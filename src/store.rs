@@ -47,9 +47,47 @@ pub(crate) enum Trust {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct StoreMeta {
+pub(crate) struct StoreMeta {
     mars_state: u32,
     compression: String,
+    #[serde(default)]
+    encrypted: bool,
+}
+
+impl StoreMeta {
+    fn of(codec: &Codec) -> StoreMeta {
+        StoreMeta { mars_state: 1, compression: codec.compression.name().to_owned(), encrypted: codec.encrypted }
+    }
+
+    /// Refuses to open a store with settings other than those it was created with.
+    pub(crate) fn check(&self, codec: &Codec) -> Result<()> {
+        let mismatch = |what: &str, stored: &str, asked: &str| StateError::Config {
+            message: format!("the store was created with {what} {stored} but the manager is configured with {asked}"),
+        };
+        if self.mars_state != 1 {
+            return Err(StateError::Config { message: format!("unsupported store format {}", self.mars_state) });
+        }
+        if self.compression != codec.compression.name() {
+            return Err(mismatch("compression", &self.compression, codec.compression.name()));
+        }
+        let on_off = |b: bool| if b { "on" } else { "off" };
+        if self.encrypted != codec.encrypted {
+            return Err(mismatch("encryption", on_off(self.encrypted), on_off(codec.encrypted)));
+        }
+        Ok(())
+    }
+}
+
+/// The store's format metadata, if the store has been created. Read before any middleware
+/// (it is kept in plaintext), so settings are checked before a key touches the store.
+pub(crate) async fn read_store_meta(backend: &dyn StorageBackend) -> Result<Option<StoreMeta>> {
+    let key = fixed(STORE_META);
+    match backend.get(&key).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::corrupt(&key, format!("store metadata does not parse: {e}"))),
+    }
 }
 
 /// Retention rules, applied by the janitor on its interval, by
@@ -104,11 +142,11 @@ pub(crate) struct Store {
 }
 
 pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
-    StorageKey::from_valid(format!("sessions/{sid}{}", codec.compression.extension()))
+    StorageKey::from_valid(format!("sessions/{sid}{}", codec.extension()))
 }
 
 pub(crate) fn checkpoint_key(codec: &Codec, sid: &SessionId, cid: &CheckpointId) -> StorageKey {
-    StorageKey::from_valid(format!("checkpoints/{sid}/{cid}{}", codec.compression.extension()))
+    StorageKey::from_valid(format!("checkpoints/{sid}/{cid}{}", codec.extension()))
 }
 
 fn access_key(sid: &SessionId) -> StorageKey {
@@ -132,30 +170,12 @@ impl Store {
         retention: RetentionPolicy,
         access: AccessControlLayer,
     ) -> Result<Store> {
-        let meta_key = fixed(STORE_META);
-        match backend.get(&meta_key).await? {
-            Some(bytes) => {
-                let meta: StoreMeta = serde_json::from_slice(&bytes)
-                    .map_err(|e| StateError::corrupt(&meta_key, format!("store metadata does not parse: {e}")))?;
-                if meta.mars_state != 1 {
-                    return Err(StateError::Config {
-                        message: format!("unsupported store format {}", meta.mars_state),
-                    });
-                }
-                if meta.compression != codec.compression.name() {
-                    return Err(StateError::Config {
-                        message: format!(
-                            "the store was created with compression \"{}\" but the manager is configured with \"{}\"",
-                            meta.compression,
-                            codec.compression.name()
-                        ),
-                    });
-                }
-            }
+        match read_store_meta(backend.as_ref()).await? {
+            Some(meta) => meta.check(&codec)?,
             None => {
-                let meta = StoreMeta { mars_state: 1, compression: codec.compression.name().to_owned() };
+                let meta = StoreMeta::of(&codec);
                 let bytes = serde_json::to_vec(&meta).map_err(|e| StateError::Config { message: e.to_string() })?;
-                backend.put(&meta_key, bytes).await?;
+                backend.put(&fixed(STORE_META), bytes).await?;
             }
         }
         let swept = backend.sweep().await?;
@@ -177,14 +197,20 @@ impl Store {
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
-        let journal = store.backend.get(&fixed(JOURNAL)).await?.unwrap_or_default();
-        let (loaded, clean) = Index::replay(&journal).unwrap_or_else(|| {
+        let replayed = match store.backend.get(&fixed(JOURNAL)).await {
+            Ok(journal) => Index::replay(&journal.unwrap_or_default()),
+            // Damage the encryption layer detects: rebuilt from the records like any other.
+            Err(StateError::Corrupt { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let (loaded, clean) = replayed.unwrap_or_else(|| {
             warn!("index journal is damaged; rebuilding it from the records");
             (Index::default(), false)
         });
+        let fresh_store = loaded.journal_lines == 0 && !clean;
         *store.index() = loaded;
         store.finish_pending_deletes().await?;
-        if !clean && !journal.is_empty() {
+        if !clean && !fresh_store {
             info!("the store was not shut down cleanly; re-reading session records for the index");
         }
         store.reconcile(if clean { Trust::Sizes } else { Trust::Checkpoints }).await?;
@@ -228,6 +254,49 @@ impl Store {
             }
         }
         Ok(AccessTable::new(layer, records))
+    }
+
+    /// Rewrites a record as it is (decrypted with whichever key sealed it, sealed again
+    /// with the current one). Returns whether it existed.
+    async fn rewrite(&self, key: &StorageKey) -> Result<bool> {
+        match self.backend.get(key).await? {
+            Some(bytes) => {
+                self.backend.put(key, bytes).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Re-encrypts one session's records: its state, checkpoints and access record. Called
+    /// by its session actor, so no write of the session interleaves.
+    pub(crate) async fn reencrypt_session(&self, sid: &SessionId) -> Result<usize> {
+        let mut n = 0;
+        for key in [session_key(&self.codec, sid), access_key(sid)] {
+            n += usize::from(self.rewrite(&key).await?);
+        }
+        let prefix = StorageKey::from_valid(format!("checkpoints/{sid}"));
+        for meta in self.backend.list(&prefix).await? {
+            n += usize::from(self.rewrite(&meta.key).await?);
+        }
+        Ok(n)
+    }
+
+    /// Re-encrypts what belongs to no session: quarantine copies and the index journal.
+    #[cfg(feature = "encryption")]
+    pub(crate) async fn reencrypt_rest(&self) -> Result<usize> {
+        let mut n = 0;
+        for meta in self.backend.list(&fixed("quarantine")).await? {
+            match self.rewrite(&meta.key).await {
+                Ok(existed) => n += usize::from(existed),
+                // A quarantined copy may be damaged beyond reading: it stays as it is.
+                Err(StateError::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _guard = self.journal.lock().await;
+        self.compact_locked(true).await?;
+        Ok(n + 1)
     }
 
     /// Tells watchers about a change (no one listening is fine).
@@ -457,7 +526,7 @@ impl Store {
     pub(crate) async fn reconcile(&self, trust: Trust) -> Result<Reconciled> {
         let _guard = self.journal.lock().await;
         let full = trust == Trust::Nothing;
-        let ext = self.codec.compression.extension();
+        let ext = self.codec.extension();
         let mut corrupt = Vec::new();
         let mut fresh = Index::default();
         let old = if full { Index::default() } else { self.index().clone() };
@@ -637,7 +706,7 @@ impl Store {
 }
 
 pub(crate) fn cid_from_name(name: &str, codec: &Codec) -> Option<CheckpointId> {
-    name.strip_suffix(codec.compression.extension()).and_then(|s| CheckpointId::parse(s).ok())
+    name.strip_suffix(codec.extension()).and_then(|s| CheckpointId::parse(s).ok())
 }
 
 impl Compression {

@@ -126,6 +126,12 @@ pub enum SessionMsg {
         /// Receives what was rewritten.
         reply: RpcReplyPort<Result<MigrationReport>>,
     },
+    /// Internal: rewrite this session's records under the current encryption key.
+    #[doc(hidden)]
+    Reencrypt {
+        /// Receives how many records were rewritten.
+        reply: RpcReplyPort<Result<usize>>,
+    },
     /// Delete the session if its last activity is older than `cutoff_ms` (Unix ms).
     DeleteIfIdle {
         /// The cutoff.
@@ -221,9 +227,10 @@ impl Actor for SessionActor {
         }
         // Drained at shutdown (or passivating): recorded steps become durable now.
         if st.dirty
-            && let Err(e) = st.flush(CheckpointReason::Flush).await {
-                warn!(session = %st.sid, error = %e, "could not flush recorded steps while stopping");
-            }
+            && let Err(e) = st.flush(CheckpointReason::Flush).await
+        {
+            warn!(session = %st.sid, error = %e, "could not flush recorded steps while stopping");
+        }
         Ok(())
     }
 
@@ -274,15 +281,24 @@ impl Actor for SessionActor {
             SessionMsg::Migrate { reply } => {
                 let _ = reply.send(st.migrate().await);
             }
+            SessionMsg::Reencrypt { reply } => {
+                let sid = st.sid.clone();
+                let r =
+                    storage::run(&st.shared.storage, move |store| async move { store.reencrypt_session(&sid).await })
+                        .await;
+                let _ = reply.send(r);
+            }
             SessionMsg::DeleteIfIdle { cutoff_ms, reply } => {
                 let _ = reply.send(st.delete_if_idle(cutoff_ms).await);
             }
             SessionMsg::TimeCheck => {
                 let due = st.policy.every.is_some_and(|every| st.last_checkpoint_at.elapsed() >= every);
-                if st.dirty && due
-                    && let Err(e) = st.flush(CheckpointReason::Time).await {
-                        warn!(session = %st.sid, error = %e, "time-based checkpoint failed; retrying at the next tick");
-                    }
+                if st.dirty
+                    && due
+                    && let Err(e) = st.flush(CheckpointReason::Time).await
+                {
+                    warn!(session = %st.sid, error = %e, "time-based checkpoint failed; retrying at the next tick");
+                }
             }
             SessionMsg::IdleCheck => {
                 if !st.passivating && st.last_activity.elapsed() >= st.shared.config.idle_timeout {
