@@ -487,7 +487,11 @@ impl StateManager {
     pub async fn load_session_as<T: DeserializeOwned>(&self, session: impl AsRef<str>) -> Result<Option<T>> {
         let sid = sid(session)?;
         self.authorize(Op::Load, &sid).await?;
-        let state = self.call("load_session", &sid, |reply| SessionMsg::Load { reply }).await?;
+        // A live session's actor publishes its state: no message needed.
+        let state = match self.store()?.hot(&sid) {
+            Some(state) => state,
+            None => self.call("load_session", &sid, |reply| SessionMsg::Load { reply }).await?,
+        };
         state.map(|s| s.deserialize().map_err(|e| ser_err(&sid, e))).transpose()
     }
 

@@ -13,13 +13,16 @@ use crate::error::{Result, StateError};
 use crate::index::{Change, CpEntry, Index, RecordEntry};
 use crate::lifecycle::{CheckpointPolicy, EventKind, StateEvent};
 use crate::middleware::acl::{AccessControlLayer, AccessRecord, AccessTable};
-use crate::types::{BranchId, CheckpointId, CheckpointReason, Clock, SessionId, SessionStatus, VacuumReport};
+use crate::types::{
+    BranchId, CheckpointId, CheckpointReason, Clock, SessionId, SessionStatus, StateBytes, VacuumReport,
+};
 use std::collections::HashMap;
 
 const JOURNAL: &str = "metadata/index.log";
 const STORE_META: &str = "metadata/store.json";
 const PENDING: &str = "metadata/pending";
 const ACCESS: &str = "metadata/access";
+const HOT_SHARDS: usize = 16;
 /// Present while a manager has the store open; left behind by a process that died.
 const RUNNING: &str = "metadata/running";
 
@@ -136,6 +139,10 @@ pub(crate) struct Store {
     evicting: tokio::sync::Mutex<()>,
     /// Live change events for watchers.
     pub(crate) events: tokio::sync::broadcast::Sender<StateEvent>,
+    /// The current state of every live session, published by its session actor: loads are
+    /// served from here without a message. `Some(None)`: known to have no state. Sharded to
+    /// keep concurrent loads of different sessions from contending.
+    hot: [Mutex<HashMap<SessionId, Option<StateBytes>>>; HOT_SHARDS],
     /// Per-session checkpoint policies set at run time (in memory: an orchestrator sets
     /// them again when it resumes a run).
     pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
@@ -194,6 +201,7 @@ impl Store {
             evicting: tokio::sync::Mutex::new(()),
             events: tokio::sync::broadcast::channel(4096).0,
             policies: Mutex::new(HashMap::new()),
+            hot: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
@@ -297,6 +305,32 @@ impl Store {
         let _guard = self.journal.lock().await;
         self.compact_locked(true).await?;
         Ok(n + 1)
+    }
+
+    fn hot_shard(&self, sid: &SessionId) -> MutexGuard<'_, HashMap<SessionId, Option<StateBytes>>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        sid.hash(&mut h);
+        // Entries are replaced whole; a panic cannot leave one torn.
+        self.hot[(h.finish() as usize) % HOT_SHARDS].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes a live session's state (`None`: unknown, loads go to the actor).
+    pub(crate) fn publish(&self, sid: &SessionId, state: Option<Option<StateBytes>>) {
+        let mut shard = self.hot_shard(sid);
+        match state {
+            Some(s) => {
+                shard.insert(sid.clone(), s);
+            }
+            None => {
+                shard.remove(sid);
+            }
+        }
+    }
+
+    /// A live session's state, if its actor has published one.
+    pub(crate) fn hot(&self, sid: &SessionId) -> Option<Option<StateBytes>> {
+        self.hot_shard(sid).get(sid).cloned()
     }
 
     /// Tells watchers about a change (no one listening is fine).

@@ -225,6 +225,8 @@ impl Actor for SessionActor {
         for t in [st.idle_timer.take(), st.policy_timer.take()].into_iter().flatten() {
             t.abort();
         }
+        // From now on loads go through a fresh actor (which reads storage).
+        st.shared.store.publish(&st.sid, None);
         // Drained at shutdown (or passivating): recorded steps become durable now.
         if st.dirty
             && let Err(e) = st.flush(CheckpointReason::Flush).await
@@ -330,6 +332,18 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl SessionState {
+    /// Replaces what this actor knows of the state and publishes it to the store's hot
+    /// map, which serves loads of live sessions without a message to this actor. Called
+    /// before any reply, so a caller that saw a write acknowledged reads it (or newer).
+    fn set_current(&mut self, current: Option<Current>) {
+        self.current = current;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.shared.store.publish(&self.sid, self.current.as_ref().map(|c| c.state.clone()));
+    }
+
     fn check_size(&self, state: &StateBytes) -> Result<()> {
         let limit = self.shared.config.max_state_bytes;
         if state.len() > limit {
@@ -380,7 +394,7 @@ impl SessionState {
                 },
             };
             self.last_checkpoint_step = current.meta.step;
-            self.current = Some(current);
+            self.set_current(Some(current));
         }
         self.current.as_mut().ok_or_else(|| StateError::unavailable("session state missing"))
     }
@@ -409,14 +423,14 @@ impl SessionState {
         .await;
         match r {
             Ok(()) => {
-                self.current = Some(Current { state: Some(state), saved_at: at, meta });
+                self.set_current(Some(Current { state: Some(state), saved_at: at, meta }));
                 self.dirty = false;
                 self.shared.store.emit(&self.sid, EventKind::Saved);
                 Ok(at)
             }
             Err(e) => {
                 // The old version is intact on disk, but be conservative about the cache.
-                self.current = None;
+                self.set_current(None);
                 Err(e)
             }
         }
@@ -448,10 +462,10 @@ impl SessionState {
 
     async fn delete(&mut self) -> Result<bool> {
         let sid = self.sid.clone();
-        self.current = None;
+        self.set_current(None);
         let existed =
             storage::run(&self.shared.storage, move |store| async move { store.delete_session(&sid).await }).await?;
-        self.current = Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() });
+        self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
         self.dirty = false;
         self.heads.clear();
         self.last_clock = None;
@@ -525,7 +539,7 @@ impl SessionState {
         let current = match self.current().await {
             Ok(c) => c,
             Err(StateError::Corrupt { .. }) => {
-                self.current = Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() });
+                self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
                 self.current().await?
             }
             Err(e) => return Err(e),
@@ -534,6 +548,7 @@ impl SessionState {
         current.meta.step = Some(step);
         current.meta.status = SessionStatus::Running;
         self.dirty = true;
+        self.publish();
         let due = self.policy.every_steps.is_some_and(|n| match self.last_checkpoint_step {
             Some(last) => step >= last.saturating_add(n),
             None => step >= n,
@@ -624,7 +639,7 @@ impl SessionState {
                     .unwrap_or_else(|| "non-string panic payload".to_owned());
                 warn!(session = %sid, "a panic in an update closure was contained; nothing was written");
                 // Start from a clean slate: re-read from disk on next use.
-                self.current = None;
+                self.set_current(None);
                 self.dirty = false;
                 return Err(StateError::Panicked { session: sid, message });
             }
@@ -689,7 +704,7 @@ impl SessionState {
                 store.save_session(&sid, &bytes, saved_at, m).await
             })
             .await?;
-            self.current = None;
+            self.set_current(None);
             report.sessions += 1;
         }
         let ids: Vec<CheckpointId> = {

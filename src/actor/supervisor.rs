@@ -219,6 +219,8 @@ impl Actor for SupervisorActor {
             return Ok(());
         }
         let Some(sid) = st.by_actor.remove(&id) else { return Ok(()) };
+        // Whatever the actor published is no longer backed by a live writer.
+        st.shared.store.publish(&sid, None);
         if let Some(err) = &failure {
             error!(session = %sid, error = %err, "session actor failed; it is restarted on next use");
         }
