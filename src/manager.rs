@@ -206,6 +206,8 @@ impl StateManagerBuilder {
         let mut codec = Codec { compression, encrypted: false, max_record };
         #[allow(unused_mut)]
         let mut backend = self.backend;
+        #[allow(unused_mut)]
+        let mut below = None;
         #[cfg(feature = "encryption")]
         let mut crypt = Weak::new();
         #[cfg(feature = "encryption")]
@@ -217,12 +219,13 @@ impl StateManagerBuilder {
                 meta.check(&codec)?;
             }
             let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
+            below = Some(backend.clone());
             let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
             crypt = Arc::downgrade(&encrypted);
             backend = encrypted;
         }
         let store = Arc::new(
-            Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default()).await?,
+            Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default(), below).await?,
         );
         let config = Arc::new(self.config);
         let (supervisor, _) =

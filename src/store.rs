@@ -126,6 +126,9 @@ pub struct RetentionPolicy {
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) backend: Arc<dyn StorageBackend>,
+    /// The backend under the middleware (for quarantine copies of records the middleware
+    /// refused), when there is middleware.
+    below: Option<Arc<dyn StorageBackend>>,
     pub(crate) codec: Codec,
     index: Mutex<Index>,
     /// Serializes journal appends with compaction.
@@ -176,6 +179,7 @@ impl Store {
         codec: Codec,
         retention: RetentionPolicy,
         access: AccessControlLayer,
+        below: Option<Arc<dyn StorageBackend>>,
     ) -> Result<Store> {
         match read_store_meta(backend.as_ref()).await? {
             Some(meta) => meta.check(&codec)?,
@@ -191,6 +195,7 @@ impl Store {
         }
         let store = Store {
             backend,
+            below,
             codec,
             index: Mutex::new(Index::default()),
             journal: tokio::sync::Mutex::new(()),
@@ -418,7 +423,22 @@ impl Store {
     /// Reads and verifies a record. Damage is an error naming the key; a copy of the damaged
     /// bytes goes to `quarantine/` (the record itself stays in place for inspection).
     async fn read(&self, key: &StorageKey, belongs: impl Fn(&RecordHead) -> bool) -> Result<Option<Decoded>> {
-        let Some(raw) = self.backend.get(key).await? else { return Ok(None) };
+        let raw = match self.backend.get(key).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Ok(None),
+            // Damage found below the codec (by the encryption layer): copy the stored bytes
+            // from the backend under that layer.
+            Err(e @ StateError::Corrupt { .. }) => {
+                warn!(key = %key, error = %e, "damaged record");
+                if let Some(below) = &self.below
+                    && let Ok(Some(stored)) = below.get(key).await
+                {
+                    self.quarantine(below.as_ref(), key, stored).await;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let (e, raw) = match self.codec.decode(key, raw) {
             Ok(d) if belongs(&d.head) => return Ok(Some(d)),
             // Intact, but another key's record (copied or swapped over this one). Quarantine
@@ -430,12 +450,17 @@ impl Store {
             Err(failed) => failed,
         };
         warn!(key = %key, error = %e, "damaged record");
-        if let Some((qk, bytes)) = self.quarantine_later(key, &raw)
-            && let Err(qe) = self.backend.put(&qk, bytes).await
+        self.quarantine(self.backend.as_ref(), key, raw).await;
+        Err(e)
+    }
+
+    /// Keeps a copy of a damaged record in `quarantine/` (once per key and process).
+    async fn quarantine(&self, backend: &dyn StorageBackend, key: &StorageKey, bytes: Vec<u8>) {
+        if let Some((qk, bytes)) = self.quarantine_later(key, &bytes)
+            && let Err(qe) = backend.put(&qk, bytes).await
         {
             warn!(key = %qk, error = %qe, "could not write quarantine copy");
         }
-        Err(e)
     }
 
     pub(crate) async fn load_session(&self, sid: &SessionId) -> Result<Option<Decoded>> {

@@ -167,6 +167,12 @@ async fn damaged_swapped_and_planted_records_are_refused() {
         assert_eq!(r.as_ref().map_err(|e| e.kind()).unwrap_err(), ErrorKind::Corrupt, "{name}: {r:?}");
         assert_eq!(m.load_session("b").await.unwrap(), Some(json!({"who": "b"})), "{name}: b is unaffected");
         m.shutdown().await.unwrap();
+        let kept: Vec<Vec<u8>> = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(kept.contains(&bytes), "{name}: the damaged bytes are kept in quarantine/");
+        assert_eq!(std::fs::read(&a).unwrap(), bytes, "{name}: the record itself stays in place");
     }
     put_file(&a, &good_a);
 }
