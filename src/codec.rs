@@ -95,6 +95,19 @@ pub(crate) struct SessionMeta {
     /// The orchestrator's step of this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) step: Option<u64>,
+    /// The checkpoint this state was last rolled back to: the next checkpoint on its
+    /// branch forks from it unless a newer one was taken there since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) fork: Option<Fork>,
+}
+
+/// Where a rollback left a branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Fork {
+    pub(crate) branch: BranchId,
+    pub(crate) checkpoint: CheckpointId,
+    /// A clock value taken at the rollback: checkpoints with a greater one came after it.
+    pub(crate) clock: u64,
 }
 
 /// The `meta` object of a checkpoint record.

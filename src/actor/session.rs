@@ -509,6 +509,20 @@ impl SessionState {
         self.check_size(&state)?;
         let clock = self.next_clock();
         let cid = CheckpointId::generate(clock);
+        if !self.heads.contains_key(&branch) {
+            let fork = match self.current().await {
+                Ok(c) => c.meta.fork.clone(),
+                Err(_) => None,
+            };
+            let newest = self.head(&branch);
+            let head = match fork {
+                Some(f) if f.branch == branch && newest.as_ref().is_none_or(|n| n.clock() < f.clock) => {
+                    Some(f.checkpoint)
+                }
+                _ => newest,
+            };
+            self.heads.insert(branch.clone(), head);
+        }
         let meta =
             CheckpointMeta { schema: self.shared.config.migrations.current, reason, step, parent: self.head(&branch) };
         let (sid, id, b) = (self.sid.clone(), cid.clone(), branch.clone());
@@ -544,9 +558,14 @@ impl SessionState {
             }
             Err(e) => return Err(e),
         };
+        let was_paused = current.meta.status == SessionStatus::Paused;
         current.state = Some(state);
         current.meta.step = Some(step);
         current.meta.status = SessionStatus::Running;
+        if was_paused {
+            // Recording a step resumes a paused run; say so.
+            self.shared.store.emit(&self.sid, EventKind::Resumed);
+        }
         self.dirty = true;
         self.publish();
         let due = self.policy.every_steps.is_some_and(|n| match self.last_checkpoint_step {
@@ -568,9 +587,11 @@ impl SessionState {
             Some(bytes) => StateBytes::from_slice(&bytes),
             None => StateBytes::from_slice(cp.data()),
         };
+        let fork = crate::codec::Fork { branch: branch_id.clone(), checkpoint: cid.clone(), clock: self.next_clock() };
         self.save_with(data, |m| {
             m.step = meta.step;
             m.status = SessionStatus::Running;
+            m.fork = Some(fork);
         })
         .await?;
         if truncate {
@@ -704,7 +725,10 @@ impl SessionState {
                 store.save_session(&sid, &bytes, saved_at, m).await
             })
             .await?;
-            self.set_current(None);
+            // The cache holds the migrated state or newer recorded steps: keep it then.
+            if !self.dirty {
+                self.set_current(None);
+            }
             report.sessions += 1;
         }
         let ids: Vec<CheckpointId> = {
