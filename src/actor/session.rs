@@ -393,7 +393,14 @@ impl SessionState {
                     meta: SessionMeta { schema: self.shared.config.migrations.current, ..SessionMeta::default() },
                 },
             };
-            self.last_checkpoint_step = current.meta.step;
+            // The step policy counts from the newest checkpoint on its branch (not from the
+            // session record: a crash between a flush's two writes leaves the record ahead).
+            self.last_checkpoint_step = {
+                let idx = self.shared.store.index();
+                idx.sessions.get(&self.sid).and_then(|e| {
+                    e.checkpoints.values().rev().find(|c| c.branch == self.policy.branch).and_then(|c| c.step)
+                })
+            };
             self.set_current(Some(current));
         }
         self.current.as_mut().ok_or_else(|| StateError::unavailable("session state missing"))
@@ -569,8 +576,9 @@ impl SessionState {
         self.dirty = true;
         self.publish();
         let due = self.policy.every_steps.is_some_and(|n| match self.last_checkpoint_step {
-            Some(last) => step >= last.saturating_add(n),
-            None => step >= n,
+            // A step below the last checkpoint's: the run was restarted; count from zero.
+            Some(last) if step >= last => step >= last.saturating_add(n),
+            _ => step >= n,
         });
         if due { self.flush(CheckpointReason::Steps).await } else { Ok(None) }
     }

@@ -243,6 +243,11 @@ impl FileStorageBackend {
     }
 
     /// The one place records are written: stage, fdatasync, rename, fsync the directory.
+    ///
+    /// The previous version keeps a second name (a hard link, `.NAME.tmp-prev-…` so a sweep
+    /// removes it if a crash leaves it) until the new one is durable: if the directory
+    /// fsync after the rename fails, the previous version is renamed back (or, if there was
+    /// none, the new record removed), so an `Err` leaves what was there before.
     fn write_atomic(&self, staged: &Path, path: &Path, dir: &Path, value: &[u8]) -> Result<()> {
         let fs = &self.inner.fs;
         let mut f = fs.create_new(staged).map_err(|e| StateError::io("creating staged file", staged, e))?;
@@ -250,10 +255,36 @@ impl FileStorageBackend {
         // The data must be on disk before the rename can make a name point at it.
         f.sync_data().map_err(|e| StateError::io("syncing", staged, e))?;
         drop(f);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let backup = dir.join(format!(".{name}{STAGED_MARK}prev-{}", random_suffix()));
+        lock(&self.inner.in_flight).insert(backup.clone());
+        let had_previous = fs.hard_link(path, &backup).is_ok();
+        let result = self.replace(staged, path, dir, had_previous.then_some(&backup));
+        if had_previous {
+            // Not fsynced: if a crash brings the name back, the next sweep removes it.
+            let _ = fs.remove_file(&backup);
+        }
+        lock(&self.inner.in_flight).remove(&backup);
+        result
+    }
+
+    fn replace(&self, staged: &Path, path: &Path, dir: &Path, backup: Option<&PathBuf>) -> Result<()> {
+        let fs = &self.inner.fs;
         // Atomic replace: a reader or a crash sees either the old record or the new one.
         fs.rename(staged, path).map_err(|e| StateError::io("renaming into place", path, e))?;
         // Without this the rename may be lost on power failure, resurrecting the old record.
-        fs.sync_dir(dir).map_err(|e| StateError::io("syncing directory", dir, e))?;
+        if let Err(e) = fs.sync_dir(dir) {
+            // The new version is visible but not durable, and the caller is told the save
+            // failed: put back what was there (best effort; each step is atomic).
+            let undone = match backup {
+                Some(b) => fs.rename(b, path),
+                None => fs.remove_file(path).map(|_| ()),
+            };
+            if undone.is_ok() {
+                let _ = fs.sync_dir(dir);
+            }
+            return Err(StateError::io("syncing directory", dir, e));
+        }
         Ok(())
     }
 

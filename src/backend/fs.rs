@@ -46,6 +46,11 @@ pub(crate) trait Fs: Send + Sync + fmt::Debug + 'static {
     /// Lists a directory without following symbolic links (the directory itself must not
     /// be one); a missing directory lists nothing.
     fn list_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+    /// Makes `to` a second name of the file `from` (a hard link). Seams that cannot do
+    /// this say `Unsupported`, and writers then do without a backup.
+    fn hard_link(&self, _from: &Path, _to: &Path) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
     /// Fails unless `path` is a real directory (not a symbolic link to one).
     fn check_dir(&self, _path: &Path) -> io::Result<()> {
         Ok(())
@@ -155,6 +160,10 @@ impl Fs for OsFs {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)?;
         d.sync_all()
+    }
+
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::hard_link(from, to)
     }
 
     fn check_dir(&self, path: &Path) -> io::Result<()> {
