@@ -435,6 +435,17 @@ impl StateManager {
         Ok(())
     }
 
+    /// Serializes a state and checks it against the size limit, before anything else
+    /// (access control's claim of a new session included) happens.
+    fn encode<T: Serialize + ?Sized>(&self, sid: &SessionId, state: &T) -> Result<StateBytes> {
+        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(sid, e))?;
+        let limit = self.inner.config.max_state_bytes;
+        if state.len() > limit {
+            return Err(StateError::TooLarge { size: state.len(), limit });
+        }
+        Ok(state)
+    }
+
     fn store(&self) -> Result<Arc<Store>> {
         self.inner.store.upgrade().ok_or_else(|| StateError::unavailable("the state manager is shut down"))
     }
@@ -458,8 +469,9 @@ impl StateManager {
     /// ```
     pub async fn save_session<T: Serialize + ?Sized>(&self, session: impl AsRef<str>, state: &T) -> Result<()> {
         let sid = sid(session)?;
+        // Serialized before access control may claim the session for this write.
+        let state = self.encode(&sid, state)?;
         self.authorize(Op::Save, &sid).await?;
-        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
         self.call("save_session", &sid, |reply| SessionMsg::Save { state, reply }).await
     }
 
@@ -550,11 +562,21 @@ impl StateManager {
         branch: impl AsRef<str>,
         state: &T,
     ) -> Result<CheckpointId> {
+        self.checkpoint(session, branch, state, CheckpointReason::Manual).await
+    }
+
+    async fn checkpoint<T: Serialize + ?Sized>(
+        &self,
+        session: impl AsRef<str>,
+        branch: impl AsRef<str>,
+        state: &T,
+        reason: CheckpointReason,
+    ) -> Result<CheckpointId> {
+        // Every id is validated before access control may claim the session.
         let sid = sid(session)?;
-        self.authorize(Op::CreateCheckpoint, &sid).await?;
         let branch_id = BranchId::new(branch)?;
-        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
-        let reason = CheckpointReason::Manual;
+        let state = self.encode(&sid, state)?;
+        self.authorize(Op::CreateCheckpoint, &sid).await?;
         self.call("create_checkpoint", &sid, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reason, reply })
             .await
     }
@@ -846,8 +868,9 @@ impl StateManager {
         state: &T,
     ) -> Result<Option<CheckpointId>> {
         let sid = sid(session)?;
+        // Serialized before access control may claim the session for this write.
+        let state = self.encode(&sid, state)?;
         self.authorize(Op::Save, &sid).await?;
-        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
         self.call("record_step", &sid, |reply| SessionMsg::RecordStep { step, state, reply }).await
     }
 
@@ -859,13 +882,7 @@ impl StateManager {
         branch: impl AsRef<str>,
         state: &T,
     ) -> Result<CheckpointId> {
-        let sid = sid(session)?;
-        let branch_id = BranchId::new(branch)?;
-        self.authorize(Op::CreateCheckpoint, &sid).await?;
-        let state = StateBytes::from_serialize(state).map_err(|e| ser_err(&sid, e))?;
-        let reason = CheckpointReason::BeforeRisky;
-        self.call("create_checkpoint", &sid, |reply| SessionMsg::CreateCheckpoint { branch_id, state, reason, reply })
-            .await
+        self.checkpoint(session, branch, state, CheckpointReason::BeforeRisky).await
     }
 
     async fn set_status<T: Serialize + ?Sized>(
@@ -877,8 +894,8 @@ impl StateManager {
         state: Option<&T>,
     ) -> Result<Option<CheckpointId>> {
         let sid = sid(session)?;
+        let state = state.map(|s| self.encode(&sid, s)).transpose()?;
         self.authorize(op, &sid).await?;
-        let state = state.map(|s| StateBytes::from_serialize(s).map_err(|e| ser_err(&sid, e))).transpose()?;
         self.call("set_status", &sid, |reply| SessionMsg::SetStatus { status, reason, state, reply }).await
     }
 

@@ -168,3 +168,23 @@ async fn racing_first_writers_have_exactly_one_owner() {
     assert_eq!(m.load_session("contested").await.unwrap(), Some(json!(i)), "the owner's save is the one stored");
     m.shutdown().await.unwrap();
 }
+
+/// A write rejected for its input (a hostile branch id, an oversized state) must not leave
+/// the principal owning a session it never wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_first_write_claims_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m =
+        StateManager::builder(FileStorageBackend::new(dir.path()).unwrap()).max_state_bytes(64).start().await.unwrap();
+    let alice = m.for_principal(p("alice"));
+    let before = snapshot(dir.path());
+    assert_eq!(alice.create_checkpoint("fresh", "../evil", &json!(1)).await.unwrap_err().kind(), ErrorKind::InvalidId);
+    assert_eq!(alice.save_session("fresh", &"x".repeat(100)).await.unwrap_err().kind(), ErrorKind::TooLarge);
+    assert_eq!(alice.record_step("fresh", 1, &"x".repeat(100)).await.unwrap_err().kind(), ErrorKind::TooLarge);
+    assert!(m.access_record("fresh").await.unwrap().is_none());
+    assert_eq!(snapshot(dir.path()), before, "nothing was written");
+    // Bob can still take it.
+    m.for_principal(p("bob")).save_session("fresh", &json!(1)).await.unwrap();
+    assert_eq!(m.access_record("fresh").await.unwrap().unwrap().owner, p("bob"));
+    m.shutdown().await.unwrap();
+}
