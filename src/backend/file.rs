@@ -64,6 +64,17 @@ impl std::fmt::Debug for Appenders {
     }
 }
 
+/// What was at a record's name before a write replaced it.
+#[derive(Clone, Copy)]
+enum Previous<'a> {
+    /// A record, kept under this second name until the new one is durable.
+    Kept(&'a PathBuf),
+    /// Nothing.
+    None,
+    /// Unknown (the file system gave no second name).
+    Unknown,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded sets are only inserted into or removed from in single calls, so a
     // panic elsewhere cannot leave them inconsistent.
@@ -258,8 +269,14 @@ impl FileStorageBackend {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let backup = dir.join(format!(".{name}{STAGED_MARK}prev-{}", random_suffix()));
         lock(&self.inner.in_flight).insert(backup.clone());
-        let had_previous = fs.hard_link(path, &backup).is_ok();
-        let result = self.replace(staged, path, dir, had_previous.then_some(&backup));
+        let previous = match fs.hard_link(path, &backup) {
+            Ok(()) => Previous::Kept(&backup),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Previous::None,
+            // No second name to be had: a failure after the rename cannot be undone.
+            Err(_) => Previous::Unknown,
+        };
+        let had_previous = matches!(previous, Previous::Kept(_));
+        let result = self.replace(staged, path, dir, previous);
         if had_previous {
             // Not fsynced: if a crash brings the name back, the next sweep removes it.
             let _ = fs.remove_file(&backup);
@@ -268,7 +285,7 @@ impl FileStorageBackend {
         result
     }
 
-    fn replace(&self, staged: &Path, path: &Path, dir: &Path, backup: Option<&PathBuf>) -> Result<()> {
+    fn replace(&self, staged: &Path, path: &Path, dir: &Path, previous: Previous<'_>) -> Result<()> {
         let fs = &self.inner.fs;
         // Atomic replace: a reader or a crash sees either the old record or the new one.
         fs.rename(staged, path).map_err(|e| StateError::io("renaming into place", path, e))?;
@@ -276,9 +293,10 @@ impl FileStorageBackend {
         if let Err(e) = fs.sync_dir(dir) {
             // The new version is visible but not durable, and the caller is told the save
             // failed: put back what was there (best effort; each step is atomic).
-            let undone = match backup {
-                Some(b) => fs.rename(b, path),
-                None => fs.remove_file(path).map(|_| ()),
+            let undone = match previous {
+                Previous::Kept(b) => fs.rename(b, path),
+                Previous::None => fs.remove_file(path).map(|_| ()),
+                Previous::Unknown => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
             };
             if undone.is_ok() {
                 let _ = fs.sync_dir(dir);
