@@ -5,7 +5,8 @@
 //!   for another key's record is `ErrorKind::Corrupt` naming its key: never `Ok(None)`,
 //!   never wrong data, never a panic. The damaged bytes are copied to `quarantine/` and the
 //!   record itself stays in place.
-//! - 2,000 seeded random corruptions are all detected; the counts are printed.
+//! - 2,000 seeded random corruptions, spread over plain, gzip, encrypted and gzip+encrypted
+//!   stores, are all detected; the counts are printed.
 //! - A damaged, truncated, stale or missing index journal (`metadata/index.log`) does not
 //!   stop the manager, and listings and stats still match the records.
 //! - A damaged record is not mistaken for a session idle since 1970.
@@ -52,6 +53,9 @@ fn offsets(len: usize) -> Vec<usize> {
 enum Comp {
     Plain,
     Gzip,
+    /// Encrypted (XChaCha20-Poly1305), without and with gzip.
+    Enc,
+    GzipEnc,
 }
 
 impl Comp {
@@ -60,15 +64,25 @@ impl Comp {
     }
     fn compression(self) -> Option<u32> {
         match self {
-            Comp::Plain => None,
-            Comp::Gzip => Some(common::GZIP_LEVEL),
+            Comp::Plain | Comp::Enc => None,
+            Comp::Gzip | Comp::GzipEnc => Some(common::GZIP_LEVEL),
         }
     }
+    fn encrypted(self) -> bool {
+        matches!(self, Comp::Enc | Comp::GzipEnc)
+    }
     fn ext(self) -> &'static str {
-        common::ext(self.compression())
+        match (self.compression(), self.encrypted()) {
+            (None, true) => ".json.enc",
+            (Some(_), true) => ".json.gz.enc",
+            (c, false) => common::ext(c),
+        }
     }
     fn builder(self, base: &Path) -> StateManagerBuilder {
-        common::builder(base, self.compression()).janitor_interval(JANITOR_HOURLY).call_timeout(Duration::from_secs(20))
+        let b = common::builder(base, self.compression())
+            .janitor_interval(JANITOR_HOURLY)
+            .call_timeout(Duration::from_secs(20));
+        if self.encrypted() { b.encryption_key(mars_state::EncryptionKey::from_bytes([42; 32])) } else { b }
     }
 }
 
@@ -523,12 +537,17 @@ fn random_damage(rng: &mut SplitMix64, good: &[u8]) -> (String, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_corruptions_are_all_detected() {
     const N: usize = 2000;
-    let fixtures = [Fixture::new(Comp::Plain).await, Fixture::new(Comp::Gzip).await];
+    let fixtures = [
+        Fixture::new(Comp::Plain).await,
+        Fixture::new(Comp::Gzip).await,
+        Fixture::new(Comp::Enc).await,
+        Fixture::new(Comp::GzipEnc).await,
+    ];
     let mut rng = SplitMix64(0x6d61_7273_2d73_7461); // "mars-sta"
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut examples: Vec<String> = Vec::new();
     for i in 0..N {
-        let fx = &fixtures[i % 2];
+        let fx = &fixtures[i % fixtures.len()];
         let targets = fx.targets();
         let t = &targets[rng.below(targets.len())];
         let good = fx.bytes(&t.key(fx.comp));
