@@ -11,6 +11,7 @@ mod lifecycle;
 mod manager;
 pub mod middleware;
 mod store;
+mod sync;
 mod types;
 
 pub use actor::SessionMsg;

@@ -361,9 +361,7 @@ impl StateManager {
         match store.access.check(p, op, sid, exists, store.clock.now_ms())? {
             Decision::Allow => Ok(()),
             Decision::Claim(record) => {
-                let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
-                let (s, r) = (sid.clone(), record.clone());
-                let put = storage::run(&storage, move |store| async move { store.put_access(&s, &r).await }).await;
+                let put = self.put_access(sid, &record).await;
                 if put.is_err() {
                     store.access.unclaim(sid, &record.owner);
                 }
@@ -428,9 +426,7 @@ impl StateManager {
             return Err(StateError::Config { message: format!("session {sid} has no owner to grant from") });
         };
         change(&mut record);
-        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
-        let (s, r) = (sid.clone(), record.clone());
-        storage::run(&storage, move |store| async move { store.put_access(&s, &r).await }).await?;
+        self.put_access(sid, &record).await?;
         store.access.set(sid, record);
         Ok(())
     }
@@ -444,6 +440,23 @@ impl StateManager {
             return Err(StateError::TooLarge { size: state.len(), limit });
         }
         Ok(state)
+    }
+
+    /// Runs a job on the current storage actor (the supervisor may have restarted it).
+    async fn on_storage<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Store>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+        storage::run(&storage, f).await
+    }
+
+    /// Makes a session's access record durable (before the request it guards goes on).
+    async fn put_access(&self, sid: &SessionId, record: &AccessRecord) -> Result<()> {
+        let (s, r) = (sid.clone(), record.clone());
+        self.on_storage(move |store| async move { store.put_access(&s, &r).await }).await
     }
 
     fn store(&self) -> Result<Arc<Store>> {
@@ -600,9 +613,8 @@ impl StateManager {
     pub async fn restore_checkpoint_as<T: DeserializeOwned>(&self, id: &CheckpointId) -> Result<Option<Checkpoint<T>>> {
         let Some(sid) = self.store()?.index().by_checkpoint.get(id).cloned() else { return Ok(None) };
         self.authorize(Op::RestoreCheckpoint, &sid).await?;
-        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
         let (s, cid) = (sid.clone(), id.clone());
-        let decoded = storage::run(&storage, move |store| async move { store.load_checkpoint(&s, &cid).await }).await?;
+        let decoded = self.on_storage(move |store| async move { store.load_checkpoint(&s, &cid).await }).await?;
         let Some(d) = decoded else { return Ok(None) };
         let RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } = d.head.clone() else {
             return Err(StateError::corrupt(id, "not a checkpoint record"));
@@ -729,11 +741,11 @@ impl StateManager {
             let old: Option<T> = old.map(serde_json::from_slice).transpose().map_err(ser)?;
             let new = f(old).map_err(|e| StateError::UpdateRejected { session: name.clone(), source: e.into() })?;
             let bytes = serde_json::to_vec(&new).map_err(ser)?;
-            *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(new);
+            *crate::sync::lock(&out) = Some(new);
             Ok(bytes)
         });
         let bytes = self.call("transactional_update", &sid, |reply| SessionMsg::Update { update, reply }).await?;
-        let kept = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let kept = crate::sync::lock(&slot).take();
         match kept {
             Some(v) => Ok(v),
             None => bytes.deserialize().map_err(|e| ser_err(&sid, e)),
@@ -788,8 +800,7 @@ impl StateManager {
     /// ```
     pub async fn vacuum_storage(&self) -> Result<VacuumReport> {
         self.authorize_maintenance("vacuum")?;
-        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
-        storage::run(&storage, |store| async move { store.vacuum().await }).await
+        self.on_storage(|store| async move { store.vacuum().await }).await
     }
 
     /// Runs one janitor pass now (sweep, retention) and returns what it did.
@@ -1071,8 +1082,7 @@ impl StateManager {
         for sid in sessions {
             rewritten += self.call("rotate_key", &sid, |reply| SessionMsg::Reencrypt { reply }).await?;
         }
-        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
-        rewritten += storage::run(&storage, |store| async move { store.reencrypt_rest().await }).await?;
+        rewritten += self.on_storage(|store| async move { store.reencrypt_rest().await }).await?;
         crypt.retire_keys_except_current().await?;
         Ok(rewritten)
     }

@@ -13,6 +13,7 @@ use crate::error::{Result, StateError};
 use crate::index::{Change, CpEntry, Index, RecordEntry};
 use crate::lifecycle::{CheckpointPolicy, EventKind, StateEvent};
 use crate::middleware::acl::{AccessControlLayer, AccessRecord, AccessTable};
+use crate::sync::lock;
 use crate::types::{
     BranchId, CheckpointId, CheckpointReason, Clock, SessionId, SessionStatus, StateBytes, VacuumReport,
 };
@@ -316,8 +317,7 @@ impl Store {
         use std::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
         sid.hash(&mut h);
-        // Entries are replaced whole; a panic cannot leave one torn.
-        self.hot[(h.finish() as usize) % HOT_SHARDS].lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.hot[(h.finish() as usize) % HOT_SHARDS])
     }
 
     /// Publishes a live session's state (`None`: unknown, loads go to the actor).
@@ -361,8 +361,7 @@ impl Store {
     }
 
     pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
-        // Index mutations are single in-memory map updates; a panic cannot tear one.
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.index)
     }
 
     async fn record(&self, change: Change) -> Result<()> {
@@ -412,7 +411,7 @@ impl Store {
     }
 
     fn quarantine_later(&self, key: &StorageKey, raw: &[u8]) -> Option<(StorageKey, Vec<u8>)> {
-        let mut q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(&self.quarantined);
         if !q.insert(key.clone()) {
             return None;
         }
@@ -479,7 +478,7 @@ impl Store {
         let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
         let key = session_key(&self.codec, sid);
         let size = self.put(&key, &head, data).await?;
-        self.quarantined.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        lock(&self.quarantined).remove(&key);
         self.record(Change::Saved { sid: sid.clone(), at: saved_at, size, st, step }).await?;
         self.enforce_cap().await
     }

@@ -22,6 +22,7 @@ use super::{Shared, storage, supervisor::SupervisorMsg};
 use crate::codec::{CheckpointMeta, RecordHead, SessionMeta};
 use crate::error::{Result, StateError};
 use crate::lifecycle::{CheckpointPolicy, EventKind, MigrationReport};
+use crate::sync::lock;
 use crate::types::{BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus, StateBytes};
 
 /// A read-modify-write step run inside the session actor: it receives the current state
@@ -324,11 +325,6 @@ impl Actor for SessionActor {
         }
         Ok(())
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Guarded maps are changed in single calls; a panic cannot leave them torn.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SessionState {

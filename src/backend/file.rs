@@ -16,7 +16,9 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 
 use async_trait::async_trait;
 
@@ -73,12 +75,6 @@ enum Previous<'a> {
     None,
     /// Unknown (the file system gave no second name).
     Unknown,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded sets are only inserted into or removed from in single calls, so a
-    // panic elsewhere cannot leave them inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Creates the store's base directory and any missing ancestors (owner-only), each made

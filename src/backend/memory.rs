@@ -23,9 +23,7 @@ impl MemoryStorageBackend {
     }
 
     fn map(&self) -> MutexGuard<'_, BTreeMap<StorageKey, Vec<u8>>> {
-        // A panic while holding this lock cannot leave the map half-updated (every
-        // operation is a single map call), so a poisoned lock is safe to keep using.
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.map)
     }
 }
 

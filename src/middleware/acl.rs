@@ -156,8 +156,7 @@ impl AccessTable {
     }
 
     fn records(&self) -> MutexGuard<'_, HashMap<SessionId, AccessRecord>> {
-        // Every mutation is a single map call: a panic cannot leave it half-done.
-        self.records.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.records)
     }
 
     pub(crate) fn is_admin(&self, p: &Principal) -> bool {
