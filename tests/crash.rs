@@ -51,18 +51,25 @@ const DEFAULT_ROUNDS: usize = 150;
 
 #[test]
 fn sigkill_while_saving_plain() {
-    crash_test("sigkill_while_saving_plain", None);
+    crash_test("sigkill_while_saving_plain", None, false);
 }
 
 #[test]
 fn sigkill_while_saving_gzip() {
-    crash_test("sigkill_while_saving_gzip", Some(6));
+    crash_test("sigkill_while_saving_gzip", Some(6), false);
 }
 
-fn crash_test(test_name: &str, compression: Option<u32>) {
+/// The same through the write-ahead log: every acknowledged save is only in the log until
+/// the next reopen replays it.
+#[test]
+fn sigkill_while_saving_through_the_log() {
+    crash_test("sigkill_while_saving_through_the_log", None, true);
+}
+
+fn crash_test(test_name: &str, compression: Option<u32>, log: bool) {
     match std::env::var_os(CHILD_ENV) {
-        Some(dir) => child(Path::new(&dir), compression),
-        None => parent(test_name, compression),
+        Some(dir) => child(Path::new(&dir), compression, log),
+        None => parent(test_name, compression, log),
     }
 }
 
@@ -70,10 +77,11 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-async fn open(dir: &Path, compression: Option<u32>) -> mars_state::Result<StateManager> {
+async fn open(dir: &Path, compression: Option<u32>, log: bool) -> mars_state::Result<StateManager> {
     // Waiting briefly: a child spawned by the other test of this file may hold an inherited
     // copy of the lock between its fork and its exec.
-    let backend = FileStorageBackend::open_waiting(dir, std::time::Duration::from_secs(2))?;
+    let backend =
+        FileStorageBackend::options().lock_wait(Duration::from_secs(2)).write_ahead_log(log).open(dir)?;
     with_compression(StateManager::builder(backend), compression).start().await
 }
 
@@ -130,9 +138,9 @@ fn payload(session: u64, seq: u64) -> Value {
 // ----------------------------------------------------------------------------------------
 // The child: save forever (until killed), acking each save on stdout.
 
-fn child(dir: &Path, compression: Option<u32>) {
+fn child(dir: &Path, compression: Option<u32>, log: bool) {
     runtime().block_on(async {
-        let m = open(dir, compression).await.unwrap();
+        let m = open(dir, compression, log).await.unwrap();
         // Resume the sequence from what is stored, so it keeps rising across rounds.
         let mut seq = 0;
         for s in 0..SESSIONS {
@@ -203,7 +211,7 @@ struct Counts {
     staged_left: usize,
 }
 
-fn parent(test_name: &str, compression: Option<u32>) {
+fn parent(test_name: &str, compression: Option<u32>, log: bool) {
     let label = if compression.is_some() { "gzip" } else { "plain" };
     let rounds: usize = std::env::var("MARS_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_ROUNDS);
     let seed: u64 = std::env::var("MARS_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
@@ -242,7 +250,7 @@ fn parent(test_name: &str, compression: Option<u32>) {
             counts.acks += 1;
         }
         let unacked_before = counts.stored_unacked;
-        rt.block_on(check(dir.path(), compression, &mut model, &mut counts, round));
+        rt.block_on(check(dir.path(), compression, log, &mut model, &mut counts, round));
         // Only the one operation in flight at the kill can be stored without an ack.
         assert!(counts.stored_unacked - unacked_before <= 1, "round {round}: several unacked writes are stored");
         counts.rounds += 1;
@@ -330,8 +338,15 @@ fn run_child_and_kill(exe: &Path, test_name: &str, dir: &Path, delay: Duration, 
 }
 
 /// Reopens the store and checks it against what was acked.
-async fn check(dir: &Path, compression: Option<u32>, model: &mut Model, counts: &mut Counts, round: usize) {
-    let m = open(dir, compression).await.unwrap_or_else(|e| panic!("round {round}: reopening failed: {e}"));
+async fn check(
+    dir: &Path,
+    compression: Option<u32>,
+    log: bool,
+    model: &mut Model,
+    counts: &mut Counts,
+    round: usize,
+) {
+    let m = open(dir, compression, log).await.unwrap_or_else(|e| panic!("round {round}: reopening failed: {e}"));
     counts.staged_left += staged_files(dir, true);
     let ext = ext(compression);
     let mut on_disk_total = 0;

@@ -16,6 +16,8 @@ pub(crate) trait FsFile: Send {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Flushes the file's data (and the size needed to read it) to stable storage.
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Cuts the file to `len` bytes (to drop a failed append).
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
 }
 
 /// One entry of a directory listing.
@@ -76,6 +78,9 @@ impl FsFile for OsFile {
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
     }
 }
 

@@ -13,10 +13,11 @@ use crate::error::{Result, StateError};
 mod file;
 pub(crate) mod fs;
 mod memory;
+mod wal;
 #[cfg(test)]
 mod simfs;
 
-pub use file::FileStorageBackend;
+pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
 
 /// A validated relative key such as `sessions/s1.json`: `/`-separated segments, each

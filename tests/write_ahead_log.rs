@@ -1,0 +1,193 @@
+//! The file backend's write-ahead log (log mode, `FileOptions::write_ahead_log(true)`): what a process that dies
+//! with writes only in the log leaves behind, and what the next open makes of it.
+//!
+//! A child process (this binary re-executed as `child_process`) saves, checkpoints and
+//! deletes through a log-mode store, prints `DONE` once every call was acknowledged, and
+//! aborts: no destructor runs, so the record files are not brought up to date and the log
+//! is the only copy of the newest writes. The parent then checks that the log is there and
+//! the files are stale, opens the store (plain or after damaging the log's tail) and checks
+//! every acknowledged write, and that the log is gone and the files current afterwards.
+//! A clean shutdown, in contrast, leaves current files and no log.
+//!
+//! Run alone: `cargo test --test write_ahead_log`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use mars_state::{FileStorageBackend, StateManager};
+use serde_json::{Value, json};
+
+const DIR_ENV: &str = "MARS_WAL_CHILD_DIR";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn value(s: &str, i: u64) -> Value {
+    json!({ "session": s, "i": i, "pad": "w".repeat(50 + (i as usize % 5) * 40) })
+}
+
+/// A file store at `dir` in log mode.
+fn log_backend(dir: &Path) -> FileStorageBackend {
+    FileStorageBackend::options().write_ahead_log(true).open(dir).unwrap()
+}
+
+fn wal(dir: &Path) -> PathBuf {
+    dir.join("metadata").join(".wal")
+}
+
+/// The child: writes, reports, and dies without running any destructor.
+#[test]
+fn child_process() {
+    let Some(dir) = std::env::var_os(DIR_ENV) else { return };
+    let dir = PathBuf::from(dir);
+    runtime().block_on(async {
+        let m = StateManager::start(log_backend(&dir)).await.unwrap();
+        // Three sessions, twenty saves each, a checkpoint of each on the way.
+        for i in 1..=20u64 {
+            for s in ["a", "b", "c"] {
+                m.save_session(s, &value(s, i)).await.unwrap();
+                if i == 10 {
+                    let id = m.create_checkpoint(s, "main", &value(s, 100 + i)).await.unwrap();
+                    println!("\nCHECKPOINT {s} {id}");
+                }
+            }
+        }
+        // Deleted after its writes went to the log only: the delete must stick too.
+        m.save_session("gone", &value("gone", 1)).await.unwrap();
+        assert!(m.delete_session("gone").await.unwrap());
+        println!("\nDONE");
+        std::io::stdout().flush().unwrap();
+        std::process::abort();
+    });
+}
+
+/// Runs the child on `dir` and returns the checkpoints it reported.
+fn run_child(dir: &Path) -> Vec<(String, String)> {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process", "--nocapture", "--test-threads=1"])
+        .env(DIR_ENV, dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\nDONE"), "the child did not finish: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the child was meant to abort");
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("CHECKPOINT "))
+        .map(|l| {
+            let (s, id) = l.split_once(' ').unwrap();
+            (s.to_owned(), id.to_owned())
+        })
+        .collect()
+}
+
+async fn check_everything(dir: &Path, checkpoints: &[(String, String)]) {
+    let m = StateManager::start(log_backend(dir)).await.unwrap();
+    for s in ["a", "b", "c"] {
+        assert_eq!(m.load_session(s).await.unwrap(), Some(value(s, 20)), "session {s}");
+        assert_eq!(m.list_checkpoints(s).await.unwrap().len(), 1, "checkpoints of {s}");
+    }
+    for (s, id) in checkpoints {
+        let id = mars_state::CheckpointId::parse(id).unwrap();
+        let cp = m.restore_checkpoint(&id).await.unwrap().unwrap();
+        assert_eq!(cp.data, value(s, 110));
+    }
+    assert_eq!(m.load_session("gone").await.unwrap(), None, "a delete in the log was lost");
+    let ids: Vec<String> = m.list_sessions().await.unwrap().into_iter().map(|i| i.session_id.to_string()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    m.shutdown().await.unwrap();
+}
+
+fn record_file(dir: &Path, s: &str) -> Option<Value> {
+    let bytes = std::fs::read(dir.join("sessions").join(format!("{s}.json"))).ok()?;
+    let record: Value = serde_json::from_slice(&bytes).unwrap();
+    Some(record["data"].clone())
+}
+
+#[test]
+fn writes_only_in_the_log_of_a_crashed_process_are_replayed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = run_child(dir.path());
+    assert_eq!(checkpoints.len(), 3);
+    // The crash left the newest writes in the log only: the record files are behind.
+    assert!(wal(dir.path()).exists(), "no log left by the crashed child");
+    assert_ne!(record_file(dir.path(), "a"), Some(value("a", 20)), "the files were already current");
+    runtime().block_on(check_everything(dir.path(), &checkpoints));
+    // The open replayed the log into the files and removed it; a clean shutdown leaves
+    // current files that plain tools can read.
+    assert!(!wal(dir.path()).exists(), "the log outlived a clean shutdown");
+    for s in ["a", "b", "c"] {
+        assert_eq!(record_file(dir.path(), s), Some(value(s, 20)));
+    }
+    assert_eq!(record_file(dir.path(), "gone"), None);
+}
+
+#[test]
+fn a_torn_or_damaged_tail_of_the_log_is_ignored_and_nothing_acknowledged_is_lost() {
+    for damage in ["garbage", "torn frame"] {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints = run_child(dir.path());
+        let path = wal(dir.path());
+        let mut log = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        match damage {
+            // What a crash in the middle of an append can leave: a frame's start.
+            "torn frame" => log.write_all(b"MSWL\x01\x02\x03\x04\x01\x10\x00\xff\xff").unwrap(),
+            _ => log.write_all(&[0xA5; 333]).unwrap(),
+        }
+        drop(log);
+        runtime().block_on(check_everything(dir.path(), &checkpoints));
+        assert!(!path.exists(), "{damage}: the log was not removed after the replay");
+    }
+}
+
+#[test]
+fn log_mode_and_direct_mode_open_each_others_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = run_child(dir.path());
+    // A store a log-mode process crashed on, opened without the log: replayed all the same.
+    runtime().block_on(async {
+        let direct = FileStorageBackend::options().write_ahead_log(false).open(dir.path()).unwrap();
+        let m = StateManager::start(direct).await.unwrap();
+        assert_eq!(m.load_session("b").await.unwrap(), Some(value("b", 20)));
+        m.save_session("b", &value("b", 21)).await.unwrap();
+        assert!(!wal(dir.path()).exists(), "direct mode wrote a log");
+        m.shutdown().await.unwrap();
+        let m = StateManager::start(log_backend(dir.path())).await.unwrap();
+        assert_eq!(m.load_session("b").await.unwrap(), Some(value("b", 21)));
+        let (s, id) = &checkpoints[0];
+        let cp = m.restore_checkpoint(&mars_state::CheckpointId::parse(id).unwrap()).await.unwrap().unwrap();
+        assert_eq!(cp.data, value(s, 110));
+        m.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn concurrent_saves_of_many_sessions_are_all_durable_and_current_after_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let m = StateManager::start(log_backend(dir.path())).await.unwrap();
+        let tasks: Vec<_> = (0..64u64)
+            .map(|k| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let s = format!("s{k}");
+                    for i in 1..=10 {
+                        m.save_session(&s, &value(&s, i)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        m.shutdown().await.unwrap();
+    });
+    assert!(!wal(dir.path()).exists());
+    for k in 0..64 {
+        let s = format!("s{k}");
+        assert_eq!(record_file(dir.path(), &s), Some(value(&s, 10)), "{s}");
+    }
+}
