@@ -13,9 +13,9 @@ use crate::error::{Result, StateError};
 mod file;
 pub(crate) mod fs;
 mod memory;
-mod wal;
 #[cfg(test)]
 mod simfs;
+mod wal;
 
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
