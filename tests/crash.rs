@@ -80,8 +80,7 @@ fn runtime() -> tokio::runtime::Runtime {
 async fn open(dir: &Path, compression: Option<u32>, log: bool) -> mars_state::Result<StateManager> {
     // Waiting briefly: a child spawned by the other test of this file may hold an inherited
     // copy of the lock between its fork and its exec.
-    let backend =
-        FileStorageBackend::options().lock_wait(Duration::from_secs(2)).write_ahead_log(log).open(dir)?;
+    let backend = FileStorageBackend::options().lock_wait(Duration::from_secs(2)).write_ahead_log(log).open(dir)?;
     with_compression(StateManager::builder(backend), compression).start().await
 }
 
@@ -338,14 +337,7 @@ fn run_child_and_kill(exe: &Path, test_name: &str, dir: &Path, delay: Duration, 
 }
 
 /// Reopens the store and checks it against what was acked.
-async fn check(
-    dir: &Path,
-    compression: Option<u32>,
-    log: bool,
-    model: &mut Model,
-    counts: &mut Counts,
-    round: usize,
-) {
+async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Model, counts: &mut Counts, round: usize) {
     let m = open(dir, compression, log).await.unwrap_or_else(|e| panic!("round {round}: reopening failed: {e}"));
     counts.staged_left += staged_files(dir, true);
     let ext = ext(compression);
