@@ -406,6 +406,10 @@ fn measure_ours(o: &Opts, rt: &tokio::runtime::Runtime, states: &[Value; 3]) -> 
         put("raw_1kb", raw_loop(kb1));
         put("save_1kb", rate_async(o, async |_| m.save_session("one", kb1).await.unwrap()).await);
         put("load_warm_1kb", rate_async(o, async |_| drop(m.load_session("one").await.unwrap().unwrap())).await);
+        put(
+            "load_warm_bytes_1kb",
+            rate_async(o, async |_| drop(m.load_session_bytes("one").await.unwrap().unwrap())).await,
+        );
         put("raw_parallel64_1kb", raw_parallel_64(o, raw.path(), &bytes_1kb));
         match raw_syncfs_64(o, raw.path(), &bytes_1kb) {
             Some(v) => put("raw_syncfs64_1kb", v),
@@ -1080,6 +1084,12 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
         row(
             "load_warm_1kb",
             "load 1 KB, session in memory",
+            Unit::PerSec,
+            vec![lg("get_1kb", Some(2.5)), ms("load_warm_1kb", Some(15.0))],
+        ),
+        row(
+            "load_warm_bytes_1kb",
+            "load 1 KB, session in memory, shared bytes (`load_session_bytes`)",
             Unit::PerSec,
             vec![lg("get_1kb", Some(2.5)), ms("load_warm_1kb", Some(15.0))],
         ),

@@ -1,9 +1,9 @@
 //! Criterion benches of the `StateManager` facade on the file backend (every write durable):
-//! save, load warm (the session's actor is live and holds the state) and cold (a fresh
-//! manager after a restart: the state is read from the file), create / restore / roll back
-//! to / list checkpoints, and transactional update, for 1 KB, 100 KB and 1 MB states, with
-//! compression off and on (gzip level 6) and encryption off and on, for one session and for
-//! 64 sessions at once.
+//! save, load warm (the session's actor is live and holds the state; parsed, or as shared
+//! bytes with `load_session_bytes`) and cold (a fresh manager after a restart: the state is
+//! read from the file), create / restore / roll back to / list checkpoints, and
+//! transactional update, for 1 KB, 100 KB and 1 MB states, with compression off and on
+//! (gzip level 6) and encryption off and on, for one session and for 64 sessions at once.
 //!
 //! Run: `cargo bench --bench criterion` (a few minutes on 2 cores); one group:
 //! `cargo bench --bench criterion -- save/`. Side-by-side figures against the peers come
@@ -126,9 +126,31 @@ fn load_warm(c: &mut Criterion) {
     group.finish();
 }
 
-/// Cold loads: sessions saved by an earlier manager, loaded once each by a fresh one (its
-/// session actor is spawned and the record read, decoded and checked). Only the loads are
-/// timed; opening and shutting down the managers are not.
+/// Like `load_warm`, with `load_session_bytes`: the live actor's JSON bytes, shared and not
+/// parsed.
+fn load_warm_bytes(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("load_warm_bytes");
+    for setting in settings() {
+        let dir = tempdir();
+        let m = rt.block_on(open(dir.path(), setting));
+        for (label, size) in SIZES {
+            let state = agent_state(size);
+            let sid = format!("warm-{label}");
+            rt.block_on(m.save_session(&sid, &state)).unwrap();
+            tune(&mut group, json_len(&state));
+            group.bench_function(BenchmarkId::new(setting.name, label), |b| {
+                b.to_async(&rt).iter(|| async { black_box(m.load_session_bytes(&sid).await.unwrap().unwrap()) })
+            });
+        }
+        rt.block_on(m.shutdown()).unwrap();
+    }
+    group.finish();
+}
+
+/// Cold loads: sessions saved by an earlier manager, loaded once each by a fresh one (the
+/// record is read, decoded and checked in the caller's task; no session actor is spawned).
+/// Only the loads are timed; opening and shutting down the managers are not.
 fn load_cold(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("load_cold");
@@ -315,6 +337,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_millis(1500))
         .nresamples(2_000);
-    targets = save, load_warm, load_cold, checkpoints, list_checkpoints, transactional_update, concurrent_64
+    targets = save, load_warm, load_warm_bytes, load_cold, checkpoints, list_checkpoints, transactional_update, concurrent_64
 }
 criterion_main!(benches);

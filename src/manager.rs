@@ -249,8 +249,10 @@ impl StateManagerBuilder {
 ///
 /// Every method validates its ids first (a rejected id touches nothing), then sends the
 /// request to the session's actor, which applies requests for that session one at a time.
-/// An `Ok` from a save, checkpoint, rollback, update or delete means the change is durable:
-/// it survives a crash and a power loss.
+/// Loads need no message: they take the state a live actor publishes, or read the record
+/// when no actor holds the session (without spawning one). An `Ok` from a save,
+/// checkpoint, rollback, update or delete means the change is durable: it survives a crash
+/// and a power loss.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
@@ -515,12 +517,74 @@ impl StateManager {
     pub async fn load_session_as<T: DeserializeOwned>(&self, session: impl AsRef<str>) -> Result<Option<T>> {
         let sid = sid(session)?;
         self.authorize(Op::Load, &sid).await?;
-        // A live session's actor publishes its state: no message needed.
-        let state = match self.store()?.hot(&sid) {
-            Some(state) => state,
-            None => self.call("load_session", &sid, |reply| SessionMsg::Load { reply }).await?,
-        };
+        let state = self.load_state(&sid).await?;
         state.map(|s| s.deserialize().map_err(|e| ser_err(&sid, e))).transpose()
+    }
+
+    /// Loads the session's state as its compact JSON bytes, without parsing them; `Ok(None)`
+    /// if it has none. While the session's actor is live these are the very bytes it holds
+    /// (shared, not copied), so this is the cheapest way to read a state that is passed on
+    /// as JSON or parsed by the caller ([`StateBytes::deserialize`]). Same access check,
+    /// same answers and errors as [`load_session`](Self::load_session).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// manager.save_session("s1", &serde_json::json!({"step": 1})).await?;
+    /// let bytes = manager.load_session_bytes("s1").await?.unwrap();
+    /// assert_eq!(bytes.as_bytes(), br#"{"step":1}"#);
+    /// assert_eq!(manager.load_session_bytes("nobody").await?, None);
+    /// # Ok(()) }
+    /// ```
+    pub async fn load_session_bytes(&self, session: impl AsRef<str>) -> Result<Option<StateBytes>> {
+        let sid = sid(session)?;
+        self.authorize(Op::Load, &sid).await?;
+        self.load_state(&sid).await
+    }
+
+    /// The session's current state, for a caller already authorized: from the live
+    /// actor's published state, else read straight from the store, else (a record that
+    /// needs migrating) through the session actor.
+    async fn load_state(&self, sid: &SessionId) -> Result<Option<StateBytes>> {
+        let store = self.store()?;
+        // A live session's actor publishes its state: no message needed.
+        if let Some(state) = store.hot(sid) {
+            return Ok(state);
+        }
+        // Cold: read the record in this task, without spawning an actor. A miss in the hot
+        // map means the durable record holds every acknowledged write:
+        // - A session actor publishes its state (`SessionState::set_current`) before it
+        //   replies to any request that changed it, `record_step` included, so a published
+        //   state always holds every acknowledged write. It is unpublished only (a) by the
+        //   actor's `post_stop` (passivation, shutdown), *after* it has flushed recorded
+        //   steps; (b) by the supervisor once the actor has terminated, before it spawns the
+        //   next actor of the session; (c) by `set_current(None)` when the actor drops its
+        //   cache (failed write, panicking update, delete or migration in flight), after
+        //   which the actor itself answers a load by reading the record, as done here.
+        // - A fresh actor publishes nothing until it has read the record, and the writes it
+        //   makes before that (delete, migration and key-rotation rewrites) publish on
+        //   success. Two actors of one session never overlap, and an actor awaits its
+        //   storage jobs, so an actor that has stopped has no write in flight.
+        // - A write in flight may be seen here or not (a put is atomic): this load is then
+        //   ordered after or before it. But it may be seen before its actor, still
+        //   publishing the state it had before, acknowledges it; so the hot map is read
+        //   again after the read and a state published meanwhile wins. With that, a later
+        //   load never returns an older state than this one: an actor that publishes after
+        //   the second miss publishes what it wrote, or what it read from the record with
+        //   no write in between (it is the only writer and is busy reading): what we read,
+        //   or newer.
+        // Damage gives the same `Corrupt` error (and quarantine copy) as the actor's read:
+        // both are `Store::load_session`. A record at another schema version (migration
+        // runs user code, in the actor) or anything unexpected goes through the actor.
+        let Some(d) = store.load_session(sid).await? else {
+            return Ok(store.hot(sid).unwrap_or(None));
+        };
+        match &d.head {
+            RecordHead::Session { meta, .. } if meta.schema == self.inner.config.migrations.current => {
+                Ok(store.hot(sid).unwrap_or_else(|| Some(StateBytes::from_slice(d.data()))))
+            }
+            _ => self.call("load_session", sid, |reply| SessionMsg::Load { reply }).await,
+        }
     }
 
     /// Deletes the session's state and all its checkpoints; returns whether anything

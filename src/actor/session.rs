@@ -226,14 +226,17 @@ impl Actor for SessionActor {
         for t in [st.idle_timer.take(), st.policy_timer.take()].into_iter().flatten() {
             t.abort();
         }
-        // From now on loads go through a fresh actor (which reads storage).
-        st.shared.store.publish(&st.sid, None);
         // Drained at shutdown (or passivating): recorded steps become durable now.
         if st.dirty
             && let Err(e) = st.flush(CheckpointReason::Flush).await
         {
             warn!(session = %st.sid, error = %e, "could not flush recorded steps while stopping");
         }
+        // Only now, with nothing of this session left only in memory: from here on loads
+        // read the record (`StateManager::load_session` reads it directly on a miss in the
+        // hot map, so unpublishing before the flush would let it return an older state
+        // than recorded steps already acknowledged).
+        st.shared.store.publish(&st.sid, None);
         Ok(())
     }
 
@@ -331,6 +334,11 @@ impl SessionState {
     /// Replaces what this actor knows of the state and publishes it to the store's hot
     /// map, which serves loads of live sessions without a message to this actor. Called
     /// before any reply, so a caller that saw a write acknowledged reads it (or newer).
+    ///
+    /// On a miss in the hot map, loads read the session record directly, without this
+    /// actor (see `StateManager::load_state`). So a state the record lacks is never
+    /// unpublished while this actor still means to make it durable (`post_stop` flushes
+    /// first); `None` here means "this actor will re-read the record", as such a load does.
     fn set_current(&mut self, current: Option<Current>) {
         self.current = current;
         self.publish();
