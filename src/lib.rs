@@ -9,6 +9,7 @@ mod error;
 mod index;
 mod lifecycle;
 mod manager;
+mod memory;
 pub mod middleware;
 mod store;
 mod sync;
@@ -16,7 +17,9 @@ mod types;
 
 pub use actor::SessionMsg;
 pub use actor::session::UpdateFn;
-pub use backend::{FileStorageBackend, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
+pub use backend::{
+    FileOptions, FileStorageBackend, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport,
+};
 pub use error::{BoxError, ErrorKind, Result, StateError};
 pub use lifecycle::{
     CheckpointPolicy, EventKind, MigrationFn, MigrationReport, Recovery, SkippedCheckpoint, StateEvent, Watch,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
 use tracing::{error, warn};
 
 use super::janitor::{JanitorActor, JanitorMsg};
@@ -15,6 +16,7 @@ use crate::store::Store;
 use std::sync::Arc;
 
 use crate::error::{Result, StateError};
+use crate::memory::{Decision, MemoryReturn};
 use crate::types::SessionId;
 
 type SessionReply = RpcReplyPort<Result<ActorRef<SessionMsg>>>;
@@ -33,6 +35,8 @@ pub(crate) enum SupervisorMsg {
     Storage { reply: RpcReplyPort<ActorRef<StorageMsg>> },
     /// Drain every session actor, then the janitor and the storage actor, then stop.
     Shutdown { reply: RpcReplyPort<()> },
+    /// A rate-limited return of freed memory is due again (sent by the supervisor to itself).
+    ReturnMemory,
 }
 
 enum Slot {
@@ -53,6 +57,9 @@ pub(crate) struct SupervisorState {
     by_actor: HashMap<ActorId, SessionId>,
     janitor: Option<ActorRef<JanitorMsg>>,
     closing: bool,
+    /// Follows the number of live session actors, to give the memory of a passivated
+    /// wave of them back to the system.
+    memory: MemoryReturn,
 }
 
 /// Arguments: the opened store and the settings; the supervisor spawns the rest.
@@ -73,7 +80,24 @@ impl SupervisorState {
             .map_err(|e| StateError::unavailable(format!("could not start a session actor: {e}")))?;
         self.sessions.insert(sid.clone(), Slot::Live(actor.clone()));
         self.by_actor.insert(actor.get_id(), sid.clone());
+        self.memory.on_spawn(self.sessions.len());
         Ok(actor)
+    }
+
+    /// Carries out what the memory policy decided.
+    fn return_memory(&mut self, myself: &ActorRef<SupervisorMsg>, decision: Decision) {
+        match decision {
+            Decision::Nothing => {}
+            Decision::TrimNow => {
+                // Our own maps were sized for the wave's peak, too.
+                self.sessions.shrink_to_fit();
+                self.by_actor.shrink_to_fit();
+                self.memory.trim(self.sessions.len());
+            }
+            Decision::RetryIn(after) => {
+                myself.send_after(after, || SupervisorMsg::ReturnMemory);
+            }
+        }
     }
 }
 
@@ -91,7 +115,14 @@ impl Actor for SupervisorActor {
         let shared = Shared { store: args.store, storage, config: args.config };
         let janitor =
             Some(Actor::spawn_linked(None, JanitorActor, (shared.clone(), myself.clone()), myself.get_cell()).await?.0);
-        Ok(SupervisorState { shared, sessions: HashMap::new(), by_actor: HashMap::new(), janitor, closing: false })
+        Ok(SupervisorState {
+            shared,
+            sessions: HashMap::new(),
+            by_actor: HashMap::new(),
+            janitor,
+            closing: false,
+            memory: MemoryReturn::new(),
+        })
     }
 
     async fn handle(
@@ -174,6 +205,12 @@ impl Actor for SupervisorActor {
                 let _ = reply.send(());
                 myself.stop(None);
             }
+            SupervisorMsg::ReturnMemory => {
+                if !st.closing {
+                    let decision = st.memory.on_retry(st.sessions.len(), Instant::now());
+                    st.return_memory(&myself, decision);
+                }
+            }
         }
         Ok(())
     }
@@ -245,6 +282,8 @@ impl Actor for SupervisorActor {
             // has no actor now; the next request spawns one.
             _ => {}
         }
+        let decision = st.memory.on_end(st.sessions.len(), Instant::now());
+        st.return_memory(&myself, decision);
         Ok(())
     }
 }
