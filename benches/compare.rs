@@ -279,15 +279,18 @@ fn bare_gzip_pipeline(o: &Opts, dir: &Path, state: &Value) -> f64 {
 #[derive(Clone, Copy)]
 enum Setting {
     Plain,
+    /// Plain, with the file backend's write-ahead log (group commit).
+    Log,
     Gzip6,
     #[cfg(feature = "encryption")]
     Encrypted,
 }
 
 async fn open(dir: &Path, setting: Setting) -> StateManager {
-    let builder = StateManager::builder(FileStorageBackend::new(dir).unwrap());
+    let backend = FileStorageBackend::options().write_ahead_log(matches!(setting, Setting::Log)).open(dir).unwrap();
+    let builder = StateManager::builder(backend);
     let builder = match setting {
-        Setting::Plain => builder,
+        Setting::Plain | Setting::Log => builder,
         Setting::Gzip6 => builder.compression(6),
         #[cfg(feature = "encryption")]
         Setting::Encrypted => builder.encryption_key(mars_state::EncryptionKey::from_bytes([7; 32])),
@@ -421,6 +424,14 @@ fn measure_ours(o: &Opts, rt: &tokio::runtime::Runtime, states: &[Value; 3]) -> 
         put("raw_1mb", raw_loop(mb1));
         put("save_1mb", rate_async(o, async |_| m.save_session("mega", mb1).await.unwrap()).await);
         put("load_warm_1mb", rate_async(o, async |_| drop(m.load_session("mega").await.unwrap().unwrap())).await);
+        m.shutdown().await.unwrap();
+
+        let dir = tempfile::tempdir_in(&o.data).unwrap();
+        let m = open(dir.path(), Setting::Log).await;
+        put("save_1kb_wal", rate_async(o, async |_| m.save_session("one", kb1).await.unwrap()).await);
+        put("save_64x_1kb_wal", rate_64_sessions(o, &m, kb1).await);
+        put("save_100kb_wal", rate_async(o, async |_| m.save_session("hundred", kb100).await.unwrap()).await);
+        put("save_1mb_wal", rate_async(o, async |_| m.save_session("mega", mb1).await.unwrap()).await);
         m.shutdown().await.unwrap();
 
         let dir = tempfile::tempdir_in(&o.data).unwrap();
@@ -1051,6 +1062,22 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
             ],
         ),
         row(
+            "save_1kb_wal",
+            "durable save 1 KB, one session, write-ahead log",
+            Unit::PerSec,
+            vec![raw("raw_1kb", "raw durable-write loop", Some(0.85)), lg("save_1kb", Some(1.2)), ms("save_1kb", None)],
+        ),
+        row(
+            "save_64x_1kb_wal",
+            "durable saves 1 KB, 64 sessions at once, write-ahead log",
+            Unit::PerSec,
+            vec![
+                raw("raw_1kb", "raw loop, single writer", Some(3.0)),
+                raw("raw_syncfs64_1kb", "raw, 64 files + one syncfs", None),
+                Cmp { against: "marsys 0.2.1 (100 at once)", theirs: look(s.marsys, "save_100x_1kb"), target: None },
+            ],
+        ),
+        row(
             "save_100kb",
             "save 100 KB, no compression",
             Unit::PerSec,
@@ -1061,8 +1088,24 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
             ],
         ),
         row(
+            "save_100kb_wal",
+            "save 100 KB, no compression, write-ahead log",
+            Unit::PerSec,
+            vec![
+                ms("save_100kb", Some(10.0)),
+                lg("save_100kb", Some(3.0)),
+                raw("raw_100kb", "raw durable-write loop", None),
+            ],
+        ),
+        row(
             "save_1mb",
             "save 1 MB, no compression",
+            Unit::PerSec,
+            vec![raw("raw_1mb", "raw durable-write loop", None), lg("save_1mb", None), ms("save_1mb", None)],
+        ),
+        row(
+            "save_1mb_wal",
+            "save 1 MB, no compression, write-ahead log",
             Unit::PerSec,
             vec![raw("raw_1mb", "raw durable-write loop", None), lg("save_1mb", None), ms("save_1mb", None)],
         ),

@@ -77,25 +77,29 @@ fn fill(path: &Path) -> u64 {
     len
 }
 
-async fn start(store: &Path) -> StateManager {
-    StateManager::builder(FileStorageBackend::new(store).unwrap())
+async fn start(store: &Path, log: bool) -> StateManager {
+    StateManager::builder(FileStorageBackend::options().write_ahead_log(log).open(store).unwrap())
         .janitor_interval(std::time::Duration::from_secs(3600))
         .start()
         .await
         .unwrap()
 }
 
-async fn scenario(mount: &Path) {
+async fn scenario(mount: &Path, log: bool) {
     let store = mount.join("store");
     let filler = mount.join("filler");
     let v1 = big("v1", 10_000);
-    let m = start(&store).await;
+    let m = start(&store, log).await;
     m.save_session("s", &v1).await.unwrap();
     let cp = m.create_checkpoint("s", "main", &v1).await.unwrap();
 
     let filled = fill(&filler);
     std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled.saturating_sub(SLACK)).unwrap();
-    println!("disk full: tmpfs of {TMPFS_SIZE}, filler {} bytes, {} bytes free", filled - SLACK, free_bytes(mount));
+    println!(
+        "disk full (log: {log}): tmpfs of {TMPFS_SIZE}, filler {} bytes, {} bytes free",
+        filled - SLACK,
+        free_bytes(mount)
+    );
 
     let huge = big("v2", 512 * 1024);
     let t = Instant::now();
@@ -115,7 +119,7 @@ async fn scenario(mount: &Path) {
     m.shutdown().await.unwrap();
 
     // A fresh manager sees the previous version too.
-    let m = start(&store).await;
+    let m = start(&store, log).await;
     assert_eq!(m.load_session("s").await.unwrap(), Some(v1.clone()));
     assert_eq!(m.load_session("t").await.unwrap(), Some(small));
     assert_eq!(m.restore_checkpoint(&cp).await.unwrap().map(|c| c.data), Some(v1));
@@ -126,12 +130,16 @@ async fn scenario(mount: &Path) {
     let id = m.create_checkpoint("s", "main", &huge).await.expect("checkpoint after space was freed");
     assert_eq!(m.load_session("s").await.unwrap(), Some(huge.clone()));
     m.shutdown().await.unwrap();
-    let m = start(&store).await;
+    let m = start(&store, log).await;
     assert_eq!(m.load_session("s").await.unwrap(), Some(huge.clone()));
     assert_eq!(m.restore_checkpoint(&id).await.unwrap().map(|c| c.data), Some(huge));
     m.shutdown().await.unwrap();
     assert!(staged(&store).is_empty());
-    println!("disk full: StorageFull reported, previous version intact, no staged file, saves work after freeing");
+    println!(
+        "disk full (log: {log}): StorageFull reported, previous version intact, no staged file, saves work after \
+         freeing"
+    );
+    std::fs::remove_dir_all(&store).unwrap();
 }
 
 fn is_root() -> bool {
@@ -157,7 +165,10 @@ fn a_full_disk_fails_the_save_cleanly_and_saves_work_again_after_freeing() {
             .unwrap();
         assert!(status.success(), "mount -t tmpfs failed: {status}");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(scenario(&mount));
+        // Written directly, then through the write-ahead log (which, on a disk too full to
+        // replay it into the record files, serves it from memory and keeps it).
+        rt.block_on(scenario(&mount, false));
+        rt.block_on(scenario(&mount, true));
         let _ = Command::new("umount").arg(&mount).status();
         return;
     }
@@ -187,6 +198,9 @@ fn a_full_disk_fails_the_save_cleanly_and_saves_work_again_after_freeing() {
         "the child in the private mount namespace failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    assert!(stdout.contains("saves work after freeing"), "the scenario did not run to the end:\n{stdout}\n{stderr}");
+    for log in [false, true] {
+        let end = format!("(log: {log}): StorageFull reported");
+        assert!(stdout.contains(&end), "the scenario (log: {log}) did not run to the end:\n{stdout}\n{stderr}");
+    }
     println!("disk full: done in {:.1}s", started.elapsed().as_secs_f64());
 }

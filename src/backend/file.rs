@@ -66,7 +66,7 @@ struct Core {
     appenders: Appenders,
     /// In log mode: the newest value (`None`: deleted) of every key whose latest write is
     /// durable in the log but not yet in its record file. Reads look here first.
-    overlay: Mutex<HashMap<StorageKey, Option<Arc<[u8]>>>>,
+    overlay: Mutex<HashMap<StorageKey, Option<Arc<Vec<u8>>>>>,
 }
 
 struct Appenders(Mutex<HashMap<PathBuf, Box<dyn FsFile>>>);
@@ -240,8 +240,8 @@ impl FileStorageBackend {
         };
         // Only now, holding the lock: what a crashed process left in the log goes into the
         // record files before anything reads them.
-        core.recover_log()?;
-        let log = if log { Some(Arc::new(Log::new(core.clone()))) } else { None };
+        let kept = core.recover_log(log)?;
+        let log = if log { Some(Arc::new(Log::new(core.clone(), kept))) } else { None };
         Ok(FileStorageBackend { inner: Arc::new(Inner { core, log, _lock: lock }) })
     }
 
@@ -571,8 +571,13 @@ impl std::fmt::Debug for Log {
 }
 
 impl Log {
-    fn new(core: Arc<Core>) -> Log {
-        Log { queue: Mutex::new(Queue::default()), writer: Mutex::new(LogWriter { core, file: None, len: 0 }) }
+    /// `kept`: a log recovery could not replay yet (full disk), to go on appending to.
+    fn new(core: Arc<Core>, kept: Option<(Box<dyn FsFile>, u64)>) -> Log {
+        let (file, len) = match kept {
+            Some((f, len)) => (Some(f), len),
+            None => (None, 0),
+        };
+        Log { queue: Mutex::new(Queue::default()), writer: Mutex::new(LogWriter { core, file, len }) }
     }
 
     /// Queues `req`; returns whether the caller must start a leader.
@@ -693,7 +698,7 @@ impl LogWriter {
                     match req {
                         LogReq::Put { key, value, reply } => {
                             lock(&self.core.appenders.0).remove(&self.core.path_of(&key));
-                            overlay.insert(key, Some(value.into()));
+                            overlay.insert(key, Some(Arc::new(value)));
                             answers.push(reply);
                         }
                         LogReq::Delete { key, reply } => {
@@ -731,11 +736,17 @@ impl LogWriter {
     /// last durable length (through a fresh descriptor: one whose sync failed is never
     /// synced again), so a failed write leaves nothing that a replay would apply.
     fn append(&mut self, frames: &[u8]) -> Result<()> {
+        if self.len == u64::MAX {
+            // A failed write could not be cut off: nothing is appended after it until the
+            // files are brought up to date and the log is gone.
+            self.materialize()?;
+        }
         let path = self.path();
         let fs = &self.core.fs;
         let created = self.file.is_none();
         if created {
-            // The writer starts a log only where none is left over (recovery removed it).
+            // The writer starts a log only where none is left over (recovery removed it or
+            // handed it over, and so does `materialize`).
             self.file = Some(fs.open_append(&path).map_err(|e| StateError::io("opening the log", &path, e))?);
             self.len = 0;
         }
@@ -787,12 +798,12 @@ impl LogWriter {
 
     /// Writes every overlay entry to its record file, durably, then removes the log.
     fn materialize(&mut self) -> Result<()> {
-        let entries: Vec<(StorageKey, Option<Arc<[u8]>>)> =
+        let entries: Vec<(StorageKey, Option<Arc<Vec<u8>>>)> =
             lock(&self.core.overlay).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if entries.is_empty() && self.file.is_none() && self.len == 0 {
             return Ok(());
         }
-        self.core.write_records(entries.iter().map(|(k, v)| (k, v.as_deref())))?;
+        self.core.write_records(entries.iter().map(|(k, v)| (k, v.as_ref().map(|v| v.as_slice()))))?;
         // Every entry is durable in its own file now: the log may go. If a crash comes
         // before the removal is durable, the next open replays it, rewriting the same values.
         self.file = None;
@@ -824,10 +835,15 @@ impl Core {
 
     /// At open, with the lock held: replays a log a crash left behind into the record
     /// files, then removes it. A torn tail (a write that was never acknowledged) is ignored.
-    fn recover_log(&self) -> Result<()> {
+    ///
+    /// With `keep_if_full` (log mode), a disk too full for the second copy does not stop
+    /// the open: the log's values go to the overlay, the log is cut to its whole frames and
+    /// kept, and its handle and length are returned for the writer to go on appending; the
+    /// files are brought up to date later, once there is room.
+    fn recover_log(&self, keep_if_full: bool) -> Result<Option<(Box<dyn FsFile>, u64)>> {
         let path = self.wal_path();
         let Some(bytes) = self.fs.read(&path).map_err(|e| StateError::io("reading the log", &path, e))? else {
-            return Ok(());
+            return Ok(None);
         };
         let replayed = wal::replay(&bytes);
         if replayed.valid_len < bytes.len() {
@@ -841,7 +857,21 @@ impl Core {
         for (k, v) in replayed.frames {
             latest.insert(k, v);
         }
-        self.write_records(latest.iter().map(|(k, v)| (k, v.as_deref())))?;
+        match self.write_records(latest.iter().map(|(k, v)| (k, v.as_deref()))) {
+            Ok(()) => {}
+            Err(e @ StateError::StorageFull { .. }) if keep_if_full => {
+                tracing::warn!(error = %e, "no room to replay the write-ahead log into the record files; serving it from memory");
+                let valid = replayed.valid_len as u64;
+                let mut file = self.fs.open_append(&path).map_err(|e| StateError::io("opening the log", &path, e))?;
+                // Appends must follow the last whole frame, or a replay would stop at the
+                // torn one and never reach them.
+                file.set_len(valid).map_err(|e| StateError::io("cutting the log", &path, e))?;
+                file.sync_data().map_err(|e| StateError::io("syncing the log", &path, e))?;
+                lock(&self.overlay).extend(latest.into_iter().map(|(k, v)| (k, v.map(Arc::new))));
+                return Ok(Some((file, valid)));
+            }
+            Err(e) => return Err(e),
+        }
         // The records are durable: now the log may go.
         self.fs.remove_file(&path).map_err(|e| StateError::io("removing the log", &path, e))?;
         let dir = self.root.join("metadata");
@@ -849,7 +879,7 @@ impl Core {
         if frames > 0 {
             tracing::info!(frames, records = latest.len(), "replayed the write-ahead log into the record files");
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Brings record files up to date in one batch: each new value staged in its record's
@@ -905,9 +935,24 @@ impl Core {
         result
     }
 
+    /// Reads `key` without blocking if it is small and cached (see [`Fs::read_cached`]);
+    /// `Ok(None)`: read it on the blocking pool.
+    fn read_cached(&self, key: &StorageKey) -> Result<Option<Option<Vec<u8>>>> {
+        /// Larger records are read on the pool: copying them would hold the caller's thread.
+        const INLINE_MAX: u64 = 256 << 10;
+        let path = self.path_of(key);
+        match self.check_parents(path.parent().unwrap_or(&self.root)) {
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some(None));
+            }
+            other => other?,
+        }
+        self.fs.read_cached(&path, INLINE_MAX).map_err(|e| StateError::io("reading", &path, e))
+    }
+
     /// What the overlay says of `key`: `Some(Some(v))` written, `Some(None)` deleted,
     /// `None` nothing pending (the record file is current).
-    fn pending(&self, key: &StorageKey) -> Option<Option<Arc<[u8]>>> {
+    fn pending(&self, key: &StorageKey) -> Option<Option<Arc<Vec<u8>>>> {
         lock(&self.overlay).get(key).cloned()
     }
 }
@@ -916,7 +961,13 @@ impl Core {
 impl StorageBackend for FileStorageBackend {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
         if let Some(pending) = self.core().pending(key) {
-            return Ok(pending.map(|v| v.to_vec()));
+            return Ok(pending.map(|v| v.as_ref().clone()));
+        }
+        // A small record already in the page cache is read right here: the read takes a few
+        // microseconds, a hop to the blocking pool and back more. Anything that would wait
+        // for the disk (or is large) goes to the pool.
+        if let Some(found) = self.core().read_cached(key)? {
+            return Ok(found);
         }
         let key = key.clone();
         self.blocking(move |b| {

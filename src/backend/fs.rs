@@ -57,6 +57,13 @@ pub(crate) trait Fs: Send + Sync + fmt::Debug + 'static {
     fn check_dir(&self, _path: &Path) -> io::Result<()> {
         Ok(())
     }
+    /// Like [`read`](Self::read), but only if the file is at most `max` bytes and its data
+    /// can be had without waiting for the disk (it is in the page cache); `Ok(None)`
+    /// otherwise, and the caller reads it the blocking way. Seams without such a read say
+    /// `Ok(None)` always.
+    fn read_cached(&self, _path: &Path, _max: u64) -> io::Result<Option<Option<Vec<u8>>>> {
+        Ok(None)
+    }
 }
 
 fn symlink_refused(path: &Path) -> io::Error {
@@ -88,6 +95,26 @@ fn not_a_file(path: &Path) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display()))
 }
 
+/// Opens a regular file for reading without following a symbolic link; `Ok(None)` if it
+/// does not exist.
+fn open_for_reading(path: &Path) -> io::Result<Option<File>> {
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // O_NOFOLLOW on a symbolic link fails with ELOOP: a planted link is not followed.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_file(path)),
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.is_file() {
+        return Err(not_a_file(path));
+    }
+    Ok(Some(f))
+}
+
 impl Fs for OsFs {
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
         let f = OpenOptions::new()
@@ -110,24 +137,37 @@ impl Fs for OsFs {
     }
 
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
-        let mut f = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            // O_NOFOLLOW on a symbolic link fails with ELOOP: a planted link is not followed.
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_file(path)),
-            Err(e) => return Err(e),
-        };
-        let meta = f.metadata()?;
-        if !meta.is_file() {
-            return Err(not_a_file(path));
-        }
-        let mut buf = Vec::with_capacity(meta.len() as usize);
+        let Some(mut f) = open_for_reading(path)? else { return Ok(None) };
+        let mut buf = Vec::with_capacity(f.metadata()?.len() as usize);
         f.read_to_end(&mut buf)?;
         Ok(Some(buf))
+    }
+
+    fn read_cached(&self, path: &Path, max: u64) -> io::Result<Option<Option<Vec<u8>>>> {
+        use rustix::io::{Errno, ReadWriteFlags, preadv2};
+        let Some(f) = open_for_reading(path)? else { return Ok(Some(None)) };
+        let len = f.metadata()?.len();
+        if len > max {
+            return Ok(None);
+        }
+        // One byte more than the size, to see the end of the file in the same read.
+        let mut buf = vec![0u8; len as usize + 1];
+        let mut n = 0;
+        loop {
+            if n == buf.len() {
+                return Ok(None); // grew since the stat: not a small read after all
+            }
+            // RWF_NOWAIT: fail with EAGAIN rather than wait for the disk.
+            match preadv2(&f, &mut [io::IoSliceMut::new(&mut buf[n..])], n as u64, ReadWriteFlags::NOWAIT) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(Errno::INTR) => {}
+                // EAGAIN (not cached), EOPNOTSUPP (no such reads here): the blocking way.
+                Err(_) => return Ok(None),
+            }
+        }
+        buf.truncate(n);
+        Ok(Some(Some(buf)))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -209,5 +249,31 @@ impl Fs for OsFs {
             out.push(DirEntry { name, is_dir: meta.is_dir(), is_file: meta.is_file(), size: meta.len() });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_read_returns_exactly_the_file_or_defers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let fs = OsFs;
+        assert_eq!(fs.read_cached(&path, 1 << 20).unwrap(), Some(None), "a missing file is known missing");
+        for len in [0usize, 1, 4095, 4096, 4097, 100_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut f = std::fs::File::create(&path).unwrap();
+            f.write_all(&data).unwrap();
+            // Just written: in the page cache, so read without waiting.
+            assert_eq!(fs.read_cached(&path, 1 << 20).unwrap(), Some(Some(data.clone())), "{len} bytes");
+            assert_eq!(fs.read(&path).unwrap(), Some(data));
+        }
+        assert_eq!(fs.read_cached(&path, 99_999).unwrap(), None, "over the limit: the blocking way");
+        std::os::unix::fs::symlink(&path, dir.path().join("link")).unwrap();
+        assert!(fs.read_cached(&dir.path().join("link"), 1 << 20).is_err(), "a symbolic link is refused");
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        assert!(fs.read_cached(&dir.path().join("d"), 1 << 20).is_err(), "a directory is refused");
     }
 }
