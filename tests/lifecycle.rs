@@ -57,6 +57,17 @@ fn file_builder(dir: &Path, compression: Option<u32>) -> StateManagerBuilder {
     quiet(with_compression(StateManager::builder(backend), compression)).idle_timeout(NEVER_IDLE)
 }
 
+/// [`file_builder`] with records written directly (no write-ahead log), for the tests
+/// that read record files while the manager is open.
+fn file_builder_direct(dir: &Path, compression: Option<u32>) -> StateManagerBuilder {
+    let backend = FileStorageBackend::options()
+        .lock_wait(Duration::from_secs(5))
+        .write_ahead_log(false)
+        .open(dir)
+        .expect("open file store");
+    quiet(with_compression(StateManager::builder(backend), compression)).idle_timeout(NEVER_IDLE)
+}
+
 async fn open_file(dir: &Path) -> StateManager {
     file_builder(dir, None).start().await.unwrap()
 }
@@ -1032,7 +1043,7 @@ fn the_plain_v1_fixture_is_jq_readable_json_at_schema_1() {
 async fn v1_fixtures_load_through_a_v1_to_v2_migration_and_migrate_store_rewrites_them() {
     for (name, compression) in FIXTURES {
         let (_tmp, dir) = fixture_copy(name);
-        let m = v2_app(file_builder(&dir, compression)).start().await.unwrap();
+        let m = v2_app(file_builder_direct(&dir, compression)).start().await.unwrap();
         check_fixture(&m, v2_state).await;
         // Loads migrate in memory only: every record on disk is still at version 1.
         let (sessions, checkpoints) = all_records(&dir);
@@ -1122,7 +1133,8 @@ fn bulk_id(i: u64) -> String {
 /// The child: runs `migrate_store` with the v2 app until it is killed.
 fn migrate_child(dir: &Path) {
     runtime().block_on(async {
-        let m = v2_app(file_builder(dir, None)).start().await.unwrap();
+        // Direct writes: the parent watches the record files change.
+        let m = v2_app(file_builder_direct(dir, None)).start().await.unwrap();
         child_says("migrating");
         m.migrate_store().await.unwrap();
         child_says("migrated");
@@ -1168,7 +1180,7 @@ fn a_migrate_store_killed_midway_is_finished_by_the_next_pass() {
     eprintln!("killed midway: {s_left} session and {c_left} checkpoint records still at v1");
 
     runtime().block_on(async {
-        let m = v2_app(file_builder(&dir, None)).start().await.unwrap();
+        let m = v2_app(file_builder_direct(&dir, None)).start().await.unwrap();
         // Every session loads correctly, migrated on disk or not.
         for (id, _, step, _) in fixture_sessions() {
             assert_eq!(m.load_session(id).await.unwrap(), Some(v2_state(step)), "{id}");

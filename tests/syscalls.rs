@@ -155,7 +155,12 @@ fn encrypt(_b: mars_state::StateManagerBuilder) -> mars_state::StateManagerBuild
 }
 
 async fn open(dir: &Path, format: Format) -> mars_state::Result<StateManager> {
-    let mut b = StateManager::builder(FileStorageBackend::new(dir)?).janitor_interval(Duration::from_secs(3600));
+    // The audit and the fault cases follow the direct-write protocol (stage, sync, rename,
+    // sync the directory). The write-ahead log's durability is checked by the power-loss
+    // simulator (src/backend/simfs.rs), the SIGKILL loop (tests/crash.rs) and
+    // tests/write_ahead_log.rs.
+    let backend = FileStorageBackend::options().write_ahead_log(false).open(dir)?;
+    let mut b = StateManager::builder(backend).janitor_interval(Duration::from_secs(3600));
     if format != Format::Plain {
         b = b.compression(6);
     }

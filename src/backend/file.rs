@@ -123,7 +123,7 @@ pub struct FileOptions {
 
 impl Default for FileOptions {
     fn default() -> Self {
-        FileOptions { lock_wait: std::time::Duration::ZERO, log: false }
+        FileOptions { lock_wait: std::time::Duration::ZERO, log: true }
     }
 }
 
@@ -137,7 +137,7 @@ impl FileOptions {
         self
     }
 
-    /// Whether writes go through the write-ahead log (default: no).
+    /// Whether writes go through the write-ahead log (default: yes).
     ///
     /// With the log, a put or delete is durable once its frame is appended to
     /// `metadata/.wal` and `fdatasync`ed; the frames of all writes that arrive while one
@@ -168,7 +168,7 @@ impl FileOptions {
     /// use std::time::Duration;
     /// let backend = mars_state::FileStorageBackend::options()
     ///     .lock_wait(Duration::from_secs(5))
-    ///     .write_ahead_log(true)
+    ///     .write_ahead_log(false)
     ///     .open("./state_storage")?;
     /// # Ok(()) }
     /// ```
@@ -179,8 +179,8 @@ impl FileOptions {
 
 impl FileStorageBackend {
     /// Opens (creating if needed) the store at `path` and takes its lock, with the
-    /// default [`FileOptions`] (records written directly, no write-ahead log; no waiting
-    /// for the lock).
+    /// default [`FileOptions`] (writes through the write-ahead log, no waiting for the
+    /// lock).
     ///
     /// Fails with [`StateError::Locked`] if another process, or another backend in this
     /// process, has it open. (A process that spawns children while it holds the store lends

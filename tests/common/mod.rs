@@ -84,8 +84,9 @@ pub fn with_compression(b: StateManagerBuilder, compression: Option<u32>) -> Sta
 }
 
 /// Set (to anything) to run the suites that use [`builder`] with the file backend's
-/// write-ahead log on: `.ci/run` runs the suites that never look at record files while a
-/// manager is open (concurrency, access) a second time this way.
+/// write-ahead log on. [`builder`] writes records directly otherwise (not the backend's
+/// default), because several of its users read record files while a manager is open;
+/// `.ci/run` runs the suites that never do (concurrency, access) a second time with it.
 pub const LOG_ENV: &str = "MARS_STATE_TEST_WAL";
 
 /// A builder with default settings over a file store at `dir`, in the given mode.
