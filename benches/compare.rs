@@ -1046,13 +1046,13 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
     vec![
         row(
             "save_1kb",
-            "durable save 1 KB, one session",
+            "durable save 1 KB, one session, direct writes",
             Unit::PerSec,
             vec![raw("raw_1kb", "raw durable-write loop", Some(0.85)), lg("save_1kb", Some(1.2)), ms("save_1kb", None)],
         ),
         row(
             "save_64x_1kb",
-            "durable saves 1 KB, 64 sessions at once",
+            "durable saves 1 KB, 64 sessions at once, direct writes",
             Unit::PerSec,
             vec![
                 raw("raw_1kb", "raw loop, single writer", Some(3.0)),
@@ -1079,7 +1079,7 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
         ),
         row(
             "save_100kb",
-            "save 100 KB, no compression",
+            "save 100 KB, no compression, direct writes",
             Unit::PerSec,
             vec![
                 ms("save_100kb", Some(10.0)),
@@ -1099,7 +1099,7 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
         ),
         row(
             "save_1mb",
-            "save 1 MB, no compression",
+            "save 1 MB, no compression, direct writes",
             Unit::PerSec,
             vec![raw("raw_1mb", "raw durable-write loop", None), lg("save_1mb", None), ms("save_1mb", None)],
         ),

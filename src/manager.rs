@@ -471,7 +471,8 @@ impl StateManager {
         sid: &SessionId,
         build: impl FnOnce(ractor::RpcReplyPort<Result<R>>) -> SessionMsg,
     ) -> Result<R> {
-        call_session(&self.inner.supervisor, self.inner.config.call_timeout, operation, sid, build).await
+        let store = self.store()?;
+        call_session(&self.inner.supervisor, &store.actors, self.inner.config.call_timeout, operation, sid, build).await
     }
 
     /// Saves `state` as the session's state, replacing the previous one. Durable on `Ok`.

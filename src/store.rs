@@ -150,6 +150,8 @@ pub(crate) struct Store {
     /// Per-session checkpoint policies set at run time (in memory: an orchestrator sets
     /// them again when it resumes a run).
     pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
+    /// The live session actors (kept by the supervisor), for requests that skip it.
+    pub(crate) actors: crate::actor::Directory,
 }
 
 pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
@@ -208,6 +210,7 @@ impl Store {
             events: tokio::sync::broadcast::channel(4096).0,
             policies: Mutex::new(HashMap::new()),
             hot: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            actors: crate::actor::Directory::default(),
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };

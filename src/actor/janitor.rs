@@ -142,9 +142,8 @@ pub(crate) async fn remove_idle_sessions(
             continue;
         }
         let timeout = shared.config.call_timeout.max(Duration::from_secs(1));
-        if call_session(supervisor, timeout, "delete_if_idle", &sid, |reply| SessionMsg::DeleteIfIdle {
-            cutoff_ms,
-            reply,
+        if call_session(supervisor, &shared.store.actors, timeout, "delete_if_idle", &sid, |reply| {
+            SessionMsg::DeleteIfIdle { cutoff_ms, reply }
         })
         .await?
         {

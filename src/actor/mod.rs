@@ -8,10 +8,11 @@
 //!                             └──spawns/links──▶ JanitorActor (interval timer)
 //! ```
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ractor::{ActorRef, RpcReplyPort};
+use ractor::{ActorId, ActorRef, RpcReplyPort};
 
 use crate::error::{Result, StateError};
 use crate::lifecycle::{CheckpointPolicy, Migrations};
@@ -45,6 +46,53 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
 }
 
+const DIRECTORY_SHARDS: usize = 16;
+
+/// The live session actors, kept by the supervisor (added when it spawns one, removed
+/// when it sees one end), so a request to a live session goes straight to its actor
+/// instead of asking the supervisor first. Only a shortcut: a stale entry's actor refuses
+/// the message (it is draining or gone), and the caller then asks the supervisor.
+pub(crate) struct Directory {
+    shards: [Mutex<HashMap<SessionId, ActorRef<SessionMsg>>>; DIRECTORY_SHARDS],
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory { shards: std::array::from_fn(|_| Mutex::new(HashMap::new())) }
+    }
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Directory")
+    }
+}
+
+impl Directory {
+    fn shard(&self, sid: &SessionId) -> MutexGuard<'_, HashMap<SessionId, ActorRef<SessionMsg>>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        sid.hash(&mut h);
+        crate::sync::lock(&self.shards[(h.finish() as usize) % DIRECTORY_SHARDS])
+    }
+
+    fn get(&self, sid: &SessionId) -> Option<ActorRef<SessionMsg>> {
+        self.shard(sid).get(sid).cloned()
+    }
+
+    pub(crate) fn insert(&self, sid: &SessionId, actor: &ActorRef<SessionMsg>) {
+        self.shard(sid).insert(sid.clone(), actor.clone());
+    }
+
+    /// Removes `sid`'s entry if it is the actor `id` (not a newer one).
+    pub(crate) fn remove(&self, sid: &SessionId, id: ActorId) {
+        let mut shard = self.shard(sid);
+        if shard.get(sid).is_some_and(|a| a.get_id() == id) {
+            shard.remove(sid);
+        }
+    }
+}
+
 /// Sends a request to `sid`'s session actor (spawned on demand by the supervisor) and
 /// waits for the reply.
 ///
@@ -53,6 +101,7 @@ pub(crate) struct Shared {
 /// the call timeout is [`StateError::Timeout`]: the outcome is unknown.
 pub(crate) async fn call_session<R: Send + 'static>(
     supervisor: &ActorRef<supervisor::SupervisorMsg>,
+    directory: &Directory,
     timeout: Duration,
     operation: &'static str,
     sid: &SessionId,
@@ -65,9 +114,13 @@ pub(crate) async fn call_session<R: Send + 'static>(
         || StateError::Timeout { operation, session: sid.to_string(), timeout_ms: timeout.as_millis() as u64 };
     let mut attempts = 0;
     loop {
-        let actor = tokio::time::timeout_at(deadline, supervisor::get_session(supervisor, sid))
-            .await
-            .map_err(|_| timed_out())??;
+        let known = if attempts == 0 { directory.get(sid) } else { None };
+        let actor = match known {
+            Some(actor) => actor,
+            None => tokio::time::timeout_at(deadline, supervisor::get_session(supervisor, sid))
+                .await
+                .map_err(|_| timed_out())??,
+        };
         match actor.send_message(msg) {
             Ok(()) => break,
             Err(ractor::MessagingErr::SendErr(back)) if attempts < 100 => {

@@ -80,6 +80,7 @@ impl SupervisorState {
             .map_err(|e| StateError::unavailable(format!("could not start a session actor: {e}")))?;
         self.sessions.insert(sid.clone(), Slot::Live(actor.clone()));
         self.by_actor.insert(actor.get_id(), sid.clone());
+        self.shared.store.actors.insert(sid, &actor);
         self.memory.on_spawn(self.sessions.len());
         Ok(actor)
     }
@@ -258,6 +259,7 @@ impl Actor for SupervisorActor {
         let Some(sid) = st.by_actor.remove(&id) else { return Ok(()) };
         // Whatever the actor published is no longer backed by a live writer.
         st.shared.store.publish(&sid, None);
+        st.shared.store.actors.remove(&sid, id);
         if let Some(err) = &failure {
             error!(session = %sid, error = %err, "session actor failed; it is restarted on next use");
         }

@@ -139,8 +139,9 @@ impl FileOptions {
 
     /// Whether writes go through the write-ahead log (default: yes).
     ///
-    /// With the log, a put or delete is durable once its frame is appended to
-    /// `metadata/.wal` and `fdatasync`ed; the frames of all writes that arrive while one
+    /// With the log, a put or delete of a session or checkpoint record is durable once its
+    /// frame is appended to `metadata/.wal` and `fdatasync`ed (the store's own metadata is
+    /// always written directly); the frames of all writes that arrive while one
     /// `fdatasync` runs share the next one (group commit). The record files are brought up
     /// to date in batches (each one staged, `fdatasync`ed, renamed, its directory
     /// `fsync`ed) when the log passes 8 MiB, when the last handle of the backend is
@@ -510,6 +511,15 @@ impl Core {
 
 // ----------------------------------------------------------------------------------------
 // Log mode: group commit through the write-ahead log, record files brought up to date later
+
+/// Whether writes of `key` go through the log in log mode: the records (sessions and
+/// checkpoints), written on every step. The store's own files (`metadata/`, the index
+/// journal that is also appended to, `quarantine/`) are written rarely and directly, so
+/// every name that is appended to is also replaced in one place, and the files a person
+/// or the store reads first at open are always current.
+fn through_log(key: &StorageKey) -> bool {
+    matches!(key.segments().next(), Some("sessions" | "checkpoints"))
+}
 
 /// The log's file: hidden, so listings never show it and a sweep (which removes only
 /// `.tmp-` names) never touches it.
@@ -982,7 +992,9 @@ impl StorageBackend for FileStorageBackend {
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
-        if let Some(log) = &self.inner.log {
+        if let Some(log) = &self.inner.log
+            && through_log(key)
+        {
             return self.through_log(log, |reply| LogReq::Put { key: key.clone(), value, reply }).await;
         }
         let key = key.clone();
