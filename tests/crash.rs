@@ -211,7 +211,12 @@ struct Counts {
 }
 
 fn parent(test_name: &str, compression: Option<u32>, log: bool) {
-    let label = if compression.is_some() { "gzip" } else { "plain" };
+    let label = match (compression.is_some(), log) {
+        (false, false) => "plain",
+        (true, false) => "gzip",
+        (false, true) => "plain, write-ahead log",
+        (true, true) => "gzip, write-ahead log",
+    };
     let rounds: usize = std::env::var("MARS_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_ROUNDS);
     let seed: u64 = std::env::var("MARS_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
