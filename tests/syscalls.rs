@@ -14,20 +14,23 @@
 //!   the whole life of a saving child (store creation, 42 saves and checkpoints over four
 //!   sessions, a checkpoint cleanup, a session delete, shutdown) runs under
 //!   `strace -f -e trace=openat,write,…,rename,unlink,mkdir…`, for each record format
-//!   (plain, gzip, and with the `encryption` feature gzip+encrypted). The parent
+//!   (plain, gzip, and with the `encryption` feature gzip+encrypted, each writing records
+//!   directly, and plain through the write-ahead log). The parent
 //!   parses the trace (following `<unfinished …>` / `<… resumed>` pairs and the fd → path map
 //!   of every `openat`) and checks that every `rename` of a staged file (`.tmp-` in its
 //!   name) is preceded by a successful `fdatasync`/`fsync` of that file and followed by a
 //!   successful `fsync` of the target's directory before the next marker; that every
 //!   `unlink` of a record and every `mkdir` is followed by an `fsync` of its parent directory
-//!   before the next marker (and, for a `mkdir`, before anything is renamed into it); and
-//!   that no rename touches anything but a staged file. The checker is then run on copies of
-//!   the trace with the `fdatasync` lines removed, and with the directory `fsync` lines
-//!   removed: both must be reported (the harness can fail). It also checks that a staged
+//!   before the next marker (and, for a `mkdir`, before anything is renamed into it); that
+//!   every write to the write-ahead log is followed by a successful sync of the log before
+//!   the next marker; and that no rename touches anything but a staged file. The checker is
+//!   then run on copies of the trace with the `fdatasync` lines removed, and with the
+//!   directory `fsync` lines removed: both must be reported (the harness can fail). It also checks that a staged
 //!   file lives in its target's directory and is not written after its last sync.
 //! - `sigkill_just_before_the_nth_syscall_passes_the_oracle` (item 7, crash-point sweep):
 //!   for `openat`, `write`, `fdatasync`, `fsync` and `rename`, N = 1..30, and each record
-//!   format (plain, gzip, gzip+encrypted with the `encryption` feature): a fresh store,
+//!   format (plain, gzip, gzip+encrypted with the `encryption` feature, and plain through the
+//!   write-ahead log): a fresh store,
 //!   a child that saves 8 records, then `strace -f -p <child>` attaches with
 //!   `-e inject=SYSCALL:signal=SIGKILL:when=N`, then the child saves 34 more (acking each).
 //!   Injection counts per syscall and per thread from the attach, so N counts the calls of
@@ -118,6 +121,8 @@ enum Format {
     Gzip,
     /// Gzip, then encrypted (needs the `encryption` feature).
     GzipEncrypted,
+    /// Plain, through the file backend's write-ahead log (its default).
+    PlainLog,
 }
 
 impl Format {
@@ -127,6 +132,7 @@ impl Format {
         if cfg!(feature = "encryption") {
             v.push(Format::GzipEncrypted);
         }
+        v.push(Format::PlainLog);
         v
     }
 
@@ -135,6 +141,7 @@ impl Format {
             Format::Plain => "plain",
             Format::Gzip => "gzip",
             Format::GzipEncrypted => "gzip+encrypted",
+            Format::PlainLog => "plain+log",
         }
     }
 
@@ -155,13 +162,13 @@ fn encrypt(_b: mars_state::StateManagerBuilder) -> mars_state::StateManagerBuild
 }
 
 async fn open(dir: &Path, format: Format) -> mars_state::Result<StateManager> {
-    // The audit and the fault cases follow the direct-write protocol (stage, sync, rename,
-    // sync the directory). The write-ahead log's durability is checked by the power-loss
-    // simulator (src/backend/simfs.rs), the SIGKILL loop (tests/crash.rs) and
-    // tests/write_ahead_log.rs.
-    let backend = FileStorageBackend::options().write_ahead_log(false).open(dir)?;
+    // The fault cases (`Format::Plain`) follow the direct-write protocol (stage, sync,
+    // rename, sync the directory); the audit and the crash-point sweep also run through the
+    // write-ahead log.
+    let log = format == Format::PlainLog;
+    let backend = FileStorageBackend::options().write_ahead_log(log).open(dir)?;
     let mut b = StateManager::builder(backend).janitor_interval(Duration::from_secs(3600));
-    if format != Format::Plain {
+    if matches!(format, Format::Gzip | Format::GzipEncrypted) {
         b = b.compression(6);
     }
     if format == Format::GzipEncrypted {
@@ -799,6 +806,8 @@ fn class_of(c: &Call) -> String {
 #[derive(Default, Debug)]
 struct Audit {
     renames: usize,
+    /// Writes to the write-ahead log.
+    log_writes: usize,
     unlinks: usize,
     mkdirs: usize,
     markers: usize,
@@ -885,6 +894,25 @@ fn audit(calls: &[Call], root: &str) -> Audit {
             a.unlinks += 1;
             if acknowledges(c.end) && !dir_synced(parent_dir(p), c.end) {
                 a.violations.push(format!("line {}: unlink of {p} not followed by an fsync of its directory", c.start));
+            }
+        } else if (c.name == "write" || c.name == "pwrite64")
+            && c.ok()
+            && c.fd_path.as_ref().is_some_and(|(p, _)| p.ends_with("/metadata/.wal"))
+        {
+            // A frame in the write-ahead log acknowledges nothing until a sync of the log
+            // that starts after it has succeeded.
+            a.log_writes += 1;
+            let log = c.fd_path.as_ref().map(|(p, _)| p.as_str()).unwrap_or_default();
+            let limit = next_marker(c.end).unwrap_or(usize::MAX);
+            let synced = calls.iter().any(|s| {
+                s.is_sync()
+                    && s.ok()
+                    && s.start > c.end
+                    && s.end < limit
+                    && s.fd_path.as_ref().is_some_and(|(p, _)| p == log)
+            });
+            if acknowledges(c.end) && !synced {
+                a.violations.push(format!("line {}: a write to the log is not synced before the next report", c.start));
             }
         } else if c.is_mkdir() && c.ok() {
             let Some(p) = c.path() else { continue };
@@ -1111,10 +1139,11 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
         let count =
             |n: &str| calls.iter().filter(|c| c.name == n && c.strings.iter().any(|s| s.starts_with(root))).count();
         println!(
-            "syscall audit ({}): {} staged renames, {} record unlinks, {} mkdirs, {} reports checked \
-             ({} fdatasync, {} fsync, {} openat in the store); violations: {}",
+            "syscall audit ({}): {} staged renames, {} log writes, {} record unlinks, {} mkdirs, {} reports \
+             checked ({} fdatasync, {} fsync, {} openat in the store); violations: {}",
             format.name(),
             a.renames,
+            a.log_writes,
             a.unlinks,
             a.mkdirs,
             a.markers,
@@ -1126,9 +1155,17 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
         assert!(a.violations.is_empty(), "durability rule violations:\n{}", a.violations.join("\n"));
         let acks = run.lines.iter().filter(|l| l.starts_with("ack ")).count() as u64;
         assert_eq!(acks, SETUP_OPS + WORKLOAD_OPS);
-        // Every save and checkpoint renames once; so do the store metadata, the pending-delete
-        // marker and the journal snapshot at shutdown.
-        assert!(a.renames as u64 > acks, "too few renames seen ({}): is the trace complete?", a.renames);
+        let log = format == Format::PlainLog;
+        if log {
+            // Every save and checkpoint appends a frame; the records reach their files when
+            // the log is replayed into them at shutdown (staged renames, audited as above).
+            assert!(a.log_writes as u64 >= acks, "too few log writes seen ({}): is the trace complete?", a.log_writes);
+            assert!(a.renames > 0, "the log was never brought into the record files");
+        } else {
+            // Every save and checkpoint renames once; so do the store metadata, the
+            // pending-delete marker and the journal snapshot at shutdown.
+            assert!(a.renames as u64 > acks, "too few renames seen ({}): is the trace complete?", a.renames);
+        }
         assert!(a.unlinks >= 2 && a.mkdirs >= 4, "too few unlinks ({}) or mkdirs ({})", a.unlinks, a.mkdirs);
 
         // The checker must catch a missing file sync and a missing directory sync.
@@ -1150,7 +1187,8 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
             broken.violations.len(),
             broken_dir.violations.len()
         );
-        assert!(broken.violations.len() >= a.renames, "the audit missed renames without a file sync");
+        let synced_writes = if log { a.renames + a.log_writes } else { a.renames };
+        assert!(broken.violations.len() >= synced_writes, "the audit missed renames or log writes without a sync");
         assert!(broken_dir.violations.len() >= a.renames, "the audit missed renames without a directory sync");
     }
 }
