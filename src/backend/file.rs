@@ -351,35 +351,59 @@ impl Core {
         Ok(())
     }
 
+    /// A direct put: stage, rename over the record, fsync the directory.
     fn put_blocking(&self, key: &StorageKey, value: &[u8]) -> Result<()> {
         let path = self.path_of(key);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         self.ensure_dir(&dir)?;
-        let staged = dir.join(format!(".{}{STAGED_MARK}{}", key.file_name(), random_suffix()));
-        lock(&self.in_flight).insert(staged.clone());
         lock(&self.appenders.0).remove(&path);
-        let result = self.write_atomic(&staged, &path, &dir, value);
-        if result.is_err() {
-            // Never leave a half-written staged file behind; the record itself is untouched.
-            let _ = self.fs.remove_file(&staged);
-        }
-        lock(&self.in_flight).remove(&staged);
+        let staged = self.stage(&dir, key.file_name(), value)?;
+        let result = self.write_atomic(&staged, &path, &dir);
+        // On error, never leave a staged file behind; the record itself is untouched.
+        self.unstage(&staged, result.is_err());
         result
     }
 
-    /// The one place records are written: stage, fdatasync, rename, fsync the directory.
+    /// Writes `value` to a new staged file `.NAME.tmp-RANDOM` in `dir` (`create_new`, so a
+    /// stale or planted file is never reused) and `fdatasync`s it: the data must be on disk
+    /// before a rename can make a name point at it. The file is marked in flight (a sweep
+    /// leaves it alone) until [`unstage`](Self::unstage); on error it is already gone.
+    fn stage(&self, dir: &Path, name: &str, value: &[u8]) -> Result<PathBuf> {
+        let staged = dir.join(format!(".{name}{STAGED_MARK}{}", random_suffix()));
+        lock(&self.in_flight).insert(staged.clone());
+        let written =
+            self.fs.create_new(&staged).map_err(|e| StateError::io("creating staged file", &staged, e)).and_then(
+                |mut f| {
+                    f.write_all(value).map_err(|e| StateError::io("writing", &staged, e))?;
+                    f.sync_data().map_err(|e| StateError::io("syncing", &staged, e))
+                },
+            );
+        match written {
+            Ok(()) => Ok(staged),
+            Err(e) => {
+                self.unstage(&staged, true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a staged file's life in flight, removing it first if it was not renamed.
+    fn unstage(&self, staged: &Path, remove: bool) {
+        if remove {
+            let _ = self.fs.remove_file(staged);
+        }
+        lock(&self.in_flight).remove(staged);
+    }
+
+    /// The one place a record is replaced on its own: a staged, synced file renamed over
+    /// it, then the directory fsynced.
     ///
     /// The previous version keeps a second name (a hard link, `.NAME.tmp-prev-…` so a sweep
     /// removes it if a crash leaves it) until the new one is durable: if the directory
     /// fsync after the rename fails, the previous version is renamed back (or, if there was
     /// none, the new record removed), so an `Err` leaves what was there before.
-    fn write_atomic(&self, staged: &Path, path: &Path, dir: &Path, value: &[u8]) -> Result<()> {
+    fn write_atomic(&self, staged: &Path, path: &Path, dir: &Path) -> Result<()> {
         let fs = &self.fs;
-        let mut f = fs.create_new(staged).map_err(|e| StateError::io("creating staged file", staged, e))?;
-        f.write_all(value).map_err(|e| StateError::io("writing", staged, e))?;
-        // The data must be on disk before the rename can make a name point at it.
-        f.sync_data().map_err(|e| StateError::io("syncing", staged, e))?;
-        drop(f);
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let backup = dir.join(format!(".{name}{STAGED_MARK}prev-{}", random_suffix()));
         lock(&self.in_flight).insert(backup.clone());
@@ -587,7 +611,8 @@ impl Log {
             Some((f, len)) => (Some(f), len),
             None => (None, 0),
         };
-        Log { queue: Mutex::new(Queue::default()), writer: Mutex::new(LogWriter { core, file, len }) }
+        let writer = LogWriter { core, file, len, cut_failed: false };
+        Log { queue: Mutex::new(Queue::default()), writer: Mutex::new(writer) }
     }
 
     /// Queues `req`; returns whether the caller must start a leader.
@@ -658,6 +683,8 @@ struct LogWriter {
     file: Option<Box<dyn FsFile>>,
     /// Bytes of whole, durable frames in it.
     len: u64,
+    /// A failed write could not be cut off the log: nothing may be appended after it.
+    cut_failed: bool,
 }
 
 impl LogWriter {
@@ -667,10 +694,6 @@ impl LogWriter {
             // open; until then reads are served from the overlay.
             tracing::warn!(error = %e, "bringing record files up to date from the log failed; will retry");
         }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.core.root.join("metadata").join(WAL)
     }
 
     /// Appends the batch's frames, makes them durable, then publishes them to the overlay
@@ -707,7 +730,6 @@ impl LogWriter {
                 for req in accepted {
                     match req {
                         LogReq::Put { key, value, reply } => {
-                            lock(&self.core.appenders.0).remove(&self.core.path_of(&key));
                             overlay.insert(key, Some(Arc::new(value)));
                             answers.push(reply);
                         }
@@ -730,7 +752,7 @@ impl LogWriter {
                     }
                     _ => (std::io::ErrorKind::Other, None, "appending to the log"),
                 };
-                let path = self.path();
+                let path = self.core.wal_path();
                 for req in accepted {
                     let source = match code {
                         Some(c) => std::io::Error::from_raw_os_error(c),
@@ -746,12 +768,12 @@ impl LogWriter {
     /// last durable length (through a fresh descriptor: one whose sync failed is never
     /// synced again), so a failed write leaves nothing that a replay would apply.
     fn append(&mut self, frames: &[u8]) -> Result<()> {
-        if self.len == u64::MAX {
-            // A failed write could not be cut off: nothing is appended after it until the
-            // files are brought up to date and the log is gone.
+        if self.cut_failed {
+            // Nothing is appended after an uncut failed write (a replay would stop at it):
+            // first the files are brought up to date and the log is gone.
             self.materialize()?;
         }
-        let path = self.path();
+        let path = self.core.wal_path();
         let fs = &self.core.fs;
         let created = self.file.is_none();
         if created {
@@ -791,14 +813,13 @@ impl LogWriter {
                     Ok(f) if !created => self.file = Some(f),
                     Ok(_) => {
                         // A log this writer had only just created: remove it again.
-                        let _ = fs.remove_file(&path);
-                        let _ = fs.sync_dir(&self.core.root.join("metadata"));
+                        let _ = self.core.remove_log();
                     }
                     Err(cut_err) => {
                         // The tail could not be cut: bring the files up to date from the
                         // overlay and drop the whole log before the next write.
                         tracing::warn!(error = %cut_err, "could not cut a failed write off the log");
-                        self.len = u64::MAX;
+                        self.cut_failed = true;
                     }
                 }
                 Err(e)
@@ -810,30 +831,18 @@ impl LogWriter {
     fn materialize(&mut self) -> Result<()> {
         let entries: Vec<(StorageKey, Option<Arc<Vec<u8>>>)> =
             lock(&self.core.overlay).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if entries.is_empty() && self.file.is_none() && self.len == 0 {
+        if entries.is_empty() && self.file.is_none() && self.len == 0 && !self.cut_failed {
             return Ok(());
         }
         self.core.write_records(entries.iter().map(|(k, v)| (k, v.as_ref().map(|v| v.as_slice()))))?;
-        // Every entry is durable in its own file now: the log may go. If a crash comes
-        // before the removal is durable, the next open replays it, rewriting the same values.
+        // Every entry is durable in its own file now: the log may go.
         self.file = None;
-        let path = self.path();
-        self.core.fs.remove_file(&path).map_err(|e| StateError::io("removing the log", &path, e))?;
-        let dir = self.core.root.join("metadata");
-        self.core.fs.sync_dir(&dir).map_err(|e| StateError::io("syncing directory", &dir, e))?;
+        self.core.remove_log()?;
         self.len = 0;
-        let mut overlay = lock(&self.core.overlay);
-        for (k, v) in entries {
-            // Only the log's writer (locked by us) writes the overlay, so nothing changed
-            // under us; compare anyway, it is cheap and keeps this correct if that changes.
-            if overlay.get(&k).is_some_and(|now| match (now, &v) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }) {
-                overlay.remove(&k);
-            }
-        }
+        self.cut_failed = false;
+        // Only the writer (whose lock the caller holds) adds to the overlay, so it holds
+        // exactly the entries just written.
+        lock(&self.core.overlay).clear();
         Ok(())
     }
 }
@@ -841,6 +850,17 @@ impl LogWriter {
 impl Core {
     fn wal_path(&self) -> PathBuf {
         self.root.join("metadata").join(WAL)
+    }
+
+    /// Removes the log, durably. Called only when nothing in it is needed any more: every
+    /// value it holds is durable in its record file, or (a log just created whose first
+    /// append failed) it holds nothing acknowledged. If a crash comes before the removal is
+    /// durable, the next open replays the log and rewrites the same values.
+    fn remove_log(&self) -> Result<()> {
+        let path = self.wal_path();
+        self.fs.remove_file(&path).map_err(|e| StateError::io("removing the log", &path, e))?;
+        let dir = self.root.join("metadata");
+        self.fs.sync_dir(&dir).map_err(|e| StateError::io("syncing directory", &dir, e))
     }
 
     /// At open, with the lock held: replays a log a crash left behind into the record
@@ -882,10 +902,7 @@ impl Core {
             }
             Err(e) => return Err(e),
         }
-        // The records are durable: now the log may go.
-        self.fs.remove_file(&path).map_err(|e| StateError::io("removing the log", &path, e))?;
-        let dir = self.root.join("metadata");
-        self.fs.sync_dir(&dir).map_err(|e| StateError::io("syncing directory", &dir, e))?;
+        self.remove_log()?;
         if frames > 0 {
             tracing::info!(frames, records = latest.len(), "replayed the write-ahead log into the record files");
         }
@@ -906,16 +923,7 @@ impl Core {
                 let dir = path.parent().unwrap_or(&self.root).to_path_buf();
                 self.ensure_dir(&dir)?;
                 match value {
-                    Some(bytes) => {
-                        let s = dir.join(format!(".{}{STAGED_MARK}{}", key.file_name(), random_suffix()));
-                        lock(&self.in_flight).insert(s.clone());
-                        staged.push((s.clone(), path));
-                        let mut f =
-                            self.fs.create_new(&s).map_err(|e| StateError::io("creating staged file", &s, e))?;
-                        f.write_all(bytes).map_err(|e| StateError::io("writing", &s, e))?;
-                        // Data on disk before a name points at it.
-                        f.sync_data().map_err(|e| StateError::io("syncing", &s, e))?;
-                    }
+                    Some(bytes) => staged.push((self.stage(&dir, key.file_name(), bytes)?, path)),
                     None => removed.push(path),
                 }
                 dirs.insert(dir);
@@ -928,6 +936,8 @@ impl Core {
             }
             for path in &removed {
                 lock(&self.appenders.0).remove(path);
+                // Not durable until the directory fsync below; until then a crash brings the
+                // record back, and the replay of the log (which holds the delete) removes it.
                 self.fs.remove_file(path).map_err(|e| StateError::io("deleting", path, e))?;
             }
             // The renames and unlinks must be durable before the log that holds them goes.
@@ -937,27 +947,10 @@ impl Core {
             Ok(())
         })();
         for (s, _) in &staged {
-            if result.is_err() {
-                let _ = self.fs.remove_file(s);
-            }
-            lock(&self.in_flight).remove(s);
+            // A staged file not renamed (an error part-way) goes; the log still holds it.
+            self.unstage(s, result.is_err());
         }
         result
-    }
-
-    /// Reads `key` without blocking if it is small and cached (see [`Fs::read_cached`]);
-    /// `Ok(None)`: read it on the blocking pool.
-    fn read_cached(&self, key: &StorageKey) -> Result<Option<Option<Vec<u8>>>> {
-        /// Larger records are read on the pool: copying them would hold the caller's thread.
-        const INLINE_MAX: u64 = 256 << 10;
-        let path = self.path_of(key);
-        match self.check_parents(path.parent().unwrap_or(&self.root)) {
-            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Some(None));
-            }
-            other => other?,
-        }
-        self.fs.read_cached(&path, INLINE_MAX).map_err(|e| StateError::io("reading", &path, e))
     }
 
     /// What the overlay says of `key`: `Some(Some(v))` written, `Some(None)` deleted,
@@ -973,22 +966,22 @@ impl StorageBackend for FileStorageBackend {
         if let Some(pending) = self.core().pending(key) {
             return Ok(pending.map(|v| v.as_ref().clone()));
         }
+        /// Larger records are read on the pool: copying them would hold the caller's thread.
+        const INLINE_MAX: u64 = 256 << 10;
+        let path = self.core().path_of(key);
+        // No symbolic link on the way (stats of cached directories: done here).
+        match self.core().check_parents(path.parent().unwrap_or(&self.core().root)) {
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            other => other?,
+        }
         // A small record already in the page cache is read right here: the read takes a few
         // microseconds, a hop to the blocking pool and back more. Anything that would wait
         // for the disk (or is large) goes to the pool.
-        if let Some(found) = self.core().read_cached(key)? {
+        let reading = |e| StateError::io("reading", &path, e);
+        if let Some(found) = self.core().fs.read_cached(&path, INLINE_MAX).map_err(reading)? {
             return Ok(found);
         }
-        let key = key.clone();
-        self.blocking(move |b| {
-            let path = b.path_of(&key);
-            match b.check_parents(path.parent().unwrap_or(&b.root)) {
-                Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                other => other?,
-            }
-            b.fs.read(&path).map_err(|e| StateError::io("reading", &path, e))
-        })
-        .await
+        self.blocking(move |b| b.fs.read(&path).map_err(|e| StateError::io("reading", &path, e))).await
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {

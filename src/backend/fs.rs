@@ -95,9 +95,9 @@ fn not_a_file(path: &Path) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display()))
 }
 
-/// Opens a regular file for reading without following a symbolic link; `Ok(None)` if it
-/// does not exist.
-fn open_for_reading(path: &Path) -> io::Result<Option<File>> {
+/// Opens a regular file for reading without following a symbolic link, with its size;
+/// `Ok(None)` if it does not exist.
+fn open_for_reading(path: &Path) -> io::Result<Option<(File, u64)>> {
     let f = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
@@ -109,10 +109,11 @@ fn open_for_reading(path: &Path) -> io::Result<Option<File>> {
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_file(path)),
         Err(e) => return Err(e),
     };
-    if !f.metadata()?.is_file() {
+    let meta = f.metadata()?;
+    if !meta.is_file() {
         return Err(not_a_file(path));
     }
-    Ok(Some(f))
+    Ok(Some((f, meta.len())))
 }
 
 impl Fs for OsFs {
@@ -137,16 +138,15 @@ impl Fs for OsFs {
     }
 
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
-        let Some(mut f) = open_for_reading(path)? else { return Ok(None) };
-        let mut buf = Vec::with_capacity(f.metadata()?.len() as usize);
+        let Some((mut f, len)) = open_for_reading(path)? else { return Ok(None) };
+        let mut buf = Vec::with_capacity(len as usize);
         f.read_to_end(&mut buf)?;
         Ok(Some(buf))
     }
 
     fn read_cached(&self, path: &Path, max: u64) -> io::Result<Option<Option<Vec<u8>>>> {
         use rustix::io::{Errno, ReadWriteFlags, preadv2};
-        let Some(f) = open_for_reading(path)? else { return Ok(Some(None)) };
-        let len = f.metadata()?.len();
+        let Some((f, len)) = open_for_reading(path)? else { return Ok(Some(None)) };
         if len > max {
             return Ok(None);
         }

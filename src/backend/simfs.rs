@@ -1323,7 +1323,7 @@ mod tests {
     // Fault points
     // ---------------------------------------------------------------------------------
 
-    /// The steps of a save, in the order `write_atomic` takes them.
+    /// The steps of a direct save, in the order `put_blocking` takes them.
     const SAVE_POINTS: [Op; 5] = [Op::CreateNew, Op::WriteAll, Op::SyncData, Op::Rename, Op::SyncDir];
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
