@@ -50,19 +50,23 @@ async fn memory_manager(backend: &MemoryStorageBackend, policy: CheckpointPolicy
         .unwrap()
 }
 
-/// A quiet builder over a file store at `dir`. Waits briefly for the lock: a child spawned
-/// by another test of this binary may hold an inherited copy between its fork and exec.
+/// A quiet builder over a file store at `dir` (default settings: through the write-ahead
+/// log). Waits briefly for the lock: a child spawned by another test of this binary may
+/// hold an inherited copy between its fork and exec.
 fn file_builder(dir: &Path, compression: Option<u32>) -> StateManagerBuilder {
-    let backend = FileStorageBackend::open_waiting(dir, Duration::from_secs(5)).expect("open file store");
-    quiet(with_compression(StateManager::builder(backend), compression)).idle_timeout(NEVER_IDLE)
+    file_builder_mode(dir, compression, true)
 }
 
 /// [`file_builder`] with records written directly (no write-ahead log), for the tests
 /// that read record files while the manager is open.
 fn file_builder_direct(dir: &Path, compression: Option<u32>) -> StateManagerBuilder {
+    file_builder_mode(dir, compression, false)
+}
+
+fn file_builder_mode(dir: &Path, compression: Option<u32>, log: bool) -> StateManagerBuilder {
     let backend = FileStorageBackend::options()
         .lock_wait(Duration::from_secs(5))
-        .write_ahead_log(false)
+        .write_ahead_log(log)
         .open(dir)
         .expect("open file store");
     quiet(with_compression(StateManager::builder(backend), compression)).idle_timeout(NEVER_IDLE)
