@@ -23,7 +23,6 @@ const JOURNAL: &str = "metadata/index.log";
 const STORE_META: &str = "metadata/store.json";
 const PENDING: &str = "metadata/pending";
 const ACCESS: &str = "metadata/access";
-const HOT_SHARDS: usize = 16;
 /// Present while a manager has the store open; left behind by a process that died.
 const RUNNING: &str = "metadata/running";
 
@@ -146,7 +145,7 @@ pub(crate) struct Store {
     /// The current state of every live session, published by its session actor: loads are
     /// served from here without a message. `Some(None)`: known to have no state. Sharded to
     /// keep concurrent loads of different sessions from contending.
-    hot: [Mutex<HashMap<SessionId, Option<StateBytes>>>; HOT_SHARDS],
+    hot: crate::sync::Sharded<Option<StateBytes>>,
     /// Per-session checkpoint policies set at run time (in memory: an orchestrator sets
     /// them again when it resumes a run).
     pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
@@ -209,7 +208,7 @@ impl Store {
             evicting: tokio::sync::Mutex::new(()),
             events: tokio::sync::broadcast::channel(4096).0,
             policies: Mutex::new(HashMap::new()),
-            hot: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            hot: Default::default(),
             actors: crate::actor::Directory::default(),
         };
         let access = store.load_access(access).await?;
@@ -316,20 +315,17 @@ impl Store {
         Ok(n + 1)
     }
 
-    fn hot_shard(&self, sid: &SessionId) -> MutexGuard<'_, HashMap<SessionId, Option<StateBytes>>> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        sid.hash(&mut h);
-        lock(&self.hot[(h.finish() as usize) % HOT_SHARDS])
-    }
-
     /// Publishes a live session's state (`None`: unknown, loads go to the actor).
     pub(crate) fn publish(&self, sid: &SessionId, state: Option<Option<StateBytes>>) {
-        let mut shard = self.hot_shard(sid);
+        let mut shard = self.hot.shard(sid);
         match state {
-            Some(s) => {
-                shard.insert(sid.clone(), s);
-            }
+            // The usual case, a save of a live session: no new key.
+            Some(s) => match shard.get_mut(sid) {
+                Some(slot) => *slot = s,
+                None => {
+                    shard.insert(sid.clone(), s);
+                }
+            },
             None => {
                 shard.remove(sid);
             }
@@ -338,7 +334,7 @@ impl Store {
 
     /// A live session's state, if its actor has published one.
     pub(crate) fn hot(&self, sid: &SessionId) -> Option<Option<StateBytes>> {
-        self.hot_shard(sid).get(sid).cloned()
+        self.hot.shard(sid).get(sid).cloned()
     }
 
     /// Tells watchers about a change (no one listening is fine).
@@ -357,6 +353,9 @@ impl Store {
     pub(crate) async fn close(&self) -> Result<()> {
         let _guard = self.journal.lock().await;
         let (bytes, n) = self.index().snapshot(true);
+        // The clean snapshot first, durably (an atomic put), the marker second: a crash in
+        // between leaves the marker, so the next start treats the run as cut off and
+        // re-reads session records rather than trusting a journal it cannot vouch for.
         self.backend.put(&fixed(JOURNAL), bytes).await?;
         self.index().journal_lines = n;
         self.backend.delete(&fixed(RUNNING)).await?;

@@ -8,3 +8,34 @@ use std::sync::{Mutex, MutexGuard};
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// A map from session ids split over 16 mutexes, so that calls for different sessions
+/// seldom wait on each other.
+pub(crate) struct Sharded<V> {
+    shards: [Mutex<std::collections::HashMap<crate::types::SessionId, V>>; 16],
+}
+
+impl<V> Default for Sharded<V> {
+    fn default() -> Self {
+        Sharded { shards: std::array::from_fn(|_| Mutex::new(std::collections::HashMap::new())) }
+    }
+}
+
+impl<V> std::fmt::Debug for Sharded<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sharded")
+    }
+}
+
+impl<V> Sharded<V> {
+    /// The locked shard that holds `sid`.
+    pub(crate) fn shard(
+        &self,
+        sid: &crate::types::SessionId,
+    ) -> MutexGuard<'_, std::collections::HashMap<crate::types::SessionId, V>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        sid.hash(&mut h);
+        lock(&self.shards[(h.finish() as usize) % self.shards.len()])
+    }
+}

@@ -378,7 +378,9 @@ pub struct VacuumReport {
 /// A state serialized as compact JSON, cheap to clone. This is what travels in
 /// [`SessionMsg`](crate::SessionMsg)s and what session actors cache.
 #[derive(Clone, PartialEq, Eq)]
-pub struct StateBytes(std::sync::Arc<[u8]>);
+// An `Arc<Vec<u8>>` rather than `Arc<[u8]>`: the serializer's buffer is shared as it is,
+// without a copy on every save.
+pub struct StateBytes(std::sync::Arc<Vec<u8>>);
 
 impl StateBytes {
     /// Serializes `state` to compact JSON.
@@ -388,7 +390,7 @@ impl StateBytes {
     /// assert_eq!(b.as_bytes(), br#"{"step":1}"#);
     /// ```
     pub fn from_serialize<T: Serialize + ?Sized>(state: &T) -> Result<Self> {
-        serde_json::to_vec(state).map(|v| StateBytes(v.into())).map_err(|e| StateError::json("", &e))
+        serde_json::to_vec(state).map(StateBytes::from_vec).map_err(|e| StateError::json("", &e))
     }
 
     /// Deserializes the state into `T`.
@@ -411,8 +413,12 @@ impl StateBytes {
         self.0.is_empty()
     }
 
+    pub(crate) fn from_vec(v: Vec<u8>) -> Self {
+        StateBytes(std::sync::Arc::new(v))
+    }
+
     pub(crate) fn from_slice(b: &[u8]) -> Self {
-        StateBytes(b.into())
+        StateBytes::from_vec(b.to_vec())
     }
 }
 

@@ -8,8 +8,7 @@
 //!                             └──spawns/links──▶ JanitorActor (interval timer)
 //! ```
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{ActorId, ActorRef, RpcReplyPort};
@@ -46,47 +45,25 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
 }
 
-const DIRECTORY_SHARDS: usize = 16;
-
 /// The live session actors, kept by the supervisor (added when it spawns one, removed
 /// when it sees one end), so a request to a live session goes straight to its actor
 /// instead of asking the supervisor first. Only a shortcut: a stale entry's actor refuses
 /// the message (it is draining or gone), and the caller then asks the supervisor.
-pub(crate) struct Directory {
-    shards: [Mutex<HashMap<SessionId, ActorRef<SessionMsg>>>; DIRECTORY_SHARDS],
-}
-
-impl Default for Directory {
-    fn default() -> Self {
-        Directory { shards: std::array::from_fn(|_| Mutex::new(HashMap::new())) }
-    }
-}
-
-impl std::fmt::Debug for Directory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Directory")
-    }
-}
+#[derive(Debug, Default)]
+pub(crate) struct Directory(crate::sync::Sharded<ActorRef<SessionMsg>>);
 
 impl Directory {
-    fn shard(&self, sid: &SessionId) -> MutexGuard<'_, HashMap<SessionId, ActorRef<SessionMsg>>> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        sid.hash(&mut h);
-        crate::sync::lock(&self.shards[(h.finish() as usize) % DIRECTORY_SHARDS])
-    }
-
     fn get(&self, sid: &SessionId) -> Option<ActorRef<SessionMsg>> {
-        self.shard(sid).get(sid).cloned()
+        self.0.shard(sid).get(sid).cloned()
     }
 
     pub(crate) fn insert(&self, sid: &SessionId, actor: &ActorRef<SessionMsg>) {
-        self.shard(sid).insert(sid.clone(), actor.clone());
+        self.0.shard(sid).insert(sid.clone(), actor.clone());
     }
 
     /// Removes `sid`'s entry if it is the actor `id` (not a newer one).
     pub(crate) fn remove(&self, sid: &SessionId, id: ActorId) {
-        let mut shard = self.shard(sid);
+        let mut shard = self.0.shard(sid);
         if shard.get(sid).is_some_and(|a| a.get_id() == id) {
             shard.remove(sid);
         }

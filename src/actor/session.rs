@@ -677,7 +677,7 @@ impl SessionState {
                 return Err(StateError::Panicked { session: sid, message });
             }
         };
-        let new = StateBytes::from_slice(&new);
+        let new = StateBytes::from_vec(new);
         self.save_with(new.clone(), |_| {}).await?;
         Ok(new)
     }
