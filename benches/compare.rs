@@ -199,19 +199,22 @@ fn sync_dir(dir: &Path) {
     File::open(dir).unwrap().sync_all().unwrap();
 }
 
-/// Stages `bytes` next to `name` without syncing it.
-fn stage(dir: &Path, name: &str, bytes: &[u8], i: u64) -> PathBuf {
+/// Writes `bytes` to a new staged file next to `name`, still open and not synced.
+fn write_staged(dir: &Path, name: &str, bytes: &[u8], i: u64) -> (PathBuf, File) {
     let staged = dir.join(format!(".{name}.tmp-{i}"));
     let mut f = OpenOptions::new().write(true).create_new(true).open(&staged).unwrap();
     f.write_all(bytes).unwrap();
-    staged
+    (staged, f)
+}
+
+/// Stages `bytes` next to `name` without syncing it.
+fn stage(dir: &Path, name: &str, bytes: &[u8], i: u64) -> PathBuf {
+    write_staged(dir, name, bytes, i).0
 }
 
 /// One durable atomic replace: write a staged file, fdatasync, rename, fsync the directory.
 fn raw_durable_write(dir: &Path, name: &str, bytes: &[u8], i: u64) {
-    let staged = dir.join(format!(".{name}.tmp-{i}"));
-    let mut f = OpenOptions::new().write(true).create_new(true).open(&staged).unwrap();
-    f.write_all(bytes).unwrap();
+    let (staged, f) = write_staged(dir, name, bytes, i);
     f.sync_data().unwrap();
     drop(f);
     std::fs::rename(&staged, dir.join(name)).unwrap();
@@ -228,9 +231,7 @@ fn raw_parallel_64(o: &Opts, dir: &Path, bytes: &[u8]) -> f64 {
             for k in 0..64 {
                 s.spawn(move || {
                     let name = format!("p{k}.json");
-                    let staged = dir.join(format!(".{name}.tmp-{round}"));
-                    let mut f = OpenOptions::new().write(true).create_new(true).open(&staged).unwrap();
-                    f.write_all(bytes).unwrap();
+                    let (staged, f) = write_staged(dir, &name, bytes, round);
                     f.sync_data().unwrap();
                     drop(f);
                     std::fs::rename(&staged, dir.join(name)).unwrap();
@@ -1043,72 +1044,48 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
     let ms = |k, target| Cmp { against: "marsys 0.2.1", theirs: look(s.marsys, k), target };
     let lg = |k, target| Cmp { against: "LangGraph SqliteSaver", theirs: look(s.langgraph, k), target };
     let row = |key, label, unit, cmps| Row { key, label, unit, ours: ours(key), cmps };
+    // The comparisons of a save figure, the same for direct writes and the write-ahead log
+    // (but for the 64-at-once row, which only compares direct writes with parallel fsyncs).
+    let save_1kb =
+        || vec![raw("raw_1kb", "raw durable-write loop", Some(0.85)), lg("save_1kb", Some(1.2)), ms("save_1kb", None)];
+    let save_64x_1kb = |wal: bool| {
+        let mut cmps = vec![raw("raw_1kb", "raw loop, single writer", Some(3.0))];
+        if !wal {
+            cmps.push(raw("raw_parallel64_1kb", "raw loop, 64 threads + 1 dir fsync", None));
+        }
+        cmps.push(raw("raw_syncfs64_1kb", "raw, 64 files + one syncfs", None));
+        cmps.push(Cmp { against: "marsys 0.2.1 (100 at once)", theirs: look(s.marsys, "save_100x_1kb"), target: None });
+        cmps
+    };
+    let save_100kb = || {
+        vec![
+            ms("save_100kb", Some(10.0)),
+            lg("save_100kb", Some(3.0)),
+            raw("raw_100kb", "raw durable-write loop", None),
+        ]
+    };
+    let save_1mb = || vec![raw("raw_1mb", "raw durable-write loop", None), lg("save_1mb", None), ms("save_1mb", None)];
+    // The warm loads, parsed or as shared bytes, are compared with the same figures.
+    let load_warm_1kb = || vec![lg("get_1kb", Some(2.5)), ms("load_warm_1kb", Some(15.0))];
     vec![
-        row(
-            "save_1kb",
-            "durable save 1 KB, one session, direct writes",
-            Unit::PerSec,
-            vec![raw("raw_1kb", "raw durable-write loop", Some(0.85)), lg("save_1kb", Some(1.2)), ms("save_1kb", None)],
-        ),
+        row("save_1kb", "durable save 1 KB, one session, direct writes", Unit::PerSec, save_1kb()),
         row(
             "save_64x_1kb",
             "durable saves 1 KB, 64 sessions at once, direct writes",
             Unit::PerSec,
-            vec![
-                raw("raw_1kb", "raw loop, single writer", Some(3.0)),
-                raw("raw_parallel64_1kb", "raw loop, 64 threads + 1 dir fsync", None),
-                raw("raw_syncfs64_1kb", "raw, 64 files + one syncfs", None),
-                Cmp { against: "marsys 0.2.1 (100 at once)", theirs: look(s.marsys, "save_100x_1kb"), target: None },
-            ],
+            save_64x_1kb(false),
         ),
-        row(
-            "save_1kb_wal",
-            "durable save 1 KB, one session, write-ahead log",
-            Unit::PerSec,
-            vec![raw("raw_1kb", "raw durable-write loop", Some(0.85)), lg("save_1kb", Some(1.2)), ms("save_1kb", None)],
-        ),
+        row("save_1kb_wal", "durable save 1 KB, one session, write-ahead log", Unit::PerSec, save_1kb()),
         row(
             "save_64x_1kb_wal",
             "durable saves 1 KB, 64 sessions at once, write-ahead log",
             Unit::PerSec,
-            vec![
-                raw("raw_1kb", "raw loop, single writer", Some(3.0)),
-                raw("raw_syncfs64_1kb", "raw, 64 files + one syncfs", None),
-                Cmp { against: "marsys 0.2.1 (100 at once)", theirs: look(s.marsys, "save_100x_1kb"), target: None },
-            ],
+            save_64x_1kb(true),
         ),
-        row(
-            "save_100kb",
-            "save 100 KB, no compression, direct writes",
-            Unit::PerSec,
-            vec![
-                ms("save_100kb", Some(10.0)),
-                lg("save_100kb", Some(3.0)),
-                raw("raw_100kb", "raw durable-write loop", None),
-            ],
-        ),
-        row(
-            "save_100kb_wal",
-            "save 100 KB, no compression, write-ahead log",
-            Unit::PerSec,
-            vec![
-                ms("save_100kb", Some(10.0)),
-                lg("save_100kb", Some(3.0)),
-                raw("raw_100kb", "raw durable-write loop", None),
-            ],
-        ),
-        row(
-            "save_1mb",
-            "save 1 MB, no compression, direct writes",
-            Unit::PerSec,
-            vec![raw("raw_1mb", "raw durable-write loop", None), lg("save_1mb", None), ms("save_1mb", None)],
-        ),
-        row(
-            "save_1mb_wal",
-            "save 1 MB, no compression, write-ahead log",
-            Unit::PerSec,
-            vec![raw("raw_1mb", "raw durable-write loop", None), lg("save_1mb", None), ms("save_1mb", None)],
-        ),
+        row("save_100kb", "save 100 KB, no compression, direct writes", Unit::PerSec, save_100kb()),
+        row("save_100kb_wal", "save 100 KB, no compression, write-ahead log", Unit::PerSec, save_100kb()),
+        row("save_1mb", "save 1 MB, no compression, direct writes", Unit::PerSec, save_1mb()),
+        row("save_1mb_wal", "save 1 MB, no compression, write-ahead log", Unit::PerSec, save_1mb()),
         row(
             "save_1mb_gzip6",
             "save 1 MB, gzip level 6",
@@ -1124,17 +1101,12 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
             Unit::PerSec,
             vec![Cmp { against: "SqliteSaver + AES", theirs: look(s.langgraph, "save_100kb_encrypted"), target: None }],
         ),
-        row(
-            "load_warm_1kb",
-            "load 1 KB, session in memory",
-            Unit::PerSec,
-            vec![lg("get_1kb", Some(2.5)), ms("load_warm_1kb", Some(15.0))],
-        ),
+        row("load_warm_1kb", "load 1 KB, session in memory", Unit::PerSec, load_warm_1kb()),
         row(
             "load_warm_bytes_1kb",
             "load 1 KB, session in memory, shared bytes (`load_session_bytes`)",
             Unit::PerSec,
-            vec![lg("get_1kb", Some(2.5)), ms("load_warm_1kb", Some(15.0))],
+            load_warm_1kb(),
         ),
         row(
             "load_warm_1mb",
@@ -1226,11 +1198,7 @@ fn print_table(rows: &[Row], lines: &[Line], n_mem: usize) {
     let mut last = usize::MAX;
     for l in lines {
         let r = &rows[l.row];
-        let (label, ours) = if l.row != last {
-            (label_of(r, n_mem), r.ours.map_or("n/a".into(), |v| r.unit.fmt(v)))
-        } else {
-            (String::new(), String::new())
-        };
+        let (label, ours) = row_head(r, l.row != last, n_mem);
         last = l.row;
         println!(
             "{:<54} {:>16}  {:<36} {:>16} {:>9} {:>8}  {}",
@@ -1249,6 +1217,16 @@ fn label_of(r: &Row, n_mem: usize) -> String {
     with_n(r.label, n_mem)
 }
 
+/// The figure and our value, shown on the `first` line of a row's comparisons (blank on
+/// the lines after it).
+fn row_head(r: &Row, first: bool, n_mem: usize) -> (String, String) {
+    if first {
+        (label_of(r, n_mem), r.ours.map_or("n/a".into(), |v| r.unit.fmt(v)))
+    } else {
+        (String::new(), String::new())
+    }
+}
+
 /// Puts the memory rows' session count in place of "N".
 fn with_n(text: &str, n_mem: usize) -> String {
     text.replace("N ", &format!("{} ", thousands(n_mem as f64)))
@@ -1262,11 +1240,7 @@ fn markdown(rows: &[Row], lines: &[Line], n_mem: usize) -> String {
     let mut last = usize::MAX;
     for l in lines {
         let r = &rows[l.row];
-        let (label, ours) = if l.row != last {
-            (label_of(r, n_mem), r.ours.map_or("n/a".into(), |v| r.unit.fmt(v)))
-        } else {
-            (String::new(), String::new())
-        };
+        let (label, ours) = row_head(r, l.row != last, n_mem);
         last = l.row;
         let result = match l.met {
             Some(true) => "**met**".to_owned(),

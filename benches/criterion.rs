@@ -88,64 +88,57 @@ fn json_len(v: &Value) -> usize {
     serde_json::to_vec(v).unwrap().len()
 }
 
-fn save(c: &mut Criterion) {
+/// Runs `bench` in the group `name` for every setting and every size, each setting on a
+/// fresh store that is shut down after its sizes: `bench(group, runtime, manager, setting,
+/// size label, state)`, with the group's throughput and sampling tuned to the state first.
+fn per_setting_and_size(
+    c: &mut Criterion,
+    name: &str,
+    mut bench: impl FnMut(&mut BenchmarkGroup<'_, WallTime>, &Runtime, &StateManager, Setting, &str, &Value),
+) {
     let rt = runtime();
-    let mut group = c.benchmark_group("save");
+    let mut group = c.benchmark_group(name);
     for setting in settings() {
         let dir = tempdir();
         let m = rt.block_on(open(dir.path(), setting));
         for (label, size) in SIZES {
             let state = agent_state(size);
             tune(&mut group, json_len(&state));
-            group.bench_function(BenchmarkId::new(setting.name, label), |b| {
-                b.to_async(&rt).iter(|| async { m.save_session("bench", &state).await.unwrap() })
-            });
+            bench(&mut group, &rt, &m, setting, label, &state);
         }
         rt.block_on(m.shutdown()).unwrap();
     }
     group.finish();
 }
 
+fn save(c: &mut Criterion) {
+    per_setting_and_size(c, "save", |group, rt, m, setting, label, state| {
+        group.bench_function(BenchmarkId::new(setting.name, label), |b| {
+            b.to_async(rt).iter(|| async { m.save_session("bench", state).await.unwrap() })
+        });
+    });
+}
+
+/// Warm loads: each size's state is saved first (its session actor stays live), then
+/// `load` of that session is timed.
+fn warm_loads<T>(c: &mut Criterion, name: &str, load: impl AsyncFn(&StateManager, &str) -> T) {
+    per_setting_and_size(c, name, |group, rt, m, setting, label, state| {
+        let sid = format!("warm-{label}");
+        rt.block_on(m.save_session(&sid, state)).unwrap();
+        group.bench_function(BenchmarkId::new(setting.name, label), |b| {
+            b.to_async(rt).iter(|| async { black_box(load(m, &sid).await) })
+        });
+    });
+}
+
 fn load_warm(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("load_warm");
-    for setting in settings() {
-        let dir = tempdir();
-        let m = rt.block_on(open(dir.path(), setting));
-        for (label, size) in SIZES {
-            let state = agent_state(size);
-            let sid = format!("warm-{label}");
-            rt.block_on(m.save_session(&sid, &state)).unwrap();
-            tune(&mut group, json_len(&state));
-            group.bench_function(BenchmarkId::new(setting.name, label), |b| {
-                b.to_async(&rt).iter(|| async { black_box(m.load_session(&sid).await.unwrap().unwrap()) })
-            });
-        }
-        rt.block_on(m.shutdown()).unwrap();
-    }
-    group.finish();
+    warm_loads(c, "load_warm", async |m, sid| m.load_session(sid).await.unwrap().unwrap());
 }
 
 /// Like `load_warm`, with `load_session_bytes`: the live actor's JSON bytes, shared and not
 /// parsed.
 fn load_warm_bytes(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("load_warm_bytes");
-    for setting in settings() {
-        let dir = tempdir();
-        let m = rt.block_on(open(dir.path(), setting));
-        for (label, size) in SIZES {
-            let state = agent_state(size);
-            let sid = format!("warm-{label}");
-            rt.block_on(m.save_session(&sid, &state)).unwrap();
-            tune(&mut group, json_len(&state));
-            group.bench_function(BenchmarkId::new(setting.name, label), |b| {
-                b.to_async(&rt).iter(|| async { black_box(m.load_session_bytes(&sid).await.unwrap().unwrap()) })
-            });
-        }
-        rt.block_on(m.shutdown()).unwrap();
-    }
-    group.finish();
+    warm_loads(c, "load_warm_bytes", async |m, sid| m.load_session_bytes(sid).await.unwrap().unwrap());
 }
 
 /// Cold loads: sessions saved by an earlier manager, loaded once each by a fresh one (the
@@ -204,33 +197,23 @@ async fn save_many(m: &StateManager, n: usize, state: &Value) {
 }
 
 fn checkpoints(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("checkpoint");
-    for setting in settings() {
-        let dir = tempdir();
-        let m = rt.block_on(open(dir.path(), setting));
-        for (label, size) in SIZES {
-            let state = agent_state(size);
-            tune(&mut group, json_len(&state));
-            let sid = format!("cp-{label}");
-            group.bench_function(BenchmarkId::new(format!("create/{}", setting.name), label), |b| {
-                b.to_async(&rt).iter(|| async { black_box(m.create_checkpoint(&sid, "main", &state).await.unwrap()) })
-            });
-            let id = rt.block_on(m.create_checkpoint(&sid, "main", &state)).unwrap();
-            // Restore reads the checkpoint from storage: it is not cached.
-            group.bench_function(BenchmarkId::new(format!("restore/{}", setting.name), label), |b| {
-                b.to_async(&rt).iter(|| async { black_box(m.restore_checkpoint(&id).await.unwrap().unwrap()) })
-            });
-            // Rollback makes it the session's state: a read and a durable write.
-            group.bench_function(BenchmarkId::new(format!("rollback/{}", setting.name), label), |b| {
-                b.to_async(&rt).iter(|| async { m.rollback_to_checkpoint(&id).await.unwrap() })
-            });
-            // Keep the store small for the next size.
-            rt.block_on(m.cleanup_checkpoints(&sid, 0)).unwrap();
-        }
-        rt.block_on(m.shutdown()).unwrap();
-    }
-    group.finish();
+    per_setting_and_size(c, "checkpoint", |group, rt, m, setting, label, state| {
+        let sid = format!("cp-{label}");
+        group.bench_function(BenchmarkId::new(format!("create/{}", setting.name), label), |b| {
+            b.to_async(rt).iter(|| async { black_box(m.create_checkpoint(&sid, "main", state).await.unwrap()) })
+        });
+        let id = rt.block_on(m.create_checkpoint(&sid, "main", state)).unwrap();
+        // Restore reads the checkpoint from storage: it is not cached.
+        group.bench_function(BenchmarkId::new(format!("restore/{}", setting.name), label), |b| {
+            b.to_async(rt).iter(|| async { black_box(m.restore_checkpoint(&id).await.unwrap().unwrap()) })
+        });
+        // Rollback makes it the session's state: a read and a durable write.
+        group.bench_function(BenchmarkId::new(format!("rollback/{}", setting.name), label), |b| {
+            b.to_async(rt).iter(|| async { m.rollback_to_checkpoint(&id).await.unwrap() })
+        });
+        // Keep the store small for the next size.
+        rt.block_on(m.cleanup_checkpoints(&sid, 0)).unwrap();
+    });
 }
 
 /// Listing 1,000 checkpoints comes from the index: no state is read, so the state size and
@@ -257,31 +240,21 @@ fn list_checkpoints(c: &mut Criterion) {
 }
 
 fn transactional_update(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("transactional_update");
-    for setting in settings() {
-        let dir = tempdir();
-        let m = rt.block_on(open(dir.path(), setting));
-        for (label, size) in SIZES {
-            let state = agent_state(size);
-            let sid = format!("upd-{label}");
-            rt.block_on(m.save_session(&sid, &state)).unwrap();
-            tune(&mut group, json_len(&state));
-            group.bench_function(BenchmarkId::new(setting.name, label), |b| {
-                b.to_async(&rt).iter(|| async {
-                    m.transactional_update(&sid, |old: Option<Value>| {
-                        let mut v = old.unwrap_or_default();
-                        v["step"] = (v["step"].as_u64().unwrap_or(0) + 1).into();
-                        Ok::<_, std::io::Error>(v)
-                    })
-                    .await
-                    .unwrap()
+    per_setting_and_size(c, "transactional_update", |group, rt, m, setting, label, state| {
+        let sid = format!("upd-{label}");
+        rt.block_on(m.save_session(&sid, state)).unwrap();
+        group.bench_function(BenchmarkId::new(setting.name, label), |b| {
+            b.to_async(rt).iter(|| async {
+                m.transactional_update(&sid, |old: Option<Value>| {
+                    let mut v = old.unwrap_or_default();
+                    v["step"] = (v["step"].as_u64().unwrap_or(0) + 1).into();
+                    Ok::<_, std::io::Error>(v)
                 })
-            });
-        }
-        rt.block_on(m.shutdown()).unwrap();
-    }
-    group.finish();
+                .await
+                .unwrap()
+            })
+        });
+    });
 }
 
 /// 64 sessions at once: each iteration is one round of 64 concurrent requests, one per

@@ -34,7 +34,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{SplitMix64, ext, with_compression};
+use common::{Ack, SplitMix64, ext, parse_ack, with_compression};
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -239,15 +239,14 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
         }
         let mut last_seq = 0;
         for line in lines.iter().filter(|l| l.starts_with("ack ")) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (s, seq): (u64, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+            let Ack { session: s, seq, checkpoint } = parse_ack(line);
             assert!(seq > last_seq && seq > model.max_acked, "round {round}: ack seqs must keep rising: {line}");
-            assert_eq!((s, f[3] == "cp"), op_of(seq), "round {round}: unexpected ack {line}");
+            assert_eq!((s, checkpoint.is_some()), op_of(seq), "round {round}: unexpected ack {line}");
             last_seq = seq;
             model.max_acked = seq;
             model.acked.insert(seq);
-            if f[3] == "cp" {
-                model.acked_checkpoints.insert(f[4].to_owned(), (s, seq));
+            if let Some(id) = checkpoint {
+                model.acked_checkpoints.insert(id.to_owned(), (s, seq));
             } else {
                 model.acked_save[s as usize] = seq;
             }

@@ -62,6 +62,8 @@
 //! `MARS_SWEEP_MAX_N` changes the sweep's largest N; `MARS_SWEEP_TRACING=launch` forces the
 //! trace-from-exec fallback.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -72,6 +74,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
+use common::{Ack, parse_ack};
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -595,10 +598,28 @@ fn scratch() -> tempfile::TempDir {
     b.unwrap_or_else(|_| tempfile::Builder::new().prefix("mars-syscalls-").tempdir().unwrap())
 }
 
+/// A fresh scratch directory (see `scratch`) and the store's directory inside it.
+fn scratch_store() -> (tempfile::TempDir, PathBuf) {
+    let tmp = scratch();
+    let dir = tmp.path().join("store");
+    (tmp, dir)
+}
+
 /// Runs tests of this file one at a time: each keeps both cores busy with strace.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How every test here but `child_saver` starts: `None` in a re-executed child (which only
+/// runs `child_saver`), else with strace made sure of and this file's tests serialized (the
+/// guard keeps the others out until it drops).
+fn parent_only() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return None;
+    }
+    ensure_strace();
+    Some(serial())
 }
 
 // ----------------------------------------------------------------------------------------
@@ -974,14 +995,13 @@ struct Acked {
 fn acked(lines: &[String]) -> Acked {
     let mut a = Acked::default();
     for l in lines.iter().filter(|l| l.starts_with("ack ")) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let (s, seq): (u64, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        let Ack { session: s, seq, checkpoint } = parse_ack(l);
         assert!(seq > a.max, "acks out of order: {l}");
-        assert_eq!(op_of(seq), (s, f[3] == "cp"), "unexpected ack {l}");
+        assert_eq!(op_of(seq), (s, checkpoint.is_some()), "unexpected ack {l}");
         a.max = seq;
         a.count += 1;
-        if f[3] == "cp" {
-            a.checkpoints.push((f[4].to_owned(), s, seq));
+        if let Some(id) = checkpoint {
+            a.checkpoints.push((id.to_owned(), s, seq));
         } else {
             a.save.insert(s, seq);
         }
@@ -1122,14 +1142,9 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    ensure_strace();
-    let _one = serial();
+    let Some(_one) = parent_only() else { return };
     for format in Format::all() {
-        let tmp = scratch();
-        let dir = tmp.path().join("store");
+        let (_tmp, dir) = scratch_store();
         let run = traced_run(Tracing::Launch, &dir, "audit", format, None).unwrap();
         assert!(run.status.success(), "the audited child failed ({}):\n{}", run.status, run.stderr);
         assert!(run.lines.iter().any(|l| l == "closed"), "the child did not finish: {:?}", run.lines);
@@ -1195,11 +1210,7 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
 
 #[test]
 fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    ensure_strace();
-    let _one = serial();
+    let Some(_one) = parent_only() else { return };
     let max_n: u32 = std::env::var("MARS_SWEEP_MAX_N").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let rt = runtime();
     let started = Instant::now();
@@ -1224,10 +1235,10 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
             let label = format!("{syscall} #{n} ({})", format.name());
             // Every attempt gets a fresh store: a child that was not traced still saved.
             let mut attempt = 0;
-            let (tmp, run) = loop {
-                let tmp = scratch();
-                match traced_run(tracing, &tmp.path().join("store"), "workload", format, Some(&inject)) {
-                    Ok(r) => break (tmp, r),
+            let (_tmp, dir, run) = loop {
+                let (tmp, dir) = scratch_store();
+                match traced_run(tracing, &dir, "workload", format, Some(&inject)) {
+                    Ok(r) => break (tmp, dir, r),
                     Err(e) if tracing == Tracing::Attach && attempt < 2 => {
                         println!("crash-point sweep: {label}: {e}; trying again");
                         attempt += 1;
@@ -1242,7 +1253,6 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
                     Err(e) => panic!("{label}: {e}"),
                 }
             };
-            let dir = tmp.path().join("store");
             assert!(
                 run.killed() || run.status.success(),
                 "{label}: the child failed on its own ({}):\n{}",
@@ -1298,13 +1308,8 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
 /// in another and a deleted checkpoint file must be reported as lost, corrupt and lost.
 #[test]
 fn the_crash_oracle_catches_lost_and_corrupt_records() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    ensure_strace();
-    let _one = serial();
-    let tmp = scratch();
-    let dir = tmp.path().join("store");
+    let Some(_one) = parent_only() else { return };
+    let (_tmp, dir) = scratch_store();
     let run = traced_run(Tracing::Launch, &dir, "workload", Format::Plain, None).unwrap();
     assert!(run.status.success(), "{}", run.stderr);
     let a = acked(&run.lines);
@@ -1332,13 +1337,8 @@ fn the_crash_oracle_catches_lost_and_corrupt_records() {
 /// intact".
 #[test]
 fn a_failed_directory_fsync_leaves_the_previous_version() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    ensure_strace();
-    let _one = serial();
-    let tmp = scratch();
-    let dir = tmp.path().join("store");
+    let Some(_one) = parent_only() else { return };
+    let (_tmp, dir) = scratch_store();
     let run = traced_run(Tracing::Attach, &dir, "errors", Format::Plain, Some("fsync:error=EIO:when=1")).unwrap();
     let o = outcome_of(&run.lines);
     assert!(o.v2.starts_with("err Io "), "{o:?}");
@@ -1377,17 +1377,12 @@ fn outcome_of(lines: &[String]) -> ErrOutcome {
 
 #[test]
 fn injected_io_errors_fail_the_save_cleanly() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    ensure_strace();
-    let _one = serial();
+    let Some(_one) = parent_only() else { return };
     let rt = runtime();
     let started = Instant::now();
 
     // Dry run: how many calls of each kind one save makes (from the attach to "result v2").
-    let tmp = scratch();
-    let dir = tmp.path().join("store");
+    let (_tmp, dir) = scratch_store();
     let dry = traced_run(Tracing::Attach, &dir, "errors", Format::Plain, None).unwrap_or_else(|e| {
         panic!("this test needs strace to attach to a running child (root or CAP_SYS_PTRACE): {e}")
     });
@@ -1415,8 +1410,7 @@ fn injected_io_errors_fail_the_save_cleanly() {
             let when = if twice { format!("{k}..{}", k + 1) } else { k.to_string() };
             let set = if syscall == "rename" { "rename,renameat,renameat2" } else { syscall };
             let label = format!("{syscall}={errno} when={when}");
-            let tmp = scratch();
-            let dir = tmp.path().join("store");
+            let (_tmp, dir) = scratch_store();
             let run = traced_run(
                 Tracing::Attach,
                 &dir,

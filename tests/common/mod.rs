@@ -258,6 +258,26 @@ impl SplitMix64 {
 }
 
 // ---------------------------------------------------------------------------------------
+// Saving children (crash and syscall tests)
+// ---------------------------------------------------------------------------------------
+
+/// One acknowledgement a saving child printed after a call returned `Ok`:
+/// `ack <session> <seq> save` or `ack <session> <seq> cp <checkpoint id>`.
+pub struct Ack<'a> {
+    pub session: u64,
+    pub seq: u64,
+    /// The checkpoint's id for a `cp` ack; `None` for a session save.
+    pub checkpoint: Option<&'a str>,
+}
+
+/// Parses an ack line (one that starts with `ack `); panics on a malformed one.
+pub fn parse_ack(line: &str) -> Ack<'_> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (session, seq): (u64, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+    Ack { session, seq, checkpoint: (f[3] == "cp").then(|| f[4]) }
+}
+
+// ---------------------------------------------------------------------------------------
 // Tasks, waiting, panics
 // ---------------------------------------------------------------------------------------
 
