@@ -31,6 +31,12 @@ pub(crate) enum Change {
         st: SessionStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         step: Option<u64>,
+        /// Why the status was set (a pause or failure reason).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        why: Option<String>,
+        /// When the status was set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        st_at: Option<u64>,
     },
     /// A session record was removed.
     #[serde(rename = "sd")]
@@ -53,6 +59,10 @@ pub(crate) enum Change {
     /// A checkpoint record was removed.
     #[serde(rename = "cd")]
     CheckpointDeleted { sid: SessionId, cid: CheckpointId },
+    /// A session whose run was cut off by a process that died (see `Index::interrupted`),
+    /// kept across clean restarts until the session is saved.
+    #[serde(rename = "i")]
+    Interrupted { sid: SessionId },
     /// First line of a journal written at a clean shutdown: exactly `n` entry lines follow,
     /// whose bytes have CRC-32 `crc`.
     #[serde(rename = "clean")]
@@ -70,12 +80,15 @@ pub(crate) struct CpEntry {
 }
 
 /// The index's view of a session record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RecordEntry {
     pub(crate) at: u64,
     pub(crate) size: u64,
     pub(crate) status: SessionStatus,
     pub(crate) step: Option<u64>,
+    /// Why the status was set, and when.
+    pub(crate) reason: Option<String>,
+    pub(crate) status_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -88,7 +101,15 @@ pub(crate) struct SessionEntry {
 impl Change {
     /// The line that records `r` as `sid`'s session record.
     pub(crate) fn saved(sid: &SessionId, r: RecordEntry) -> Change {
-        Change::Saved { sid: sid.clone(), at: r.at, size: r.size, st: r.status, step: r.step }
+        Change::Saved {
+            sid: sid.clone(),
+            at: r.at,
+            size: r.size,
+            st: r.status,
+            step: r.step,
+            why: r.reason,
+            st_at: r.status_at,
+        }
     }
 
     /// The line that records checkpoint `cid` of `sid`.
@@ -113,7 +134,7 @@ impl SessionEntry {
     /// When the session last changed: its save time or its newest checkpoint.
     pub(crate) fn last_activity(&self) -> u64 {
         let cp = self.checkpoints.values().map(|c| c.ts).max().unwrap_or(0);
-        self.record.map_or(0, |r| r.at).max(cp)
+        self.record.as_ref().map_or(0, |r| r.at).max(cp)
     }
 }
 
@@ -125,15 +146,24 @@ pub(crate) struct Index {
     pub(crate) journal_lines: usize,
     /// Bytes of all records, kept up to date by `apply`.
     pub(crate) total_bytes: u64,
-    /// Sessions that were running when the store was opened and have not been saved since.
+    /// Sessions that were running when a process using the store died, and have not been
+    /// saved since. Kept in the journal (`Interrupted` lines), so a clean restart in
+    /// between does not clear them before anyone has seen them.
     pub(crate) interrupted: HashSet<SessionId>,
 }
 
 impl Index {
     pub(crate) fn apply(&mut self, change: &Change) {
         match change {
-            Change::Saved { sid, at, size, st, step } => {
-                let entry = RecordEntry { at: *at, size: *size, status: *st, step: *step };
+            Change::Saved { sid, at, size, st, step, why, st_at } => {
+                let entry = RecordEntry {
+                    at: *at,
+                    size: *size,
+                    status: *st,
+                    step: *step,
+                    reason: why.clone(),
+                    status_at: *st_at,
+                };
                 let old = self.sessions.entry(sid.clone()).or_default().record.replace(entry);
                 self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.size);
                 self.interrupted.remove(sid);
@@ -158,6 +188,9 @@ impl Index {
                 let old = self.sessions.entry(sid.clone()).or_default().checkpoints.insert(cid.clone(), entry);
                 self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.size);
                 self.by_checkpoint.insert(cid.clone(), sid.clone());
+            }
+            Change::Interrupted { sid } => {
+                self.interrupted.insert(sid.clone());
             }
             Change::Clean { .. } => {}
             Change::CheckpointDeleted { sid, cid } => {
@@ -226,14 +259,21 @@ impl Index {
         sids.sort();
         for sid in sids {
             let e = &self.sessions[sid];
-            if let Some(r) = e.record {
-                out.extend(Self::line(&Change::saved(sid, r)));
+            if let Some(r) = &e.record {
+                out.extend(Self::line(&Change::saved(sid, r.clone())));
                 n += 1;
             }
             for (cid, c) in &e.checkpoints {
                 out.extend(Self::line(&Change::checkpoint(sid, cid, c)));
                 n += 1;
             }
+        }
+        // After the entries (a `Saved` line clears the flag when replayed).
+        let mut cut_off: Vec<_> = self.interrupted.iter().filter(|s| self.sessions.contains_key(*s)).collect();
+        cut_off.sort();
+        for sid in cut_off {
+            out.extend(Self::line(&Change::Interrupted { sid: sid.clone() }));
+            n += 1;
         }
         if clean {
             let mut head = Self::line(&Change::Clean { n, crc: crc32fast::hash(&out) });
@@ -250,10 +290,12 @@ impl Index {
     pub(crate) fn session_info(&self, sid: &SessionId, e: &SessionEntry) -> SessionInfo {
         SessionInfo {
             session_id: sid.clone(),
-            updated_at: e.record.map_or(0, |r| r.at),
-            size_bytes: e.record.map_or(0, |r| r.size),
+            updated_at: e.record.as_ref().map_or(0, |r| r.at),
+            size_bytes: e.record.as_ref().map_or(0, |r| r.size),
             checkpoint_count: e.checkpoints.len(),
-            status: e.record.map_or(SessionStatus::Running, |r| r.status),
+            status: e.record.as_ref().map_or(SessionStatus::Running, |r| r.status),
+            status_reason: e.record.as_ref().and_then(|r| r.reason.clone()),
+            status_at: e.record.as_ref().and_then(|r| r.status_at),
             interrupted: self.interrupted.contains(sid),
         }
     }
@@ -294,7 +336,8 @@ impl Index {
             }
             s.session_count += 1;
             s.checkpoint_count += e.checkpoints.len();
-            s.total_bytes += e.record.map_or(0, |r| r.size) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
+            s.total_bytes +=
+                e.record.as_ref().map_or(0, |r| r.size) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
         }
         s
     }
@@ -307,15 +350,29 @@ mod tests {
     #[test]
     fn replay_skips_torn_tail_and_rejects_damage() {
         let sid = SessionId::new("s").unwrap();
-        let a =
-            Index::line(&Change::Saved { sid: sid.clone(), at: 1, size: 10, st: SessionStatus::Running, step: None });
-        let b =
-            Index::line(&Change::Saved { sid: sid.clone(), at: 2, size: 20, st: SessionStatus::Running, step: None });
+        let a = Index::line(&Change::Saved {
+            sid: sid.clone(),
+            at: 1,
+            size: 10,
+            st: SessionStatus::Running,
+            step: None,
+            why: None,
+            st_at: None,
+        });
+        let b = Index::line(&Change::Saved {
+            sid: sid.clone(),
+            at: 2,
+            size: 20,
+            st: SessionStatus::Running,
+            step: None,
+            why: None,
+            st_at: None,
+        });
         let mut j = a.clone();
         j.extend(&b[..b.len() - 3]);
         let (idx, clean) = Index::replay(&j).unwrap();
         assert!(!clean);
-        assert_eq!(idx.sessions[&sid].record.map(|r| (r.at, r.size)), Some((1, 10)));
+        assert_eq!(idx.sessions[&sid].record.as_ref().map(|r| (r.at, r.size)), Some((1, 10)));
         let mut damaged = a.clone();
         damaged[12] ^= 1;
         damaged.extend(&b);
@@ -326,11 +383,27 @@ mod tests {
     fn only_an_untouched_clean_snapshot_is_clean() {
         let mut idx = Index::default();
         let sid = SessionId::new("s").unwrap();
-        idx.apply(&Change::Saved { sid: sid.clone(), at: 1, size: 10, st: SessionStatus::Running, step: None });
+        idx.apply(&Change::Saved {
+            sid: sid.clone(),
+            at: 1,
+            size: 10,
+            st: SessionStatus::Running,
+            step: None,
+            why: None,
+            st_at: None,
+        });
         let (snap, _) = idx.snapshot(true);
         assert!(Index::replay(&snap).unwrap().1);
         let mut more = snap.clone();
-        more.extend(Index::line(&Change::Saved { sid, at: 2, size: 10, st: SessionStatus::Running, step: None }));
+        more.extend(Index::line(&Change::Saved {
+            sid,
+            at: 2,
+            size: 10,
+            st: SessionStatus::Running,
+            step: None,
+            why: None,
+            st_at: None,
+        }));
         assert!(!Index::replay(&more).unwrap().1, "appends after a clean shutdown make it unclean");
         assert!(!Index::replay(&idx.snapshot(false).0).unwrap().1);
     }

@@ -9,7 +9,8 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::error::{BoxError, Result, StateError};
-use crate::types::{BranchId, Checkpoint, CheckpointId, CheckpointReason, SessionId, SessionStatus};
+use crate::middleware::acl::AccessRecord;
+use crate::types::{BranchId, Checkpoint, CheckpointId, CheckpointReason, Principal, SessionId, SessionStatus};
 
 /// When a session's actor takes checkpoints by itself, as the orchestrator reports steps
 /// with [`record_step`](crate::StateManager::record_step). Both rules may be set; either
@@ -117,16 +118,38 @@ pub enum EventKind {
     Deleted,
 }
 
+/// A change event as the crate broadcasts it: the event, and the session's access record
+/// at the moment the change was applied, which decides who may see it.
+#[derive(Debug, Clone)]
+pub(crate) struct Envelope {
+    pub(crate) event: StateEvent,
+    /// `None`: the session has no owner (only administrators and the unscoped manager may
+    /// see its events).
+    pub(crate) access: Option<Arc<AccessRecord>>,
+}
+
 /// A live feed of [`StateEvent`]s from [`watch`](crate::StateManager::watch), without
 /// polling. Events arrive in the order the session actor applied them.
+///
+/// A watch taken by a principal (a handle from
+/// [`for_principal`](crate::StateManager::for_principal)) is checked at every event, not
+/// only when it was taken: an event of a change made while the principal could not read
+/// the session (its access was revoked, or the session was created and is owned by someone
+/// else) is never delivered; [`recv`](Watch::recv) returns [`WatchError::AccessDenied`]
+/// instead, and the watch ends.
 #[derive(Debug)]
 pub struct Watch {
-    pub(crate) rx: broadcast::Receiver<StateEvent>,
+    pub(crate) rx: broadcast::Receiver<Envelope>,
     pub(crate) session: Option<SessionId>,
+    /// Checked at every event; `None` for the unscoped manager and administrators.
+    pub(crate) reader: Option<Principal>,
+    /// Set once an event was refused: the watch has ended.
+    pub(crate) denied: bool,
 }
 
 /// Why [`Watch::recv`] returned no event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WatchError {
     /// The watcher fell more than the buffer (4,096 events) behind; this many were lost.
     /// The watch goes on with the newest events.
@@ -135,14 +158,30 @@ pub enum WatchError {
     /// The manager has shut down.
     #[error("the state manager has shut down")]
     Closed,
+    /// The watching principal may no longer read the session (its access was revoked, or
+    /// the session now belongs to someone else). The watch has ended: every later call
+    /// returns this too; take a new watch once access is granted again.
+    #[error("the watching principal may not read this session")]
+    AccessDenied,
 }
 
 impl Watch {
     /// The next event (of the watched session, or of any session).
     pub async fn recv(&mut self) -> std::result::Result<StateEvent, WatchError> {
         loop {
+            if self.denied {
+                return Err(WatchError::AccessDenied);
+            }
             match self.rx.recv().await {
-                Ok(e) if self.session.as_ref().is_none_or(|s| *s == e.session_id) => return Ok(e),
+                Ok(e) if self.session.as_ref().is_none_or(|s| *s == e.event.session_id) => {
+                    if let Some(p) = &self.reader
+                        && !e.access.as_deref().is_some_and(|r| r.readable_by(p))
+                    {
+                        self.denied = true;
+                        continue;
+                    }
+                    return Ok(e.event);
+                }
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(n)) => return Err(WatchError::Lagged(n)),
                 Err(broadcast::error::RecvError::Closed) => return Err(WatchError::Closed),
@@ -158,7 +197,15 @@ pub struct Recovery {
     pub state: Option<Value>,
     /// Its stored status.
     pub status: SessionStatus,
-    /// Whether it was running when this manager started (its run was cut off).
+    /// Why that status was set: the reason given to
+    /// [`pause_session`](crate::StateManager::pause_session) or
+    /// [`fail_session`](crate::StateManager::fail_session), if any.
+    pub status_reason: Option<String>,
+    /// When that status was set (milliseconds since the Unix epoch), if it was set by a
+    /// pause, resume, completion or failure.
+    pub status_at: Option<u64>,
+    /// Whether its run was cut off: it was running when a process using the store died, and
+    /// it has not been saved since (see [`SessionInfo::interrupted`](crate::SessionInfo)).
     pub interrupted: bool,
     /// The newest checkpoint that verified.
     pub checkpoint: Option<Checkpoint>,

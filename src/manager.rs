@@ -359,15 +359,27 @@ impl StateManager {
     async fn authorize(&self, op: Op, sid: &SessionId) -> Result<()> {
         let Some(p) = &self.principal else { return Ok(()) };
         let store = self.store()?;
-        let exists = store.index().sessions.contains_key(sid);
+        // A session exists once anything of it is kept: records (the index), a state only
+        // in its actor's memory (recorded steps not yet flushed), or a delete that failed
+        // part way. Not only what the index has caught up with.
+        let exists = store.index().sessions.contains_key(sid)
+            || matches!(store.hot(sid), Some(Some(_)))
+            || store.is_deleting(sid);
         match store.access.check(p, op, sid, exists, store.clock.now_ms())? {
             Decision::Allow => Ok(()),
             Decision::Claim(record) => {
                 let put = self.put_access(sid, &record).await;
                 if put.is_err() {
                     store.access.unclaim(sid, &record.owner);
+                    return put;
                 }
-                put
+                // A live actor of this session served it before this claim (under another
+                // owner, since deleted, or none): references to it may have been handed
+                // out. Retire it, so none of them reaches the new owner's session.
+                if store.actors.get(sid).is_some() {
+                    self.call("claim", sid, |reply| SessionMsg::Retire { reply }).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -865,7 +877,16 @@ impl StateManager {
     /// ```
     pub async fn vacuum_storage(&self) -> Result<VacuumReport> {
         self.authorize_maintenance("vacuum")?;
-        self.on_storage(|store| async move { store.vacuum().await }).await
+        // Deletes that failed part way are finished through their session actors, which
+        // drop what they cached of the session; the pass below finishes any other marker.
+        let mut finished = 0;
+        for sid in self.store()?.deleting() {
+            finished +=
+                usize::from(self.call("vacuum_storage", &sid, |reply| SessionMsg::FinishDelete { reply }).await?);
+        }
+        let mut report = self.on_storage(|store| async move { store.vacuum().await }).await?;
+        report.orphans_removed += finished;
+        Ok(report)
     }
 
     /// Runs one janitor pass now (sweep, retention) and returns what it did.
@@ -1052,10 +1073,12 @@ impl StateManager {
         let sid = sid(session)?;
         self.authorize(Op::Load, &sid).await?;
         let store = self.store()?;
-        let (interrupted, status) = {
+        let (interrupted, status, status_reason, status_at) = {
             let idx = store.index();
-            let status = idx.sessions.get(&sid).and_then(|e| e.record).map_or(SessionStatus::Running, |r| r.status);
-            (idx.interrupted.contains(&sid), status)
+            let record = idx.sessions.get(&sid).and_then(|e| e.record.clone());
+            let status = record.as_ref().map_or(SessionStatus::Running, |r| r.status);
+            let (reason, at) = record.map_or((None, None), |r| (r.reason, r.status_at));
+            (idx.interrupted.contains(&sid), status, reason, at)
         };
         let state = match self.load_session(sid.as_str()).await {
             Ok(s) => s,
@@ -1079,7 +1102,7 @@ impl StateManager {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Recovery { state, status, interrupted, checkpoint, skipped })
+        Ok(Recovery { state, status, status_reason, status_at, interrupted, checkpoint, skipped })
     }
 
     /// Live change events of one session, in the order they were applied.
@@ -1096,13 +1119,17 @@ impl StateManager {
     pub async fn watch(&self, session: impl AsRef<str>) -> Result<Watch> {
         let sid = sid(session)?;
         self.authorize(Op::Load, &sid).await?;
-        Ok(Watch { rx: self.store()?.events.subscribe(), session: Some(sid) })
+        let store = self.store()?;
+        // Checked again at every event: access taken back, or a session that did not exist
+        // yet created by someone else, ends the watch (see `Watch`).
+        let reader = self.principal.clone().filter(|p| !store.access.is_admin(p));
+        Ok(Watch { rx: store.events.subscribe(), session: Some(sid), reader, denied: false })
     }
 
     /// Live change events of every session (administrators and the unscoped manager only).
     pub async fn watch_all(&self) -> Result<Watch> {
         self.authorize_maintenance("watch all sessions of")?;
-        Ok(Watch { rx: self.store()?.events.subscribe(), session: None })
+        Ok(Watch { rx: self.store()?.events.subscribe(), session: None, reader: None, denied: false })
     }
 
     /// Rewrites every record stored at an older schema version at the current one (see

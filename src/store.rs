@@ -11,7 +11,7 @@ use crate::backend::{StorageBackend, StorageKey};
 use crate::codec::{CheckpointMeta, Codec, Compression, Decoded, RecordHead, SessionMeta};
 use crate::error::{Result, StateError};
 use crate::index::{Change, CpEntry, Index, RecordEntry};
-use crate::lifecycle::{CheckpointPolicy, EventKind, StateEvent};
+use crate::lifecycle::{CheckpointPolicy, Envelope, EventKind, StateEvent};
 use crate::middleware::acl::{AccessControlLayer, AccessRecord, AccessTable};
 use crate::sync::lock;
 use crate::types::{
@@ -140,8 +140,12 @@ pub(crate) struct Store {
     /// One eviction pass at a time (passes triggered by concurrent writes would otherwise
     /// pick the same victims and overshoot).
     evicting: tokio::sync::Mutex<()>,
-    /// Live change events for watchers.
-    pub(crate) events: tokio::sync::broadcast::Sender<StateEvent>,
+    /// Live change events for watchers, each with the access record it was made under.
+    pub(crate) events: tokio::sync::broadcast::Sender<Envelope>,
+    /// Sessions whose delete failed part way (its pending marker is still on disk). The
+    /// session actor finishes the delete before the session's next write, so an old
+    /// marker can never be replayed over a newer save.
+    deleting: Mutex<HashSet<SessionId>>,
     /// The current state of every live session, published by its session actor: loads are
     /// served from here without a message. `Some(None)`: known to have no state. Sharded to
     /// keep concurrent loads of different sessions from contending.
@@ -210,6 +214,7 @@ impl Store {
             policies: Mutex::new(HashMap::new()),
             hot: Default::default(),
             actors: crate::actor::Directory::default(),
+            deleting: Mutex::new(HashSet::new()),
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
@@ -225,7 +230,9 @@ impl Store {
         });
         let fresh_store = loaded.journal_lines == 0 && !clean;
         *store.index() = loaded;
-        store.finish_pending_deletes().await?;
+        // A delete that fails again here (the obstacle is still there) does not keep the
+        // store from opening: its session stays marked, and its next write finishes it.
+        store.finish_pending_deletes(false).await?;
         if !clean && !fresh_store {
             info!("the store was not shut down cleanly; re-reading session records for the index");
         }
@@ -240,10 +247,11 @@ impl Store {
             let running: HashSet<SessionId> = idx
                 .sessions
                 .iter()
-                .filter(|(_, e)| e.record.is_some_and(|r| r.status == SessionStatus::Running))
+                .filter(|(_, e)| e.record.as_ref().is_some_and(|r| r.status == SessionStatus::Running))
                 .map(|(s, _)| s.clone())
                 .collect();
-            idx.interrupted = running;
+            // With those a clean restart kept from an earlier crash (still not saved since).
+            idx.interrupted.extend(running);
         }
         Ok(store)
     }
@@ -337,9 +345,17 @@ impl Store {
         self.hot.shard(sid).get(sid).cloned()
     }
 
-    /// Tells watchers about a change (no one listening is fine).
+    /// Tells watchers about a change (no one listening is fine), with the session's access
+    /// record as it is now: a watcher sees the event only if that record lets it read.
     pub(crate) fn emit(&self, sid: &SessionId, kind: EventKind) {
-        let _ = self.events.send(StateEvent { session_id: sid.clone(), kind, at: self.clock.now_ms() });
+        self.emit_as(sid, kind, self.access.shared(sid));
+    }
+
+    /// Like [`emit`](Self::emit), under an access record taken earlier (a delete's event
+    /// goes to those who could read the session before it was deleted).
+    pub(crate) fn emit_as(&self, sid: &SessionId, kind: EventKind, access: Option<Arc<AccessRecord>>) {
+        let event = StateEvent { session_id: sid.clone(), kind, at: self.clock.now_ms() };
+        let _ = self.events.send(Envelope { event, access });
     }
 
     /// Persists a session's access record (durably, before the request it guards goes on).
@@ -476,12 +492,12 @@ impl Store {
         saved_at: u64,
         meta: SessionMeta,
     ) -> Result<()> {
-        let (st, step) = (meta.status, meta.step);
+        let (st, step, why, st_at) = (meta.status, meta.step, meta.reason.clone(), meta.status_at);
         let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
         let key = session_key(&self.codec, sid);
         let size = self.put(&key, &head, data).await?;
         lock(&self.quarantined).remove(&key);
-        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size, st, step }).await?;
+        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size, st, step, why, st_at }).await?;
         self.enforce_cap().await
     }
 
@@ -534,20 +550,38 @@ impl Store {
     /// Deletes a session's record and all its checkpoints. Crash-safe through a durable
     /// pending-delete marker written first and removed last: a delete interrupted by a crash
     /// is finished at the next start, so a session never comes back half-deleted.
+    ///
+    /// A delete that fails part way (an error, no crash) leaves the marker and some
+    /// records, and the session in [`deleting`](Self::is_deleting): the session actor
+    /// finishes the delete before the session's next write (or the write fails with the
+    /// delete's error), vacuum and the next start finish it too. The owner's access record
+    /// is still there, so the owner can retry.
     pub(crate) async fn delete_session(&self, sid: &SessionId) -> Result<bool> {
         let marker = pending_key(sid);
+        // Nothing is deleted before the marker is durable; if it cannot be written, nothing
+        // changed.
         self.backend.put(&marker, Vec::new()).await?;
+        lock(&self.deleting).insert(sid.clone());
         let existed = self.delete_session_records(sid).await?;
         self.backend.delete(&marker).await?;
+        lock(&self.deleting).remove(sid);
         Ok(existed)
     }
 
+    /// Whether `sid` has a delete that failed part way and is not finished yet.
+    pub(crate) fn is_deleting(&self, sid: &SessionId) -> bool {
+        lock(&self.deleting).contains(sid)
+    }
+
+    /// The sessions with a delete that failed part way.
+    pub(crate) fn deleting(&self) -> Vec<SessionId> {
+        lock(&self.deleting).iter().cloned().collect()
+    }
+
     async fn delete_session_records(&self, sid: &SessionId) -> Result<bool> {
-        // The access record goes first: a session half-deleted by a crash is finished by
-        // its pending marker, and must not be left claimable in between by another owner
-        // while records remain (the marker keeps it "existing" until the end).
-        self.backend.delete(&access_key(sid)).await?;
-        self.access.remove(sid);
+        // The access record goes last: while records remain, the session exists, and its
+        // owner must keep it (to retry a delete that failed), and no one else may claim it.
+        // A crash in between is finished by the pending marker at the next start.
         let mut existed = self.backend.delete(&session_key(&self.codec, sid)).await?;
         self.record(Change::SessionDeleted { sid: sid.clone() }).await?;
         let prefix = StorageKey::from_valid(format!("checkpoints/{sid}"));
@@ -563,19 +597,42 @@ impl Store {
         for cid in leftover {
             self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
         }
+        self.backend.delete(&access_key(sid)).await?;
+        self.access.remove(sid);
         Ok(existed)
     }
 
-    async fn finish_pending_deletes(&self) -> Result<usize> {
+    /// Finishes the deletes whose pending markers are on disk (cut off by a crash, or
+    /// failed part way). With `strict`, the first that fails again is the error; without,
+    /// it is logged and its session stays marked (see [`delete_session`](Self::delete_session)).
+    /// Returns how many were finished.
+    async fn finish_pending_deletes(&self, strict: bool) -> Result<usize> {
         let pending = self.backend.list(&fixed(PENDING)).await?;
+        let mut finished = 0;
         for meta in &pending {
-            if let Ok(sid) = SessionId::new(meta.key.file_name()) {
-                info!(session = %sid, "finishing a delete interrupted by a crash");
-                self.delete_session_records(&sid).await?;
+            let Ok(sid) = SessionId::new(meta.key.file_name()) else {
+                // Not a marker this crate writes: nothing to finish.
+                self.backend.delete(&meta.key).await?;
+                continue;
+            };
+            info!(session = %sid, "finishing an interrupted delete");
+            lock(&self.deleting).insert(sid.clone());
+            let done = match self.delete_session_records(&sid).await {
+                Ok(_) => self.backend.delete(&meta.key).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => {
+                    lock(&self.deleting).remove(&sid);
+                    finished += 1;
+                }
+                Err(e) if strict => return Err(e),
+                Err(e) => {
+                    warn!(session = %sid, error = %e, "could not finish an interrupted delete; it is retried before the session's next write")
+                }
             }
-            self.backend.delete(&meta.key).await?;
         }
-        Ok(pending.len())
+        Ok(finished)
     }
 
     /// Brings the index in line with the records: drops entries whose record is gone,
@@ -598,7 +655,7 @@ impl Store {
             let Some(sid) = meta.key.file_name().strip_suffix(ext).and_then(|s| SessionId::new(s).ok()) else {
                 continue;
             };
-            if let Some(r) = old.sessions.get(&sid).and_then(|e| e.record)
+            if let Some(r) = old.sessions.get(&sid).and_then(|e| e.record.clone())
                 && r.size == meta.size
                 && trust == Trust::Sizes
             {
@@ -610,7 +667,14 @@ impl Store {
             match self.load_session(&sid).await {
                 Ok(Some(d)) => {
                     if let RecordHead::Session { saved_at, meta: m, .. } = d.head {
-                        let r = RecordEntry { at: saved_at, size: meta.size, status: m.status, step: m.step };
+                        let r = RecordEntry {
+                            at: saved_at,
+                            size: meta.size,
+                            status: m.status,
+                            step: m.step,
+                            reason: m.reason,
+                            status_at: m.status_at,
+                        };
                         fresh.apply(&Change::saved(&sid, r));
                     }
                 }
@@ -618,7 +682,14 @@ impl Store {
                 Err(StateError::Corrupt { key, .. }) => {
                     // Keep it listed: loading it reports the damage rather than "missing".
                     corrupt.push(key);
-                    let r = RecordEntry { at: 0, size: meta.size, status: SessionStatus::Running, step: None };
+                    let r = RecordEntry {
+                        at: 0,
+                        size: meta.size,
+                        status: SessionStatus::Running,
+                        step: None,
+                        reason: None,
+                        status_at: None,
+                    };
                     fresh.apply(&Change::saved(&sid, r));
                 }
                 Err(e) => return Err(e),
@@ -752,7 +823,7 @@ impl Store {
     /// record.
     pub(crate) async fn vacuum(&self) -> Result<VacuumReport> {
         let swept = self.backend.sweep().await?;
-        let orphans = self.finish_pending_deletes().await?;
+        let orphans = self.finish_pending_deletes(true).await?;
         let r = self.reconcile(Trust::Nothing).await?;
         Ok(VacuumReport {
             temp_files_removed: swept.files_removed,

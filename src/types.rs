@@ -284,9 +284,21 @@ pub struct SessionInfo {
     pub checkpoint_count: usize,
     /// Where its run stands.
     pub status: SessionStatus,
-    /// True when the session was [`Running`](SessionStatus::Running) when the previous
-    /// process using the store died without shutting down, and has not been saved since:
-    /// its run was cut off and needs [`recover_session`](crate::StateManager::recover_session).
+    /// Why that status was set: the reason given to
+    /// [`pause_session`](crate::StateManager::pause_session) or
+    /// [`fail_session`](crate::StateManager::fail_session), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    /// When that status was set (milliseconds since the Unix epoch), if it was set by a
+    /// pause, resume, completion or failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_at: Option<u64>,
+    /// True when the session was [`Running`](SessionStatus::Running) when a process using
+    /// the store died without shutting down, and has not been saved since: its run was cut
+    /// off and needs [`recover_session`](crate::StateManager::recover_session). It stays
+    /// set across later clean restarts until the session is saved (or resumed, paused,
+    /// completed, failed, rolled back or deleted), so no process opening the store misses
+    /// it.
     pub interrupted: bool,
 }
 

@@ -606,6 +606,89 @@ fn a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart() {
     });
 }
 
+#[test]
+fn the_interrupted_mark_survives_a_clean_restart_until_the_session_is_saved() {
+    // Regression: a clean open and shutdown by another process after the crash cleared the
+    // mark before anyone had looked at it.
+    if let Some(dir) = child_role("crash-then-clean") {
+        return crash_child(&dir);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (child, lines) = spawn_child(
+        "the_interrupted_mark_survives_a_clean_restart_until_the_session_is_saved",
+        "crash-then-clean",
+        dir.path(),
+    );
+    wait_for_line(&lines, "ready");
+    sigkill(child);
+
+    runtime().block_on(async {
+        // A process that opens the store and shuts it down cleanly without looking.
+        open_file(dir.path()).await.shutdown().await.unwrap();
+        // The next one still learns that "run" was cut off, from the listing and recovery.
+        let m = open_file(dir.path()).await;
+        let sessions = m.list_sessions().await.unwrap();
+        assert_eq!((info(&sessions, "run").status, info(&sessions, "run").interrupted), (SessionStatus::Running, true));
+        assert!(!info(&sessions, "done").interrupted);
+        assert!(!info(&sessions, "held").interrupted);
+        assert!(m.recover_session("run").await.unwrap().interrupted);
+        m.shutdown().await.unwrap();
+
+        // Looking does not clear it; picking the run up again does, for good.
+        let m = open_file(dir.path()).await;
+        assert!(m.recover_session("run").await.unwrap().interrupted);
+        m.save_session("run", &run_state(7)).await.unwrap();
+        assert!(!m.recover_session("run").await.unwrap().interrupted);
+        m.shutdown().await.unwrap();
+        let m = open_file(dir.path()).await;
+        assert!(!info(&m.list_sessions().await.unwrap(), "run").interrupted);
+        m.shutdown().await.unwrap();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_failure_reasons_and_times_are_listed_and_recovered() {
+    // Regression: the reason and time were stored in the record but reachable only by
+    // reading the file.
+    let dir = tempfile::tempdir().unwrap();
+    let m = open_file(dir.path()).await;
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    m.pause_session("held", &run_state(3), "waiting for approval").await.unwrap();
+    m.save_session("broken", &run_state(1)).await.unwrap();
+    m.fail_session("broken", "the model refused").await.unwrap();
+    m.save_session("plain", &run_state(1)).await.unwrap();
+
+    let check = |sessions: &[SessionInfo]| {
+        let held = info(sessions, "held");
+        assert_eq!(held.status, SessionStatus::Paused);
+        assert_eq!(held.status_reason.as_deref(), Some("waiting for approval"));
+        assert!(held.status_at.is_some_and(|t| t >= before), "{held:?}");
+        let broken = info(sessions, "broken");
+        assert_eq!(broken.status_reason.as_deref(), Some("the model refused"));
+        assert!(broken.status_at.is_some_and(|t| t >= before));
+        let plain = info(sessions, "plain");
+        assert_eq!((plain.status_reason.as_deref(), plain.status_at), (None, None));
+    };
+    check(&m.list_sessions().await.unwrap());
+    let r = m.recover_session("held").await.unwrap();
+    assert_eq!(r.status_reason.as_deref(), Some("waiting for approval"));
+    assert!(r.status_at.is_some_and(|t| t >= before));
+    m.shutdown().await.unwrap();
+
+    // After a clean restart (from the index journal) and after one that re-reads the records.
+    let m = open_file(dir.path()).await;
+    check(&m.list_sessions().await.unwrap());
+    m.vacuum_storage().await.unwrap();
+    check(&m.list_sessions().await.unwrap());
+
+    // Resuming clears the reason and records when.
+    m.resume_session("held").await.unwrap();
+    let held = m.list_sessions().await.unwrap().into_iter().find(|s| s.session_id.as_str() == "held").unwrap();
+    assert_eq!((held.status, held.status_reason.as_deref()), (SessionStatus::Running, None));
+    assert!(held.status_at.is_some_and(|t| t >= before));
+    m.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_skips_a_corrupted_newest_checkpoint_and_reports_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,7 +53,7 @@ pub(crate) struct Shared {
 pub(crate) struct Directory(crate::sync::Sharded<ActorRef<SessionMsg>>);
 
 impl Directory {
-    fn get(&self, sid: &SessionId) -> Option<ActorRef<SessionMsg>> {
+    pub(crate) fn get(&self, sid: &SessionId) -> Option<ActorRef<SessionMsg>> {
         self.0.shard(sid).get(sid).cloned()
     }
 

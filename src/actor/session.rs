@@ -140,6 +140,21 @@ pub enum SessionMsg {
         /// Receives whether it was deleted.
         reply: RpcReplyPort<Result<bool>>,
     },
+    /// Internal: finish this session's delete if one failed part way; replies whether it
+    /// did.
+    #[doc(hidden)]
+    FinishDelete {
+        /// Receives whether a failed delete was finished.
+        reply: RpcReplyPort<Result<bool>>,
+    },
+    /// Internal: the session was claimed by a new owner; this actor (whose references may
+    /// have been handed out under an earlier owner) flushes and stops, and the next
+    /// request gets a fresh one.
+    #[doc(hidden)]
+    Retire {
+        /// Receives `Ok(())` once the mailbox is closed.
+        reply: RpcReplyPort<Result<()>>,
+    },
     /// Internal: the idle timer's tick.
     #[doc(hidden)]
     IdleCheck,
@@ -297,6 +312,14 @@ impl Actor for SessionActor {
             SessionMsg::DeleteIfIdle { cutoff_ms, reply } => {
                 let _ = reply.send(st.delete_if_idle(cutoff_ms).await);
             }
+            SessionMsg::FinishDelete { reply } => {
+                let r = if st.shared.store.is_deleting(&st.sid) { st.delete().await.map(|_| true) } else { Ok(false) };
+                let _ = reply.send(r);
+            }
+            SessionMsg::Retire { reply } => {
+                let r = if st.passivating { Ok(()) } else { st.passivate(&myself).await };
+                let _ = reply.send(r);
+            }
             SessionMsg::TimeCheck => {
                 let due = st.policy.every.is_some_and(|every| st.last_checkpoint_at.elapsed() >= every);
                 if st.dirty
@@ -307,22 +330,11 @@ impl Actor for SessionActor {
                 }
             }
             SessionMsg::IdleCheck => {
-                if !st.passivating && st.last_activity.elapsed() >= st.shared.config.idle_timeout {
-                    if st.dirty {
-                        // Never passivate with steps only in memory.
-                        if let Err(e) = st.flush(CheckpointReason::Flush).await {
-                            warn!(session = %st.sid, error = %e, "flush before passivation failed; staying alive");
-                            return Ok(());
-                        }
-                    }
-                    st.passivating = true;
-                    debug!(session = %st.sid, "passivating idle session actor");
-                    // Tell the supervisor first so it parks new requests for this session
-                    // until this actor has stopped; then close the mailbox. Anything already
-                    // queued is still handled; later sends are refused and retried.
-                    let _ =
-                        st.supervisor.cast(SupervisorMsg::Passivating { sid: st.sid.clone(), actor: myself.get_id() });
-                    myself.drain()?;
+                if !st.passivating
+                    && st.last_activity.elapsed() >= st.shared.config.idle_timeout
+                    && let Err(e) = st.passivate(&myself).await
+                {
+                    warn!(session = %st.sid, error = %e, "flush before passivation failed; staying alive");
                 }
             }
         }
@@ -346,6 +358,33 @@ impl SessionState {
 
     fn publish(&self) {
         self.shared.store.publish(&self.sid, self.current.as_ref().map(|c| c.state.clone()));
+    }
+
+    /// Flushes recorded steps and stops this actor (idle, or retired after a new owner
+    /// claimed the session). On a failed flush it stays alive and says why.
+    async fn passivate(&mut self, myself: &ActorRef<SessionMsg>) -> Result<()> {
+        if self.dirty {
+            // Never passivate with steps only in memory.
+            self.flush(CheckpointReason::Flush).await?;
+        }
+        self.passivating = true;
+        debug!(session = %self.sid, "passivating session actor");
+        // Tell the supervisor first so it parks new requests for this session until this
+        // actor has stopped; then close the mailbox. Anything already queued is still
+        // handled; later sends are refused and retried with a fresh actor.
+        let _ = self.supervisor.cast(SupervisorMsg::Passivating { sid: self.sid.clone(), actor: myself.get_id() });
+        myself.drain().map_err(|e| StateError::unavailable(format!("could not close the session actor: {e}")))
+    }
+
+    /// Finishes a delete of this session that failed part way, before a write: the write
+    /// then starts from a deleted session, and the old delete can never be replayed over it
+    /// (by vacuum or at the next start). If the delete fails again, so does the write, and
+    /// nothing of it is written.
+    async fn settle_delete(&mut self) -> Result<()> {
+        if self.shared.store.is_deleting(&self.sid) {
+            self.delete().await?;
+        }
+        Ok(())
     }
 
     fn check_size(&self, state: &StateBytes) -> Result<()> {
@@ -417,6 +456,7 @@ impl SessionState {
     /// Saves `state` durably with the current meta changed by `edit`.
     async fn save_with(&mut self, state: StateBytes, edit: impl FnOnce(&mut SessionMeta)) -> Result<u64> {
         self.check_size(&state)?;
+        self.settle_delete().await?;
         let mut meta = match self.current().await {
             Ok(c) => c.meta.clone(),
             // A damaged record must not block overwriting it with a good state.
@@ -473,15 +513,20 @@ impl SessionState {
 
     async fn delete(&mut self) -> Result<bool> {
         let sid = self.sid.clone();
+        // Who could read the session before it is deleted (the access record goes with it):
+        // they are told of the delete.
+        let access = self.shared.store.access.shared(&self.sid);
         self.set_current(None);
-        let existed =
-            storage::run(&self.shared.storage, move |store| async move { store.delete_session(&sid).await }).await?;
-        self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
+        // Whatever happens, what this actor derived from the records may be stale now (a
+        // failed delete removed some of them): look it up again on next use.
         self.dirty = false;
         self.heads.clear();
         self.last_clock = None;
         self.last_checkpoint_step = None;
-        self.shared.store.emit(&self.sid, EventKind::Deleted);
+        let existed =
+            storage::run(&self.shared.storage, move |store| async move { store.delete_session(&sid).await }).await?;
+        self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
+        self.shared.store.emit_as(&self.sid, EventKind::Deleted, access);
         Ok(existed)
     }
 
@@ -518,6 +563,7 @@ impl SessionState {
         step: Option<u64>,
     ) -> Result<CheckpointId> {
         self.check_size(&state)?;
+        self.settle_delete().await?;
         let clock = self.next_clock();
         let cid = CheckpointId::generate(clock);
         if !self.heads.contains_key(&branch) {
@@ -561,6 +607,8 @@ impl SessionState {
 
     async fn record_step(&mut self, step: u64, state: StateBytes) -> Result<Option<CheckpointId>> {
         self.check_size(&state)?;
+        self.settle_delete().await?;
+        let now = self.shared.store.clock.now_ms();
         let current = match self.current().await {
             Ok(c) => c,
             Err(StateError::Corrupt { .. }) => {
@@ -572,7 +620,12 @@ impl SessionState {
         let was_paused = current.meta.status == SessionStatus::Paused;
         current.state = Some(state);
         current.meta.step = Some(step);
-        current.meta.status = SessionStatus::Running;
+        if current.meta.status != SessionStatus::Running {
+            // Recording a step resumes the run, as resume_session would.
+            current.meta.status = SessionStatus::Running;
+            current.meta.reason = None;
+            current.meta.status_at = Some(now);
+        }
         if was_paused {
             // Recording a step resumes a paused run; say so.
             self.shared.store.emit(&self.sid, EventKind::Resumed);
@@ -588,6 +641,7 @@ impl SessionState {
     }
 
     async fn rollback(&mut self, cid: CheckpointId, truncate: bool) -> Result<()> {
+        self.settle_delete().await?;
         let (sid, id) = (self.sid.clone(), cid.clone());
         let cp = storage::run(&self.shared.storage, move |store| async move { store.load_checkpoint(&sid, &id).await })
             .await?
@@ -660,6 +714,7 @@ impl SessionState {
     }
 
     async fn update(&mut self, update: UpdateFn) -> Result<StateBytes> {
+        self.settle_delete().await?;
         let old = self.load().await?;
         let sid = self.sid.to_string();
         let new = match std::panic::catch_unwind(AssertUnwindSafe(|| update(old.as_ref().map(|s| s.as_bytes())))) {
@@ -688,6 +743,7 @@ impl SessionState {
         reason: Option<String>,
         state: Option<StateBytes>,
     ) -> Result<Option<CheckpointId>> {
+        self.settle_delete().await?;
         let state = match state {
             Some(s) => s,
             None => self.load().await?.ok_or_else(|| StateError::Config {

@@ -28,7 +28,7 @@
 //! storage actor → backend.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,13 @@ pub struct AccessRecord {
     /// Access granted to other principals.
     #[serde(default)]
     pub grants: BTreeMap<Principal, Access>,
+}
+
+impl AccessRecord {
+    /// Whether `p` is the owner or was granted any access (administrators aside).
+    pub(crate) fn readable_by(&self, p: &Principal) -> bool {
+        &self.owner == p || self.grants.contains_key(p)
+    }
 }
 
 /// Configures access control: which principals are administrators.
@@ -147,15 +154,18 @@ pub(crate) enum Decision {
 #[derive(Debug, Default)]
 pub(crate) struct AccessTable {
     layer: AccessControlLayer,
-    records: Mutex<HashMap<SessionId, AccessRecord>>,
+    /// Shared, so a change event can carry the record it was made under (see
+    /// [`shared`](Self::shared)) without copying it.
+    records: Mutex<HashMap<SessionId, Arc<AccessRecord>>>,
 }
 
 impl AccessTable {
     pub(crate) fn new(layer: AccessControlLayer, records: HashMap<SessionId, AccessRecord>) -> Self {
+        let records = records.into_iter().map(|(s, r)| (s, Arc::new(r))).collect();
         AccessTable { layer, records: Mutex::new(records) }
     }
 
-    fn records(&self) -> MutexGuard<'_, HashMap<SessionId, AccessRecord>> {
+    fn records(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<AccessRecord>>> {
         crate::sync::lock(&self.records)
     }
 
@@ -190,7 +200,7 @@ impl AccessTable {
             None if !exists => {
                 if op.creates() {
                     let record = AccessRecord { owner: p.clone(), created_at: now, grants: BTreeMap::new() };
-                    records.insert(sid.clone(), record.clone());
+                    records.insert(sid.clone(), Arc::new(record.clone()));
                     Ok(Decision::Claim(record))
                 } else if op.needs() == Some(Access::Read) {
                     Ok(Decision::Allow)
@@ -213,18 +223,26 @@ impl AccessTable {
 
     /// Whether `p` may read `sid` (for filtering listings).
     pub(crate) fn can_read(&self, p: &Principal, sid: &SessionId) -> bool {
-        if self.is_admin(p) {
-            return true;
-        }
-        self.records().get(sid).is_some_and(|r| &r.owner == p || r.grants.contains_key(p))
+        self.may_read(p, self.records().get(sid).map(|r| &**r))
+    }
+
+    /// Whether `p` may read a session whose access record is `record` (`None`: it has no
+    /// owner, so only administrators may).
+    pub(crate) fn may_read(&self, p: &Principal, record: Option<&AccessRecord>) -> bool {
+        self.is_admin(p) || record.is_some_and(|r| r.readable_by(p))
     }
 
     pub(crate) fn get(&self, sid: &SessionId) -> Option<AccessRecord> {
+        self.records().get(sid).map(|r| (**r).clone())
+    }
+
+    /// The session's access record as it is now, shared (for change events).
+    pub(crate) fn shared(&self, sid: &SessionId) -> Option<Arc<AccessRecord>> {
         self.records().get(sid).cloned()
     }
 
     pub(crate) fn set(&self, sid: &SessionId, record: AccessRecord) {
-        self.records().insert(sid.clone(), record);
+        self.records().insert(sid.clone(), Arc::new(record));
     }
 
     pub(crate) fn remove(&self, sid: &SessionId) {
