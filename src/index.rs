@@ -300,8 +300,14 @@ impl Index {
         }
     }
 
-    pub(crate) fn list_sessions(&self) -> Vec<SessionInfo> {
+    /// Every session of the index, and `memory_only` ones (states not flushed yet, see
+    /// `Store::memory_only_sessions`), sorted by id.
+    pub(crate) fn list_sessions(&self, memory_only: Vec<SessionId>) -> Vec<SessionInfo> {
         let mut v: Vec<_> = self.sessions.iter().map(|(sid, e)| self.session_info(sid, e)).collect();
+        let empty = SessionEntry::default();
+        v.extend(
+            memory_only.iter().filter(|s| !self.sessions.contains_key(*s)).map(|sid| self.session_info(sid, &empty)),
+        );
         v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         v
     }
@@ -327,9 +333,15 @@ impl Index {
             .unwrap_or_default()
     }
 
-    /// Totals over the sessions `include` accepts.
-    pub(crate) fn stats_where(&self, include: impl Fn(&SessionId) -> bool) -> StorageStats {
+    /// Totals over the sessions `include` accepts (`memory_only` ones count as sessions
+    /// with no bytes stored yet).
+    pub(crate) fn stats_where(
+        &self,
+        memory_only: Vec<SessionId>,
+        include: impl Fn(&SessionId) -> bool,
+    ) -> StorageStats {
         let mut s = StorageStats::default();
+        s.session_count += memory_only.iter().filter(|sid| !self.sessions.contains_key(*sid) && include(sid)).count();
         for (sid, e) in &self.sessions {
             if !include(sid) {
                 continue;

@@ -601,7 +601,10 @@ impl StateManager {
     }
 
     /// Deletes the session's state and all its checkpoints; returns whether anything
-    /// existed. Crash-safe: an interrupted delete is finished at the next start.
+    /// existed. Crash-safe: an interrupted delete is finished at the next start. A delete
+    /// that fails part way returns the error and leaves the rest, still owned by the same
+    /// principal (who may retry); the session's next write finishes it first, or fails
+    /// with the same error and writes nothing.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
@@ -618,7 +621,8 @@ impl StateManager {
     }
 
     /// Every session with a state or checkpoints, sorted by id, from the index (no record
-    /// is read).
+    /// is read). A session whose only state is recorded steps not yet flushed is listed
+    /// too (with no bytes stored and `updated_at` 0).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
@@ -630,7 +634,8 @@ impl StateManager {
     /// ```
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
         let store = self.store()?;
-        let mut sessions = store.index().list_sessions();
+        let memory_only = store.memory_only_sessions();
+        let mut sessions = store.index().list_sessions(memory_only);
         sessions.retain(|s| self.can_read(&store, &s.session_id));
         Ok(sessions)
     }
@@ -841,8 +846,9 @@ impl StateManager {
     /// ```
     pub async fn get_storage_stats(&self) -> Result<StorageStats> {
         let store = self.store()?;
+        let memory_only = store.memory_only_sessions();
         let idx = store.index();
-        Ok(idx.stats_where(|sid| self.can_read(&store, sid)))
+        Ok(idx.stats_where(memory_only, |sid| self.can_read(&store, sid)))
     }
 
     /// Deletes sessions (state and checkpoints) whose last save or checkpoint is older than
@@ -1056,9 +1062,10 @@ impl StateManager {
         Ok(sessions)
     }
 
-    /// What a run needs to pick up after a crash: the session's last saved state, whether
-    /// it was running when this manager started (cut off), and the newest checkpoint that
-    /// verifies, with any newer damaged ones skipped and reported.
+    /// What a run needs to pick up after a crash: the session's last saved state, its
+    /// status with the reason and time it was set, whether its run was cut off (it was
+    /// running when a process using the store died, and has not been saved since), and the
+    /// newest checkpoint that verifies, with any newer damaged ones skipped and reported.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
@@ -1105,7 +1112,11 @@ impl StateManager {
         Ok(Recovery { state, status, status_reason, status_at, interrupted, checkpoint, skipped })
     }
 
-    /// Live change events of one session, in the order they were applied.
+    /// Live change events of one session, in the order they were applied. On a handle
+    /// from [`for_principal`](Self::for_principal) the watch is checked at every event, not
+    /// just now: once the principal may not read the session (access revoked, or an id that
+    /// did not exist yet created by someone else) it ends with
+    /// [`WatchError::AccessDenied`](crate::WatchError::AccessDenied).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {

@@ -340,6 +340,16 @@ impl Store {
         }
     }
 
+    /// Sessions whose state lives only in their actor's memory so far (recorded steps not
+    /// yet flushed, and no record or checkpoint yet): they exist, but the index has not
+    /// caught up with them.
+    pub(crate) fn memory_only_sessions(&self) -> Vec<SessionId> {
+        let mut live = self.hot.ids_where(|s| s.is_some());
+        let idx = self.index();
+        live.retain(|sid| !idx.sessions.contains_key(sid));
+        live
+    }
+
     /// A live session's state, if its actor has published one.
     pub(crate) fn hot(&self, sid: &SessionId) -> Option<Option<StateBytes>> {
         self.hot.shard(sid).get(sid).cloned()

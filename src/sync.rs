@@ -38,4 +38,13 @@ impl<V> Sharded<V> {
         sid.hash(&mut h);
         lock(&self.shards[(h.finish() as usize) % self.shards.len()])
     }
+
+    /// The ids whose value `keep` accepts, one shard locked at a time.
+    pub(crate) fn ids_where(&self, keep: impl Fn(&V) -> bool) -> Vec<crate::types::SessionId> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            out.extend(lock(shard).iter().filter(|(_, v)| keep(v)).map(|(k, _)| k.clone()));
+        }
+        out
+    }
 }

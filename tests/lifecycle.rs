@@ -647,6 +647,28 @@ fn the_interrupted_mark_survives_a_clean_restart_until_the_session_is_saved() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_only_recorded_steps_is_listed_counted_and_deleted() {
+    // Regression: such a session exists (loads return its state), but listings, stats and
+    // delete went by the index alone, which has not caught up with it.
+    let dir = tempfile::tempdir().unwrap();
+    let m = open_file(dir.path()).await;
+    m.record_step("run", 1, &run_state(1)).await.unwrap();
+    assert_eq!(m.load_session("run").await.unwrap(), Some(run_state(1)));
+    let sessions = m.list_sessions().await.unwrap();
+    assert_eq!(info(&sessions, "run").status, SessionStatus::Running);
+    assert_eq!(m.list_sessions_by_status(SessionStatus::Running).await.unwrap().len(), 1);
+    assert_eq!(m.get_storage_stats().await.unwrap().session_count, 1);
+    assert!(m.delete_session("run").await.unwrap(), "it existed");
+    assert_eq!(m.load_session("run").await.unwrap(), None);
+    assert!(m.list_sessions().await.unwrap().is_empty());
+    assert_eq!(m.get_storage_stats().await.unwrap().session_count, 0);
+    m.shutdown().await.unwrap();
+    let m = open_file(dir.path()).await;
+    assert_eq!(m.load_session("run").await.unwrap(), None, "the delete outlived the shutdown flush");
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_and_failure_reasons_and_times_are_listed_and_recovered() {
     // Regression: the reason and time were stored in the record but reachable only by
     // reading the file.

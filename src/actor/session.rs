@@ -516,6 +516,8 @@ impl SessionState {
         // Who could read the session before it is deleted (the access record goes with it):
         // they are told of the delete.
         let access = self.shared.store.access.shared(&self.sid);
+        // A state only in memory (recorded steps) existed too.
+        let in_memory = self.dirty && self.current.as_ref().is_some_and(|c| c.state.is_some());
         self.set_current(None);
         // Whatever happens, what this actor derived from the records may be stale now (a
         // failed delete removed some of them): look it up again on next use.
@@ -527,7 +529,7 @@ impl SessionState {
             storage::run(&self.shared.storage, move |store| async move { store.delete_session(&sid).await }).await?;
         self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
         self.shared.store.emit_as(&self.sid, EventKind::Deleted, access);
-        Ok(existed)
+        Ok(existed || in_memory)
     }
 
     fn next_clock(&mut self) -> u64 {
