@@ -9,13 +9,19 @@
 //! every acknowledged write, and that the log is gone and the files current afterwards.
 //! A clean shutdown, in contrast, leaves current files and no log.
 //!
+//! Damage is told apart from a torn tail (issue 10, defect 2): a flipped byte in the middle
+//! of the log, with whole frames after it, must fail the open with `Corrupt` and leave the
+//! log and every record file as they were; a torn last frame must not.
+//!
 //! Run alone: `cargo test --test write_ahead_log`.
+
+mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use mars_state::{FileStorageBackend, StateManager};
+use mars_state::{ErrorKind, FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
 const DIR_ENV: &str = "MARS_WAL_CHILD_DIR";
@@ -189,5 +195,71 @@ fn concurrent_saves_of_many_sessions_are_all_durable_and_current_after_shutdown(
     for k in 0..64 {
         let s = format!("s{k}");
         assert_eq!(record_file(dir.path(), &s), Some(value(&s, 10)), "{s}");
+    }
+}
+
+/// Pins defect 2 of issue 10: one flipped byte in the middle of the log of a crashed
+/// process, with whole frames after it, was taken for a torn tail: the open succeeded, the
+/// sessions read back older values than the ones acknowledged, and the log was removed.
+/// Frames after the damage prove it hit acknowledged writes: the open must fail with
+/// `Corrupt` naming the log, and leave the log and every record file untouched.
+#[test]
+fn a_flipped_byte_in_the_middle_of_the_log_fails_the_open_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child(dir.path());
+    let path = wal(dir.path());
+    let damaged = common::flip_byte(&path, |len| len / 2, 0x10);
+    let before = common::snapshot(dir.path());
+    for attempt in 0..2 {
+        let err = match FileStorageBackend::options().write_ahead_log(true).open(dir.path()) {
+            Ok(_) => panic!("attempt {attempt}: a log damaged in the middle was opened as if its tail were torn"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "attempt {attempt}: {err}");
+        let msg = err.to_string();
+        assert!(msg.contains("metadata/.wal"), "the error does not name the log: {msg}");
+        assert_eq!(std::fs::read(&path).unwrap(), damaged, "attempt {attempt}: the damaged log was changed");
+        let changed = common::diff(&before, &common::snapshot(dir.path()));
+        assert!(changed.is_empty(), "attempt {attempt}: the failed open changed the store: {changed:?}");
+    }
+    // Direct mode replays a leftover log too, and must refuse it the same way.
+    let err = FileStorageBackend::options().write_ahead_log(false).open(dir.path()).err();
+    assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::Corrupt));
+    assert!(common::diff(&before, &common::snapshot(dir.path())).is_empty());
+}
+
+/// A crash in the middle of the last append leaves part of its frame: that frame was never
+/// acknowledged, and every frame before it must be replayed. The child's last write is the
+/// delete of session `gone`; with that frame torn, `gone` keeps its last saved value.
+#[test]
+fn a_torn_last_frame_is_dropped_and_every_frame_before_it_replayed() {
+    // Where the last frame is cut: inside its magic, inside its key, one byte short.
+    for tear in ["magic", "key", "last byte"] {
+        let dir = tempfile::tempdir().unwrap();
+        run_child(dir.path());
+        let path = wal(dir.path());
+        let log = std::fs::read(&path).unwrap();
+        // Payloads are JSON: the last "MSWL" is the start of the last frame.
+        let last = log.windows(4).rposition(|w| w == b"MSWL").unwrap();
+        let key = last + log[last..].windows(18).position(|w| w == b"sessions/gone.json").unwrap();
+        let cut = match tear {
+            "magic" => last + 2,
+            "key" => key + 5,
+            _ => log.len() - 1,
+        };
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(cut as u64).unwrap();
+        runtime().block_on(async {
+            let m = StateManager::start(log_backend(dir.path())).await.unwrap();
+            for s in ["a", "b", "c"] {
+                assert_eq!(m.load_session(s).await.unwrap(), Some(value(s, 20)), "{tear}: session {s}");
+            }
+            assert_eq!(
+                m.load_session("gone").await.unwrap(),
+                Some(value("gone", 1)),
+                "{tear}: the save before the torn delete was lost"
+            );
+            m.shutdown().await.unwrap();
+        });
+        assert!(!path.exists(), "{tear}: the log outlived the replay");
     }
 }

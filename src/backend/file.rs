@@ -567,6 +567,13 @@ impl LogReq {
             LogReq::Put { key, .. } | LogReq::Delete { key, .. } => key,
         }
     }
+    /// The new value of a put, `None` for a delete.
+    fn value(&self) -> Option<&[u8]> {
+        match self {
+            LogReq::Put { value, .. } => Some(value),
+            LogReq::Delete { .. } => None,
+        }
+    }
     fn size(&self) -> usize {
         self.key().as_str().len() + if let LogReq::Put { value, .. } = self { value.len() } else { 0 }
     }
@@ -699,7 +706,6 @@ impl LogWriter {
     /// Appends the batch's frames, makes them durable, then publishes them to the overlay
     /// and answers every caller.
     fn commit(&mut self, batch: Vec<LogReq>) {
-        let mut frames = Vec::new();
         let mut accepted = Vec::with_capacity(batch.len());
         for req in batch {
             // The same checks a direct write makes (no symbolic link on the way), before
@@ -711,11 +717,7 @@ impl LogWriter {
                 req.answer(Err(e));
                 continue;
             }
-            let framed = match &req {
-                LogReq::Put { key, value, .. } => wal::encode(&mut frames, key, Some(value)),
-                LogReq::Delete { key, .. } => wal::encode(&mut frames, key, None),
-            };
-            match framed {
+            match wal::check(req.key(), req.value()) {
                 Ok(()) => accepted.push(req),
                 Err(why) => req.answer(Err(StateError::Config { message: why.to_owned() })),
             }
@@ -723,7 +725,7 @@ impl LogWriter {
         if accepted.is_empty() {
             return;
         }
-        match self.append(&frames) {
+        match self.append(&accepted) {
             Ok(()) => {
                 let mut overlay = lock(&self.core.overlay);
                 let mut answers = Vec::with_capacity(accepted.len());
@@ -764,10 +766,11 @@ impl LogWriter {
         }
     }
 
-    /// Appends `frames` and makes them durable. On failure the log is cut back to its
-    /// last durable length (through a fresh descriptor: one whose sync failed is never
-    /// synced again), so a failed write leaves nothing that a replay would apply.
-    fn append(&mut self, frames: &[u8]) -> Result<()> {
+    /// Appends the frames of `reqs` as one batch and makes them durable. On failure the log
+    /// is cut back to its last durable length (through a fresh descriptor: one whose sync
+    /// failed is never synced again), so a failed write leaves nothing that a replay would
+    /// apply, and the next batch is written in its place.
+    fn append(&mut self, reqs: &[LogReq]) -> Result<()> {
         if self.cut_failed {
             // Nothing is appended after an uncut failed write (a replay would stop at it):
             // first the files are brought up to date and the log is gone.
@@ -778,10 +781,21 @@ impl LogWriter {
         let created = self.file.is_none();
         if created {
             // The writer starts a log only where none is left over (recovery removed it or
-            // handed it over, and so does `materialize`).
-            self.file = Some(fs.open_append(&path).map_err(|e| StateError::io("opening the log", &path, e))?);
-            self.len = 0;
+            // handed it over, and so does `materialize`); if removing one failed, the new
+            // frames go after what it holds (values already in their record files).
+            let mut file = fs.open_append(&path).map_err(|e| StateError::io("opening the log", &path, e))?;
+            self.len = file.len().map_err(|e| StateError::io("opening the log", &path, e))?;
+            self.file = Some(file);
         }
+        // Every frame names the offset where its batch starts (the log's length before the
+        // batch): what tells a torn last batch from damage to an earlier one at replay
+        // (`wal.rs`). A failed batch is cut off, and the next one starts at the same place.
+        let mut frames = Vec::new();
+        for req in reqs {
+            wal::encode(&mut frames, req.key(), req.value(), self.len)
+                .map_err(|why| StateError::Config { message: why.to_owned() })?;
+        }
+        let frames = frames.as_slice();
         let Some(file) = self.file.as_mut() else { return Err(StateError::unavailable("log not open")) };
         let result = file
             .write_all(frames)
@@ -866,6 +880,14 @@ impl Core {
     /// At open, with the lock held: replays a log a crash left behind into the record
     /// files, then removes it. A torn tail (a write that was never acknowledged) is ignored.
     ///
+    /// Damage followed by whole frames of a later batch is not a torn tail: it hit writes
+    /// that were acknowledged (see `wal.rs`). Then the open fails with
+    /// [`StateError::Corrupt`] naming the log, before anything is written: the log stays in
+    /// place byte for byte and no record file is touched, so nothing is lost and it can be
+    /// inspected, cut or moved aside by hand (the message says how). Replaying the frames
+    /// before the damage alone would give back older values than were acknowledged, as if
+    /// nothing were wrong.
+    ///
     /// With `keep_if_full` (log mode), a disk too full for the second copy does not stop
     /// the open: the log's values go to the overlay, the log is cut to its whole frames and
     /// kept, and its handle and length are returned for the writer to go on appending; the
@@ -875,7 +897,29 @@ impl Core {
         let Some(bytes) = self.fs.read(&path).map_err(|e| StateError::io("reading the log", &path, e))? else {
             return Ok(None);
         };
-        let replayed = wal::replay(&bytes);
+        let replayed = wal::replay(&bytes).map_err(|d| {
+            tracing::error!(
+                damaged_at = d.at,
+                next_frame = d.next_frame,
+                len = bytes.len(),
+                "the write-ahead log is damaged before frames that were acknowledged; not opening the store"
+            );
+            StateError::corrupt(
+                format!("metadata/{WAL}"),
+                format!(
+                    "the write-ahead log is damaged at byte {} of {}, and whole frames written after that part \
+                     was made durable follow at byte {}: acknowledged writes cannot be read back. Nothing was \
+                     changed and the log is kept at {}. To open the store anyway, keep a copy of the log, then \
+                     either cut it to its first {} bytes (the writes from the damage on are lost) or move it out \
+                     of the store (every write it holds is lost; the record files keep their older values)",
+                    d.at,
+                    bytes.len(),
+                    d.next_frame,
+                    path.display(),
+                    d.at
+                ),
+            )
+        })?;
         if replayed.valid_len < bytes.len() {
             tracing::info!(
                 ignored_bytes = bytes.len() - replayed.valid_len,

@@ -18,6 +18,8 @@ pub(crate) trait FsFile: Send {
     fn sync_data(&mut self) -> io::Result<()>;
     /// Cuts the file to `len` bytes (to drop a failed append).
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// The file's current length.
+    fn len(&mut self) -> io::Result<u64>;
 }
 
 /// One entry of a directory listing.
@@ -88,6 +90,9 @@ impl FsFile for OsFile {
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn len(&mut self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
     }
 }
 

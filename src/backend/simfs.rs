@@ -574,6 +574,13 @@ impl FsFile for SimFile {
         g.changed();
         Ok(())
     }
+
+    fn len(&mut self) -> io::Result<u64> {
+        match self.fs.lock().tree.node_mut(self.ino)? {
+            Node::File { current, .. } => Ok(current.len() as u64),
+            Node::Dir { .. } => Err(errno(libc::EISDIR)),
+        }
+    }
 }
 
 impl Fs for SimFs {
