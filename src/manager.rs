@@ -1142,7 +1142,9 @@ impl StateManager {
     pub async fn finish_key_rotation(&self) -> Result<usize> {
         self.authorize_maintenance("rotate the key of")?;
         let crypt = self.crypt()?;
-        let sessions: Vec<SessionId> = self.store()?.index().sessions.keys().cloned().collect();
+        // Every session with a record, including those with only an access record (owned,
+        // but never saved), which the index does not hold.
+        let sessions = self.store()?.reencrypt_sessions().await?;
         let mut rewritten = 0;
         for sid in sessions {
             rewritten += self.call("rotate_key", &sid, |reply| SessionMsg::Reencrypt { reply }).await?;

@@ -27,7 +27,7 @@
 //! session actor and its cache) → session actor → codec (JSON, gzip, CRC) → encryption →
 //! storage actor → backend.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -148,11 +148,19 @@ pub(crate) enum Decision {
 pub(crate) struct AccessTable {
     layer: AccessControlLayer,
     records: Mutex<HashMap<SessionId, AccessRecord>>,
+    /// Sessions whose stored access record could not be read: left to administrators.
+    unreadable: Mutex<HashSet<SessionId>>,
 }
 
 impl AccessTable {
     pub(crate) fn new(layer: AccessControlLayer, records: HashMap<SessionId, AccessRecord>) -> Self {
-        AccessTable { layer, records: Mutex::new(records) }
+        AccessTable { layer, records: Mutex::new(records), unreadable: Mutex::default() }
+    }
+
+    /// Leaves `sid` to administrators: its stored access record could not be read, so no
+    /// one else may use it, nor claim it as new, until it is deleted.
+    pub(crate) fn mark_unreadable(&self, sid: SessionId) {
+        crate::sync::lock(&self.unreadable).insert(sid);
     }
 
     fn records(&self) -> MutexGuard<'_, HashMap<SessionId, AccessRecord>> {
@@ -187,7 +195,7 @@ impl AccessTable {
                 _ => Err(Self::denied(p, op, sid.as_str())),
             },
             // Unowned and absent: the first write claims it; reads find nothing anyway.
-            None if !exists => {
+            None if !exists && !crate::sync::lock(&self.unreadable).contains(sid) => {
                 if op.creates() {
                     let record = AccessRecord { owner: p.clone(), created_at: now, grants: BTreeMap::new() };
                     records.insert(sid.clone(), record.clone());
@@ -229,6 +237,7 @@ impl AccessTable {
 
     pub(crate) fn remove(&self, sid: &SessionId) {
         self.records().remove(sid);
+        crate::sync::lock(&self.unreadable).remove(sid);
     }
 }
 
