@@ -17,7 +17,9 @@ use crate::error::{BoxError, Result, StateError};
 use crate::lifecycle::{CheckpointPolicy, MigrationReport, Migrations, Recovery, SkippedCheckpoint, Watch};
 use crate::middleware::acl::{Access, AccessControlLayer, AccessRecord, Decision, Op};
 #[cfg(feature = "encryption")]
-use crate::middleware::crypto::{Encrypted, EncryptionKey, EncryptionLayer, KeySource, Passphrase};
+use crate::middleware::crypto::{
+    Encrypted, EncryptionKey, EncryptionLayer, FoundLayer, KeyRing, KeySource, Passphrase,
+};
 #[cfg(feature = "encryption")]
 use crate::store;
 use crate::store::{RetentionPolicy, Store};
@@ -51,6 +53,10 @@ pub struct StateManagerBuilder {
     access: Option<AccessControlLayer>,
     #[cfg(feature = "encryption")]
     encryption: Option<(KeySource, Vec<KeySource>)>,
+    /// The encryption layer of a backend given already encrypted (an
+    /// `EncryptedFileStorageBackend`), and the backend below it.
+    #[cfg(feature = "encryption")]
+    layer: Option<FoundLayer>,
 }
 
 #[cfg(feature = "encryption")]
@@ -104,6 +110,12 @@ impl StateManagerBuilder {
     /// (XChaCha20-Poly1305; see [`middleware::crypto`](crate::middleware::crypto) for what
     /// stays visible). A wrong key is [`StateError::WrongKey`] at start. A store keeps the
     /// encryption setting it was created with.
+    ///
+    /// Giving the builder an [`EncryptedFileStorageBackend`](crate::EncryptedFileStorageBackend)
+    /// instead is the same: the manager finds its encryption layer and uses it (key
+    /// rotation included), and a store made one way opens the other way. Such a backend is
+    /// encrypted already, so adding a key here as well is a [`StateError::Config`] error at
+    /// [`start`](Self::start) rather than a store encrypted twice.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
@@ -209,20 +221,45 @@ impl StateManagerBuilder {
         #[allow(unused_mut)]
         let mut below = None;
         #[cfg(feature = "encryption")]
-        let mut crypt = Weak::new();
+        let mut crypt: Weak<dyn KeyRing> = Weak::<EncryptedBackend>::new();
         #[cfg(feature = "encryption")]
-        if let Some((current, previous)) = self.encryption {
-            codec.encrypted = true;
-            // Check the store's settings before the layer writes its key metadata, so an
-            // unencrypted store is refused untouched.
-            if let Some(meta) = store::read_store_meta(backend.as_ref()).await? {
-                meta.check(&codec)?;
+        match (self.layer, self.encryption) {
+            (Some(_), Some(_)) => {
+                return Err(StateError::Config {
+                    message: "the backend is encrypted already (an EncryptedFileStorageBackend); give the key \
+                              there or to the builder, not both"
+                        .into(),
+                });
             }
-            let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
-            below = Some(backend.clone());
-            let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
-            crypt = Arc::downgrade(&encrypted);
-            backend = encrypted;
+            // A backend given encrypted: the same store as with `encryption_key`.
+            (Some((layer, under)), None) => {
+                codec.encrypted = true;
+                if let Some(meta) = store::read_store_meta(under.as_ref()).await?
+                    && !meta.encrypted()
+                {
+                    // Made by an earlier version, which did not see this layer: its
+                    // records are sealed but named without `.enc`. Keep reading it so.
+                    tracing::warn!("this encrypted store was created without .enc record names; it keeps them");
+                    codec.encrypted = false;
+                }
+                crypt = Arc::downgrade(&layer);
+                below = Some(under);
+            }
+            (None, Some((current, previous))) => {
+                codec.encrypted = true;
+                // Check the store's settings before the layer writes its key metadata, so an
+                // unencrypted store is refused untouched.
+                if let Some(meta) = store::read_store_meta(backend.as_ref()).await? {
+                    meta.check(&codec)?;
+                }
+                let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
+                below = Some(backend.clone());
+                let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
+                let keys: Arc<dyn KeyRing> = encrypted.clone();
+                crypt = Arc::downgrade(&keys);
+                backend = encrypted;
+            }
+            (None, None) => {}
         }
         let store = Arc::new(
             Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default(), below).await?,
@@ -281,7 +318,7 @@ struct Inner {
     config: Arc<Config>,
     /// The encryption layer under the store, for key rotation (weak for the same reason).
     #[cfg(feature = "encryption")]
-    crypt: Weak<EncryptedBackend>,
+    crypt: Weak<dyn KeyRing>,
 }
 
 impl Drop for Inner {
@@ -307,8 +344,15 @@ fn ser_err(session: &SessionId, e: StateError) -> StateError {
 impl StateManager {
     /// A builder over `backend`.
     pub fn builder(backend: impl StorageBackend) -> StateManagerBuilder {
+        let backend = Arc::new(backend);
+        // An encrypted backend (an `EncryptedFileStorageBackend`) is recognised here, while
+        // its type is known, so the store is opened as encrypted.
+        #[cfg(feature = "encryption")]
+        let layer = crate::middleware::crypto::find_layer(&(backend.clone() as Arc<dyn std::any::Any + Send + Sync>));
         StateManagerBuilder {
-            backend: Arc::new(backend),
+            backend,
+            #[cfg(feature = "encryption")]
+            layer,
             compression: None,
             access: None,
             #[cfg(feature = "encryption")]
@@ -1155,7 +1199,7 @@ impl StateManager {
     }
 
     #[cfg(feature = "encryption")]
-    fn crypt(&self) -> Result<Arc<EncryptedBackend>> {
+    fn crypt(&self) -> Result<Arc<dyn KeyRing>> {
         match self.inner.crypt.upgrade() {
             Some(c) => Ok(c),
             None if self.inner.store.strong_count() == 0 => {

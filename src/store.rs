@@ -1,7 +1,7 @@
 //! The store: backend + codec + index. Every record operation of the crate goes through
 //! here, called from the storage actor's tasks (and once from start-up).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,12 @@ pub(crate) struct StoreMeta {
 impl StoreMeta {
     fn of(codec: &Codec) -> StoreMeta {
         StoreMeta { mars_state: 1, compression: codec.compression.name().to_owned(), encrypted: codec.encrypted }
+    }
+
+    /// Whether the store was created encrypted.
+    #[cfg(feature = "encryption")]
+    pub(crate) fn encrypted(&self) -> bool {
+        self.encrypted
     }
 
     /// Refuses to open a store with settings other than those it was created with.
@@ -301,8 +307,9 @@ impl Store {
 
     /// Every session a full-store pass must visit: those in the index and those with only
     /// an access record.
+    #[cfg(feature = "encryption")]
     pub(crate) async fn reencrypt_sessions(&self) -> Result<Vec<SessionId>> {
-        let mut sessions: BTreeSet<SessionId> = self.index().sessions.keys().cloned().collect();
+        let mut sessions: std::collections::BTreeSet<SessionId> = self.index().sessions.keys().cloned().collect();
         sessions.extend(self.access_keys().await?.into_iter().map(|(sid, _)| sid));
         Ok(sessions.into_iter().collect())
     }

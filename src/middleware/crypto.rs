@@ -351,7 +351,9 @@ struct Keyring {
 /// A backend whose values are encrypted at rest (see the [module docs](self) for the format
 /// and for what stays visible). Built by [`EncryptionLayer::wrap`] or [`Encrypted::open`].
 pub struct Encrypted<B> {
-    inner: B,
+    /// Shared so a manager given this wrapper can reach the backend below it (for
+    /// quarantine copies of records this layer refuses).
+    inner: Arc<B>,
     keyring: RwLock<Keyring>,
     /// The contents of `metadata/crypto.json`; held while it is rewritten.
     meta: tokio::sync::Mutex<CryptoMeta>,
@@ -359,7 +361,11 @@ pub struct Encrypted<B> {
     torn_logs: Mutex<HashSet<StorageKey>>,
 }
 
-/// The file backend with encryption at rest (see [`Encrypted::open_path`]).
+/// The file backend with encryption at rest (see [`Encrypted::open_path`]). Handed to
+/// [`StateManager::builder`](crate::StateManager::builder) it gives the same encrypted
+/// store as a [`FileStorageBackend`] with
+/// [`encryption_key`](crate::StateManagerBuilder::encryption_key) (records named `.enc`,
+/// key rotation, quarantine copies): a store made either way opens the other way too.
 pub type EncryptedFileStorageBackend = Encrypted<FileStorageBackend>;
 
 impl Encrypted<FileStorageBackend> {
@@ -473,7 +479,7 @@ impl<B: StorageBackend> Encrypted<B> {
             }
         }
         Ok(Encrypted {
-            inner,
+            inner: Arc::new(inner),
             keyring: RwLock::new(ring),
             meta: tokio::sync::Mutex::new(meta),
             torn_logs: Mutex::new(HashSet::new()),
@@ -482,7 +488,7 @@ impl<B: StorageBackend> Encrypted<B> {
 
     /// The wrapped backend (which holds ciphertext).
     pub fn inner(&self) -> &B {
-        &self.inner
+        self.inner.as_ref()
     }
 
     /// The id of the key new values are sealed with.
@@ -707,6 +713,47 @@ impl<B: StorageBackend> Encrypted<B> {
         self.torn().remove(key);
         Ok(())
     }
+}
+
+/// What a [`StateManager`](crate::StateManager) needs of the encryption layer under its
+/// store, whatever backend that layer wraps: key rotation.
+#[async_trait]
+pub(crate) trait KeyRing: Send + Sync + fmt::Debug {
+    /// [`Encrypted::rotate_to`].
+    async fn rotate_to(&self, new: KeySource) -> Result<u32>;
+    /// [`Encrypted::retire_keys_except_current`].
+    async fn retire_keys_except_current(&self) -> Result<()>;
+}
+
+#[async_trait]
+impl<B: StorageBackend> KeyRing for Encrypted<B> {
+    async fn rotate_to(&self, new: KeySource) -> Result<u32> {
+        Encrypted::rotate_to(self, new).await
+    }
+
+    async fn retire_keys_except_current(&self) -> Result<()> {
+        Encrypted::retire_keys_except_current(self).await
+    }
+}
+
+/// An encryption layer found in a backend handed to the manager: its keyring, and the
+/// backend below it.
+pub(crate) type FoundLayer = (Arc<dyn KeyRing>, Arc<dyn StorageBackend>);
+
+/// If `backend` is one of this crate's encrypted backends ([`EncryptedFileStorageBackend`],
+/// or `Encrypted` over the memory backend or over `Arc<dyn StorageBackend>`), its keyring
+/// and the backend below it. The manager then treats the store as encrypted, exactly as
+/// with its own `encryption_key`. An `Encrypted` over another backend type cannot be
+/// recognised here; give such a backend to the manager unwrapped, with the key.
+pub(crate) fn find_layer(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Option<FoundLayer> {
+    fn parts<T: StorageBackend>(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Option<FoundLayer> {
+        let layer = backend.clone().downcast::<Encrypted<T>>().ok()?;
+        let below: Arc<dyn StorageBackend> = layer.inner.clone();
+        Some((layer, below))
+    }
+    parts::<FileStorageBackend>(backend)
+        .or_else(|| parts::<crate::MemoryStorageBackend>(backend))
+        .or_else(|| parts::<Arc<dyn StorageBackend>>(backend))
 }
 
 /// Whether values at `key` are stored as they are, unencrypted: `metadata/store.json`,
