@@ -63,9 +63,14 @@ pub struct StateManagerBuilder {
 type EncryptedBackend = Encrypted<Arc<dyn StorageBackend>>;
 
 impl StateManagerBuilder {
-    /// Stores records gzipped at `level` (1 = fastest … 9 = smallest). A store keeps the
-    /// compression it was created with; opening it with another setting is a
-    /// [`StateError::Config`] error.
+    /// Stores records gzipped at `level` (1 = fastest … 9 = smallest).
+    ///
+    /// This decides the format of a new store. A store keeps the format it was created
+    /// with, so all its records have one format and one file-name ending (`.json`, or
+    /// `.json.gz` that `zcat | jq` reads), and it opens whatever this is set to: a gzip
+    /// store opened without `compression` gzips new records at level 6, one opened at
+    /// another level uses that level, and a plain store opened with `compression` stays
+    /// plain JSON (both logged at `info`). Every record reads back either way.
     pub fn compression(mut self, level: u32) -> Self {
         self.compression = Some(level);
         self

@@ -68,22 +68,54 @@ impl StoreMeta {
         self.encrypted
     }
 
-    /// Refuses to open a store with settings other than those it was created with.
+    /// Refuses to open a store with an encryption setting other than the one it was
+    /// created with (an encrypted store needs its key; a plain one must not get one), or in
+    /// a format this version does not know. Compression is not checked: see
+    /// [`adopt_format`](Self::adopt_format).
     pub(crate) fn check(&self, codec: &Codec) -> Result<()> {
-        let mismatch = |what: &str, stored: &str, asked: &str| StateError::Config {
-            message: format!("the store was created with {what} {stored} but the manager is configured with {asked}"),
-        };
         if self.mars_state != 1 {
             return Err(StateError::Config { message: format!("unsupported store format {}", self.mars_state) });
         }
-        if self.compression != codec.compression.name() {
-            return Err(mismatch("compression", &self.compression, codec.compression.name()));
+        if !matches!(self.compression.as_str(), "none" | "gzip") {
+            return Err(StateError::Config {
+                message: format!(
+                    "the store was created with compression {:?}, which this version does not know",
+                    self.compression
+                ),
+            });
         }
         let on_off = |b: bool| if b { "on" } else { "off" };
         if self.encrypted != codec.encrypted {
-            return Err(mismatch("encryption", on_off(self.encrypted), on_off(codec.encrypted)));
+            return Err(StateError::Config {
+                message: format!(
+                    "the store was created with encryption {} but the manager is configured with {}",
+                    on_off(self.encrypted),
+                    on_off(codec.encrypted)
+                ),
+            });
         }
         Ok(())
+    }
+
+    /// Makes `codec` write the record format the store was created with, so every record
+    /// of a store has one format and one file-name ending (`.json`, or `.json.gz` that
+    /// `zcat | jq` reads), whatever the manager is configured with now: a gzip store
+    /// opened without `compression` keeps gzipping (at level 6), one opened at another
+    /// level uses that level, and a plain store stays plain. (Reads do not depend on it:
+    /// each record is recognised by its own bytes.)
+    fn adopt_format(&self, codec: &mut Codec) {
+        let stored = match (self.compression.as_str(), codec.compression) {
+            ("gzip", Compression::None) => {
+                info!("the store was created with gzip; new records are gzipped at level 6");
+                Compression::Gzip(6)
+            }
+            ("none", Compression::Gzip(_)) => {
+                info!("the store was created uncompressed; new records stay plain JSON");
+                Compression::None
+            }
+            (_, configured) => configured,
+        };
+        codec.compression = stored;
     }
 }
 
@@ -187,13 +219,16 @@ impl Store {
     /// index, and finishes deletes a crash interrupted.
     pub(crate) async fn open(
         backend: Arc<dyn StorageBackend>,
-        codec: Codec,
+        mut codec: Codec,
         retention: RetentionPolicy,
         access: AccessControlLayer,
         below: Option<Arc<dyn StorageBackend>>,
     ) -> Result<Store> {
         match read_store_meta(backend.as_ref()).await? {
-            Some(meta) => meta.check(&codec)?,
+            Some(meta) => {
+                meta.check(&codec)?;
+                meta.adopt_format(&mut codec);
+            }
             None => {
                 let meta = StoreMeta::of(&codec);
                 let bytes = serde_json::to_vec(&meta).map_err(|e| StateError::Config { message: e.to_string() })?;
