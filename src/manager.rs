@@ -17,7 +17,9 @@ use crate::error::{BoxError, Result, StateError};
 use crate::lifecycle::{CheckpointPolicy, MigrationReport, Migrations, Recovery, SkippedCheckpoint, Watch};
 use crate::middleware::acl::{Access, AccessControlLayer, AccessRecord, Decision, Op};
 #[cfg(feature = "encryption")]
-use crate::middleware::crypto::{Encrypted, EncryptionKey, EncryptionLayer, KeySource, Passphrase};
+use crate::middleware::crypto::{
+    Encrypted, EncryptionKey, EncryptionLayer, FoundLayer, KeyRing, KeySource, Passphrase,
+};
 #[cfg(feature = "encryption")]
 use crate::store;
 use crate::store::{RetentionPolicy, Store};
@@ -51,15 +53,24 @@ pub struct StateManagerBuilder {
     access: Option<AccessControlLayer>,
     #[cfg(feature = "encryption")]
     encryption: Option<(KeySource, Vec<KeySource>)>,
+    /// The encryption layer of a backend given already encrypted (an
+    /// `EncryptedFileStorageBackend`), and the backend below it.
+    #[cfg(feature = "encryption")]
+    layer: Option<FoundLayer>,
 }
 
 #[cfg(feature = "encryption")]
 type EncryptedBackend = Encrypted<Arc<dyn StorageBackend>>;
 
 impl StateManagerBuilder {
-    /// Stores records gzipped at `level` (1 = fastest … 9 = smallest). A store keeps the
-    /// compression it was created with; opening it with another setting is a
-    /// [`StateError::Config`] error.
+    /// Stores records gzipped at `level` (1 = fastest … 9 = smallest).
+    ///
+    /// This decides the format of a new store. A store keeps the format it was created
+    /// with, so all its records have one format and one file-name ending (`.json`, or
+    /// `.json.gz` that `zcat | jq` reads), and it opens whatever this is set to: a gzip
+    /// store opened without `compression` gzips new records at level 6, one opened at
+    /// another level uses that level, and a plain store opened with `compression` stays
+    /// plain JSON (both logged at `info`). Every record reads back either way.
     pub fn compression(mut self, level: u32) -> Self {
         self.compression = Some(level);
         self
@@ -104,6 +115,12 @@ impl StateManagerBuilder {
     /// (XChaCha20-Poly1305; see [`middleware::crypto`](crate::middleware::crypto) for what
     /// stays visible). A wrong key is [`StateError::WrongKey`] at start. A store keeps the
     /// encryption setting it was created with.
+    ///
+    /// Giving the builder an [`EncryptedFileStorageBackend`](crate::EncryptedFileStorageBackend)
+    /// instead is the same: the manager finds its encryption layer and uses it (key
+    /// rotation included), and a store made one way opens the other way. Such a backend is
+    /// encrypted already, so adding a key here as well is a [`StateError::Config`] error at
+    /// [`start`](Self::start) rather than a store encrypted twice.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
@@ -209,20 +226,45 @@ impl StateManagerBuilder {
         #[allow(unused_mut)]
         let mut below = None;
         #[cfg(feature = "encryption")]
-        let mut crypt = Weak::new();
+        let mut crypt: Weak<dyn KeyRing> = Weak::<EncryptedBackend>::new();
         #[cfg(feature = "encryption")]
-        if let Some((current, previous)) = self.encryption {
-            codec.encrypted = true;
-            // Check the store's settings before the layer writes its key metadata, so an
-            // unencrypted store is refused untouched.
-            if let Some(meta) = store::read_store_meta(backend.as_ref()).await? {
-                meta.check(&codec)?;
+        match (self.layer, self.encryption) {
+            (Some(_), Some(_)) => {
+                return Err(StateError::Config {
+                    message: "the backend is encrypted already (an EncryptedFileStorageBackend); give the key \
+                              there or to the builder, not both"
+                        .into(),
+                });
             }
-            let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
-            below = Some(backend.clone());
-            let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
-            crypt = Arc::downgrade(&encrypted);
-            backend = encrypted;
+            // A backend given encrypted: the same store as with `encryption_key`.
+            (Some((layer, under)), None) => {
+                codec.encrypted = true;
+                if let Some(meta) = store::read_store_meta(under.as_ref()).await?
+                    && !meta.encrypted()
+                {
+                    // Made by an earlier version, which did not see this layer: its
+                    // records are sealed but named without `.enc`. Keep reading it so.
+                    tracing::warn!("this encrypted store was created without .enc record names; it keeps them");
+                    codec.encrypted = false;
+                }
+                crypt = Arc::downgrade(&layer);
+                below = Some(under);
+            }
+            (None, Some((current, previous))) => {
+                codec.encrypted = true;
+                // Check the store's settings before the layer writes its key metadata, so an
+                // unencrypted store is refused untouched.
+                if let Some(meta) = store::read_store_meta(backend.as_ref()).await? {
+                    meta.check(&codec)?;
+                }
+                let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
+                below = Some(backend.clone());
+                let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
+                let keys: Arc<dyn KeyRing> = encrypted.clone();
+                crypt = Arc::downgrade(&keys);
+                backend = encrypted;
+            }
+            (None, None) => {}
         }
         let store = Arc::new(
             Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default(), below).await?,
@@ -281,7 +323,7 @@ struct Inner {
     config: Arc<Config>,
     /// The encryption layer under the store, for key rotation (weak for the same reason).
     #[cfg(feature = "encryption")]
-    crypt: Weak<EncryptedBackend>,
+    crypt: Weak<dyn KeyRing>,
 }
 
 impl Drop for Inner {
@@ -307,8 +349,15 @@ fn ser_err(session: &SessionId, e: StateError) -> StateError {
 impl StateManager {
     /// A builder over `backend`.
     pub fn builder(backend: impl StorageBackend) -> StateManagerBuilder {
+        let backend = Arc::new(backend);
+        // An encrypted backend (an `EncryptedFileStorageBackend`) is recognised here, while
+        // its type is known, so the store is opened as encrypted.
+        #[cfg(feature = "encryption")]
+        let layer = crate::middleware::crypto::find_layer(&(backend.clone() as Arc<dyn std::any::Any + Send + Sync>));
         StateManagerBuilder {
-            backend: Arc::new(backend),
+            backend,
+            #[cfg(feature = "encryption")]
+            layer,
             compression: None,
             access: None,
             #[cfg(feature = "encryption")]
@@ -1180,7 +1229,9 @@ impl StateManager {
     pub async fn finish_key_rotation(&self) -> Result<usize> {
         self.authorize_maintenance("rotate the key of")?;
         let crypt = self.crypt()?;
-        let sessions: Vec<SessionId> = self.store()?.index().sessions.keys().cloned().collect();
+        // Every session with a record, including those with only an access record (owned,
+        // but never saved), which the index does not hold.
+        let sessions = self.store()?.reencrypt_sessions().await?;
         let mut rewritten = 0;
         for sid in sessions {
             rewritten += self.call("rotate_key", &sid, |reply| SessionMsg::Reencrypt { reply }).await?;
@@ -1191,7 +1242,7 @@ impl StateManager {
     }
 
     #[cfg(feature = "encryption")]
-    fn crypt(&self) -> Result<Arc<EncryptedBackend>> {
+    fn crypt(&self) -> Result<Arc<dyn KeyRing>> {
         match self.inner.crypt.upgrade() {
             Some(c) => Ok(c),
             None if self.inner.store.strong_count() == 0 => {

@@ -62,22 +62,60 @@ impl StoreMeta {
         StoreMeta { mars_state: 1, compression: codec.compression.name().to_owned(), encrypted: codec.encrypted }
     }
 
-    /// Refuses to open a store with settings other than those it was created with.
+    /// Whether the store was created encrypted.
+    #[cfg(feature = "encryption")]
+    pub(crate) fn encrypted(&self) -> bool {
+        self.encrypted
+    }
+
+    /// Refuses to open a store with an encryption setting other than the one it was
+    /// created with (an encrypted store needs its key; a plain one must not get one), or in
+    /// a format this version does not know. Compression is not checked: see
+    /// [`adopt_format`](Self::adopt_format).
     pub(crate) fn check(&self, codec: &Codec) -> Result<()> {
-        let mismatch = |what: &str, stored: &str, asked: &str| StateError::Config {
-            message: format!("the store was created with {what} {stored} but the manager is configured with {asked}"),
-        };
         if self.mars_state != 1 {
             return Err(StateError::Config { message: format!("unsupported store format {}", self.mars_state) });
         }
-        if self.compression != codec.compression.name() {
-            return Err(mismatch("compression", &self.compression, codec.compression.name()));
+        if !matches!(self.compression.as_str(), "none" | "gzip") {
+            return Err(StateError::Config {
+                message: format!(
+                    "the store was created with compression {:?}, which this version does not know",
+                    self.compression
+                ),
+            });
         }
         let on_off = |b: bool| if b { "on" } else { "off" };
         if self.encrypted != codec.encrypted {
-            return Err(mismatch("encryption", on_off(self.encrypted), on_off(codec.encrypted)));
+            return Err(StateError::Config {
+                message: format!(
+                    "the store was created with encryption {} but the manager is configured with {}",
+                    on_off(self.encrypted),
+                    on_off(codec.encrypted)
+                ),
+            });
         }
         Ok(())
+    }
+
+    /// Makes `codec` write the record format the store was created with, so every record
+    /// of a store has one format and one file-name ending (`.json`, or `.json.gz` that
+    /// `zcat | jq` reads), whatever the manager is configured with now: a gzip store
+    /// opened without `compression` keeps gzipping (at level 6), one opened at another
+    /// level uses that level, and a plain store stays plain. (Reads do not depend on it:
+    /// each record is recognised by its own bytes.)
+    fn adopt_format(&self, codec: &mut Codec) {
+        let stored = match (self.compression.as_str(), codec.compression) {
+            ("gzip", Compression::None) => {
+                info!("the store was created with gzip; new records are gzipped at level 6");
+                Compression::Gzip(6)
+            }
+            ("none", Compression::Gzip(_)) => {
+                info!("the store was created uncompressed; new records stay plain JSON");
+                Compression::None
+            }
+            (_, configured) => configured,
+        };
+        codec.compression = stored;
     }
 }
 
@@ -155,6 +193,9 @@ pub(crate) struct Store {
     pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
     /// The live session actors (kept by the supervisor), for requests that skip it.
     pub(crate) actors: crate::actor::Directory,
+    /// Serializes access-record writes with their re-encryption (a get and a put), so a
+    /// grant made meanwhile is not overwritten by the older record.
+    access_writes: tokio::sync::Mutex<()>,
 }
 
 pub(crate) fn session_key(codec: &Codec, sid: &SessionId) -> StorageKey {
@@ -182,13 +223,16 @@ impl Store {
     /// index, and finishes deletes a crash interrupted.
     pub(crate) async fn open(
         backend: Arc<dyn StorageBackend>,
-        codec: Codec,
+        mut codec: Codec,
         retention: RetentionPolicy,
         access: AccessControlLayer,
         below: Option<Arc<dyn StorageBackend>>,
     ) -> Result<Store> {
         match read_store_meta(backend.as_ref()).await? {
-            Some(meta) => meta.check(&codec)?,
+            Some(meta) => {
+                meta.check(&codec)?;
+                meta.adopt_format(&mut codec);
+            }
             None => {
                 let meta = StoreMeta::of(&codec);
                 let bytes = serde_json::to_vec(&meta).map_err(|e| StateError::Config { message: e.to_string() })?;
@@ -215,6 +259,7 @@ impl Store {
             hot: Default::default(),
             actors: crate::actor::Directory::default(),
             deleting: Mutex::new(HashSet::new()),
+            access_writes: tokio::sync::Mutex::new(()),
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
@@ -256,48 +301,91 @@ impl Store {
         Ok(store)
     }
 
-    /// Reads every session's access record. An unreadable one leaves its session without
-    /// an owner, so only administrators and the system principal may use it (fail closed).
+    /// Reads every session's access record. An unreadable one (damaged, or sealed under a
+    /// key this handle lacks) does not stop the open: its session is left to administrators
+    /// and the system principal (fail closed: no one may claim it as new either), with a
+    /// warning. A wrong key for the whole store never gets here: the encryption layer
+    /// refuses it at once against its key-check records.
     async fn load_access(&self, layer: AccessControlLayer) -> Result<AccessTable> {
         let mut records = HashMap::new();
-        for meta in self.backend.list(&fixed(ACCESS)).await? {
-            let Some(sid) = meta.key.file_name().strip_suffix(".json").and_then(|s| SessionId::new(s).ok()) else {
-                continue;
-            };
-            let parsed = match self.backend.get(&meta.key).await {
-                Ok(Some(bytes)) => serde_json::from_slice::<AccessRecord>(&bytes).ok(),
+        let mut unreadable = Vec::new();
+        for (sid, key) in self.access_keys().await? {
+            let parsed = match self.backend.get(&key).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<AccessRecord>(&bytes).map_err(|e| e.to_string()),
                 Ok(None) => continue,
-                Err(StateError::Corrupt { .. }) => None,
+                Err(e @ (StateError::Corrupt { .. } | StateError::WrongKey { .. })) => Err(e.to_string()),
                 Err(e) => return Err(e),
             };
             match parsed {
-                Some(r) => {
+                Ok(r) => {
                     records.insert(sid, r);
                 }
-                None => warn!(key = %meta.key, "unreadable access record; the session is left to administrators"),
+                Err(error) => {
+                    warn!(key = %key, error, "unreadable access record; the session is left to administrators");
+                    unreadable.push(sid);
+                }
             }
         }
-        Ok(AccessTable::new(layer, records))
+        let table = AccessTable::new(layer, records);
+        for sid in unreadable {
+            table.mark_unreadable(sid);
+        }
+        Ok(table)
+    }
+
+    /// The access records on disk: every session that has an owner, whether or not it has
+    /// a state (a session claimed by a first write that then failed has only this).
+    async fn access_keys(&self) -> Result<Vec<(SessionId, StorageKey)>> {
+        Ok(self
+            .backend
+            .list(&fixed(ACCESS))
+            .await?
+            .into_iter()
+            .filter_map(|meta| {
+                let sid = meta.key.file_name().strip_suffix(".json").and_then(|s| SessionId::new(s).ok())?;
+                Some((sid, meta.key))
+            })
+            .collect())
+    }
+
+    /// Every session a full-store pass must visit: those in the index and those with only
+    /// an access record.
+    #[cfg(feature = "encryption")]
+    pub(crate) async fn reencrypt_sessions(&self) -> Result<Vec<SessionId>> {
+        let mut sessions: std::collections::BTreeSet<SessionId> = self.index().sessions.keys().cloned().collect();
+        sessions.extend(self.access_keys().await?.into_iter().map(|(sid, _)| sid));
+        Ok(sessions.into_iter().collect())
     }
 
     /// Rewrites a record as it is (decrypted with whichever key sealed it, sealed again
-    /// with the current one). Returns whether it existed.
+    /// with the current one). Returns whether it was rewritten. A damaged record reads as
+    /// damaged under every key, so it is left as it is (with a warning) rather than
+    /// stopping the pass; a record sealed under a key this handle lacks stops it
+    /// (`WrongKey`), so no key it needs is retired. Crash-safe: one atomic put, and the
+    /// record reads the same before and after it.
     async fn rewrite(&self, key: &StorageKey) -> Result<bool> {
-        match self.backend.get(key).await? {
-            Some(bytes) => {
+        match self.backend.get(key).await {
+            Ok(Some(bytes)) => {
                 self.backend.put(key, bytes).await?;
                 Ok(true)
             }
-            None => Ok(false),
+            Ok(None) => Ok(false),
+            Err(e @ StateError::Corrupt { .. }) => {
+                warn!(key = %key, error = %e, "damaged record left as it is by re-encryption");
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
     }
 
     /// Re-encrypts one session's records: its state, checkpoints and access record. Called
-    /// by its session actor, so no write of the session interleaves.
+    /// by its session actor, so no write of the session interleaves; the access record is
+    /// rewritten under the lock its writers take.
     pub(crate) async fn reencrypt_session(&self, sid: &SessionId) -> Result<usize> {
-        let mut n = 0;
-        for key in [session_key(&self.codec, sid), access_key(sid)] {
-            n += usize::from(self.rewrite(&key).await?);
+        let mut n = usize::from(self.rewrite(&session_key(&self.codec, sid)).await?);
+        {
+            let _access = self.access_writes.lock().await;
+            n += usize::from(self.rewrite(&access_key(sid)).await?);
         }
         let prefix = StorageKey::from_valid(format!("checkpoints/{sid}"));
         for meta in self.backend.list(&prefix).await? {
@@ -306,18 +394,18 @@ impl Store {
         Ok(n)
     }
 
-    /// Re-encrypts what belongs to no session: quarantine copies and the index journal.
+    /// Re-encrypts what belongs to no session: quarantine copies, the running marker and
+    /// the index journal. (`metadata/store.json`, `metadata/crypto.json` and the pending
+    /// markers are plaintext; see `middleware::crypto::stored_in_plaintext`.)
     #[cfg(feature = "encryption")]
     pub(crate) async fn reencrypt_rest(&self) -> Result<usize> {
         let mut n = 0;
         for meta in self.backend.list(&fixed("quarantine")).await? {
-            match self.rewrite(&meta.key).await {
-                Ok(existed) => n += usize::from(existed),
-                // A quarantined copy may be damaged beyond reading: it stays as it is.
-                Err(StateError::Corrupt { .. }) => {}
-                Err(e) => return Err(e),
-            }
+            n += usize::from(self.rewrite(&meta.key).await?);
         }
+        // Written at start and deleted at a clean shutdown; rewritten so a crash after the
+        // rotation does not leave it sealed under a retired key.
+        n += usize::from(self.rewrite(&fixed(RUNNING)).await?);
         let _guard = self.journal.lock().await;
         self.compact_locked(true).await?;
         Ok(n + 1)
@@ -371,6 +459,7 @@ impl Store {
     /// Persists a session's access record (durably, before the request it guards goes on).
     pub(crate) async fn put_access(&self, sid: &SessionId, record: &AccessRecord) -> Result<()> {
         let bytes = serde_json::to_vec(record).map_err(|e| StateError::json(sid.as_str(), &e))?;
+        let _access = self.access_writes.lock().await;
         self.backend.put(&access_key(sid), bytes).await
     }
 

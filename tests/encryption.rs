@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::{put_file, snapshot};
 use mars_state::{
-    EncryptionKey, ErrorKind, FileStorageBackend, MemoryStorageBackend, Principal, StateManager, StateManagerBuilder,
+    Access, AccessControlLayer, EncryptedFileStorageBackend, EncryptionKey, ErrorKind, FileStorageBackend,
+    MemoryStorageBackend, Principal, StateManager, StateManagerBuilder,
 };
 use serde_json::json;
 
@@ -208,6 +209,28 @@ async fn rotation_keeps_every_record_readable() {
     assert_eq!(builder(dir.path(), 1, true).start().await.unwrap_err().kind(), ErrorKind::WrongKey);
 }
 
+/// Regression: a rotation cut off before it recorded the new key could not be resumed the
+/// documented way (new key, old key as previous): the open said `WrongKey`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_cut_off_before_recording_the_new_key_resumes_the_documented_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = builder(dir.path(), 1, false).start().await.unwrap();
+    fill(&m, 5).await;
+    m.shutdown().await.unwrap();
+    // The state a rotation to key 2 leaves when killed before its first write.
+    let m = builder(dir.path(), 2, false).previous_encryption_key(key(1)).start().await.unwrap();
+    check_all(&m, 5).await;
+    m.finish_key_rotation().await.unwrap();
+    m.shutdown().await.unwrap();
+    let m = builder(dir.path(), 2, false).start().await.unwrap();
+    check_all(&m, 5).await;
+    m.shutdown().await.unwrap();
+    assert_eq!(builder(dir.path(), 1, false).start().await.unwrap_err().kind(), ErrorKind::WrongKey);
+    // A wrong key with a wrong previous key is still refused.
+    let err = builder(dir.path(), 3, false).previous_encryption_key(key(4)).start().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::WrongKey);
+}
+
 const CHILD: &str = "MARS_ROTATION_CHILD";
 
 /// The child: opens the store with key 1 and rotates to key 2 until it is killed.
@@ -280,4 +303,120 @@ async fn memory_backend_works_encrypted_too() {
     m.save_session("s", &json!(1)).await.unwrap();
     assert_eq!(m.load_session("s").await.unwrap(), Some(json!(1)));
     m.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Regressions of issue 10 (defects 3 and 8).
+// ---------------------------------------------------------------------------------------
+
+fn principal(name: &str) -> Principal {
+    Principal::new(name).unwrap()
+}
+
+/// Defect 3: a session with an owner but no state (its first update was rejected by the
+/// closure) is not in the index; rotation must still re-encrypt its access record, or the
+/// store no longer opens with the new key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_covers_access_records_of_sessions_without_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = builder(dir.path(), 1, false).start().await.unwrap();
+    let alice = m.for_principal(principal("alice"));
+    let r = alice.transactional_update("s", |_: Option<u64>| Err::<u64, _>(std::io::Error::other("not yet"))).await;
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::UpdateRejected);
+    alice.grant_access("s", principal("bob"), Access::Read).await.unwrap();
+    m.save_session("other", &json!({"x": 1})).await.unwrap();
+    m.rotate_key(key(2)).await.unwrap();
+    m.shutdown().await.unwrap();
+
+    let m = builder(dir.path(), 2, false).start().await.unwrap_or_else(|e| panic!("reopen with the new key: {e}"));
+    let record = m.access_record("s").await.unwrap().expect("alice still owns s");
+    assert_eq!(record.owner, principal("alice"));
+    assert_eq!(record.grants.get(&principal("bob")), Some(&Access::Read));
+    let carol = m.for_principal(principal("carol"));
+    assert_eq!(carol.save_session("s", &1).await.unwrap_err().kind(), ErrorKind::AccessDenied);
+    m.for_principal(principal("alice")).save_session("s", &json!(2)).await.unwrap();
+    assert_eq!(m.load_session("other").await.unwrap(), Some(json!({"x": 1})));
+    m.shutdown().await.unwrap();
+}
+
+/// Defect 3: one unreadable access record does not make the store unopenable; its session
+/// is left to administrators (fail closed), with or without a state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_access_record_leaves_its_session_to_administrators() {
+    let dir = tempfile::tempdir().unwrap();
+    let open =
+        || builder(dir.path(), 1, false).access_control(AccessControlLayer::new().admin(principal("ops"))).start();
+    let m = open().await.unwrap();
+    let alice = m.for_principal(principal("alice"));
+    alice.save_session("damaged", &json!({"a": 1})).await.unwrap();
+    alice.save_session("fine", &json!({"f": 1})).await.unwrap();
+    // Owned, no state: its first update was rejected.
+    let r = alice.transactional_update("empty", |_: Option<u64>| Err::<u64, _>(std::io::Error::other("no"))).await;
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::UpdateRejected);
+    m.shutdown().await.unwrap();
+    for sid in ["damaged", "empty"] {
+        let path = dir.path().join(format!("metadata/access/{sid}.json"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        put_file(&path, &bytes);
+    }
+
+    let m = open().await.unwrap_or_else(|e| panic!("one damaged access record made the store unopenable: {e}"));
+    let alice = m.for_principal(principal("alice"));
+    assert_eq!(alice.load_session("fine").await.unwrap(), Some(json!({"f": 1})));
+    alice.save_session("fine", &json!({"f": 2})).await.unwrap();
+    for sid in ["damaged", "empty"] {
+        for who in ["alice", "mallory"] {
+            let h = m.for_principal(principal(who));
+            assert_eq!(h.load_session(sid).await.unwrap_err().kind(), ErrorKind::AccessDenied, "{who} loads {sid}");
+            assert_eq!(h.save_session(sid, &0).await.unwrap_err().kind(), ErrorKind::AccessDenied, "{who} saves {sid}");
+        }
+    }
+    let ops = m.for_principal(principal("ops"));
+    assert_eq!(ops.load_session("damaged").await.unwrap(), Some(json!({"a": 1})));
+    m.shutdown().await.unwrap();
+}
+
+/// Defect 8: the documented `EncryptedFileStorageBackend` handed to the builder gives the
+/// same encrypted store as `FileStorageBackend` + `encryption_key`, rotation included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_file_backend_is_a_fully_encrypted_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = EncryptedFileStorageBackend::open_path(dir.path(), key(1)).await.unwrap();
+    let m = StateManager::builder(backend).start().await.unwrap();
+    fill(&m, 3).await;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("metadata/store.json")).unwrap()).unwrap();
+    assert_eq!(meta["encrypted"], true, "store.json: {meta}");
+    assert!(m.rotate_key(key(2)).await.unwrap() >= 6);
+    check_all(&m, 3).await;
+    m.shutdown().await.unwrap();
+    assert!(dir.path().join("sessions/s0.json.enc").exists(), "records are named .enc");
+
+    // Reopened the other way, with the new key.
+    let m = builder(dir.path(), 2, false).start().await.unwrap();
+    check_all(&m, 3).await;
+    m.save_session("s3", &json!({"i": 3, "m": MARKER})).await.unwrap();
+    m.shutdown().await.unwrap();
+    // And the documented way again.
+    let backend = EncryptedFileStorageBackend::open_path(dir.path(), key(2)).await.unwrap();
+    let m = StateManager::builder(backend).start().await.unwrap();
+    check_all(&m, 3).await;
+    assert_eq!(m.load_session("s3").await.unwrap(), Some(json!({"i": 3, "m": MARKER})));
+    m.finish_key_rotation().await.unwrap();
+    m.shutdown().await.unwrap();
+    assert_eq!(builder(dir.path(), 1, false).start().await.unwrap_err().kind(), ErrorKind::WrongKey);
+}
+
+/// Defect 8: an `EncryptedFileStorageBackend` given an `encryption_key` as well would be
+/// encrypted twice; that is refused, touching nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_file_backend_refuses_a_second_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = EncryptedFileStorageBackend::open_path(dir.path(), key(1)).await.unwrap();
+    let err = StateManager::builder(backend).encryption_key(key(2)).start().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("encrypt"), "{err}");
+    assert!(!dir.path().join("metadata/store.json").exists(), "nothing was created");
 }

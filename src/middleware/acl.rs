@@ -27,7 +27,7 @@
 //! session actor and its cache) → session actor → codec (JSON, gzip, CRC) → encryption →
 //! storage actor → backend.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -157,12 +157,20 @@ pub(crate) struct AccessTable {
     /// Shared, so a change event can carry the record it was made under (see
     /// [`shared`](Self::shared)) without copying it.
     records: Mutex<HashMap<SessionId, Arc<AccessRecord>>>,
+    /// Sessions whose stored access record could not be read: left to administrators.
+    unreadable: Mutex<HashSet<SessionId>>,
 }
 
 impl AccessTable {
     pub(crate) fn new(layer: AccessControlLayer, records: HashMap<SessionId, AccessRecord>) -> Self {
         let records = records.into_iter().map(|(s, r)| (s, Arc::new(r))).collect();
-        AccessTable { layer, records: Mutex::new(records) }
+        AccessTable { layer, records: Mutex::new(records), unreadable: Mutex::default() }
+    }
+
+    /// Leaves `sid` to administrators: its stored access record could not be read, so no
+    /// one else may use it, nor claim it as new, until it is deleted.
+    pub(crate) fn mark_unreadable(&self, sid: SessionId) {
+        crate::sync::lock(&self.unreadable).insert(sid);
     }
 
     fn records(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<AccessRecord>>> {
@@ -197,7 +205,7 @@ impl AccessTable {
                 _ => Err(Self::denied(p, op, sid.as_str())),
             },
             // Unowned and absent: the first write claims it; reads find nothing anyway.
-            None if !exists => {
+            None if !exists && !crate::sync::lock(&self.unreadable).contains(sid) => {
                 if op.creates() {
                     let record = AccessRecord { owner: p.clone(), created_at: now, grants: BTreeMap::new() };
                     records.insert(sid.clone(), Arc::new(record.clone()));
@@ -247,6 +255,7 @@ impl AccessTable {
 
     pub(crate) fn remove(&self, sid: &SessionId) {
         self.records().remove(sid);
+        crate::sync::lock(&self.unreadable).remove(sid);
     }
 }
 

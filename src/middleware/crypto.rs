@@ -124,7 +124,7 @@ use async_trait::async_trait;
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Key, KeyInit, Tag, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::backend::{FileStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
@@ -351,7 +351,9 @@ struct Keyring {
 /// A backend whose values are encrypted at rest (see the [module docs](self) for the format
 /// and for what stays visible). Built by [`EncryptionLayer::wrap`] or [`Encrypted::open`].
 pub struct Encrypted<B> {
-    inner: B,
+    /// Shared so a manager given this wrapper can reach the backend below it (for
+    /// quarantine copies of records this layer refuses).
+    inner: Arc<B>,
     keyring: RwLock<Keyring>,
     /// The contents of `metadata/crypto.json`; held while it is rewritten.
     meta: tokio::sync::Mutex<CryptoMeta>,
@@ -359,7 +361,11 @@ pub struct Encrypted<B> {
     torn_logs: Mutex<HashSet<StorageKey>>,
 }
 
-/// The file backend with encryption at rest (see [`Encrypted::open_path`]).
+/// The file backend with encryption at rest (see [`Encrypted::open_path`]). Handed to
+/// [`StateManager::builder`](crate::StateManager::builder) it gives the same encrypted
+/// store as a [`FileStorageBackend`] with
+/// [`encryption_key`](crate::StateManagerBuilder::encryption_key) (records named `.enc`,
+/// key rotation, quarantine copies): a store made either way opens the other way too.
 pub type EncryptedFileStorageBackend = Encrypted<FileStorageBackend>;
 
 impl Encrypted<FileStorageBackend> {
@@ -448,19 +454,37 @@ impl<B: StorageBackend> Encrypted<B> {
             ring.ciphers.insert(id, Arc::new(current));
         } else {
             let checks = meta.checks()?;
-            let Some(id) = match_check(&current, &checks) else {
-                let ids: Vec<String> = checks.iter().map(|(id, _)| id.to_string()).collect();
-                return Err(StateError::WrongKey {
-                    reason: format!(
-                        "the {what} opens none of this store's keys (key ids on record: {}); \
-                         check the key, or pass the key the store was created or last rotated with",
-                        ids.join(", ")
-                    ),
-                });
+            let ciphers: Vec<XChaCha20Poly1305> = ciphers.collect();
+            let id = match match_check(&current, &checks) {
+                Some(id) => id,
+                // A rotation to `current` cut off before it recorded the new key: a previous
+                // key given opens the store, and the caller names `current` as the key to
+                // go on with. Record it now, as the rotation would have (one atomic put of
+                // the key metadata; until it is durable nothing is sealed with it, and if it
+                // fails the open fails and nothing changed).
+                None if ciphers.iter().any(|c| match_check(c, &checks).is_some()) => {
+                    let id = meta.next_key_id;
+                    meta.keys.push(KeyCheck { id, check: hex(&seal_check(&current, id)?) });
+                    meta.next_key_id = bump(id)?;
+                    inner.put(&meta_key, meta.to_json()?).await?;
+                    ring.next_id = meta.next_key_id;
+                    info!(key_id = id, "recorded the new encryption key of a rotation that was cut off");
+                    id
+                }
+                None => {
+                    let ids: Vec<String> = checks.iter().map(|(id, _)| id.to_string()).collect();
+                    return Err(StateError::WrongKey {
+                        reason: format!(
+                            "the {what} opens none of this store's keys (key ids on record: {}); \
+                             check the key, or pass the key the store was created or last rotated with",
+                            ids.join(", ")
+                        ),
+                    });
+                }
             };
             ring.current = id;
             ring.ciphers.insert(id, Arc::new(current));
-            for (n, cipher) in ciphers.enumerate() {
+            for (n, cipher) in ciphers.into_iter().enumerate() {
                 match match_check(&cipher, &checks) {
                     Some(id) => {
                         ring.ciphers.entry(id).or_insert_with(|| Arc::new(cipher));
@@ -473,7 +497,7 @@ impl<B: StorageBackend> Encrypted<B> {
             }
         }
         Ok(Encrypted {
-            inner,
+            inner: Arc::new(inner),
             keyring: RwLock::new(ring),
             meta: tokio::sync::Mutex::new(meta),
             torn_logs: Mutex::new(HashSet::new()),
@@ -482,7 +506,7 @@ impl<B: StorageBackend> Encrypted<B> {
 
     /// The wrapped backend (which holds ciphertext).
     pub fn inner(&self) -> &B {
-        &self.inner
+        self.inner.as_ref()
     }
 
     /// The id of the key new values are sealed with.
@@ -707,6 +731,47 @@ impl<B: StorageBackend> Encrypted<B> {
         self.torn().remove(key);
         Ok(())
     }
+}
+
+/// What a [`StateManager`](crate::StateManager) needs of the encryption layer under its
+/// store, whatever backend that layer wraps: key rotation.
+#[async_trait]
+pub(crate) trait KeyRing: Send + Sync + fmt::Debug {
+    /// [`Encrypted::rotate_to`].
+    async fn rotate_to(&self, new: KeySource) -> Result<u32>;
+    /// [`Encrypted::retire_keys_except_current`].
+    async fn retire_keys_except_current(&self) -> Result<()>;
+}
+
+#[async_trait]
+impl<B: StorageBackend> KeyRing for Encrypted<B> {
+    async fn rotate_to(&self, new: KeySource) -> Result<u32> {
+        Encrypted::rotate_to(self, new).await
+    }
+
+    async fn retire_keys_except_current(&self) -> Result<()> {
+        Encrypted::retire_keys_except_current(self).await
+    }
+}
+
+/// An encryption layer found in a backend handed to the manager: its keyring, and the
+/// backend below it.
+pub(crate) type FoundLayer = (Arc<dyn KeyRing>, Arc<dyn StorageBackend>);
+
+/// If `backend` is one of this crate's encrypted backends ([`EncryptedFileStorageBackend`],
+/// or `Encrypted` over the memory backend or over `Arc<dyn StorageBackend>`), its keyring
+/// and the backend below it. The manager then treats the store as encrypted, exactly as
+/// with its own `encryption_key`. An `Encrypted` over another backend type cannot be
+/// recognised here; give such a backend to the manager unwrapped, with the key.
+pub(crate) fn find_layer(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Option<FoundLayer> {
+    fn parts<T: StorageBackend>(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Option<FoundLayer> {
+        let layer = backend.clone().downcast::<Encrypted<T>>().ok()?;
+        let below: Arc<dyn StorageBackend> = layer.inner.clone();
+        Some((layer, below))
+    }
+    parts::<FileStorageBackend>(backend)
+        .or_else(|| parts::<crate::MemoryStorageBackend>(backend))
+        .or_else(|| parts::<Arc<dyn StorageBackend>>(backend))
 }
 
 /// Whether values at `key` are stored as they are, unencrypted: `metadata/store.json`,
