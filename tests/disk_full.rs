@@ -177,7 +177,8 @@ fn mount_tmpfs(mount: &Path) {
         .arg(mount)
         .status();
     if !status.as_ref().is_ok_and(|s| s.success()) {
-        eprintln!("disk full: `mount -t tmpfs` failed: {status:?}");
+        let why = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        eprintln!("disk full: `mount -t tmpfs` failed: {why}");
         std::process::exit(NO_MOUNT);
     }
     println!("{MOUNTED} on {}", mount.display());
@@ -241,7 +242,8 @@ fn a_full_disk_fails_the_save_cleanly_and_saves_work_again_after_freeing() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !stdout.contains(MOUNTED) && matches!(out.status.code(), Some(UNSHARE_FAILED | NO_MOUNT)) {
             // The namespace or the mount was refused: the scenario never started.
-            refused.push(format!("`{way}` then `mount -t tmpfs`: {} ({})", out.status, stderr.trim()));
+            let said: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            refused.push(format!("`{way}` then `mount -t tmpfs`: {} ({})", out.status, said.join("; ")));
             continue;
         }
         // The child's first line shares libtest's "test … … " line.
