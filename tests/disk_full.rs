@@ -169,9 +169,10 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Mounts the tmpfs on `mount` and checks it is one, of the asked size; exits with
-/// `NO_MOUNT` if `mount` is refused (the parent then reports the test as not run).
-fn mount_tmpfs(mount: &Path) {
+/// Mounts the tmpfs on `mount` and checks it is one, of the asked size; `false` if `mount`
+/// is refused (the child then exits with `NO_MOUNT` and the parent reports the test as not
+/// run).
+fn mount_tmpfs(mount: &Path) -> bool {
     let status = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_SIZE},mode=0700"), "tmpfs"])
         .arg(mount)
@@ -179,7 +180,7 @@ fn mount_tmpfs(mount: &Path) {
     if !status.as_ref().is_ok_and(|s| s.success()) {
         let why = status.map_or_else(|e| e.to_string(), |s| s.to_string());
         eprintln!("disk full: `mount -t tmpfs` failed: {why}");
-        std::process::exit(NO_MOUNT);
+        return false;
     }
     println!("{MOUNTED} on {}", mount.display());
     // Pins that the scenario below really runs on a small tmpfs, not on the disk the
@@ -189,6 +190,7 @@ fn mount_tmpfs(mount: &Path) {
     let vfs = rustix::fs::statvfs(mount).unwrap();
     let (blocks, frsize) = (vfs.f_blocks, vfs.f_frsize);
     assert_eq!(blocks * frsize, TMPFS_BYTES, "the tmpfs is not {TMPFS_SIZE}: {blocks} blocks of {frsize} bytes");
+    true
 }
 
 /// The `unshare` options that give the child a private mount namespace in which it may
@@ -210,7 +212,10 @@ fn a_full_disk_fails_the_save_cleanly_and_saves_work_again_after_freeing() {
         let dir = tempfile::tempdir().unwrap();
         let mount = dir.path().join("tmpfs");
         std::fs::create_dir(&mount).unwrap();
-        mount_tmpfs(&mount);
+        if !mount_tmpfs(&mount) {
+            drop(dir);
+            std::process::exit(NO_MOUNT);
+        }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         // Written directly, then through the write-ahead log (which, on a disk too full to
         // replay it into the record files, serves it from memory and keeps it).
