@@ -354,3 +354,30 @@ pub struct Never;
 pub fn increment(old: Option<Value>) -> Result<Value, Never> {
     Ok(json!({"n": old.and_then(|v| v["n"].as_i64()).unwrap_or(0) + 1}))
 }
+
+// ---------------------------------------------------------------------------------------
+// Tests that need more than a Rust toolchain
+// ---------------------------------------------------------------------------------------
+
+/// Set (to anything but empty or `0`) by `.ci/run`: the tests that need more than a Rust
+/// toolchain (`strace`, ptrace of a running process, root or a user namespace for a private
+/// tmpfs) must run, and fail where they cannot.
+pub const REQUIRE_SYSTEM_TESTS: &str = "MARS_STATE_REQUIRE_SYSTEM_TESTS";
+
+/// Whether `REQUIRE_SYSTEM_TESTS` is set.
+pub fn system_tests_required() -> bool {
+    std::env::var(REQUIRE_SYSTEM_TESTS).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// For a test that cannot run on this machine (`why`): fails it when `REQUIRE_SYSTEM_TESTS`
+/// is set; otherwise writes one `NOT RUN` line saying so and how to run it, and the caller
+/// returns without checking anything. The line goes straight to stderr, past libtest's
+/// capture (which hides what a passing test prints), so `cargo test` shows it.
+pub fn not_run(test: &str, why: &str) {
+    assert!(!system_tests_required(), "{test} cannot run here, and {REQUIRE_SYSTEM_TESTS} says it must: {why}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "NOT RUN {test}: {why}. Run it as root with strace installed: `{REQUIRE_SYSTEM_TESTS}=1 cargo test`, or \
+         `bash .ci/run`"
+    );
+}
