@@ -1362,12 +1362,13 @@ fn a_failed_directory_fsync_leaves_the_previous_version() {
 /// survive a reopen (`LogWriter::append` promises the handle goes on working).
 #[test]
 fn an_eio_from_the_log_fdatasync_fails_the_save_and_leaves_the_previous_value() {
-    let Some(_one) = parent_only() else { return };
+    const NAME: &str = "an_eio_from_the_log_fdatasync_fails_the_save_and_leaves_the_previous_value";
+    let Some(_one) = parent_only(NAME) else { return };
     let rt = runtime();
     for mode in ["errors", "errors-then-abort"] {
         let (_tmp, dir) = scratch_store();
-        let run = traced_run(Tracing::Attach, &dir, mode, Format::PlainLog, Some("fdatasync:error=EIO:when=1"))
-            .unwrap_or_else(|e| panic!("this test needs strace to attach to a running child: {e}"));
+        let run = traced_run(Tracing::Attach, &dir, mode, Format::PlainLog, Some("fdatasync:error=EIO:when=1"));
+        let Some(run) = attached(NAME, run) else { return };
         let o = outcome_of(&run.lines);
         let calls = run.calls();
         // strace counts `when` per thread: a thread that first syncs later (the one that
