@@ -169,6 +169,8 @@ impl Index {
                 self.interrupted.remove(sid);
             }
             Change::SessionDeleted { sid } => {
+                // A deleted session's run is over; an id used again starts afresh.
+                self.interrupted.remove(sid);
                 if let Some(e) = self.sessions.get_mut(sid) {
                     self.total_bytes -= e.record.take().map_or(0, |o| o.size);
                     if e.is_empty() {
