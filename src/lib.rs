@@ -13,6 +13,8 @@ mod memory;
 pub mod middleware;
 mod store;
 mod sync;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
 pub use actor::SessionMsg;

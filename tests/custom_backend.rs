@@ -3,10 +3,10 @@
 //! `StateManager` through its core flows (save, load, checkpoint, list, restore, rollback,
 //! update, delete, restart), with and without compression, also as `Arc<dyn StorageBackend>`.
 //!
-//! It also pins the trait's contract clauses (absence is `Ok(None)`, deleting a missing key
-//! is `Ok(false)`, a missing prefix lists nothing, ...), one function per clause, run against
-//! this backend and against the crate's own `MemoryStorageBackend` and `FileStorageBackend`
-//! so the three agree.
+//! It also runs the trait's contract clauses (absence is `Ok(None)`, deleting a missing key
+//! is `Ok(false)`, a missing prefix lists nothing, ...), the public conformance suite of
+//! `mars_state::testing`, one test per clause, against this backend and against the crate's
+//! own `MemoryStorageBackend` and `FileStorageBackend` so the three agree.
 
 mod common;
 
@@ -72,10 +72,6 @@ impl StorageBackend for MapBackend {
     async fn sweep(&self) -> mars_state::Result<SweepReport> {
         Ok(SweepReport::default())
     }
-}
-
-fn key(k: &str) -> StorageKey {
-    StorageKey::new(k).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -209,119 +205,15 @@ async fn concurrent_increments_over_custom_backend() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The trait contract, one function per clause, run against every backend.
+// The trait contract: the public conformance suite, one test per clause, run against every
+// backend.
 // ---------------------------------------------------------------------------------------
 
-/// A fresh backend for one contract test, and a guard that keeps its temporary directory
-/// (if it has one) alive.
-type Fresh = (Option<tempfile::TempDir>, Arc<dyn StorageBackend>);
-
-fn custom() -> Fresh {
-    (None, Arc::new(MapBackend::default()))
+mars_state::conformance_tests! {
+    contract_custom => MapBackend::default(),
+    contract_memory => MemoryStorageBackend::new(),
+    contract_file => {
+        let dir = tempfile::tempdir().unwrap();
+        (FileStorageBackend::new(dir.path()).unwrap(), dir)
+    },
 }
-
-fn memory() -> Fresh {
-    (None, Arc::new(MemoryStorageBackend::new()))
-}
-
-fn file() -> Fresh {
-    let dir = tempfile::tempdir().unwrap();
-    let b = FileStorageBackend::new(dir.path()).unwrap();
-    (Some(dir), Arc::new(b))
-}
-
-async fn get_missing_is_none(b: &dyn StorageBackend) {
-    assert_eq!(b.get(&key("sessions/nobody.json")).await.unwrap(), None);
-    assert_eq!(b.get(&key("no/such/dir/at/all")).await.unwrap(), None);
-}
-
-async fn delete_missing_is_false(b: &dyn StorageBackend) {
-    assert!(!b.delete(&key("sessions/nobody.json")).await.unwrap());
-    assert!(!b.delete(&key("no/such/dir/at/all")).await.unwrap());
-}
-
-async fn list_missing_prefix_is_empty(b: &dyn StorageBackend) {
-    assert!(b.list(&key("nothing_here")).await.unwrap().is_empty());
-    assert!(b.list(&key("checkpoints/nobody")).await.unwrap().is_empty());
-}
-
-async fn put_then_get_round_trips(b: &dyn StorageBackend) {
-    let k = key("sessions/s1.json");
-    b.put(&k, b"first".to_vec()).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"first"[..]));
-    b.put(&k, b"second, longer".to_vec()).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"second, longer"[..]), "put replaces");
-    b.put(&k, Vec::new()).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap(), Some(Vec::new()), "an empty value is present, not absent");
-}
-
-async fn delete_existing_is_true_and_removes(b: &dyn StorageBackend) {
-    let k = key("checkpoints/s1/c1.json");
-    b.put(&k, b"x".to_vec()).await.unwrap();
-    assert!(b.delete(&k).await.unwrap());
-    assert_eq!(b.get(&k).await.unwrap(), None);
-    assert!(!b.delete(&k).await.unwrap());
-}
-
-async fn list_returns_keys_under_prefix_with_sizes(b: &dyn StorageBackend) {
-    b.put(&key("checkpoints/s1/a.json"), vec![0; 3]).await.unwrap();
-    b.put(&key("checkpoints/s1/b.json"), vec![0; 5]).await.unwrap();
-    b.put(&key("checkpoints/s10/c.json"), vec![0; 7]).await.unwrap();
-    b.put(&key("checkpoints/s1x"), vec![0; 1]).await.unwrap();
-    b.put(&key("sessions/s1.json"), vec![0; 9]).await.unwrap();
-
-    let mut s1: Vec<(String, u64)> =
-        b.list(&key("checkpoints/s1")).await.unwrap().into_iter().map(|m| (m.key.to_string(), m.size)).collect();
-    s1.sort();
-    assert_eq!(s1, [("checkpoints/s1/a.json".to_owned(), 3), ("checkpoints/s1/b.json".to_owned(), 5)]);
-
-    // At any depth, and only under the prefix (not siblings sharing its text).
-    let mut all: Vec<String> =
-        b.list(&key("checkpoints")).await.unwrap().into_iter().map(|m| m.key.to_string()).collect();
-    all.sort();
-    assert_eq!(all, ["checkpoints/s1/a.json", "checkpoints/s1/b.json", "checkpoints/s10/c.json", "checkpoints/s1x"]);
-}
-
-async fn append_creates_then_extends(b: &dyn StorageBackend) {
-    let k = key("metadata/test.log");
-    b.append(&k, b"one\n".to_vec()).await.unwrap();
-    b.append(&k, b"two\n".to_vec()).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"one\ntwo\n"[..]));
-}
-
-async fn sweep_on_clean_store_removes_nothing(b: &dyn StorageBackend) {
-    b.put(&key("sessions/s1.json"), b"keep".to_vec()).await.unwrap();
-    let report = b.sweep().await.unwrap();
-    assert_eq!(report, SweepReport::default());
-    assert_eq!(b.get(&key("sessions/s1.json")).await.unwrap().as_deref(), Some(&b"keep"[..]));
-}
-
-macro_rules! contract {
-    ($($clause:ident),* $(,)?) => {
-        contract!(@backend contract_custom, custom, $($clause),*);
-        contract!(@backend contract_memory, memory, $($clause),*);
-        contract!(@backend contract_file, file, $($clause),*);
-    };
-    (@backend $module:ident, $fresh:ident, $($clause:ident),*) => {
-        mod $module {
-            $(
-                #[tokio::test]
-                async fn $clause() {
-                    let (_guard, backend) = super::$fresh();
-                    super::$clause(&*backend).await;
-                }
-            )*
-        }
-    };
-}
-
-contract!(
-    get_missing_is_none,
-    delete_missing_is_false,
-    list_missing_prefix_is_empty,
-    put_then_get_round_trips,
-    delete_existing_is_true_and_removes,
-    list_returns_keys_under_prefix_with_sizes,
-    append_creates_then_extends,
-    sweep_on_clean_store_removes_nothing,
-);

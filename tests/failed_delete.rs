@@ -8,61 +8,28 @@
 //!   with checkpoints left the session had no owner and the owner got `AccessDenied`.
 //!
 //! The failure is a backend that refuses to delete checkpoint records while a switch is on
-//! (like a checkpoint folder the OS will not let go of), wrapped around the file backend.
+//! (like a checkpoint folder the OS will not let go of): the file backend inside
+//! `mars_state::testing::Faulty`.
 
+use std::io::ErrorKind as IoKind;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use mars_state::{
-    ErrorKind, FileStorageBackend, ObjectMeta, Principal, StateError, StateManager, StorageBackend, StorageKey,
-    SweepReport,
-};
+use mars_state::testing::{FaultSwitch, Faulty, Method};
+use mars_state::{ErrorKind, FileStorageBackend, Principal, StateManager};
 use serde_json::json;
 
-/// The file backend, except that deleting a checkpoint record fails while `stuck` is set.
-#[derive(Debug)]
-struct StuckCheckpoints {
-    inner: FileStorageBackend,
-    stuck: Arc<AtomicBool>,
-}
-
-#[async_trait::async_trait]
-impl StorageBackend for StuckCheckpoints {
-    async fn get(&self, key: &StorageKey) -> mars_state::Result<Option<Vec<u8>>> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
-        self.inner.put(key, value).await
-    }
-    async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
-        if self.stuck.load(Ordering::SeqCst) && key.as_str().starts_with("checkpoints/") {
-            return Err(StateError::PermissionDenied {
-                operation: "deleting",
-                path: key.as_str().into(),
-                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-            });
-        }
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &StorageKey) -> mars_state::Result<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> mars_state::Result<()> {
-        self.inner.append(key, bytes).await
-    }
-    async fn sweep(&self) -> mars_state::Result<SweepReport> {
-        self.inner.sweep().await
-    }
-}
-
-async fn open(dir: &Path, stuck: &Arc<AtomicBool>) -> StateManager {
-    let backend = StuckCheckpoints { inner: FileStorageBackend::new(dir).unwrap(), stuck: stuck.clone() };
+/// The file backend, except that deleting a checkpoint record fails while `stuck` is on.
+async fn open(dir: &Path, stuck: &FaultSwitch) -> StateManager {
+    let backend = Faulty::new(FileStorageBackend::new(dir).unwrap()).controlled_by(stuck.clone()).fail(
+        Method::Delete,
+        IoKind::PermissionDenied,
+        |key| key.as_str().starts_with("checkpoints/"),
+    );
     StateManager::start(backend).await.unwrap()
 }
 
 /// Opens `dir`, saves "s" with two checkpoints, and makes a delete of it fail part way.
-async fn failed_delete(dir: &Path, stuck: &Arc<AtomicBool>, as_owner: Option<&str>) -> StateManager {
+async fn failed_delete(dir: &Path, stuck: &FaultSwitch, as_owner: Option<&str>) -> StateManager {
     let m = open(dir, stuck).await;
     let h = match as_owner {
         Some(p) => m.for_principal(Principal::new(p).unwrap()),
@@ -71,7 +38,7 @@ async fn failed_delete(dir: &Path, stuck: &Arc<AtomicBool>, as_owner: Option<&st
     h.save_session("s", &json!({"v": 1})).await.unwrap();
     h.create_checkpoint("s", "main", &json!({"cp": 1})).await.unwrap();
     h.create_checkpoint("s", "main", &json!({"cp": 2})).await.unwrap();
-    stuck.store(true, Ordering::SeqCst);
+    stuck.set(true);
     let err = h.delete_session("s").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
     m
@@ -80,11 +47,11 @@ async fn failed_delete(dir: &Path, stuck: &Arc<AtomicBool>, as_owner: Option<&st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_after_a_failed_delete_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let stuck = Arc::new(AtomicBool::new(false));
+    let stuck = FaultSwitch::off();
     let m = failed_delete(dir.path(), &stuck, None).await;
 
     // The obstacle goes; the application saves the session again.
-    stuck.store(false, Ordering::SeqCst);
+    stuck.set(false);
     m.save_session("s", &json!({"v": 2})).await.unwrap();
     assert_eq!(m.load_session("s").await.unwrap(), Some(json!({"v": 2})));
     // The delete asked for before the save was finished first: the save starts afresh.
@@ -99,9 +66,9 @@ async fn a_save_after_a_failed_delete_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vacuum_does_not_replay_a_failed_delete_over_a_newer_save() {
     let dir = tempfile::tempdir().unwrap();
-    let stuck = Arc::new(AtomicBool::new(false));
+    let stuck = FaultSwitch::off();
     let m = failed_delete(dir.path(), &stuck, None).await;
-    stuck.store(false, Ordering::SeqCst);
+    stuck.set(false);
     m.save_session("s", &json!({"v": 2})).await.unwrap();
 
     let report = m.vacuum_storage().await.unwrap();
@@ -119,9 +86,9 @@ async fn vacuum_does_not_replay_a_failed_delete_over_a_newer_save() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delete_left_alone_is_finished_by_vacuum() {
     let dir = tempfile::tempdir().unwrap();
-    let stuck = Arc::new(AtomicBool::new(false));
+    let stuck = FaultSwitch::off();
     let m = failed_delete(dir.path(), &stuck, None).await;
-    stuck.store(false, Ordering::SeqCst);
+    stuck.set(false);
     let report = m.vacuum_storage().await.unwrap();
     assert_eq!(report.orphans_removed, 1, "{report:?}");
     assert_eq!(m.load_session("s").await.unwrap(), None);
@@ -132,7 +99,7 @@ async fn a_failed_delete_left_alone_is_finished_by_vacuum() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_while_the_obstacle_remains_fails_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let stuck = Arc::new(AtomicBool::new(false));
+    let stuck = FaultSwitch::off();
     let m = failed_delete(dir.path(), &stuck, None).await;
     // Still stuck: the write must first finish the delete, cannot, and fails.
     let err = m.save_session("s", &json!({"v": 2})).await.unwrap_err();
@@ -142,7 +109,7 @@ async fn a_write_while_the_obstacle_remains_fails_and_writes_nothing() {
 
     // A start that cannot finish the delete still opens the store; the next write does.
     let m = open(dir.path(), &stuck).await;
-    stuck.store(false, Ordering::SeqCst);
+    stuck.set(false);
     m.save_session("s", &json!({"v": 3})).await.unwrap();
     m.shutdown().await.unwrap();
     let m = open(dir.path(), &stuck).await;
@@ -154,7 +121,7 @@ async fn a_write_while_the_obstacle_remains_fails_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_can_retry_a_failed_delete_and_no_one_else_can_claim_the_remains() {
     let dir = tempfile::tempdir().unwrap();
-    let stuck = Arc::new(AtomicBool::new(false));
+    let stuck = FaultSwitch::off();
     let m = failed_delete(dir.path(), &stuck, Some("alice")).await;
     let alice = m.for_principal(Principal::new("alice").unwrap());
     let mallory = m.for_principal(Principal::new("mallory").unwrap());
@@ -164,7 +131,7 @@ async fn the_owner_can_retry_a_failed_delete_and_no_one_else_can_claim_the_remai
     assert_eq!(mallory.save_session("s", &json!("mine")).await.unwrap_err().kind(), ErrorKind::AccessDenied);
     assert_eq!(mallory.list_checkpoints("s").await.unwrap_err().kind(), ErrorKind::AccessDenied);
 
-    stuck.store(false, Ordering::SeqCst);
+    stuck.set(false);
     alice.delete_session("s").await.unwrap();
     assert!(alice.list_checkpoints("s").await.unwrap().is_empty());
     assert_eq!(alice.load_session("s").await.unwrap(), None);

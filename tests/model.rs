@@ -33,10 +33,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use mars_state::{
-    CheckpointId, ErrorKind, FileStorageBackend, MemoryStorageBackend, ObjectMeta, StateManager, StorageBackend,
-    StorageKey, SweepReport,
-};
+use mars_state::testing::{Faulty, Method};
+use mars_state::{CheckpointId, ErrorKind, FileStorageBackend, MemoryStorageBackend, StateManager};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use serde_json::{Value, json};
@@ -146,36 +144,15 @@ enum Storage {
 }
 
 /// Acknowledges every fifth put of a session record without storing it: a lost write the
-/// model test must notice (after a reopen, when the session actor's cache is gone).
-#[derive(Debug, Clone, Default)]
-struct DroppingBackend {
-    inner: MemoryStorageBackend,
-    session_puts: Arc<AtomicUsize>,
-}
+/// model test must notice (after a reopen, when the session actor's cache is gone). Shared
+/// by clones (a reopen hands a clone to a new manager).
+type DroppingBackend = Arc<Faulty<MemoryStorageBackend>>;
 
-#[async_trait::async_trait]
-impl StorageBackend for DroppingBackend {
-    async fn get(&self, key: &StorageKey) -> mars_state::Result<Option<Vec<u8>>> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
-        if key.as_str().starts_with("sessions/") && self.session_puts.fetch_add(1, Ordering::Relaxed) % 5 == 4 {
-            return Ok(());
-        }
-        self.inner.put(key, value).await
-    }
-    async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &StorageKey) -> mars_state::Result<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> mars_state::Result<()> {
-        self.inner.append(key, bytes).await
-    }
-    async fn sweep(&self) -> mars_state::Result<SweepReport> {
-        self.inner.sweep().await
-    }
+fn dropping_backend() -> DroppingBackend {
+    let session_puts = AtomicUsize::new(0);
+    Arc::new(Faulty::new(MemoryStorageBackend::new()).lose(Method::Put, move |key| {
+        key.as_str().starts_with("sessions/") && session_puts.fetch_add(1, Ordering::Relaxed) % 5 == 4
+    }))
 }
 
 /// How records are stored.
@@ -467,7 +444,7 @@ fn run(label: &str, cases: u32, kind: Kind) -> Option<String> {
         let storage = match kind {
             Kind::File => Storage::File(tempfile::tempdir_in(&parent).unwrap()),
             Kind::Memory => Storage::Memory(MemoryStorageBackend::new()),
-            Kind::Dropping => Storage::Dropping(DroppingBackend::default()),
+            Kind::Dropping => Storage::Dropping(dropping_backend()),
         };
         let r = rt.block_on(run_sequence(storage, format, &ops));
         if r.is_err() {

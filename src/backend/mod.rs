@@ -116,6 +116,40 @@ pub struct SweepReport {
 /// Implementations must be usable as `Arc<dyn StorageBackend>` from many tasks at once;
 /// callers never issue two writes to the same key concurrently (the session actor
 /// serializes them), but do issue writes to different keys concurrently.
+///
+/// # Testing an implementation
+///
+/// With the cargo feature `testing` (on by default), `mars_state::testing::conformance`
+/// holds this contract as one `pub async fn` per clause, and `mars_state::conformance_tests!`
+/// turns them into one `#[tokio::test]` per clause for each backend you name (this crate
+/// runs it over its own backends and wrappers). In a file under `tests/`:
+///
+/// ```
+/// # #[cfg(feature = "testing")]
+/// # mod with_feature {
+/// use mars_state::MemoryStorageBackend as MyBackend;
+///
+/// // A module `my_backend` with one test per clause, each on a fresh backend. Return
+/// // `(backend, guard)` to keep something (a temporary directory) alive beside it.
+/// mars_state::conformance_tests! {
+///     my_backend => MyBackend::new(),
+/// }
+///
+/// // Or every clause in one test, stopping at the first failure:
+/// #[tokio::test]
+/// async fn conformance() {
+///     mars_state::testing::conformance::run_all(|| async { MyBackend::new() }).await;
+/// }
+/// # pub(crate) async fn run() {
+/// #     mars_state::testing::conformance::run_all(|| async { MyBackend::new() }).await;
+/// # }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// #     #[cfg(feature = "testing")]
+/// #     with_feature::run().await;
+/// # }
+/// ```
 #[async_trait]
 pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
     /// Reads the whole value at `key`. Absence is `Ok(None)`, never an error.

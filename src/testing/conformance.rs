@@ -1,0 +1,373 @@
+//! The [`StorageBackend`] contract, one `pub async fn` per clause.
+//!
+//! Each function takes a fresh, empty backend and panics, naming the clause's broken
+//! promise, if the backend breaks it. Run them all, one test each, with
+//! [`conformance_tests!`](crate::conformance_tests), or in one go with [`run_all`].
+//!
+//! The suite writes only record-like keys (`sessions/...`, `checkpoints/...`, any depth)
+//! and appends only to `metadata/conformance.log`, so it runs unchanged over wrappers that
+//! treat other `metadata/` keys specially (an `Encrypted<B>` backend appends only to
+//! `metadata/*.log` and keeps `metadata/crypto.json` for itself). It lists only `sessions`
+//! and `checkpoints`, never `metadata`, where a backend may keep files of its own.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+use crate::backend::{StorageBackend, StorageKey, SweepReport};
+use crate::error::Result;
+use crate::testing::Fixture;
+
+/// The log the suite appends to (a key every backend and wrapper must accept for appends).
+pub const LOG_KEY: &str = "metadata/conformance.log";
+
+/// The names of every clause, in the order [`run_all`] runs them (each is a function of
+/// this module, and a test [`conformance_tests!`](crate::conformance_tests) writes).
+pub const CLAUSES: &[&str] = &crate::conformance_tests!(@clauses [names]);
+
+/// A key the suite knows to be valid.
+fn key(k: &str) -> StorageKey {
+    StorageKey::from_valid(k.to_owned())
+}
+
+/// The value of `r`, or a panic naming what failed: the suite's assertions panic.
+#[track_caller]
+fn ok<T>(what: impl Display, r: Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{what} failed: {e}"),
+    }
+}
+
+async fn get(b: &dyn StorageBackend, k: &str) -> Option<Vec<u8>> {
+    let r = b.get(&key(k)).await;
+    ok(format_args!("get {k}"), r)
+}
+
+async fn put(b: &dyn StorageBackend, k: &str, value: impl Into<Vec<u8>>) {
+    let r = b.put(&key(k), value.into()).await;
+    ok(format_args!("put {k}"), r)
+}
+
+async fn delete(b: &dyn StorageBackend, k: &str) -> bool {
+    let r = b.delete(&key(k)).await;
+    ok(format_args!("delete {k}"), r)
+}
+
+/// The keys under `prefix` and their sizes, sorted.
+async fn list(b: &dyn StorageBackend, prefix: &str) -> Vec<(String, u64)> {
+    let r = b.list(&key(prefix)).await;
+    let metas = ok(format_args!("list {prefix}"), r);
+    let mut listed: Vec<(String, u64)> = metas.into_iter().map(|m| (m.key.to_string(), m.size)).collect();
+    listed.sort();
+    listed
+}
+
+/// The keys under `prefix`, sorted.
+async fn list_keys(b: &dyn StorageBackend, prefix: &str) -> Vec<String> {
+    list(b, prefix).await.into_iter().map(|(k, _)| k).collect()
+}
+
+type Task<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// Runs `tasks` concurrently on the current task until all are done (a backend that does
+/// its I/O on other threads, as the file backend does, runs them in parallel).
+async fn join_all(mut tasks: Vec<Task<'_>>) {
+    std::future::poll_fn(|cx| {
+        tasks.retain_mut(|t| t.as_mut().poll(cx).is_pending());
+        if tasks.is_empty() { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// Absence is `Ok(None)`, never an error, also under prefixes that do not exist.
+pub async fn get_missing_is_none(b: &dyn StorageBackend) {
+    assert_eq!(get(b, "sessions/nobody.json").await, None);
+    assert_eq!(get(b, "no/such/dir/at/all").await, None);
+}
+
+/// A put is read back as written; a put replaces; an empty value is present, not absent.
+pub async fn put_then_get_round_trips(b: &dyn StorageBackend) {
+    let k = "sessions/s1.json";
+    put(b, k, b"first".to_vec()).await;
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"first"[..]));
+    put(b, k, b"second, longer".to_vec()).await;
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"second, longer"[..]), "put replaces");
+    put(b, k, Vec::new()).await;
+    assert_eq!(get(b, k).await, Some(Vec::new()), "an empty value is present, not absent");
+}
+
+/// A put replaces the whole value: a shorter value leaves no tail of the longer one.
+pub async fn put_replaces_a_longer_value(b: &dyn StorageBackend) {
+    let k = "checkpoints/s1/c1.json";
+    put(b, k, vec![b'x'; 10_000]).await;
+    put(b, k, b"short".to_vec()).await;
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"short"[..]), "a tail of the old value remains");
+}
+
+/// Values are opaque bytes: every byte value, and a value of over a mebibyte, round-trip.
+pub async fn values_are_opaque_bytes(b: &dyn StorageBackend) {
+    let every_byte: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    put(b, "sessions/bytes.json", every_byte.clone()).await;
+    assert!(get(b, "sessions/bytes.json").await == Some(every_byte), "a binary value changed");
+    let large: Vec<u8> = (0..(1 << 20) + 7u32).map(|i| (i % 251) as u8).collect();
+    put(b, "sessions/large.json", large.clone()).await;
+    assert!(get(b, "sessions/large.json").await == Some(large), "a value of 1 MiB + 7 bytes changed");
+}
+
+/// Keys of any depth are stored, read, listed and deleted like any other.
+pub async fn keys_at_any_depth_round_trip(b: &dyn StorageBackend) {
+    let k = "checkpoints/s1/branch/deeper/still/c.json";
+    put(b, k, b"deep".to_vec()).await;
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"deep"[..]));
+    assert_eq!(list(b, "checkpoints/s1/branch").await, [(k.to_owned(), 4)]);
+    assert!(delete(b, k).await);
+    assert_eq!(get(b, k).await, None);
+}
+
+/// Deleting a missing key succeeds and reports that it did not exist.
+pub async fn delete_missing_is_false(b: &dyn StorageBackend) {
+    assert!(!delete(b, "sessions/nobody.json").await);
+    assert!(!delete(b, "no/such/dir/at/all").await);
+}
+
+/// Deleting an existing key reports that it existed and removes it; a second delete finds
+/// nothing.
+pub async fn delete_existing_is_true_and_removes(b: &dyn StorageBackend) {
+    let k = "checkpoints/s1/c1.json";
+    put(b, k, b"x".to_vec()).await;
+    assert!(delete(b, k).await);
+    assert_eq!(get(b, k).await, None);
+    assert!(!delete(b, k).await);
+}
+
+/// A delete removes its key and nothing else, not keys that share its text.
+pub async fn delete_removes_only_its_key(b: &dyn StorageBackend) {
+    let keys = ["sessions/a.json", "sessions/a.json.gz", "sessions/ab.json", "checkpoints/a/c.json"];
+    for k in keys {
+        put(b, k, k.as_bytes().to_vec()).await;
+    }
+    assert!(delete(b, "sessions/a.json").await);
+    assert_eq!(get(b, "sessions/a.json").await, None);
+    for k in &keys[1..] {
+        assert_eq!(get(b, k).await.as_deref(), Some(k.as_bytes()), "deleting sessions/a.json touched {k}");
+    }
+}
+
+/// A prefix under which nothing was ever stored lists nothing (not an error).
+pub async fn list_missing_prefix_is_empty(b: &dyn StorageBackend) {
+    assert!(list(b, "nothing_here").await.is_empty());
+    assert!(list(b, "checkpoints/nobody").await.is_empty());
+}
+
+/// A list returns every key under the prefix, at any depth, with the size of its value.
+pub async fn list_returns_keys_under_prefix_with_sizes(b: &dyn StorageBackend) {
+    put(b, "checkpoints/s1/a.json", vec![0; 3]).await;
+    put(b, "checkpoints/s1/b.json", vec![0; 5]).await;
+    put(b, "checkpoints/s10/c.json", vec![0; 7]).await;
+    put(b, "checkpoints/s1x", vec![0; 1]).await;
+    put(b, "sessions/s1.json", vec![0; 9]).await;
+
+    let s1 = list(b, "checkpoints/s1").await;
+    assert_eq!(s1, [("checkpoints/s1/a.json".to_owned(), 3), ("checkpoints/s1/b.json".to_owned(), 5)]);
+
+    // At any depth, and only under the prefix (not siblings sharing its text).
+    let all = list_keys(b, "checkpoints").await;
+    assert_eq!(all, ["checkpoints/s1/a.json", "checkpoints/s1/b.json", "checkpoints/s10/c.json", "checkpoints/s1x"]);
+}
+
+/// A prefix is a whole segment: `a/b` is not under `a/bc`, nor `a/bc` under `a/b`.
+pub async fn list_respects_prefix_boundaries(b: &dyn StorageBackend) {
+    put(b, "checkpoints/ab/x.json", b"1".to_vec()).await;
+    put(b, "checkpoints/abc/y.json", b"22".to_vec()).await;
+    put(b, "checkpoints/ab-z.json", b"333".to_vec()).await;
+    assert_eq!(list_keys(b, "checkpoints/ab").await, ["checkpoints/ab/x.json"]);
+    assert_eq!(list_keys(b, "checkpoints/abc").await, ["checkpoints/abc/y.json"]);
+    assert!(list(b, "checkpoints/a").await.is_empty(), "checkpoints/a is the start of other names only");
+}
+
+/// A list shows the current state: the new size after a replace, no deleted keys, and
+/// nothing once every key under the prefix is deleted.
+pub async fn list_reflects_replaces_and_deletes(b: &dyn StorageBackend) {
+    put(b, "checkpoints/s1/a.json", vec![0; 3]).await;
+    put(b, "checkpoints/s1/b.json", vec![0; 5]).await;
+    put(b, "checkpoints/s1/a.json", vec![0; 11]).await;
+    assert_eq!(
+        list(b, "checkpoints/s1").await,
+        [("checkpoints/s1/a.json".to_owned(), 11), ("checkpoints/s1/b.json".to_owned(), 5)]
+    );
+    assert!(delete(b, "checkpoints/s1/b.json").await);
+    assert_eq!(list(b, "checkpoints/s1").await, [("checkpoints/s1/a.json".to_owned(), 11)]);
+    assert!(delete(b, "checkpoints/s1/a.json").await);
+    assert!(list(b, "checkpoints/s1").await.is_empty(), "deleted keys are still listed");
+    assert!(list(b, "checkpoints").await.is_empty(), "deleted keys are still listed");
+}
+
+/// An append to a missing log creates it; later appends extend it, in order.
+pub async fn append_creates_then_extends(b: &dyn StorageBackend) {
+    let k = key(LOG_KEY);
+    ok("append", b.append(&k, b"one\n".to_vec()).await);
+    ok("append", b.append(&k, b"two\n".to_vec()).await);
+    assert_eq!(get(b, LOG_KEY).await.as_deref(), Some(&b"one\ntwo\n"[..]));
+}
+
+/// An append after a put extends the value the put wrote (a log rewritten, then appended).
+pub async fn append_after_put_extends(b: &dyn StorageBackend) {
+    let k = key(LOG_KEY);
+    ok("append", b.append(&k, b"old\n".to_vec()).await);
+    put(b, LOG_KEY, b"compacted\n".to_vec()).await;
+    ok("append", b.append(&k, b"next\n".to_vec()).await);
+    assert_eq!(get(b, LOG_KEY).await.as_deref(), Some(&b"compacted\nnext\n"[..]));
+}
+
+/// A sweep of a backend with no interrupted writes removes nothing and reports nothing.
+pub async fn sweep_on_clean_store_removes_nothing(b: &dyn StorageBackend) {
+    put(b, "sessions/s1.json", b"keep".to_vec()).await;
+    let report = ok("sweep", b.sweep().await);
+    assert_eq!(report, SweepReport::default());
+    assert_eq!(get(b, "sessions/s1.json").await.as_deref(), Some(&b"keep"[..]));
+}
+
+/// Puts to different keys issued at once all land, each with its own value.
+pub async fn concurrent_puts_to_different_keys_all_land(b: &dyn StorageBackend) {
+    const N: usize = 32;
+    let tasks: Vec<Task<'_>> = (0..N)
+        .map(|i| -> Task<'_> {
+            Box::pin(async move {
+                let k = if i % 2 == 0 { format!("sessions/s{i}.json") } else { format!("checkpoints/s{i}/c.json") };
+                put(b, &k, vec![i as u8; i + 1]).await;
+            })
+        })
+        .collect();
+    join_all(tasks).await;
+    for i in 0..N {
+        let k = if i % 2 == 0 { format!("sessions/s{i}.json") } else { format!("checkpoints/s{i}/c.json") };
+        assert_eq!(get(b, &k).await, Some(vec![i as u8; i + 1]), "concurrent put of {k} was lost or mixed");
+    }
+    assert_eq!(list(b, "sessions").await.len(), N / 2);
+    assert_eq!(list(b, "checkpoints").await.len(), N / 2);
+}
+
+/// A put is atomic: a read during it sees the whole old value or the whole new one.
+pub async fn readers_see_the_old_or_the_new_value(b: &dyn StorageBackend) {
+    let k = "sessions/atomic.json";
+    let old = vec![b'o'; 64 << 10];
+    let new = vec![b'n'; 96 << 10];
+    put(b, k, old.clone()).await;
+    let done = AtomicBool::new(false);
+    let (old, new, done) = (&old, &new, &done);
+    let writer: Task<'_> = Box::pin(async move {
+        for i in 0..20 {
+            put(b, k, if i % 2 == 0 { new.clone() } else { old.clone() }).await;
+            tokio::task::yield_now().await;
+        }
+        done.store(true, Ordering::SeqCst);
+    });
+    let reader: Task<'_> = Box::pin(async move {
+        let mut reads = 0;
+        while reads < 10 || !done.load(Ordering::SeqCst) {
+            let seen = get(b, k).await;
+            assert!(
+                seen.as_ref() == Some(old) || seen.as_ref() == Some(new),
+                "a read during a put saw neither the old nor the new value ({:?} bytes)",
+                seen.map(|v| v.len())
+            );
+            reads += 1;
+            tokio::task::yield_now().await;
+        }
+    });
+    join_all(vec![writer, reader]).await;
+}
+
+/// Runs every clause in turn, each on a fresh backend from `make`, and stops at the first
+/// failure (a panic). In tests prefer [`conformance_tests!`](crate::conformance_tests),
+/// which reports every failing clause.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future,
+    Fut::Output: Fixture,
+{
+    crate::conformance_tests!(@clauses [run make]);
+}
+
+/// Expands, for each `name => constructor` pair, into a module `name` holding one
+/// `#[tokio::test]` per clause of [`testing::conformance`](crate::testing::conformance),
+/// each on a fresh backend from evaluating `constructor` (inside the async test, so it may
+/// `.await`). The constructor yields a [`Fixture`](crate::testing::Fixture): a
+/// backend, or `(backend, guard)` where `guard` must outlive the backend (a temporary
+/// directory). Items of the enclosing module are in scope in the constructor.
+///
+/// Needs the cargo feature `testing` of `mars-state`, and `tokio` (features `macros`, `rt`)
+/// among the crate's dev-dependencies.
+///
+/// In a file under `tests/` (here the generated tests are only compiled):
+///
+/// ```
+/// use mars_state::{FileStorageBackend, MemoryStorageBackend};
+///
+/// mars_state::conformance_tests! {
+///     memory => MemoryStorageBackend::new(),
+///     // The temporary directory lives as long as the backend.
+///     file => {
+///         let dir = tempfile::tempdir().unwrap();
+///         (FileStorageBackend::new(dir.path()).unwrap(), dir)
+///     },
+/// }
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    // Internal arms (`@...`) first; the public form is the last arm.
+    // The one list of clauses: `@clauses [what ...]` hands it to the `@what` arm.
+    (@clauses [$what:ident $($args:tt)*]) => {
+        $crate::conformance_tests! {@$what [$($args)*]
+            get_missing_is_none
+            put_then_get_round_trips
+            put_replaces_a_longer_value
+            values_are_opaque_bytes
+            keys_at_any_depth_round_trip
+            delete_missing_is_false
+            delete_existing_is_true_and_removes
+            delete_removes_only_its_key
+            list_missing_prefix_is_empty
+            list_returns_keys_under_prefix_with_sizes
+            list_respects_prefix_boundaries
+            list_reflects_replaces_and_deletes
+            append_creates_then_extends
+            append_after_put_extends
+            sweep_on_clean_store_removes_nothing
+            concurrent_puts_to_different_keys_all_land
+            readers_see_the_old_or_the_new_value
+        }
+    };
+    (@names [] $($clause:ident)*) => {
+        [$(stringify!($clause)),*]
+    };
+    (@run [$make:ident] $($clause:ident)*) => {
+        $(
+            {
+                let fixture = $make().await;
+                $crate::testing::conformance::$clause($crate::testing::Fixture::backend(&fixture)).await;
+            }
+        )*
+    };
+    (@tests [$name:ident, $make:expr] $($clause:ident)*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[::tokio::test]
+                async fn $clause() {
+                    let fixture = $make;
+                    $crate::testing::conformance::$clause($crate::testing::Fixture::backend(&fixture)).await;
+                }
+            )*
+        }
+    };
+    ($($name:ident => $make:expr),+ $(,)?) => {
+        $( $crate::conformance_tests! {@clauses [tests $name, $make]} )+
+    };
+}

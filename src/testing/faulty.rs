@@ -1,0 +1,232 @@
+//! [`Faulty`]: a forwarding backend that fails or drops the calls its rules pick.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+
+use crate::backend::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use crate::error::{Result, StateError};
+
+/// The [`StorageBackend`] method a [`Faulty`] rule applies to. (`sweep` has no key and
+/// is always forwarded.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Method {
+    /// [`StorageBackend::get`].
+    Get,
+    /// [`StorageBackend::put`].
+    Put,
+    /// [`StorageBackend::delete`].
+    Delete,
+    /// [`StorageBackend::list`] (the rule sees the prefix).
+    List,
+    /// [`StorageBackend::append`].
+    Append,
+}
+
+impl Method {
+    /// What the call was doing, for the injected error.
+    fn doing(self) -> &'static str {
+        match self {
+            Method::Get => "reading (injected fault)",
+            Method::Put => "writing (injected fault)",
+            Method::Delete => "deleting (injected fault)",
+            Method::List => "listing (injected fault)",
+            Method::Append => "appending (injected fault)",
+        }
+    }
+}
+
+/// Turns the rules of one or more [`Faulty`] backends on and off. Clones share the state,
+/// so a test keeps one and hands another to the backend (and to the backend it reopens).
+#[derive(Clone)]
+pub struct FaultSwitch(Arc<AtomicBool>);
+
+impl FaultSwitch {
+    /// A switch that starts on: the rules apply.
+    pub fn on() -> Self {
+        FaultSwitch(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// A switch that starts off: every call is forwarded until [`set`](Self::set)`(true)`.
+    pub fn off() -> Self {
+        FaultSwitch(Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Turns the rules on (`true`) or off.
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the rules apply now.
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl fmt::Debug for FaultSwitch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FaultSwitch").field(&self.is_on()).finish()
+    }
+}
+
+type Matcher = Box<dyn Fn(&StorageKey) -> bool + Send + Sync>;
+
+enum Effect {
+    /// Return an I/O error of this kind, doing nothing.
+    Fail(io::ErrorKind),
+    /// Return success, doing nothing (a lost write; for `get`, a value not found).
+    Lose,
+}
+
+struct Rule {
+    op: Method,
+    matches: Matcher,
+    effect: Effect,
+}
+
+/// Forwards every call to the backend inside it, except that while its [`FaultSwitch`] is
+/// on, a call that a rule picks (by [`Method`] and a predicate on the key) fails or is lost.
+/// The first matching rule applies; a predicate may keep state (count calls) to pick, say,
+/// every fifth write.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> mars_state::Result<()> {
+/// use std::io::ErrorKind;
+/// use mars_state::testing::{FaultSwitch, Faulty, Method};
+/// use mars_state::{MemoryStorageBackend, StorageBackend, StorageKey};
+///
+/// let stuck = FaultSwitch::off();
+/// let backend = Faulty::new(MemoryStorageBackend::new())
+///     .controlled_by(stuck.clone())
+///     .fail(Method::Delete, ErrorKind::PermissionDenied, |key| key.as_str().starts_with("checkpoints/"));
+/// let key = StorageKey::new("checkpoints/s1/c1.json")?;
+/// backend.put(&key, b"{}".to_vec()).await?;
+/// stuck.set(true);
+/// assert!(backend.delete(&key).await.is_err());
+/// stuck.set(false);
+/// assert!(backend.delete(&key).await?);
+/// # Ok(()) }
+/// ```
+pub struct Faulty<B> {
+    inner: B,
+    switch: FaultSwitch,
+    rules: Vec<Rule>,
+}
+
+impl<B> Faulty<B> {
+    /// Wraps `inner` with no rules, under a switch that is on.
+    pub fn new(inner: B) -> Self {
+        Faulty { inner, switch: FaultSwitch::on(), rules: Vec::new() }
+    }
+
+    /// Puts the rules under `switch` (shared with the caller) instead of their own.
+    pub fn controlled_by(mut self, switch: FaultSwitch) -> Self {
+        self.switch = switch;
+        self
+    }
+
+    /// Adds a rule: `op` on a key for which `when` is true fails with an I/O error of
+    /// `kind` (which decides the [`ErrorKind`](crate::ErrorKind): `PermissionDenied`,
+    /// `StorageFull`, else `Io`) and does nothing.
+    pub fn fail(
+        mut self,
+        op: Method,
+        kind: io::ErrorKind,
+        when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.rules.push(Rule { op, matches: Box::new(when), effect: Effect::Fail(kind) });
+        self
+    }
+
+    /// Adds a rule: `op` on a key for which `when` is true succeeds without doing anything
+    /// (a put, delete or append acknowledged and lost, a delete reporting that the key
+    /// existed; a get that finds nothing; a list that lists nothing).
+    pub fn lose(mut self, op: Method, when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static) -> Self {
+        self.rules.push(Rule { op, matches: Box::new(when), effect: Effect::Lose });
+        self
+    }
+
+    /// The switch the rules are under.
+    pub fn switch(&self) -> &FaultSwitch {
+        &self.switch
+    }
+
+    /// The wrapped backend.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// The effect of the first rule that picks `op` on `key`, if the switch is on.
+    fn fault(&self, op: Method, key: &StorageKey) -> Option<&Effect> {
+        if !self.switch.is_on() {
+            return None;
+        }
+        self.rules.iter().find(|r| r.op == op && (r.matches)(key)).map(|r| &r.effect)
+    }
+
+    /// `Err` for a failing rule, `Ok(true)` for a losing one, `Ok(false)` to forward.
+    fn check(&self, op: Method, key: &StorageKey) -> Result<bool> {
+        match self.fault(op, key) {
+            None => Ok(false),
+            Some(Effect::Lose) => Ok(true),
+            Some(Effect::Fail(kind)) => {
+                Err(StateError::io(op.doing(), key.as_str(), io::Error::new(*kind, "injected by Faulty")))
+            }
+        }
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for Faulty<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ops: Vec<Method> = self.rules.iter().map(|r| r.op).collect();
+        f.debug_struct("Faulty").field("inner", &self.inner).field("switch", &self.switch).field("rules", &ops).finish()
+    }
+}
+
+#[async_trait]
+#[deny(clippy::missing_trait_methods)]
+impl<B: StorageBackend> StorageBackend for Faulty<B> {
+    async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
+        if self.check(Method::Get, key)? {
+            return Ok(None);
+        }
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
+        if self.check(Method::Put, key)? {
+            return Ok(());
+        }
+        self.inner.put(key, value).await
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool> {
+        if self.check(Method::Delete, key)? {
+            return Ok(true);
+        }
+        self.inner.delete(key).await
+    }
+
+    async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
+        if self.check(Method::List, prefix)? {
+            return Ok(Vec::new());
+        }
+        self.inner.list(prefix).await
+    }
+
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        if self.check(Method::Append, key)? {
+            return Ok(());
+        }
+        self.inner.append(key, bytes).await
+    }
+
+    async fn sweep(&self) -> Result<SweepReport> {
+        self.inner.sweep().await
+    }
+}
