@@ -11,11 +11,13 @@ use async_trait::async_trait;
 use crate::error::{Result, StateError};
 
 mod file;
-pub(crate) mod fs;
 mod memory;
 #[cfg(test)]
 mod simfs;
-mod wal;
+
+/// The file-system seam, where the power-loss simulator (`simfs.rs`) finds it.
+#[cfg(test)]
+use file::fs;
 
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;

@@ -1,5 +1,9 @@
 //! The file-system seam under [`FileStorageBackend`](super::FileStorageBackend).
 //!
+//! This module owns the [`Fs`] and [`FsFile`] traits and [`OsFs`], the real file system;
+//! it calls only the standard library, `libc` flags and `rustix`. Every other part of the
+//! file backend (and the power-loss simulator, `backend/simfs.rs`) goes through it.
+//!
 //! Every file operation the file backend performs goes through [`Fs`], so tests can swap
 //! in a file system that records what was synced and build the states a power loss would
 //! leave behind. [`OsFs`] is the real one. Nothing here follows a symbolic link.

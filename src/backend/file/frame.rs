@@ -1,10 +1,13 @@
 //! The frame format of the file backend's write-ahead log (`metadata/.wal`), and how a log
 //! left by a crash is read back.
 //!
+//! This module owns the bytes of a frame: checking, encoding and replaying them. It does no
+//! I/O and calls nothing but [`StorageKey`] and the CRC; the log writer (`log.rs`) calls it.
+//!
 //! In log mode a put or delete is made durable by appending one frame to the log and
 //! `fdatasync`ing it, many callers' frames at once (group commit: a *batch*, one `write`
 //! and one `fdatasync`); the record files are brought up to date later, in batches (see
-//! `file.rs`). A frame:
+//! `log.rs`). A frame:
 //!
 //! ```text
 //! magic u32 LE  "MSWL"
@@ -52,7 +55,7 @@
 //! stale blocks, or a stored value that embeds a frame of this log verbatim) can only turn
 //! a torn tail into a false `Corrupt`, never hide damage.
 
-use super::StorageKey;
+use crate::backend::StorageKey;
 
 const MAGIC: [u8; 4] = *b"MSWL";
 /// Header of the older frames (kinds 1, 2): magic, crc, kind, klen, vlen.
