@@ -57,9 +57,7 @@ impl<B: StorageBackend> Encrypted<B> {
 
         let mut ring = Keyring { current: 0, ciphers: BTreeMap::new(), next_id: meta.next_key_id };
         if existing.is_none() {
-            let id = meta.next_key_id;
-            meta.keys.push(KeyCheck { id, check: hex(&seal_check(&current, id)?) });
-            meta.next_key_id = bump(id)?;
+            let id = meta.add_key(&current)?;
             inner.put(&meta_key, meta.to_json()?).await?;
             if ciphers.len() > 0 {
                 debug!("a new encrypted store needs no previous keys; they are ignored");
@@ -78,9 +76,7 @@ impl<B: StorageBackend> Encrypted<B> {
                 // the key metadata; until it is durable nothing is sealed with it, and if it
                 // fails the open fails and nothing changed).
                 None if ciphers.iter().any(|c| match_check(c, &checks).is_some()) => {
-                    let id = meta.next_key_id;
-                    meta.keys.push(KeyCheck { id, check: hex(&seal_check(&current, id)?) });
-                    meta.next_key_id = bump(id)?;
+                    let id = meta.add_key(&current)?;
                     inner.put(&meta_key, meta.to_json()?).await?;
                     ring.next_id = meta.next_key_id;
                     info!(key_id = id, "recorded the new encryption key of a rotation that was cut off");
@@ -160,10 +156,9 @@ impl<B: StorageBackend> Encrypted<B> {
             debug!(key_id = id, "encryption key rotated to a key already on record");
             return Ok(id);
         }
-        let id = meta.next_key_id;
         let mut next = meta.clone();
-        next.keys.push(KeyCheck { id, check: hex(&seal_check(&cipher, id)?) });
-        next.next_key_id = bump(id)?;
+        let id = next.add_key(&cipher)?;
+        // Recorded durably (one atomic put) before anything is sealed with it.
         self.inner.put(&crypto_meta_key(), next.to_json()?).await?;
         let mut ring = self.ring_mut();
         ring.ciphers.insert(id, Arc::new(cipher));
@@ -255,6 +250,15 @@ struct KeyCheck {
 }
 
 impl CryptoMeta {
+    /// Records a key check for `cipher` under the next key id and returns that id (in
+    /// memory only: the caller writes the metadata before sealing anything with the key).
+    fn add_key(&mut self, cipher: &XChaCha20Poly1305) -> Result<u32> {
+        let id = self.next_key_id;
+        self.keys.push(KeyCheck { id, check: hex(&seal_check(cipher, id)?) });
+        self.next_key_id = bump(id)?;
+        Ok(id)
+    }
+
     fn new(kdf: KdfParams) -> Result<Self> {
         kdf_params(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost)?;
         let mut salt = [0; SALT_LEN];
