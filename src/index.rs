@@ -98,6 +98,20 @@ pub(crate) struct SessionEntry {
     pub(crate) checkpoints: BTreeMap<CheckpointId, CpEntry>,
 }
 
+impl RecordEntry {
+    /// The entry of a session record saved at `at`, `size` bytes stored, with `meta`.
+    pub(crate) fn of(at: u64, size: u64, meta: &crate::codec::SessionMeta) -> RecordEntry {
+        RecordEntry {
+            at,
+            size,
+            status: meta.status,
+            step: meta.step,
+            reason: meta.reason.clone(),
+            status_at: meta.status_at,
+        }
+    }
+}
+
 impl Change {
     /// The line that records `r` as `sid`'s session record.
     pub(crate) fn saved(sid: &SessionId, r: RecordEntry) -> Change {
@@ -361,27 +375,17 @@ impl Index {
 mod tests {
     use super::*;
 
+    /// A journal line saving a running session's record at `at` with `size` bytes.
+    fn saved(sid: &SessionId, at: u64, size: u64) -> Change {
+        let r = RecordEntry { at, size, status: SessionStatus::Running, step: None, reason: None, status_at: None };
+        Change::saved(sid, r)
+    }
+
     #[test]
     fn replay_skips_torn_tail_and_rejects_damage() {
         let sid = SessionId::new("s").unwrap();
-        let a = Index::line(&Change::Saved {
-            sid: sid.clone(),
-            at: 1,
-            size: 10,
-            st: SessionStatus::Running,
-            step: None,
-            why: None,
-            st_at: None,
-        });
-        let b = Index::line(&Change::Saved {
-            sid: sid.clone(),
-            at: 2,
-            size: 20,
-            st: SessionStatus::Running,
-            step: None,
-            why: None,
-            st_at: None,
-        });
+        let a = Index::line(&saved(&sid, 1, 10));
+        let b = Index::line(&saved(&sid, 2, 20));
         let mut j = a.clone();
         j.extend(&b[..b.len() - 3]);
         let (idx, clean) = Index::replay(&j).unwrap();
@@ -397,27 +401,11 @@ mod tests {
     fn only_an_untouched_clean_snapshot_is_clean() {
         let mut idx = Index::default();
         let sid = SessionId::new("s").unwrap();
-        idx.apply(&Change::Saved {
-            sid: sid.clone(),
-            at: 1,
-            size: 10,
-            st: SessionStatus::Running,
-            step: None,
-            why: None,
-            st_at: None,
-        });
+        idx.apply(&saved(&sid, 1, 10));
         let (snap, _) = idx.snapshot(true);
         assert!(Index::replay(&snap).unwrap().1);
         let mut more = snap.clone();
-        more.extend(Index::line(&Change::Saved {
-            sid,
-            at: 2,
-            size: 10,
-            st: SessionStatus::Running,
-            step: None,
-            why: None,
-            st_at: None,
-        }));
+        more.extend(Index::line(&saved(&sid, 2, 10)));
         assert!(!Index::replay(&more).unwrap().1, "appends after a clean shutdown make it unclean");
         assert!(!Index::replay(&idx.snapshot(false).0).unwrap().1);
     }

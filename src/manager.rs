@@ -408,13 +408,7 @@ impl StateManager {
     async fn authorize(&self, op: Op, sid: &SessionId) -> Result<()> {
         let Some(p) = &self.principal else { return Ok(()) };
         let store = self.store()?;
-        // A session exists once anything of it is kept: records (the index), a state only
-        // in its actor's memory (recorded steps not yet flushed), or a delete that failed
-        // part way. Not only what the index has caught up with.
-        let exists = store.index().sessions.contains_key(sid)
-            || matches!(store.hot(sid), Some(Some(_)))
-            || store.is_deleting(sid);
-        match store.access.check(p, op, sid, exists, store.clock.now_ms())? {
+        match store.access.check(p, op, sid, store.exists(sid), store.clock.now_ms())? {
             Decision::Allow => Ok(()),
             Decision::Claim(record) => {
                 let put = self.put_access(sid, &record).await;

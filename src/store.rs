@@ -326,11 +326,7 @@ impl Store {
                 }
             }
         }
-        let table = AccessTable::new(layer, records);
-        for sid in unreadable {
-            table.mark_unreadable(sid);
-        }
-        Ok(table)
+        Ok(AccessTable::new(layer, records, unreadable))
     }
 
     /// The access records on disk: every session that has an owner, whether or not it has
@@ -446,7 +442,11 @@ impl Store {
     /// Tells watchers about a change (no one listening is fine), with the session's access
     /// record as it is now: a watcher sees the event only if that record lets it read.
     pub(crate) fn emit(&self, sid: &SessionId, kind: EventKind) {
-        self.emit_as(sid, kind, self.access.shared(sid));
+        // Every save emits: with no watcher, skip the access lookup (the event would be
+        // dropped anyway).
+        if self.events.receiver_count() > 0 {
+            self.emit_as(sid, kind, self.access.shared(sid));
+        }
     }
 
     /// Like [`emit`](Self::emit), under an access record taken earlier (a delete's event
@@ -454,6 +454,14 @@ impl Store {
     pub(crate) fn emit_as(&self, sid: &SessionId, kind: EventKind, access: Option<Arc<AccessRecord>>) {
         let event = StateEvent { session_id: sid.clone(), kind, at: self.clock.now_ms() };
         let _ = self.events.send(Envelope { event, access });
+    }
+
+    /// Whether anything of `sid` is kept, for access control's "may a first write claim
+    /// it": records (the index), a state only in its actor's memory (recorded steps not
+    /// flushed yet), or a delete that failed part way. Not only what the index has caught
+    /// up with.
+    pub(crate) fn exists(&self, sid: &SessionId) -> bool {
+        self.index().sessions.contains_key(sid) || matches!(self.hot(sid), Some(Some(_))) || self.is_deleting(sid)
     }
 
     /// Persists a session's access record (durably, before the request it guards goes on).
@@ -591,12 +599,12 @@ impl Store {
         saved_at: u64,
         meta: SessionMeta,
     ) -> Result<()> {
-        let (st, step, why, st_at) = (meta.status, meta.step, meta.reason.clone(), meta.status_at);
-        let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
         let key = session_key(&self.codec, sid);
-        let size = self.put(&key, &head, data).await?;
+        let mut entry = RecordEntry::of(saved_at, 0, &meta);
+        let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
+        entry.size = self.put(&key, &head, data).await?;
         lock(&self.quarantined).remove(&key);
-        self.record(Change::Saved { sid: sid.clone(), at: saved_at, size, st, step, why, st_at }).await?;
+        self.record(Change::saved(sid, entry)).await?;
         self.enforce_cap().await
     }
 
@@ -656,13 +664,20 @@ impl Store {
     /// delete's error), vacuum and the next start finish it too. The owner's access record
     /// is still there, so the owner can retry.
     pub(crate) async fn delete_session(&self, sid: &SessionId) -> Result<bool> {
-        let marker = pending_key(sid);
         // Nothing is deleted before the marker is durable; if it cannot be written, nothing
         // changed.
-        self.backend.put(&marker, Vec::new()).await?;
+        self.backend.put(&pending_key(sid), Vec::new()).await?;
+        self.finish_delete(sid).await
+    }
+
+    /// The part of a delete after its marker is durable: the records, the access record,
+    /// then the marker. The session is `deleting` from here until the marker is gone; on an
+    /// error it stays so (and the marker stays on disk), to be finished later.
+    async fn finish_delete(&self, sid: &SessionId) -> Result<bool> {
         lock(&self.deleting).insert(sid.clone());
         let existed = self.delete_session_records(sid).await?;
-        self.backend.delete(&marker).await?;
+        // Last: a crash before this unlink is durable finishes the delete at the next start.
+        self.backend.delete(&pending_key(sid)).await?;
         lock(&self.deleting).remove(sid);
         Ok(existed)
     }
@@ -696,7 +711,12 @@ impl Store {
         for cid in leftover {
             self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
         }
-        self.backend.delete(&access_key(sid)).await?;
+        {
+            // Under the lock of access-record writers, so a re-encryption in flight cannot
+            // put the record back.
+            let _access = self.access_writes.lock().await;
+            self.backend.delete(&access_key(sid)).await?;
+        }
         self.access.remove(sid);
         Ok(existed)
     }
@@ -715,16 +735,8 @@ impl Store {
                 continue;
             };
             info!(session = %sid, "finishing an interrupted delete");
-            lock(&self.deleting).insert(sid.clone());
-            let done = match self.delete_session_records(&sid).await {
-                Ok(_) => self.backend.delete(&meta.key).await.map(|_| ()),
-                Err(e) => Err(e),
-            };
-            match done {
-                Ok(()) => {
-                    lock(&self.deleting).remove(&sid);
-                    finished += 1;
-                }
+            match self.finish_delete(&sid).await {
+                Ok(_) => finished += 1,
                 Err(e) if strict => return Err(e),
                 Err(e) => {
                     warn!(session = %sid, error = %e, "could not finish an interrupted delete; it is retried before the session's next write")
@@ -766,29 +778,14 @@ impl Store {
             match self.load_session(&sid).await {
                 Ok(Some(d)) => {
                     if let RecordHead::Session { saved_at, meta: m, .. } = d.head {
-                        let r = RecordEntry {
-                            at: saved_at,
-                            size: meta.size,
-                            status: m.status,
-                            step: m.step,
-                            reason: m.reason,
-                            status_at: m.status_at,
-                        };
-                        fresh.apply(&Change::saved(&sid, r));
+                        fresh.apply(&Change::saved(&sid, RecordEntry::of(saved_at, meta.size, &m)));
                     }
                 }
                 Ok(None) => {}
                 Err(StateError::Corrupt { key, .. }) => {
                     // Keep it listed: loading it reports the damage rather than "missing".
                     corrupt.push(key);
-                    let r = RecordEntry {
-                        at: 0,
-                        size: meta.size,
-                        status: SessionStatus::Running,
-                        step: None,
-                        reason: None,
-                        status_at: None,
-                    };
+                    let r = RecordEntry::of(0, meta.size, &SessionMeta::default());
                     fresh.apply(&Change::saved(&sid, r));
                 }
                 Err(e) => return Err(e),

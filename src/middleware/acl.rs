@@ -162,15 +162,16 @@ pub(crate) struct AccessTable {
 }
 
 impl AccessTable {
-    pub(crate) fn new(layer: AccessControlLayer, records: HashMap<SessionId, AccessRecord>) -> Self {
+    /// The table of `records`; the sessions in `unreadable` (whose stored access record
+    /// could not be read) are left to administrators: no one else may use them, nor claim
+    /// them as new, until they are deleted.
+    pub(crate) fn new(
+        layer: AccessControlLayer,
+        records: HashMap<SessionId, AccessRecord>,
+        unreadable: Vec<SessionId>,
+    ) -> Self {
         let records = records.into_iter().map(|(s, r)| (s, Arc::new(r))).collect();
-        AccessTable { layer, records: Mutex::new(records), unreadable: Mutex::default() }
-    }
-
-    /// Leaves `sid` to administrators: its stored access record could not be read, so no
-    /// one else may use it, nor claim it as new, until it is deleted.
-    pub(crate) fn mark_unreadable(&self, sid: SessionId) {
-        crate::sync::lock(&self.unreadable).insert(sid);
+        AccessTable { layer, records: Mutex::new(records), unreadable: Mutex::new(unreadable.into_iter().collect()) }
     }
 
     fn records(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<AccessRecord>>> {
@@ -269,7 +270,7 @@ mod tests {
 
     #[test]
     fn first_writer_owns_and_others_are_denied() {
-        let t = AccessTable::new(AccessControlLayer::new().admin(p("root")), HashMap::new());
+        let t = AccessTable::new(AccessControlLayer::new().admin(p("root")), HashMap::new(), Vec::new());
         let s = SessionId::new("s").unwrap();
         assert!(matches!(t.check(&p("alice"), Op::Save, &s, false, 1).unwrap(), Decision::Claim(_)));
         assert_eq!(t.check(&p("alice"), Op::Delete, &s, true, 2).unwrap(), Decision::Allow);
