@@ -4,13 +4,12 @@
 
 mod actor;
 pub mod backend;
-mod codec;
 mod error;
-mod index;
 mod lifecycle;
 mod manager;
 mod memory;
 pub mod middleware;
+mod random;
 mod store;
 mod sync;
 #[cfg(feature = "testing")]
@@ -20,7 +19,8 @@ mod types;
 pub use actor::SessionMsg;
 pub use actor::session::UpdateFn;
 pub use backend::{
-    FileOptions, FileStorageBackend, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport,
+    FileOptions, FileStorageBackend, KeyClass, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey,
+    SweepReport,
 };
 pub use error::{BoxError, ErrorKind, Result, StateError};
 pub use lifecycle::{

@@ -12,7 +12,6 @@ use crate::actor::session::{SessionMsg, UpdateFn};
 use crate::actor::supervisor::{self, SupervisorActor, SupervisorArgs, SupervisorMsg};
 use crate::actor::{Config, call_session, janitor, storage};
 use crate::backend::StorageBackend;
-use crate::codec::{Codec, Compression, RecordHead};
 use crate::error::{BoxError, Result, StateError};
 use crate::lifecycle::{CheckpointPolicy, MigrationReport, Migrations, Recovery, SkippedCheckpoint, Watch};
 use crate::middleware::acl::{Access, AccessControlLayer, AccessRecord, Decision, Op};
@@ -22,6 +21,7 @@ use crate::middleware::crypto::{
 };
 #[cfg(feature = "encryption")]
 use crate::store;
+use crate::store::codec::{Codec, Compression, RecordHead};
 use crate::store::{RetentionPolicy, Store};
 use crate::types::{
     BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, Principal, SessionId, SessionInfo,

@@ -137,11 +137,10 @@ pub struct CheckpointId(String);
 
 impl CheckpointId {
     pub(crate) fn generate(clock: u64) -> Self {
-        let mut r = [0u8; 4];
         // Uniqueness across sessions comes from the random suffix; ordering from the clock.
         // If the OS RNG fails we still have a unique-per-session clock value.
-        let _ = getrandom::fill(&mut r);
-        CheckpointId(format!("{clock:016x}-{:08x}", u32::from_le_bytes(r)))
+        let r = crate::random::unique_u64() as u32;
+        CheckpointId(format!("{clock:016x}-{r:08x}"))
     }
 
     /// Parses and validates the text form of an id.

@@ -131,7 +131,7 @@ pub(crate) async fn remove_idle_sessions(
         .sessions
         .iter()
         .map(|(sid, e)| {
-            let bytes = e.record.as_ref().map_or(0, |r| r.size) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
+            let bytes = e.bytes();
             (e.last_activity(), sid.clone(), bytes)
         })
         .collect();

@@ -19,9 +19,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Shared, storage, supervisor::SupervisorMsg};
-use crate::codec::{CheckpointMeta, RecordHead, SessionMeta};
 use crate::error::{Result, StateError};
 use crate::lifecycle::{CheckpointPolicy, EventKind, MigrationReport};
+use crate::store::codec::{CheckpointMeta, Fork, RecordHead, SessionMeta};
 use crate::sync::lock;
 use crate::types::{BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus, StateBytes};
 
@@ -441,7 +441,7 @@ impl SessionState {
             self.last_checkpoint_step = {
                 let idx = self.shared.store.index();
                 idx.sessions.get(&self.sid).and_then(|e| {
-                    e.checkpoints.values().rev().find(|c| c.branch == self.policy.branch).and_then(|c| c.step)
+                    e.checkpoints.values().rev().find(|c| c.branch_id == self.policy.branch).and_then(|c| c.step)
                 })
             };
             self.set_current(Some(current));
@@ -492,7 +492,7 @@ impl SessionState {
     /// record's own `saved_at` decides; checkpoint times come from their files.
     async fn delete_if_idle(&mut self, cutoff_ms: u64) -> Result<bool> {
         let (indexed, newest_cp) = match self.shared.store.index().sessions.get(&self.sid) {
-            Some(e) => (e.last_activity(), e.checkpoints.values().map(|c| c.ts).max().unwrap_or(0)),
+            Some(e) => (e.last_activity(), e.newest_checkpoint_at()),
             None => return Ok(false),
         };
         if indexed >= cutoff_ms || self.dirty {
@@ -551,7 +551,7 @@ impl SessionState {
             .or_insert_with(|| {
                 let idx = self.shared.store.index();
                 idx.sessions.get(&self.sid).and_then(|e| {
-                    e.checkpoints.iter().rev().find(|(_, c)| &c.branch == branch).map(|(id, _)| id.clone())
+                    e.checkpoints.iter().rev().find(|(_, c)| &c.branch_id == branch).map(|(id, _)| id.clone())
                 })
             })
             .clone()
@@ -655,7 +655,7 @@ impl SessionState {
             Some(bytes) => StateBytes::from_slice(&bytes),
             None => StateBytes::from_slice(cp.data()),
         };
-        let fork = crate::codec::Fork { branch: branch_id.clone(), checkpoint: cid.clone(), clock: self.next_clock() };
+        let fork = Fork { branch: branch_id.clone(), checkpoint: cid.clone(), clock: self.next_clock() };
         self.save_with(data, |m| {
             m.step = meta.step;
             m.status = SessionStatus::Running;
@@ -667,7 +667,7 @@ impl SessionState {
                 let idx = self.shared.store.index();
                 idx.sessions
                     .get(&self.sid)
-                    .map(|e| e.checkpoints.range(cid.clone()..).skip(1).filter(|(_, c)| c.branch == branch_id))
+                    .map(|e| e.checkpoints.range(cid.clone()..).skip(1).filter(|(_, c)| c.branch_id == branch_id))
                     .into_iter()
                     .flatten()
                     .map(|(id, _)| id.clone())

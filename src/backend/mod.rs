@@ -24,7 +24,8 @@ pub use memory::MemoryStorageBackend;
 
 /// A validated relative key such as `sessions/s1.json`: `/`-separated segments, each
 /// non-empty, without NUL or `\`, not `.` or `..`, and not starting with `.` (names starting
-/// with a dot are reserved for a backend's staged files).
+/// with a dot are reserved for a backend's staged files). Its [`class`](Self::class) says
+/// what kind of value it holds.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StorageKey(String);
 
@@ -76,6 +77,21 @@ impl StorageKey {
         self.0.rsplit('/').next().unwrap_or(&self.0)
     }
 
+    /// The class of this key: what a backend or wrapper must do with it (see
+    /// [`KeyClass`]). Decided from the key's name by the store's layout, so backends never
+    /// match names themselves.
+    ///
+    /// ```
+    /// use mars_state::{KeyClass, StorageKey};
+    /// assert_eq!(StorageKey::new("sessions/s1.json")?.class(), KeyClass::Record);
+    /// assert_eq!(StorageKey::new("metadata/store.json")?.class(), KeyClass::Plaintext);
+    /// assert_eq!(StorageKey::new("metadata/index.log")?.class(), KeyClass::Log);
+    /// # Ok::<(), mars_state::StateError>(())
+    /// ```
+    pub fn class(&self) -> KeyClass {
+        crate::store::keys::class_of(&self.0)
+    }
+
     /// Whether this key lies under `prefix` (`prefix/...`).
     pub fn starts_with(&self, prefix: &StorageKey) -> bool {
         self.0.len() > prefix.0.len() && self.0.starts_with(&prefix.0) && self.0.as_bytes()[prefix.0.len()] == b'/'
@@ -92,6 +108,46 @@ impl fmt::Debug for StorageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.0, f)
     }
+}
+
+/// What kind of value a [`StorageKey`] holds, from [`StorageKey::class`]: the contract a
+/// backend or wrapper reads to treat keys differently without knowing the store's names.
+///
+/// A backend may ignore the class entirely (store every key alike, as the memory backend
+/// does); the classes say where it *may* differ, and what it must keep in any case.
+///
+/// | class | written | a write-ahead log (file backend) | encryption (`Encrypted`) |
+/// |---|---|---|---|
+/// | [`Record`](Self::Record) | every step; bulk | goes through it | sealed; listed size is the plaintext's |
+/// | [`Plaintext`](Self::Plaintext) | rarely; small | written directly | passed through as it is |
+/// | [`Log`](Self::Log) | by `append`; also replaced by `put` | written directly | sealed frame by frame |
+/// | [`Metadata`](Self::Metadata) | rarely; small | written directly | sealed like a record |
+///
+/// New classes may be added; a backend that matches on the class should treat an unknown
+/// one like [`Metadata`](Self::Metadata) (durable, written directly, sealed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyClass {
+    /// A session state or a checkpoint: the bulk data, written on every step. A backend
+    /// may batch or log these writes (the file backend's write-ahead log carries only this
+    /// class), as long as `put` keeps its contract. Encryption seals them, and `list`
+    /// through it reports the plaintext size.
+    Record,
+    /// Store metadata that must stay readable without the encryption key: the format and
+    /// encryption descriptors (`metadata/store.json`, `metadata/crypto.json`), the file
+    /// backend's lock, and the empty pending-delete markers. Read first at open, so a
+    /// backend writes them directly (never only into a log), and encryption stores them
+    /// as they are.
+    Plaintext,
+    /// An append-only log (the index journal, `metadata/*.log`): grown by `append`,
+    /// compacted by `put`. A backend writes it directly, so every name that is appended to
+    /// is also replaced in one place. Encryption seals each append as its own frame; `list`
+    /// reports the stored size.
+    Log,
+    /// Other store metadata: access records, the running marker, quarantine copies, and any
+    /// key of no other class. Written rarely and directly; encryption seals it like a
+    /// record.
+    Metadata,
 }
 
 /// A key and the size of its value, as returned by [`StorageBackend::list`].

@@ -726,8 +726,8 @@ mod tests {
     use super::*;
     use crate::backend::FileStorageBackend;
     use crate::error::{ErrorKind, StateError};
-    use crate::index::Index;
     use crate::manager::StateManager;
+    use crate::store::index::Index;
     use crate::types::CheckpointId;
 
     /// A simulated file system and the store root in it. The root is a real (empty)

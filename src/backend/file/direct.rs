@@ -56,10 +56,10 @@ enum Previous<'a> {
     Unknown,
 }
 
+/// The random part of a staged name (best effort; see `crate::random` for why a staged
+/// name may fall back to a non-random one).
 fn random_suffix() -> String {
-    let mut r = [0u8; 8];
-    let _ = getrandom::fill(&mut r);
-    format!("{:016x}", u64::from_le_bytes(r))
+    format!("{:016x}", crate::random::unique_u64())
 }
 
 impl Core {

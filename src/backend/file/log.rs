@@ -14,22 +14,23 @@ use std::sync::{Arc, Mutex};
 use super::direct::Core;
 use super::frame;
 use super::fs::FsFile;
-use crate::backend::StorageKey;
+use crate::backend::{KeyClass, StorageKey};
 use crate::error::{Result, StateError};
+// The log's file, `metadata/.wal`: hidden, so listings never show it and a sweep (which
+// removes only `.tmp-` names) never touches it.
+use crate::store::keys::{METADATA, WAL_FILE as WAL};
 use crate::sync::lock;
 
-/// Whether writes of `key` go through the log in log mode: the records (sessions and
-/// checkpoints), written on every step. The store's own files (`metadata/`, the index
-/// journal that is also appended to, `quarantine/`) are written rarely and directly, so
-/// every name that is appended to is also replaced in one place, and the files a person
-/// or the store reads first at open are always current.
+/// Whether writes of `key` go through the log in log mode: the records
+/// ([`KeyClass::Record`]: sessions and checkpoints), written on every step. Every other
+/// class (the store's metadata, the index journal that is also appended to, quarantine
+/// copies) is written rarely and directly, so every name that is appended to is also
+/// replaced in one place, and the files a person or the store reads first at open are
+/// always current.
 pub(super) fn through_log(key: &StorageKey) -> bool {
-    matches!(key.segments().next(), Some("sessions" | "checkpoints"))
+    key.class() == KeyClass::Record
 }
 
-/// The log's file: hidden, so listings never show it and a sweep (which removes only
-/// `.tmp-` names) never touches it.
-const WAL: &str = ".wal";
 /// Bring the record files up to date once the log is this long...
 const MATERIALIZE_AT: u64 = 8 << 20;
 /// At most this many bytes of frames in one batch (one write, one `fdatasync`).
@@ -282,7 +283,7 @@ impl LogWriter {
             // A new log's name must be durable too, or a power loss takes the whole log.
             .and_then(|()| {
                 if created {
-                    let dir = self.core.root.join("metadata");
+                    let dir = self.core.root.join(METADATA);
                     fs.sync_dir(&dir).map_err(|e| StateError::io("syncing directory", &dir, e))
                 } else {
                     Ok(())
@@ -340,7 +341,7 @@ impl LogWriter {
 
 impl Core {
     fn wal_path(&self) -> PathBuf {
-        self.root.join("metadata").join(WAL)
+        self.root.join(METADATA).join(WAL)
     }
 
     /// Removes the log, durably. Called only when nothing in it is needed any more: every
@@ -350,7 +351,7 @@ impl Core {
     fn remove_log(&self) -> Result<()> {
         let path = self.wal_path();
         self.fs.remove_file(&path).map_err(|e| StateError::io("removing the log", &path, e))?;
-        let dir = self.root.join("metadata");
+        let dir = self.root.join(METADATA);
         self.fs.sync_dir(&dir).map_err(|e| StateError::io("syncing directory", &dir, e))
     }
 
@@ -382,7 +383,7 @@ impl Core {
                 "the write-ahead log is damaged before frames that were acknowledged; not opening the store"
             );
             StateError::corrupt(
-                format!("metadata/{WAL}"),
+                format!("{METADATA}/{WAL}"),
                 format!(
                     "the write-ahead log is damaged at byte {} of {}, and whole frames written after that part \
                      was made durable follow at byte {}: acknowledged writes cannot be read back. Nothing was \

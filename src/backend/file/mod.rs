@@ -37,6 +37,7 @@ use self::fs::{Fs, OsFs};
 use self::log::{Log, LogReq, Reply, through_log};
 use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
+use crate::store::keys;
 
 /// Stores each record as a file under a base directory (`sessions/`, `checkpoints/`,
 /// `metadata/`), writing through a staged file, fsync, rename and directory fsync so that
@@ -204,11 +205,11 @@ impl FileStorageBackend {
         };
         create_root(fs.as_ref(), &root).map_err(|e| StateError::io("creating the store directory", &root, e))?;
         let core = Arc::new(Core::new(root.clone(), fs));
-        for dir in ["sessions", "checkpoints", "metadata", "quarantine"] {
+        for dir in keys::FOLDERS {
             core.ensure_dir(&root.join(dir))?;
         }
         let lock = match lock_wait {
-            Some(wait) => Some(take_lock(&root.join("metadata").join("LOCK"), wait)?),
+            Some(wait) => Some(take_lock(&root.join(keys::METADATA).join(keys::LOCK_FILE), wait)?),
             None => None,
         };
         // Only now, holding the lock: what a crashed process left in the log goes into the

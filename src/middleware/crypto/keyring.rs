@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::keys::{EncryptionKey, KdfParams, KdfRecord, KeySource, derive_keys, kdf_params};
 use super::seal::{match_check, seal_check};
-use super::{CRYPTO_META, Encrypted, Keyring, crypto_meta_key, fill_random, hex, unhex};
+use super::{CRYPTO_META, Encrypted, Keyring, crypto_meta_key, hex, unhex};
 use crate::backend::{FileStorageBackend, StorageBackend};
 use crate::error::{Result, StateError};
 
@@ -261,8 +261,7 @@ impl CryptoMeta {
 
     fn new(kdf: KdfParams) -> Result<Self> {
         kdf_params(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost)?;
-        let mut salt = [0; SALT_LEN];
-        fill_random(&mut salt)?;
+        let salt = crate::random::array::<SALT_LEN>()?;
         Ok(CryptoMeta {
             mars_state_crypto: CRYPTO_FORMAT,
             cipher: CIPHER_NAME.into(),

@@ -2,7 +2,7 @@
 //! gives, the [`KdfParams`] of a new store, and the Argon2id derivation that turns a
 //! passphrase into a key with the salt and costs recorded in `metadata/crypto.json` (a
 //! `KdfRecord`). Secrets here are zeroized on drop and redacted from `Debug`. It calls only
-//! the parent module's random-bytes and hex helpers, and does no I/O.
+//! the crate's random-bytes helper and the parent module's hex helpers, and does no I/O.
 
 use std::fmt;
 
@@ -11,7 +11,7 @@ use chacha20poly1305::{Key, KeyInit, XChaCha20Poly1305};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use super::{fill_random, unhex};
+use super::unhex;
 use crate::error::{Result, StateError};
 
 /// Upper bounds on KDF costs read from `metadata/crypto.json`, so a damaged or hostile file
@@ -56,7 +56,7 @@ impl EncryptionKey {
     /// A new random key from the operating system's generator.
     pub fn generate() -> Result<Self> {
         let mut key = EncryptionKey([0; 32]);
-        fill_random(&mut key.0)?;
+        crate::random::fill(&mut key.0)?;
         Ok(key)
     }
 

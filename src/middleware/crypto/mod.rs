@@ -1,9 +1,10 @@
 //! Encryption at rest: [`EncryptionLayer`] wraps any [`StorageBackend`] into an
 //! [`Encrypted`] backend that seals every value with XChaCha20-Poly1305 before it reaches
 //! the inner backend, and opens (and authenticates) it on the way back. This file owns the
-//! layer, the wrapper with its `StorageBackend` impl, and which storage keys stay plaintext
-//! or are logs; it may call its submodules, the backend it wraps and (for
-//! [`Encrypted::open_path`]) [`FileStorageBackend::new`]. The submodules: `keys` (key
+//! layer and the wrapper with its `StorageBackend` impl, which treats each key as its
+//! [`KeyClass`] says; it may call its submodules, the backend it wraps, the store's key
+//! layout (for the name of its own metadata) and (for [`Encrypted::open_path`])
+//! [`FileStorageBackend::new`]. The submodules: `keys` (key
 //! material, Argon2id), `seal` (the byte formats below and the per-value sealing path),
 //! `keyring` (`metadata/crypto.json`, opening a store, rotation).
 //!
@@ -44,21 +45,22 @@
 //!
 //! # On-disk formats
 //!
-//! **Records** (every key except the plaintext and log keys below):
+//! **Records** (keys of class [`KeyClass::Record`] and [`KeyClass::Metadata`]):
 //!
 //! ```text
 //! "MSE1" | key id: u32 LE | nonce: 24 random bytes | ciphertext | Poly1305 tag: 16 bytes
 //! AAD = "mars-state/enc/1\0" ‖ storage key ‖ "\0" ‖ key id (u32 LE)
 //! ```
 //!
-//! A record is exactly [`RECORD_OVERHEAD`] (48) bytes longer than its plaintext. The AAD
+//! A record is exactly 48 bytes longer than its plaintext. The AAD
 //! binds it to its storage key (so to its session and checkpoint ids) and to the format
 //! version: a record copied over another key, a flipped bit anywhere, a truncation, or a
 //! plaintext record planted in the store are all [`StateError::Corrupt`]. A record sealed
 //! under a key id this store issued but that was not supplied (or was retired) is
 //! [`StateError::WrongKey`] naming the id; an id the store never issued is `Corrupt`.
 //!
-//! **Logs** (keys under `metadata/` ending in `.log`: the index journal), which grow by
+//! **Logs** ([`KeyClass::Log`]: keys under `metadata/` ending in `.log`, such as the index
+//! journal), which grow by
 //! `append`, are a sequence of self-delimiting frames, one per append (and one per MiB of a
 //! `put`, which compaction uses to rewrite the whole log):
 //!
@@ -77,8 +79,8 @@
 //! write the store can drop, reorder or repeat whole frames of the same log undetected. The
 //! journal only caches what the records say and is reconciled against them at start.
 //!
-//! **Plaintext keys**, passed through untouched because they must be readable before a key
-//! exists or hold nothing: `metadata/store.json` (format version and compression),
+//! **Plaintext keys** ([`KeyClass::Plaintext`]), passed through untouched because they must
+//! be readable before a key exists or hold nothing: `metadata/store.json` (format version and compression),
 //! `metadata/crypto.json` (this layer's metadata, below; callers may read it but not write or
 //! delete it), `metadata/LOCK`, and the empty delete markers under `metadata/pending/`.
 //!
@@ -122,14 +124,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
 use chacha20poly1305::XChaCha20Poly1305;
 
-use crate::backend::{FileStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use crate::backend::{FileStorageBackend, KeyClass, ObjectMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
+use crate::store::keys::{CRYPTO_META, crypto_meta as crypto_meta_key};
 
 mod keyring;
 mod keys;
@@ -140,9 +143,12 @@ mod tests;
 use keyring::CryptoMeta;
 pub(crate) use keyring::{FoundLayer, KeyRing, find_layer};
 pub use keys::{EncryptionKey, KdfParams, KeySource, Passphrase};
-pub use seal::RECORD_OVERHEAD;
 
-const CRYPTO_META: &str = "metadata/crypto.json";
+/// Bytes an encrypted record adds to its plaintext (header and tag).
+#[doc(hidden)]
+#[deprecated(note = "an implementation detail of the sealed format; the listed size through `Encrypted` \
+                     is already the plaintext size")]
+pub const RECORD_OVERHEAD: usize = seal::SEAL_OVERHEAD;
 
 // ---------------------------------------------------------------------------------------
 // The layer
@@ -276,22 +282,37 @@ impl<B: StorageBackend> Encrypted<B> {
     }
 }
 
-/// Whether values at `key` are stored as they are, unencrypted: `metadata/store.json`,
-/// `metadata/crypto.json`, `metadata/LOCK`, and the markers under `metadata/pending/`.
+/// Whether values at `key` are stored as they are, unencrypted.
+#[doc(hidden)]
+#[deprecated(note = "use `key.class() == KeyClass::Plaintext`")]
 pub fn stored_in_plaintext(key: &StorageKey) -> bool {
-    matches!(key.as_str(), "metadata/store.json" | CRYPTO_META | "metadata/LOCK")
-        || key.as_str().starts_with("metadata/pending/")
+    key.class() == KeyClass::Plaintext
 }
 
-/// Whether `key` is an append-only log stored as encrypted frames: any key under
-/// `metadata/` whose name ends in `.log` (the index journal is `metadata/index.log`).
+/// Whether `key` is an append-only log stored as encrypted frames.
+#[doc(hidden)]
+#[deprecated(note = "use `key.class() == KeyClass::Log`")]
 pub fn is_log_key(key: &StorageKey) -> bool {
-    let k = key.as_str();
-    k.starts_with("metadata/") && k.ends_with(".log") && !stored_in_plaintext(key)
+    key.class() == KeyClass::Log
 }
 
-fn crypto_meta_key() -> StorageKey {
-    StorageKey::from_valid(CRYPTO_META.to_owned())
+/// How this layer stores a value of each key class.
+enum Sealing {
+    /// As it is ([`KeyClass::Plaintext`]).
+    None,
+    /// One sealed record per value.
+    Record,
+    /// A log of sealed frames, one per append ([`KeyClass::Log`]).
+    Frames,
+}
+
+fn sealing(key: &StorageKey) -> Sealing {
+    match key.class() {
+        KeyClass::Plaintext => Sealing::None,
+        KeyClass::Log => Sealing::Frames,
+        // Records, other metadata, and any class added later: sealed.
+        _ => Sealing::Record,
+    }
 }
 
 fn refuse_reserved(key: &StorageKey) -> Result<()> {
@@ -309,27 +330,24 @@ fn refuse_reserved(key: &StorageKey) -> Result<()> {
 impl<B: StorageBackend> StorageBackend for Encrypted<B> {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
         let Some(raw) = self.inner.get(key).await? else { return Ok(None) };
-        if stored_in_plaintext(key) {
-            Ok(Some(raw))
-        } else if is_log_key(key) {
-            self.open_frames(key, &raw).map(Some)
-        } else {
-            self.open_record(key, raw).map(Some)
+        match sealing(key) {
+            Sealing::None => Ok(Some(raw)),
+            Sealing::Frames => self.open_frames(key, &raw).map(Some),
+            Sealing::Record => self.open_record(key, raw).map(Some),
         }
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
         refuse_reserved(key)?;
-        if stored_in_plaintext(key) {
-            return self.inner.put(key, value).await;
+        match sealing(key) {
+            Sealing::None => self.inner.put(key, value).await,
+            Sealing::Record => self.inner.put(key, self.seal_record(key, value)?).await,
+            Sealing::Frames => {
+                self.inner.put(key, self.seal_frames(key, value)?).await?;
+                self.torn().remove(key);
+                Ok(())
+            }
         }
-        let log = is_log_key(key);
-        let sealed = if log { self.seal_frames(key, value)? } else { self.seal_record(key, value)? };
-        self.inner.put(key, sealed).await?;
-        if log {
-            self.torn().remove(key);
-        }
-        Ok(())
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool> {
@@ -342,8 +360,8 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
     async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
         let mut metas = self.inner.list(prefix).await?;
         for meta in &mut metas {
-            if !stored_in_plaintext(&meta.key) && !is_log_key(&meta.key) {
-                meta.size = meta.size.saturating_sub(RECORD_OVERHEAD as u64);
+            if let Sealing::Record = sealing(&meta.key) {
+                meta.size = meta.size.saturating_sub(seal::SEAL_OVERHEAD as u64);
             }
         }
         Ok(metas)
@@ -351,13 +369,14 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
         refuse_reserved(key)?;
-        if stored_in_plaintext(key) {
-            return self.inner.append(key, bytes).await;
-        }
-        if !is_log_key(key) {
-            return Err(StateError::Config {
-                message: format!("{key} is not a log (metadata/*.log); an encrypted store appends only to logs"),
-            });
+        match sealing(key) {
+            Sealing::None => return self.inner.append(key, bytes).await,
+            Sealing::Frames => {}
+            Sealing::Record => {
+                return Err(StateError::Config {
+                    message: format!("{key} is not a log (metadata/*.log); an encrypted store appends only to logs"),
+                });
+            }
         }
         self.cut_torn_tail(key).await?;
         let frames = self.seal_frames(key, bytes)?;
@@ -372,12 +391,6 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
 // ---------------------------------------------------------------------------------------
 // Helpers shared by the submodules
 // ---------------------------------------------------------------------------------------
-
-fn fill_random(buf: &mut [u8]) -> Result<()> {
-    getrandom::fill(buf).map_err(|e| {
-        StateError::io("drawing random bytes for encryption", PathBuf::new(), std::io::Error::other(e.to_string()))
-    })
-}
 
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

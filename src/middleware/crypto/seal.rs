@@ -1,8 +1,8 @@
 //! The byte formats of the [module docs](super): encrypted records, key-check records and
 //! log frames. It seals and opens them with the cipher of a key id (the wrapper's
 //! per-value path), scans a log into frames, and drops and later cuts a log's torn tail. It
-//! calls the parent's keyring and random-bytes helper; its only I/O is cutting a torn tail
-//! through the inner backend.
+//! calls the parent's keyring and the crate's random-bytes helper; its only I/O is cutting
+//! a torn tail through the inner backend.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,9 +12,10 @@ use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use tracing::debug;
 use zeroize::Zeroize;
 
-use super::{Encrypted, crypto_meta_key, fill_random};
+use super::{Encrypted, crypto_meta_key};
 use crate::backend::{StorageBackend, StorageKey};
 use crate::error::{Result, StateError};
+use crate::random;
 
 /// Magic of an encrypted record.
 const RECORD_MAGIC: &[u8; 4] = b"MSE1";
@@ -26,7 +27,7 @@ pub(super) const TAG_LEN: usize = 16;
 const RECORD_HEADER: usize = 4 + 4 + NONCE_LEN;
 /// Bytes an encrypted record adds to its plaintext (header and tag). [`Encrypted`]'s `list`
 /// subtracts it, so listed sizes are the sizes `get` returns.
-pub const RECORD_OVERHEAD: usize = RECORD_HEADER + TAG_LEN;
+pub(super) const SEAL_OVERHEAD: usize = RECORD_HEADER + TAG_LEN;
 /// Magic, length, key id, header CRC.
 const FRAME_FIXED: usize = 16;
 /// The fixed part and the nonce.
@@ -46,7 +47,7 @@ impl<B: StorageBackend> Encrypted<B> {
     /// an empty log, or a log whose frames use several keys (so `!= Some(current)` means
     /// "needs re-encryption").
     pub fn key_id_of(&self, stored: &[u8]) -> Option<u32> {
-        if stored.len() >= RECORD_OVERHEAD && stored.starts_with(RECORD_MAGIC) {
+        if stored.len() >= SEAL_OVERHEAD && stored.starts_with(RECORD_MAGIC) {
             return Some(le_u32(stored, 4));
         }
         if !stored.starts_with(FRAME_MAGIC) {
@@ -100,14 +101,14 @@ impl<B: StorageBackend> Encrypted<B> {
             };
             return Err(StateError::corrupt(key, reason));
         }
-        if raw.len() < RECORD_OVERHEAD {
+        if raw.len() < SEAL_OVERHEAD {
             return Err(StateError::corrupt(key, "truncated encrypted record"));
         }
         let id = le_u32(&raw, 4);
         let cipher = self.cipher_for(key, id)?;
         let len = raw.len();
         let (head, body) = raw.split_at_mut(RECORD_HEADER);
-        let (ct, tag) = body.split_at_mut(len - RECORD_OVERHEAD);
+        let (ct, tag) = body.split_at_mut(len - SEAL_OVERHEAD);
         let aad = aad(RECORD_AAD, key.as_str(), id);
         cipher.decrypt_in_place_detached(XNonce::from_slice(&head[8..]), &aad, ct, Tag::from_slice(tag)).map_err(
             |_| StateError::corrupt(key, "authentication failed: damaged, truncated, or moved from another key"),
@@ -130,7 +131,7 @@ impl<B: StorageBackend> Encrypted<B> {
             out.extend_from_slice(&id.to_le_bytes());
             let crc = crc32fast::hash(&out[start..start + 12]);
             out.extend_from_slice(&crc.to_le_bytes());
-            let nonce = random_nonce()?;
+            let nonce = random::array::<NONCE_LEN>()?;
             out.extend_from_slice(&nonce);
             let body = out.len();
             out.extend_from_slice(chunk);
@@ -210,23 +211,17 @@ fn aad(domain: &[u8], name: &str, id: u32) -> Vec<u8> {
     aad
 }
 
-fn random_nonce() -> Result<[u8; NONCE_LEN]> {
-    let mut nonce = [0; NONCE_LEN];
-    fill_random(&mut nonce)?;
-    Ok(nonce)
-}
-
 fn too_large(key: impl fmt::Display) -> StateError {
     StateError::Config { message: format!("the value for {key} is too large to encrypt") }
 }
 
 /// Seals `plain` (encrypted in place, so no plaintext copy is left) as a record.
 fn seal_record(cipher: &XChaCha20Poly1305, id: u32, name: &str, mut plain: Vec<u8>) -> Result<Vec<u8>> {
-    let nonce = random_nonce()?;
+    let nonce = random::array::<NONCE_LEN>()?;
     let tag = cipher
         .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(RECORD_AAD, name, id), &mut plain)
         .map_err(|_| too_large(name))?;
-    let mut out = Vec::with_capacity(RECORD_OVERHEAD + plain.len());
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plain.len());
     out.extend_from_slice(RECORD_MAGIC);
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&nonce);
@@ -241,7 +236,7 @@ pub(super) fn seal_check(cipher: &XChaCha20Poly1305, id: u32) -> Result<Vec<u8>>
 
 /// Whether `check` is a key-check record for key id `id` sealed with `cipher`.
 fn opens_check(cipher: &XChaCha20Poly1305, id: u32, check: &[u8]) -> bool {
-    if check.len() != RECORD_OVERHEAD + CHECK_PLAINTEXT.len()
+    if check.len() != SEAL_OVERHEAD + CHECK_PLAINTEXT.len()
         || !check.starts_with(RECORD_MAGIC)
         || le_u32(check, 4) != id
     {

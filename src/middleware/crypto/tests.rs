@@ -83,7 +83,7 @@ async fn round_trip_and_contract() {
     assert_eq!(enc.get(&s1).await.unwrap(), Some(record(1)));
     assert_eq!(enc.get(&c1).await.unwrap(), Some(Vec::new()));
     // Stored with exactly the documented overhead; list reports what get returns.
-    assert_eq!(mem.get(&s1).await.unwrap().unwrap().len(), record(1).len() + RECORD_OVERHEAD);
+    assert_eq!(mem.get(&s1).await.unwrap().unwrap().len(), record(1).len() + super::seal::SEAL_OVERHEAD);
     let listed = enc.list(&k("sessions")).await.unwrap();
     assert_eq!(listed, [ObjectMeta { key: s1.clone(), size: record(1).len() as u64 }]);
     assert_eq!(enc.list(&k("checkpoints/s1")).await.unwrap()[0].size, 0);

@@ -1,5 +1,10 @@
 //! Records on disk: a JSON envelope with a CRC-32 over all of its bytes, optionally gzipped.
 //!
+//! This file owns the record format: [`Codec`] (encode, decode and verify), [`RecordHead`]
+//! with the session and checkpoint `meta` objects, and gzip with its integrity field. It
+//! calls the key layout (for the record ending of its settings), serde, flate2 and
+//! crc32fast, and does no I/O: the store hands it bytes and gets bytes back.
+//!
 //! A record is one line of JSON that `jq` reads:
 //!
 //! ```text
@@ -166,14 +171,10 @@ fn json_str(s: &str) -> String {
 }
 
 impl Codec {
-    /// The file-name ending of records: `.json`, `.json.gz`, `.json.enc`, `.json.gz.enc`.
+    /// The file-name ending of the records this codec writes (see
+    /// [`keys::record_ending`](super::keys::record_ending)).
     pub(crate) fn extension(&self) -> &'static str {
-        match (self.compression, self.encrypted) {
-            (Compression::None, false) => ".json",
-            (Compression::Gzip(_), false) => ".json.gz",
-            (Compression::None, true) => ".json.enc",
-            (Compression::Gzip(_), true) => ".json.gz.enc",
-        }
+        super::keys::record_ending(self.compression != Compression::None, self.encrypted)
     }
 
     /// Builds the envelope around `data` (compact JSON) and compresses it if configured.

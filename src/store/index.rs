@@ -1,5 +1,10 @@
 //! The in-memory index of sessions and checkpoints, with an append-only journal.
 //!
+//! This file owns [`Index`] (its entries, [`RecordEntry`] and [`CheckpointEntry`], and the
+//! listings and totals built from them) and the journal's line format ([`Change`], replay,
+//! snapshot). It calls only the codec's `meta` types and does no I/O: the store appends,
+//! replaces and reads the journal.
+//!
 //! The index makes listing and stats cheap: no record body is read. It is persisted as a
 //! journal (`metadata/index.log`): one line per change, `CRC32HEX JSON`. Each change costs
 //! one small append, however many checkpoints exist. The journal is not fsynced: records
@@ -13,6 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::codec::{CheckpointMeta, SessionMeta};
 use crate::types::{
     BranchId, CheckpointId, CheckpointInfo, CheckpointReason, SessionId, SessionInfo, SessionStatus, StorageStats,
 };
@@ -21,36 +27,42 @@ use crate::types::{
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op")]
 pub(crate) enum Change {
-    /// A session record was written.
+    /// A session record was written. The journal's short names: `st` is the entry's
+    /// `status`, `why` its `reason`, `st_at` its `status_at`.
     #[serde(rename = "s")]
     Saved {
         sid: SessionId,
         at: u64,
         size: u64,
-        #[serde(default)]
-        st: SessionStatus,
+        #[serde(default, rename = "st")]
+        status: SessionStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         step: Option<u64>,
         /// Why the status was set (a pause or failure reason).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        why: Option<String>,
+        #[serde(default, rename = "why", skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
         /// When the status was set.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        st_at: Option<u64>,
+        #[serde(default, rename = "st_at", skip_serializing_if = "Option::is_none")]
+        status_at: Option<u64>,
     },
     /// A session record was removed.
     #[serde(rename = "sd")]
     SessionDeleted { sid: SessionId },
-    /// A checkpoint record was written.
+    /// A checkpoint record was written: a [`CheckpointEntry`] with the same field names.
+    /// The journal's short names: `b` is `branch_id`, `ts` is `timestamp`, `size` is
+    /// `size_bytes` and `r` is `reason`.
     #[serde(rename = "c")]
     Checkpoint {
         sid: SessionId,
         cid: CheckpointId,
-        b: BranchId,
-        ts: u64,
-        size: u64,
-        #[serde(default)]
-        r: CheckpointReason,
+        #[serde(rename = "b")]
+        branch_id: BranchId,
+        #[serde(rename = "ts")]
+        timestamp: u64,
+        #[serde(rename = "size")]
+        size_bytes: u64,
+        #[serde(default, rename = "r")]
+        reason: CheckpointReason,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         step: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,14 +81,55 @@ pub(crate) enum Change {
     Clean { n: usize, crc: u32 },
 }
 
+/// The index's view of a checkpoint record. Its fields have the names of the public
+/// [`CheckpointInfo`] (and of the record's envelope, `RecordHead::Checkpoint` and
+/// `CheckpointMeta` in the codec), without the ids, which key it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CpEntry {
-    pub(crate) branch: BranchId,
-    pub(crate) ts: u64,
-    pub(crate) size: u64,
+pub(crate) struct CheckpointEntry {
+    pub(crate) branch_id: BranchId,
+    /// Creation time in milliseconds since the Unix epoch.
+    pub(crate) timestamp: u64,
+    /// Size of the stored record in bytes.
+    pub(crate) size_bytes: u64,
     pub(crate) reason: CheckpointReason,
     pub(crate) step: Option<u64>,
     pub(crate) parent: Option<CheckpointId>,
+}
+
+impl CheckpointEntry {
+    /// The entry of a checkpoint record on `branch_id` taken at `timestamp`, `size_bytes`
+    /// stored, with `meta`.
+    pub(crate) fn of(branch_id: BranchId, timestamp: u64, size_bytes: u64, meta: &CheckpointMeta) -> Self {
+        CheckpointEntry {
+            branch_id,
+            timestamp,
+            size_bytes,
+            reason: meta.reason,
+            step: meta.step,
+            parent: meta.parent.clone(),
+        }
+    }
+
+    /// The entry that keeps a damaged checkpoint record of `size_bytes` listed (its branch
+    /// unknown, its time the one in its id), so loading it reports the damage.
+    pub(crate) fn damaged(cid: &CheckpointId, size_bytes: u64) -> Self {
+        let meta = CheckpointMeta::default();
+        CheckpointEntry::of(BranchId::from_valid("unknown"), cid.timestamp_ms(), size_bytes, &meta)
+    }
+
+    /// The public listing of this entry as checkpoint `cid` of `sid`.
+    fn info(&self, sid: &SessionId, cid: &CheckpointId) -> CheckpointInfo {
+        CheckpointInfo {
+            id: cid.clone(),
+            session_id: sid.clone(),
+            branch_id: self.branch_id.clone(),
+            timestamp: self.timestamp,
+            size_bytes: self.size_bytes,
+            reason: self.reason,
+            step: self.step,
+            parent: self.parent.clone(),
+        }
+    }
 }
 
 /// The index's view of a session record.
@@ -95,12 +148,12 @@ pub(crate) struct RecordEntry {
 pub(crate) struct SessionEntry {
     /// The session record, if there is one.
     pub(crate) record: Option<RecordEntry>,
-    pub(crate) checkpoints: BTreeMap<CheckpointId, CpEntry>,
+    pub(crate) checkpoints: BTreeMap<CheckpointId, CheckpointEntry>,
 }
 
 impl RecordEntry {
     /// The entry of a session record saved at `at`, `size` bytes stored, with `meta`.
-    pub(crate) fn of(at: u64, size: u64, meta: &crate::codec::SessionMeta) -> RecordEntry {
+    pub(crate) fn of(at: u64, size: u64, meta: &SessionMeta) -> RecordEntry {
         RecordEntry {
             at,
             size,
@@ -115,28 +168,22 @@ impl RecordEntry {
 impl Change {
     /// The line that records `r` as `sid`'s session record.
     pub(crate) fn saved(sid: &SessionId, r: RecordEntry) -> Change {
-        Change::Saved {
-            sid: sid.clone(),
-            at: r.at,
-            size: r.size,
-            st: r.status,
-            step: r.step,
-            why: r.reason,
-            st_at: r.status_at,
-        }
+        let RecordEntry { at, size, status, step, reason, status_at } = r;
+        Change::Saved { sid: sid.clone(), at, size, status, step, reason, status_at }
     }
 
     /// The line that records checkpoint `cid` of `sid`.
-    pub(crate) fn checkpoint(sid: &SessionId, cid: &CheckpointId, c: &CpEntry) -> Change {
+    pub(crate) fn checkpoint(sid: &SessionId, cid: &CheckpointId, c: &CheckpointEntry) -> Change {
+        let CheckpointEntry { branch_id, timestamp, size_bytes, reason, step, parent } = c.clone();
         Change::Checkpoint {
             sid: sid.clone(),
             cid: cid.clone(),
-            b: c.branch.clone(),
-            ts: c.ts,
-            size: c.size,
-            r: c.reason,
-            step: c.step,
-            parent: c.parent.clone(),
+            branch_id,
+            timestamp,
+            size_bytes,
+            reason,
+            step,
+            parent,
         }
     }
 }
@@ -147,8 +194,17 @@ impl SessionEntry {
     }
     /// When the session last changed: its save time or its newest checkpoint.
     pub(crate) fn last_activity(&self) -> u64 {
-        let cp = self.checkpoints.values().map(|c| c.ts).max().unwrap_or(0);
-        self.record.as_ref().map_or(0, |r| r.at).max(cp)
+        self.record.as_ref().map_or(0, |r| r.at).max(self.newest_checkpoint_at())
+    }
+
+    /// When the newest checkpoint was taken (0 without checkpoints).
+    pub(crate) fn newest_checkpoint_at(&self) -> u64 {
+        self.checkpoints.values().map(|c| c.timestamp).max().unwrap_or(0)
+    }
+
+    /// The bytes of the session's records: its state and its checkpoints.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.record.as_ref().map_or(0, |r| r.size) + self.checkpoints.values().map(|c| c.size_bytes).sum::<u64>()
     }
 }
 
@@ -169,14 +225,14 @@ pub(crate) struct Index {
 impl Index {
     pub(crate) fn apply(&mut self, change: &Change) {
         match change {
-            Change::Saved { sid, at, size, st, step, why, st_at } => {
+            Change::Saved { sid, at, size, status, step, reason, status_at } => {
                 let entry = RecordEntry {
                     at: *at,
                     size: *size,
-                    status: *st,
+                    status: *status,
                     step: *step,
-                    reason: why.clone(),
-                    status_at: *st_at,
+                    reason: reason.clone(),
+                    status_at: *status_at,
                 };
                 let old = self.sessions.entry(sid.clone()).or_default().record.replace(entry);
                 self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.size);
@@ -192,17 +248,17 @@ impl Index {
                     }
                 }
             }
-            Change::Checkpoint { sid, cid, b, ts, size, r, step, parent } => {
-                let entry = CpEntry {
-                    branch: b.clone(),
-                    ts: *ts,
-                    size: *size,
-                    reason: *r,
+            Change::Checkpoint { sid, cid, branch_id, timestamp, size_bytes, reason, step, parent } => {
+                let entry = CheckpointEntry {
+                    branch_id: branch_id.clone(),
+                    timestamp: *timestamp,
+                    size_bytes: *size_bytes,
+                    reason: *reason,
                     step: *step,
                     parent: parent.clone(),
                 };
                 let old = self.sessions.entry(sid.clone()).or_default().checkpoints.insert(cid.clone(), entry);
-                self.total_bytes = self.total_bytes + size - old.map_or(0, |o| o.size);
+                self.total_bytes = self.total_bytes + size_bytes - old.map_or(0, |o| o.size_bytes);
                 self.by_checkpoint.insert(cid.clone(), sid.clone());
             }
             Change::Interrupted { sid } => {
@@ -211,7 +267,7 @@ impl Index {
             Change::Clean { .. } => {}
             Change::CheckpointDeleted { sid, cid } => {
                 if let Some(e) = self.sessions.get_mut(sid) {
-                    self.total_bytes -= e.checkpoints.remove(cid).map_or(0, |o| o.size);
+                    self.total_bytes -= e.checkpoints.remove(cid).map_or(0, |o| o.size_bytes);
                     if e.is_empty() {
                         self.sessions.remove(sid);
                     }
@@ -331,21 +387,7 @@ impl Index {
     pub(crate) fn list_checkpoints(&self, sid: &SessionId) -> Vec<CheckpointInfo> {
         self.sessions
             .get(sid)
-            .map(|e| {
-                e.checkpoints
-                    .iter()
-                    .map(|(cid, c)| CheckpointInfo {
-                        id: cid.clone(),
-                        session_id: sid.clone(),
-                        branch_id: c.branch.clone(),
-                        timestamp: c.ts,
-                        size_bytes: c.size,
-                        reason: c.reason,
-                        step: c.step,
-                        parent: c.parent.clone(),
-                    })
-                    .collect()
-            })
+            .map(|e| e.checkpoints.iter().map(|(cid, c)| c.info(sid, cid)).collect())
             .unwrap_or_default()
     }
 
@@ -364,8 +406,7 @@ impl Index {
             }
             s.session_count += 1;
             s.checkpoint_count += e.checkpoints.len();
-            s.total_bytes +=
-                e.record.as_ref().map_or(0, |r| r.size) + e.checkpoints.values().map(|c| c.size).sum::<u64>();
+            s.total_bytes += e.bytes();
         }
         s
     }

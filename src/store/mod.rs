@@ -1,0 +1,485 @@
+//! The store: typed loads and saves of session records and checkpoints over a backend,
+//! with the codec and the index. Every record operation of the crate goes through here,
+//! called from the storage actor's tasks, the session actors and the manager (and once from
+//! start-up).
+//!
+//! This module owns [`Store`]: opening a store (format check, journal replay, interrupted
+//! deletes, reconcile, the running marker) and closing it, reading and writing records
+//! (encode, put with the disk-full rule, decode and verify), deleting sessions crash-safely,
+//! the access records' persistence and the index journal. It may call the backend (through
+//! the middleware it was given), its submodules, the access table and the lock helper. The
+//! submodules: [`keys`] (every key name, and the key classes), [`codec`] (record bytes),
+//! [`index`] (the index and its journal), `format` (`metadata/store.json`) and
+//! `maintenance` (reconcile, retention, vacuum, quarantine, re-encryption).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, info, warn};
+
+use crate::backend::{StorageBackend, StorageKey};
+use crate::error::{Result, StateError};
+use crate::lifecycle::{CheckpointPolicy, Envelope, EventKind, StateEvent};
+use crate::middleware::acl::{AccessControlLayer, AccessRecord, AccessTable};
+use crate::sync::lock;
+use crate::types::{BranchId, CheckpointId, Clock, SessionId, SessionStatus, StateBytes};
+
+pub(crate) mod codec;
+mod format;
+pub(crate) mod index;
+pub(crate) mod keys;
+mod maintenance;
+
+use codec::{CheckpointMeta, Codec, Decoded, RecordHead, SessionMeta};
+#[cfg(feature = "encryption")]
+pub(crate) use format::read_store_meta;
+use index::{Change, CheckpointEntry, Index, RecordEntry};
+pub use maintenance::RetentionPolicy;
+pub(crate) use maintenance::Trust;
+
+/// The store of one manager (see the [module docs](self)).
+#[derive(Debug)]
+pub(crate) struct Store {
+    pub(crate) backend: Arc<dyn StorageBackend>,
+    /// The backend under the middleware (for quarantine copies of records the middleware
+    /// refused), when there is middleware.
+    below: Option<Arc<dyn StorageBackend>>,
+    pub(crate) codec: Codec,
+    index: Mutex<Index>,
+    /// Serializes journal appends with compaction.
+    journal: tokio::sync::Mutex<()>,
+    quarantined: Mutex<HashSet<StorageKey>>,
+    pub(crate) retention: RetentionPolicy,
+    pub(crate) clock: Clock,
+    pub(crate) access: AccessTable,
+    /// One eviction pass at a time (passes triggered by concurrent writes would otherwise
+    /// pick the same victims and overshoot).
+    evicting: tokio::sync::Mutex<()>,
+    /// Live change events for watchers, each with the access record it was made under.
+    pub(crate) events: tokio::sync::broadcast::Sender<Envelope>,
+    /// Sessions whose delete failed part way (its pending marker is still on disk). The
+    /// session actor finishes the delete before the session's next write, so an old
+    /// marker can never be replayed over a newer save.
+    deleting: Mutex<HashSet<SessionId>>,
+    /// The current state of every live session, published by its session actor: loads are
+    /// served from here without a message. `Some(None)`: known to have no state. Sharded to
+    /// keep concurrent loads of different sessions from contending.
+    hot: crate::sync::Sharded<Option<StateBytes>>,
+    /// Per-session checkpoint policies set at run time (in memory: an orchestrator sets
+    /// them again when it resumes a run).
+    pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
+    /// The live session actors (kept by the supervisor), for requests that skip it.
+    pub(crate) actors: crate::actor::Directory,
+    /// Serializes access-record writes with their re-encryption (a get and a put), so a
+    /// grant made meanwhile is not overwritten by the older record.
+    access_writes: tokio::sync::Mutex<()>,
+}
+
+impl Store {
+    /// Opens the store: checks its format, sweeps staged files, loads and reconciles the
+    /// index, and finishes deletes a crash interrupted.
+    pub(crate) async fn open(
+        backend: Arc<dyn StorageBackend>,
+        mut codec: Codec,
+        retention: RetentionPolicy,
+        access: AccessControlLayer,
+        below: Option<Arc<dyn StorageBackend>>,
+    ) -> Result<Store> {
+        format::check_or_create(backend.as_ref(), &mut codec).await?;
+        let swept = backend.sweep().await?;
+        if swept.files_removed > 0 {
+            info!(files = swept.files_removed, bytes = swept.bytes_freed, "removed staged files of interrupted writes");
+        }
+        let store = Store {
+            backend,
+            below,
+            codec,
+            index: Mutex::new(Index::default()),
+            journal: tokio::sync::Mutex::new(()),
+            quarantined: Mutex::new(HashSet::new()),
+            retention,
+            clock: Clock::new(),
+            access: AccessTable::default(),
+            evicting: tokio::sync::Mutex::new(()),
+            events: tokio::sync::broadcast::channel(4096).0,
+            policies: Mutex::new(HashMap::new()),
+            hot: Default::default(),
+            actors: crate::actor::Directory::default(),
+            deleting: Mutex::new(HashSet::new()),
+            access_writes: tokio::sync::Mutex::new(()),
+        };
+        let access = store.load_access(access).await?;
+        let store = Store { access, ..store };
+        let replayed = match store.backend.get(&keys::journal()).await {
+            Ok(journal) => Index::replay(&journal.unwrap_or_default()),
+            // Damage the encryption layer detects: rebuilt from the records like any other.
+            Err(StateError::Corrupt { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let (loaded, clean) = replayed.unwrap_or_else(|| {
+            warn!("index journal is damaged; rebuilding it from the records");
+            (Index::default(), false)
+        });
+        let fresh_store = loaded.journal_lines == 0 && !clean;
+        *store.index() = loaded;
+        // A delete that fails again here (the obstacle is still there) does not keep the
+        // store from opening: its session stays marked, and its next write finishes it.
+        store.finish_pending_deletes(false).await?;
+        if !clean && !fresh_store {
+            info!("the store was not shut down cleanly; re-reading session records for the index");
+        }
+        store.reconcile(if clean { Trust::Sizes } else { Trust::Checkpoints }).await?;
+        // The marker exists from start to clean shutdown: found now, the last process
+        // using the store died, and sessions it left running were cut off.
+        let running_key = keys::running();
+        let died = store.backend.get(&running_key).await.map(|m| m.is_some()).unwrap_or(true);
+        store.backend.put(&running_key, Vec::new()).await?;
+        if died {
+            let mut idx = store.index();
+            let running: HashSet<SessionId> = idx
+                .sessions
+                .iter()
+                .filter(|(_, e)| e.record.as_ref().is_some_and(|r| r.status == SessionStatus::Running))
+                .map(|(s, _)| s.clone())
+                .collect();
+            // With those a clean restart kept from an earlier crash (still not saved since).
+            idx.interrupted.extend(running);
+        }
+        Ok(store)
+    }
+
+    /// Reads every session's access record. An unreadable one (damaged, or sealed under a
+    /// key this handle lacks) does not stop the open: its session is left to administrators
+    /// and the system principal (fail closed: no one may claim it as new either), with a
+    /// warning. A wrong key for the whole store never gets here: the encryption layer
+    /// refuses it at once against its key-check records.
+    async fn load_access(&self, layer: AccessControlLayer) -> Result<AccessTable> {
+        let mut records = HashMap::new();
+        let mut unreadable = Vec::new();
+        for (sid, key) in self.access_keys().await? {
+            let parsed = match self.backend.get(&key).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<AccessRecord>(&bytes).map_err(|e| e.to_string()),
+                Ok(None) => continue,
+                Err(e @ (StateError::Corrupt { .. } | StateError::WrongKey { .. })) => Err(e.to_string()),
+                Err(e) => return Err(e),
+            };
+            match parsed {
+                Ok(r) => {
+                    records.insert(sid, r);
+                }
+                Err(error) => {
+                    warn!(key = %key, error, "unreadable access record; the session is left to administrators");
+                    unreadable.push(sid);
+                }
+            }
+        }
+        Ok(AccessTable::new(layer, records, unreadable))
+    }
+
+    /// The access records on disk: every session that has an owner, whether or not it has
+    /// a state (a session claimed by a first write that then failed has only this).
+    async fn access_keys(&self) -> Result<Vec<(SessionId, StorageKey)>> {
+        Ok(self
+            .backend
+            .list(&keys::access_records())
+            .await?
+            .into_iter()
+            .filter_map(|meta| Some((keys::access_of(&meta.key)?, meta.key)))
+            .collect())
+    }
+
+    /// `sessions/<sid><ext>` in this store's record format.
+    fn session_key(&self, sid: &SessionId) -> StorageKey {
+        keys::session(sid, self.codec.extension())
+    }
+
+    /// `checkpoints/<sid>/<cid><ext>` in this store's record format.
+    fn checkpoint_key(&self, sid: &SessionId, cid: &CheckpointId) -> StorageKey {
+        keys::checkpoint(sid, cid, self.codec.extension())
+    }
+
+    /// Publishes a live session's state (`None`: unknown, loads go to the actor).
+    pub(crate) fn publish(&self, sid: &SessionId, state: Option<Option<StateBytes>>) {
+        let mut shard = self.hot.shard(sid);
+        match state {
+            // The usual case, a save of a live session: no new key.
+            Some(s) => match shard.get_mut(sid) {
+                Some(slot) => *slot = s,
+                None => {
+                    shard.insert(sid.clone(), s);
+                }
+            },
+            None => {
+                shard.remove(sid);
+            }
+        }
+    }
+
+    /// Sessions whose state lives only in their actor's memory so far (recorded steps not
+    /// yet flushed, and no record or checkpoint yet): they exist, but the index has not
+    /// caught up with them.
+    pub(crate) fn memory_only_sessions(&self) -> Vec<SessionId> {
+        let mut live = self.hot.ids_where(|s| s.is_some());
+        let idx = self.index();
+        live.retain(|sid| !idx.sessions.contains_key(sid));
+        live
+    }
+
+    /// A live session's state, if its actor has published one.
+    pub(crate) fn hot(&self, sid: &SessionId) -> Option<Option<StateBytes>> {
+        self.hot.shard(sid).get(sid).cloned()
+    }
+
+    /// Tells watchers about a change (no one listening is fine), with the session's access
+    /// record as it is now: a watcher sees the event only if that record lets it read.
+    pub(crate) fn emit(&self, sid: &SessionId, kind: EventKind) {
+        // Every save emits: with no watcher, skip the access lookup (the event would be
+        // dropped anyway).
+        if self.events.receiver_count() > 0 {
+            self.emit_as(sid, kind, self.access.shared(sid));
+        }
+    }
+
+    /// Like [`emit`](Self::emit), under an access record taken earlier (a delete's event
+    /// goes to those who could read the session before it was deleted).
+    pub(crate) fn emit_as(&self, sid: &SessionId, kind: EventKind, access: Option<Arc<AccessRecord>>) {
+        let event = StateEvent { session_id: sid.clone(), kind, at: self.clock.now_ms() };
+        let _ = self.events.send(Envelope { event, access });
+    }
+
+    /// Whether anything of `sid` is kept, for access control's "may a first write claim
+    /// it": records (the index), a state only in its actor's memory (recorded steps not
+    /// flushed yet), or a delete that failed part way. Not only what the index has caught
+    /// up with.
+    pub(crate) fn exists(&self, sid: &SessionId) -> bool {
+        self.index().sessions.contains_key(sid) || matches!(self.hot(sid), Some(Some(_))) || self.is_deleting(sid)
+    }
+
+    /// Persists a session's access record (durably, before the request it guards goes on).
+    pub(crate) async fn put_access(&self, sid: &SessionId, record: &AccessRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(record).map_err(|e| StateError::json(sid.as_str(), &e))?;
+        let _access = self.access_writes.lock().await;
+        self.backend.put(&keys::access(sid), bytes).await
+    }
+
+    /// Writes the journal as a clean snapshot. Called at shutdown, after every write has
+    /// finished; the next start then trusts it without reading any record.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let _guard = self.journal.lock().await;
+        let (bytes, n) = self.index().snapshot(true);
+        // The clean snapshot first, durably (an atomic put), the marker second: a crash in
+        // between leaves the marker, so the next start treats the run as cut off and
+        // re-reads session records rather than trusting a journal it cannot vouch for.
+        self.backend.put(&keys::journal(), bytes).await?;
+        self.index().journal_lines = n;
+        self.backend.delete(&keys::running()).await?;
+        Ok(())
+    }
+
+    pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
+        lock(&self.index)
+    }
+
+    pub(super) async fn record(&self, change: Change) -> Result<()> {
+        let _guard = self.journal.lock().await;
+        self.index().apply(&change);
+        // The journal write is best effort: the record is already durable and the index
+        // is reconciled against the records at the next start.
+        if let Err(e) = self.backend.append(&keys::journal(), Index::line(&change)).await {
+            warn!(error = %e, "index journal append failed; it will be rebuilt at the next start");
+        }
+        self.index().journal_lines += 1;
+        Ok(())
+    }
+
+    /// Rewrites the journal as one line per live entry (atomic put), if it has grown past
+    /// twice the live entries, or always when `force`.
+    pub(super) async fn compact_locked(&self, force: bool) -> Result<()> {
+        let (bytes, n) = {
+            let idx = self.index();
+            if !force && idx.journal_lines <= 2 * idx.live_entries() + 64 {
+                return Ok(());
+            }
+            idx.snapshot(false)
+        };
+        self.backend.put(&keys::journal(), bytes).await?;
+        self.index().journal_lines = n;
+        debug!(entries = n, "index journal compacted");
+        Ok(())
+    }
+
+    /// Encodes and puts a record with the disk-full rule: on ENOSPC, sweep staged files and
+    /// trim checkpoints past the retention limit once, then retry. Returns the stored size.
+    /// (The retry encodes again rather than keeping a copy of every record just in case.)
+    async fn put(&self, key: &StorageKey, head: &RecordHead, data: &[u8]) -> Result<u64> {
+        let bytes = self.codec.encode(head, data)?;
+        let size = bytes.len() as u64;
+        match self.backend.put(key, bytes).await {
+            Err(StateError::StorageFull { .. }) => {
+                warn!(key = %key, "disk full; running an emergency cleanup and retrying once");
+                let _ = self.backend.sweep().await;
+                let _ = self.trim_checkpoints().await;
+                self.backend.put(key, self.codec.encode(head, data)?).await?;
+            }
+            other => other?,
+        }
+        Ok(size)
+    }
+
+    /// Reads and verifies a record. Damage is an error naming the key; a copy of the damaged
+    /// bytes goes to `quarantine/` (the record itself stays in place for inspection).
+    async fn read(&self, key: &StorageKey, belongs: impl Fn(&RecordHead) -> bool) -> Result<Option<Decoded>> {
+        let raw = match self.backend.get(key).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Ok(None),
+            // Damage found below the codec (by the encryption layer): copy the stored bytes
+            // from the backend under that layer.
+            Err(e @ StateError::Corrupt { .. }) => {
+                warn!(key = %key, error = %e, "damaged record");
+                if let Some(below) = &self.below
+                    && let Ok(Some(stored)) = below.get(key).await
+                {
+                    self.quarantine(below.as_ref(), key, stored).await;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let (e, raw) = match self.codec.decode(key, raw) {
+            Ok(d) if belongs(&d.head) => return Ok(Some(d)),
+            // Intact, but another key's record (copied or swapped over this one). Quarantine
+            // the stored bytes as they are (compressed or not).
+            Ok(_) => {
+                let raw = self.backend.get(key).await?.unwrap_or_default();
+                (StateError::corrupt(key, "record belongs to another key"), raw)
+            }
+            Err(failed) => failed,
+        };
+        warn!(key = %key, error = %e, "damaged record");
+        self.quarantine(self.backend.as_ref(), key, raw).await;
+        Err(e)
+    }
+
+    pub(crate) async fn load_session(&self, sid: &SessionId) -> Result<Option<Decoded>> {
+        let key = self.session_key(sid);
+        self.read(&key, |h| matches!(h, RecordHead::Session { session_id, .. } if session_id == sid)).await
+    }
+
+    pub(crate) async fn save_session(
+        &self,
+        sid: &SessionId,
+        data: &[u8],
+        saved_at: u64,
+        meta: SessionMeta,
+    ) -> Result<()> {
+        let key = self.session_key(sid);
+        let mut entry = RecordEntry::of(saved_at, 0, &meta);
+        let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
+        entry.size = self.put(&key, &head, data).await?;
+        lock(&self.quarantined).remove(&key);
+        self.record(Change::saved(sid, entry)).await?;
+        self.enforce_cap().await
+    }
+
+    pub(crate) async fn put_checkpoint(
+        &self,
+        sid: &SessionId,
+        cid: &CheckpointId,
+        branch: &BranchId,
+        timestamp: u64,
+        meta: CheckpointMeta,
+        data: &[u8],
+    ) -> Result<()> {
+        let mut entry = CheckpointEntry::of(branch.clone(), timestamp, 0, &meta);
+        let head = RecordHead::Checkpoint {
+            session_id: sid.clone(),
+            checkpoint_id: cid.clone(),
+            branch_id: branch.clone(),
+            timestamp,
+            meta,
+        };
+        entry.size_bytes = self.put(&self.checkpoint_key(sid, cid), &head, data).await?;
+        self.record(Change::checkpoint(sid, cid, &entry)).await?;
+        self.enforce_cap().await
+    }
+
+    pub(crate) async fn load_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<Option<Decoded>> {
+        let key = self.checkpoint_key(sid, cid);
+        self.read(&key, |h| {
+            matches!(h, RecordHead::Checkpoint { session_id, checkpoint_id, .. } if session_id == sid && checkpoint_id == cid)
+        })
+        .await
+    }
+
+    pub(crate) async fn delete_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<bool> {
+        let existed = self.backend.delete(&self.checkpoint_key(sid, cid)).await?;
+        self.record(Change::CheckpointDeleted { sid: sid.clone(), cid: cid.clone() }).await?;
+        Ok(existed)
+    }
+
+    /// Deletes a session's record and all its checkpoints. Crash-safe through a durable
+    /// pending-delete marker written first and removed last: a delete interrupted by a crash
+    /// is finished at the next start, so a session never comes back half-deleted.
+    ///
+    /// A delete that fails part way (an error, no crash) leaves the marker and some
+    /// records, and the session in [`deleting`](Self::is_deleting): the session actor
+    /// finishes the delete before the session's next write (or the write fails with the
+    /// delete's error), vacuum and the next start finish it too. The owner's access record
+    /// is still there, so the owner can retry.
+    pub(crate) async fn delete_session(&self, sid: &SessionId) -> Result<bool> {
+        // Nothing is deleted before the marker is durable; if it cannot be written, nothing
+        // changed.
+        self.backend.put(&keys::pending(sid), Vec::new()).await?;
+        self.finish_delete(sid).await
+    }
+
+    /// The part of a delete after its marker is durable: the records, the access record,
+    /// then the marker. The session is `deleting` from here until the marker is gone; on an
+    /// error it stays so (and the marker stays on disk), to be finished later.
+    async fn finish_delete(&self, sid: &SessionId) -> Result<bool> {
+        lock(&self.deleting).insert(sid.clone());
+        let existed = self.delete_session_records(sid).await?;
+        // Last: a crash before this unlink is durable finishes the delete at the next start.
+        self.backend.delete(&keys::pending(sid)).await?;
+        lock(&self.deleting).remove(sid);
+        Ok(existed)
+    }
+
+    /// Whether `sid` has a delete that failed part way and is not finished yet.
+    pub(crate) fn is_deleting(&self, sid: &SessionId) -> bool {
+        lock(&self.deleting).contains(sid)
+    }
+
+    /// The sessions with a delete that failed part way.
+    pub(crate) fn deleting(&self) -> Vec<SessionId> {
+        lock(&self.deleting).iter().cloned().collect()
+    }
+
+    async fn delete_session_records(&self, sid: &SessionId) -> Result<bool> {
+        // The access record goes last: while records remain, the session exists, and its
+        // owner must keep it (to retry a delete that failed), and no one else may claim it.
+        // A crash in between is finished by the pending marker at the next start.
+        let mut existed = self.backend.delete(&self.session_key(sid)).await?;
+        self.record(Change::SessionDeleted { sid: sid.clone() }).await?;
+        for meta in self.backend.list(&keys::checkpoints_of(sid)).await? {
+            existed |= self.backend.delete(&meta.key).await?;
+            if let Some(cid) = keys::checkpoint_id_of(meta.key.file_name(), self.codec.extension()) {
+                self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
+            }
+        }
+        // Index entries whose files were already gone.
+        let leftover: Vec<CheckpointId> =
+            self.index().sessions.get(sid).map(|e| e.checkpoints.keys().cloned().collect()).unwrap_or_default();
+        for cid in leftover {
+            self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
+        }
+        {
+            // Under the lock of access-record writers, so a re-encryption in flight cannot
+            // put the record back.
+            let _access = self.access_writes.lock().await;
+            self.backend.delete(&keys::access(sid)).await?;
+        }
+        self.access.remove(sid);
+        Ok(existed)
+    }
+}
