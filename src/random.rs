@@ -1,8 +1,7 @@
-//! Random bytes from the operating system: the crate's one source of them.
-//!
-//! This file owns how the crate draws random bytes and what happens when the OS generator
-//! fails. It calls only `getrandom` (and, for the best-effort fallback, the clock and the
-//! process id). Two kinds of caller:
+//! Random bytes from the operating system: the crate's one source of them. This file owns
+//! how the crate draws random bytes and what happens when the OS generator fails. It calls
+//! only `getrandom` (and, for the best-effort fallback, the clock and the process id). Two
+//! kinds of caller:
 //!
 //! - keys, salts and nonces ([`fill`], [`array`]): a failure is an error, never a weaker
 //!   value. A predictable nonce or key would break encryption silently, so the write or the

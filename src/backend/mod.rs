@@ -1,7 +1,9 @@
 //! The storage contract ([`StorageBackend`]) and the backends that implement it.
 //!
 //! Backends store opaque bytes under [`StorageKey`]s. Serialization, compression and
-//! integrity checks happen above them (in the codec), so every backend gets them.
+//! integrity checks happen above them (in the codec), so every backend gets them. A backend
+//! that treats keys differently (a log for the bulk records, say) asks the key for its
+//! [`KeyClass`] rather than matching names; the names belong to the store.
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,9 +1,8 @@
-//! Records on disk: a JSON envelope with a CRC-32 over all of its bytes, optionally gzipped.
-//!
-//! This file owns the record format: [`Codec`] (encode, decode and verify), [`RecordHead`]
-//! with the session and checkpoint `meta` objects, and gzip with its integrity field. It
-//! calls the key layout (for the record ending of its settings), serde, flate2 and
-//! crc32fast, and does no I/O: the store hands it bytes and gets bytes back.
+//! Records on disk: a JSON envelope with a CRC-32 over all of its bytes, optionally
+//! gzipped. This file owns the record format: [`Codec`] (encode, decode and verify),
+//! [`RecordHead`] with the session and checkpoint `meta` objects, and gzip with its
+//! integrity field. It calls the key layout (for the record ending of its settings), serde,
+//! flate2 and crc32fast, and does no I/O: the store hands it bytes and gets bytes back.
 //!
 //! A record is one line of JSON that `jq` reads:
 //!

@@ -1,9 +1,9 @@
 //! The store's format descriptor, `metadata/store.json`: which record format and
-//! compression a store was created with and whether it is encrypted.
-//!
-//! This file owns [`StoreMeta`] (reading it, checking a manager's settings against it, and
-//! making the codec write the store's format) and the builder's check of a gzip level. It
-//! calls the backend it is given (one `get`), the key layout and the codec's settings.
+//! compression a store was created with and whether it is encrypted. This file owns
+//! [`StoreMeta`] (reading it, checking a manager's settings against it, and making the
+//! codec write the store's format) and the builder's check of a gzip level. It calls the
+//! backend it is given (a `get`, and a `put` for a new store), the key layout and the
+//! codec's settings.
 
 use serde::{Deserialize, Serialize};
 use tracing::info;

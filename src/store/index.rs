@@ -1,7 +1,6 @@
-//! The in-memory index of sessions and checkpoints, with an append-only journal.
-//!
-//! This file owns [`Index`] (its entries, [`RecordEntry`] and [`CheckpointEntry`], and the
-//! listings and totals built from them) and the journal's line format ([`Change`], replay,
+//! The in-memory index of sessions and checkpoints, with an append-only journal. This file
+//! owns [`Index`] (its entries, [`RecordEntry`] and [`CheckpointEntry`], and the listings
+//! and totals built from them) and the journal's line format ([`Change`], replay,
 //! snapshot). It calls only the codec's `meta` types and does no I/O: the store appends,
 //! replaces and reads the journal.
 //!

@@ -1,12 +1,11 @@
 //! Keeping the store in line with its records: reconcile, retention, vacuum, quarantine and
-//! re-encryption.
-//!
-//! This file owns the passes that run over the whole store rather than one write:
-//! reconciling the index with a listing of the records (the session pass, the checkpoint
-//! pass, then putting the new index in place), finishing interrupted deletes, the retention
-//! policy ([`RetentionPolicy`]: `trim_checkpoints`, and `enforce_cap` after a write),
-//! vacuum, quarantine copies of damaged records, and the re-encryption passes. It calls the
-//! [`Store`]'s backend, its record reads and deletes, the index and the key layout.
+//! re-encryption. This file owns the passes that run over the whole store rather than one
+//! write: reconciling the index with a listing of the records (the session pass, the
+//! checkpoint pass, then putting the new index in place), finishing interrupted deletes,
+//! the retention policy ([`RetentionPolicy`]: `trim_checkpoints`, and `enforce_cap` after a
+//! write), vacuum, quarantine copies of damaged records, and the re-encryption passes. It
+//! calls the [`Store`]'s backend, its record reads and deletes, the index and the key
+//! layout.
 
 use tracing::{debug, info, warn};
 
