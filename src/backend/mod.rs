@@ -12,12 +12,11 @@ use crate::error::{Result, StateError};
 
 mod file;
 mod memory;
-#[cfg(test)]
-mod simfs;
 
-/// The file-system seam, where the power-loss simulator (`simfs.rs`) finds it.
+/// The file backend's file-system seam, for the power-loss simulator
+/// (`crate::testing::simfs`, test builds only), which implements it.
 #[cfg(test)]
-use file::fs;
+pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
