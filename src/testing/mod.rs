@@ -7,8 +7,9 @@
 //!   [`conformance_tests!`](crate::conformance_tests), which turns them into one
 //!   `#[tokio::test]` per clause for each backend you name, so one failure hides no other.
 //! - [`Faulty`]: a wrapper that forwards every call to the backend inside it, except the
-//!   calls its rules pick (by method and key), which fail with an I/O error or are
-//!   acknowledged without being done, while a shared [`FaultSwitch`] is on.
+//!   calls its rules pick (by method and key), which fail with an I/O error, are
+//!   acknowledged without being done, or wait at a [`Hold`] until the test releases them,
+//!   while a shared [`FaultSwitch`] is on.
 //!
 //! In this crate's own test builds (`cfg(test)`, with or without the feature) the module
 //! also holds `simfs`, the power-loss simulator under the file backend, and its tests; it
@@ -20,6 +21,8 @@
 pub mod conformance;
 #[cfg(feature = "testing")]
 mod faulty;
+#[cfg(feature = "testing")]
+mod hold;
 #[cfg(test)]
 pub(crate) mod simfs;
 
@@ -27,3 +30,5 @@ pub(crate) mod simfs;
 pub use conformance::Fixture;
 #[cfg(feature = "testing")]
 pub use faulty::{FaultSwitch, Faulty, Method};
+#[cfg(feature = "testing")]
+pub use hold::Hold;
