@@ -12,7 +12,9 @@ pub mod middleware;
 mod random;
 mod store;
 mod sync;
-#[cfg(feature = "testing")]
+// Public with the `testing` feature; test builds always compile it, since the power-loss
+// simulator's tests live in it (`testing::simfs`, `cfg(test)`).
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod types;
 

@@ -4,7 +4,8 @@
 //! and the encryption wrapper over the memory and over the file backend.
 //!
 //! It uses the suite only through the public `mars_state::testing` module and
-//! `mars_state::conformance_tests!`, as a crate with its own backend would.
+//! `mars_state::conformance_tests!`, as a crate with its own backend would, and runs it
+//! over the kit's own `Faulty` wrapper too, whose idle rules must forward every call.
 
 use mars_state::middleware::crypto::EncryptionLayer;
 use mars_state::{EncryptionKey, FileStorageBackend, MemoryStorageBackend};
@@ -32,6 +33,15 @@ mars_state::conformance_tests! {
     encrypted_file => {
         let dir = dir();
         (layer().wrap(FileStorageBackend::new(dir.path()).unwrap()).await.unwrap(), dir)
+    },
+    // The test kit's own wrapper, with rules that never fire: it forwards every call.
+    faulty_idle => {
+        use mars_state::testing::{FaultSwitch, Faulty, Hold, Method};
+        Faulty::new(MemoryStorageBackend::new())
+            .controlled_by(FaultSwitch::off())
+            .fail(Method::Put, std::io::ErrorKind::Other, |_| true)
+            .hold(Method::Get, &Hold::new(), |_| true)
+            .hold_after(Method::Put, &Hold::new(), |_| true)
     },
 }
 

@@ -17,9 +17,9 @@ use common::{
     flip_byte, increment, open_quiet, plain_and_compressed, quiet, quiet_builder, restart, session_file,
     wait_for_no_live_actors,
 };
+use mars_state::testing::{Faulty, Hold, Method};
 use mars_state::{
-    Access, ErrorKind, MemoryStorageBackend, ObjectMeta, Principal, StateBytes, StateError, StateManager,
-    StorageBackend, StorageKey, SweepReport,
+    Access, ErrorKind, MemoryStorageBackend, Principal, StateBytes, StateError, StateManager, StorageKey,
 };
 use serde_json::{Value, json};
 
@@ -278,101 +278,39 @@ async fn cold_loads_racing_with_writes_never_return_an_older_state() {
 // A backend that can stop a read or a write of a session record midway.
 // ---------------------------------------------------------------------------------------
 
-/// Holds the next call it is armed for until released.
-#[derive(Debug, Default)]
-struct Hold {
-    armed: AtomicBool,
-    released: AtomicBool,
-    held: tokio::sync::Notify,
-    release: tokio::sync::Notify,
-}
-
-impl Hold {
-    fn arm(&self) {
-        self.released.store(false, Ordering::SeqCst);
-        self.armed.store(true, Ordering::SeqCst);
-    }
-
-    fn release(&self) {
-        self.released.store(true, Ordering::SeqCst);
-        self.release.notify_waiters();
-    }
-
-    /// Waits until a call is being held.
-    async fn until_held(&self, what: &str) {
-        tokio::time::timeout(Duration::from_secs(10), self.held.notified())
-            .await
-            .unwrap_or_else(|_| panic!("{what} never came"));
-    }
-
-    async fn pass(&self) {
-        if !self.armed.swap(false, Ordering::SeqCst) {
-            return;
-        }
-        self.held.notify_one();
-        loop {
-            // Registered before the check, so a release in between is not missed.
-            let released = self.release.notified();
-            if self.released.load(Ordering::SeqCst) {
-                return;
-            }
-            released.await;
-        }
-    }
-}
-
 /// `MemoryStorageBackend` whose reads and writes of `sessions/...` can be held: a read
-/// before it reads, a write before or after it writes.
-#[derive(Debug, Clone, Default)]
+/// before it reads, a write before or after it writes. Clones share the backend and the
+/// holds (a restart hands a clone to the new manager).
+#[derive(Debug, Clone)]
 struct HoldingBackend {
-    inner: MemoryStorageBackend,
-    get: Arc<Hold>,
-    put_before: Arc<Hold>,
-    put_after: Arc<Hold>,
+    backend: Arc<Faulty<MemoryStorageBackend>>,
+    get: Hold,
+    put_before: Hold,
+    put_after: Hold,
+}
+
+impl Default for HoldingBackend {
+    fn default() -> Self {
+        let (get, put_before, put_after) = (Hold::new(), Hold::new(), Hold::new());
+        let backend = Faulty::new(MemoryStorageBackend::new())
+            .hold(Method::Get, &get, is_session)
+            .hold(Method::Put, &put_before, is_session)
+            .hold_after(Method::Put, &put_after, is_session);
+        HoldingBackend { backend: Arc::new(backend), get, put_before, put_after }
+    }
 }
 
 fn is_session(key: &StorageKey) -> bool {
     key.as_str().starts_with("sessions/")
 }
 
-#[async_trait::async_trait]
-impl StorageBackend for HoldingBackend {
-    async fn get(&self, key: &StorageKey) -> mars_state::Result<Option<Vec<u8>>> {
-        if is_session(key) {
-            self.get.pass().await;
-        }
-        self.inner.get(key).await
-    }
-
-    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
-        if !is_session(key) {
-            return self.inner.put(key, value).await;
-        }
-        self.put_before.pass().await;
-        self.inner.put(key, value).await?;
-        self.put_after.pass().await;
-        Ok(())
-    }
-
-    async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
-        self.inner.delete(key).await
-    }
-
-    async fn list(&self, prefix: &StorageKey) -> mars_state::Result<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-
-    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> mars_state::Result<()> {
-        self.inner.append(key, bytes).await
-    }
-
-    async fn sweep(&self) -> mars_state::Result<SweepReport> {
-        self.inner.sweep().await
-    }
+/// Waits until `hold` is holding a call.
+async fn until_held(hold: &Hold, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), hold.held()).await.unwrap_or_else(|_| panic!("{what} never came"));
 }
 
 async fn start_holding(backend: &HoldingBackend) -> StateManager {
-    quiet(StateManager::builder(backend.clone())).start().await.unwrap()
+    quiet(StateManager::builder(backend.backend.clone())).start().await.unwrap()
 }
 
 /// Regression: a stopping session actor unpublished its state before flushing recorded
@@ -391,7 +329,7 @@ async fn recorded_steps_stay_visible_while_a_stopping_actor_flushes_them() {
         let m = m.clone();
         tokio::spawn(async move { m.shutdown().await })
     };
-    backend.put_before.until_held("the flush of the recorded step").await;
+    until_held(&backend.put_before, "the flush of the recorded step").await;
     assert_eq!(m.load_session("run").await.unwrap(), Some(state(1)), "an acknowledged step went missing");
     backend.put_before.release();
     stopping.await.unwrap().unwrap();
@@ -420,7 +358,7 @@ async fn a_cold_load_never_returns_a_state_later_loads_go_back_from() {
         let m = m.clone();
         tokio::spawn(async move { m.load_session("s").await })
     };
-    backend.get.until_held("the cold load's read").await;
+    until_held(&backend.get, "the cold load's read").await;
     // Meanwhile a save spawns the session's actor, which reads and publishes state 1 and
     // writes state 2; it is held after the write, before it is acknowledged.
     backend.put_after.arm();
@@ -428,7 +366,7 @@ async fn a_cold_load_never_returns_a_state_later_loads_go_back_from() {
         let m = m.clone();
         tokio::spawn(async move { m.save_session("s", &state(2)).await })
     };
-    backend.put_after.until_held("the save's write").await;
+    until_held(&backend.put_after, "the save's write").await;
     backend.get.release();
     let first = n_of(&first.await.unwrap().unwrap().unwrap());
     let second = n_of(&m.load_session("s").await.unwrap().unwrap());

@@ -14,12 +14,11 @@ use crate::error::{Result, StateError};
 
 mod file;
 mod memory;
-#[cfg(test)]
-mod simfs;
 
-/// The file-system seam, where the power-loss simulator (`simfs.rs`) finds it.
+/// The file backend's file-system seam, for the power-loss simulator
+/// (`crate::testing::simfs`, test builds only), which implements it.
 #[cfg(test)]
-use file::fs;
+pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
@@ -182,7 +181,8 @@ pub struct SweepReport {
 /// With the cargo feature `testing` (on by default), `mars_state::testing::conformance`
 /// holds this contract as one `pub async fn` per clause, and `mars_state::conformance_tests!`
 /// turns them into one `#[tokio::test]` per clause for each backend you name (this crate
-/// runs it over its own backends and wrappers). In a file under `tests/`:
+/// runs it over its own backends and wrappers). `mars_state::testing::Faulty` wraps a
+/// backend to fail, drop or hold the calls a test picks. In a file under `tests/`:
 ///
 /// ```
 /// # #[cfg(feature = "testing")]

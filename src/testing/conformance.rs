@@ -1,4 +1,6 @@
-//! The [`StorageBackend`] contract, one `pub async fn` per clause.
+//! The [`StorageBackend`] contract, one `pub async fn` per clause. This module owns the
+//! clauses, [`run_all`], [`Fixture`] and the [`conformance_tests!`](crate::conformance_tests)
+//! macro; it calls only the public [`StorageBackend`] trait.
 //!
 //! Each function takes a fresh, empty backend and panics, naming the clause's broken
 //! promise, if the backend breaks it. Run them all, one test each, with
@@ -18,7 +20,26 @@ use std::task::Poll;
 
 use crate::backend::{StorageBackend, StorageKey, SweepReport};
 use crate::error::Result;
-use crate::testing::Fixture;
+
+/// What a constructor given to [`conformance_tests!`](crate::conformance_tests) or
+/// [`run_all`] returns: a backend, or a pair of a backend and a guard that must outlive it
+/// (a temporary directory, a server). The pair is dropped backend first.
+pub trait Fixture: Send {
+    /// The backend under test.
+    fn backend(&self) -> &dyn StorageBackend;
+}
+
+impl<B: StorageBackend> Fixture for B {
+    fn backend(&self) -> &dyn StorageBackend {
+        self
+    }
+}
+
+impl<B: StorageBackend, G: Send> Fixture for (B, G) {
+    fn backend(&self) -> &dyn StorageBackend {
+        &self.0
+    }
+}
 
 /// The log the suite appends to (a key every backend and wrapper must accept for appends).
 pub const LOG_KEY: &str = "metadata/conformance.log";

@@ -1,12 +1,16 @@
-//! [`Faulty`]: a forwarding backend that fails or drops the calls its rules pick.
+//! [`Faulty`]: a forwarding backend that fails, drops or holds the calls its rules pick.
+//! This module owns the wrapper, its rules and [`FaultSwitch`]; it calls only the public
+//! [`StorageBackend`] trait of the backend inside and [`Hold`].
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 
+use super::Hold;
 use crate::backend::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
 
@@ -88,10 +92,28 @@ struct Rule {
     effect: Effect,
 }
 
+/// Where in a call a [`Hold`] stops it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before anything is done.
+    Before,
+    /// After the call is done (forwarded, failed or lost), before its reply.
+    After,
+}
+
+struct HoldRule {
+    op: Method,
+    stage: Stage,
+    matches: Matcher,
+    hold: Hold,
+}
+
 /// Forwards every call to the backend inside it, except that while its [`FaultSwitch`] is
-/// on, a call that a rule picks (by [`Method`] and a predicate on the key) fails or is lost.
-/// The first matching rule applies; a predicate may keep state (count calls) to pick, say,
-/// every fifth write.
+/// on, a call that a rule picks (by [`Method`] and a predicate on the key) fails or is lost,
+/// or waits at an armed [`Hold`] before or after it is done. Of the fail and lose rules the
+/// first matching one applies; a predicate may keep state (count calls) to pick, say, every
+/// fifth write. Every matching hold applies, before the fault rules are consulted (or after
+/// the call, for [`hold_after`](Self::hold_after)).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -103,7 +125,9 @@ struct Rule {
 /// let stuck = FaultSwitch::off();
 /// let backend = Faulty::new(MemoryStorageBackend::new())
 ///     .controlled_by(stuck.clone())
-///     .fail(Method::Delete, ErrorKind::PermissionDenied, |key| key.as_str().starts_with("checkpoints/"));
+///     .fail(Method::Delete, ErrorKind::PermissionDenied, |key| {
+///         key.as_str().starts_with("checkpoints/")
+///     });
 /// let key = StorageKey::new("checkpoints/s1/c1.json")?;
 /// backend.put(&key, b"{}".to_vec()).await?;
 /// stuck.set(true);
@@ -116,12 +140,13 @@ pub struct Faulty<B> {
     inner: B,
     switch: FaultSwitch,
     rules: Vec<Rule>,
+    holds: Vec<HoldRule>,
 }
 
 impl<B> Faulty<B> {
     /// Wraps `inner` with no rules, under a switch that is on.
     pub fn new(inner: B) -> Self {
-        Faulty { inner, switch: FaultSwitch::on(), rules: Vec::new() }
+        Faulty { inner, switch: FaultSwitch::on(), rules: Vec::new(), holds: Vec::new() }
     }
 
     /// Puts the rules under `switch` (shared with the caller) instead of their own.
@@ -151,6 +176,35 @@ impl<B> Faulty<B> {
         self
     }
 
+    /// Adds a hold: `op` on a key for which `when` is true waits, before anything is done,
+    /// while `hold` is armed, until it is released (see [`Hold`]).
+    pub fn hold(self, op: Method, hold: &Hold, when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static) -> Self {
+        self.add_hold(op, Stage::Before, hold, when)
+    }
+
+    /// Adds a hold after the call: `op` on a key for which `when` is true is done (forwarded,
+    /// or failed or lost by a rule), then, while `hold` is armed, waits until it is released
+    /// before it replies: a write that is stored but not yet acknowledged.
+    pub fn hold_after(
+        self,
+        op: Method,
+        hold: &Hold,
+        when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.add_hold(op, Stage::After, hold, when)
+    }
+
+    fn add_hold(
+        mut self,
+        op: Method,
+        stage: Stage,
+        hold: &Hold,
+        when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.holds.push(HoldRule { op, stage, matches: Box::new(when), hold: hold.clone() });
+        self
+    }
+
     /// The switch the rules are under.
     pub fn switch(&self) -> &FaultSwitch {
         &self.switch
@@ -169,22 +223,45 @@ impl<B> Faulty<B> {
         self.rules.iter().find(|r| r.op == op && (r.matches)(key)).map(|r| &r.effect)
     }
 
-    /// `Err` for a failing rule, `Ok(true)` for a losing one, `Ok(false)` to forward.
-    fn check(&self, op: Method, key: &StorageKey) -> Result<bool> {
-        match self.fault(op, key) {
-            None => Ok(false),
-            Some(Effect::Lose) => Ok(true),
+    /// Passes every hold of `stage` that picks `op` on `key`, if the switch is on.
+    async fn pass(&self, op: Method, stage: Stage, key: &StorageKey) {
+        if !self.switch.is_on() {
+            return;
+        }
+        for h in self.holds.iter().filter(|h| h.op == op && h.stage == stage && (h.matches)(key)) {
+            h.hold.pass().await;
+        }
+    }
+
+    /// One call: the holds before it, then a failing rule's error, a losing rule's `lost`,
+    /// or the forwarded call, then the holds after it.
+    async fn call<T, F>(&self, op: Method, key: &StorageKey, lost: T, forward: impl FnOnce() -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        self.pass(op, Stage::Before, key).await;
+        let reply = match self.fault(op, key) {
+            None => forward().await,
+            Some(Effect::Lose) => Ok(lost),
             Some(Effect::Fail(kind)) => {
                 Err(StateError::io(op.doing(), key.as_str(), io::Error::new(*kind, "injected by Faulty")))
             }
-        }
+        };
+        self.pass(op, Stage::After, key).await;
+        reply
     }
 }
 
 impl<B: fmt::Debug> fmt::Debug for Faulty<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ops: Vec<Method> = self.rules.iter().map(|r| r.op).collect();
-        f.debug_struct("Faulty").field("inner", &self.inner).field("switch", &self.switch).field("rules", &ops).finish()
+        let holds: Vec<Method> = self.holds.iter().map(|h| h.op).collect();
+        f.debug_struct("Faulty")
+            .field("inner", &self.inner)
+            .field("switch", &self.switch)
+            .field("rules", &ops)
+            .field("holds", &holds)
+            .finish()
     }
 }
 
@@ -192,38 +269,23 @@ impl<B: fmt::Debug> fmt::Debug for Faulty<B> {
 #[deny(clippy::missing_trait_methods)]
 impl<B: StorageBackend> StorageBackend for Faulty<B> {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
-        if self.check(Method::Get, key)? {
-            return Ok(None);
-        }
-        self.inner.get(key).await
+        self.call(Method::Get, key, None, || self.inner.get(key)).await
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
-        if self.check(Method::Put, key)? {
-            return Ok(());
-        }
-        self.inner.put(key, value).await
+        self.call(Method::Put, key, (), || self.inner.put(key, value)).await
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool> {
-        if self.check(Method::Delete, key)? {
-            return Ok(true);
-        }
-        self.inner.delete(key).await
+        self.call(Method::Delete, key, true, || self.inner.delete(key)).await
     }
 
     async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
-        if self.check(Method::List, prefix)? {
-            return Ok(Vec::new());
-        }
-        self.inner.list(prefix).await
+        self.call(Method::List, prefix, Vec::new(), || self.inner.list(prefix)).await
     }
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
-        if self.check(Method::Append, key)? {
-            return Ok(());
-        }
-        self.inner.append(key, bytes).await
+        self.call(Method::Append, key, (), || self.inner.append(key, bytes)).await
     }
 
     async fn sweep(&self) -> Result<SweepReport> {

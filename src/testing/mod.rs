@@ -1,39 +1,34 @@
 //! Helpers for testing storage backends, this crate's and your own (cargo feature `testing`,
-//! on by default; it adds no dependencies).
+//! on by default; it adds no dependencies). This module owns the test kit and calls only
+//! the public [`StorageBackend`] trait (the simulator below also calls the file backend's
+//! crate-private file-system seam); nothing in the library calls it.
 //!
 //! - [`conformance`]: the [`StorageBackend`] contract as one `pub async fn` per clause, and
 //!   [`conformance_tests!`](crate::conformance_tests), which turns them into one
 //!   `#[tokio::test]` per clause for each backend you name, so one failure hides no other.
 //! - [`Faulty`]: a wrapper that forwards every call to the backend inside it, except the
-//!   calls its rules pick (by method and key), which fail with an I/O error or are
-//!   acknowledged without being done, while a shared [`FaultSwitch`] is on.
+//!   calls its rules pick (by method and key), which fail with an I/O error, are
+//!   acknowledged without being done, or wait at a [`Hold`] until the test releases them,
+//!   while a shared [`FaultSwitch`] is on.
 //!
-//! This module calls only the public [`StorageBackend`] trait; nothing in the library
-//! calls it.
+//! In this crate's own test builds (`cfg(test)`, with or without the feature) the module
+//! also holds `simfs`, the power-loss simulator under the file backend, and its tests; it
+//! is not public, since it plugs into the file backend's crate-private file-system seam.
+//!
+//! [`StorageBackend`]: crate::StorageBackend
 
-use crate::backend::StorageBackend;
-
+#[cfg(feature = "testing")]
 pub mod conformance;
+#[cfg(feature = "testing")]
 mod faulty;
+#[cfg(feature = "testing")]
+mod hold;
+#[cfg(test)]
+pub(crate) mod simfs;
 
+#[cfg(feature = "testing")]
+pub use conformance::Fixture;
+#[cfg(feature = "testing")]
 pub use faulty::{FaultSwitch, Faulty, Method};
-
-/// What a constructor given to [`conformance_tests!`](crate::conformance_tests) or
-/// [`conformance::run_all`] returns: a backend, or a pair of a backend and a guard that must
-/// outlive it (a temporary directory, a server). The pair is dropped backend first.
-pub trait Fixture: Send {
-    /// The backend under test.
-    fn backend(&self) -> &dyn StorageBackend;
-}
-
-impl<B: StorageBackend> Fixture for B {
-    fn backend(&self) -> &dyn StorageBackend {
-        self
-    }
-}
-
-impl<B: StorageBackend, G: Send> Fixture for (B, G) {
-    fn backend(&self) -> &dyn StorageBackend {
-        &self.0
-    }
-}
+#[cfg(feature = "testing")]
+pub use hold::Hold;

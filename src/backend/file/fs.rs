@@ -2,7 +2,7 @@
 //!
 //! This module owns the [`Fs`] and [`FsFile`] traits and [`OsFs`], the real file system;
 //! it calls only the standard library, `libc` flags and `rustix`. Every other part of the
-//! file backend (and the power-loss simulator, `backend/simfs.rs`) goes through it.
+//! file backend (and the power-loss simulator, `testing/simfs/`) goes through it.
 //!
 //! Every file operation the file backend performs goes through [`Fs`], so tests can swap
 //! in a file system that records what was synced and build the states a power loss would

@@ -190,7 +190,9 @@ impl FileStorageBackend {
         FileOptions::default()
     }
 
-    #[allow(dead_code)] // used by the power-loss simulator tests
+    /// Opens a store over `fs` instead of the real file system, without an OS lock: the
+    /// power-loss simulator's entry (`crate::testing::simfs`), in test builds only.
+    #[cfg(test)]
     pub(crate) fn with_fs(path: &Path, fs: Arc<dyn Fs>, log: bool) -> Result<Self> {
         Self::open_with(path, fs, None, log)
     }
