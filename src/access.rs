@@ -1,9 +1,8 @@
 //! Access control: who may do what to which session.
-//!
-//! Owns the access rules, [`AccessRecord`]s in memory (the `AccessTable`) and their
-//! configuration ([`AccessControlLayer`]). Calls only [`crate::error`] (each request is an
-//! `Operation` that says what access it needs), [`crate::types`] and [`crate::sync`]; the
-//! store persists the records, the handle consults the table.
+//! Owns the access rules, the [`AccessRecord`]s in memory and their configuration
+//! ([`AccessControlLayer`]). Calls only the crate's error module (each request is an
+//! `Operation` that says what access it needs), its ids and its lock helper; the store
+//! persists the records, the handle consults the table.
 //!
 //! This is not a wrapper around a backend: it is a table the
 //! [`StateManager`](crate::StateManager) handle consults. A handle from

@@ -1,6 +1,5 @@
 //! The policies a manager runs by: [`CheckpointPolicy`], schema migrations, and (kept by
 //! the store, re-exported here) [`RetentionPolicy`].
-//!
 //! Owns the checkpoint policy type, the migration steps and the one function that brings
 //! a decoded record's state to the current schema version (every load, restore, rollback
 //! and migration pass uses it). Calls [`crate::error`], [`crate::types`] and the codec's

@@ -1,7 +1,6 @@
 //! The crate's one public error type, [`StateError`], and the one vocabulary of
 //! operations, [`Operation`], that access control, timeouts, tracing spans and error
 //! messages all name requests by.
-//!
 //! Owns: the error enum and its kinds, the mapping of OS errors to it, and `Operation`.
 //! Calls nothing else in the crate.
 
@@ -433,8 +432,9 @@ impl Operation {
             | RollbackAndTruncate
             | CleanupCheckpoints => Needs::Write,
             DeleteSession | GrantAccess | RevokeAccess | SessionActor | Claim => Needs::Owner,
-            WatchAll | CleanupOldSessions | VacuumStorage | RunJanitorNow | MigrateStore | Shutdown
-            | DeleteIfIdle => Needs::Admin,
+            WatchAll | CleanupOldSessions | VacuumStorage | RunJanitorNow | MigrateStore | Shutdown | DeleteIfIdle => {
+                Needs::Admin
+            }
             #[cfg(feature = "encryption")]
             RotateKey | FinishKeyRotation => Needs::Admin,
         }

@@ -1,5 +1,4 @@
 //! Live change events: [`StateEvent`], [`EventKind`] and the [`Watch`] that delivers them.
-//!
 //! Owns the event types and the access check a principal's watch makes at every event.
 //! Calls [`crate::access`] (who may read a session) and [`crate::types`]; the session
 //! actors emit events through the store's broadcast channel, the handle hands out watches.

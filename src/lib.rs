@@ -2,7 +2,7 @@
 #![warn(missing_docs, unreachable_pub)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
-mod access;
+pub mod access;
 mod actor;
 pub mod backend;
 mod codec;

@@ -1,6 +1,5 @@
 //! The crate's lock helpers, the only place that handles lock poisoning, and [`Sharded`],
 //! a session-keyed map split over several mutexes.
-//!
 //! Owns: how a poisoned lock is treated (go on: see [`lock`]). Calls nothing else in the
 //! crate but [`crate::types::SessionId`].
 

@@ -1,4 +1,5 @@
-//! Validated ids and the records the manager returns.
+//! Validated ids and the records and reports the manager returns. Owns their validation
+//! and formats; calls only the error module.
 
 use std::fmt;
 

@@ -1,6 +1,5 @@
 //! The janitor: on an interval (and on demand) it sweeps staged files of interrupted
 //! writes and applies the [`RetentionPolicy`](crate::RetentionPolicy).
-//!
 //! Owns the pass and its timer. Calls the storage actor (sweep, checkpoint trimming, index
 //! check) and the session actors (idle deletes); reads the store's index.
 //!

@@ -1,5 +1,4 @@
 //! The actor topology: a supervisor, one actor per session, a storage actor and a janitor.
-//!
 //! Owns the actors, their messages, the directory of live session actors, the malloc-trim
 //! policy (`trim.rs`), and the one mapping of ractor's errors to [`StateError`] ([`ask`],
 //! [`call_session`]). The actors call the store for records (only through the storage

@@ -1,5 +1,4 @@
 //! The storage actor: runs record I/O jobs against the [`Store`], several at once.
-//!
 //! Owns the running jobs. Calls only the store (whose codec, middleware and backend do the
 //! I/O); every record read or write of the actors goes through [`run`].
 //!

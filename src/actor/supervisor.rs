@@ -1,6 +1,5 @@
 //! The supervisor: spawns and links the storage actor, the janitor and one session actor
 //! per session id, restarts what fails, and shuts everything down in order.
-//!
 //! Owns the slots of the session actors (live or draining, with the requests waiting for
 //! a draining one) and the memory-return policy. Calls the other actors' constructors, the
 //! store (the directory of live actors, the hot map, closing the store at shutdown) and

@@ -1,6 +1,5 @@
 //! Handing the memory of passivated session actors back to the system (glibc's
 //! `malloc_trim`; this is a policy, not a storage backend).
-//!
 //! Owns the trim policy and the one `unsafe` call of the crate. Called by the supervisor
 //! only; calls nothing else in the crate.
 //!

@@ -1,6 +1,5 @@
 //! [`StateManagerBuilder`]: the settings of a manager, and `start`, which opens the store
 //! (finding or adding the encryption layer) and spawns the supervisor.
-//!
 //! Owns the builder and the checks of its settings. Calls the codec (record format), the
 //! crypto middleware (layer and key ring), the store (`Store::open`, its metadata) and the
 //! supervisor; once started, hands everything to the [`StateManager`] handle.

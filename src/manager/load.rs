@@ -1,7 +1,6 @@
 //! The handle's read paths: a session's state (from the live actor's published state,
 //! else read straight from the store, else through the actor), a checkpoint, and the
 //! recovery report.
-//!
 //! Owns the rules that let a load skip the session actor (see [`StateManager::load_state`]).
 //! Calls the store (hot map, record reads, index), the storage actor for checkpoint reads,
 //! [`crate::config`] to bring a record to the current schema, and the session actor when a

@@ -2,7 +2,6 @@
 //! id, checks access (a first write claims the session, durably), names the operation
 //! (tracing span, timeout and error messages), and [`Ctx::call`] sends the session actor
 //! its message under the call timeout.
-//!
 //! Owns the handle's plumbing: access checks and access-record writes, serializing a state
 //! against the size limit, calls to the session actors and jobs on the storage actor.
 //! Calls [`crate::access`] (the table), the store (access records, the index), and the

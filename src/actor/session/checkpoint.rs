@@ -1,7 +1,6 @@
 //! A session's checkpoints: ids and parents (a hybrid logical clock and the head of each
 //! branch), taking one, recorded steps and the flush the policy triggers, rollback and
 //! cleanup.
-//!
 //! Owns no state of its own: these are methods of the session actor's state. Calls the
 //! storage actor (through `SessionState::io`) and reads the store's index.
 

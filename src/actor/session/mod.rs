@@ -1,5 +1,4 @@
 //! The session actor: one per live session id, the only writer of that session.
-//!
 //! Owns the session's cached state, its checkpoint policy and timers, and its writes
 //! (`msg.rs`: its messages; `checkpoint.rs`: checkpoints, recorded steps, rollback). Calls
 //! the storage actor for every record I/O (through [`SessionState::io`]), the store for the

@@ -1,6 +1,5 @@
 //! The messages of a session actor: the public [`SessionMsg`] an orchestrator may send, and
 //! the crate-internal ones wrapped in an opaque [`Internal`].
-//!
 //! Owns the message types only. Calls [`crate::error`], [`crate::config`] and
 //! [`crate::types`] for what the messages carry.
 
@@ -136,6 +135,11 @@ pub enum SessionMsg {
 /// Why a hidden variant around an opaque type, and not a separate message type: ractor ties
 /// an actor to one message type, and [`StateManager::session_actor`](crate::StateManager::session_actor)
 /// must keep returning an `ActorRef<SessionMsg>` (callers use it with `ractor::call!`).
+///
+/// ```compile_fail
+/// // Outside the crate an internal message cannot be built: the field is private.
+/// let _ = mars_state::SessionMsg::Internal(mars_state::Internal(todo!()));
+/// ```
 pub struct Internal(pub(crate) InternalMsg);
 
 impl std::fmt::Debug for Internal {
