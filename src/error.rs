@@ -488,6 +488,19 @@ fn redact(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::Operation::*;
+
+    #[test]
+    fn each_method_reports_its_own_name() {
+        assert_eq!(CheckpointBeforeRisky.name(), "checkpoint_before_risky");
+        assert_eq!(RollbackAndTruncate.name(), "rollback_and_truncate");
+        assert_ne!(CreateCheckpoint.name(), CheckpointBeforeRisky.name());
+        assert_ne!(RollbackToCheckpoint.name(), RollbackAndTruncate.name());
+        // Only writes that store a state claim a new session.
+        assert!(SaveSession.creates() && !RollbackAndTruncate.creates() && !ResumeSession.creates());
+        assert!(ResumeSession.finds_nothing_when_absent() && !DeleteSession.finds_nothing_when_absent());
+    }
+
     #[test]
     fn serde_messages_are_redacted() {
         let e = serde_json::from_str::<u64>(r#""SECRET""#).unwrap_err();

@@ -9,7 +9,7 @@
 use serde::de::DeserializeOwned;
 
 use super::StateManager;
-use super::request::{Ctx, Target, ser_err};
+use super::request::{Ctx, Target, no_prep, ser_err};
 use crate::actor::session::SessionMsg;
 use crate::codec::RecordHead;
 use crate::error::{Operation, Result, StateError};
@@ -18,7 +18,7 @@ use crate::types::{Checkpoint, CheckpointId, CheckpointInfo, Recovery, SessionSt
 impl StateManager {
     /// Loads the session's state into `T` (for `load_session` and `load_session_as`).
     pub(super) async fn load_as<T: DeserializeOwned>(&self, op: Operation, session: &str) -> Result<Option<T>> {
-        self.request(op, session.into(), super::no_prep, |cx, ()| async move {
+        self.request(op, session.into(), no_prep, |cx, ()| async move {
             self.load_state(&cx).await?.map(|s| s.deserialize()).transpose()
         })
         .await
@@ -31,9 +31,8 @@ impl StateManager {
         op: Operation,
         id: &CheckpointId,
     ) -> Result<Option<Checkpoint<T>>> {
-        let read = self.request(op, Target::Checkpoint(id), super::no_prep, |cx, ()| async move {
-            self.read_checkpoint(&cx, id).await
-        });
+        let read = self
+            .request(op, Target::Checkpoint(id), no_prep, |cx, ()| async move { self.read_checkpoint(&cx, id).await });
         match read.await {
             // Not in the index: there is no such checkpoint (to read; a rollback says so).
             Err(StateError::CheckpointNotFound { .. }) => Ok(None),

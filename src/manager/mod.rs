@@ -2,7 +2,7 @@
 //! Owns the public methods, each a thin use of one request helper (`request.rs`): validate
 //! the id, check access, name the [`Operation`], run under the call timeout, map errors.
 //! The builder is in `builder.rs`, the load paths (hot map, cold read, checkpoints,
-//! recovery) in `load.rs`. Calls the actors (session actors through their messages, the
+//! recovery) in `load.rs`, the bodies pairs of methods share in `variants.rs`. Calls the actors (session actors through their messages, the
 //! supervisor, the janitor), the store's index, hot map, events and access table, and the
 //! crypto middleware's key ring for rotation.
 
@@ -37,11 +37,7 @@ mod request;
 mod variants;
 
 pub use builder::StateManagerBuilder;
-
-/// The `prepare` step of a request that has nothing to prepare.
-fn no_prep(_: &SessionId) -> Result<()> {
-    Ok(())
-}
+use request::no_prep;
 
 /// The handle to a running state manager: cheap to clone, usable from any task.
 ///

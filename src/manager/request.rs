@@ -59,6 +59,11 @@ impl Ctx<'_> {
     }
 }
 
+/// The `prepare` step of a request that has nothing to prepare.
+pub(super) fn no_prep(_: &SessionId) -> Result<()> {
+    Ok(())
+}
+
 /// A state serialization error names the session it is about.
 pub(super) fn ser_err(session: &SessionId, e: StateError) -> StateError {
     match e {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::request::Target;
-use super::{StateManager, no_prep};
+use super::StateManager;
+use super::request::{Target, no_prep};
 use crate::actor;
 #[cfg(feature = "encryption")]
 use crate::actor::session::InternalMsg;
