@@ -1,4 +1,8 @@
-//! The crate's one public error type.
+//! The crate's one public error type, [`StateError`], and the one vocabulary of
+//! operations, [`Operation`], that access control, timeouts, tracing spans and error
+//! messages all name requests by.
+//! Owns: the error enum and its kinds, the mapping of OS errors to it, and `Operation`.
+//! Calls nothing else in the crate.
 
 use std::path::PathBuf;
 
@@ -261,6 +265,200 @@ impl StateError {
     }
 }
 
+/// Every request the [`StateManager`](crate::StateManager) handle makes, named after its
+/// public method (plus the few the crate makes on its own). The one vocabulary for access
+/// control (what access a request needs), timeouts and panics ([`StateError::Timeout`]'s
+/// `operation`), tracing spans, and [`StateError::AccessDenied`]'s message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    SaveSession,
+    LoadSession,
+    LoadSessionAs,
+    LoadSessionBytes,
+    DeleteSession,
+    CreateCheckpoint,
+    CheckpointBeforeRisky,
+    RestoreCheckpoint,
+    RestoreCheckpointAs,
+    RollbackToCheckpoint,
+    RollbackAndTruncate,
+    ListCheckpoints,
+    CleanupCheckpoints,
+    TransactionalUpdate,
+    RecordStep,
+    SetCheckpointPolicy,
+    PauseSession,
+    ResumeSession,
+    ResumeSessionAs,
+    CompleteSession,
+    FailSession,
+    RecoverSession,
+    Watch,
+    AccessRecord,
+    GrantAccess,
+    RevokeAccess,
+    SessionActor,
+    WatchAll,
+    CleanupOldSessions,
+    VacuumStorage,
+    RunJanitorNow,
+    MigrateStore,
+    #[cfg(feature = "encryption")]
+    RotateKey,
+    #[cfg(feature = "encryption")]
+    FinishKeyRotation,
+    Shutdown,
+    /// A first write claimed the session: its live actor is retired (not a public method).
+    Claim,
+    /// The janitor deletes an idle session (not a public method).
+    DeleteIfIdle,
+}
+
+/// What an [`Operation`] needs of the principal making it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Needs {
+    /// Read access to the session.
+    Read,
+    /// Write access to the session.
+    Write,
+    /// Ownership of the session (or administrator).
+    Owner,
+    /// Store-wide: administrators (and the unscoped manager) only.
+    Admin,
+}
+
+impl Operation {
+    /// The public method's name (for timeouts, panics and tracing spans).
+    pub(crate) fn name(self) -> &'static str {
+        use Operation::*;
+        match self {
+            SaveSession => "save_session",
+            LoadSession => "load_session",
+            LoadSessionAs => "load_session_as",
+            LoadSessionBytes => "load_session_bytes",
+            DeleteSession => "delete_session",
+            CreateCheckpoint => "create_checkpoint",
+            CheckpointBeforeRisky => "checkpoint_before_risky",
+            RestoreCheckpoint => "restore_checkpoint",
+            RestoreCheckpointAs => "restore_checkpoint_as",
+            RollbackToCheckpoint => "rollback_to_checkpoint",
+            RollbackAndTruncate => "rollback_and_truncate",
+            ListCheckpoints => "list_checkpoints",
+            CleanupCheckpoints => "cleanup_checkpoints",
+            TransactionalUpdate => "transactional_update",
+            RecordStep => "record_step",
+            SetCheckpointPolicy => "set_checkpoint_policy",
+            PauseSession => "pause_session",
+            ResumeSession => "resume_session",
+            ResumeSessionAs => "resume_session_as",
+            CompleteSession => "complete_session",
+            FailSession => "fail_session",
+            RecoverSession => "recover_session",
+            Watch => "watch",
+            AccessRecord => "access_record",
+            GrantAccess => "grant_access",
+            RevokeAccess => "revoke_access",
+            SessionActor => "session_actor",
+            WatchAll => "watch_all",
+            CleanupOldSessions => "cleanup_old_sessions",
+            VacuumStorage => "vacuum_storage",
+            RunJanitorNow => "run_janitor_now",
+            MigrateStore => "migrate_store",
+            #[cfg(feature = "encryption")]
+            RotateKey => "rotate_key",
+            #[cfg(feature = "encryption")]
+            FinishKeyRotation => "finish_key_rotation",
+            Shutdown => "shutdown",
+            Claim => "claim",
+            DeleteIfIdle => "delete_if_idle",
+        }
+    }
+
+    /// The operation as a verb phrase, for "principal P may not {verb} session S".
+    pub(crate) fn verb(self) -> &'static str {
+        use Operation::*;
+        match self {
+            LoadSession | LoadSessionAs | LoadSessionBytes => "load",
+            SaveSession => "save",
+            DeleteSession | DeleteIfIdle => "delete",
+            CreateCheckpoint | CheckpointBeforeRisky => "create a checkpoint of",
+            RestoreCheckpoint | RestoreCheckpointAs => "restore a checkpoint of",
+            RollbackToCheckpoint | RollbackAndTruncate => "roll back",
+            ListCheckpoints => "list checkpoints of",
+            CleanupCheckpoints => "clean up checkpoints of",
+            TransactionalUpdate => "update",
+            RecordStep => "record a step of",
+            SetCheckpointPolicy => "set the checkpoint policy of",
+            PauseSession => "pause",
+            ResumeSession | ResumeSessionAs => "resume",
+            CompleteSession => "complete",
+            FailSession => "fail",
+            RecoverSession => "recover",
+            Watch => "watch",
+            AccessRecord => "read the access record of",
+            GrantAccess => "grant access to",
+            RevokeAccess => "revoke access to",
+            SessionActor => "message the actor of",
+            WatchAll => "watch all sessions of",
+            CleanupOldSessions => "clean up old sessions of",
+            VacuumStorage => "vacuum",
+            RunJanitorNow => "run the janitor on",
+            MigrateStore => "migrate",
+            #[cfg(feature = "encryption")]
+            RotateKey | FinishKeyRotation => "rotate the key of",
+            Shutdown => "shut down",
+            Claim => "claim",
+        }
+    }
+
+    /// What the principal needs for this operation.
+    pub(crate) fn needs(self) -> Needs {
+        use Operation::*;
+        match self {
+            LoadSession | LoadSessionAs | LoadSessionBytes | RestoreCheckpoint | RestoreCheckpointAs
+            | ListCheckpoints | RecoverSession | Watch | AccessRecord => Needs::Read,
+            SaveSession
+            | CreateCheckpoint
+            | CheckpointBeforeRisky
+            | TransactionalUpdate
+            | RecordStep
+            | SetCheckpointPolicy
+            | PauseSession
+            | ResumeSession
+            | ResumeSessionAs
+            | CompleteSession
+            | FailSession
+            | RollbackToCheckpoint
+            | RollbackAndTruncate
+            | CleanupCheckpoints => Needs::Write,
+            DeleteSession | GrantAccess | RevokeAccess | SessionActor | Claim => Needs::Owner,
+            WatchAll | CleanupOldSessions | VacuumStorage | RunJanitorNow | MigrateStore | Shutdown | DeleteIfIdle => {
+                Needs::Admin
+            }
+            #[cfg(feature = "encryption")]
+            RotateKey | FinishKeyRotation => Needs::Admin,
+        }
+    }
+
+    /// Whether this operation may create the session (and so claim it for its principal):
+    /// the writes that store a state.
+    pub(crate) fn creates(self) -> bool {
+        use Operation::*;
+        self.needs() == Needs::Write
+            && !matches!(
+                self,
+                RollbackToCheckpoint | RollbackAndTruncate | CleanupCheckpoints | ResumeSession | ResumeSessionAs
+            )
+    }
+
+    /// Whether this operation is allowed on a session that does not exist and has no owner,
+    /// without claiming it: it finds nothing there (the reads, and a resume, which returns
+    /// `None`).
+    pub(crate) fn finds_nothing_when_absent(self) -> bool {
+        self.needs() == Needs::Read || matches!(self, Operation::ResumeSession | Operation::ResumeSessionAs)
+    }
+}
+
 /// Replaces the contents of every `"…"` and `` `…` `` span in a serde message: serde quotes
 /// the offending value ("invalid type: string \"secret\"") and values may be secrets.
 fn redact(msg: &str) -> String {
@@ -290,6 +488,19 @@ fn redact(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::Operation::*;
+
+    #[test]
+    fn each_method_reports_its_own_name() {
+        assert_eq!(CheckpointBeforeRisky.name(), "checkpoint_before_risky");
+        assert_eq!(RollbackAndTruncate.name(), "rollback_and_truncate");
+        assert_ne!(CreateCheckpoint.name(), CheckpointBeforeRisky.name());
+        assert_ne!(RollbackToCheckpoint.name(), RollbackAndTruncate.name());
+        // Only writes that store a state claim a new session.
+        assert!(SaveSession.creates() && !RollbackAndTruncate.creates() && !ResumeSession.creates());
+        assert!(ResumeSession.finds_nothing_when_absent() && !DeleteSession.finds_nothing_when_absent());
+    }
+
     #[test]
     fn serde_messages_are_redacted() {
         let e = serde_json::from_str::<u64>(r#""SECRET""#).unwrap_err();

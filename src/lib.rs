@@ -2,12 +2,13 @@
 #![warn(missing_docs, unreachable_pub)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
+pub mod access;
 mod actor;
 pub mod backend;
+mod config;
 mod error;
-mod lifecycle;
+mod events;
 mod manager;
-mod memory;
 pub mod middleware;
 mod random;
 mod store;
@@ -18,23 +19,22 @@ mod sync;
 pub mod testing;
 mod types;
 
-pub use actor::SessionMsg;
-pub use actor::session::UpdateFn;
+pub use access::{Access, AccessControlLayer, AccessRecord};
+#[doc(hidden)]
+pub use actor::session::Internal;
+pub use actor::session::{SessionMsg, UpdateFn};
 pub use backend::{
     FileOptions, FileStorageBackend, KeyClass, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey,
     SweepReport,
 };
+pub use config::RetentionPolicy;
+pub use config::{CheckpointPolicy, MigrationFn};
 pub use error::{BoxError, ErrorKind, Result, StateError};
-pub use lifecycle::{
-    CheckpointPolicy, EventKind, MigrationFn, MigrationReport, Recovery, SkippedCheckpoint, StateEvent, Watch,
-    WatchError,
-};
+pub use events::{EventKind, StateEvent, Watch, WatchError};
 pub use manager::{StateManager, StateManagerBuilder};
-pub use middleware::acl::{Access, AccessControlLayer, AccessRecord};
 #[cfg(feature = "encryption")]
 pub use middleware::crypto::{EncryptedFileStorageBackend, EncryptionKey, EncryptionLayer, KeySource, Passphrase};
-pub use store::RetentionPolicy;
 pub use types::{
-    BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN, Principal, SessionId,
-    SessionInfo, SessionStatus, StateBytes, StorageStats, VacuumReport,
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN, MigrationReport, Principal,
+    Recovery, SessionId, SessionInfo, SessionStatus, SkippedCheckpoint, StateBytes, StorageStats, VacuumReport,
 };

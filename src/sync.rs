@@ -1,12 +1,27 @@
-//! The one lock helper the crate uses.
+//! The crate's lock helpers, the only place that handles lock poisoning, and [`Sharded`],
+//! a session-keyed map split over several mutexes.
+//! Owns: how a poisoned lock is treated (go on: see [`lock`]). Calls nothing else in the
+//! crate but [`crate::types::SessionId`].
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Locks `m`, going on past poisoning: every mutex in this crate guards maps or sets that
-/// are changed by single calls (insert, remove, replace), so a panic while one is held
+/// Locks `m`, going on past poisoning: every lock in this crate guards maps, sets or values
+/// that are changed by single calls (insert, remove, replace), so a panic while one is held
 /// cannot leave its contents half-updated.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Read-locks `l`, going on past poisoning (for the same reason as [`lock`]).
+#[cfg(feature = "encryption")]
+pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Write-locks `l`, going on past poisoning (for the same reason as [`lock`]).
+#[cfg(feature = "encryption")]
+pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A map from session ids split over 16 mutexes, so that calls for different sessions

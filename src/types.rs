@@ -1,8 +1,10 @@
-//! Validated ids and the records the manager returns.
+//! Validated ids and the records and reports the manager returns. Owns their validation
+//! and formats; calls only the error module.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::error::{Result, StateError};
 
@@ -438,4 +440,45 @@ impl fmt::Debug for StateBytes {
         // Never print state contents: they may hold user data or credentials.
         write!(f, "StateBytes({} bytes)", self.0.len())
     }
+}
+
+/// What [`recover_session`](crate::StateManager::recover_session) found.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The session's last saved state.
+    pub state: Option<Value>,
+    /// Its stored status.
+    pub status: SessionStatus,
+    /// Why that status was set: the reason given to
+    /// [`pause_session`](crate::StateManager::pause_session) or
+    /// [`fail_session`](crate::StateManager::fail_session), if any.
+    pub status_reason: Option<String>,
+    /// When that status was set (milliseconds since the Unix epoch), if it was set by a
+    /// pause, resume, completion or failure.
+    pub status_at: Option<u64>,
+    /// Whether its run was cut off: it was running when a process using the store died, and
+    /// it has not been saved since (see [`SessionInfo::interrupted`](crate::SessionInfo)).
+    pub interrupted: bool,
+    /// The newest checkpoint that verified.
+    pub checkpoint: Option<Checkpoint>,
+    /// Newer checkpoints that were damaged and skipped, newest first.
+    pub skipped: Vec<SkippedCheckpoint>,
+}
+
+/// A checkpoint recovery passed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedCheckpoint {
+    /// Its id.
+    pub id: CheckpointId,
+    /// What was wrong with it.
+    pub reason: String,
+}
+
+/// What [`migrate_store`](crate::StateManager::migrate_store) rewrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Session records rewritten at the current schema version.
+    pub sessions: usize,
+    /// Checkpoint records rewritten.
+    pub checkpoints: usize,
 }

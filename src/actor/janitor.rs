@@ -1,5 +1,7 @@
 //! The janitor: on an interval (and on demand) it sweeps staged files of interrupted
 //! writes and applies the [`RetentionPolicy`](crate::RetentionPolicy).
+//! Owns the pass and its timer. Calls the storage actor (sweep, checkpoint trimming, index
+//! check) and the session actors (idle deletes); reads the store's index.
 //!
 //! It does no I/O itself: sweeping and checkpoint trimming run as storage-actor jobs and
 //! idle sessions are deleted through their session actors (which cache state), so
@@ -14,7 +16,7 @@ use tracing::{info, warn};
 use super::session::SessionMsg;
 use super::supervisor::SupervisorMsg;
 use super::{Shared, call_session, storage};
-use crate::error::Result;
+use crate::error::{Operation, Result};
 use crate::store::Trust;
 use crate::types::{SessionId, VacuumReport};
 
@@ -142,7 +144,7 @@ pub(crate) async fn remove_idle_sessions(
             continue;
         }
         let timeout = shared.config.call_timeout.max(Duration::from_secs(1));
-        if call_session(supervisor, &shared.store.actors, timeout, "delete_if_idle", &sid, |reply| {
+        if call_session(supervisor, &shared.store.actors, timeout, Operation::DeleteIfIdle, &sid, |reply| {
             SessionMsg::DeleteIfIdle { cutoff_ms, reply }
         })
         .await?

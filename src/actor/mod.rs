@@ -1,4 +1,8 @@
 //! The actor topology: a supervisor, one actor per session, a storage actor and a janitor.
+//! Owns the actors, their messages, the directory of live session actors, the malloc-trim
+//! policy (`trim.rs`), and the one mapping of ractor's errors to [`StateError`] ([`ask`],
+//! [`call_session`]). The actors call the store for records (only through the storage
+//! actor), the index, the hot map and events; they never call the handle.
 //!
 //! ```text
 //! StateManager ──Get──▶ SupervisorActor ──spawns/links──▶ SessionActor (one per session id)
@@ -11,19 +15,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{ActorId, ActorRef, RpcReplyPort};
+use ractor::rpc::CallResult;
+use ractor::{ActorId, ActorRef, Message, MessagingErr, RpcReplyPort};
 
-use crate::error::{Result, StateError};
-use crate::lifecycle::{CheckpointPolicy, Migrations};
-use crate::store::{RetentionPolicy, Store};
+use crate::config::{CheckpointPolicy, Migrations, RetentionPolicy};
+use crate::error::{Operation, Result, StateError};
+use crate::store::Store;
 use crate::types::SessionId;
 
 pub(crate) mod janitor;
 pub(crate) mod session;
 pub(crate) mod storage;
 pub(crate) mod supervisor;
+mod trim;
 
-pub use session::SessionMsg;
+use session::SessionMsg;
 
 /// Settings shared by the actors.
 #[derive(Debug, Clone)]
@@ -80,15 +86,18 @@ pub(crate) async fn call_session<R: Send + 'static>(
     supervisor: &ActorRef<supervisor::SupervisorMsg>,
     directory: &Directory,
     timeout: Duration,
-    operation: &'static str,
+    operation: Operation,
     sid: &SessionId,
     build: impl FnOnce(RpcReplyPort<Result<R>>) -> SessionMsg,
 ) -> Result<R> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let mut msg = build(RpcReplyPort::from(tx));
     let deadline = tokio::time::Instant::now() + timeout;
-    let timed_out =
-        || StateError::Timeout { operation, session: sid.to_string(), timeout_ms: timeout.as_millis() as u64 };
+    let timed_out = || StateError::Timeout {
+        operation: operation.name(),
+        session: sid.to_string(),
+        timeout_ms: timeout.as_millis() as u64,
+    };
     let mut attempts = 0;
     loop {
         let known = if attempts == 0 { directory.get(sid) } else { None };
@@ -100,7 +109,7 @@ pub(crate) async fn call_session<R: Send + 'static>(
         };
         match actor.send_message(msg) {
             Ok(()) => break,
-            Err(ractor::MessagingErr::SendErr(back)) if attempts < 100 => {
+            Err(MessagingErr::SendErr(back)) if attempts < 100 => {
                 // The actor is draining after an idle timeout: it never saw this message.
                 msg = back;
                 attempts += 1;
@@ -113,8 +122,22 @@ pub(crate) async fn call_session<R: Send + 'static>(
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(StateError::Panicked {
             session: sid.to_string(),
-            message: format!("the session actor stopped while handling {operation}; outcome unknown"),
+            message: format!("the session actor stopped while handling {}; outcome unknown", operation.name()),
         }),
         Err(_) => Err(timed_out()),
+    }
+}
+
+/// Calls `actor` and waits for its reply (no timeout: for the supervisor and janitor, which
+/// answer at once or are gone). Any failure of the call is [`StateError::Unavailable`] with
+/// `gone` as its reason: the one mapping of ractor's call errors in the crate.
+pub(crate) async fn ask<M: Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    gone: &'static str,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Result<T> {
+    match actor.call(build, None).await {
+        Ok(CallResult::Success(r)) => Ok(r),
+        Ok(CallResult::Timeout | CallResult::SenderError) | Err(_) => Err(StateError::unavailable(gone)),
     }
 }

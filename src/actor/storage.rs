@@ -1,4 +1,6 @@
 //! The storage actor: runs record I/O jobs against the [`Store`], several at once.
+//! Owns the running jobs. Calls only the store (whose codec, middleware and backend do the
+//! I/O); every record read or write of the actors goes through [`run`].
 //!
 //! Each job runs in its own task, so slow I/O on one key never holds up another. Jobs for
 //! one session never overlap, because its session actor awaits each job before the next.

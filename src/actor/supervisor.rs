@@ -1,5 +1,9 @@
 //! The supervisor: spawns and links the storage actor, the janitor and one session actor
 //! per session id, restarts what fails, and shuts everything down in order.
+//! Owns the slots of the session actors (live or draining, with the requests waiting for
+//! a draining one) and the memory-return policy. Calls the other actors' constructors, the
+//! store (the directory of live actors, the hot map, closing the store at shutdown) and
+//! `trim`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,8 +19,8 @@ use super::{Config, Shared};
 use crate::store::Store;
 use std::sync::Arc;
 
+use super::trim::{Decision, MemoryReturn};
 use crate::error::{Result, StateError};
-use crate::memory::{Decision, MemoryReturn};
 use crate::types::SessionId;
 
 type SessionReply = RpcReplyPort<Result<ActorRef<SessionMsg>>>;
@@ -293,10 +297,7 @@ impl Actor for SupervisorActor {
 /// Asks the supervisor for `sid`'s session actor.
 pub(crate) async fn get_session(supervisor: &ActorRef<SupervisorMsg>, sid: &SessionId) -> Result<ActorRef<SessionMsg>> {
     let sid = sid.clone();
-    match supervisor.call(|reply| SupervisorMsg::Get { sid, reply }, None).await {
-        Ok(ractor::rpc::CallResult::Success(r)) => r,
-        _ => Err(StateError::unavailable("the state manager is shut down")),
-    }
+    ask(supervisor, |reply| SupervisorMsg::Get { sid, reply }).await?
 }
 
 /// Calls the supervisor with a request that has no error path of its own.
@@ -304,8 +305,5 @@ pub(crate) async fn ask<T: Send + 'static>(
     supervisor: &ActorRef<SupervisorMsg>,
     build: impl FnOnce(RpcReplyPort<T>) -> SupervisorMsg,
 ) -> Result<T> {
-    match supervisor.call(build, None).await {
-        Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
-        _ => Err(StateError::unavailable("the state manager is shut down")),
-    }
+    super::ask(supervisor, "the state manager is shut down", build).await
 }

@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, info, warn};
 
+use crate::access::{AccessControlLayer, AccessRecord, AccessTable};
 use crate::backend::{StorageBackend, StorageKey};
+use crate::config::CheckpointPolicy;
 use crate::error::{Result, StateError};
-use crate::lifecycle::{CheckpointPolicy, Envelope, EventKind, StateEvent};
-use crate::middleware::acl::{AccessControlLayer, AccessRecord, AccessTable};
+use crate::events::{Envelope, EventKind, StateEvent};
 use crate::sync::lock;
 use crate::types::{BranchId, CheckpointId, Clock, SessionId, SessionStatus, StateBytes};
 

@@ -263,15 +263,15 @@ impl<B: fmt::Debug> fmt::Debug for Encrypted<B> {
 impl<B> Encrypted<B> {
     fn ring(&self) -> RwLockReadGuard<'_, Keyring> {
         // Keyring updates are single assignments/inserts; a panic cannot tear one.
-        self.keyring.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.keyring)
     }
 
     fn ring_mut(&self) -> RwLockWriteGuard<'_, Keyring> {
-        self.keyring.write().unwrap_or_else(|p| p.into_inner())
+        crate::sync::write(&self.keyring)
     }
 
     fn torn(&self) -> MutexGuard<'_, HashSet<StorageKey>> {
-        self.torn_logs.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.torn_logs)
     }
 }
 

@@ -215,7 +215,7 @@ impl SimFs {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panicking test thread cannot leave the tree half-updated: every change is one
         // map operation.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     /// Makes the `nth` next call (1-based) of `op` fail with `fault`, and the `times - 1`

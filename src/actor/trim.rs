@@ -1,4 +1,7 @@
-//! Handing the memory of passivated session actors back to the system.
+//! Handing the memory of passivated session actors back to the system (glibc's
+//! `malloc_trim`; this is a policy, not a storage backend).
+//! Owns the trim policy and the one `unsafe` call of the crate. Called by the supervisor
+//! only; calls nothing else in the crate.
 //!
 //! A session actor caches its state, so a wave of sessions touched at once costs memory in
 //! proportion to how many actors were live together. When they passivate, glibc's

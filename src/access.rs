@@ -1,11 +1,17 @@
 //! Access control: who may do what to which session.
+//! Owns the access rules, the [`AccessRecord`]s in memory and their configuration
+//! ([`AccessControlLayer`]). Calls only the crate's error module (each request is an
+//! `Operation` that says what access it needs), its ids and its lock helper; the store
+//! persists the records, the handle consults the table.
 //!
-//! A handle from [`StateManager::for_principal`](crate::StateManager::for_principal)
-//! carries its [`Principal`] on every request. Before a request reaches any actor, this
-//! middleware checks it against the session's [`AccessRecord`] (kept in memory, persisted
-//! as `metadata/access/<session>.json` through the same backend and middleware as records,
-//! so it is encrypted when the store is). A denied request changes nothing and reaches no
-//! storage.
+//! This is not a wrapper around a backend: it is a table the
+//! [`StateManager`](crate::StateManager) handle consults. A handle from
+//! [`StateManager::for_principal`](crate::StateManager::for_principal) carries its
+//! [`Principal`] on every request; before the request reaches any actor, the handle checks
+//! it against the session's [`AccessRecord`] (kept in memory, persisted as
+//! `metadata/access/<session>.json` through the same codec, middleware and backend as
+//! records, so it is encrypted when the store is). A denied request changes nothing and
+//! reaches no storage. (It is also reachable as `middleware::acl`, its former home.)
 //!
 //! The rules:
 //! - the first write (save, checkpoint, update) of a session that does not exist records
@@ -17,22 +23,23 @@
 //! - anyone else is denied with [`StateError::AccessDenied`], and listings leave out what
 //!   they may not read;
 //! - store-wide maintenance (`cleanup_old_sessions`, `vacuum_storage`, `run_janitor_now`,
-//!   `shutdown`) is for administrators and the unscoped manager only.
+//!   `migrate_store`, key rotation, `watch_all`, `shutdown`) is for administrators and the
+//!   unscoped manager only.
 //!
 //! The unscoped [`StateManager`](crate::StateManager) is the trusted in-process system
 //! principal: it is never checked. Sessions it creates have no owner, so only it and
 //! administrators may touch them.
 //!
-//! Order in which a request sees the layers: access control (in the handle, before the
-//! session actor and its cache) → session actor → codec (JSON, gzip, CRC) → encryption →
-//! storage actor → backend.
+//! Order in which a request sees each stage: access control (in the handle, before the
+//! session actor and its cache) → session actor → storage actor → codec (JSON, gzip, CRC)
+//! → encryption → backend.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, StateError};
+use crate::error::{Needs, Operation, Result, StateError};
 use crate::types::{Principal, SessionId};
 
 /// A level of access granted to a principal on one session.
@@ -89,55 +96,12 @@ impl AccessControlLayer {
     }
 }
 
-/// An operation, as access control sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Op {
-    Load,
-    ListCheckpoints,
-    RestoreCheckpoint,
-    Save,
-    CreateCheckpoint,
-    Update,
-    Rollback,
-    CleanupCheckpoints,
-    Delete,
-    SessionActor,
-    Grant,
-    Revoke,
-    Maintenance(&'static str),
-}
-
-impl Op {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Op::Load => "load",
-            Op::ListCheckpoints => "list checkpoints of",
-            Op::RestoreCheckpoint => "restore a checkpoint of",
-            Op::Save => "save",
-            Op::CreateCheckpoint => "create a checkpoint of",
-            Op::Update => "update",
-            Op::Rollback => "roll back",
-            Op::CleanupCheckpoints => "clean up checkpoints of",
-            Op::Delete => "delete",
-            Op::SessionActor => "message the actor of",
-            Op::Grant => "grant access to",
-            Op::Revoke => "revoke access to",
-            Op::Maintenance(name) => name,
-        }
-    }
-
-    /// The access needed; `None` means owner (or administrator) only.
-    fn needs(self) -> Option<Access> {
-        match self {
-            Op::Load | Op::ListCheckpoints | Op::RestoreCheckpoint => Some(Access::Read),
-            Op::Save | Op::CreateCheckpoint | Op::Update | Op::Rollback | Op::CleanupCheckpoints => Some(Access::Write),
-            Op::Delete | Op::SessionActor | Op::Grant | Op::Revoke | Op::Maintenance(_) => None,
-        }
-    }
-
-    /// Whether this operation may create the session (and so claim it).
-    fn creates(self) -> bool {
-        matches!(self, Op::Save | Op::CreateCheckpoint | Op::Update)
+/// The access `op` needs; `None` means the owner (or an administrator) only.
+fn needed(op: Operation) -> Option<Access> {
+    match op.needs() {
+        Needs::Read => Some(Access::Read),
+        Needs::Write => Some(Access::Write),
+        Needs::Owner | Needs::Admin => None,
     }
 }
 
@@ -182,26 +146,33 @@ impl AccessTable {
         self.layer.admins.contains(p)
     }
 
-    fn denied(p: &Principal, op: Op, session: &str) -> StateError {
-        StateError::AccessDenied { principal: p.to_string(), operation: op.name(), session: session.to_owned() }
+    fn denied(p: &Principal, op: Operation, session: &str) -> StateError {
+        StateError::AccessDenied { principal: p.to_string(), operation: op.verb(), session: session.to_owned() }
     }
 
     /// Store-wide operations: administrators only.
-    pub(crate) fn check_maintenance(&self, p: &Principal, op: Op) -> Result<()> {
+    pub(crate) fn check_maintenance(&self, p: &Principal, op: Operation) -> Result<()> {
         if self.is_admin(p) { Ok(()) } else { Err(Self::denied(p, op, "*")) }
     }
 
     /// Decides whether `p` may do `op` to `sid`. `exists` says whether the session has a
     /// state or checkpoints. A claim is reserved in memory at once, so two principals racing
     /// to create one session cannot both own it.
-    pub(crate) fn check(&self, p: &Principal, op: Op, sid: &SessionId, exists: bool, now: u64) -> Result<Decision> {
+    pub(crate) fn check(
+        &self,
+        p: &Principal,
+        op: Operation,
+        sid: &SessionId,
+        exists: bool,
+        now: u64,
+    ) -> Result<Decision> {
         if self.is_admin(p) {
             return Ok(Decision::Allow);
         }
         let mut records = self.records();
         match records.get(sid) {
             Some(r) if &r.owner == p => Ok(Decision::Allow),
-            Some(r) => match (op.needs(), r.grants.get(p)) {
+            Some(r) => match (needed(op), r.grants.get(p)) {
                 (Some(need), Some(have)) if *have >= need => Ok(Decision::Allow),
                 _ => Err(Self::denied(p, op, sid.as_str())),
             },
@@ -211,7 +182,7 @@ impl AccessTable {
                     let record = AccessRecord { owner: p.clone(), created_at: now, grants: BTreeMap::new() };
                     records.insert(sid.clone(), Arc::new(record.clone()));
                     Ok(Decision::Claim(record))
-                } else if op.needs() == Some(Access::Read) {
+                } else if op.finds_nothing_when_absent() {
                     Ok(Decision::Allow)
                 } else {
                     Err(Self::denied(p, op, sid.as_str()))
@@ -272,16 +243,16 @@ mod tests {
     fn first_writer_owns_and_others_are_denied() {
         let t = AccessTable::new(AccessControlLayer::new().admin(p("root")), HashMap::new(), Vec::new());
         let s = SessionId::new("s").unwrap();
-        assert!(matches!(t.check(&p("alice"), Op::Save, &s, false, 1).unwrap(), Decision::Claim(_)));
-        assert_eq!(t.check(&p("alice"), Op::Delete, &s, true, 2).unwrap(), Decision::Allow);
-        assert!(t.check(&p("bob"), Op::Load, &s, true, 2).is_err());
-        assert!(t.check(&p("bob"), Op::Save, &s, true, 2).is_err());
-        assert_eq!(t.check(&p("root"), Op::Delete, &s, true, 2).unwrap(), Decision::Allow);
+        assert!(matches!(t.check(&p("alice"), Operation::SaveSession, &s, false, 1).unwrap(), Decision::Claim(_)));
+        assert_eq!(t.check(&p("alice"), Operation::DeleteSession, &s, true, 2).unwrap(), Decision::Allow);
+        assert!(t.check(&p("bob"), Operation::LoadSession, &s, true, 2).is_err());
+        assert!(t.check(&p("bob"), Operation::SaveSession, &s, true, 2).is_err());
+        assert_eq!(t.check(&p("root"), Operation::DeleteSession, &s, true, 2).unwrap(), Decision::Allow);
         let mut r = t.get(&s).unwrap();
         r.grants.insert(p("bob"), Access::Read);
         t.set(&s, r);
-        assert_eq!(t.check(&p("bob"), Op::Load, &s, true, 2).unwrap(), Decision::Allow);
-        assert!(t.check(&p("bob"), Op::Save, &s, true, 2).is_err());
-        assert!(t.check(&p("carol"), Op::Load, &s, true, 2).is_err());
+        assert_eq!(t.check(&p("bob"), Operation::LoadSession, &s, true, 2).unwrap(), Decision::Allow);
+        assert!(t.check(&p("bob"), Operation::SaveSession, &s, true, 2).is_err());
+        assert!(t.check(&p("carol"), Operation::LoadSession, &s, true, 2).is_err());
     }
 }

@@ -1,4 +1,9 @@
 //! The session actor: one per live session id, the only writer of that session.
+//! Owns the session's cached state, its checkpoint policy and timers, and its writes
+//! (`msg.rs`: its messages; `checkpoint.rs`: checkpoints, recorded steps, rollback). Calls
+//! the storage actor for every record I/O (through [`SessionState::io`]), the store for the
+//! index, hot map, events and access records it reads or publishes, [`crate::config`] for
+//! migrations, and tells the supervisor when it passivates.
 //!
 //! Every save, checkpoint and read-modify-write of a session goes through this actor's
 //! mailbox and is finished (durably) before the next one starts, so updates are never
@@ -10,158 +15,30 @@
 //! not dropped), finishes what was queued and stops. The next request spawns a fresh one.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Shared, storage, supervisor::SupervisorMsg};
+use crate::config::CheckpointPolicy;
 use crate::error::{Result, StateError};
-use crate::lifecycle::{CheckpointPolicy, EventKind, MigrationReport};
-use crate::store::codec::{CheckpointMeta, Fork, RecordHead, SessionMeta};
+use crate::events::EventKind;
+use crate::store::Store;
+use crate::store::codec::{RecordHead, SessionMeta};
 use crate::sync::lock;
-use crate::types::{BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus, StateBytes};
+use crate::types::{BranchId, CheckpointId, CheckpointReason, MigrationReport, SessionId, SessionStatus, StateBytes};
 
-/// A read-modify-write step run inside the session actor: it receives the current state
-/// (JSON) and returns the new one (JSON) or an error, in which case nothing is written.
-pub type UpdateFn = Box<dyn FnOnce(Option<&[u8]>) -> Result<Vec<u8>> + Send>;
+mod checkpoint;
+mod msg;
 
-/// The messages a session actor handles. An orchestrator that is itself a ractor actor
-/// can hold the session's `ActorRef<SessionMsg>` (from
-/// [`StateManager::session_actor`](crate::StateManager::session_actor)) and use
-/// `ractor::call!` / `ractor::cast!` with these variants. Every reply is a `Result`: domain
-/// failures travel back in it and never stop the actor.
-///
-/// A session actor passivates after its idle timeout; sends to it then fail with
-/// `MessagingErr::SendErr` (the message was not queued): ask the manager for the actor
-/// again.
-#[non_exhaustive]
-pub enum SessionMsg {
-    /// Save the state (replacing the previous one) durably.
-    Save {
-        /// The new state.
-        state: StateBytes,
-        /// Receives `Ok(())` once the state is durable.
-        reply: RpcReplyPort<Result<()>>,
-    },
-    /// Load the latest state; `None` if the session has none.
-    Load {
-        /// Receives the state.
-        reply: RpcReplyPort<Result<Option<StateBytes>>>,
-    },
-    /// Delete the state and every checkpoint; replies whether anything existed.
-    Delete {
-        /// Receives whether the session existed.
-        reply: RpcReplyPort<Result<bool>>,
-    },
-    /// Store a checkpoint of `state` on `branch_id`.
-    CreateCheckpoint {
-        /// The branch.
-        branch_id: BranchId,
-        /// The state to capture.
-        state: StateBytes,
-        /// Why (normally [`CheckpointReason::Manual`]).
-        reason: CheckpointReason,
-        /// Receives the new checkpoint's id once it is durable.
-        reply: RpcReplyPort<Result<CheckpointId>>,
-    },
-    /// Report progress: `state` after `step`. Cheap: the state is kept in memory and made
-    /// durable (session record plus a checkpoint) when the session's policy says so, or at
-    /// the next save, pause, passivation or shutdown.
-    RecordStep {
-        /// The orchestrator's step number.
-        step: u64,
-        /// The state after it.
-        state: StateBytes,
-        /// Receives the checkpoint taken, if the policy took one.
-        reply: RpcReplyPort<Result<Option<CheckpointId>>>,
-    },
-    /// Replace the session's state with a checkpoint's.
-    Rollback {
-        /// The checkpoint (of this session).
-        checkpoint_id: CheckpointId,
-        /// Also delete the checkpoints taken after it on its branch (otherwise they are
-        /// kept, and the next checkpoint on the branch forks from this one).
-        truncate: bool,
-        /// Receives `Ok(())` once the session state is durable.
-        reply: RpcReplyPort<Result<()>>,
-    },
-    /// Delete all but the `keep` newest checkpoints; replies how many were removed.
-    CleanupCheckpoints {
-        /// How many of the newest to keep.
-        keep: usize,
-        /// Receives the number removed.
-        reply: RpcReplyPort<Result<usize>>,
-    },
-    /// Read-modify-write the state atomically with respect to every other request.
-    Update {
-        /// The step to run; a panic in it is caught and reported.
-        update: UpdateFn,
-        /// Receives the new state once it is durable.
-        reply: RpcReplyPort<Result<StateBytes>>,
-    },
-    /// Save `state` (or keep the current one) with a new status, and for a pause, take a
-    /// checkpoint. Replies with the checkpoint of a pause.
-    SetStatus {
-        /// The new status.
-        status: SessionStatus,
-        /// Why (a pause or failure reason).
-        reason: Option<String>,
-        /// The state to save with it; `None` keeps the current state.
-        state: Option<StateBytes>,
-        /// Receives the pause checkpoint (for [`SessionStatus::Paused`]).
-        reply: RpcReplyPort<Result<Option<CheckpointId>>>,
-    },
-    /// Set this session's checkpoint policy (kept in memory for the process's life).
-    SetPolicy {
-        /// The policy.
-        policy: CheckpointPolicy,
-        /// Receives `Ok(())`.
-        reply: RpcReplyPort<Result<()>>,
-    },
-    /// Rewrite this session's records that are at an older schema version.
-    Migrate {
-        /// Receives what was rewritten.
-        reply: RpcReplyPort<Result<MigrationReport>>,
-    },
-    /// Internal: rewrite this session's records under the current encryption key.
-    #[doc(hidden)]
-    Reencrypt {
-        /// Receives how many records were rewritten.
-        reply: RpcReplyPort<Result<usize>>,
-    },
-    /// Delete the session if its last activity is older than `cutoff_ms` (Unix ms).
-    DeleteIfIdle {
-        /// The cutoff.
-        cutoff_ms: u64,
-        /// Receives whether it was deleted.
-        reply: RpcReplyPort<Result<bool>>,
-    },
-    /// Internal: finish this session's delete if one failed part way; replies whether it
-    /// did.
-    #[doc(hidden)]
-    FinishDelete {
-        /// Receives whether a failed delete was finished.
-        reply: RpcReplyPort<Result<bool>>,
-    },
-    /// Internal: the session was claimed by a new owner; this actor (whose references may
-    /// have been handed out under an earlier owner) flushes and stops, and the next
-    /// request gets a fresh one.
-    #[doc(hidden)]
-    Retire {
-        /// Receives `Ok(())` once the mailbox is closed.
-        reply: RpcReplyPort<Result<()>>,
-    },
-    /// Internal: the idle timer's tick.
-    #[doc(hidden)]
-    IdleCheck,
-    /// Internal: the checkpoint policy's timer tick.
-    #[doc(hidden)]
-    TimeCheck,
-}
+pub(crate) use msg::InternalMsg;
+pub use msg::{Internal, SessionMsg, UpdateFn};
 
 pub(crate) struct SessionActor;
 
@@ -212,7 +89,7 @@ impl Actor for SessionActor {
     ) -> Result<SessionState, ActorProcessingErr> {
         let idle = args.shared.config.idle_timeout;
         let tick = (idle / 2).max(Duration::from_millis(10));
-        let idle_timer = Some(myself.send_interval(tick, || SessionMsg::IdleCheck));
+        let idle_timer = Some(myself.send_interval(tick, || InternalMsg::IdleCheck.into()));
         let policy = lock(&args.shared.store.policies)
             .get(&args.sid)
             .cloned()
@@ -261,7 +138,7 @@ impl Actor for SessionActor {
         msg: SessionMsg,
         st: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
-        if !matches!(msg, SessionMsg::IdleCheck | SessionMsg::TimeCheck) {
+        if !matches!(msg, SessionMsg::Internal(Internal(InternalMsg::IdleCheck | InternalMsg::TimeCheck))) {
             st.last_activity = Instant::now();
         }
         match msg {
@@ -302,25 +179,32 @@ impl Actor for SessionActor {
             SessionMsg::Migrate { reply } => {
                 let _ = reply.send(st.migrate().await);
             }
-            SessionMsg::Reencrypt { reply } => {
-                let sid = st.sid.clone();
-                let r =
-                    storage::run(&st.shared.storage, move |store| async move { store.reencrypt_session(&sid).await })
-                        .await;
-                let _ = reply.send(r);
-            }
             SessionMsg::DeleteIfIdle { cutoff_ms, reply } => {
                 let _ = reply.send(st.delete_if_idle(cutoff_ms).await);
             }
-            SessionMsg::FinishDelete { reply } => {
+            SessionMsg::Internal(Internal(msg)) => st.handle_internal(&myself, msg).await,
+        }
+        Ok(())
+    }
+}
+
+impl SessionState {
+    async fn handle_internal(&mut self, myself: &ActorRef<SessionMsg>, msg: InternalMsg) {
+        let st = self;
+        match msg {
+            InternalMsg::Reencrypt { reply } => {
+                let sid = st.sid.clone();
+                let _ = reply.send(st.io(move |store| async move { store.reencrypt_session(&sid).await }).await);
+            }
+            InternalMsg::FinishDelete { reply } => {
                 let r = if st.shared.store.is_deleting(&st.sid) { st.delete().await.map(|_| true) } else { Ok(false) };
                 let _ = reply.send(r);
             }
-            SessionMsg::Retire { reply } => {
-                let r = if st.passivating { Ok(()) } else { st.passivate(&myself).await };
+            InternalMsg::Retire { reply } => {
+                let r = if st.passivating { Ok(()) } else { st.passivate(myself).await };
                 let _ = reply.send(r);
             }
-            SessionMsg::TimeCheck => {
+            InternalMsg::TimeCheck => {
                 let due = st.policy.every.is_some_and(|every| st.last_checkpoint_at.elapsed() >= every);
                 if st.dirty
                     && due
@@ -329,20 +213,28 @@ impl Actor for SessionActor {
                     warn!(session = %st.sid, error = %e, "time-based checkpoint failed; retrying at the next tick");
                 }
             }
-            SessionMsg::IdleCheck => {
+            InternalMsg::IdleCheck => {
                 if !st.passivating
                     && st.last_activity.elapsed() >= st.shared.config.idle_timeout
-                    && let Err(e) = st.passivate(&myself).await
+                    && let Err(e) = st.passivate(myself).await
                 {
                     warn!(session = %st.sid, error = %e, "flush before passivation failed; staying alive");
                 }
             }
         }
-        Ok(())
     }
-}
 
-impl SessionState {
+    /// Runs `job` on the storage actor and waits for it: every record I/O of this actor
+    /// goes through here, one at a time.
+    async fn io<T, F, Fut>(&self, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Store>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        storage::run(&self.shared.storage, job).await
+    }
+
     /// Replaces what this actor knows of the state and publishes it to the store's hot
     /// map, which serves loads of live sessions without a message to this actor. Called
     /// before any reply, so a caller that saw a write acknowledged reads it (or newer).
@@ -402,7 +294,7 @@ impl SessionState {
         if let Some(every) = policy.every {
             // Tick often enough that a checkpoint is never much later than `every`.
             let tick = (every / 4).max(Duration::from_millis(5));
-            self.policy_timer = Some(myself.send_interval(tick, || SessionMsg::TimeCheck));
+            self.policy_timer = Some(myself.send_interval(tick, || InternalMsg::TimeCheck.into()));
         }
         self.policy = policy;
     }
@@ -411,24 +303,21 @@ impl SessionState {
     async fn current(&mut self) -> Result<&mut Current> {
         if self.current.is_none() {
             let sid = self.sid.clone();
-            let loaded = storage::run(&self.shared.storage, move |store| async move {
-                Ok(store.load_session(&sid).await?.map(|d| match d.head.clone() {
-                    RecordHead::Session { saved_at, meta, .. } => (d, saved_at, meta),
-                    RecordHead::Checkpoint { timestamp, .. } => (d, timestamp, SessionMeta::default()),
-                }))
-            })
-            .await?;
+            let loaded = self
+                .io(move |store| async move {
+                    Ok(store.load_session(&sid).await?.map(|d| match d.head.clone() {
+                        RecordHead::Session { saved_at, meta, .. } => (d, saved_at, meta),
+                        RecordHead::Checkpoint { timestamp, .. } => (d, timestamp, SessionMeta::default()),
+                    }))
+                })
+                .await?;
             let current = match loaded {
                 Some((d, saved_at, mut meta)) => {
-                    let migrated = self.shared.config.migrations.upgrade(&self.sid, meta.schema, d.data())?;
-                    let state = match migrated {
-                        Some(bytes) => {
-                            meta.schema = self.shared.config.migrations.current;
-                            StateBytes::from_slice(&bytes)
-                        }
-                        None => StateBytes::from_slice(d.data()),
-                    };
-                    Current { state: Some(state), saved_at, meta }
+                    let state = self.shared.config.migrations.state_of(&self.sid, &d)?;
+                    if state.migrated {
+                        meta.schema = self.shared.config.migrations.current;
+                    }
+                    Current { state: Some(state.state), saved_at, meta }
                 }
                 None => Current {
                     state: None,
@@ -468,10 +357,7 @@ impl SessionState {
         let sid = self.sid.clone();
         let at = self.shared.store.clock.now_ms();
         let (data, m) = (state.clone(), meta.clone());
-        let r = storage::run(&self.shared.storage, move |store| async move {
-            store.save_session(&sid, data.as_bytes(), at, m).await
-        })
-        .await;
+        let r = self.io(move |store| async move { store.save_session(&sid, data.as_bytes(), at, m).await }).await;
         match r {
             Ok(()) => {
                 self.set_current(Some(Current { state: Some(state), saved_at: at, meta }));
@@ -525,196 +411,14 @@ impl SessionState {
         self.heads.clear();
         self.last_clock = None;
         self.last_checkpoint_step = None;
-        let existed =
-            storage::run(&self.shared.storage, move |store| async move { store.delete_session(&sid).await }).await?;
+        let existed = self.io(move |store| async move { store.delete_session(&sid).await }).await?;
         self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
         self.shared.store.emit_as(&self.sid, EventKind::Deleted, access);
         Ok(existed || in_memory)
     }
+}
 
-    fn next_clock(&mut self) -> u64 {
-        let last = *self.last_clock.get_or_insert_with(|| {
-            let idx = self.shared.store.index();
-            idx.sessions.get(&self.sid).and_then(|e| e.checkpoints.keys().next_back()).map(|c| c.clock()).unwrap_or(0)
-        });
-        // A hybrid logical clock: wall-clock milliseconds in the high bits, a counter in
-        // the low 16, never going backwards: ids stay ordered even within a millisecond.
-        let next = (self.shared.store.clock.now_ms() << 16).max(last + 1);
-        self.last_clock = Some(next);
-        next
-    }
-
-    /// The newest checkpoint on `branch` (the parent of the next one there).
-    fn head(&mut self, branch: &BranchId) -> Option<CheckpointId> {
-        self.heads
-            .entry(branch.clone())
-            .or_insert_with(|| {
-                let idx = self.shared.store.index();
-                idx.sessions.get(&self.sid).and_then(|e| {
-                    e.checkpoints.iter().rev().find(|(_, c)| &c.branch_id == branch).map(|(id, _)| id.clone())
-                })
-            })
-            .clone()
-    }
-
-    async fn checkpoint(
-        &mut self,
-        branch: BranchId,
-        state: StateBytes,
-        reason: CheckpointReason,
-        step: Option<u64>,
-    ) -> Result<CheckpointId> {
-        self.check_size(&state)?;
-        self.settle_delete().await?;
-        let clock = self.next_clock();
-        let cid = CheckpointId::generate(clock);
-        if !self.heads.contains_key(&branch) {
-            let fork = match self.current().await {
-                Ok(c) => c.meta.fork.clone(),
-                Err(_) => None,
-            };
-            let newest = self.head(&branch);
-            let head = match fork {
-                Some(f) if f.branch == branch && newest.as_ref().is_none_or(|n| n.clock() < f.clock) => {
-                    Some(f.checkpoint)
-                }
-                _ => newest,
-            };
-            self.heads.insert(branch.clone(), head);
-        }
-        let meta =
-            CheckpointMeta { schema: self.shared.config.migrations.current, reason, step, parent: self.head(&branch) };
-        let (sid, id, b) = (self.sid.clone(), cid.clone(), branch.clone());
-        storage::run(&self.shared.storage, move |store| async move {
-            store.put_checkpoint(&sid, &id, &b, clock >> 16, meta, state.as_bytes()).await
-        })
-        .await?;
-        self.heads.insert(branch, Some(cid.clone()));
-        self.last_checkpoint_at = Instant::now();
-        if step.is_some() {
-            self.last_checkpoint_step = step;
-        }
-        self.shared.store.emit(&self.sid, EventKind::Checkpointed { id: cid.clone(), reason, step });
-        Ok(cid)
-    }
-
-    /// Makes recorded steps durable: the session record, then a checkpoint of it.
-    async fn flush(&mut self, reason: CheckpointReason) -> Result<Option<CheckpointId>> {
-        let Some(state) = self.current.as_ref().and_then(|c| c.state.clone()) else { return Ok(None) };
-        let step = self.current.as_ref().and_then(|c| c.meta.step);
-        self.save_with(state.clone(), |_| {}).await?;
-        let branch = self.policy.branch.clone();
-        self.checkpoint(branch, state, reason, step).await.map(Some)
-    }
-
-    async fn record_step(&mut self, step: u64, state: StateBytes) -> Result<Option<CheckpointId>> {
-        self.check_size(&state)?;
-        self.settle_delete().await?;
-        let now = self.shared.store.clock.now_ms();
-        let current = match self.current().await {
-            Ok(c) => c,
-            Err(StateError::Corrupt { .. }) => {
-                self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
-                self.current().await?
-            }
-            Err(e) => return Err(e),
-        };
-        let was_paused = current.meta.status == SessionStatus::Paused;
-        current.state = Some(state);
-        current.meta.step = Some(step);
-        if current.meta.status != SessionStatus::Running {
-            // Recording a step resumes the run, as resume_session would.
-            current.meta.status = SessionStatus::Running;
-            current.meta.reason = None;
-            current.meta.status_at = Some(now);
-        }
-        if was_paused {
-            // Recording a step resumes a paused run; say so.
-            self.shared.store.emit(&self.sid, EventKind::Resumed);
-        }
-        self.dirty = true;
-        self.publish();
-        let due = self.policy.every_steps.is_some_and(|n| match self.last_checkpoint_step {
-            // A step below the last checkpoint's: the run was restarted; count from zero.
-            Some(last) if step >= last => step >= last.saturating_add(n),
-            _ => step >= n,
-        });
-        if due { self.flush(CheckpointReason::Steps).await } else { Ok(None) }
-    }
-
-    async fn rollback(&mut self, cid: CheckpointId, truncate: bool) -> Result<()> {
-        self.settle_delete().await?;
-        let (sid, id) = (self.sid.clone(), cid.clone());
-        let cp = storage::run(&self.shared.storage, move |store| async move { store.load_checkpoint(&sid, &id).await })
-            .await?
-            .ok_or_else(|| StateError::CheckpointNotFound { id: cid.to_string() })?;
-        let RecordHead::Checkpoint { branch_id, meta, .. } = cp.head.clone() else {
-            return Err(StateError::corrupt(&cid, "not a checkpoint record"));
-        };
-        let data = match self.shared.config.migrations.upgrade(&self.sid, meta.schema, cp.data())? {
-            Some(bytes) => StateBytes::from_slice(&bytes),
-            None => StateBytes::from_slice(cp.data()),
-        };
-        let fork = Fork { branch: branch_id.clone(), checkpoint: cid.clone(), clock: self.next_clock() };
-        self.save_with(data, |m| {
-            m.step = meta.step;
-            m.status = SessionStatus::Running;
-            m.fork = Some(fork);
-        })
-        .await?;
-        if truncate {
-            let later: Vec<CheckpointId> = {
-                let idx = self.shared.store.index();
-                idx.sessions
-                    .get(&self.sid)
-                    .map(|e| e.checkpoints.range(cid.clone()..).skip(1).filter(|(_, c)| c.branch_id == branch_id))
-                    .into_iter()
-                    .flatten()
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            };
-            let sid = self.sid.clone();
-            storage::run(&self.shared.storage, move |store| async move {
-                // Newest first: a crash midway leaves a shorter branch, never a gap.
-                for id in later.iter().rev() {
-                    store.delete_checkpoint(&sid, id).await?;
-                }
-                Ok(())
-            })
-            .await?;
-        }
-        // The branch continues (forks) from here.
-        self.heads.insert(branch_id, Some(cid.clone()));
-        self.last_checkpoint_step = meta.step;
-        self.shared.store.emit(&self.sid, EventKind::RolledBack { to: cid });
-        Ok(())
-    }
-
-    async fn cleanup(&mut self, keep: usize) -> Result<usize> {
-        let doomed: Vec<CheckpointId> = {
-            let idx = self.shared.store.index();
-            idx.sessions
-                .get(&self.sid)
-                .map(|e| {
-                    let n = e.checkpoints.len().saturating_sub(keep);
-                    e.checkpoints.keys().take(n).cloned().collect()
-                })
-                .unwrap_or_default()
-        };
-        let sid = self.sid.clone();
-        storage::run(&self.shared.storage, move |store| async move {
-            let mut removed = 0;
-            for cid in doomed {
-                // Each delete is durable before the next; a crash leaves a prefix removed.
-                if store.delete_checkpoint(&sid, &cid).await? {
-                    removed += 1;
-                }
-            }
-            Ok(removed)
-        })
-        .await
-    }
-
+impl SessionState {
     async fn update(&mut self, update: UpdateFn) -> Result<StateBytes> {
         self.settle_delete().await?;
         let old = self.load().await?;
@@ -783,18 +487,16 @@ impl SessionState {
         let mut report = MigrationReport::default();
         let current = self.shared.config.migrations.current;
         let sid = self.sid.clone();
-        let on_disk =
-            storage::run(&self.shared.storage, move |store| async move { store.load_session(&sid).await }).await?;
+        let on_disk = self.io(move |store| async move { store.load_session(&sid).await }).await?;
         if let Some(d) = on_disk
             && let RecordHead::Session { saved_at, mut meta, .. } = d.head.clone()
-            && let Some(bytes) = self.shared.config.migrations.upgrade(&self.sid, meta.schema, d.data())?
+            && let migrated = self.shared.config.migrations.state_of(&self.sid, &d)?
+            && migrated.migrated
         {
             meta.schema = current;
             let (sid, m) = (self.sid.clone(), meta.clone());
-            storage::run(&self.shared.storage, move |store| async move {
-                store.save_session(&sid, &bytes, saved_at, m).await
-            })
-            .await?;
+            self.io(move |store| async move { store.save_session(&sid, migrated.state.as_bytes(), saved_at, m).await })
+                .await?;
             // The cache holds the migrated state or newer recorded steps: keep it then.
             if !self.dirty {
                 self.set_current(None);
@@ -807,20 +509,18 @@ impl SessionState {
         };
         for cid in ids {
             let (sid, id) = (self.sid.clone(), cid.clone());
-            let Some(d) =
-                storage::run(&self.shared.storage, move |store| async move { store.load_checkpoint(&sid, &id).await })
-                    .await?
-            else {
+            let Some(d) = self.io(move |store| async move { store.load_checkpoint(&sid, &id).await }).await? else {
                 continue;
             };
             let RecordHead::Checkpoint { branch_id, timestamp, mut meta, .. } = d.head.clone() else { continue };
-            let Some(bytes) = self.shared.config.migrations.upgrade(&self.sid, meta.schema, d.data())? else {
+            let migrated = self.shared.config.migrations.state_of(&self.sid, &d)?;
+            if !migrated.migrated {
                 continue;
-            };
+            }
             meta.schema = current;
             let sid = self.sid.clone();
-            storage::run(&self.shared.storage, move |store| async move {
-                store.put_checkpoint(&sid, &cid, &branch_id, timestamp, meta, &bytes).await
+            self.io(move |store| async move {
+                store.put_checkpoint(&sid, &cid, &branch_id, timestamp, meta, migrated.state.as_bytes()).await
             })
             .await?;
             report.checkpoints += 1;

@@ -1,0 +1,316 @@
+//! [`StateManagerBuilder`]: the settings of a manager, and `start`, which opens the store
+//! (finding or adding the encryption layer) and spawns the supervisor.
+//! Owns the builder and the checks of its settings. Calls the codec (record format), the
+//! crypto middleware (layer and key ring), the store (`Store::open`, its metadata) and the
+//! supervisor; once started, hands everything to the [`StateManager`] handle.
+
+use std::sync::Arc;
+#[cfg(feature = "encryption")]
+use std::sync::Weak;
+use std::time::Duration;
+
+use ractor::Actor;
+use serde_json::Value;
+
+use super::{Inner, StateManager};
+use crate::access::AccessControlLayer;
+use crate::actor::Config;
+use crate::actor::supervisor::{SupervisorActor, SupervisorArgs};
+use crate::backend::StorageBackend;
+use crate::config::{CheckpointPolicy, Migrations, RetentionPolicy};
+use crate::error::{BoxError, Result, StateError};
+#[cfg(feature = "encryption")]
+use crate::middleware::crypto::{
+    Encrypted, EncryptionKey, EncryptionLayer, FoundLayer, KeyRing, KeySource, Passphrase,
+};
+#[cfg(feature = "encryption")]
+use crate::store;
+use crate::store::Store;
+use crate::store::codec::{Codec, Compression};
+
+/// Configures and starts a [`StateManager`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+/// use std::time::Duration;
+/// use mars_state::{MemoryStorageBackend, RetentionPolicy, StateManager};
+///
+/// let manager = StateManager::builder(MemoryStorageBackend::new())
+///     .compression(6)
+///     .idle_timeout(Duration::from_secs(30))
+///     .retention(RetentionPolicy { keep_checkpoints: Some(10), ..Default::default() })
+///     .start()
+///     .await?;
+/// manager.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a builder does nothing until .start() is awaited"]
+pub struct StateManagerBuilder {
+    backend: Arc<dyn StorageBackend>,
+    compression: Option<u32>,
+    config: Config,
+    access: Option<AccessControlLayer>,
+    #[cfg(feature = "encryption")]
+    encryption: Option<(KeySource, Vec<KeySource>)>,
+    /// The encryption layer of a backend given already encrypted (an
+    /// `EncryptedFileStorageBackend`), and the backend below it.
+    #[cfg(feature = "encryption")]
+    layer: Option<FoundLayer>,
+}
+
+#[cfg(feature = "encryption")]
+type EncryptedBackend = Encrypted<Arc<dyn StorageBackend>>;
+
+impl StateManagerBuilder {
+    /// A builder over `backend` with the default settings (see
+    /// [`StateManager::builder`]).
+    pub(super) fn new(backend: impl StorageBackend) -> Self {
+        let backend = Arc::new(backend);
+        // An encrypted backend (an `EncryptedFileStorageBackend`) is recognised here, while
+        // its type is known, so the store is opened as encrypted.
+        #[cfg(feature = "encryption")]
+        let layer = crate::middleware::crypto::find_layer(&(backend.clone() as Arc<dyn std::any::Any + Send + Sync>));
+        StateManagerBuilder {
+            backend,
+            #[cfg(feature = "encryption")]
+            layer,
+            compression: None,
+            access: None,
+            #[cfg(feature = "encryption")]
+            encryption: None,
+            config: Config {
+                idle_timeout: Duration::from_secs(60),
+                call_timeout: Duration::from_secs(30),
+                max_state_bytes: 64 * 1024 * 1024,
+                janitor_interval: Some(Duration::from_secs(600)),
+                retention: RetentionPolicy::default(),
+                migrations: Migrations { current: 1, steps: Default::default() },
+                checkpoint_policy: CheckpointPolicy::default(),
+            },
+        }
+    }
+
+    /// Stores records gzipped at `level` (1 = fastest … 9 = smallest).
+    ///
+    /// This decides the format of a new store. A store keeps the format it was created
+    /// with, so all its records have one format and one file-name ending (`.json`, or
+    /// `.json.gz` that `zcat | jq` reads), and it opens whatever this is set to: a gzip
+    /// store opened without `compression` gzips new records at level 6, one opened at
+    /// another level uses that level, and a plain store opened with `compression` stays
+    /// plain JSON (both logged at `info`). Every record reads back either way.
+    pub fn compression(mut self, level: u32) -> Self {
+        self.compression = Some(level);
+        self
+    }
+
+    /// How long a session actor may sit idle before it is passivated (default 60 s). Its
+    /// cached state is dropped; the next request respawns it and reads from storage.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for its session actor's reply (default 30 s). A call that
+    /// times out returns [`StateError::Timeout`]: its outcome is unknown.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.config.call_timeout = timeout;
+        self
+    }
+
+    /// Largest serialized state accepted, in bytes (default 64 MiB). Larger states are
+    /// rejected with [`StateError::TooLarge`] before anything is written.
+    pub fn max_state_bytes(mut self, limit: usize) -> Self {
+        self.config.max_state_bytes = limit;
+        self
+    }
+
+    /// How often the janitor runs (default every 10 minutes).
+    pub fn janitor_interval(mut self, every: Duration) -> Self {
+        self.config.janitor_interval = Some(every);
+        self
+    }
+
+    /// Access control settings (administrators) for handles from
+    /// [`StateManager::for_principal`]. Access control is always on for such handles; this
+    /// only names administrators.
+    pub fn access_control(mut self, layer: AccessControlLayer) -> Self {
+        self.access = Some(layer);
+        self
+    }
+
+    /// Encrypts every record, the index and access records at rest with `key`
+    /// (XChaCha20-Poly1305; see [`middleware::crypto`](crate::middleware::crypto) for what
+    /// stays visible). A wrong key is [`StateError::WrongKey`] at start. A store keeps the
+    /// encryption setting it was created with.
+    ///
+    /// Giving the builder an [`EncryptedFileStorageBackend`](crate::EncryptedFileStorageBackend)
+    /// instead is the same: the manager finds its encryption layer and uses it (key
+    /// rotation included), and a store made one way opens the other way. Such a backend is
+    /// encrypted already, so adding a key here as well is a [`StateError::Config`] error at
+    /// [`start`](Self::start) rather than a store encrypted twice.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{EncryptionKey, MemoryStorageBackend, StateManager};
+    /// let manager = StateManager::builder(MemoryStorageBackend::new())
+    ///     .encryption_key(EncryptionKey::from_bytes([7; 32]))
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "encryption")]
+    pub fn encryption_key(mut self, key: EncryptionKey) -> Self {
+        self.encryption = Some((key.into(), Vec::new()));
+        self
+    }
+
+    /// Like [`encryption_key`](Self::encryption_key), with a key stretched from
+    /// `passphrase` by Argon2id (salt and costs are kept in the store's metadata).
+    #[cfg(feature = "encryption")]
+    pub fn encryption_passphrase(mut self, passphrase: impl Into<String>) -> Self {
+        self.encryption = Some((Passphrase::new(passphrase).into(), Vec::new()));
+        self
+    }
+
+    /// A key the store used before [`rotate_key`](StateManager::rotate_key): records still
+    /// sealed under it stay readable. Needed only to finish a rotation that was cut off.
+    #[cfg(feature = "encryption")]
+    pub fn previous_encryption_key(mut self, key: impl Into<KeySource>) -> Self {
+        if let Some((_, previous)) = &mut self.encryption {
+            previous.push(key.into());
+        }
+        self
+    }
+
+    /// The checkpoint policy of every session unless
+    /// [`set_checkpoint_policy`](StateManager::set_checkpoint_policy) says otherwise
+    /// (default: on demand).
+    pub fn checkpoint_policy(mut self, policy: CheckpointPolicy) -> Self {
+        self.config.checkpoint_policy = policy;
+        self
+    }
+
+    /// The application's schema version of its states (default 1). Every record stores
+    /// the version it was written at; older ones are brought up to date on load through
+    /// the [`migration`](Self::migration)s registered.
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.config.migrations.current = version;
+        self
+    }
+
+    /// Registers the step that turns a state at version `from` into one at `from + 1`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{MemoryStorageBackend, StateManager};
+    /// let manager = StateManager::builder(MemoryStorageBackend::new())
+    ///     .schema_version(2)
+    ///     .migration(1, |mut v| {
+    ///         // v2 renamed "msgs" to "messages".
+    ///         if let Some(m) = v.as_object_mut().and_then(|o| o.remove("msgs")) {
+    ///             v["messages"] = m;
+    ///         }
+    ///         Ok(v)
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn migration(
+        mut self,
+        from: u32,
+        step: impl Fn(Value) -> std::result::Result<Value, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.config.migrations.steps.insert(from, Arc::new(step));
+        self
+    }
+
+    /// The retention policy the janitor enforces (default: keep everything).
+    pub fn retention(mut self, policy: RetentionPolicy) -> Self {
+        self.config.retention = policy;
+        self
+    }
+
+    /// Opens the store (checks its format, sweeps staged files, loads and reconciles the
+    /// index, finishes interrupted deletes) and starts the actors.
+    pub async fn start(self) -> Result<StateManager> {
+        let compression = match self.compression {
+            None => Compression::None,
+            Some(level) => Compression::gzip(level)?,
+        };
+        if self.config.idle_timeout.is_zero() || self.config.call_timeout.is_zero() {
+            return Err(StateError::Config { message: "timeouts must be greater than zero".into() });
+        }
+        if self.config.janitor_interval.is_some_and(|d| d.is_zero()) {
+            return Err(StateError::Config { message: "the janitor interval must be greater than zero".into() });
+        }
+        // The envelope adds well under 1 KiB to the state.
+        let max_record = self.config.max_state_bytes.saturating_add(64 * 1024);
+        #[allow(unused_mut)]
+        let mut codec = Codec { compression, encrypted: false, max_record };
+        #[allow(unused_mut)]
+        let mut backend = self.backend;
+        #[allow(unused_mut)]
+        let mut below = None;
+        #[cfg(feature = "encryption")]
+        let mut crypt: Weak<dyn KeyRing> = Weak::<EncryptedBackend>::new();
+        #[cfg(feature = "encryption")]
+        match (self.layer, self.encryption) {
+            (Some(_), Some(_)) => {
+                return Err(StateError::Config {
+                    message: "the backend is encrypted already (an EncryptedFileStorageBackend); give the key \
+                              there or to the builder, not both"
+                        .into(),
+                });
+            }
+            // A backend given encrypted: the same store as with `encryption_key`.
+            (Some((layer, under)), None) => {
+                codec.encrypted = true;
+                if let Some(meta) = store::read_store_meta(under.as_ref()).await?
+                    && !meta.encrypted()
+                {
+                    // Made by an earlier version, which did not see this layer: its
+                    // records are sealed but named without `.enc`. Keep reading it so.
+                    tracing::warn!("this encrypted store was created without .enc record names; it keeps them");
+                    codec.encrypted = false;
+                }
+                crypt = Arc::downgrade(&layer);
+                below = Some(under);
+            }
+            (None, Some((current, previous))) => {
+                codec.encrypted = true;
+                // Check the store's settings before the layer writes its key metadata, so an
+                // unencrypted store is refused untouched.
+                if let Some(meta) = store::read_store_meta(backend.as_ref()).await? {
+                    meta.check(&codec)?;
+                }
+                let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
+                below = Some(backend.clone());
+                let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
+                let keys: Arc<dyn KeyRing> = encrypted.clone();
+                crypt = Arc::downgrade(&keys);
+                backend = encrypted;
+            }
+            (None, None) => {}
+        }
+        let store = Arc::new(
+            Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default(), below).await?,
+        );
+        let config = Arc::new(self.config);
+        let (supervisor, _) =
+            Actor::spawn(None, SupervisorActor, SupervisorArgs { store: store.clone(), config: config.clone() })
+                .await
+                .map_err(|e| StateError::unavailable(format!("could not start the supervisor: {e}")))?;
+        Ok(StateManager {
+            inner: Arc::new(Inner {
+                supervisor,
+                store: Arc::downgrade(&store),
+                config,
+                #[cfg(feature = "encryption")]
+                crypt,
+            }),
+            principal: None,
+        })
+    }
+}
