@@ -144,7 +144,7 @@ pub(crate) async fn remove_idle_sessions(
             continue;
         }
         let timeout = shared.config.call_timeout.max(Duration::from_secs(1));
-        if call_session(supervisor, &shared.store.actors, timeout, Operation::DeleteIfIdle, &sid, |reply| {
+        if call_session(supervisor, &shared.rt.actors, timeout, Operation::DeleteIfIdle, &sid, |reply| {
             SessionMsg::DeleteIfIdle { cutoff_ms, reply }
         })
         .await?

@@ -1,8 +1,9 @@
 //! The actor topology: a supervisor, one actor per session, a storage actor and a janitor.
-//! Owns the actors, their messages, the directory of live session actors, the malloc-trim
-//! policy (`trim.rs`), and the one mapping of ractor's errors to [`StateError`] ([`ask`],
+//! Owns the actors, their messages, the runtime's live state ([`Runtime`]: hot map, events,
+//! run-time policies, the directory of live session actors), the malloc-trim policy
+//! (`trim.rs`), and the one mapping of ractor's errors to [`StateError`] ([`ask`],
 //! [`call_session`]). The actors call the store for records (only through the storage
-//! actor), the index, the hot map and events; they never call the handle.
+//! actor) and the index; they never call the handle.
 //!
 //! ```text
 //! StateManager ──Get──▶ SupervisorActor ──spawns/links──▶ SessionActor (one per session id)
@@ -24,11 +25,13 @@ use crate::store::Store;
 use crate::types::SessionId;
 
 pub(crate) mod janitor;
+mod runtime;
 pub(crate) mod session;
 pub(crate) mod storage;
 pub(crate) mod supervisor;
 mod trim;
 
+pub(crate) use runtime::Runtime;
 use session::SessionMsg;
 
 /// Settings shared by the actors.
@@ -47,6 +50,8 @@ pub(crate) struct Config {
 #[derive(Debug, Clone)]
 pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
+    /// The live state (hot map, events, policies, directory) over the same store.
+    pub(crate) rt: Arc<Runtime>,
     pub(crate) storage: ActorRef<storage::StorageMsg>,
     pub(crate) config: Arc<Config>,
 }

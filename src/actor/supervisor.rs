@@ -69,6 +69,7 @@ pub(crate) struct SupervisorState {
 /// Arguments: the opened store and the settings; the supervisor spawns the rest.
 pub(crate) struct SupervisorArgs {
     pub(crate) store: Arc<Store>,
+    pub(crate) rt: Arc<super::Runtime>,
     pub(crate) config: Arc<Config>,
 }
 
@@ -84,7 +85,7 @@ impl SupervisorState {
             .map_err(|e| StateError::unavailable(format!("could not start a session actor: {e}")))?;
         self.sessions.insert(sid.clone(), Slot::Live(actor.clone()));
         self.by_actor.insert(actor.get_id(), sid.clone());
-        self.shared.store.actors.insert(sid, &actor);
+        self.shared.rt.actors.insert(sid, &actor);
         self.memory.on_spawn(self.sessions.len());
         Ok(actor)
     }
@@ -117,7 +118,7 @@ impl Actor for SupervisorActor {
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let (storage, _) = Actor::spawn_linked(None, StorageActor, args.store.clone(), myself.get_cell()).await?;
-        let shared = Shared { store: args.store, storage, config: args.config };
+        let shared = Shared { store: args.store, rt: args.rt, storage, config: args.config };
         let janitor =
             Some(Actor::spawn_linked(None, JanitorActor, (shared.clone(), myself.clone()), myself.get_cell()).await?.0);
         Ok(SupervisorState {
@@ -262,8 +263,8 @@ impl Actor for SupervisorActor {
         }
         let Some(sid) = st.by_actor.remove(&id) else { return Ok(()) };
         // Whatever the actor published is no longer backed by a live writer.
-        st.shared.store.publish(&sid, None);
-        st.shared.store.actors.remove(&sid, id);
+        st.shared.rt.publish(&sid, None);
+        st.shared.rt.actors.remove(&sid, id);
         if let Some(err) = &failure {
             error!(session = %sid, error = %err, "session actor failed; it is restarted on next use");
         }

@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use super::{Inner, StateManager};
 use crate::access::AccessControlLayer;
-use crate::actor::Config;
 use crate::actor::supervisor::{SupervisorActor, SupervisorArgs};
+use crate::actor::{Config, Runtime};
 use crate::backend::StorageBackend;
 use crate::config::{CheckpointPolicy, Migrations, RetentionPolicy};
 use crate::error::{BoxError, Result, StateError};
@@ -297,15 +297,17 @@ impl StateManagerBuilder {
         let store = Arc::new(
             Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default(), below).await?,
         );
+        let rt = Arc::new(Runtime::new(store.clone()));
         let config = Arc::new(self.config);
-        let (supervisor, _) =
-            Actor::spawn(None, SupervisorActor, SupervisorArgs { store: store.clone(), config: config.clone() })
-                .await
-                .map_err(|e| StateError::unavailable(format!("could not start the supervisor: {e}")))?;
+        let args = SupervisorArgs { store: store.clone(), rt: rt.clone(), config: config.clone() };
+        let (supervisor, _) = Actor::spawn(None, SupervisorActor, args)
+            .await
+            .map_err(|e| StateError::unavailable(format!("could not start the supervisor: {e}")))?;
         Ok(StateManager {
             inner: Arc::new(Inner {
                 supervisor,
                 store: Arc::downgrade(&store),
+                rt: Arc::downgrade(&rt),
                 config,
                 #[cfg(feature = "encryption")]
                 crypt,

@@ -46,7 +46,7 @@ impl StateManager {
     pub(super) async fn load_state(&self, cx: &Ctx<'_>) -> Result<Option<StateBytes>> {
         let (store, sid) = (&cx.store, &cx.sid);
         // A live session's actor publishes its state: no message needed.
-        if let Some(state) = store.hot(sid) {
+        if let Some(state) = cx.rt.hot(sid) {
             return Ok(state);
         }
         // Cold: read the record in this task, without spawning an actor. A miss in the hot
@@ -75,11 +75,11 @@ impl StateManager {
         // both are `Store::load_session`. A record at another schema version (migration
         // runs user code, in the actor) or anything unexpected goes through the actor.
         let Some(d) = store.load_session(sid).await? else {
-            return Ok(store.hot(sid).unwrap_or(None));
+            return Ok(cx.rt.hot(sid).unwrap_or(None));
         };
         match &d.head {
             RecordHead::Session { meta, .. } if meta.schema == self.inner.config.migrations.current => {
-                Ok(store.hot(sid).unwrap_or_else(|| Some(StateBytes::from_slice(d.data()))))
+                Ok(cx.rt.hot(sid).unwrap_or_else(|| Some(StateBytes::from_slice(d.data()))))
             }
             _ => cx.call(|reply| SessionMsg::Load { reply }).await,
         }

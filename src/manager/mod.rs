@@ -18,7 +18,7 @@ use crate::access::{Access, AccessRecord};
 use crate::actor::janitor::{self, JanitorMsg};
 use crate::actor::session::{InternalMsg, SessionMsg, UpdateFn};
 use crate::actor::supervisor::{self, SupervisorMsg};
-use crate::actor::{self, Config};
+use crate::actor::{self, Config, Runtime};
 use crate::backend::StorageBackend;
 use crate::config::CheckpointPolicy;
 use crate::error::{BoxError, Operation, Result, StateError};
@@ -72,6 +72,8 @@ struct Inner {
     /// Weak: the actors own the store, so once they have stopped it is dropped and the
     /// backend (and its lock) released, even while handles to this manager remain.
     store: Weak<Store>,
+    /// The actors' live state (hot map, events, directory); weak for the same reason.
+    rt: Weak<Runtime>,
     config: Arc<Config>,
     /// The encryption layer under the store, for key rotation (weak for the same reason).
     #[cfg(feature = "encryption")]
@@ -260,7 +262,7 @@ impl StateManager {
     /// ```
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
         let store = self.store()?;
-        let memory_only = store.memory_only_sessions();
+        let memory_only = self.rt()?.memory_only_sessions();
         let mut sessions = store.index().list_sessions(memory_only);
         sessions.retain(|s| self.can_read(&store, &s.session_id));
         Ok(sessions)
@@ -427,7 +429,7 @@ impl StateManager {
     /// ```
     pub async fn get_storage_stats(&self) -> Result<StorageStats> {
         let store = self.store()?;
-        let memory_only = store.memory_only_sessions();
+        let memory_only = self.rt()?.memory_only_sessions();
         let idx = store.index();
         Ok(idx.stats_where(memory_only, |sid| self.can_read(&store, sid)))
     }
@@ -668,14 +670,15 @@ impl StateManager {
             // Checked again at every event: access taken back, or a session that did not
             // exist yet created by someone else, ends the watch (see `Watch`).
             let reader = self.principal.clone().filter(|p| !cx.store.access.is_admin(p));
-            Ok(Watch { rx: cx.store.events.subscribe(), session: Some(cx.sid), reader, denied: false })
+            Ok(Watch { rx: cx.rt.subscribe(), session: Some(cx.sid), reader, denied: false })
         })
         .await
     }
 
     /// Live change events of every session (administrators and the unscoped manager only).
     pub async fn watch_all(&self) -> Result<Watch> {
-        let rx = self.maintenance(Operation::WatchAll)?.events.subscribe();
+        self.maintenance(Operation::WatchAll)?;
+        let rx = self.rt()?.subscribe();
         Ok(Watch { rx, session: None, reader: None, denied: false })
     }
 

@@ -18,7 +18,7 @@ use super::StateManager;
 use crate::access::{AccessRecord, Decision};
 use crate::actor::session::{InternalMsg, SessionMsg};
 use crate::actor::supervisor::{self, SupervisorMsg};
-use crate::actor::{call_session, storage};
+use crate::actor::{Runtime, call_session, storage};
 use crate::error::{Operation, Result, StateError};
 use crate::store::Store;
 use crate::types::{CheckpointId, SessionId, StateBytes};
@@ -46,6 +46,8 @@ pub(super) struct Ctx<'h> {
     pub(super) op: Operation,
     pub(super) sid: SessionId,
     pub(super) store: Arc<Store>,
+    /// The actors' live state (hot map, events, directory).
+    pub(super) rt: Arc<Runtime>,
 }
 
 impl Ctx<'_> {
@@ -101,7 +103,7 @@ impl StateManager {
         let prepared = prepare(&sid).map_err(|e| ser_err(&sid, e))?;
         let run = async {
             self.authorize(op, &sid).await?;
-            let cx = Ctx { handle: self, op, sid: sid.clone(), store: self.store()? };
+            let cx = Ctx { handle: self, op, sid: sid.clone(), store: self.store()?, rt: self.rt()? };
             body(cx, prepared).await
         };
         run.instrument(span).await.map_err(|e| ser_err(&sid, e))
@@ -120,8 +122,8 @@ impl StateManager {
     /// and its access record is made durable before the request goes on.
     async fn authorize(&self, op: Operation, sid: &SessionId) -> Result<()> {
         let Some(p) = &self.principal else { return Ok(()) };
-        let store = self.store()?;
-        match store.access.check(p, op, sid, store.exists(sid), store.clock.now_ms())? {
+        let (store, rt) = (self.store()?, self.rt()?);
+        match store.access.check(p, op, sid, rt.exists(sid), store.clock.now_ms())? {
             Decision::Allow => Ok(()),
             Decision::Claim(record) => {
                 let put = self.put_access(sid, &record).await;
@@ -132,7 +134,7 @@ impl StateManager {
                 // A live actor of this session served it before this claim (under another
                 // owner, since deleted, or none): references to it may have been handed
                 // out. Retire it, so none of them reaches the new owner's session.
-                if store.actors.get(sid).is_some() {
+                if rt.actors.get(sid).is_some() {
                     self.call(Operation::Claim, sid, |reply| InternalMsg::Retire { reply }.into()).await?;
                 }
                 Ok(())
@@ -203,6 +205,11 @@ impl StateManager {
         self.inner.store.upgrade().ok_or_else(|| StateError::unavailable("the state manager is shut down"))
     }
 
+    /// The actors' live state, while the manager runs.
+    pub(super) fn rt(&self) -> Result<Arc<Runtime>> {
+        self.inner.rt.upgrade().ok_or_else(|| StateError::unavailable("the state manager is shut down"))
+    }
+
     /// Sends `sid`'s session actor a message, under the call timeout, for `op`.
     pub(super) async fn call<R: Send + 'static>(
         &self,
@@ -210,7 +217,7 @@ impl StateManager {
         sid: &SessionId,
         build: impl FnOnce(RpcReplyPort<Result<R>>) -> SessionMsg,
     ) -> Result<R> {
-        let store = self.store()?;
-        call_session(&self.inner.supervisor, &store.actors, self.inner.config.call_timeout, op, sid, build).await
+        let rt = self.rt()?;
+        call_session(&self.inner.supervisor, &rt.actors, self.inner.config.call_timeout, op, sid, build).await
     }
 }

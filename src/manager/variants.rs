@@ -113,6 +113,6 @@ impl StateManager {
     /// What the janitor's functions need, with the current storage actor.
     pub(super) async fn shared(&self) -> Result<actor::Shared> {
         let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
-        Ok(actor::Shared { store: self.store()?, storage, config: self.inner.config.clone() })
+        Ok(actor::Shared { store: self.store()?, rt: self.rt()?, storage, config: self.inner.config.clone() })
     }
 }

@@ -19,11 +19,10 @@ use tracing::{debug, info, warn};
 
 use crate::access::{AccessControlLayer, AccessRecord, AccessTable};
 use crate::backend::{StorageBackend, StorageKey};
-use crate::config::CheckpointPolicy;
 use crate::error::{Result, StateError};
-use crate::events::{Envelope, EventKind, StateEvent};
+
 use crate::sync::lock;
-use crate::types::{BranchId, CheckpointId, Clock, SessionId, SessionStatus, StateBytes};
+use crate::types::{BranchId, CheckpointId, Clock, SessionId, SessionStatus};
 
 pub(crate) mod codec;
 mod format;
@@ -56,21 +55,10 @@ pub(crate) struct Store {
     /// One eviction pass at a time (passes triggered by concurrent writes would otherwise
     /// pick the same victims and overshoot).
     evicting: tokio::sync::Mutex<()>,
-    /// Live change events for watchers, each with the access record it was made under.
-    pub(crate) events: tokio::sync::broadcast::Sender<Envelope>,
     /// Sessions whose delete failed part way (its pending marker is still on disk). The
     /// session actor finishes the delete before the session's next write, so an old
     /// marker can never be replayed over a newer save.
     deleting: Mutex<HashSet<SessionId>>,
-    /// The current state of every live session, published by its session actor: loads are
-    /// served from here without a message. `Some(None)`: known to have no state. Sharded to
-    /// keep concurrent loads of different sessions from contending.
-    hot: crate::sync::Sharded<Option<StateBytes>>,
-    /// Per-session checkpoint policies set at run time (in memory: an orchestrator sets
-    /// them again when it resumes a run).
-    pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
-    /// The live session actors (kept by the supervisor), for requests that skip it.
-    pub(crate) actors: crate::actor::Directory,
     /// Serializes access-record writes with their re-encryption (a get and a put), so a
     /// grant made meanwhile is not overwritten by the older record.
     access_writes: tokio::sync::Mutex<()>,
@@ -102,10 +90,6 @@ impl Store {
             clock: Clock::new(),
             access: AccessTable::default(),
             evicting: tokio::sync::Mutex::new(()),
-            events: tokio::sync::broadcast::channel(4096).0,
-            policies: Mutex::new(HashMap::new()),
-            hot: Default::default(),
-            actors: crate::actor::Directory::default(),
             deleting: Mutex::new(HashSet::new()),
             access_writes: tokio::sync::Mutex::new(()),
         };
@@ -197,63 +181,6 @@ impl Store {
     /// `checkpoints/<sid>/<cid><ext>` in this store's record format.
     fn checkpoint_key(&self, sid: &SessionId, cid: &CheckpointId) -> StorageKey {
         keys::checkpoint(sid, cid, self.codec.extension())
-    }
-
-    /// Publishes a live session's state (`None`: unknown, loads go to the actor).
-    pub(crate) fn publish(&self, sid: &SessionId, state: Option<Option<StateBytes>>) {
-        let mut shard = self.hot.shard(sid);
-        match state {
-            // The usual case, a save of a live session: no new key.
-            Some(s) => match shard.get_mut(sid) {
-                Some(slot) => *slot = s,
-                None => {
-                    shard.insert(sid.clone(), s);
-                }
-            },
-            None => {
-                shard.remove(sid);
-            }
-        }
-    }
-
-    /// Sessions whose state lives only in their actor's memory so far (recorded steps not
-    /// yet flushed, and no record or checkpoint yet): they exist, but the index has not
-    /// caught up with them.
-    pub(crate) fn memory_only_sessions(&self) -> Vec<SessionId> {
-        let mut live = self.hot.ids_where(|s| s.is_some());
-        let idx = self.index();
-        live.retain(|sid| !idx.sessions.contains_key(sid));
-        live
-    }
-
-    /// A live session's state, if its actor has published one.
-    pub(crate) fn hot(&self, sid: &SessionId) -> Option<Option<StateBytes>> {
-        self.hot.shard(sid).get(sid).cloned()
-    }
-
-    /// Tells watchers about a change (no one listening is fine), with the session's access
-    /// record as it is now: a watcher sees the event only if that record lets it read.
-    pub(crate) fn emit(&self, sid: &SessionId, kind: EventKind) {
-        // Every save emits: with no watcher, skip the access lookup (the event would be
-        // dropped anyway).
-        if self.events.receiver_count() > 0 {
-            self.emit_as(sid, kind, self.access.shared(sid));
-        }
-    }
-
-    /// Like [`emit`](Self::emit), under an access record taken earlier (a delete's event
-    /// goes to those who could read the session before it was deleted).
-    pub(crate) fn emit_as(&self, sid: &SessionId, kind: EventKind, access: Option<Arc<AccessRecord>>) {
-        let event = StateEvent { session_id: sid.clone(), kind, at: self.clock.now_ms() };
-        let _ = self.events.send(Envelope { event, access });
-    }
-
-    /// Whether anything of `sid` is kept, for access control's "may a first write claim
-    /// it": records (the index), a state only in its actor's memory (recorded steps not
-    /// flushed yet), or a delete that failed part way. Not only what the index has caught
-    /// up with.
-    pub(crate) fn exists(&self, sid: &SessionId) -> bool {
-        self.index().sessions.contains_key(sid) || matches!(self.hot(sid), Some(Some(_))) || self.is_deleting(sid)
     }
 
     /// Persists a session's access record (durably, before the request it guards goes on).

@@ -75,7 +75,7 @@ impl SessionState {
         if step.is_some() {
             self.last_checkpoint_step = step;
         }
-        self.shared.store.emit(&self.sid, EventKind::Checkpointed { id: cid.clone(), reason, step });
+        self.shared.rt.emit(&self.sid, EventKind::Checkpointed { id: cid.clone(), reason, step });
         Ok(cid)
     }
 
@@ -111,7 +111,7 @@ impl SessionState {
         }
         if was_paused {
             // Recording a step resumes a paused run; say so.
-            self.shared.store.emit(&self.sid, EventKind::Resumed);
+            self.shared.rt.emit(&self.sid, EventKind::Resumed);
         }
         self.dirty = true;
         self.publish();
@@ -165,7 +165,7 @@ impl SessionState {
         // The branch continues (forks) from here.
         self.heads.insert(branch_id, Some(cid.clone()));
         self.last_checkpoint_step = meta.step;
-        self.shared.store.emit(&self.sid, EventKind::RolledBack { to: cid });
+        self.shared.rt.emit(&self.sid, EventKind::RolledBack { to: cid });
         Ok(())
     }
 

@@ -90,7 +90,7 @@ impl Actor for SessionActor {
         let idle = args.shared.config.idle_timeout;
         let tick = (idle / 2).max(Duration::from_millis(10));
         let idle_timer = Some(myself.send_interval(tick, || InternalMsg::IdleCheck.into()));
-        let policy = lock(&args.shared.store.policies)
+        let policy = lock(&args.shared.rt.policies)
             .get(&args.sid)
             .cloned()
             .unwrap_or_else(|| args.shared.config.checkpoint_policy.clone());
@@ -128,7 +128,7 @@ impl Actor for SessionActor {
         // read the record (`StateManager::load_session` reads it directly on a miss in the
         // hot map, so unpublishing before the flush would let it return an older state
         // than recorded steps already acknowledged).
-        st.shared.store.publish(&st.sid, None);
+        st.shared.rt.publish(&st.sid, None);
         Ok(())
     }
 
@@ -172,7 +172,7 @@ impl Actor for SessionActor {
                 let _ = reply.send(st.set_status(status, reason, state).await);
             }
             SessionMsg::SetPolicy { policy, reply } => {
-                lock(&st.shared.store.policies).insert(st.sid.clone(), policy.clone());
+                lock(&st.shared.rt.policies).insert(st.sid.clone(), policy.clone());
                 st.set_policy(&myself, policy);
                 let _ = reply.send(Ok(()));
             }
@@ -249,7 +249,7 @@ impl SessionState {
     }
 
     fn publish(&self) {
-        self.shared.store.publish(&self.sid, self.current.as_ref().map(|c| c.state.clone()));
+        self.shared.rt.publish(&self.sid, self.current.as_ref().map(|c| c.state.clone()));
     }
 
     /// Flushes recorded steps and stops this actor (idle, or retired after a new owner
@@ -362,7 +362,7 @@ impl SessionState {
             Ok(()) => {
                 self.set_current(Some(Current { state: Some(state), saved_at: at, meta }));
                 self.dirty = false;
-                self.shared.store.emit(&self.sid, EventKind::Saved);
+                self.shared.rt.emit(&self.sid, EventKind::Saved);
                 Ok(at)
             }
             Err(e) => {
@@ -413,7 +413,7 @@ impl SessionState {
         self.last_checkpoint_step = None;
         let existed = self.io(move |store| async move { store.delete_session(&sid).await }).await?;
         self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
-        self.shared.store.emit_as(&self.sid, EventKind::Deleted, access);
+        self.shared.rt.emit_as(&self.sid, EventKind::Deleted, access);
         Ok(existed || in_memory)
     }
 }
@@ -471,11 +471,11 @@ impl SessionState {
                 let step = self.current.as_ref().and_then(|c| c.meta.step);
                 let branch = self.policy.branch.clone();
                 checkpoint = Some(self.checkpoint(branch, state, CheckpointReason::Pause, step).await?);
-                self.shared.store.emit(&self.sid, EventKind::Paused { reason });
+                self.shared.rt.emit(&self.sid, EventKind::Paused { reason });
             }
-            SessionStatus::Running => self.shared.store.emit(&self.sid, EventKind::Resumed),
-            SessionStatus::Completed => self.shared.store.emit(&self.sid, EventKind::Completed),
-            SessionStatus::Failed => self.shared.store.emit(&self.sid, EventKind::Failed { reason }),
+            SessionStatus::Running => self.shared.rt.emit(&self.sid, EventKind::Resumed),
+            SessionStatus::Completed => self.shared.rt.emit(&self.sid, EventKind::Completed),
+            SessionStatus::Failed => self.shared.rt.emit(&self.sid, EventKind::Failed { reason }),
         }
         Ok(checkpoint)
     }
