@@ -49,7 +49,8 @@ fn raw_durable_write(dir: &Path, bytes: &[u8], i: u64) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let budget = Duration::from_millis(if quick { 600 } else { 3000 });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!("{:<34} {:>12} {:>12} {:>8}", "operation", "mars-state", "raw loop", "ratio");
     for (label, size) in [("1 KB", 1_000), ("100 KB", 100_000), ("1 MB", 1_000_000)] {
         let state = state_of(size);
@@ -64,9 +65,16 @@ fn main() {
         });
 
         let store = dir.path().join("store");
-        let manager = rt.block_on(StateManager::start(FileStorageBackend::new(&store).unwrap())).unwrap();
+        let manager =
+            rt.block_on(StateManager::start(FileStorageBackend::new(&store).unwrap())).unwrap();
         let save = rate(budget, || rt.block_on(manager.save_session("bench", &state)).unwrap());
-        println!("{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x", format!("save {label} (durable)"), save, raw, save / raw);
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x",
+            format!("save {label} (durable)"),
+            save,
+            raw,
+            save / raw
+        );
 
         let warm = rate(budget, || {
             rt.block_on(manager.load_session("bench")).unwrap().unwrap();
@@ -82,11 +90,18 @@ fn main() {
 
         // Cold: a fresh manager each time, so the state comes from disk (page cache).
         let cold = rate(budget, || {
-            let m = rt.block_on(StateManager::start(FileStorageBackend::new(&store).unwrap())).unwrap();
+            let m =
+                rt.block_on(StateManager::start(FileStorageBackend::new(&store).unwrap())).unwrap();
             rt.block_on(m.load_session("bench")).unwrap().unwrap();
             rt.block_on(m.shutdown()).unwrap();
         });
-        println!("{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x", format!("open + load {label} (cold)"), cold, raw, cold / raw);
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x",
+            format!("open + load {label} (cold)"),
+            cold,
+            raw,
+            cold / raw
+        );
 
         // 1,000 checkpoints, then list them (from the index: no state is read).
         let m = rt.block_on(StateManager::start(FileStorageBackend::new(&store).unwrap())).unwrap();
@@ -145,7 +160,19 @@ fn main() {
             figures.push((save, load));
         }
         let ((se, le), (sp, lp)) = (figures[0], figures[1]);
-        println!("{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x", format!("save {label} (durable)"), se, sp, se / sp);
-        println!("{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x", format!("load {label} after a restart"), le, lp, le / lp);
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x",
+            format!("save {label} (durable)"),
+            se,
+            sp,
+            se / sp
+        );
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>7.2}x",
+            format!("load {label} after a restart"),
+            le,
+            lp,
+            le / lp
+        );
     }
 }

@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 
 use common::{SIZES, agent_state};
 use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group,
+    criterion_main,
+};
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::Value;
 use tokio::runtime::Runtime;
@@ -94,7 +97,14 @@ fn json_len(v: &Value) -> usize {
 fn per_setting_and_size(
     c: &mut Criterion,
     name: &str,
-    mut bench: impl FnMut(&mut BenchmarkGroup<'_, WallTime>, &Runtime, &StateManager, Setting, &str, &Value),
+    mut bench: impl FnMut(
+        &mut BenchmarkGroup<'_, WallTime>,
+        &Runtime,
+        &StateManager,
+        Setting,
+        &str,
+        &Value,
+    ),
 ) {
     let rt = runtime();
     let mut group = c.benchmark_group(name);
@@ -138,7 +148,9 @@ fn load_warm(c: &mut Criterion) {
 /// Like `load_warm`, with `load_session_bytes`: the live actor's JSON bytes, shared and not
 /// parsed.
 fn load_warm_bytes(c: &mut Criterion) {
-    warm_loads(c, "load_warm_bytes", async |m, sid| m.load_session_bytes(sid).await.unwrap().unwrap());
+    warm_loads(c, "load_warm_bytes", async |m, sid| {
+        m.load_session_bytes(sid).await.unwrap().unwrap()
+    });
 }
 
 /// Cold loads: sessions saved by an earlier manager, loaded once each by a fresh one (the
@@ -200,12 +212,15 @@ fn checkpoints(c: &mut Criterion) {
     per_setting_and_size(c, "checkpoint", |group, rt, m, setting, label, state| {
         let sid = format!("cp-{label}");
         group.bench_function(BenchmarkId::new(format!("create/{}", setting.name), label), |b| {
-            b.to_async(rt).iter(|| async { black_box(m.create_checkpoint(&sid, "main", state).await.unwrap()) })
+            b.to_async(rt).iter(|| async {
+                black_box(m.create_checkpoint(&sid, "main", state).await.unwrap())
+            })
         });
         let id = rt.block_on(m.create_checkpoint(&sid, "main", state)).unwrap();
         // Restore reads the checkpoint from storage: it is not cached.
         group.bench_function(BenchmarkId::new(format!("restore/{}", setting.name), label), |b| {
-            b.to_async(rt).iter(|| async { black_box(m.restore_checkpoint(&id).await.unwrap().unwrap()) })
+            b.to_async(rt)
+                .iter(|| async { black_box(m.restore_checkpoint(&id).await.unwrap().unwrap()) })
         });
         // Rollback makes it the session's state: a read and a durable write.
         group.bench_function(BenchmarkId::new(format!("rollback/{}", setting.name), label), |b| {
@@ -232,7 +247,8 @@ fn list_checkpoints(c: &mut Criterion) {
         });
         group.throughput(Throughput::Elements(1000));
         group.bench_function(BenchmarkId::from_parameter(label), |b| {
-            b.to_async(&rt).iter(|| async { black_box(m.list_checkpoints("listed").await.unwrap()) })
+            b.to_async(&rt)
+                .iter(|| async { black_box(m.list_checkpoints("listed").await.unwrap()) })
         });
         rt.block_on(m.shutdown()).unwrap();
     }
@@ -277,25 +293,32 @@ fn concurrent_64(c: &mut Criterion) {
                         let mut tasks = tokio::task::JoinSet::new();
                         for i in 0..N {
                             let (m, state) = (m.clone(), state.clone());
-                            tasks.spawn(async move { m.save_session(format!("c{i}"), &*state).await.unwrap() });
+                            tasks.spawn(async move {
+                                m.save_session(format!("c{i}"), &*state).await.unwrap()
+                            });
                         }
                         while tasks.join_next().await.transpose().unwrap().is_some() {}
                     }
                 })
             });
-            group.bench_function(BenchmarkId::new(format!("load_warm/{}", setting.name), label), |b| {
-                b.to_async(&rt).iter(|| {
-                    let m = m.clone();
-                    async move {
-                        let mut tasks = tokio::task::JoinSet::new();
-                        for i in 0..N {
-                            let m = m.clone();
-                            tasks.spawn(async move { black_box(m.load_session(format!("c{i}")).await.unwrap()) });
+            group.bench_function(
+                BenchmarkId::new(format!("load_warm/{}", setting.name), label),
+                |b| {
+                    b.to_async(&rt).iter(|| {
+                        let m = m.clone();
+                        async move {
+                            let mut tasks = tokio::task::JoinSet::new();
+                            for i in 0..N {
+                                let m = m.clone();
+                                tasks.spawn(async move {
+                                    black_box(m.load_session(format!("c{i}")).await.unwrap())
+                                });
+                            }
+                            while tasks.join_next().await.transpose().unwrap().is_some() {}
                         }
-                        while tasks.join_next().await.transpose().unwrap().is_some() {}
-                    }
-                })
-            });
+                    })
+                },
+            );
         }
         rt.block_on(m.shutdown()).unwrap();
     }

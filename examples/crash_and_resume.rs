@@ -30,7 +30,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mars_state::{CheckpointPolicy, CheckpointReason, FileStorageBackend, SessionStatus, StateManager};
+use mars_state::{
+    CheckpointPolicy, CheckpointReason, FileStorageBackend, SessionStatus, StateManager,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -193,7 +195,9 @@ fn parse_report(line: &str) -> AnyResult<Report> {
     let parts: Vec<&str> = line.split_whitespace().collect();
     match parts.as_slice() {
         ["step", n] => Ok(Report { step: n.parse()?, checkpoint: None }),
-        ["step", n, "checkpoint", id] => Ok(Report { step: n.parse()?, checkpoint: Some((*id).to_owned()) }),
+        ["step", n, "checkpoint", id] => {
+            Ok(Report { step: n.parse()?, checkpoint: Some((*id).to_owned()) })
+        }
         _ => Err(format!("unexpected line from the child: {line:?}").into()),
     }
 }
@@ -214,7 +218,9 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
         Some(s) => match s.parse::<u64>() {
             // Leave the child a few steps, so it is killed before it can finish.
             Ok(n) if (1..=STEPS - 4).contains(&n) => n,
-            _ => return Err(format!("the kill step must be a number from 1 to {}", STEPS - 4).into()),
+            _ => {
+                return Err(format!("the kill step must be a number from 1 to {}", STEPS - 4).into());
+            }
         },
         // After the first checkpoint, well before the end.
         None => EVERY + 1 + u64::from(seed) % (STEPS - EVERY - 4),
@@ -232,15 +238,25 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
 
     println!("mars-state crash-and-resume demo");
     println!();
-    println!("  The run: {} agents take turns for {STEPS} steps in session {SESSION:?}:", AGENTS.len());
-    println!("           {} -> ...", AGENTS.iter().chain(AGENTS.iter()).copied().collect::<Vec<_>>().join(" -> "));
+    println!(
+        "  The run: {} agents take turns for {STEPS} steps in session {SESSION:?}:",
+        AGENTS.len()
+    );
+    println!(
+        "           {} -> ...",
+        AGENTS.iter().chain(AGENTS.iter()).copied().collect::<Vec<_>>().join(" -> ")
+    );
     println!("           Each step is reported with record_step() (kept in memory); the session's");
-    println!("           CheckpointPolicy::every_steps({EVERY}) makes it durable every {EVERY} steps.");
+    println!(
+        "           CheckpointPolicy::every_steps({EVERY}) makes it durable every {EVERY} steps."
+    );
     println!(
         "  The crash: a child process does the run; {} ms after it reports step {kill_after}",
         kill_delay.as_millis()
     );
-    println!("           it is killed with SIGKILL (choose the step: cargo run --example crash_and_resume -- 12).");
+    println!(
+        "           it is killed with SIGKILL (choose the step: cargo run --example crash_and_resume -- 12)."
+    );
     println!("  The store: {} (plain JSON files)", store.display());
     println!();
     println!("timeline");
@@ -271,7 +287,11 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
         };
         let Some(line) = next else {
             let status = child.wait().await?;
-            return Err(format!("the child stopped after step {} on its own ({status})", log.last_reported).into());
+            return Err(format!(
+                "the child stopped after step {} on its own ({status})",
+                log.last_reported
+            )
+            .into());
         };
         let report = parse_report(&line)?;
         let step = report.step;
@@ -334,7 +354,10 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
             println!("           last saved state: step {step}{note}");
         }
         None => {
-            println!("           interrupted: {}  (nothing was durable yet: no session record)", recovery.interrupted);
+            println!(
+                "           interrupted: {}  (nothing was durable yet: no session record)",
+                recovery.interrupted
+            );
         }
     }
     let mut problems = Vec::new();
@@ -356,19 +379,26 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
                 // was not. Clear the session, so nothing of the cut-off run (its state, its
                 // step count, which the step policy counts from) carries over.
                 manager.delete_session(SESSION).await?;
-                println!("           delete_session() clears the half-written first checkpoint's session record");
+                println!(
+                    "           delete_session() clears the half-written first checkpoint's session record"
+                );
             }
             RunState::new()
         }
     };
     if recovery.state.is_some() && !recovery.interrupted {
-        problems.push("the run was cut off while running but recover_session does not say interrupted".to_owned());
+        problems.push(
+            "the run was cut off while running but recover_session does not say interrupted"
+                .to_owned(),
+        );
     }
     // Every checkpoint the child reported was durable when reported: it must be here.
     for (step, id) in &reported_checkpoints {
         let found = manager.list_checkpoints(SESSION).await?.iter().any(|c| c.id.as_str() == id);
         if !found {
-            problems.push(format!("checkpoint {id} of step {step} was reported taken but is gone after the crash"));
+            problems.push(format!(
+                "checkpoint {id} of step {step} was reported taken but is gone after the crash"
+            ));
         }
     }
     if state.step < last_cp_reported {
@@ -417,7 +447,8 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
     // 4. Compare with the run that never crashed.
     let reference = uninterrupted_run();
     let expected = &reference[STEPS as usize];
-    let final_state: RunState = manager.load_session_as(SESSION).await?.ok_or("the final state is missing")?;
+    let final_state: RunState =
+        manager.load_session_as(SESSION).await?.ok_or("the final state is missing")?;
     if &final_state != expected {
         problems.push(format!(
             "final state differs: step {} digest {} vs step {} digest {}",
@@ -430,16 +461,28 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
     let mut steps = Vec::new();
     let mut previous = None;
     for info in &checkpoints {
-        let cp = manager.restore_checkpoint_as::<RunState>(&info.id).await?.ok_or("a listed checkpoint is gone")?;
+        let cp = manager
+            .restore_checkpoint_as::<RunState>(&info.id)
+            .await?
+            .ok_or("a listed checkpoint is gone")?;
         let at = cp.data.step;
         if cp.step != Some(at) || reference.get(at as usize) != Some(&cp.data) {
-            problems.push(format!("checkpoint {} (step {at}) differs from the uninterrupted run", info.id));
+            problems.push(format!(
+                "checkpoint {} (step {at}) differs from the uninterrupted run",
+                info.id
+            ));
         }
         if cp.reason != CheckpointReason::Steps {
-            problems.push(format!("checkpoint {} was taken for {:?}, not the step policy", info.id, cp.reason));
+            problems.push(format!(
+                "checkpoint {} was taken for {:?}, not the step policy",
+                info.id, cp.reason
+            ));
         }
         if cp.parent != previous {
-            problems.push(format!("checkpoint {} has parent {:?}, expected {:?}", info.id, cp.parent, previous));
+            problems.push(format!(
+                "checkpoint {} has parent {:?}, expected {:?}",
+                info.id, cp.parent, previous
+            ));
         }
         previous = Some(cp.id);
         steps.push(at);
@@ -478,9 +521,16 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
         for p in &problems {
             println!("MISMATCH: {p}");
         }
-        return Err(format!("{} mismatch(es) between the resumed and the uninterrupted run", problems.len()).into());
+        return Err(format!(
+            "{} mismatch(es) between the resumed and the uninterrupted run",
+            problems.len()
+        )
+        .into());
     }
-    println!("OK: the resumed run equals the uninterrupted run ({:.1}s in all)", start.elapsed().as_secs_f64());
+    println!(
+        "OK: the resumed run equals the uninterrupted run ({:.1}s in all)",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -76,8 +76,14 @@ async fn open(store: &Path, passphrase: &str, ops: &Principal) -> mars_state::Re
 
 /// Without the `encryption` feature (on by default) there is nothing to show.
 #[cfg(not(feature = "encryption"))]
-async fn open(_store: &Path, _passphrase: &str, _ops: &Principal) -> mars_state::Result<StateManager> {
-    Err(StateError::Config { message: "this example needs the `encryption` feature, which is on by default".into() })
+async fn open(
+    _store: &Path,
+    _passphrase: &str,
+    _ops: &Principal,
+) -> mars_state::Result<StateManager> {
+    Err(StateError::Config {
+        message: "this example needs the `encryption` feature, which is on by default".into(),
+    })
 }
 
 fn names(sessions: &[mars_state::SessionInfo]) -> Vec<String> {
@@ -96,7 +102,8 @@ async fn run() -> AnyResult<()> {
     let started = Instant::now();
     let dir = tempfile::Builder::new().prefix("mars-multi-tenant-").tempdir()?;
     let store = dir.path();
-    let (alice_p, bob_p, ops_p) = (Principal::new("alice")?, Principal::new("bob")?, Principal::new("ops")?);
+    let (alice_p, bob_p, ops_p) =
+        (Principal::new("alice")?, Principal::new("bob")?, Principal::new("ops")?);
     let mut checks = Checks::default();
     println!("mars-state multi-tenant encrypted store demo");
     println!("  store: {} (encrypted with a passphrase; administrator: ops)", store.display());
@@ -109,20 +116,25 @@ async fn run() -> AnyResult<()> {
 
     // 1. First saves make owners.
     println!("1. each principal's first save makes them the owner");
-    let alice_state = json!({"topic": "battery chemistry", "notes": [ALICE_MARKER, "lithium iron phosphate"]});
+    let alice_state =
+        json!({"topic": "battery chemistry", "notes": [ALICE_MARKER, "lithium iron phosphate"]});
     let alice_checkpoint = json!({"topic": "battery chemistry", "draft": ALICE_MARKER});
     let bob_state = json!({"quarter": "Q3", "budget_eur": 12_500, "memo": BOB_MARKER});
     alice.save_session(ALICE_SESSION, &alice_state).await?;
     alice.create_checkpoint(ALICE_SESSION, "main", &alice_checkpoint).await?;
     bob.save_session(BOB_SESSION, &bob_state).await?;
-    for (handle, session, owner) in [(&alice, ALICE_SESSION, &alice_p), (&bob, BOB_SESSION, &bob_p)] {
+    for (handle, session, owner) in [(&alice, ALICE_SESSION, &alice_p), (&bob, BOB_SESSION, &bob_p)]
+    {
         let record = handle.access_record(session).await?;
         println!(
             "  {session}: owner {}, created at {} ms since the epoch",
             record.as_ref().map_or("none".to_owned(), |r| r.owner.to_string()),
             record.as_ref().map_or(0, |r| r.created_at)
         );
-        checks.expect(record.is_some_and(|r| &r.owner == owner), format!("{session} should be owned by {owner}"));
+        checks.expect(
+            record.is_some_and(|r| &r.owner == owner),
+            format!("{session} should be owned by {owner}"),
+        );
     }
     println!();
 
@@ -137,7 +149,10 @@ async fn run() -> AnyResult<()> {
         err.as_ref().map(StateError::kind) == Some(ErrorKind::AccessDenied),
         "bob must not load alice's session",
     );
-    checks.denied(bob.save_session(ALICE_SESSION, &json!({"overwritten": true})).await, "bob.save_session");
+    checks.denied(
+        bob.save_session(ALICE_SESSION, &json!({"overwritten": true})).await,
+        "bob.save_session",
+    );
     checks.denied(bob.list_checkpoints(ALICE_SESSION).await, "bob.list_checkpoints");
     checks.denied(bob.delete_session(ALICE_SESSION).await, "bob.delete_session");
     checks.expect(
@@ -154,13 +169,20 @@ async fn run() -> AnyResult<()> {
         "  after grant_access(bob, Read): bob.load_session -> {}",
         if read.is_ok() { "Ok (reads it)" } else { "Err" }
     );
-    checks
-        .expect(matches!(&read, Ok(Some(v)) if *v == alice_state), format!("bob should read alice's state: {read:?}"));
-    checks
-        .denied(bob.save_session(ALICE_SESSION, &json!({"overwritten": true})).await, "  bob.save_session (read only)");
+    checks.expect(
+        matches!(&read, Ok(Some(v)) if *v == alice_state),
+        format!("bob should read alice's state: {read:?}"),
+    );
+    checks.denied(
+        bob.save_session(ALICE_SESSION, &json!({"overwritten": true})).await,
+        "  bob.save_session (read only)",
+    );
     let bob_sees = names(&bob.list_sessions().await?);
     println!("  bob.list_sessions() -> {bob_sees:?}");
-    checks.expect(bob_sees == [ALICE_SESSION, BOB_SESSION], "with read access bob lists both sessions");
+    checks.expect(
+        bob_sees == [ALICE_SESSION, BOB_SESSION],
+        "with read access bob lists both sessions",
+    );
     alice.revoke_access(ALICE_SESSION, &bob_p).await?;
     println!("  after revoke_access(bob):");
     checks.denied(bob.load_session(ALICE_SESSION).await, "  bob.load_session");
@@ -169,7 +191,9 @@ async fn run() -> AnyResult<()> {
     // 4. Listings per principal.
     println!("4. list_sessions shows each principal what they may read");
     let mut listings = Vec::new();
-    for (who, handle) in [("alice", &alice), ("bob", &bob), ("ops (admin)", &ops), ("unscoped manager", &manager)] {
+    for (who, handle) in
+        [("alice", &alice), ("bob", &bob), ("ops (admin)", &ops), ("unscoped manager", &manager)]
+    {
         let listed = names(&handle.list_sessions().await?);
         println!("  {who:<17} -> {listed:?}");
         listings.push(listed);
@@ -178,7 +202,10 @@ async fn run() -> AnyResult<()> {
     checks.expect(listings[1] == [BOB_SESSION], "bob lists only his session");
     checks.expect(listings[2] == [ALICE_SESSION, BOB_SESSION], "the administrator lists both");
     checks.expect(listings[3] == [ALICE_SESSION, BOB_SESSION], "the unscoped manager lists both");
-    checks.expect(ops.load_session(BOB_SESSION).await? == Some(bob_state.clone()), "the administrator reads bob's");
+    checks.expect(
+        ops.load_session(BOB_SESSION).await? == Some(bob_state.clone()),
+        "the administrator reads bob's",
+    );
     manager.shutdown().await?;
     println!();
 
@@ -187,7 +214,10 @@ async fn run() -> AnyResult<()> {
     match open(store, "tr0ub4dor&3", &ops_p).await {
         Err(e) => {
             println!("  with a wrong passphrase: {e}");
-            checks.expect(e.kind() == ErrorKind::WrongKey, format!("a wrong passphrase must be WrongKey: {e:?}"));
+            checks.expect(
+                e.kind() == ErrorKind::WrongKey,
+                format!("a wrong passphrase must be WrongKey: {e:?}"),
+            );
         }
         Ok(m) => {
             m.shutdown().await?;
@@ -198,7 +228,10 @@ async fn run() -> AnyResult<()> {
     let alice = manager.for_principal(alice_p.clone());
     let bob = manager.for_principal(bob_p.clone());
     let reread = alice.load_session(ALICE_SESSION).await?;
-    println!("  with the right one: alice reads her state back: {}", reread == Some(alice_state.clone()));
+    println!(
+        "  with the right one: alice reads her state back: {}",
+        reread == Some(alice_state.clone())
+    );
     checks.expect(reread == Some(alice_state.clone()), "alice's state survives the restart");
     checks.denied(bob.load_session(ALICE_SESSION).await, "  bob.load_session after the restart");
     let cps = alice.list_checkpoints(ALICE_SESSION).await?;
@@ -231,8 +264,14 @@ async fn run() -> AnyResult<()> {
     plain.save_session(ALICE_SESSION, &alice_state).await?;
     plain.shutdown().await?;
     let control_hits = scan(control_dir.path(), &[ALICE_MARKER])?;
-    println!("  control: the same search over an unencrypted store finds {} hit(s)", control_hits.len());
-    checks.expect(!control_hits.is_empty(), "the scan should find the marker in an unencrypted store");
+    println!(
+        "  control: the same search over an unencrypted store finds {} hit(s)",
+        control_hits.len()
+    );
+    checks.expect(
+        !control_hits.is_empty(),
+        "the scan should find the marker in an unencrypted store",
+    );
     if hits.is_empty() {
         println!(
             "  searched {} files, {total} bytes, for the markers in the states: no plaintext on disk: OK",

@@ -28,8 +28,8 @@
 use std::time::{Duration, Instant};
 
 use mars_state::{
-    BranchId, CheckpointId, CheckpointReason, FileStorageBackend, SessionMsg, SessionStatus, StateBytes, StateError,
-    StateManager,
+    BranchId, CheckpointId, CheckpointReason, FileStorageBackend, SessionMsg, SessionStatus,
+    StateBytes, StateError, StateManager,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr, RactorErr, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -55,7 +55,13 @@ struct Work {
 
 impl Work {
     fn new(task: &str) -> Self {
-        Work { task: task.to_owned(), branch: "main".to_owned(), step: 0, notes: Vec::new(), quality: 0 }
+        Work {
+            task: task.to_owned(),
+            branch: "main".to_owned(),
+            step: 0,
+            notes: Vec::new(),
+            quality: 0,
+        }
     }
 
     /// One deterministic step.
@@ -76,7 +82,11 @@ struct Plan {
 
 const PLAN_A: Plan = Plan {
     branch: "plan-a",
-    moves: [("outline the argument", 2), ("write section 1 from memory", 3), ("write section 2 from memory", 1)],
+    moves: [
+        ("outline the argument", 2),
+        ("write section 1 from memory", 3),
+        ("write section 2 from memory", 1),
+    ],
 };
 const PLAN_B: Plan = Plan {
     branch: "plan-b",
@@ -173,7 +183,9 @@ impl OrchestratorState {
         loop {
             match ractor::call_t!(self.actor, &build, CALL_TIMEOUT_MS) {
                 Ok(reply) => return Ok(reply?),
-                Err(RactorErr::Messaging(MessagingErr::SendErr(_))) if self.refetches < 10 => self.refetch().await?,
+                Err(RactorErr::Messaging(MessagingErr::SendErr(_))) if self.refetches < 10 => {
+                    self.refetch().await?
+                }
                 Err(RactorErr::Timeout) => return Err(OrchError::Timeout { what }),
                 Err(e) => return Err(OrchError::Actor { what, detail: e.to_string() }),
             }
@@ -185,7 +197,8 @@ impl OrchestratorState {
     async fn cast_step(
         &mut self,
         work: &Work,
-    ) -> Result<tokio::sync::oneshot::Receiver<mars_state::Result<Option<CheckpointId>>>, OrchError> {
+    ) -> Result<tokio::sync::oneshot::Receiver<mars_state::Result<Option<CheckpointId>>>, OrchError>
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let state = StateBytes::from_serialize(work)?;
         let mut msg = SessionMsg::RecordStep { step: work.step, state, reply: tx.into() };
@@ -197,7 +210,9 @@ impl OrchestratorState {
                     msg = back;
                     self.refetch().await?;
                 }
-                Err(e) => return Err(OrchError::Actor { what: "record_step", detail: e.to_string() }),
+                Err(e) => {
+                    return Err(OrchError::Actor { what: "record_step", detail: e.to_string() });
+                }
             }
         }
     }
@@ -213,7 +228,10 @@ impl OrchestratorState {
                     r?;
                 }
                 Ok(Err(_)) => {
-                    return Err(OrchError::Actor { what: "record_step", detail: "reply port dropped".into() });
+                    return Err(OrchError::Actor {
+                        what: "record_step",
+                        detail: "reply port dropped".into(),
+                    });
                 }
                 Err(_) => return Err(OrchError::Timeout { what: "record_step" }),
             }
@@ -223,7 +241,8 @@ impl OrchestratorState {
 
     async fn load(&mut self) -> Result<Work, OrchError> {
         let bytes = self.call("load", |reply| SessionMsg::Load { reply }).await?;
-        let bytes = bytes.ok_or_else(|| StateError::Config { message: "the session has no state".into() })?;
+        let bytes = bytes
+            .ok_or_else(|| StateError::Config { message: "the session has no state".into() })?;
         Ok(bytes.deserialize()?)
     }
 
@@ -240,15 +259,28 @@ impl OrchestratorState {
                 reply,
             })
             .await?;
-        self.say(format_args!("Save + CreateCheckpoint: task saved, starting point {id} on branch main"));
+        self.say(format_args!(
+            "Save + CreateCheckpoint: task saved, starting point {id} on branch main"
+        ));
         Ok(id)
     }
 
-    async fn explore(&mut self, plan: Plan, from: CheckpointId) -> Result<BranchOutcome, OrchError> {
-        self.call("rollback", |reply| SessionMsg::Rollback { checkpoint_id: from.clone(), truncate: false, reply })
-            .await?;
+    async fn explore(
+        &mut self,
+        plan: Plan,
+        from: CheckpointId,
+    ) -> Result<BranchOutcome, OrchError> {
+        self.call("rollback", |reply| SessionMsg::Rollback {
+            checkpoint_id: from.clone(),
+            truncate: false,
+            reply,
+        })
+        .await?;
         let mut work = self.load().await?;
-        self.say(format_args!("Rollback to {from}: exploring {} from step {}", plan.branch, work.step));
+        self.say(format_args!(
+            "Rollback to {from}: exploring {} from step {}",
+            plan.branch, work.step
+        ));
         let mut pending = Vec::new();
         for (what, gain) in plan.moves {
             work.apply(plan.branch, what, gain);
@@ -275,8 +307,12 @@ impl OrchestratorState {
 
     async fn adopt(&mut self, outcome: BranchOutcome) -> Result<(), OrchError> {
         let id = outcome.checkpoint.clone();
-        self.call("rollback", |reply| SessionMsg::Rollback { checkpoint_id: id.clone(), truncate: false, reply })
-            .await?;
+        self.call("rollback", |reply| SessionMsg::Rollback {
+            checkpoint_id: id.clone(),
+            truncate: false,
+            reply,
+        })
+        .await?;
         let work = self.load().await?;
         self.say(format_args!(
             "Rollback to {} ({}): the session's state is that branch's, step {}, quality {}",
@@ -292,7 +328,12 @@ impl OrchestratorState {
             work.apply(&work.branch.clone(), what, gain);
             let state = StateBytes::from_serialize(&work)?;
             let step = work.step;
-            self.call("record_step", |reply| SessionMsg::RecordStep { step, state: state.clone(), reply }).await?;
+            self.call("record_step", |reply| SessionMsg::RecordStep {
+                step,
+                state: state.clone(),
+                reply,
+            })
+            .await?;
             self.say(format_args!("  call_t!(RecordStep) step {step}: {what}"));
         }
         let state = StateBytes::from_serialize(&work)?;
@@ -397,16 +438,33 @@ async fn run() -> AnyResult<()> {
     let started = Instant::now();
     let t = || format!("[{:5.2}s]", started.elapsed().as_secs_f64());
     println!("mars-state orchestrator-as-actor demo");
-    println!("  store: {} (session {SESSION:?}, idle timeout {} ms)", dir.path().display(), IDLE.as_millis());
+    println!(
+        "  store: {} (session {SESSION:?}, idle timeout {} ms)",
+        dir.path().display(),
+        IDLE.as_millis()
+    );
     println!();
-    let manager = StateManager::builder(FileStorageBackend::new(dir.path())?).idle_timeout(IDLE).start().await?;
+    let manager = StateManager::builder(FileStorageBackend::new(dir.path())?)
+        .idle_timeout(IDLE)
+        .start()
+        .await?;
     let args = OrchestratorArgs { manager: manager.clone(), session: SESSION.to_owned(), started };
     // No name: two managers (or two demos) in one process must not collide.
     let (orchestrator, handle) = Actor::spawn(None, Orchestrator, args).await?;
 
     let start = ask(&orchestrator, |reply| OrchestratorMsg::Start { reply }).await?;
-    let a = ask(&orchestrator, |reply| OrchestratorMsg::Explore { plan: PLAN_A, from: start.clone(), reply }).await?;
-    let b = ask(&orchestrator, |reply| OrchestratorMsg::Explore { plan: PLAN_B, from: start.clone(), reply }).await?;
+    let a = ask(&orchestrator, |reply| OrchestratorMsg::Explore {
+        plan: PLAN_A,
+        from: start.clone(),
+        reply,
+    })
+    .await?;
+    let b = ask(&orchestrator, |reply| OrchestratorMsg::Explore {
+        plan: PLAN_B,
+        from: start.clone(),
+        reply,
+    })
+    .await?;
     let best = if b.quality > a.quality { b.clone() } else { a.clone() };
     println!(
         "{} [main] {} scores {}, {} scores {}: adopting {}",
@@ -442,13 +500,17 @@ async fn run() -> AnyResult<()> {
         problems.push(format!("the orchestrator ended with {done:?}, expected {exp_done:?}"));
     }
     if final_state.as_ref() != Some(&exp_done) {
-        problems.push(format!("final state {final_state:?} differs from the expected {exp_done:?}"));
+        problems
+            .push(format!("final state {final_state:?} differs from the expected {exp_done:?}"));
     }
     for (outcome, expected) in [(&a, &exp_a), (&b, &exp_b)] {
         let cp = manager.restore_checkpoint_as::<Work>(&outcome.checkpoint).await?;
         match cp {
             Some(cp) if cp.data == *expected && cp.branch_id.as_str() == outcome.branch => {}
-            other => problems.push(format!("checkpoint of {} is {other:?}, expected {expected:?}", outcome.branch)),
+            other => problems.push(format!(
+                "checkpoint of {} is {other:?}, expected {expected:?}",
+                outcome.branch
+            )),
         }
     }
     let completed = manager.list_sessions_by_status(SessionStatus::Completed).await?;
@@ -456,12 +518,19 @@ async fn run() -> AnyResult<()> {
         problems.push("the session is not listed as completed".to_owned());
     }
     if refetches == 0 {
-        problems.push("the orchestrator never had to fetch the passivated session actor again".to_owned());
+        problems.push(
+            "the orchestrator never had to fetch the passivated session actor again".to_owned(),
+        );
     }
     println!("check (through the StateManager)");
     for c in manager.list_checkpoints(SESSION).await? {
         let step = c.step.map_or("-".to_owned(), |s| s.to_string());
-        println!("  checkpoint {} branch {:<7} step {step:<2} ({:?})", c.id, c.branch_id.as_str(), c.reason);
+        println!(
+            "  checkpoint {} branch {:<7} step {step:<2} ({:?})",
+            c.id,
+            c.branch_id.as_str(),
+            c.reason
+        );
     }
     if let Some(w) = &final_state {
         println!(
@@ -484,6 +553,9 @@ async fn run() -> AnyResult<()> {
         }
         return Err(format!("{} check(s) failed", problems.len()).into());
     }
-    println!("OK: the actor-driven run with two branches ended as expected ({:.1}s)", started.elapsed().as_secs_f64());
+    println!(
+        "OK: the actor-driven run with two branches ended as expected ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

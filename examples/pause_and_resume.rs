@@ -31,7 +31,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mars_state::{CheckpointPolicy, CheckpointReason, FileStorageBackend, SessionStatus, StateManager};
+use mars_state::{
+    CheckpointPolicy, CheckpointReason, FileStorageBackend, SessionStatus, StateManager,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -81,7 +83,8 @@ impl Draft {
         ];
         self.step += 1;
         let topic = TOPICS[(self.step as usize - 1) % TOPICS.len()];
-        let approval = self.approved_by.as_deref().map_or(String::new(), |a| format!(", approved by {a}"));
+        let approval =
+            self.approved_by.as_deref().map_or(String::new(), |a| format!(", approved by {a}"));
         self.clauses.push(format!("§{} {topic}{approval}", self.step));
         self.done_by.push(process);
     }
@@ -106,7 +109,9 @@ async fn main() {
     let arg = |i: usize| args.get(i).map(String::as_str);
     let result = match (arg(1), arg(2), arg(3)) {
         (Some("--child-1"), Some(store), _) => child_1(Path::new(store)).await,
-        (Some("--child-2"), Some(store), Some(approver)) => child_2(Path::new(store), approver).await,
+        (Some("--child-2"), Some(store), Some(approver)) => {
+            child_2(Path::new(store), approver).await
+        }
         (None, _, _) => parent().await,
         _ => Err("usage: pause_and_resume [--child-1 STORE | --child-2 STORE APPROVER]".into()),
     };
@@ -144,9 +149,14 @@ async fn child_2(store: &Path, approver: &str) -> AnyResult<()> {
         .checkpoint_policy(CheckpointPolicy::every_steps(3))
         .start()
         .await?;
-    let mut draft: Draft = manager.resume_session_as(SESSION).await?.ok_or("no paused run to resume")?;
+    let mut draft: Draft =
+        manager.resume_session_as(SESSION).await?.ok_or("no paused run to resume")?;
     let running = manager.list_sessions_by_status(SessionStatus::Running).await?;
-    let status = if running.iter().any(|s| s.session_id.as_str() == SESSION) { "Running" } else { "NOT running" };
+    let status = if running.iter().any(|s| s.session_id.as_str() == SESSION) {
+        "Running"
+    } else {
+        "NOT running"
+    };
     println!(
         "opened the store; resume_session({SESSION:?}) -> step {} with {} clauses; status now {status}",
         draft.step,
@@ -184,7 +194,9 @@ async fn run_child(label: &str, args: &[&str], start: Instant) -> AnyResult<()> 
         }
         child.wait().await
     };
-    let status = tokio::time::timeout(Duration::from_secs(30), work).await.map_err(|_| format!("{label} hung"))??;
+    let status = tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .map_err(|_| format!("{label} hung"))??;
     if !status.success() {
         return Err(format!("{label} failed ({status})").into());
     }
@@ -199,8 +211,12 @@ async fn parent() -> AnyResult<()> {
     let t = || format!("[{:5.2}s]", start.elapsed().as_secs_f64());
     println!("mars-state pause-and-resume demo");
     println!("  store: {}", store.display());
-    println!("  child #1 drafts a contract and pauses for approval; this process (the parent) finds");
-    println!("  the paused run; child #2 resumes and finishes it. One process holds the store at a time.");
+    println!(
+        "  child #1 drafts a contract and pauses for approval; this process (the parent) finds"
+    );
+    println!(
+        "  the paused run; child #2 resumes and finishes it. One process holds the store at a time."
+    );
     println!();
 
     // 1. Child #1 runs and pauses.
@@ -223,7 +239,9 @@ async fn parent() -> AnyResult<()> {
     }
     let mut problems = Vec::new();
     if !(paused.len() == 1 && paused[0].session_id.as_str() == SESSION && !paused[0].interrupted) {
-        problems.push(format!("expected exactly {SESSION:?} paused (and not interrupted), found {paused:?}"));
+        problems.push(format!(
+            "expected exactly {SESSION:?} paused (and not interrupted), found {paused:?}"
+        ));
     }
     let pause_cp = manager
         .list_checkpoints(SESSION)
@@ -239,10 +257,19 @@ async fn parent() -> AnyResult<()> {
         pause_cp.step.map_or("?".to_owned(), |s| s.to_string())
     );
     if pause_cp.step != Some(PAUSE_AT) {
-        problems.push(format!("the pause checkpoint is at step {:?}, expected {PAUSE_AT}", pause_cp.step));
+        problems.push(format!(
+            "the pause checkpoint is at step {:?}, expected {PAUSE_AT}",
+            pause_cp.step
+        ));
     }
-    let at_pause: Draft = manager.load_session_as(SESSION).await?.ok_or("the paused state is missing")?;
-    println!("{}          its state: step {}, approved_by: {:?}", t(), at_pause.step, at_pause.approved_by);
+    let at_pause: Draft =
+        manager.load_session_as(SESSION).await?.ok_or("the paused state is missing")?;
+    println!(
+        "{}          its state: step {}, approved_by: {:?}",
+        t(),
+        at_pause.step,
+        at_pause.approved_by
+    );
     println!("{} [parent] a human reviews the draft and approves it as {APPROVER}", t());
     manager.shutdown().await?;
     println!("{} [parent] released the store", t());
@@ -254,11 +281,15 @@ async fn parent() -> AnyResult<()> {
 
     // 4. Check the outcome.
     let manager = StateManager::start(FileStorageBackend::new(store)?).await?;
-    let final_state: Draft = manager.load_session_as(SESSION).await?.ok_or("the final state is missing")?;
+    let final_state: Draft =
+        manager.load_session_as(SESSION).await?.ok_or("the final state is missing")?;
     let expected = reference_run();
     let mut counts = [0; 3];
-    for (n, status) in counts.iter_mut().zip([SessionStatus::Running, SessionStatus::Paused, SessionStatus::Completed])
-    {
+    for (n, status) in counts.iter_mut().zip([
+        SessionStatus::Running,
+        SessionStatus::Paused,
+        SessionStatus::Completed,
+    ]) {
         *n = manager.list_sessions_by_status(status).await?.len();
     }
     let [running, paused, completed] = counts;
@@ -279,12 +310,18 @@ async fn parent() -> AnyResult<()> {
         "  checkpoints: {}",
         checkpoints
             .iter()
-            .map(|c| format!("step {} ({:?})", c.step.map_or("?".to_owned(), |s| s.to_string()), c.reason))
+            .map(|c| format!(
+                "step {} ({:?})",
+                c.step.map_or("?".to_owned(), |s| s.to_string()),
+                c.reason
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     );
     if final_state != expected {
-        problems.push(format!("the final state differs from the reference run: {final_state:?} vs {expected:?}"));
+        problems.push(format!(
+            "the final state differs from the reference run: {final_state:?} vs {expected:?}"
+        ));
     }
     if (running, paused, completed) != (0, 0, 1) {
         problems.push(format!(

@@ -135,7 +135,11 @@ impl AccessTable {
         unreadable: Vec<SessionId>,
     ) -> Self {
         let records = records.into_iter().map(|(s, r)| (s, Arc::new(r))).collect();
-        AccessTable { layer, records: Mutex::new(records), unreadable: Mutex::new(unreadable.into_iter().collect()) }
+        AccessTable {
+            layer,
+            records: Mutex::new(records),
+            unreadable: Mutex::new(unreadable.into_iter().collect()),
+        }
     }
 
     fn records(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<AccessRecord>>> {
@@ -147,7 +151,11 @@ impl AccessTable {
     }
 
     fn denied(p: &Principal, op: Operation, session: &str) -> StateError {
-        StateError::AccessDenied { principal: p.to_string(), operation: op.verb(), session: session.to_owned() }
+        StateError::AccessDenied {
+            principal: p.to_string(),
+            operation: op.verb(),
+            session: session.to_owned(),
+        }
     }
 
     /// Store-wide operations: administrators only.
@@ -179,7 +187,8 @@ impl AccessTable {
             // Unowned and absent: the first write claims it; reads find nothing anyway.
             None if !exists && !crate::sync::lock(&self.unreadable).contains(sid) => {
                 if op.creates() {
-                    let record = AccessRecord { owner: p.clone(), created_at: now, grants: BTreeMap::new() };
+                    let record =
+                        AccessRecord { owner: p.clone(), created_at: now, grants: BTreeMap::new() };
                     records.insert(sid.clone(), Arc::new(record.clone()));
                     Ok(Decision::Claim(record))
                 } else if op.finds_nothing_when_absent() {
@@ -241,17 +250,33 @@ mod tests {
 
     #[test]
     fn first_writer_owns_and_others_are_denied() {
-        let t = AccessTable::new(AccessControlLayer::new().admin(p("root")), HashMap::new(), Vec::new());
+        let t = AccessTable::new(
+            AccessControlLayer::new().admin(p("root")),
+            HashMap::new(),
+            Vec::new(),
+        );
         let s = SessionId::new("s").unwrap();
-        assert!(matches!(t.check(&p("alice"), Operation::SaveSession, &s, false, 1).unwrap(), Decision::Claim(_)));
-        assert_eq!(t.check(&p("alice"), Operation::DeleteSession, &s, true, 2).unwrap(), Decision::Allow);
+        assert!(matches!(
+            t.check(&p("alice"), Operation::SaveSession, &s, false, 1).unwrap(),
+            Decision::Claim(_)
+        ));
+        assert_eq!(
+            t.check(&p("alice"), Operation::DeleteSession, &s, true, 2).unwrap(),
+            Decision::Allow
+        );
         assert!(t.check(&p("bob"), Operation::LoadSession, &s, true, 2).is_err());
         assert!(t.check(&p("bob"), Operation::SaveSession, &s, true, 2).is_err());
-        assert_eq!(t.check(&p("root"), Operation::DeleteSession, &s, true, 2).unwrap(), Decision::Allow);
+        assert_eq!(
+            t.check(&p("root"), Operation::DeleteSession, &s, true, 2).unwrap(),
+            Decision::Allow
+        );
         let mut r = t.get(&s).unwrap();
         r.grants.insert(p("bob"), Access::Read);
         t.set(&s, r);
-        assert_eq!(t.check(&p("bob"), Operation::LoadSession, &s, true, 2).unwrap(), Decision::Allow);
+        assert_eq!(
+            t.check(&p("bob"), Operation::LoadSession, &s, true, 2).unwrap(),
+            Decision::Allow
+        );
         assert!(t.check(&p("bob"), Operation::SaveSession, &s, true, 2).is_err());
         assert!(t.check(&p("carol"), Operation::LoadSession, &s, true, 2).is_err());
     }

@@ -89,7 +89,10 @@ pub(crate) struct Migrations {
 
 impl std::fmt::Debug for Migrations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Migrations").field("current", &self.current).field("steps", &self.steps.keys()).finish()
+        f.debug_struct("Migrations")
+            .field("current", &self.current)
+            .field("steps", &self.steps.keys())
+            .finish()
     }
 }
 
@@ -115,15 +118,24 @@ impl Migrations {
         if from == self.current {
             return Ok(None);
         }
-        let fail =
-            |reason: String| StateError::Migration { session: session.to_string(), from, to: self.current, reason };
+        let fail = |reason: String| StateError::Migration {
+            session: session.to_string(),
+            from,
+            to: self.current,
+            reason,
+        };
         if from > self.current {
             return Err(fail("the record is newer than this application's schema".into()));
         }
-        let mut value: Value = serde_json::from_slice(data).map_err(|e| StateError::json(session.as_str(), &e))?;
+        let mut value: Value =
+            serde_json::from_slice(data).map_err(|e| StateError::json(session.as_str(), &e))?;
         for v in from..self.current {
-            let step = self.steps.get(&v).ok_or_else(|| fail(format!("no migration registered from version {v}")))?;
-            value = step(value).map_err(|e| fail(format!("migration from version {v} failed: {e}")))?;
+            let step = self
+                .steps
+                .get(&v)
+                .ok_or_else(|| fail(format!("no migration registered from version {v}")))?;
+            value =
+                step(value).map_err(|e| fail(format!("migration from version {v} failed: {e}")))?;
         }
         serde_json::to_vec(&value).map(Some).map_err(|e| StateError::json(session.as_str(), &e))
     }

@@ -239,12 +239,20 @@ impl StateError {
     }
 
     /// Maps an OS error on `path` to the matching variant (disk full, permission, other).
-    pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         let path = path.into();
         match source.kind() {
             std::io::ErrorKind::StorageFull => StateError::StorageFull { operation, path },
-            std::io::ErrorKind::PermissionDenied => StateError::PermissionDenied { operation, path, source },
-            _ if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) => {
+            std::io::ErrorKind::PermissionDenied => {
+                StateError::PermissionDenied { operation, path, source }
+            }
+            _ if source.raw_os_error() == Some(libc::ENOSPC)
+                || source.raw_os_error() == Some(libc::EDQUOT) =>
+            {
                 StateError::StorageFull { operation, path }
             }
             _ => StateError::Io { operation, path, source },
@@ -415,8 +423,10 @@ impl Operation {
     pub(crate) fn needs(self) -> Needs {
         use Operation::*;
         match self {
-            LoadSession | LoadSessionAs | LoadSessionBytes | RestoreCheckpoint | RestoreCheckpointAs
-            | ListCheckpoints | RecoverSession | Watch | AccessRecord => Needs::Read,
+            LoadSession | LoadSessionAs | LoadSessionBytes | RestoreCheckpoint
+            | RestoreCheckpointAs | ListCheckpoints | RecoverSession | Watch | AccessRecord => {
+                Needs::Read
+            }
             SaveSession
             | CreateCheckpoint
             | CheckpointBeforeRisky
@@ -432,9 +442,8 @@ impl Operation {
             | RollbackAndTruncate
             | CleanupCheckpoints => Needs::Write,
             DeleteSession | GrantAccess | RevokeAccess | SessionActor | Claim => Needs::Owner,
-            WatchAll | CleanupOldSessions | VacuumStorage | RunJanitorNow | MigrateStore | Shutdown | DeleteIfIdle => {
-                Needs::Admin
-            }
+            WatchAll | CleanupOldSessions | VacuumStorage | RunJanitorNow | MigrateStore
+            | Shutdown | DeleteIfIdle => Needs::Admin,
             #[cfg(feature = "encryption")]
             RotateKey | FinishKeyRotation => Needs::Admin,
         }
@@ -447,7 +456,11 @@ impl Operation {
         self.needs() == Needs::Write
             && !matches!(
                 self,
-                RollbackToCheckpoint | RollbackAndTruncate | CleanupCheckpoints | ResumeSession | ResumeSessionAs
+                RollbackToCheckpoint
+                    | RollbackAndTruncate
+                    | CleanupCheckpoints
+                    | ResumeSession
+                    | ResumeSessionAs
             )
     }
 
@@ -455,7 +468,8 @@ impl Operation {
     /// without claiming it: it finds nothing there (the reads, and a resume, which returns
     /// `None`).
     pub(crate) fn finds_nothing_when_absent(self) -> bool {
-        self.needs() == Needs::Read || matches!(self, Operation::ResumeSession | Operation::ResumeSessionAs)
+        self.needs() == Needs::Read
+            || matches!(self, Operation::ResumeSession | Operation::ResumeSessionAs)
     }
 }
 
@@ -497,8 +511,12 @@ mod tests {
         assert_ne!(CreateCheckpoint.name(), CheckpointBeforeRisky.name());
         assert_ne!(RollbackToCheckpoint.name(), RollbackAndTruncate.name());
         // Only writes that store a state claim a new session.
-        assert!(SaveSession.creates() && !RollbackAndTruncate.creates() && !ResumeSession.creates());
-        assert!(ResumeSession.finds_nothing_when_absent() && !DeleteSession.finds_nothing_when_absent());
+        assert!(
+            SaveSession.creates() && !RollbackAndTruncate.creates() && !ResumeSession.creates()
+        );
+        assert!(
+            ResumeSession.finds_nothing_when_absent() && !DeleteSession.finds_nothing_when_absent()
+        );
     }
 
     #[test]

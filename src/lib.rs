@@ -24,8 +24,8 @@ pub use access::{Access, AccessControlLayer, AccessRecord};
 pub use actor::session::Internal;
 pub use actor::session::{SessionMsg, UpdateFn};
 pub use backend::{
-    FileOptions, FileStorageBackend, KeyClass, MemoryStorageBackend, ObjectMeta, StorageBackend, StorageKey,
-    SweepReport,
+    FileOptions, FileStorageBackend, KeyClass, MemoryStorageBackend, ObjectMeta, StorageBackend,
+    StorageKey, SweepReport,
 };
 pub use config::RetentionPolicy;
 pub use config::{CheckpointPolicy, MigrationFn};
@@ -33,8 +33,11 @@ pub use error::{BoxError, ErrorKind, Result, StateError};
 pub use events::{EventKind, StateEvent, Watch, WatchError};
 pub use manager::{StateManager, StateManagerBuilder};
 #[cfg(feature = "encryption")]
-pub use middleware::crypto::{EncryptedFileStorageBackend, EncryptionKey, EncryptionLayer, KeySource, Passphrase};
+pub use middleware::crypto::{
+    EncryptedFileStorageBackend, EncryptionKey, EncryptionLayer, KeySource, Passphrase,
+};
 pub use types::{
-    BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN, MigrationReport, Principal,
-    Recovery, SessionId, SessionInfo, SessionStatus, SkippedCheckpoint, StateBytes, StorageStats, VacuumReport,
+    BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN,
+    MigrationReport, Principal, Recovery, SessionId, SessionInfo, SessionStatus, SkippedCheckpoint,
+    StateBytes, StorageStats, VacuumReport,
 };

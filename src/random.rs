@@ -21,7 +21,11 @@ use crate::error::{Result, StateError};
 /// Fills `buf` with random bytes, or fails (for key material: nothing weaker is used).
 pub(crate) fn fill(buf: &mut [u8]) -> Result<()> {
     getrandom::fill(buf).map_err(|e| {
-        StateError::io("drawing random bytes for encryption", PathBuf::new(), std::io::Error::other(e.to_string()))
+        StateError::io(
+            "drawing random bytes for encryption",
+            PathBuf::new(),
+            std::io::Error::other(e.to_string()),
+        )
     })
 }
 
@@ -40,7 +44,9 @@ pub(crate) fn unique_u64() -> u64 {
     if let Ok(r) = array::<8>() {
         return u64::from_le_bytes(r);
     }
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     nanos ^ u64::from(std::process::id()).rotate_left(40) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }

@@ -34,7 +34,10 @@ fn validate(what: &'static str, id: &str) -> Result<()> {
     if !(first.is_ascii_alphanumeric() || first == b'_') {
         return reject("it must start with an ASCII letter, digit or '_'");
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@')) {
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
+    {
         return reject("only ASCII letters, digits and _ - . : @ are allowed");
     }
     Ok(())
@@ -155,7 +158,9 @@ impl CheckpointId {
     pub fn parse(s: &str) -> Result<Self> {
         let ok = s.len() == 25
             && s.as_bytes()[16] == b'-'
-            && s.bytes().enumerate().all(|(i, b)| i == 16 || matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            && s.bytes()
+                .enumerate()
+                .all(|(i, b)| i == 16 || matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !ok {
             return Err(StateError::InvalidId {
                 what: "checkpoint id",
@@ -210,7 +215,10 @@ impl<'de> Deserialize<'de> for CheckpointId {
 
 /// Milliseconds since the Unix epoch by the system clock.
 fn system_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The manager's clock: wall-clock milliseconds that also follow tokio's clock, so that

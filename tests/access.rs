@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use mars_state::{Access, AccessControlLayer, ErrorKind, FileStorageBackend, Principal, StateError, StateManager};
+use mars_state::{
+    Access, AccessControlLayer, ErrorKind, FileStorageBackend, Principal, StateError, StateManager,
+};
 use serde_json::{Value, json};
 
 fn p(s: &str) -> Principal {
@@ -23,7 +25,10 @@ fn snapshot(root: &Path) -> BTreeMap<String, Vec<u8>> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                out.insert(path.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&path).unwrap());
+                out.insert(
+                    path.strip_prefix(root).unwrap().display().to_string(),
+                    std::fs::read(&path).unwrap(),
+                );
             }
         }
     }
@@ -88,7 +93,10 @@ async fn every_operation_of_another_principal_is_denied_and_changes_nothing() {
     assert_denied(mallory.vacuum_storage().await, "vacuum");
     assert_denied(mallory.run_janitor_now().await, "janitor");
     assert_denied(mallory.shutdown().await, "shutdown");
-    assert!(mallory.list_sessions().await.unwrap().is_empty(), "listing hides what mallory may not read");
+    assert!(
+        mallory.list_sessions().await.unwrap().is_empty(),
+        "listing hides what mallory may not read"
+    );
     assert_eq!(mallory.get_storage_stats().await.unwrap().session_count, 0);
     assert_eq!(snapshot(dir.path()), before, "no byte of the store changed");
 
@@ -108,11 +116,18 @@ async fn grants_and_revocations_take_effect_and_survive_a_restart() {
     alice.grant_access("plan", p("bob"), Access::Read).await.unwrap();
     assert_eq!(bob.load_session("plan").await.unwrap(), Some(json!(1)));
     assert_eq!(bob.list_sessions().await.unwrap().len(), 1);
-    assert_eq!(bob.save_session("plan", &json!(2)).await.unwrap_err().kind(), ErrorKind::AccessDenied);
+    assert_eq!(
+        bob.save_session("plan", &json!(2)).await.unwrap_err().kind(),
+        ErrorKind::AccessDenied
+    );
 
     alice.grant_access("plan", p("bob"), Access::Write).await.unwrap();
     bob.save_session("plan", &json!(2)).await.unwrap();
-    assert_eq!(bob.delete_session("plan").await.unwrap_err().kind(), ErrorKind::AccessDenied, "write is not owner");
+    assert_eq!(
+        bob.delete_session("plan").await.unwrap_err().kind(),
+        ErrorKind::AccessDenied,
+        "write is not owner"
+    );
     m.shutdown().await.unwrap();
 
     // Grants are durable.
@@ -138,7 +153,10 @@ async fn admins_and_the_system_principal_may_do_everything() {
     assert_eq!(root.list_sessions().await.unwrap().len(), 2);
     root.vacuum_storage().await.unwrap();
     // A session the system created has no owner: principals other than admins are denied.
-    assert_eq!(alice.load_session("system-made").await.unwrap_err().kind(), ErrorKind::AccessDenied);
+    assert_eq!(
+        alice.load_session("system-made").await.unwrap_err().kind(),
+        ErrorKind::AccessDenied
+    );
     assert_eq!(alice.list_sessions().await.unwrap().len(), 1);
     assert!(root.delete_session("plan").await.unwrap());
     // Deleted: the name is free to claim again, by anyone.
@@ -156,7 +174,9 @@ async fn racing_first_writers_have_exactly_one_owner() {
     let mut tasks = Vec::new();
     for i in 0..8 {
         let h = m.for_principal(p(&format!("agent{i}")));
-        tasks.push(tokio::spawn(async move { h.save_session("contested", &json!(i)).await.is_ok() }));
+        tasks.push(tokio::spawn(
+            async move { h.save_session("contested", &json!(i)).await.is_ok() },
+        ));
     }
     let mut winners = 0;
     for t in tasks {
@@ -165,7 +185,11 @@ async fn racing_first_writers_have_exactly_one_owner() {
     assert_eq!(winners, 1);
     let owner = m.access_record("contested").await.unwrap().unwrap().owner;
     let i: usize = owner.as_str().trim_start_matches("agent").parse().unwrap();
-    assert_eq!(m.load_session("contested").await.unwrap(), Some(json!(i)), "the owner's save is the one stored");
+    assert_eq!(
+        m.load_session("contested").await.unwrap(),
+        Some(json!(i)),
+        "the owner's save is the one stored"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -174,13 +198,25 @@ async fn racing_first_writers_have_exactly_one_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_first_write_claims_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let m =
-        StateManager::builder(FileStorageBackend::new(dir.path()).unwrap()).max_state_bytes(64).start().await.unwrap();
+    let m = StateManager::builder(FileStorageBackend::new(dir.path()).unwrap())
+        .max_state_bytes(64)
+        .start()
+        .await
+        .unwrap();
     let alice = m.for_principal(p("alice"));
     let before = snapshot(dir.path());
-    assert_eq!(alice.create_checkpoint("fresh", "../evil", &json!(1)).await.unwrap_err().kind(), ErrorKind::InvalidId);
-    assert_eq!(alice.save_session("fresh", &"x".repeat(100)).await.unwrap_err().kind(), ErrorKind::TooLarge);
-    assert_eq!(alice.record_step("fresh", 1, &"x".repeat(100)).await.unwrap_err().kind(), ErrorKind::TooLarge);
+    assert_eq!(
+        alice.create_checkpoint("fresh", "../evil", &json!(1)).await.unwrap_err().kind(),
+        ErrorKind::InvalidId
+    );
+    assert_eq!(
+        alice.save_session("fresh", &"x".repeat(100)).await.unwrap_err().kind(),
+        ErrorKind::TooLarge
+    );
+    assert_eq!(
+        alice.record_step("fresh", 1, &"x".repeat(100)).await.unwrap_err().kind(),
+        ErrorKind::TooLarge
+    );
     assert!(m.access_record("fresh").await.unwrap().is_none());
     assert_eq!(snapshot(dir.path()), before, "nothing was written");
     // Bob can still take it.

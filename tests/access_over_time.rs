@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use mars_state::{
-    Access, ErrorKind, EventKind, MemoryStorageBackend, Principal, SessionMsg, StateBytes, StateManager, WatchError,
+    Access, ErrorKind, EventKind, MemoryStorageBackend, Principal, SessionMsg, StateBytes,
+    StateManager, WatchError,
 };
 use serde_json::json;
 
@@ -35,7 +36,11 @@ async fn a_revoked_principal_s_watch_receives_nothing_more() {
 
     let mut w = bob.watch("plan").await.unwrap();
     alice.save_session("plan", &json!({"step": 2})).await.unwrap();
-    assert_eq!(next(&mut w).await.unwrap().unwrap().kind, EventKind::Saved, "granted: bob sees the save");
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap().kind,
+        EventKind::Saved,
+        "granted: bob sees the save"
+    );
 
     alice.revoke_access("plan", &p("bob")).await.unwrap();
     alice.save_session("plan", &json!({"step": 3})).await.unwrap();
@@ -92,10 +97,20 @@ async fn a_session_with_only_recorded_steps_exists_for_access_control() {
     m.record_step("run", 1, &json!({"secret": "step 1"})).await.unwrap();
     let mallory = m.for_principal(p("mallory"));
     assert_eq!(mallory.load_session("run").await.unwrap_err().kind(), ErrorKind::AccessDenied);
-    assert_eq!(mallory.load_session_bytes("run").await.unwrap_err().kind(), ErrorKind::AccessDenied);
-    assert_eq!(mallory.save_session("run", &json!("mine")).await.unwrap_err().kind(), ErrorKind::AccessDenied);
     assert_eq!(
-        mallory.transactional_update("run", |_: Option<i64>| Ok::<_, std::io::Error>(1)).await.unwrap_err().kind(),
+        mallory.load_session_bytes("run").await.unwrap_err().kind(),
+        ErrorKind::AccessDenied
+    );
+    assert_eq!(
+        mallory.save_session("run", &json!("mine")).await.unwrap_err().kind(),
+        ErrorKind::AccessDenied
+    );
+    assert_eq!(
+        mallory
+            .transactional_update("run", |_: Option<i64>| Ok::<_, std::io::Error>(1))
+            .await
+            .unwrap_err()
+            .kind(),
         ErrorKind::AccessDenied
     );
     assert_eq!(m.access_record("run").await.unwrap(), None, "no one claimed it");

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
-    builder, checkpoint_ids, ext, flip_byte, increment, open, open_temp, per_mode, put_file, quiet_deliberate_panics,
-    restart, session_file, session_ids, spawn_each,
+    builder, checkpoint_ids, ext, flip_byte, increment, open, open_temp, per_mode, put_file,
+    quiet_deliberate_panics, restart, session_file, session_ids, spawn_each,
 };
 use mars_state::{
-    CheckpointId, ErrorKind, FileStorageBackend, RetentionPolicy, SessionMsg, StateBytes, StateError, StateManager,
-    UpdateFn,
+    CheckpointId, ErrorKind, FileStorageBackend, RetentionPolicy, SessionMsg, StateBytes,
+    StateError, StateManager, UpdateFn,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -125,7 +125,11 @@ fn read_record(path: &Path, compression: Option<u32>) -> Value {
     serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-fn assert_kind<T: std::fmt::Debug>(r: mars_state::Result<T>, kind: ErrorKind, what: &str) -> StateError {
+fn assert_kind<T: std::fmt::Debug>(
+    r: mars_state::Result<T>,
+    kind: ErrorKind,
+    what: &str,
+) -> StateError {
     match r {
         Err(e) => {
             assert_eq!(e.kind(), kind, "{what}: expected {kind:?}, got {e:?} ({e})");
@@ -208,7 +212,8 @@ async fn load_session_as_typed(compression: Option<u32>) {
 async fn load_session_as_wrong_type_is_serialization_error(compression: Option<u32>) {
     let (_dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!({"unrelated": true})).await.unwrap();
-    let e = assert_kind(m.load_session_as::<Agent>("s1").await, ErrorKind::Serialization, "wrong type");
+    let e =
+        assert_kind(m.load_session_as::<Agent>("s1").await, ErrorKind::Serialization, "wrong type");
     match e {
         StateError::Serialization { session, .. } => assert_eq!(session, "s1"),
         other => panic!("unexpected {other:?}"),
@@ -236,13 +241,26 @@ async fn delete_session_removes_state_and_checkpoints(compression: Option<u32>) 
         assert_eq!(checkpoint_files(dir.path(), id).len(), 1, "checkpoint file for {id}");
     }
 
-    assert!(m.delete_session("doomed").await.unwrap(), "delete of an existing session returns true");
+    assert!(
+        m.delete_session("doomed").await.unwrap(),
+        "delete of an existing session returns true"
+    );
     assert_eq!(m.load_session("doomed").await.unwrap(), None);
     assert!(m.list_checkpoints("doomed").await.unwrap().is_empty());
     for id in &ids {
-        assert!(m.restore_checkpoint(id).await.unwrap().is_none(), "checkpoint {id} survived the delete");
-        assert!(checkpoint_files(dir.path(), id).is_empty(), "checkpoint file {id} survived the delete");
-        assert_kind(m.rollback_to_checkpoint(id).await, ErrorKind::NotFound, "rollback to deleted checkpoint");
+        assert!(
+            m.restore_checkpoint(id).await.unwrap().is_none(),
+            "checkpoint {id} survived the delete"
+        );
+        assert!(
+            checkpoint_files(dir.path(), id).is_empty(),
+            "checkpoint file {id} survived the delete"
+        );
+        assert_kind(
+            m.rollback_to_checkpoint(id).await,
+            ErrorKind::NotFound,
+            "rollback to deleted checkpoint",
+        );
     }
     assert!(!session_file(dir.path(), "doomed", compression).exists());
     let listed = session_ids(&m).await;
@@ -310,7 +328,9 @@ async fn list_sessions_reports_fields(compression: Option<u32>) {
                 s.updated_at
             );
             let on_disk =
-                std::fs::metadata(session_file(dir.path(), s.session_id.as_str(), compression)).unwrap().len();
+                std::fs::metadata(session_file(dir.path(), s.session_id.as_str(), compression))
+                    .unwrap()
+                    .len();
             assert_eq!(s.size_bytes, on_disk, "{}: size_bytes is the record's size", s.session_id);
         }
         assert_eq!(list[0].checkpoint_count, 2);
@@ -353,7 +373,11 @@ async fn create_and_restore_checkpoint(compression: Option<u32>) {
     assert_eq!(cp.session_id.as_str(), "s1");
     assert_eq!(cp.branch_id.as_str(), "branch_456");
     assert_eq!(cp.data, json!({"step": 25}));
-    assert!((before..=after).contains(&cp.timestamp), "timestamp {} not within [{before}, {after}]", cp.timestamp);
+    assert!(
+        (before..=after).contains(&cp.timestamp),
+        "timestamp {} not within [{before}, {after}]",
+        cp.timestamp
+    );
     assert_eq!(cp.timestamp, id.timestamp_ms());
 
     // A checkpoint does not change the session's state.
@@ -390,7 +414,8 @@ async fn restore_checkpoint_after_restart_by_id_alone(compression: Option<u32>) 
     assert_eq!(cp.session_id.as_str(), "s1");
     assert_eq!(cp.branch_id.as_str(), "branch_456");
     assert_eq!(cp.data, json!({"step": 25}));
-    let cp2 = m.restore_checkpoint(&CheckpointId::parse(&other_text).unwrap()).await.unwrap().unwrap();
+    let cp2 =
+        m.restore_checkpoint(&CheckpointId::parse(&other_text).unwrap()).await.unwrap().unwrap();
     assert_eq!((cp2.session_id.as_str(), cp2.data.clone()), ("s2", json!({"step": 99})));
 
     // Rollback by id alone after the restart too.
@@ -463,7 +488,11 @@ async fn rollback_to_unknown_checkpoint_is_not_found(compression: Option<u32>) {
     m.save_session("s1", &json!({"step": 5})).await.unwrap();
     m.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
     let unknown = CheckpointId::parse("0000000000000001-deadbeef").unwrap();
-    let e = assert_kind(m.rollback_to_checkpoint(&unknown).await, ErrorKind::NotFound, "unknown checkpoint");
+    let e = assert_kind(
+        m.rollback_to_checkpoint(&unknown).await,
+        ErrorKind::NotFound,
+        "unknown checkpoint",
+    );
     match e {
         StateError::CheckpointNotFound { id } => assert_eq!(id, unknown.to_string()),
         other => panic!("expected CheckpointNotFound, got {other:?}"),
@@ -558,7 +587,11 @@ async fn cleanup_checkpoints_keeps_newest(compression: Option<u32>) {
     for id in &ids[..4] {
         assert!(m.restore_checkpoint(id).await.unwrap().is_none(), "{id} should be gone");
         assert!(checkpoint_files(dir.path(), id).is_empty(), "{id}'s file should be gone");
-        assert_kind(m.rollback_to_checkpoint(id).await, ErrorKind::NotFound, "rollback to removed checkpoint");
+        assert_kind(
+            m.rollback_to_checkpoint(id).await,
+            ErrorKind::NotFound,
+            "rollback to removed checkpoint",
+        );
     }
     for (i, id) in ids.iter().enumerate().skip(4) {
         assert_eq!(m.restore_checkpoint(id).await.unwrap().unwrap().data, json!({"i": i}));
@@ -581,7 +614,13 @@ async fn cleanup_checkpoints_keeps_newest(compression: Option<u32>) {
     assert!(m.list_checkpoints("s1").await.unwrap().is_empty());
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"state": true})));
     assert_eq!(
-        m.list_sessions().await.unwrap().iter().find(|s| s.session_id.as_str() == "s1").unwrap().checkpoint_count,
+        m.list_sessions()
+            .await
+            .unwrap()
+            .iter()
+            .find(|s| s.session_id.as_str() == "s1")
+            .unwrap()
+            .checkpoint_count,
         0
     );
     m.shutdown().await.unwrap();
@@ -631,7 +670,11 @@ async fn transactional_update_typed(compression: Option<u32>) {
     assert_eq!(m.load_session_as::<Counter>("typed").await.unwrap(), Some(Counter { n: 3 }));
     // A stored state that does not fit T is a Serialization error, and nothing is written.
     m.save_session("untyped", &json!({"n": "not a number"})).await.unwrap();
-    let r = m.transactional_update("untyped", |_old: Option<Counter>| Ok::<_, std::io::Error>(Counter { n: 0 })).await;
+    let r = m
+        .transactional_update("untyped", |_old: Option<Counter>| {
+            Ok::<_, std::io::Error>(Counter { n: 0 })
+        })
+        .await;
     assert_kind(r, ErrorKind::Serialization, "old state of the wrong type");
     assert_eq!(m.load_session("untyped").await.unwrap(), Some(json!({"n": "not a number"})));
     m.shutdown().await.unwrap();
@@ -644,13 +687,17 @@ async fn transactional_update_err_writes_nothing(compression: Option<u32>) {
     let bytes_before = std::fs::read(&path).unwrap();
     let info_before = m.list_sessions().await.unwrap();
 
-    let r = m.transactional_update("s1", |_old: Option<Value>| Err::<Value, _>(Refused("no"))).await;
+    let r =
+        m.transactional_update("s1", |_old: Option<Value>| Err::<Value, _>(Refused("no"))).await;
     let e = assert_kind(r, ErrorKind::UpdateRejected, "closure error");
     match &e {
         StateError::UpdateRejected { session, source } => {
             assert_eq!(session, "s1");
             assert_eq!(source.to_string(), "closure refused: no");
-            assert!(source.downcast_ref::<Refused>().is_some(), "the closure's error is the source");
+            assert!(
+                source.downcast_ref::<Refused>().is_some(),
+                "the closure's error is the source"
+            );
         }
         other => panic!("expected UpdateRejected, got {other:?}"),
     }
@@ -659,7 +706,8 @@ async fn transactional_update_err_writes_nothing(compression: Option<u32>) {
     assert_eq!(m.list_sessions().await.unwrap(), info_before, "the index changed");
 
     // On a session without state, a rejected update creates nothing.
-    let r = m.transactional_update("empty", |_old: Option<Value>| Err::<Value, _>(Refused("no"))).await;
+    let r =
+        m.transactional_update("empty", |_old: Option<Value>| Err::<Value, _>(Refused("no"))).await;
     assert_kind(r, ErrorKind::UpdateRejected, "closure error on empty session");
     assert_eq!(m.load_session("empty").await.unwrap(), None);
     assert!(!session_file(dir.path(), "empty", compression).exists());
@@ -681,7 +729,9 @@ async fn transactional_update_panic_is_contained(compression: Option<u32>) {
     let bytes_before = std::fs::read(&path).unwrap();
 
     let r = m
-        .transactional_update("s1", |_old: Option<Value>| -> Result<Value, Refused> { panic!("deliberate boom") })
+        .transactional_update("s1", |_old: Option<Value>| -> Result<Value, Refused> {
+            panic!("deliberate boom")
+        })
         .await;
     let e = assert_kind(r, ErrorKind::Panicked, "panicking closure");
     match &e {
@@ -702,7 +752,9 @@ async fn transactional_update_panic_is_contained(compression: Option<u32>) {
         })
         .await;
     match assert_kind(r, ErrorKind::Panicked, "String payload") {
-        StateError::Panicked { message, .. } => assert!(message.contains("deliberate panic number 2"), "{message:?}"),
+        StateError::Panicked { message, .. } => {
+            assert!(message.contains("deliberate panic number 2"), "{message:?}")
+        }
         other => panic!("{other:?}"),
     }
 
@@ -726,7 +778,11 @@ async fn transactional_update_panic_is_contained(compression: Option<u32>) {
 // ---------------------------------------------------------------------------------------
 
 fn record_bytes_on_disk(dir: &Path) -> u64 {
-    files_under(dir, "sessions").iter().chain(files_under(dir, "checkpoints").iter()).map(|(_, s)| s).sum()
+    files_under(dir, "sessions")
+        .iter()
+        .chain(files_under(dir, "checkpoints").iter())
+        .map(|(_, s)| s)
+        .sum()
 }
 
 async fn get_storage_stats_matches_disk(compression: Option<u32>) {
@@ -736,7 +792,9 @@ async fn get_storage_stats_matches_disk(compression: Option<u32>) {
     assert_eq!(empty.total_size_mb(), 0.0);
 
     for i in 0..5 {
-        m.save_session(format!("s{i}"), &json!({"i": i, "pad": "p".repeat(1000 * i)})).await.unwrap();
+        m.save_session(format!("s{i}"), &json!({"i": i, "pad": "p".repeat(1000 * i)}))
+            .await
+            .unwrap();
     }
     for i in 0..4 {
         m.create_checkpoint("s0", "main", &json!({"c": i})).await.unwrap();
@@ -746,7 +804,11 @@ async fn get_storage_stats_matches_disk(compression: Option<u32>) {
     let stats = m.get_storage_stats().await.unwrap();
     assert_eq!(stats.session_count, 6);
     assert_eq!(stats.checkpoint_count, 5);
-    assert_eq!(stats.total_bytes, record_bytes_on_disk(dir.path()), "total_bytes is the records' size on disk");
+    assert_eq!(
+        stats.total_bytes,
+        record_bytes_on_disk(dir.path()),
+        "total_bytes is the records' size on disk"
+    );
     assert!((stats.total_size_mb() - stats.total_bytes as f64 / (1024.0 * 1024.0)).abs() < 1e-12);
     let listed: u64 = m.list_sessions().await.unwrap().iter().map(|s| s.size_bytes).sum::<u64>()
         + m.list_checkpoints("s0").await.unwrap().iter().map(|c| c.size_bytes).sum::<u64>()
@@ -771,7 +833,11 @@ async fn get_storage_stats_matches_disk(compression: Option<u32>) {
 /// A manager for paused-time tests: session actors never passivate while time is advanced
 /// (passivation has tests of its own in tests/concurrency.rs).
 async fn open_for_aging(dir: &Path, compression: Option<u32>) -> StateManager {
-    builder(dir, compression).idle_timeout(Duration::from_secs(365 * 86_400)).start().await.expect("start manager")
+    builder(dir, compression)
+        .idle_timeout(Duration::from_secs(365 * 86_400))
+        .start()
+        .await
+        .expect("start manager")
 }
 
 async fn cleanup_old_sessions_respects_age_and_keep_last(compression: Option<u32>) {
@@ -798,9 +864,16 @@ async fn cleanup_old_sessions_respects_age_and_keep_last(compression: Option<u32
     assert_eq!(ids, ["newest_cp_only", "old3"]);
     assert_eq!(m.load_session("old1").await.unwrap(), None);
     assert_eq!(m.load_session("old2").await.unwrap(), None);
-    assert!(m.restore_checkpoint(&old1_cp).await.unwrap().is_none(), "checkpoints go with their session");
+    assert!(
+        m.restore_checkpoint(&old1_cp).await.unwrap().is_none(),
+        "checkpoints go with their session"
+    );
     assert!(!session_file(dir.path(), "old1", compression).exists());
-    assert!(files_under(dir.path(), "checkpoints").iter().all(|(p, _)| !p.to_string_lossy().contains("old1")));
+    assert!(
+        files_under(dir.path(), "checkpoints")
+            .iter()
+            .all(|(p, _)| !p.to_string_lossy().contains("old1"))
+    );
     assert_eq!(m.load_session("old3").await.unwrap(), Some(json!(3)));
 
     // Everything is older than 30 s, but keep_last spares the most recently active one.
@@ -853,7 +926,8 @@ async fn vacuum_storage_sweeps_and_rebuilds(compression: Option<u32>) {
     let stats_before = m.get_storage_stats().await.unwrap();
 
     // A staged file left by an interrupted write.
-    let staged = dir.path().join("sessions").join(format!(".s1{}.tmp-0123456789abcdef", ext(compression)));
+    let staged =
+        dir.path().join("sessions").join(format!(".s1{}.tmp-0123456789abcdef", ext(compression)));
     put_file(&staged, b"half a record");
 
     let report = m.vacuum_storage().await.unwrap();
@@ -942,8 +1016,9 @@ async fn shutdown_makes_later_calls_unavailable(compression: Option<u32>) {
 async fn shutdown_drains_and_releases_the_store(compression: Option<u32>) {
     let (dir, m) = open_temp(compression).await;
     // Queue many saves from other tasks, then shut down while they may still be queued.
-    let tasks =
-        spawn_each(&m, 0..20, |m, i| async move { (i, m.save_session(format!("s{i}"), &json!({"i": i})).await) });
+    let tasks = spawn_each(&m, 0..20, |m, i| async move {
+        (i, m.save_session(format!("s{i}"), &json!({"i": i})).await)
+    });
     tokio::task::yield_now().await;
     m.shutdown().await.unwrap();
     let mut acked = Vec::new();
@@ -957,7 +1032,11 @@ async fn shutdown_drains_and_releases_the_store(compression: Option<u32>) {
     // The lock is released at once: a new backend on the same directory opens.
     let m = open(dir.path(), compression).await;
     for i in acked {
-        assert_eq!(m.load_session(format!("s{i}")).await.unwrap(), Some(json!({"i": i})), "acked save s{i} lost");
+        assert_eq!(
+            m.load_session(format!("s{i}")).await.unwrap(),
+            Some(json!({"i": i})),
+            "acked save s{i} lost"
+        );
     }
     m.shutdown().await.unwrap();
 }
@@ -975,7 +1054,8 @@ async fn session_actor_answers_session_msgs(compression: Option<u32>) {
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 3})));
 
     m.save_session("s1", &json!({"step": 4})).await.unwrap();
-    let loaded = ractor::call!(actor, |reply| SessionMsg::Load { reply }).unwrap().unwrap().unwrap();
+    let loaded =
+        ractor::call!(actor, |reply| SessionMsg::Load { reply }).unwrap().unwrap().unwrap();
     assert_eq!(loaded.deserialize::<Value>().unwrap(), json!({"step": 4}));
 
     let branch_id = mars_state::BranchId::new("main").unwrap();
@@ -1000,24 +1080,39 @@ async fn session_actor_answers_session_msgs(compression: Option<u32>) {
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": 5})));
 
     let checkpoint_id = cid.clone();
-    ractor::call!(actor, |reply| SessionMsg::Rollback { checkpoint_id, truncate: false, reply }).unwrap().unwrap();
+    ractor::call!(actor, |reply| SessionMsg::Rollback { checkpoint_id, truncate: false, reply })
+        .unwrap()
+        .unwrap();
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"cp": 1})));
 
     // Domain failures come back in the reply and do not stop the actor.
     let checkpoint_id = CheckpointId::parse("0000000000000001-00000000").unwrap();
-    let r = ractor::call!(actor, |reply| SessionMsg::Rollback { checkpoint_id, truncate: false, reply }).unwrap();
+    let r = ractor::call!(actor, |reply| SessionMsg::Rollback {
+        checkpoint_id,
+        truncate: false,
+        reply
+    })
+    .unwrap();
     assert_kind(r, ErrorKind::NotFound, "rollback via actor to unknown checkpoint");
-    let loaded = ractor::call!(actor, |reply| SessionMsg::Load { reply }).unwrap().unwrap().unwrap();
+    let loaded =
+        ractor::call!(actor, |reply| SessionMsg::Load { reply }).unwrap().unwrap().unwrap();
     assert_eq!(loaded.deserialize::<Value>().unwrap(), json!({"cp": 1}), "the actor still serves");
 
-    let removed = ractor::call!(actor, |reply| SessionMsg::CleanupCheckpoints { keep: 0, reply }).unwrap().unwrap();
+    let removed = ractor::call!(actor, |reply| SessionMsg::CleanupCheckpoints { keep: 0, reply })
+        .unwrap()
+        .unwrap();
     assert_eq!(removed, 1);
 
     // DeleteIfIdle: not idle since the epoch, so kept; idle before the end of time, so deleted.
-    let kept = ractor::call!(actor, |reply| SessionMsg::DeleteIfIdle { cutoff_ms: 0, reply }).unwrap().unwrap();
+    let kept = ractor::call!(actor, |reply| SessionMsg::DeleteIfIdle { cutoff_ms: 0, reply })
+        .unwrap()
+        .unwrap();
     assert!(!kept, "a session active after the cutoff is kept");
     assert!(m.load_session("s1").await.unwrap().is_some());
-    let gone = ractor::call!(actor, |reply| SessionMsg::DeleteIfIdle { cutoff_ms: u64::MAX, reply }).unwrap().unwrap();
+    let gone =
+        ractor::call!(actor, |reply| SessionMsg::DeleteIfIdle { cutoff_ms: u64::MAX, reply })
+            .unwrap()
+            .unwrap();
     assert!(gone, "a session idle since before the cutoff is deleted");
     assert_eq!(m.load_session("s1").await.unwrap(), None);
     m.save_session("s1", &json!({"cp": 1})).await.unwrap();
@@ -1046,7 +1141,8 @@ async fn records_have_documented_on_disk_format(compression: Option<u32>) {
 
     let path = session_file(dir.path(), "session_123", compression);
     assert!(path.exists(), "expected {}", path.display());
-    let other = session_file(dir.path(), "session_123", if compression.is_some() { None } else { Some(6) });
+    let other =
+        session_file(dir.path(), "session_123", if compression.is_some() { None } else { Some(6) });
     assert!(!other.exists(), "unexpected {}", other.display());
     let record = read_record(&path, compression);
     assert_eq!(record["data"], state, "record: {record}");
@@ -1061,7 +1157,10 @@ async fn records_have_documented_on_disk_format(compression: Option<u32>) {
     assert_eq!(cp["checkpoint_id"], cid.as_str());
 
     // Every record file carries the store's extension.
-    for (p, _) in files_under(dir.path(), "sessions").into_iter().chain(files_under(dir.path(), "checkpoints")) {
+    for (p, _) in files_under(dir.path(), "sessions")
+        .into_iter()
+        .chain(files_under(dir.path(), "checkpoints"))
+    {
         assert!(p.to_string_lossy().ends_with(ext(compression)), "{}", p.display());
         if compression.is_none() {
             assert!(!p.to_string_lossy().ends_with(".gz"), "{}", p.display());
@@ -1085,7 +1184,10 @@ async fn store_keeps_its_format_under_any_compression_setting(compression: Optio
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!(1)));
     m.save_session("s2", &json!(2)).await.unwrap();
     m.shutdown().await.unwrap();
-    assert!(session_file(dir.path(), "s2", compression).exists(), "s2 is named like the store's records");
+    assert!(
+        session_file(dir.path(), "s2", compression).exists(),
+        "s2 is named like the store's records"
+    );
     // Another gzip level too.
     if compression.is_some() {
         let m = open(dir.path(), Some(1)).await;
@@ -1112,23 +1214,36 @@ async fn too_large_states_are_rejected(compression: Option<u32>) {
     let fits = "x".repeat(98);
     let too_big = "x".repeat(99);
     m.save_session("s1", &fits).await.unwrap();
-    let e = assert_kind(m.save_session("s1", &too_big).await, ErrorKind::TooLarge, "save over the limit");
+    let e = assert_kind(
+        m.save_session("s1", &too_big).await,
+        ErrorKind::TooLarge,
+        "save over the limit",
+    );
     match e {
         StateError::TooLarge { size, limit } => assert_eq!((size, limit), (101, 100)),
         other => panic!("{other:?}"),
     }
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!(fits)), "previous state kept");
 
-    assert_kind(m.save_session("new", &too_big).await, ErrorKind::TooLarge, "save of a new session");
+    assert_kind(
+        m.save_session("new", &too_big).await,
+        ErrorKind::TooLarge,
+        "save of a new session",
+    );
     assert_eq!(m.load_session("new").await.unwrap(), None);
     assert!(!session_file(dir.path(), "new", compression).exists());
 
-    assert_kind(m.create_checkpoint("s1", "main", &too_big).await, ErrorKind::TooLarge, "checkpoint over the limit");
+    assert_kind(
+        m.create_checkpoint("s1", "main", &too_big).await,
+        ErrorKind::TooLarge,
+        "checkpoint over the limit",
+    );
     assert!(m.list_checkpoints("s1").await.unwrap().is_empty());
     m.create_checkpoint("s1", "main", &fits).await.unwrap();
 
     let big = too_big.clone();
-    let r = m.transactional_update("s1", move |_old: Option<Value>| Ok::<_, Refused>(json!(big))).await;
+    let r =
+        m.transactional_update("s1", move |_old: Option<Value>| Ok::<_, Refused>(json!(big))).await;
     assert_kind(r, ErrorKind::TooLarge, "update producing a state over the limit");
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!(fits)));
     m.shutdown().await.unwrap();
@@ -1212,7 +1327,8 @@ async fn run_janitor_now_applies_retention(compression: Option<u32>) {
 
 async fn run_janitor_now_drops_idle_sessions(compression: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
-    let policy = RetentionPolicy { max_session_idle: Some(Duration::from_secs(3600)), ..Default::default() };
+    let policy =
+        RetentionPolicy { max_session_idle: Some(Duration::from_secs(3600)), ..Default::default() };
     let m = builder(dir.path(), compression)
         .retention(policy)
         .idle_timeout(Duration::from_secs(365 * 86_400))
@@ -1252,7 +1368,10 @@ async fn transactional_update_on_corrupt_record_is_an_error(compression: Option<
         .await;
     let e = assert_kind(r, ErrorKind::Corrupt, "update over a damaged record");
     assert!(e.to_string().contains("s1"), "{e}");
-    assert!(!called.load(std::sync::atomic::Ordering::SeqCst), "the closure must not see a damaged state as None");
+    assert!(
+        !called.load(std::sync::atomic::Ordering::SeqCst),
+        "the closure must not see a damaged state as None"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "the damaged record is kept as it was");
     assert_kind(m.load_session("s1").await, ErrorKind::Corrupt, "load of a damaged record");
     m.shutdown().await.unwrap();

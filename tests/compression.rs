@@ -24,16 +24,21 @@ async fn fill(m: &StateManager) {
 
 /// Everything `fill` and the earlier `new_session` calls wrote reads back, listings included.
 async fn check(m: &StateManager, extra: &[String]) {
-    let mut ids: Vec<String> = m.list_sessions().await.unwrap().into_iter().map(|s| s.session_id.to_string()).collect();
+    let mut ids: Vec<String> =
+        m.list_sessions().await.unwrap().into_iter().map(|s| s.session_id.to_string()).collect();
     ids.sort();
-    let mut want: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect();
+    let mut want: Vec<String> =
+        ["a", "b"].iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect();
     want.sort();
     assert_eq!(ids, want);
     for s in ["a", "b"] {
         assert_eq!(m.load_session(s).await.unwrap(), Some(json!({"s": s, "v": 1})), "{s}");
         let cps = m.list_checkpoints(s).await.unwrap();
         assert_eq!(cps.len(), 1, "{s}");
-        assert_eq!(m.restore_checkpoint(&cps[0].id).await.unwrap().unwrap().data, json!({"s": s, "cp": 1}));
+        assert_eq!(
+            m.restore_checkpoint(&cps[0].id).await.unwrap().unwrap().data,
+            json!({"s": s, "cp": 1})
+        );
     }
     for s in extra {
         assert_eq!(m.load_session(s).await.unwrap(), Some(json!({"new": s})), "{s}");
@@ -128,5 +133,9 @@ async fn plain_store_opens_with_compression() {
 /// The record of a session saved by `new_session`.
 #[track_caller]
 fn assert_record(v: &Value, s: &str) {
-    assert_eq!((&v["kind"], &v["session_id"], &v["data"]), (&json!("session"), &json!(s), &json!({"new": s})), "{v}");
+    assert_eq!(
+        (&v["kind"], &v["session_id"], &v["data"]),
+        (&json!("session"), &json!(s), &json!({"new": s})),
+        "{v}"
+    );
 }

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Never, builder, checkpoint_ids, increment, open_temp, per_mode, quiet_deliberate_panics, restart, session_ids,
-    spawn_each, wait_for_no_live_actors,
+    Never, builder, checkpoint_ids, increment, open_temp, per_mode, quiet_deliberate_panics,
+    restart, session_ids, spawn_each, wait_for_no_live_actors,
 };
 use mars_state::{ErrorKind, RetentionPolicy, StateError, StateManager};
 use serde_json::{Value, json};
@@ -47,7 +47,12 @@ async fn open_passivating(dir: &Path, compression: Option<u32>) -> StateManager 
 
 async fn hundred_concurrent_increments_end_at_100(compression: Option<u32>) {
     let (dir, m) = open_temp(compression).await;
-    let tasks = spawn_each(&m, 0..100, |m, _| async move { m.transactional_update("counter", increment).await });
+    let tasks =
+        spawn_each(
+            &m,
+            0..100,
+            |m, _| async move { m.transactional_update("counter", increment).await },
+        );
     let mut seen = BTreeSet::new();
     for t in tasks {
         let v = t.await.unwrap().expect("increment failed");
@@ -65,7 +70,9 @@ async fn hundred_concurrent_increments_end_at_100(compression: Option<u32>) {
 async fn hundred_sessions_saved_concurrently_all_load(compression: Option<u32>) {
     let (dir, m) = open_temp(compression).await;
     let state = |i: usize| json!({"session": i, "payload": "p".repeat(i * 10)});
-    let tasks = spawn_each(&m, 0..100, |m, i| async move { m.save_session(format!("s{i:03}"), &state(i)).await });
+    let tasks = spawn_each(&m, 0..100, |m, i| async move {
+        m.save_session(format!("s{i:03}"), &state(i)).await
+    });
     for (i, t) in tasks.into_iter().enumerate() {
         t.await.unwrap().unwrap_or_else(|e| panic!("save of s{i:03} failed: {e}"));
     }
@@ -78,7 +85,8 @@ async fn hundred_sessions_saved_concurrently_all_load(compression: Option<u32>) 
 
     let m = restart(m, dir.path(), compression).await;
     // Loaded concurrently too, after the restart.
-    let tasks = spawn_each(&m, 0..100, |m, i| async move { (i, m.load_session(format!("s{i:03}")).await) });
+    let tasks =
+        spawn_each(&m, 0..100, |m, i| async move { (i, m.load_session(format!("s{i:03}")).await) });
     for t in tasks {
         let (i, r) = t.await.unwrap();
         assert_eq!(r.unwrap(), Some(state(i)), "s{i:03} after restart");
@@ -98,9 +106,12 @@ async fn panics_in_one_session_do_not_disturb_others(compression: Option<u32>) {
             let mut outcomes = Vec::new();
             for i in 0..50 {
                 let r = m
-                    .transactional_update("victim", move |_old: Option<Value>| -> Result<Value, Never> {
-                        panic!("deliberate panic {i}")
-                    })
+                    .transactional_update(
+                        "victim",
+                        move |_old: Option<Value>| -> Result<Value, Never> {
+                            panic!("deliberate panic {i}")
+                        },
+                    )
                     .await;
                 outcomes.push(r);
             }
@@ -111,7 +122,9 @@ async fn panics_in_one_session_do_not_disturb_others(compression: Option<u32>) {
         let mut last = None;
         for round in 0..10 {
             let v = json!({"session": s, "round": round});
-            m.save_session(format!("other{s}"), &v).await.unwrap_or_else(|e| panic!("other{s}: {e}"));
+            m.save_session(format!("other{s}"), &v)
+                .await
+                .unwrap_or_else(|e| panic!("other{s}: {e}"));
             last = Some(v);
         }
         (s, last.unwrap())
@@ -139,13 +152,18 @@ async fn panics_in_one_session_do_not_disturb_others(compression: Option<u32>) {
     let m = restart(m, dir.path(), compression).await;
     assert_eq!(m.load_session("victim").await.unwrap(), Some(json!({"n": 100})));
     for s in 0..20 {
-        assert_eq!(m.load_session(format!("other{s}")).await.unwrap(), Some(json!({"session": s, "round": 9})));
+        assert_eq!(
+            m.load_session(format!("other{s}")).await.unwrap(),
+            Some(json!({"session": s, "round": 9}))
+        );
     }
     m.shutdown().await.unwrap();
 }
 
 async fn touch_50_sessions(m: &StateManager) {
-    let tasks = spawn_each(m, 0..50, |m, i| async move { m.save_session(format!("p{i}"), &json!({"i": i})).await });
+    let tasks = spawn_each(m, 0..50, |m, i| async move {
+        m.save_session(format!("p{i}"), &json!({"i": i})).await
+    });
     for t in tasks {
         t.await.unwrap().unwrap();
     }
@@ -170,7 +188,8 @@ async fn passivated_sessions_load_correctly(compression: Option<u32>) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Concurrently, so that a stuck session costs one call timeout, not fifty.
-    let tasks = spawn_each(&m, 0..50, |m, i| async move { (i, m.load_session(format!("p{i}")).await) });
+    let tasks =
+        spawn_each(&m, 0..50, |m, i| async move { (i, m.load_session(format!("p{i}")).await) });
     let mut failures = Vec::new();
     for t in tasks {
         let (i, r) = t.await.unwrap();
@@ -179,7 +198,11 @@ async fn passivated_sessions_load_correctly(compression: Option<u32>) {
             other => failures.push(format!("p{i}: {other:?}")),
         }
     }
-    assert!(failures.is_empty(), "{} of 50 passivated sessions did not load: {failures:#?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of 50 passivated sessions did not load: {failures:#?}",
+        failures.len()
+    );
 
     // And they take writes again after respawning.
     m.save_session("p0", &json!({"i": "again"})).await.unwrap();
@@ -209,7 +232,9 @@ async fn saves_racing_passivation_are_never_lost(compression: Option<u32>) {
             // Read-your-writes across passivation.
             match m.load_session("hammered").await {
                 Ok(Some(v)) if v == json!({"i": acked}) => {}
-                other => failures.push(format!("load after save {i}: expected i={acked}, got {other:?}")),
+                other => {
+                    failures.push(format!("load after save {i}: expected i={acked}, got {other:?}"))
+                }
             }
         }
         if failures.len() >= 3 {
@@ -265,8 +290,9 @@ async fn updates_racing_passivation_are_never_lost(compression: Option<u32>) {
 
 async fn concurrent_checkpoints_on_one_session_are_ordered(compression: Option<u32>) {
     let (_dir, m) = open_temp(compression).await;
-    let tasks =
-        spawn_each(&m, 0..100, |m, i| async move { (i, m.create_checkpoint("s1", "main", &json!({"i": i})).await) });
+    let tasks = spawn_each(&m, 0..100, |m, i| async move {
+        (i, m.create_checkpoint("s1", "main", &json!({"i": i})).await)
+    });
     let mut created = Vec::new();
     for t in tasks {
         let (i, r) = t.await.unwrap();
@@ -297,7 +323,8 @@ async fn constant_janitor_passes_never_break_writes(compression: Option<u32>) {
         let mut last = Vec::new();
         for round in 0..10 {
             m.save_session(format!("s{s}"), &json!({"round": round})).await.unwrap();
-            let id = m.create_checkpoint(format!("s{s}"), "main", &json!({"cp": round})).await.unwrap();
+            let id =
+                m.create_checkpoint(format!("s{s}"), "main", &json!({"cp": round})).await.unwrap();
             last.push(id);
         }
         (s, last)
@@ -310,7 +337,11 @@ async fn constant_janitor_passes_never_break_writes(compression: Option<u32>) {
     // One more pass so retention has seen every checkpoint.
     m.run_janitor_now().await.unwrap();
     for (s, ids) in newest {
-        assert_eq!(m.load_session(format!("s{s}")).await.unwrap(), Some(json!({"round": 9})), "s{s}");
+        assert_eq!(
+            m.load_session(format!("s{s}")).await.unwrap(),
+            Some(json!({"round": 9})),
+            "s{s}"
+        );
         let listed = checkpoint_ids(&m, &format!("s{s}")).await;
         assert_eq!(listed, ids, "s{s}: retention keeps exactly the 3 newest");
         assert_eq!(m.restore_checkpoint(&ids[2]).await.unwrap().unwrap().data, json!({"cp": 9}));
@@ -328,8 +359,9 @@ async fn cleanup_old_sessions_racing_saves_never_serves_stale_state(compression:
         let m = m.clone();
         tokio::spawn(async move { m.cleanup_old_sessions(Duration::ZERO, 0).await })
     };
-    let savers =
-        spawn_each(&m, 0..30, |m, s| async move { m.save_session(format!("s{s}"), &json!({"v": "new"})).await });
+    let savers = spawn_each(&m, 0..30, |m, s| async move {
+        m.save_session(format!("s{s}"), &json!({"v": "new"})).await
+    });
     for (s, t) in savers.into_iter().enumerate() {
         t.await.unwrap().unwrap_or_else(|e| panic!("save s{s}: {e}"));
     }
@@ -351,7 +383,10 @@ async fn cleanup_old_sessions_racing_saves_never_serves_stale_state(compression:
         }
     }
     // A session missing now was removed (one removed and then saved again counts in both).
-    assert!(present + removed >= 30, "{present} present + {removed} removed < 30: a session vanished");
+    assert!(
+        present + removed >= 30,
+        "{present} present + {removed} removed < 30: a session vanished"
+    );
     // And the disk agrees with what was served.
     let m = restart(m, dir.path(), compression).await;
     let after: BTreeSet<String> = session_ids(&m).await.into_iter().collect();

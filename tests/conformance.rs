@@ -66,6 +66,10 @@ async fn the_suite_catches_lost_puts() {
 #[should_panic(expected = "get sessions/nobody.json failed")]
 async fn the_suite_catches_failing_reads() {
     use mars_state::testing::{Faulty, Method};
-    let failing = Faulty::new(MemoryStorageBackend::new()).fail(Method::Get, std::io::ErrorKind::Other, |_| true);
+    let failing = Faulty::new(MemoryStorageBackend::new()).fail(
+        Method::Get,
+        std::io::ErrorKind::Other,
+        |_| true,
+    );
     mars_state::testing::conformance::get_missing_is_none(&failing).await;
 }

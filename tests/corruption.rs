@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{JANITOR_HOURLY, Node, SplitMix64, plain_and_compressed, put_file, temp_store};
-use mars_state::{CheckpointId, CheckpointInfo, ErrorKind, SessionInfo, StateError, StateManagerBuilder, StorageStats};
+use mars_state::{
+    CheckpointId, CheckpointInfo, ErrorKind, SessionInfo, StateError, StateManagerBuilder,
+    StorageStats,
+};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------
@@ -32,7 +35,11 @@ use serde_json::{Value, json};
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
     let tree = common::snapshot(root);
     for (rel, node) in &tree {
-        assert!(matches!(node, Node::Dir | Node::File(_)), "unexpected file type at {}", root.join(rel).display());
+        assert!(
+            matches!(node, Node::Dir | Node::File(_)),
+            "unexpected file type at {}",
+            root.join(rel).display()
+        );
     }
     tree
 }
@@ -82,7 +89,11 @@ impl Comp {
         let b = common::builder(base, self.compression())
             .janitor_interval(JANITOR_HOURLY)
             .call_timeout(Duration::from_secs(20));
-        if self.encrypted() { b.encryption_key(mars_state::EncryptionKey::from_bytes([42; 32])) } else { b }
+        if self.encrypted() {
+            b.encryption_key(mars_state::EncryptionKey::from_bytes([42; 32]))
+        } else {
+            b
+        }
     }
 }
 
@@ -111,7 +122,8 @@ fn state_b() -> Value {
 fn state_big() -> Value {
     // Incompressible text, so the gzipped record is large too.
     let mut rng = SplitMix64(7);
-    let blob: String = (0..20_000).map(|_| char::from(b"0123456789abcdef"[rng.below(16)])).collect();
+    let blob: String =
+        (0..20_000).map(|_| char::from(b"0123456789abcdef"[rng.below(16)])).collect();
     json!({"who": "big", "blob": blob})
 }
 
@@ -169,7 +181,18 @@ impl Fixture {
         assert_eq!(sessions.len(), 3);
         assert_eq!(stats.checkpoint_count, 3);
         let pristine = snapshot(&base);
-        Fixture { _dir: dir, base, comp, pristine, sessions, checkpoints, stats, cp_a1, cp_a2, cp_b }
+        Fixture {
+            _dir: dir,
+            base,
+            comp,
+            pristine,
+            sessions,
+            checkpoints,
+            stats,
+            cp_a1,
+            cp_a2,
+            cp_b,
+        }
     }
 
     /// Puts the store back to its pristine bytes.
@@ -248,7 +271,10 @@ struct Probe {
 
 impl Probe {
     fn ok(&self) -> bool {
-        self.verdict == Verdict::Detected && self.quarantined && self.original_kept && self.collateral.is_none()
+        self.verdict == Verdict::Detected
+            && self.quarantined
+            && self.original_kept
+            && self.collateral.is_none()
     }
 }
 
@@ -291,7 +317,11 @@ async fn probe(fx: &Fixture, target: &Target, bytes: &[u8]) -> Probe {
             Target::Checkpoint(s, c) => match m.restore_checkpoint(c).await {
                 Err(e) => classify_err(&e, &key2),
                 Ok(None) => Verdict::Missing,
-                Ok(Some(cp)) if cp.data == expected && cp.session_id.as_str() == *s && cp.id == *c => Verdict::SameData,
+                Ok(Some(cp))
+                    if cp.data == expected && cp.session_id.as_str() == *s && cp.id == *c =>
+                {
+                    Verdict::SameData
+                }
                 Ok(Some(cp)) => Verdict::WrongData(format!("{:.200}", format!("{cp:?}"))),
             },
         };
@@ -309,7 +339,9 @@ async fn probe(fx: &Fixture, target: &Target, bytes: &[u8]) -> Probe {
         Ok(Ok(r)) => r,
     };
     let quarantined = std::fs::read_dir(fx.base.join("quarantine"))
-        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| std::fs::read(e.path()).is_ok_and(|q| q == bytes)))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()).any(|e| std::fs::read(e.path()).is_ok_and(|q| q == bytes))
+        })
         .unwrap_or(false);
     let original_kept = std::fs::read(&path).is_ok_and(|b| b == bytes);
     Probe { verdict, quarantined, original_kept, collateral }
@@ -374,7 +406,8 @@ plain_and_compressed! {
 
 async fn truncations(compression: Option<u32>) {
     damage_every_target(compression, "truncations", |good| {
-        let cut = |len: usize| (format!("cut to {len} of {} bytes", good.len()), good[..len].to_vec());
+        let cut =
+            |len: usize| (format!("cut to {len} of {} bytes", good.len()), good[..len].to_vec());
         offsets(good.len()).into_iter().map(cut).collect()
     })
     .await;
@@ -389,7 +422,9 @@ async fn appended_and_emptied(compression: Option<u32>) {
     let mut rng = SplitMix64(42);
     damage_every_target(compression, "appended garbage / emptied", |good| {
         let mut cases = Vec::new();
-        for extra in [&b"\n"[..], b" ", b"\0", b"}", b"{}\n", b"garbage", &rng.bytes(1), &rng.bytes(4096)] {
+        for extra in
+            [&b"\n"[..], b" ", b"\0", b"}", b"{}\n", b"garbage", &rng.bytes(1), &rng.bytes(4096)]
+        {
             cases.push((format!("{} bytes appended", extra.len()), [good, extra].concat()));
         }
         cases.push(("doubled".to_owned(), [good, good].concat()));
@@ -413,8 +448,16 @@ fn swaps(fx: &Fixture) -> Vec<(String, Target, Vec<u8>)> {
     let a2 = Target::Checkpoint("sA", fx.cp_a2.clone());
     let b = Target::Checkpoint("sB", fx.cp_b.clone());
     vec![
-        ("sB's record in sA's place".into(), Target::Session("sA"), fx.bytes(&Target::Session("sB").key(c))),
-        ("sBig's record in sA's place".into(), Target::Session("sA"), fx.bytes(&Target::Session("sBig").key(c))),
+        (
+            "sB's record in sA's place".into(),
+            Target::Session("sA"),
+            fx.bytes(&Target::Session("sB").key(c)),
+        ),
+        (
+            "sBig's record in sA's place".into(),
+            Target::Session("sA"),
+            fx.bytes(&Target::Session("sBig").key(c)),
+        ),
         ("a checkpoint record in sA's place".into(), Target::Session("sA"), fx.bytes(&a1.key(c))),
         ("cpA2's record in cpA1's place".into(), a1.clone(), fx.bytes(&a2.key(c))),
         ("cpB's record (of sB) in cpA1's place".into(), a1.clone(), fx.bytes(&b.key(c))),
@@ -424,7 +467,10 @@ fn swaps(fx: &Fixture) -> Vec<(String, Target, Vec<u8>)> {
 
 /// Probes every swap case and returns the mode and, for each probe `problem` finds fault
 /// with, the case's name and the fault.
-async fn swap_problems(compression: Option<u32>, problem: impl Fn(&Probe) -> Option<String>) -> (Comp, Vec<String>) {
+async fn swap_problems(
+    compression: Option<u32>,
+    problem: impl Fn(&Probe) -> Option<String>,
+) -> (Comp, Vec<String>) {
     let fx = Fixture::new(Comp::of(compression)).await;
     let mut bad = Vec::new();
     for (name, t, bytes) in swaps(&fx) {
@@ -454,9 +500,10 @@ plain_and_compressed! {
 /// A record refused because it belongs to another key is damaged like any other: a copy
 /// must go to `quarantine/` ("the file is kept (moved to a quarantine folder)").
 async fn swapped_quarantined(compression: Option<u32>) {
-    let (comp, bad) =
-        swap_problems(compression, |p| (!p.quarantined).then(|| format!("no copy in quarantine/ ({:?})", p.verdict)))
-            .await;
+    let (comp, bad) = swap_problems(compression, |p| {
+        (!p.quarantined).then(|| format!("no copy in quarantine/ ({:?})", p.verdict))
+    })
+    .await;
     assert!(bad.is_empty(), "swapped records ({comp:?}) were not quarantined:\n{}", bad.join("\n"));
 }
 
@@ -586,7 +633,11 @@ async fn random_corruptions_are_all_detected() {
     assert_eq!(get("SILENT: wrong data"), 0, "{examples:#?}");
     assert_eq!(get("PANIC"), 0, "{examples:#?}");
     assert_eq!(get("SILENT: reported missing"), 0, "{examples:#?}");
-    assert_eq!(get("detected (Corrupt, right key)"), N, "not every corruption was detected: {examples:#?}");
+    assert_eq!(
+        get("detected (Corrupt, right key)"),
+        N,
+        "not every corruption was detected: {examples:#?}"
+    );
     assert!(examples.is_empty(), "{examples:#?}");
 }
 
@@ -596,7 +647,12 @@ async fn random_corruptions_are_all_detected() {
 
 /// Starts a fresh manager and compares listings and stats with the pristine ones.
 async fn listings_match(fx: &Fixture) -> Result<(), String> {
-    let m = fx.comp.builder(&fx.base).start().await.map_err(|e| format!("manager did not start: {e}"))?;
+    let m = fx
+        .comp
+        .builder(&fx.base)
+        .start()
+        .await
+        .map_err(|e| format!("manager did not start: {e}"))?;
     let mut problems = Vec::new();
     let sessions = m.list_sessions().await.unwrap();
     if sessions != fx.sessions {
@@ -615,7 +671,9 @@ async fn listings_match(fx: &Fixture) -> Result<(), String> {
     if m.load_session("sA").await.ok().flatten() != Some(state_a()) {
         problems.push("sA no longer loads".into());
     }
-    if m.restore_checkpoint(&fx.cp_b).await.ok().flatten().map(|c| c.data) != Some(json!({"cp": "B1"})) {
+    if m.restore_checkpoint(&fx.cp_b).await.ok().flatten().map(|c| c.data)
+        != Some(json!({"cp": "B1"}))
+    {
         problems.push("cpB no longer restores".into());
     }
     m.shutdown().await.unwrap();
@@ -636,7 +694,10 @@ async fn damaged_journal(compression: Option<u32>) {
         ("random garbage".into(), Some(rng.bytes(700))),
         ("garbage lines".into(), Some(b"not a journal\n{\"op\":\"s\"}\n\n".to_vec())),
         ("garbage appended".into(), Some([good.clone(), rng.bytes(300)].concat())),
-        ("a line appended twice".into(), Some([good.clone(), good[..good.len() / 2].to_vec()].concat())),
+        (
+            "a line appended twice".into(),
+            Some([good.clone(), good[..good.len() / 2].to_vec()].concat()),
+        ),
         ("zeroed".into(), Some(vec![0; good.len()])),
     ];
     // Truncations: at every line boundary and one byte either side, plus a spread.
@@ -715,7 +776,13 @@ async fn journal_that_lost_its_tail_does_not_make_a_fresh_session_look_idle() {
     put_file(&path, kept.as_bytes());
 
     let m = Comp::Plain.builder(&base).start().await.unwrap();
-    let info = m.list_sessions().await.unwrap().into_iter().find(|s| s.session_id.as_str() == "sA").unwrap();
+    let info = m
+        .list_sessions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.session_id.as_str() == "sA")
+        .unwrap();
     let removed = m.cleanup_old_sessions(Duration::from_secs(30 * 86_400), 0).await.unwrap();
     let still_there = m.load_session("sA").await.unwrap();
     m.shutdown().await.unwrap();
@@ -727,7 +794,9 @@ async fn journal_that_lost_its_tail_does_not_make_a_fresh_session_look_idle() {
         ));
     }
     if removed != 0 {
-        problems.push(format!("cleanup_old_sessions(30 days) deleted {removed} session(s) saved seconds ago"));
+        problems.push(format!(
+            "cleanup_old_sessions(30 days) deleted {removed} session(s) saved seconds ago"
+        ));
     }
     if still_there != Some(json!({"n": 1})) {
         problems.push(format!("load_session(\"sA\") afterwards: {still_there:?}"));
@@ -748,8 +817,15 @@ async fn corrupt_not_idle(compression: Option<u32>) {
     let removed = m.cleanup_old_sessions(Duration::from_secs(30 * 86_400), 0).await.unwrap();
     let load = m.load_session("sBig").await;
     m.shutdown().await.unwrap();
-    assert_eq!(removed, 0, "cleanup_old_sessions(30 days) removed a session saved seconds ago whose record is damaged");
-    assert_eq!(load.map_err(|e| e.kind()).err(), Some(ErrorKind::Corrupt), "the damaged record is gone");
+    assert_eq!(
+        removed, 0,
+        "cleanup_old_sessions(30 days) removed a session saved seconds ago whose record is damaged"
+    );
+    assert_eq!(
+        load.map_err(|e| e.kind()).err(),
+        Some(ErrorKind::Corrupt),
+        "the damaged record is gone"
+    );
     assert!(fx.base.join(&key).is_file(), "the damaged record was deleted");
 }
 
@@ -779,9 +855,16 @@ async fn damaged_store_metadata_is_reported_not_replaced() {
             }
             Err(e) => {
                 assert_eq!(e.kind(), ErrorKind::Corrupt, "store metadata {name}: {e}");
-                assert!(e.to_string().contains(key), "store metadata {name}: error does not name it: {e}");
+                assert!(
+                    e.to_string().contains(key),
+                    "store metadata {name}: error does not name it: {e}"
+                );
             }
         }
-        assert_eq!(std::fs::read(fx.base.join(key)).unwrap(), bytes, "store metadata {name} was rewritten");
+        assert_eq!(
+            std::fs::read(fx.base.join(key)).unwrap(),
+            bytes,
+            "store metadata {name} was rewritten"
+        );
     }
 }

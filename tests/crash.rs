@@ -80,7 +80,10 @@ fn runtime() -> tokio::runtime::Runtime {
 async fn open(dir: &Path, compression: Option<u32>, log: bool) -> mars_state::Result<StateManager> {
     // Waiting briefly: a child spawned by the other test of this file may hold an inherited
     // copy of the lock between its fork and its exec.
-    let backend = FileStorageBackend::options().lock_wait(Duration::from_secs(2)).write_ahead_log(log).open(dir)?;
+    let backend = FileStorageBackend::options()
+        .lock_wait(Duration::from_secs(2))
+        .write_ahead_log(log)
+        .open(dir)?;
     with_compression(StateManager::builder(backend), compression).start().await
 }
 
@@ -116,8 +119,9 @@ fn op_of(seq: u64) -> (u64, bool) {
 /// parent can tell a right record from a wrong or torn one.
 fn payload(session: u64, seq: u64) -> Value {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut rng =
-        XorShift::new(seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (session + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut rng = XorShift::new(
+        seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (session + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+    );
     let len = 1024 + (rng.next() % (19 * 1024)) as usize;
     let mut pad = String::with_capacity(len);
     while pad.len() < len {
@@ -217,12 +221,20 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
         (false, true) => "plain, write-ahead log",
         (true, true) => "gzip, write-ahead log",
     };
-    let rounds: usize = std::env::var("MARS_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_ROUNDS);
-    let seed: u64 = std::env::var("MARS_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-        t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32) ^ u64::from(compression.unwrap_or(0))
-    });
-    println!("crash test ({label}): {rounds} rounds, seed {seed} (replay with MARS_CRASH_SEED={seed})");
+    let rounds: usize = std::env::var("MARS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_ROUNDS);
+    let seed: u64 =
+        std::env::var("MARS_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+            t.as_nanos() as u64
+                ^ (u64::from(std::process::id()) << 32)
+                ^ u64::from(compression.unwrap_or(0))
+        });
+    println!(
+        "crash test ({label}): {rounds} rounds, seed {seed} (replay with MARS_CRASH_SEED={seed})"
+    );
     let mut rng = XorShift::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
@@ -240,8 +252,15 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
         let mut last_seq = 0;
         for line in lines.iter().filter(|l| l.starts_with("ack ")) {
             let Ack { session: s, seq, checkpoint } = parse_ack(line);
-            assert!(seq > last_seq && seq > model.max_acked, "round {round}: ack seqs must keep rising: {line}");
-            assert_eq!((s, checkpoint.is_some()), op_of(seq), "round {round}: unexpected ack {line}");
+            assert!(
+                seq > last_seq && seq > model.max_acked,
+                "round {round}: ack seqs must keep rising: {line}"
+            );
+            assert_eq!(
+                (s, checkpoint.is_some()),
+                op_of(seq),
+                "round {round}: unexpected ack {line}"
+            );
             last_seq = seq;
             model.max_acked = seq;
             model.acked.insert(seq);
@@ -255,7 +274,10 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
         let unacked_before = counts.stored_unacked;
         rt.block_on(check(dir.path(), compression, log, &mut model, &mut counts, round));
         // Only the one operation in flight at the kill can be stored without an ack.
-        assert!(counts.stored_unacked - unacked_before <= 1, "round {round}: several unacked writes are stored");
+        assert!(
+            counts.stored_unacked - unacked_before <= 1,
+            "round {round}: several unacked writes are stored"
+        );
         counts.rounds += 1;
         if (round + 1) % 20 == 0 {
             println!(
@@ -287,7 +309,13 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
 
 /// Starts the child, waits for its first ack, kills it `delay` later with SIGKILL, and
 /// returns every complete line it wrote.
-fn run_child_and_kill(exe: &Path, test_name: &str, dir: &Path, delay: Duration, round: usize) -> Vec<String> {
+fn run_child_and_kill(
+    exe: &Path,
+    test_name: &str,
+    dir: &Path,
+    delay: Duration,
+    round: usize,
+) -> Vec<String> {
     let mut child = Command::new(exe)
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, dir)
@@ -327,22 +355,37 @@ fn run_child_and_kill(exe: &Path, test_name: &str, dir: &Path, delay: Duration, 
             Err(e) => {
                 let _ = child.kill();
                 let status = child.wait().unwrap();
-                panic!("round {round}: the child never acked ({e:?}; exit {status}); its output: {lines:?}");
+                panic!(
+                    "round {round}: the child never acked ({e:?}; exit {status}); its output: {lines:?}"
+                );
             }
         }
     }
     std::thread::sleep(delay);
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "round {round}: the child was not killed: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "round {round}: the child was not killed: {status}"
+    );
     reader.join().unwrap();
     lines.extend(rx.try_iter());
     lines
 }
 
 /// Reopens the store and checks it against what was acked.
-async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Model, counts: &mut Counts, round: usize) {
-    let m = open(dir, compression, log).await.unwrap_or_else(|e| panic!("round {round}: reopening failed: {e}"));
+async fn check(
+    dir: &Path,
+    compression: Option<u32>,
+    log: bool,
+    model: &mut Model,
+    counts: &mut Counts,
+    round: usize,
+) {
+    let m = open(dir, compression, log)
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: reopening failed: {e}"));
     counts.staged_left += staged_files(dir, true);
     let ext = ext(compression);
     let mut on_disk_total = 0;
@@ -352,7 +395,11 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
         // The session record: readable, exactly some seq's payload, not older than the last ack.
         match m.load_session(&name).await {
             Ok(Some(v)) => match v["seq"].as_u64() {
-                Some(seq) if v == payload(s, seq) && op_of(seq) == (s, false) && seq <= model.max_acked + 1 => {
+                Some(seq)
+                    if v == payload(s, seq)
+                        && op_of(seq) == (s, false)
+                        && seq <= model.max_acked + 1 =>
+                {
                     if seq < model.acked_save[s as usize] {
                         eprintln!(
                             "round {round}: LOST: {name} holds seq {seq}, acked {}",
@@ -365,13 +412,18 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
                     }
                 }
                 _ => {
-                    eprintln!("round {round}: CORRUPT: {name} holds a value that is no save's payload");
+                    eprintln!(
+                        "round {round}: CORRUPT: {name} holds a value that is no save's payload"
+                    );
                     counts.corrupt += 1;
                 }
             },
             Ok(None) => {
                 if model.acked_save[s as usize] > 0 {
-                    eprintln!("round {round}: LOST: {name} has no state, acked {}", model.acked_save[s as usize]);
+                    eprintln!(
+                        "round {round}: LOST: {name} has no state, acked {}",
+                        model.acked_save[s as usize]
+                    );
                     counts.lost += 1;
                 }
             }
@@ -387,7 +439,11 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
         let on_disk = checkpoint_files(dir, &name, ext);
         on_disk_total += on_disk.len();
         for id in listed_ids.symmetric_difference(&on_disk) {
-            let side = if on_disk.contains(id) { "on disk but not listed" } else { "listed but not on disk" };
+            let side = if on_disk.contains(id) {
+                "on disk but not listed"
+            } else {
+                "listed but not on disk"
+            };
             eprintln!("round {round}: MISSING: checkpoint {id} of {name} is {side}");
             counts.missing += 1;
         }
@@ -399,10 +455,15 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
                         && cp.branch_id.as_str() == BRANCH
                         && cp.id == info.id
                         && seq.is_some_and(|q| {
-                            cp.data == payload(s, q) && op_of(q) == (s, true) && q <= model.max_acked + 1
+                            cp.data == payload(s, q)
+                                && op_of(q) == (s, true)
+                                && q <= model.max_acked + 1
                         });
                     if !ok {
-                        eprintln!("round {round}: CORRUPT: checkpoint {} of {name} holds the wrong value", info.id);
+                        eprintln!(
+                            "round {round}: CORRUPT: checkpoint {} of {name} holds the wrong value",
+                            info.id
+                        );
                         counts.corrupt += 1;
                     } else if let Some(q) = seq
                         && !model.acked.contains(&q)
@@ -412,7 +473,10 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
                     }
                 }
                 Ok(None) => {
-                    eprintln!("round {round}: MISSING: listed checkpoint {} of {name} does not restore", info.id);
+                    eprintln!(
+                        "round {round}: MISSING: listed checkpoint {} of {name} does not restore",
+                        info.id
+                    );
                     counts.missing += 1;
                 }
                 Err(e) => {
@@ -423,7 +487,9 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
         }
         for (id, (_, seq)) in model.acked_checkpoints.iter().filter(|(_, (cs, _))| *cs == s) {
             if !listed_ids.contains(id) {
-                eprintln!("round {round}: LOST: acked checkpoint {id} (seq {seq}) of {name} is not listed");
+                eprintln!(
+                    "round {round}: LOST: acked checkpoint {id} (seq {seq}) of {name} is not listed"
+                );
                 counts.lost += 1;
             }
         }
@@ -442,7 +508,8 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
     for s in 0..SESSIONS {
         let name = session_name(s);
         m.cleanup_checkpoints(&name, KEEP_CHECKPOINTS).await.unwrap();
-        remaining.extend(m.list_checkpoints(&name).await.unwrap().into_iter().map(|c| c.id.to_string()));
+        remaining
+            .extend(m.list_checkpoints(&name).await.unwrap().into_iter().map(|c| c.id.to_string()));
     }
     model.acked_checkpoints.retain(|id, _| remaining.contains(id));
     m.shutdown().await.unwrap();
@@ -450,7 +517,9 @@ async fn check(dir: &Path, compression: Option<u32>, log: bool, model: &mut Mode
 
 /// Checkpoint ids with a record file in `checkpoints/<session>/` (staged files excluded).
 fn checkpoint_files(dir: &Path, session: &str, ext: &str) -> BTreeSet<String> {
-    let Ok(entries) = std::fs::read_dir(dir.join("checkpoints").join(session)) else { return BTreeSet::new() };
+    let Ok(entries) = std::fs::read_dir(dir.join("checkpoints").join(session)) else {
+        return BTreeSet::new();
+    };
     entries
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| !n.starts_with('.'))

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use common::{ext, plain_and_compressed, spawn_each, with_compression};
 use mars_state::{
-    FileStorageBackend, MemoryStorageBackend, ObjectMeta, StateManager, StorageBackend, StorageKey, SweepReport,
+    FileStorageBackend, MemoryStorageBackend, ObjectMeta, StateManager, StorageBackend, StorageKey,
+    SweepReport,
 };
 use serde_json::{Value, json};
 
@@ -60,7 +61,10 @@ impl StorageBackend for MapBackend {
             .map()
             .iter()
             .filter(|(k, _)| k.starts_with(&under))
-            .map(|(k, v)| ObjectMeta { key: StorageKey::new(k.clone()).unwrap(), size: v.len() as u64 })
+            .map(|(k, v)| ObjectMeta {
+                key: StorageKey::new(k.clone()).unwrap(),
+                size: v.len() as u64,
+            })
             .collect())
     }
 
@@ -108,10 +112,16 @@ async fn core_flows(compression: Option<u32>) {
     let c2 = m.create_checkpoint("s1", "alt", &json!({"step": 2})).await.unwrap();
     assert!(c1 < c2);
     let listed = m.list_checkpoints("s1").await.unwrap();
-    assert_eq!(listed.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![c1.clone(), c2.clone()]);
+    assert_eq!(
+        listed.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        vec![c1.clone(), c2.clone()]
+    );
     assert_eq!(listed[1].branch_id.as_str(), "alt");
     let cp = m.restore_checkpoint(&c1).await.unwrap().unwrap();
-    assert_eq!((cp.session_id.as_str(), cp.branch_id.as_str(), cp.data), ("s1", "main", json!({"step": 1})));
+    assert_eq!(
+        (cp.session_id.as_str(), cp.branch_id.as_str(), cp.data),
+        ("s1", "main", json!({"step": 1}))
+    );
 
     // list / stats
     m.save_session("s2", &json!("two")).await.unwrap();
@@ -150,7 +160,10 @@ async fn core_flows(compression: Option<u32>) {
     assert_eq!(m.load_session("s1").await.unwrap(), None);
     assert!(m.restore_checkpoint(&c2).await.unwrap().is_none());
     assert!(
-        !backend.keys().iter().any(|k| k.starts_with("sessions/s1") || k.starts_with("checkpoints/s1")),
+        !backend
+            .keys()
+            .iter()
+            .any(|k| k.starts_with("sessions/s1") || k.starts_with("checkpoints/s1")),
         "records of a deleted session remain: {:?}",
         backend.keys()
     );
@@ -195,7 +208,10 @@ async fn concurrent_increments_over_custom_backend() {
     let backend = MapBackend::default();
     let m = start(&backend, None).await;
     let tasks = spawn_each(&m, 0..100, |m, _| async move {
-        m.transactional_update("n", |old: Option<u64>| Ok::<_, std::io::Error>(old.unwrap_or(0) + 1)).await
+        m.transactional_update("n", |old: Option<u64>| {
+            Ok::<_, std::io::Error>(old.unwrap_or(0) + 1)
+        })
+        .await
     });
     for t in tasks {
         t.await.unwrap().unwrap();

@@ -112,7 +112,12 @@ async fn scenario(mount: &Path, log: bool) {
     let cp = m.create_checkpoint("s", "main", &v1).await.unwrap();
 
     let filled = fill(&filler);
-    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled.saturating_sub(SLACK)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(filled.saturating_sub(SLACK))
+        .unwrap();
     println!(
         "disk full (log: {log}): tmpfs of {TMPFS_SIZE}, filler {} bytes, {} bytes free",
         filled - SLACK,
@@ -124,9 +129,16 @@ async fn scenario(mount: &Path, log: bool) {
     let err = m.save_session("s", &huge).await.expect_err("a 512 KB save fitted in 64 KiB");
     println!("disk full: the 512 KB save failed in {:?}: {err}", t.elapsed());
     assert_eq!(err.kind(), ErrorKind::StorageFull, "{err:?}");
-    let err = m.create_checkpoint("s", "main", &huge).await.expect_err("a 512 KB checkpoint fitted in 64 KiB");
+    let err = m
+        .create_checkpoint("s", "main", &huge)
+        .await
+        .expect_err("a 512 KB checkpoint fitted in 64 KiB");
     assert_eq!(err.kind(), ErrorKind::StorageFull, "{err:?}");
-    assert_eq!(m.load_session("s").await.unwrap(), Some(v1.clone()), "the previous version is gone");
+    assert_eq!(
+        m.load_session("s").await.unwrap(),
+        Some(v1.clone()),
+        "the previous version is gone"
+    );
     assert_eq!(m.list_checkpoints("s").await.unwrap().len(), 1);
     let left = staged(&store);
     assert!(left.is_empty(), "staged files left behind: {left:?}");
@@ -145,7 +157,8 @@ async fn scenario(mount: &Path, log: bool) {
     std::fs::remove_file(&filler).unwrap();
     println!("disk full: filler removed, {} bytes free", free_bytes(mount));
     m.save_session("s", &huge).await.expect("saving after space was freed");
-    let id = m.create_checkpoint("s", "main", &huge).await.expect("checkpoint after space was freed");
+    let id =
+        m.create_checkpoint("s", "main", &huge).await.expect("checkpoint after space was freed");
     assert_eq!(m.load_session("s").await.unwrap(), Some(huge.clone()));
     m.shutdown().await.unwrap();
     let m = start(&store, log).await;
@@ -186,10 +199,19 @@ fn mount_tmpfs(mount: &Path) -> bool {
     // Pins that the scenario below really runs on a small tmpfs, not on the disk the
     // temporary directory lives on (where the filler would take gigabytes).
     let fs = rustix::fs::statfs(mount).unwrap();
-    assert_eq!(u64::try_from(fs.f_type).ok(), Some(TMPFS_MAGIC), "{} is not a tmpfs: {fs:?}", mount.display());
+    assert_eq!(
+        u64::try_from(fs.f_type).ok(),
+        Some(TMPFS_MAGIC),
+        "{} is not a tmpfs: {fs:?}",
+        mount.display()
+    );
     let vfs = rustix::fs::statvfs(mount).unwrap();
     let (blocks, frsize) = (vfs.f_blocks, vfs.f_frsize);
-    assert_eq!(blocks * frsize, TMPFS_BYTES, "the tmpfs is not {TMPFS_SIZE}: {blocks} blocks of {frsize} bytes");
+    assert_eq!(
+        blocks * frsize,
+        TMPFS_BYTES,
+        "the tmpfs is not {TMPFS_SIZE}: {blocks} blocks of {frsize} bytes"
+    );
     true
 }
 
@@ -216,7 +238,11 @@ fn a_full_disk_fails_the_save_cleanly_and_saves_work_again_after_freeing() {
             drop(dir);
             std::process::exit(NO_MOUNT);
         }
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         // Written directly, then through the write-ahead log (which, on a disk too full to
         // replay it into the record files, serves it from memory and keeps it).
         rt.block_on(scenario(&mount, false));
@@ -245,10 +271,15 @@ fn a_full_disk_fails_the_save_cleanly_and_saves_work_again_after_freeing() {
         };
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        if !stdout.contains(MOUNTED) && matches!(out.status.code(), Some(UNSHARE_FAILED | NO_MOUNT)) {
+        if !stdout.contains(MOUNTED) && matches!(out.status.code(), Some(UNSHARE_FAILED | NO_MOUNT))
+        {
             // The namespace or the mount was refused: the scenario never started.
             let said: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-            refused.push(format!("`{way}` then `mount -t tmpfs`: {} ({})", out.status, said.join("; ")));
+            refused.push(format!(
+                "`{way}` then `mount -t tmpfs`: {} ({})",
+                out.status,
+                said.join("; ")
+            ));
             continue;
         }
         // The child's first line shares libtest's "test … … " line.
@@ -262,7 +293,10 @@ fn a_full_disk_fails_the_save_cleanly_and_saves_work_again_after_freeing() {
         );
         for log in [false, true] {
             let end = format!("(log: {log}): StorageFull reported");
-            assert!(stdout.contains(&end), "the scenario (log: {log}) did not run to the end:\n{stdout}\n{stderr}");
+            assert!(
+                stdout.contains(&end),
+                "the scenario (log: {log}) did not run to the end:\n{stdout}\n{stderr}"
+            );
         }
         println!("disk full: done in {:.1}s (`{way}`)", started.elapsed().as_secs_f64());
         return;

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{put_file, snapshot};
 use mars_state::{
-    Access, AccessControlLayer, EncryptedFileStorageBackend, EncryptionKey, ErrorKind, FileStorageBackend,
-    MemoryStorageBackend, Principal, StateManager, StateManagerBuilder,
+    Access, AccessControlLayer, EncryptedFileStorageBackend, EncryptionKey, ErrorKind,
+    FileStorageBackend, MemoryStorageBackend, Principal, StateManager, StateManagerBuilder,
 };
 use serde_json::json;
 
@@ -46,7 +46,11 @@ fn all_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 }
 
 fn record_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    all_files(dir).into_iter().map(|(p, _)| p).filter(|p| p.to_string_lossy().ends_with(".enc")).collect()
+    all_files(dir)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.to_string_lossy().ends_with(".enc"))
+        .collect()
 }
 
 async fn no_plaintext(gzip: bool) {
@@ -111,7 +115,9 @@ async fn wrong_key_or_passphrase_is_refused_at_start() {
     m.save_session("s", &json!(1)).await.unwrap();
     m.shutdown().await.unwrap();
     let open = |p: &'static str| {
-        StateManager::builder(FileStorageBackend::new(pdir.path()).unwrap()).encryption_passphrase(p).start()
+        StateManager::builder(FileStorageBackend::new(pdir.path()).unwrap())
+            .encryption_passphrase(p)
+            .start()
     };
     let err = open("wrong horse").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongKey);
@@ -130,14 +136,21 @@ async fn settings_that_do_not_match_the_store_are_refused_untouched() {
     let before = snapshot(dir.path());
     let err = builder(dir.path(), 1, false).start().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(common::diff(&before, &snapshot(dir.path())).iter().all(|d| d.contains("LOCK")), "nothing written");
+    assert!(
+        common::diff(&before, &snapshot(dir.path())).iter().all(|d| d.contains("LOCK")),
+        "nothing written"
+    );
 
     let edir = tempfile::tempdir().unwrap();
     let m = builder(edir.path(), 1, false).start().await.unwrap();
     m.save_session("s", &json!(1)).await.unwrap();
     m.shutdown().await.unwrap();
     let err = StateManager::start(FileStorageBackend::new(edir.path()).unwrap()).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Config, "an encrypted store does not open without its key: {err}");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Config,
+        "an encrypted store does not open without its key: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,8 +178,16 @@ async fn damaged_swapped_and_planted_records_are_refused() {
         put_file(&a, &bytes);
         let m = builder(dir.path(), 1, false).start().await.unwrap();
         let r = m.load_session("a").await;
-        assert_eq!(r.as_ref().map_err(|e| e.kind()).unwrap_err(), ErrorKind::Corrupt, "{name}: {r:?}");
-        assert_eq!(m.load_session("b").await.unwrap(), Some(json!({"who": "b"})), "{name}: b is unaffected");
+        assert_eq!(
+            r.as_ref().map_err(|e| e.kind()).unwrap_err(),
+            ErrorKind::Corrupt,
+            "{name}: {r:?}"
+        );
+        assert_eq!(
+            m.load_session("b").await.unwrap(),
+            Some(json!({"who": "b"})),
+            "{name}: b is unaffected"
+        );
         m.shutdown().await.unwrap();
         let kept: Vec<Vec<u8>> = std::fs::read_dir(dir.path().join("quarantine"))
             .unwrap()
@@ -187,7 +208,11 @@ async fn fill(m: &StateManager, n: usize) {
 
 async fn check_all(m: &StateManager, n: usize) {
     for i in 0..n {
-        assert_eq!(m.load_session(format!("s{i}")).await.unwrap(), Some(json!({"i": i, "m": MARKER})), "s{i}");
+        assert_eq!(
+            m.load_session(format!("s{i}")).await.unwrap(),
+            Some(json!({"i": i, "m": MARKER})),
+            "s{i}"
+        );
         let cps = m.list_checkpoints(format!("s{i}")).await.unwrap();
         assert_eq!(m.restore_checkpoint(&cps[0].id).await.unwrap().unwrap().data, json!({"cp": i}));
     }
@@ -225,9 +250,13 @@ async fn a_rotation_cut_off_before_recording_the_new_key_resumes_the_documented_
     let m = builder(dir.path(), 2, false).start().await.unwrap();
     check_all(&m, 5).await;
     m.shutdown().await.unwrap();
-    assert_eq!(builder(dir.path(), 1, false).start().await.unwrap_err().kind(), ErrorKind::WrongKey);
+    assert_eq!(
+        builder(dir.path(), 1, false).start().await.unwrap_err().kind(),
+        ErrorKind::WrongKey
+    );
     // A wrong key with a wrong previous key is still refused.
-    let err = builder(dir.path(), 3, false).previous_encryption_key(key(4)).start().await.unwrap_err();
+    let err =
+        builder(dir.path(), 3, false).previous_encryption_key(key(4)).start().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongKey);
 }
 
@@ -237,7 +266,8 @@ const CHILD: &str = "MARS_ROTATION_CHILD";
 #[test]
 fn rotation_child() {
     let Ok(dir) = std::env::var(CHILD) else { return };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let m = builder(Path::new(&dir), 1, false).start().await.unwrap();
         println!("rotating");
@@ -293,13 +323,19 @@ async fn rotation_killed_midway_resumes_and_loses_nothing() {
         check_all(&m, 60).await;
         m.shutdown().await.unwrap();
     }
-    println!("rotation killed midway in {killed_midway} of 4 rounds; every record read back each time");
+    println!(
+        "rotation killed midway in {killed_midway} of 4 rounds; every record read back each time"
+    );
     assert!(killed_midway > 0, "no round killed the rotation midway; the test proved nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_backend_works_encrypted_too() {
-    let m = StateManager::builder(MemoryStorageBackend::new()).encryption_passphrase("pw").start().await.unwrap();
+    let m = StateManager::builder(MemoryStorageBackend::new())
+        .encryption_passphrase("pw")
+        .start()
+        .await
+        .unwrap();
     m.save_session("s", &json!(1)).await.unwrap();
     assert_eq!(m.load_session("s").await.unwrap(), Some(json!(1)));
     m.shutdown().await.unwrap();
@@ -321,14 +357,19 @@ async fn rotation_covers_access_records_of_sessions_without_state() {
     let dir = tempfile::tempdir().unwrap();
     let m = builder(dir.path(), 1, false).start().await.unwrap();
     let alice = m.for_principal(principal("alice"));
-    let r = alice.transactional_update("s", |_: Option<u64>| Err::<u64, _>(std::io::Error::other("not yet"))).await;
+    let r = alice
+        .transactional_update("s", |_: Option<u64>| Err::<u64, _>(std::io::Error::other("not yet")))
+        .await;
     assert_eq!(r.unwrap_err().kind(), ErrorKind::UpdateRejected);
     alice.grant_access("s", principal("bob"), Access::Read).await.unwrap();
     m.save_session("other", &json!({"x": 1})).await.unwrap();
     m.rotate_key(key(2)).await.unwrap();
     m.shutdown().await.unwrap();
 
-    let m = builder(dir.path(), 2, false).start().await.unwrap_or_else(|e| panic!("reopen with the new key: {e}"));
+    let m = builder(dir.path(), 2, false)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("reopen with the new key: {e}"));
     let record = m.access_record("s").await.unwrap().expect("alice still owns s");
     assert_eq!(record.owner, principal("alice"));
     assert_eq!(record.grants.get(&principal("bob")), Some(&Access::Read));
@@ -344,14 +385,19 @@ async fn rotation_covers_access_records_of_sessions_without_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_access_record_leaves_its_session_to_administrators() {
     let dir = tempfile::tempdir().unwrap();
-    let open =
-        || builder(dir.path(), 1, false).access_control(AccessControlLayer::new().admin(principal("ops"))).start();
+    let open = || {
+        builder(dir.path(), 1, false)
+            .access_control(AccessControlLayer::new().admin(principal("ops")))
+            .start()
+    };
     let m = open().await.unwrap();
     let alice = m.for_principal(principal("alice"));
     alice.save_session("damaged", &json!({"a": 1})).await.unwrap();
     alice.save_session("fine", &json!({"f": 1})).await.unwrap();
     // Owned, no state: its first update was rejected.
-    let r = alice.transactional_update("empty", |_: Option<u64>| Err::<u64, _>(std::io::Error::other("no"))).await;
+    let r = alice
+        .transactional_update("empty", |_: Option<u64>| Err::<u64, _>(std::io::Error::other("no")))
+        .await;
     assert_eq!(r.unwrap_err().kind(), ErrorKind::UpdateRejected);
     m.shutdown().await.unwrap();
     for sid in ["damaged", "empty"] {
@@ -362,15 +408,25 @@ async fn an_unreadable_access_record_leaves_its_session_to_administrators() {
         put_file(&path, &bytes);
     }
 
-    let m = open().await.unwrap_or_else(|e| panic!("one damaged access record made the store unopenable: {e}"));
+    let m = open()
+        .await
+        .unwrap_or_else(|e| panic!("one damaged access record made the store unopenable: {e}"));
     let alice = m.for_principal(principal("alice"));
     assert_eq!(alice.load_session("fine").await.unwrap(), Some(json!({"f": 1})));
     alice.save_session("fine", &json!({"f": 2})).await.unwrap();
     for sid in ["damaged", "empty"] {
         for who in ["alice", "mallory"] {
             let h = m.for_principal(principal(who));
-            assert_eq!(h.load_session(sid).await.unwrap_err().kind(), ErrorKind::AccessDenied, "{who} loads {sid}");
-            assert_eq!(h.save_session(sid, &0).await.unwrap_err().kind(), ErrorKind::AccessDenied, "{who} saves {sid}");
+            assert_eq!(
+                h.load_session(sid).await.unwrap_err().kind(),
+                ErrorKind::AccessDenied,
+                "{who} loads {sid}"
+            );
+            assert_eq!(
+                h.save_session(sid, &0).await.unwrap_err().kind(),
+                ErrorKind::AccessDenied,
+                "{who} saves {sid}"
+            );
         }
     }
     let ops = m.for_principal(principal("ops"));
@@ -387,7 +443,8 @@ async fn encrypted_file_backend_is_a_fully_encrypted_store() {
     let m = StateManager::builder(backend).start().await.unwrap();
     fill(&m, 3).await;
     let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("metadata/store.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.path().join("metadata/store.json")).unwrap())
+            .unwrap();
     assert_eq!(meta["encrypted"], true, "store.json: {meta}");
     assert!(m.rotate_key(key(2)).await.unwrap() >= 6);
     check_all(&m, 3).await;
@@ -406,7 +463,10 @@ async fn encrypted_file_backend_is_a_fully_encrypted_store() {
     assert_eq!(m.load_session("s3").await.unwrap(), Some(json!({"i": 3, "m": MARKER})));
     m.finish_key_rotation().await.unwrap();
     m.shutdown().await.unwrap();
-    assert_eq!(builder(dir.path(), 1, false).start().await.unwrap_err().kind(), ErrorKind::WrongKey);
+    assert_eq!(
+        builder(dir.path(), 1, false).start().await.unwrap_err().kind(),
+        ErrorKind::WrongKey
+    );
 }
 
 /// Defect 8: an `EncryptedFileStorageBackend` given an `encryption_key` as well would be

@@ -20,11 +20,11 @@ use serde_json::json;
 
 /// The file backend, except that deleting a checkpoint record fails while `stuck` is on.
 async fn open(dir: &Path, stuck: &FaultSwitch) -> StateManager {
-    let backend = Faulty::new(FileStorageBackend::new(dir).unwrap()).controlled_by(stuck.clone()).fail(
-        Method::Delete,
-        IoKind::PermissionDenied,
-        |key| key.as_str().starts_with("checkpoints/"),
-    );
+    let backend = Faulty::new(FileStorageBackend::new(dir).unwrap())
+        .controlled_by(stuck.clone())
+        .fail(Method::Delete, IoKind::PermissionDenied, |key| {
+            key.as_str().starts_with("checkpoints/")
+        });
     StateManager::start(backend).await.unwrap()
 }
 
@@ -55,11 +55,18 @@ async fn a_save_after_a_failed_delete_survives_a_restart() {
     m.save_session("s", &json!({"v": 2})).await.unwrap();
     assert_eq!(m.load_session("s").await.unwrap(), Some(json!({"v": 2})));
     // The delete asked for before the save was finished first: the save starts afresh.
-    assert!(m.list_checkpoints("s").await.unwrap().is_empty(), "the failed delete was finished before the save");
+    assert!(
+        m.list_checkpoints("s").await.unwrap().is_empty(),
+        "the failed delete was finished before the save"
+    );
     m.shutdown().await.unwrap();
 
     let m = open(dir.path(), &stuck).await;
-    assert_eq!(m.load_session("s").await.unwrap(), Some(json!({"v": 2})), "the save was lost at the restart");
+    assert_eq!(
+        m.load_session("s").await.unwrap(),
+        Some(json!({"v": 2})),
+        "the save was lost at the restart"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -74,7 +81,8 @@ async fn vacuum_does_not_replay_a_failed_delete_over_a_newer_save() {
     let report = m.vacuum_storage().await.unwrap();
     assert_eq!(report.orphans_removed, 0, "nothing is left to finish: {report:?}");
     assert_eq!(m.load_session("s").await.unwrap(), Some(json!({"v": 2})));
-    let listed: Vec<String> = m.list_sessions().await.unwrap().iter().map(|s| s.session_id.to_string()).collect();
+    let listed: Vec<String> =
+        m.list_sessions().await.unwrap().iter().map(|s| s.session_id.to_string()).collect();
     assert_eq!(listed, ["s"]);
     m.shutdown().await.unwrap();
 
@@ -127,8 +135,14 @@ async fn the_owner_can_retry_a_failed_delete_and_no_one_else_can_claim_the_remai
     let mallory = m.for_principal(Principal::new("mallory").unwrap());
 
     // What is left still belongs to alice.
-    assert_eq!(m.access_record("s").await.unwrap().map(|r| r.owner.to_string()), Some("alice".to_owned()));
-    assert_eq!(mallory.save_session("s", &json!("mine")).await.unwrap_err().kind(), ErrorKind::AccessDenied);
+    assert_eq!(
+        m.access_record("s").await.unwrap().map(|r| r.owner.to_string()),
+        Some("alice".to_owned())
+    );
+    assert_eq!(
+        mallory.save_session("s", &json!("mine")).await.unwrap_err().kind(),
+        ErrorKind::AccessDenied
+    );
     assert_eq!(mallory.list_checkpoints("s").await.unwrap_err().kind(), ErrorKind::AccessDenied);
 
     stuck.set(false);

@@ -21,10 +21,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::{
-    JANITOR_HOURLY, builder, diff, ext, flip_byte, open_quiet, plain_and_compressed, put_file, quiet, session_file,
-    snapshot, temp_store,
+    JANITOR_HOURLY, builder, diff, ext, flip_byte, open_quiet, plain_and_compressed, put_file,
+    quiet, session_file, snapshot, temp_store,
 };
-use mars_state::{BranchId, CheckpointId, ErrorKind, FileStorageBackend, SessionId, StateError, StateManager};
+use mars_state::{
+    BranchId, CheckpointId, ErrorKind, FileStorageBackend, SessionId, StateError, StateManager,
+};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------
@@ -143,12 +145,20 @@ fn hostile_ids() -> Vec<String> {
     v
 }
 
-fn check_invalid<T>(failures: &mut Vec<String>, call: &str, what: &str, id: &str, r: Result<T, StateError>) {
+fn check_invalid<T>(
+    failures: &mut Vec<String>,
+    call: &str,
+    what: &str,
+    id: &str,
+    r: Result<T, StateError>,
+) {
     match r {
         Ok(_) => failures.push(format!("{call}({}) succeeded", show(id))),
-        Err(e) if e.kind() != ErrorKind::InvalidId => {
-            failures.push(format!("{call}({}) failed with {:?} instead of InvalidId: {e}", show(id), e.kind()))
-        }
+        Err(e) if e.kind() != ErrorKind::InvalidId => failures.push(format!(
+            "{call}({}) failed with {:?} instead of InvalidId: {e}",
+            show(id),
+            e.kind()
+        )),
         Err(e) => {
             if let StateError::InvalidId { what: w, .. } = &e
                 && *w != what
@@ -160,7 +170,11 @@ fn check_invalid<T>(failures: &mut Vec<String>, call: &str, what: &str, id: &str
                 failures.push(format!("{call}({}): message holds raw {:?}: {msg:?}", show(id), c));
             }
             if msg.chars().count() > 400 {
-                failures.push(format!("{call}({}): message is {} chars long", show(id), msg.chars().count()));
+                failures.push(format!(
+                    "{call}({}): message is {} chars long",
+                    show(id),
+                    msg.chars().count()
+                ));
             }
         }
     }
@@ -197,11 +211,35 @@ async fn hostile_ids_touch_nothing(compression: Option<u32>) {
         check_invalid(f, "load_session", "session id", id, m.load_session(id).await);
         check_invalid(f, "load_session_as", "session id", id, m.load_session_as::<Value>(id).await);
         check_invalid(f, "delete_session", "session id", id, m.delete_session(id).await);
-        check_invalid(f, "create_checkpoint(session)", "session id", id, m.create_checkpoint(id, "main", &state).await);
-        check_invalid(f, "create_checkpoint(branch)", "branch id", id, m.create_checkpoint("legit", id, &state).await);
-        check_invalid(f, "create_checkpoint(both)", "session id", id, m.create_checkpoint(id, id, &state).await);
+        check_invalid(
+            f,
+            "create_checkpoint(session)",
+            "session id",
+            id,
+            m.create_checkpoint(id, "main", &state).await,
+        );
+        check_invalid(
+            f,
+            "create_checkpoint(branch)",
+            "branch id",
+            id,
+            m.create_checkpoint("legit", id, &state).await,
+        );
+        check_invalid(
+            f,
+            "create_checkpoint(both)",
+            "session id",
+            id,
+            m.create_checkpoint(id, id, &state).await,
+        );
         check_invalid(f, "list_checkpoints", "session id", id, m.list_checkpoints(id).await);
-        check_invalid(f, "cleanup_checkpoints", "session id", id, m.cleanup_checkpoints(id, 0).await);
+        check_invalid(
+            f,
+            "cleanup_checkpoints",
+            "session id",
+            id,
+            m.cleanup_checkpoints(id, 0).await,
+        );
         let ran = closure_ran.clone();
         let r = m
             .transactional_update(id, move |_old: Option<Value>| {
@@ -221,7 +259,10 @@ async fn hostile_ids_touch_nothing(compression: Option<u32>) {
         }
     }
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(!closure_ran.load(Ordering::SeqCst), "a transactional_update closure ran for a hostile id");
+    assert!(
+        !closure_ran.load(Ordering::SeqCst),
+        "a transactional_update closure ran for a hostile id"
+    );
 
     // Nothing was written anywhere: not outside the store, not inside it.
     let after = snapshot(dir.path());
@@ -229,12 +270,24 @@ async fn hostile_ids_touch_nothing(compression: Option<u32>) {
     assert!(d.is_empty(), "hostile ids changed the file tree:\n{}", d.join("\n"));
     assert_eq!(m.list_sessions().await.unwrap(), sessions_before);
     assert_eq!(m.get_storage_stats().await.unwrap(), stats_before);
-    assert_eq!(m.live_session_actors().await.unwrap(), actors_before, "hostile ids spawned session actors");
-    let records: Vec<_> = std::fs::read_dir(base.join("sessions")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(
+        m.live_session_actors().await.unwrap(),
+        actors_before,
+        "hostile ids spawned session actors"
+    );
+    let records: Vec<_> =
+        std::fs::read_dir(base.join("sessions")).unwrap().map(|e| e.unwrap().file_name()).collect();
     let legit = std::ffi::OsString::from(format!("legit{}", ext(compression)));
     assert_eq!(records, vec![legit], "the sessions folder gained entries");
-    let cps: Vec<_> = std::fs::read_dir(base.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(cps, vec![std::ffi::OsString::from("legit")], "the checkpoints folder gained entries");
+    let cps: Vec<_> = std::fs::read_dir(base.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        cps,
+        vec![std::ffi::OsString::from("legit")],
+        "the checkpoints folder gained entries"
+    );
     assert_eq!(m.list_checkpoints("legit").await.unwrap().len(), 1);
     assert_eq!(m.load_session("legit").await.unwrap(), Some(json!({"step": 1})));
     assert!(m.restore_checkpoint(&legit_cp).await.unwrap().is_some());
@@ -287,7 +340,13 @@ fn hostile_checkpoint_ids_are_rejected() {
     bad.push(format!("{}-{}", "0".repeat(16), "0".repeat(10_000)));
     let mut failures = Vec::new();
     for s in &bad {
-        check_invalid(&mut failures, "CheckpointId::parse", "checkpoint id", s, CheckpointId::parse(s));
+        check_invalid(
+            &mut failures,
+            "CheckpointId::parse",
+            "checkpoint id",
+            s,
+            CheckpointId::parse(s),
+        );
         check_invalid(&mut failures, "str::parse", "checkpoint id", s, s.parse::<CheckpointId>());
         if serde_json::from_value::<CheckpointId>(json!(s)).is_ok() {
             failures.push(format!("CheckpointId deserialized from {}", show(s)));
@@ -303,7 +362,8 @@ async fn unknown_checkpoint_ids_find_nothing_and_touch_nothing() {
     let m = start(&base).await;
     m.save_session("s1", &json!(1)).await.unwrap();
     let before = snapshot(dir.path());
-    for s in ["0000000000000000-00000000", "ffffffffffffffff-ffffffff", "0192a3b4c5d60001-1a2b3c4d"] {
+    for s in ["0000000000000000-00000000", "ffffffffffffffff-ffffffff", "0192a3b4c5d60001-1a2b3c4d"]
+    {
         let id = CheckpointId::parse(s).unwrap();
         assert!(m.restore_checkpoint(&id).await.unwrap().is_none());
         assert_eq!(m.rollback_to_checkpoint(&id).await.unwrap_err().kind(), ErrorKind::NotFound);
@@ -349,7 +409,8 @@ async fn unusual_valid_ids_stay_inside_the_store_and_do_not_collide() {
     for id in ids {
         assert!(SessionId::new(id).is_ok(), "{id} should be a valid id");
     }
-    let outside_before: Vec<_> = snapshot(dir.path()).into_iter().filter(|(p, _)| !p.starts_with("tmp")).collect();
+    let outside_before: Vec<_> =
+        snapshot(dir.path()).into_iter().filter(|(p, _)| !p.starts_with("tmp")).collect();
     for id in ids {
         m.save_session(id, &json!({"id": id})).await.unwrap();
         m.create_checkpoint(id, id, &json!({"cp": id})).await.unwrap();
@@ -366,14 +427,25 @@ async fn unusual_valid_ids_stay_inside_the_store_and_do_not_collide() {
         let cps = m.list_checkpoints(id).await.unwrap();
         assert_eq!(cps.len(), 1, "checkpoints of {id}");
         assert_eq!(cps[0].branch_id.as_str(), id);
-        assert_eq!(m.restore_checkpoint(&cps[0].id).await.unwrap().unwrap().data, json!({"cp": id}));
-        assert!(base.join("sessions").join(format!("{id}.json")).is_file(), "record of {id} not where expected");
+        assert_eq!(
+            m.restore_checkpoint(&cps[0].id).await.unwrap().unwrap().data,
+            json!({"cp": id})
+        );
+        assert!(
+            base.join("sessions").join(format!("{id}.json")).is_file(),
+            "record of {id} not where expected"
+        );
     }
     for (p, _) in snapshot(&base) {
         let top = p.components().next().unwrap().as_os_str().to_string_lossy().into_owned();
-        assert!(["sessions", "checkpoints", "metadata", "quarantine"].contains(&top.as_str()), "stray {}", p.display());
+        assert!(
+            ["sessions", "checkpoints", "metadata", "quarantine"].contains(&top.as_str()),
+            "stray {}",
+            p.display()
+        );
     }
-    let outside_after: Vec<_> = snapshot(dir.path()).into_iter().filter(|(p, _)| !p.starts_with("tmp")).collect();
+    let outside_after: Vec<_> =
+        snapshot(dir.path()).into_iter().filter(|(p, _)| !p.starts_with("tmp")).collect();
     assert_eq!(outside_before, outside_after, "something changed outside the store");
     for id in ids {
         assert!(m.delete_session(id).await.unwrap());
@@ -395,7 +467,8 @@ async fn genuine_records(sid: &str, data: &Value) -> (Vec<u8>, CheckpointId, Vec
     let cid = m.create_checkpoint(sid, "main", data).await.unwrap();
     m.shutdown().await.unwrap();
     let session = std::fs::read(dir.path().join("sessions").join(format!("{sid}.json"))).unwrap();
-    let cp = std::fs::read(dir.path().join("checkpoints").join(sid).join(format!("{cid}.json"))).unwrap();
+    let cp = std::fs::read(dir.path().join("checkpoints").join(sid).join(format!("{cid}.json")))
+        .unwrap();
     (session, cid, cp)
 }
 
@@ -432,7 +505,11 @@ async fn planted_session_symlink_is_not_followed() {
         assert_eq!(m.load_session("evil").await.unwrap(), Some(json!({"mine": true})));
     }
     let _ = m.delete_session("evil").await;
-    assert_eq!(std::fs::read(&target).unwrap(), record, "delete_session touched the symlink's target");
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        record,
+        "delete_session touched the symlink's target"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -453,7 +530,10 @@ async fn planted_checkpoint_dir_symlink_is_not_read_or_written() {
     let (_dir, base, outside, cid) = planted_checkpoint_dir().await;
     let before = snapshot(&outside);
     let m = start(&base).await;
-    assert!(m.list_checkpoints("s1").await.unwrap().is_empty(), "checkpoints listed through a symlink");
+    assert!(
+        m.list_checkpoints("s1").await.unwrap().is_empty(),
+        "checkpoints listed through a symlink"
+    );
     if let Ok(Some(cp)) = m.restore_checkpoint(&cid).await {
         panic!("restore_checkpoint read through a planted symlink: {cp:?}");
     }
@@ -473,7 +553,11 @@ async fn delete_session_does_not_follow_a_planted_checkpoint_dir_symlink() {
     m.save_session("s1", &json!(1)).await.unwrap();
     let r = m.delete_session("s1").await;
     let d = diff(&before, &snapshot(&outside));
-    assert!(d.is_empty(), "delete_session(\"s1\") = {r:?} changed files outside the store:\n{}", d.join("\n"));
+    assert!(
+        d.is_empty(),
+        "delete_session(\"s1\") = {r:?} changed files outside the store:\n{}",
+        d.join("\n")
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -523,7 +607,8 @@ async fn workload_against_link(link: &str, to_dir: bool) -> Vec<String> {
             if let Ok(r) = tokio::time::timeout(t, m.restore_checkpoint(&cid)).await {
                 leak("restore_checkpoint", format!("{r:?}"));
             }
-            let _ = tokio::time::timeout(t, m.create_checkpoint("s1", "main", &json!({"mine": 1}))).await;
+            let _ = tokio::time::timeout(t, m.create_checkpoint("s1", "main", &json!({"mine": 1})))
+                .await;
             if let Ok(r) = tokio::time::timeout(t, m.list_checkpoints("s1")).await {
                 leak("list_checkpoints", format!("{r:?}"));
             }
@@ -579,8 +664,12 @@ async fn checkpoint_dir_swapped_for_a_symlink_while_running_is_not_written_throu
     std::fs::rename(&real, dir.path().join("moved-away")).unwrap();
     std::os::unix::fs::symlink(&outside, &real).unwrap();
     let r = m.create_checkpoint("s1", "main", &json!(2)).await;
-    let written: Vec<_> = std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(written.is_empty(), "create_checkpoint = {r:?} wrote {written:?} outside the store through the link");
+    let written: Vec<_> =
+        std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(
+        written.is_empty(),
+        "create_checkpoint = {r:?} wrote {written:?} outside the store through the link"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -654,7 +743,8 @@ fn no_marker(failures: &mut Vec<String>, what: &str, e: &StateError) {
 async fn errors_and_logs_never_contain_the_payload() {
     let logs = captured_logs();
     let (_dir, base) = temp_store("store");
-    let open = || builder(&base, None).janitor_interval(JANITOR_HOURLY).max_state_bytes(4096).start();
+    let open =
+        || builder(&base, None).janitor_interval(JANITOR_HOURLY).max_state_bytes(4096).start();
     let m = open().await.unwrap();
     let mut failures = Vec::new();
     let f = &mut failures;
@@ -664,8 +754,10 @@ async fn errors_and_logs_never_contain_the_payload() {
     let e = m.load_session_as::<Typed>("typed").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Serialization);
     no_marker(f, "load_session_as (wrong type)", &e);
-    let e =
-        m.transactional_update("typed", |old: Option<Typed>| Ok::<_, std::io::Error>(old.unwrap())).await.unwrap_err();
+    let e = m
+        .transactional_update("typed", |old: Option<Typed>| Ok::<_, std::io::Error>(old.unwrap()))
+        .await
+        .unwrap_err();
     no_marker(f, "transactional_update (wrong type)", &e);
     // An unknown enum variant.
     m.save_session("mode", &json!(MARKER)).await.unwrap();
@@ -678,7 +770,11 @@ async fn errors_and_logs_never_contain_the_payload() {
     // Too large.
     let big = json!({"blob": format!("{MARKER}{}", "x".repeat(5000))});
     no_marker(f, "save_session (too large)", &m.save_session("big", &big).await.unwrap_err());
-    no_marker(f, "create_checkpoint (too large)", &m.create_checkpoint("big", "main", &big).await.unwrap_err());
+    no_marker(
+        f,
+        "create_checkpoint (too large)",
+        &m.create_checkpoint("big", "main", &big).await.unwrap_err(),
+    );
     // Damaged records: a flipped byte inside the data, and a truncation.
     m.save_session("flip", &json!({"note": MARKER})).await.unwrap();
     m.save_session("cut", &json!({"note": MARKER})).await.unwrap();

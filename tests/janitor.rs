@@ -11,7 +11,12 @@ use serde_json::json;
 
 /// A manager over a fresh in-memory store whose janitor runs `every` so long under `policy`.
 async fn memory_manager(every: Duration, policy: RetentionPolicy) -> StateManager {
-    StateManager::builder(MemoryStorageBackend::new()).janitor_interval(every).retention(policy).start().await.unwrap()
+    StateManager::builder(MemoryStorageBackend::new())
+        .janitor_interval(every)
+        .retention(policy)
+        .start()
+        .await
+        .unwrap()
 }
 
 /// Advances paused time by `n` hours, one at a time, letting the janitor run after each.
@@ -42,13 +47,20 @@ async fn interval_pass_trims_checkpoints_to_the_limit() {
     settle().await;
     let left: Vec<_> = m.list_checkpoints("s1").await.unwrap().into_iter().map(|c| c.id).collect();
     assert_eq!(left, ids[3..].to_vec(), "the two newest are kept");
-    assert_eq!(m.list_checkpoints("s2").await.unwrap().len(), 1, "a session under the limit is untouched");
+    assert_eq!(
+        m.list_checkpoints("s2").await.unwrap().len(),
+        1,
+        "a session under the limit is untouched"
+    );
     m.shutdown().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn idle_sessions_are_removed_and_active_ones_kept() {
-    let policy = RetentionPolicy { max_session_idle: Some(Duration::from_secs(86_400)), ..Default::default() };
+    let policy = RetentionPolicy {
+        max_session_idle: Some(Duration::from_secs(86_400)),
+        ..Default::default()
+    };
     let m = memory_manager(Duration::from_secs(3600), policy).await;
     m.save_session("old", &json!({"v": 1})).await.unwrap();
     m.create_checkpoint("old", "main", &json!({"v": 1})).await.unwrap();
@@ -77,7 +89,11 @@ async fn run_now_sweeps_staged_files_of_interrupted_writes() {
     let report = m.run_janitor_now().await.unwrap();
     assert_eq!(report.temp_files_removed, 1);
     assert!(!staged.exists());
-    assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"v": 1})), "the record itself is untouched");
+    assert_eq!(
+        m.load_session("s1").await.unwrap(),
+        Some(json!({"v": 1})),
+        "the record itself is untouched"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -97,7 +113,10 @@ async fn cleanup_old_sessions_keeps_the_most_recent() {
 
 #[tokio::test(start_paused = true)]
 async fn old_checkpoints_go_but_each_sessions_newest_stays() {
-    let policy = RetentionPolicy { max_checkpoint_age: Some(Duration::from_secs(86_400)), ..Default::default() };
+    let policy = RetentionPolicy {
+        max_checkpoint_age: Some(Duration::from_secs(86_400)),
+        ..Default::default()
+    };
     let m = memory_manager(Duration::from_secs(3600), policy).await;
     settle().await;
     let old_a = m.create_checkpoint("a", "main", &json!(1)).await.unwrap();
@@ -108,7 +127,11 @@ async fn old_checkpoints_go_but_each_sessions_newest_stays() {
     // Past a day for the old ones, not for the new one.
     pass_hours(15).await;
     assert_eq!(checkpoint_ids(&m, "a").await, vec![new_a], "the old one of a is removed");
-    assert_eq!(checkpoint_ids(&m, "b").await, vec![old_b], "b's only (newest) checkpoint is spared however old");
+    assert_eq!(
+        checkpoint_ids(&m, "b").await,
+        vec![old_b],
+        "b's only (newest) checkpoint is spared however old"
+    );
     assert!(m.restore_checkpoint(&old_a).await.unwrap().is_none());
     m.shutdown().await.unwrap();
 }
@@ -130,7 +153,11 @@ async fn a_byte_cap_holds_across_1000_checkpoints_and_evicts_oldest_first() {
         all.push(m.create_checkpoint(s, "main", &json!({"i": i, "p": payload})).await.unwrap());
         let stats = m.get_storage_stats().await.unwrap();
         max_seen = max_seen.max(stats.total_bytes);
-        assert!(stats.total_bytes <= cap, "over the cap after checkpoint {i}: {}", stats.total_bytes);
+        assert!(
+            stats.total_bytes <= cap,
+            "over the cap after checkpoint {i}: {}",
+            stats.total_bytes
+        );
     }
     // What is left is exactly a suffix of the creation order (oldest evicted first),
     // and the bytes on disk agree with the stats.

@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use common::{flip_byte, quiet, settle, with_compression};
 use mars_state::{
-    BoxError, CheckpointId, CheckpointInfo, CheckpointPolicy, CheckpointReason, ErrorKind, EventKind,
-    FileStorageBackend, MemoryStorageBackend, SessionInfo, SessionStatus, StateManager, StateManagerBuilder, Watch,
+    BoxError, CheckpointId, CheckpointInfo, CheckpointPolicy, CheckpointReason, ErrorKind,
+    EventKind, FileStorageBackend, MemoryStorageBackend, SessionInfo, SessionStatus, StateManager,
+    StateManagerBuilder, Watch,
 };
 use serde_json::{Value, json};
 
@@ -107,7 +108,10 @@ async fn checkpoints_once(m: &StateManager, session: &str, n: usize) -> Vec<Chec
 }
 
 fn info<'a>(sessions: &'a [SessionInfo], id: &str) -> &'a SessionInfo {
-    sessions.iter().find(|s| s.session_id.as_str() == id).unwrap_or_else(|| panic!("session {id} not listed"))
+    sessions
+        .iter()
+        .find(|s| s.session_id.as_str() == id)
+        .unwrap_or_else(|| panic!("session {id} not listed"))
 }
 
 /// Parses a record file as JSON (gunzipping `.gz` records).
@@ -139,7 +143,8 @@ fn all_records(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let sessions = records_in(&dir.join("sessions"));
     let mut checkpoints = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir.join("checkpoints")) {
-        let mut dirs: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+        let mut dirs: Vec<PathBuf> =
+            entries.map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
         dirs.sort();
         for d in dirs {
             checkpoints.extend(records_in(&d));
@@ -196,7 +201,8 @@ const CHILD_MAX_LIFETIME: Duration = Duration::from_secs(60);
 
 /// `Some(store dir)` when this process is the child playing `role`.
 fn child_role(role: &str) -> Option<PathBuf> {
-    (std::env::var(CHILD_ENV).ok()? == role).then(|| PathBuf::from(std::env::var_os(CHILD_DIR_ENV).unwrap()))
+    (std::env::var(CHILD_ENV).ok()? == role)
+        .then(|| PathBuf::from(std::env::var_os(CHILD_DIR_ENV).unwrap()))
 }
 
 /// A child running test `test_name` of this binary as `role` on `dir`, and its stdout lines.
@@ -278,7 +284,10 @@ async fn every_3_steps_checkpoints_at_steps_3_6_9_only() {
     );
     for (step, id) in &taken {
         let cp = m.restore_checkpoint(id).await.unwrap().unwrap();
-        assert_eq!((cp.reason, cp.step, cp.data), (CheckpointReason::Steps, Some(*step), run_state(*step)));
+        assert_eq!(
+            (cp.reason, cp.step, cp.data),
+            (CheckpointReason::Steps, Some(*step), run_state(*step))
+        );
     }
 }
 
@@ -310,7 +319,11 @@ async fn every_60s_checkpoints_once_per_interval_while_steps_are_recorded() {
     let m = memory_manager(&MemoryStorageBackend::new(), CheckpointPolicy::on_demand()).await;
     // Starts the session actor (and its policy timer) now.
     m.set_checkpoint_policy("run", CheckpointPolicy::every(Duration::from_secs(60))).await.unwrap();
-    assert_eq!(m.record_step("run", 1, &run_state(1)).await.unwrap(), None, "the time rule never fires in record_step");
+    assert_eq!(
+        m.record_step("run", 1, &run_state(1)).await.unwrap(),
+        None,
+        "the time rule never fires in record_step"
+    );
 
     tokio::time::advance(Duration::from_secs(59)).await;
     let_actors_run().await;
@@ -326,7 +339,11 @@ async fn every_60s_checkpoints_once_per_interval_while_steps_are_recorded() {
         tokio::time::advance(Duration::from_secs(30)).await;
         let_actors_run().await;
     }
-    assert_eq!(m.list_checkpoints("run").await.unwrap().len(), 1, "no new steps, no new checkpoint");
+    assert_eq!(
+        m.list_checkpoints("run").await.unwrap().len(),
+        1,
+        "no new steps, no new checkpoint"
+    );
 
     // A new step: one more checkpoint within the next interval, and only one.
     assert_eq!(m.record_step("run", 2, &run_state(2)).await.unwrap(), None);
@@ -342,7 +359,10 @@ async fn every_60s_checkpoints_once_per_interval_while_steps_are_recorded() {
     assert_eq!(cps_later, cps);
     assert_eq!(
         summary(&cps),
-        [("main".to_owned(), CheckpointReason::Time, Some(1)), ("main".to_owned(), CheckpointReason::Time, Some(2))]
+        [
+            ("main".to_owned(), CheckpointReason::Time, Some(1)),
+            ("main".to_owned(), CheckpointReason::Time, Some(2))
+        ]
     );
     assert_eq!(cps[1].parent.as_ref(), Some(&cps[0].id));
 }
@@ -375,7 +395,11 @@ async fn step_and_time_rules_together_each_fire_and_each_resets_the_other() {
     m.record_step("run", 10, &run_state(10)).await.unwrap();
     tokio::time::advance(Duration::from_secs(59)).await;
     let_actors_run().await;
-    assert_eq!(m.list_checkpoints("run").await.unwrap().len(), 2, "the step checkpoint restarted the clock");
+    assert_eq!(
+        m.list_checkpoints("run").await.unwrap().len(),
+        2,
+        "the step checkpoint restarted the clock"
+    );
     // The timer ticks every quarter interval, so the checkpoint comes within 75 s.
     tokio::time::advance(Duration::from_secs(17)).await;
     let cps = checkpoints_once(&m, "run", 3).await;
@@ -418,14 +442,20 @@ async fn recorded_steps_are_flushed_at_shutdown_and_load_after_a_restart() {
     let stepped = m.list_checkpoints("stepped").await.unwrap();
     assert_eq!(
         summary(&stepped),
-        [("main".to_owned(), CheckpointReason::Steps, Some(3)), ("main".to_owned(), CheckpointReason::Flush, Some(5))]
+        [
+            ("main".to_owned(), CheckpointReason::Steps, Some(3)),
+            ("main".to_owned(), CheckpointReason::Flush, Some(5))
+        ]
     );
     assert_eq!(m.restore_checkpoint(&stepped[1].id).await.unwrap().unwrap().data, run_state(5));
     let on_demand = m.list_checkpoints("on-demand").await.unwrap();
     assert_eq!(summary(&on_demand), [("main".to_owned(), CheckpointReason::Flush, Some(2))]);
     let sessions = m.list_sessions().await.unwrap();
     for s in ["stepped", "on-demand"] {
-        assert_eq!((info(&sessions, s).status, info(&sessions, s).interrupted), (SessionStatus::Running, false));
+        assert_eq!(
+            (info(&sessions, s).status, info(&sessions, s).interrupted),
+            (SessionStatus::Running, false)
+        );
     }
     // A clean restart with nothing recorded flushes nothing more.
     m.shutdown().await.unwrap();
@@ -437,7 +467,11 @@ async fn recorded_steps_are_flushed_at_shutdown_and_load_after_a_restart() {
 #[tokio::test(start_paused = true)]
 async fn recorded_steps_are_flushed_when_the_session_actor_passivates() {
     let backend = MemoryStorageBackend::new();
-    let m = quiet(StateManager::builder(backend.clone())).idle_timeout(Duration::from_secs(1)).start().await.unwrap();
+    let m = quiet(StateManager::builder(backend.clone()))
+        .idle_timeout(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
     for step in 1..=4 {
         assert_eq!(m.record_step("run", step, &run_state(step)).await.unwrap(), None);
     }
@@ -475,7 +509,8 @@ async fn a_paused_session_resumes_in_a_fresh_manager_and_stays_running_after_res
         m.record_step("run", step, &run_state(step)).await.unwrap();
     }
     m.save_session("other", &json!({"n": 1})).await.unwrap();
-    let paused_cp = m.pause_session("run", &run_state(3), "waiting for human approval").await.unwrap();
+    let paused_cp =
+        m.pause_session("run", &run_state(3), "waiting for human approval").await.unwrap();
     m.shutdown().await.unwrap();
 
     let m = open_file(dir.path()).await;
@@ -516,10 +551,16 @@ async fn a_paused_session_resumes_in_a_fresh_manager_and_stays_running_after_res
 
     let m = open_file(dir.path()).await;
     let sessions = m.list_sessions().await.unwrap();
-    assert_eq!((info(&sessions, "run").status, info(&sessions, "run").interrupted), (SessionStatus::Running, false));
+    assert_eq!(
+        (info(&sessions, "run").status, info(&sessions, "run").interrupted),
+        (SessionStatus::Running, false)
+    );
     assert!(m.list_sessions_by_status(SessionStatus::Paused).await.unwrap().is_empty());
     assert_eq!(m.load_session("run").await.unwrap(), Some(run_state(3)));
-    assert_eq!(read_record(&common::session_file(dir.path(), "run", None))["meta"]["status"], "running");
+    assert_eq!(
+        read_record(&common::session_file(dir.path(), "run", None))["meta"]["status"],
+        "running"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -535,13 +576,21 @@ async fn complete_and_fail_are_stored_and_filterable() {
     m.shutdown().await.unwrap();
 
     let m = open_file(dir.path()).await;
-    let ids = |v: Vec<SessionInfo>| v.into_iter().map(|s| s.session_id.to_string()).collect::<Vec<_>>();
+    let ids =
+        |v: Vec<SessionInfo>| v.into_iter().map(|s| s.session_id.to_string()).collect::<Vec<_>>();
     assert_eq!(ids(m.list_sessions_by_status(SessionStatus::Completed).await.unwrap()), ["done"]);
     assert_eq!(ids(m.list_sessions_by_status(SessionStatus::Failed).await.unwrap()), ["broken"]);
     assert_eq!(ids(m.list_sessions_by_status(SessionStatus::Running).await.unwrap()), ["busy"]);
     assert_eq!(m.load_session("done").await.unwrap(), Some(run_state(9)));
-    assert_eq!(m.load_session("broken").await.unwrap(), Some(run_state(2)), "failing keeps the state");
-    assert_eq!(read_record(&common::session_file(dir.path(), "broken", None))["meta"]["reason"], "the model refused");
+    assert_eq!(
+        m.load_session("broken").await.unwrap(),
+        Some(run_state(2)),
+        "failing keeps the state"
+    );
+    assert_eq!(
+        read_record(&common::session_file(dir.path(), "broken", None))["meta"]["reason"],
+        "the model refused"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -572,8 +621,11 @@ fn a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart() {
         return crash_child(&dir);
     }
     let dir = tempfile::tempdir().unwrap();
-    let (child, lines) =
-        spawn_child("a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart", "crash", dir.path());
+    let (child, lines) = spawn_child(
+        "a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart",
+        "crash",
+        dir.path(),
+    );
     wait_for_line(&lines, "ready");
     sigkill(child);
 
@@ -588,14 +640,28 @@ fn a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart() {
         let r = m.recover_session("run").await.unwrap();
         assert!(r.interrupted);
         assert_eq!(r.status, SessionStatus::Running);
-        assert_eq!(r.state, Some(run_state(6)), "the last durable state: step 7 was only in memory");
+        assert_eq!(
+            r.state,
+            Some(run_state(6)),
+            "the last durable state: step 7 was only in memory"
+        );
         let cp = r.checkpoint.expect("a checkpoint to resume from");
-        assert_eq!((cp.reason, cp.step, &cp.data), (CheckpointReason::Steps, Some(6), &run_state(6)));
-        assert_eq!(cp.id, m.list_checkpoints("run").await.unwrap().last().unwrap().id, "the newest checkpoint");
+        assert_eq!(
+            (cp.reason, cp.step, &cp.data),
+            (CheckpointReason::Steps, Some(6), &run_state(6))
+        );
+        assert_eq!(
+            cp.id,
+            m.list_checkpoints("run").await.unwrap().last().unwrap().id,
+            "the newest checkpoint"
+        );
         assert!(r.skipped.is_empty());
 
         let r = m.recover_session("done").await.unwrap();
-        assert_eq!((r.interrupted, r.status, r.state), (false, SessionStatus::Completed, Some(json!({"result": 42}))));
+        assert_eq!(
+            (r.interrupted, r.status, r.state),
+            (false, SessionStatus::Completed, Some(json!({"result": 42})))
+        );
 
         // Picking the run up again clears the mark.
         m.record_step("run", 7, &run_state(7)).await.unwrap();
@@ -628,7 +694,10 @@ fn the_interrupted_mark_survives_a_clean_restart_until_the_session_is_saved() {
         // The next one still learns that "run" was cut off, from the listing and recovery.
         let m = open_file(dir.path()).await;
         let sessions = m.list_sessions().await.unwrap();
-        assert_eq!((info(&sessions, "run").status, info(&sessions, "run").interrupted), (SessionStatus::Running, true));
+        assert_eq!(
+            (info(&sessions, "run").status, info(&sessions, "run").interrupted),
+            (SessionStatus::Running, true)
+        );
         assert!(!info(&sessions, "done").interrupted);
         assert!(!info(&sessions, "held").interrupted);
         assert!(m.recover_session("run").await.unwrap().interrupted);
@@ -664,7 +733,11 @@ async fn a_session_with_only_recorded_steps_is_listed_counted_and_deleted() {
     assert_eq!(m.get_storage_stats().await.unwrap().session_count, 0);
     m.shutdown().await.unwrap();
     let m = open_file(dir.path()).await;
-    assert_eq!(m.load_session("run").await.unwrap(), None, "the delete outlived the shutdown flush");
+    assert_eq!(
+        m.load_session("run").await.unwrap(),
+        None,
+        "the delete outlived the shutdown flush"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -674,7 +747,9 @@ async fn pause_and_failure_reasons_and_times_are_listed_and_recovered() {
     // reading the file.
     let dir = tempfile::tempdir().unwrap();
     let m = open_file(dir.path()).await;
-    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let before =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as u64;
     m.pause_session("held", &run_state(3), "waiting for approval").await.unwrap();
     m.save_session("broken", &run_state(1)).await.unwrap();
     m.fail_session("broken", "the model refused").await.unwrap();
@@ -705,7 +780,13 @@ async fn pause_and_failure_reasons_and_times_are_listed_and_recovered() {
 
     // Resuming clears the reason and records when.
     m.resume_session("held").await.unwrap();
-    let held = m.list_sessions().await.unwrap().into_iter().find(|s| s.session_id.as_str() == "held").unwrap();
+    let held = m
+        .list_sessions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.session_id.as_str() == "held")
+        .unwrap();
     assert_eq!((held.status, held.status_reason.as_deref()), (SessionStatus::Running, None));
     assert!(held.status_at.is_some_and(|t| t >= before));
     m.shutdown().await.unwrap();
@@ -735,7 +816,10 @@ async fn recovery_skips_a_corrupted_newest_checkpoint_and_reports_it() {
     flip_byte(&checkpoint_file(dir.path(), "run", &ids[1]), |n| n / 3, 0x10);
     let r = m.recover_session("run").await.unwrap();
     assert_eq!(r.checkpoint.unwrap().id, ids[0]);
-    assert_eq!(r.skipped.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), [ids[2].clone(), ids[1].clone()]);
+    assert_eq!(
+        r.skipped.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+        [ids[2].clone(), ids[1].clone()]
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -781,7 +865,8 @@ async fn checkpoints_record_their_parent_on_their_branch_and_rollback_forks_or_t
 
     // Rollback with truncation removes what came after a1 on main, and main only.
     m.rollback_and_truncate(&a1).await.unwrap();
-    let left: Vec<CheckpointId> = m.list_checkpoints("s").await.unwrap().into_iter().map(|c| c.id).collect();
+    let left: Vec<CheckpointId> =
+        m.list_checkpoints("s").await.unwrap().into_iter().map(|c| c.id).collect();
     assert_eq!(left, [a1.clone(), b1.clone(), b2.clone(), b3.clone()]);
     for gone in [&a2, &a3, &a4] {
         assert_eq!(m.restore_checkpoint(gone).await.unwrap(), None);
@@ -790,7 +875,8 @@ async fn checkpoints_record_their_parent_on_their_branch_and_rollback_forks_or_t
     assert_eq!(m.restore_checkpoint(&a5).await.unwrap().unwrap().parent, Some(a1.clone()));
     // Truncating on alt leaves main alone.
     m.rollback_and_truncate(&b1).await.unwrap();
-    let left: Vec<CheckpointId> = m.list_checkpoints("s").await.unwrap().into_iter().map(|c| c.id).collect();
+    let left: Vec<CheckpointId> =
+        m.list_checkpoints("s").await.unwrap().into_iter().map(|c| c.id).collect();
     assert_eq!(left, [a1, b1, a5]);
     assert_eq!(m.load_session("s").await.unwrap(), Some(json!(101)));
 }
@@ -934,8 +1020,9 @@ async fn watch_all_sees_every_session_and_watch_one_sees_only_its_own() {
     m.save_session("a", &3).await.unwrap();
     m.delete_session("b").await.unwrap();
 
-    let got =
-        |v: Vec<mars_state::StateEvent>| v.into_iter().map(|e| (e.session_id.to_string(), e.kind)).collect::<Vec<_>>();
+    let got = |v: Vec<mars_state::StateEvent>| {
+        v.into_iter().map(|e| (e.session_id.to_string(), e.kind)).collect::<Vec<_>>()
+    };
     let cp_b = EventKind::Checkpointed { id: cb, reason: CheckpointReason::Manual, step: None };
     assert_eq!(
         got(drain(&mut all, 5).await),
@@ -953,7 +1040,11 @@ async fn watch_all_sees_every_session_and_watch_one_sees_only_its_own() {
     );
     assert_eq!(
         got(drain(&mut only_b, 3).await),
-        [("b".to_owned(), EventKind::Saved), ("b".to_owned(), cp_b), ("b".to_owned(), EventKind::Deleted)]
+        [
+            ("b".to_owned(), EventKind::Saved),
+            ("b".to_owned(), cp_b),
+            ("b".to_owned(), EventKind::Deleted)
+        ]
     );
 }
 
@@ -1098,13 +1189,18 @@ async fn check_fixture(m: &StateManager, state: fn(u64) -> Value) {
             .iter()
             .map(|s| (s.session_id.to_string(), s.status, s.checkpoint_count, s.interrupted))
             .collect::<Vec<_>>(),
-        expected.iter().map(|(id, st, _, cps)| (id.to_string(), *st, cps.len(), false)).collect::<Vec<_>>(),
+        expected
+            .iter()
+            .map(|(id, st, _, cps)| (id.to_string(), *st, cps.len(), false))
+            .collect::<Vec<_>>(),
     );
     for (id, _, step, cps_expected) in expected {
         assert_eq!(m.load_session(id).await.unwrap(), Some(state(step)), "state of {id}");
         let cps = m.list_checkpoints(id).await.unwrap();
         assert_eq!(cps.len(), cps_expected.len());
-        for (i, (c, (branch, reason, cstep, data_step, parent))) in cps.iter().zip(cps_expected).enumerate() {
+        for (i, (c, (branch, reason, cstep, data_step, parent))) in
+            cps.iter().zip(cps_expected).enumerate()
+        {
             let what = format!("checkpoint {i} of {id}");
             assert_eq!((c.branch_id.as_str(), c.reason, c.step), (branch, reason, cstep), "{what}");
             assert_eq!(c.parent, parent.map(|p| cps[p].id.clone()), "{what}: parent");
@@ -1140,11 +1236,18 @@ fn the_plain_v1_fixture_is_jq_readable_json_at_schema_1() {
     let (sessions, checkpoints) = all_records(&dir);
     assert_eq!((sessions.len(), checkpoints.len()), (3, 6));
     for r in sessions.iter().chain(&checkpoints) {
-        assert!(std::fs::read(r).unwrap().starts_with(br#"{"mars_state":1,"crc32":""#), "{}", r.display());
+        assert!(
+            std::fs::read(r).unwrap().starts_with(br#"{"mars_state":1,"crc32":""#),
+            "{}",
+            r.display()
+        );
         assert_eq!(read_record(r)["meta"]["schema"], 1, "{}", r.display());
     }
     let b = read_record(&dir.join("sessions").join("agent-b.json"));
-    assert_eq!((&b["meta"]["status"], &b["meta"]["reason"]), (&json!("paused"), &json!("waiting for human review")));
+    assert_eq!(
+        (&b["meta"]["status"], &b["meta"]["reason"]),
+        (&json!("paused"), &json!("waiting for human review"))
+    );
     assert_eq!(b["data"], v1_state(2));
 }
 
@@ -1166,11 +1269,19 @@ async fn v1_fixtures_load_through_a_v1_to_v2_migration_and_migrate_store_rewrite
         assert_eq!(schemas(&checkpoints), at(2, 6), "{name}");
         for r in &sessions {
             let data = &read_record(r)["data"];
-            assert!(data.get("messages").is_some() && data.get("msgs").is_none(), "{}", r.display());
+            assert!(
+                data.get("messages").is_some() && data.get("msgs").is_none(),
+                "{}",
+                r.display()
+            );
         }
         check_fixture(&m, v2_state).await;
         let again = m.migrate_store().await.unwrap();
-        assert_eq!((again.sessions, again.checkpoints), (0, 0), "{name}: a second pass rewrites nothing");
+        assert_eq!(
+            (again.sessions, again.checkpoints),
+            (0, 0),
+            "{name}: a second pass rewrites nothing"
+        );
         m.shutdown().await.unwrap();
 
         // A restart reads the v2 records as they are (the strict migration is not rerun).
@@ -1190,10 +1301,18 @@ async fn migrate_store_keeps_recorded_steps_that_are_not_flushed_yet() {
     let m = v2_app(file_builder(&dir, None)).start().await.unwrap();
     assert_eq!(m.record_step("agent-a", 5, &v2_state(5)).await.unwrap(), None);
     m.migrate_store().await.unwrap();
-    assert_eq!(m.load_session("agent-a").await.unwrap(), Some(v2_state(5)), "the recorded step is still there");
+    assert_eq!(
+        m.load_session("agent-a").await.unwrap(),
+        Some(v2_state(5)),
+        "the recorded step is still there"
+    );
     m.shutdown().await.unwrap();
     let m = v2_app(file_builder(&dir, None)).start().await.unwrap();
-    assert_eq!(m.load_session("agent-a").await.unwrap(), Some(v2_state(5)), "and was flushed at shutdown");
+    assert_eq!(
+        m.load_session("agent-a").await.unwrap(),
+        Some(v2_state(5)),
+        "and was flushed at shutdown"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -1267,7 +1386,8 @@ fn a_migrate_store_killed_midway_is_finished_by_the_next_pass() {
     });
     let total_sessions = BULK as usize + 3;
 
-    let (child, lines) = spawn_child("a_migrate_store_killed_midway_is_finished_by_the_next_pass", "migrate", &dir);
+    let (child, lines) =
+        spawn_child("a_migrate_store_killed_midway_is_finished_by_the_next_pass", "migrate", &dir);
     wait_for_line(&lines, "migrating");
     // Kill once a third of the sessions are rewritten: the pass is well under way.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1282,8 +1402,10 @@ fn a_migrate_store_killed_midway_is_finished_by_the_next_pass() {
     sigkill(child);
 
     let (sessions, checkpoints) = all_records(&dir);
-    let (s_left, c_left) =
-        (schemas(&sessions).get(&1).copied().unwrap_or(0), schemas(&checkpoints).get(&1).copied().unwrap_or(0));
+    let (s_left, c_left) = (
+        schemas(&sessions).get(&1).copied().unwrap_or(0),
+        schemas(&checkpoints).get(&1).copied().unwrap_or(0),
+    );
     assert!(s_left > 0, "the kill came too late to interrupt the pass (raise BULK)");
     assert!(s_left < total_sessions, "some sessions were migrated before the kill");
     eprintln!("killed midway: {s_left} session and {c_left} checkpoint records still at v1");
@@ -1295,14 +1417,26 @@ fn a_migrate_store_killed_midway_is_finished_by_the_next_pass() {
             assert_eq!(m.load_session(id).await.unwrap(), Some(v2_state(step)), "{id}");
         }
         for i in 0..BULK {
-            assert_eq!(m.load_session(bulk_id(i)).await.unwrap(), Some(v2_state(i % 5 + 1)), "{}", bulk_id(i));
+            assert_eq!(
+                m.load_session(bulk_id(i)).await.unwrap(),
+                Some(v2_state(i % 5 + 1)),
+                "{}",
+                bulk_id(i)
+            );
             let cps = m.list_checkpoints(bulk_id(i)).await.unwrap();
             assert_eq!(cps.len(), 1);
-            assert_eq!(m.restore_checkpoint(&cps[0].id).await.unwrap().unwrap().data, v2_state(i % 5));
+            assert_eq!(
+                m.restore_checkpoint(&cps[0].id).await.unwrap().unwrap().data,
+                v2_state(i % 5)
+            );
         }
         assert_eq!(m.list_sessions().await.unwrap().len(), total_sessions);
         let report = m.migrate_store().await.unwrap();
-        assert_eq!((report.sessions, report.checkpoints), (s_left, c_left), "the second pass does exactly the rest");
+        assert_eq!(
+            (report.sessions, report.checkpoints),
+            (s_left, c_left),
+            "the second pass does exactly the rest"
+        );
         let (sessions, checkpoints) = all_records(&dir);
         assert_eq!(schemas(&sessions), at(2, total_sessions));
         assert_eq!(schemas(&checkpoints), at(2, BULK as usize + 6));

@@ -14,12 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{
-    flip_byte, increment, open_quiet, plain_and_compressed, quiet, quiet_builder, restart, session_file,
-    wait_for_no_live_actors,
+    flip_byte, increment, open_quiet, plain_and_compressed, quiet, quiet_builder, restart,
+    session_file, wait_for_no_live_actors,
 };
 use mars_state::testing::{Faulty, Hold, Method};
 use mars_state::{
-    Access, ErrorKind, MemoryStorageBackend, Principal, StateBytes, StateError, StateManager, StorageKey,
+    Access, ErrorKind, MemoryStorageBackend, Principal, StateBytes, StateError, StateManager,
+    StorageKey,
 };
 use serde_json::{Value, json};
 
@@ -73,7 +74,11 @@ async fn cold_load_after_restart(compression: Option<u32>) {
     assert_eq!(m.load_session("stepped").await.unwrap(), Some(state(70)));
     assert_eq!(m.load_session("never-saved").await.unwrap(), None);
     assert_eq!(m.load_session_bytes("never-saved").await.unwrap(), None);
-    assert_eq!(m.live_session_actors().await.unwrap(), 0, "cold loads read the record without spawning actors");
+    assert_eq!(
+        m.live_session_actors().await.unwrap(),
+        0,
+        "cold loads read the record without spawning actors"
+    );
 
     // Once a session's actor is live again, loads see its writes at once.
     m.save_session("s0", &state(100)).await.unwrap();
@@ -92,7 +97,10 @@ async fn cold_load_of_damaged_record(compression: Option<u32>) {
     let m = open_quiet(dir.path(), compression).await;
     let err = m.load_session("hurt").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    assert!(quarantined(dir.path()).contains(&damaged), "the damaged bytes are copied to quarantine/ by the cold load");
+    assert!(
+        quarantined(dir.path()).contains(&damaged),
+        "the damaged bytes are copied to quarantine/ by the cold load"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), damaged, "the damaged record stays in place");
     let again = m.load_session_bytes("hurt").await.unwrap_err();
     assert_eq!(again.to_string(), err.to_string(), "load_session_bytes reports the same damage");
@@ -158,7 +166,11 @@ async fn bytes_equal_json(compression: Option<u32>) {
         let value = m.load_session("s").await.unwrap().expect("saved");
         let bytes = m.load_session_bytes("s").await.unwrap().expect("saved");
         assert_eq!(value, nested, "{what}");
-        assert_eq!(bytes.as_bytes(), serde_json::to_vec(&value).unwrap(), "{what}: compact JSON of the state");
+        assert_eq!(
+            bytes.as_bytes(),
+            serde_json::to_vec(&value).unwrap(),
+            "{what}: compact JSON of the state"
+        );
         assert_eq!(bytes.deserialize::<Value>().unwrap(), value, "{what}");
         bytes
     };
@@ -194,7 +206,10 @@ async fn load_session_bytes_is_denied_to_another_principal() {
         other => panic!("{when}: expected AccessDenied, got {other:?}"),
     };
     denied(bob.load_session_bytes("plan").await, "warm");
-    assert_eq!(alice.load_session_bytes("plan").await.unwrap().unwrap().as_bytes(), br#"{"secret":1}"#);
+    assert_eq!(
+        alice.load_session_bytes("plan").await.unwrap().unwrap().as_bytes(),
+        br#"{"secret":1}"#
+    );
 
     // Cold (no actor live after a restart): still denied, and the denial read nothing.
     let m = restart(m, dir.path(), None).await;
@@ -204,7 +219,10 @@ async fn load_session_bytes_is_denied_to_another_principal() {
     assert_eq!(bob.load_session("plan").await.unwrap_err().kind(), ErrorKind::AccessDenied);
     // A grant takes effect; a revocation too.
     alice.grant_access("plan", Principal::new("bob").unwrap(), Access::Read).await.unwrap();
-    assert_eq!(bob.load_session_bytes("plan").await.unwrap().unwrap().as_bytes(), br#"{"secret":1}"#);
+    assert_eq!(
+        bob.load_session_bytes("plan").await.unwrap().unwrap().as_bytes(),
+        br#"{"secret":1}"#
+    );
     alice.revoke_access("plan", &Principal::new("bob").unwrap()).await.unwrap();
     denied(bob.load_session_bytes("plan").await, "revoked");
     m.shutdown().await.unwrap();
@@ -219,7 +237,11 @@ async fn load_session_bytes_is_denied_to_another_principal() {
 async fn cold_loads_racing_with_writes_never_return_an_older_state() {
     const WRITES: u64 = 300;
     let dir = tempfile::tempdir().unwrap();
-    let m = quiet_builder(dir.path(), None).idle_timeout(Duration::from_millis(20)).start().await.unwrap();
+    let m = quiet_builder(dir.path(), None)
+        .idle_timeout(Duration::from_millis(20))
+        .start()
+        .await
+        .unwrap();
     m.save_session("race", &state(0)).await.unwrap();
     let acked = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -234,10 +256,23 @@ async fn cold_loads_racing_with_writes_never_return_an_older_state() {
                     let n = if loads % 2 == 0 {
                         n_of(&m.load_session("race").await.unwrap().expect("a state"))
                     } else {
-                        n_of(&m.load_session_bytes("race").await.unwrap().expect("a state").deserialize().unwrap())
+                        n_of(
+                            &m.load_session_bytes("race")
+                                .await
+                                .unwrap()
+                                .expect("a state")
+                                .deserialize()
+                                .unwrap(),
+                        )
                     };
-                    assert!(n >= floor, "reader {r}: loaded n = {n}, but n = {floor} was acknowledged before");
-                    assert!(n >= last, "reader {r}: loaded n = {n} after an earlier load returned {last}");
+                    assert!(
+                        n >= floor,
+                        "reader {r}: loaded n = {n}, but n = {floor} was acknowledged before"
+                    );
+                    assert!(
+                        n >= last,
+                        "reader {r}: loaded n = {n} after an earlier load returned {last}"
+                    );
                     assert!(n <= WRITES, "reader {r}: n = {n} was never written");
                     last = n;
                     loads += 1;
@@ -267,10 +302,17 @@ async fn cold_loads_racing_with_writes_never_return_an_older_state() {
     for r in readers {
         assert!(r.await.unwrap() > 0, "every reader loaded");
     }
-    assert!(passivations >= WRITES / 10 - 2, "the actor passivated between writes ({passivations} times)");
+    assert!(
+        passivations >= WRITES / 10 - 2,
+        "the actor passivated between writes ({passivations} times)"
+    );
     assert_eq!(m.load_session("race").await.unwrap(), Some(state(WRITES)));
     let m = restart(m, dir.path(), None).await;
-    assert_eq!(m.load_session("race").await.unwrap(), Some(state(WRITES)), "the last write is durable");
+    assert_eq!(
+        m.load_session("race").await.unwrap(),
+        Some(state(WRITES)),
+        "the last write is durable"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -306,7 +348,9 @@ fn is_session(key: &StorageKey) -> bool {
 
 /// Waits until `hold` is holding a call.
 async fn until_held(hold: &Hold, what: &str) {
-    tokio::time::timeout(Duration::from_secs(10), hold.held()).await.unwrap_or_else(|_| panic!("{what} never came"));
+    tokio::time::timeout(Duration::from_secs(10), hold.held())
+        .await
+        .unwrap_or_else(|_| panic!("{what} never came"));
 }
 
 async fn start_holding(backend: &HoldingBackend) -> StateManager {
@@ -330,12 +374,20 @@ async fn recorded_steps_stay_visible_while_a_stopping_actor_flushes_them() {
         tokio::spawn(async move { m.shutdown().await })
     };
     until_held(&backend.put_before, "the flush of the recorded step").await;
-    assert_eq!(m.load_session("run").await.unwrap(), Some(state(1)), "an acknowledged step went missing");
+    assert_eq!(
+        m.load_session("run").await.unwrap(),
+        Some(state(1)),
+        "an acknowledged step went missing"
+    );
     backend.put_before.release();
     stopping.await.unwrap().unwrap();
 
     let m = start_holding(&backend).await;
-    assert_eq!(m.load_session("run").await.unwrap(), Some(state(1)), "the flush made the step durable");
+    assert_eq!(
+        m.load_session("run").await.unwrap(),
+        Some(state(1)),
+        "the flush made the step durable"
+    );
     m.shutdown().await.unwrap();
 }
 
@@ -370,7 +422,10 @@ async fn a_cold_load_never_returns_a_state_later_loads_go_back_from() {
     backend.get.release();
     let first = n_of(&first.await.unwrap().unwrap().unwrap());
     let second = n_of(&m.load_session("s").await.unwrap().unwrap());
-    assert!(second >= first, "a load returned n = {second} after an earlier one returned n = {first}");
+    assert!(
+        second >= first,
+        "a load returned n = {second} after an earlier one returned n = {first}"
+    );
     backend.put_after.release();
     saving.await.unwrap().unwrap();
     assert_eq!(m.load_session("s").await.unwrap(), Some(state(2)));

@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Node, flip_byte, open_quiet, plain_and_compressed, reopen_within, session_file, snapshot, temp_store};
+use common::{
+    Node, flip_byte, open_quiet, plain_and_compressed, reopen_within, session_file, snapshot,
+    temp_store,
+};
 use mars_state::{ErrorKind, FileStorageBackend, StateError, StateManager};
 use serde_json::json;
 
@@ -36,7 +39,12 @@ fn expect_locked<T>(r: Result<T, StateError>, base: &Path) {
         Err(e) => {
             assert_eq!(e.kind(), ErrorKind::Locked, "wrong error kind: {e}");
             let StateError::Locked { path } = &e else { panic!("not StateError::Locked: {e:?}") };
-            assert!(path.starts_with(base), "lock path {} is not inside the store {}", path.display(), base.display());
+            assert!(
+                path.starts_with(base),
+                "lock path {} is not inside the store {}",
+                path.display(),
+                base.display()
+            );
             let msg = e.to_string();
             assert!(msg.contains("locked"), "message does not say the store is locked: {msg}");
         }
@@ -141,7 +149,8 @@ async fn second_backend_in_this_process_is_locked() {
     // Also through another spelling of the same path.
     expect_locked(FileStorageBackend::new(base.join("sessions").join("..")), &base);
     drop(first);
-    let again = FileStorageBackend::new(&base).expect("the lock is released when the backend is dropped");
+    let again =
+        FileStorageBackend::new(&base).expect("the lock is released when the backend is dropped");
     drop(again);
 }
 
@@ -160,7 +169,8 @@ async fn lock_is_held_while_the_manager_runs_and_released_by_shutdown() {
     let b = FileStorageBackend::new(&base).expect("the lock is released by shutdown()");
     drop(b);
     drop(m);
-    let m2 = reopened_with_step(FileStorageBackend::new(&base).expect("reopen after drop"), 1).await;
+    let m2 =
+        reopened_with_step(FileStorageBackend::new(&base).expect("reopen after drop"), 1).await;
     m2.shutdown().await.unwrap();
 }
 
@@ -203,7 +213,10 @@ async fn second_process_gets_locked_at_once_and_changes_nothing() {
     let (answer, took) = probe(&base);
     println!("second process answered {answer:?} in {took:?}");
     assert_eq!(answer, "Locked", "a second process opening the store must get ErrorKind::Locked");
-    assert!(took < Duration::from_secs(1), "the second process took {took:?} to answer (limit 1 s)");
+    assert!(
+        took < Duration::from_secs(1),
+        "the second process took {took:?} to answer (limit 1 s)"
+    );
     assert_eq!(snapshot(dir.path()), before, "the refused second process changed the store");
 
     // The first process is unaffected.
@@ -299,10 +312,15 @@ fn check_permissions(base: &Path) {
             other => bad.push(format!("unexpected {other:?} at {}", rel.display())),
         }
     }
-    for must in ["sessions", "checkpoints", "checkpoints/s1", "metadata", "metadata/pending", "quarantine"] {
+    for must in
+        ["sessions", "checkpoints", "checkpoints/s1", "metadata", "metadata/pending", "quarantine"]
+    {
         assert!(base.join(must).is_dir(), "{must} was not created");
     }
-    assert!(std::fs::read_dir(base.join("quarantine")).unwrap().count() > 0, "no quarantine copy was written");
+    assert!(
+        std::fs::read_dir(base.join("quarantine")).unwrap().count() > 0,
+        "no quarantine copy was written"
+    );
     assert!(files >= 6 && dirs >= 6, "too few files ({files}) or directories ({dirs}) to check");
     assert!(bad.is_empty(), "wrong permissions:\n{}", bad.join("\n"));
 }

@@ -118,7 +118,9 @@ struct Model {
 
 impl Model {
     fn find(&self, id: &CheckpointId) -> Option<(usize, usize, &Value)> {
-        self.checkpoints.iter().find_map(|(s, cps)| cps.iter().find(|(c, _, _)| c == id).map(|(_, b, v)| (*s, *b, v)))
+        self.checkpoints
+            .iter()
+            .find_map(|(s, cps)| cps.iter().find(|(c, _, _)| c == id).map(|(_, b, v)| (*s, *b, v)))
     }
 
     fn pick(&self, pick: usize, never: bool) -> CheckpointId {
@@ -151,7 +153,8 @@ type DroppingBackend = Arc<Faulty<MemoryStorageBackend>>;
 fn dropping_backend() -> DroppingBackend {
     let session_puts = AtomicUsize::new(0);
     Arc::new(Faulty::new(MemoryStorageBackend::new()).lose(Method::Put, move |key| {
-        key.as_str().starts_with("sessions/") && session_puts.fetch_add(1, Ordering::Relaxed) % 5 == 4
+        key.as_str().starts_with("sessions/")
+            && session_puts.fetch_add(1, Ordering::Relaxed) % 5 == 4
     }))
 }
 
@@ -163,7 +166,8 @@ struct Format {
 }
 
 fn format_strategy() -> impl Strategy<Value = Format> {
-    let encrypted = if cfg!(feature = "encryption") { any::<bool>().boxed() } else { Just(false).boxed() };
+    let encrypted =
+        if cfg!(feature = "encryption") { any::<bool>().boxed() } else { Just(false).boxed() };
     (any::<bool>(), encrypted).prop_map(|(gzip, encrypted)| Format { gzip, encrypted })
 }
 
@@ -248,7 +252,12 @@ async fn apply(
         Op::Delete { s } => {
             let existed = model.exists(s);
             let got = m.delete_session(SESSIONS[s]).await;
-            check!(matches!(got, Ok(e) if e == existed), step, op, "delete returned {got:?}, model: existed={existed}");
+            check!(
+                matches!(got, Ok(e) if e == existed),
+                step,
+                op,
+                "delete returned {got:?}, model: existed={existed}"
+            );
             model.states.remove(&s);
             model.checkpoints.remove(&s);
             let after = m.load_session(SESSIONS[s]).await;
@@ -258,13 +267,22 @@ async fn apply(
             let val = value(s, v, pad);
             let id = match m.create_checkpoint(SESSIONS[s], BRANCHES[b], &val).await {
                 Ok(id) => id,
-                Err(e) => return Err(TestCaseError::fail(format!("step {step} ({op:?}): checkpoint failed: {e}"))),
+                Err(e) => {
+                    return Err(TestCaseError::fail(format!(
+                        "step {step} ({op:?}): checkpoint failed: {e}"
+                    )));
+                }
             };
             let cps = model.checkpoints.entry(s).or_default();
             if let Some((last, _, _)) = cps.last() {
                 check!(id > *last, step, op, "new id {id} is not after the previous {last}");
             }
-            check!(model.created.iter().all(|(c, _)| *c != id), step, op, "id {id} was handed out before");
+            check!(
+                model.created.iter().all(|(c, _)| *c != id),
+                step,
+                op,
+                "id {id} was handed out before"
+            );
             cps.push((id.clone(), b, val));
             model.created.push((id, s));
         }
@@ -317,7 +335,12 @@ async fn apply(
             let cps = model.checkpoints.entry(s).or_default();
             let doomed = cps.len().saturating_sub(keep);
             let got = m.cleanup_checkpoints(SESSIONS[s], keep).await;
-            check!(matches!(got, Ok(n) if n == doomed), step, op, "cleanup returned {got:?}, model removes {doomed}");
+            check!(
+                matches!(got, Ok(n) if n == doomed),
+                step,
+                op,
+                "cleanup returned {got:?}, model removes {doomed}"
+            );
             cps.drain(..doomed);
         }
         Op::Update { s, delta, reject } => {
@@ -341,12 +364,19 @@ async fn apply(
                 let old = model.states.get(&s).cloned();
                 let n = old.as_ref().and_then(|o| o["n"].as_i64()).unwrap_or(0);
                 let want = json!({ "n": n + delta, "was": old });
-                check!(matches!(&got, Ok(v) if *v == want), step, op, "update returned {got:?}, model {want}");
+                check!(
+                    matches!(&got, Ok(v) if *v == want),
+                    step,
+                    op,
+                    "update returned {got:?}, model {want}"
+                );
                 model.states.insert(s, want);
             }
         }
         Op::Reopen => {
-            m.shutdown().await.map_err(|e| TestCaseError::fail(format!("step {step}: shutdown: {e}")))?;
+            m.shutdown()
+                .await
+                .map_err(|e| TestCaseError::fail(format!("step {step}: shutdown: {e}")))?;
             *m = start(storage, format).await?;
             // A fresh manager has no cache: every state comes from storage.
             for (s, name) in SESSIONS.iter().enumerate() {
@@ -364,21 +394,32 @@ async fn apply(
     Ok(())
 }
 
-async fn check_listings(m: &StateManager, model: &Model, step: usize, op: &Op) -> Result<(), TestCaseError> {
+async fn check_listings(
+    m: &StateManager,
+    model: &Model,
+    step: usize,
+    op: &Op,
+) -> Result<(), TestCaseError> {
     let listed: Vec<String> = match m.list_sessions().await {
         Ok(l) => l.into_iter().map(|i| i.session_id.to_string()).collect(),
         Err(e) => return Err(TestCaseError::fail(format!("step {step}: list_sessions: {e}"))),
     };
-    let mut want: Vec<String> = (0..SESSIONS.len()).filter(|s| model.exists(*s)).map(|s| SESSIONS[s].into()).collect();
+    let mut want: Vec<String> =
+        (0..SESSIONS.len()).filter(|s| model.exists(*s)).map(|s| SESSIONS[s].into()).collect();
     want.sort();
     check!(listed == want, step, op, "list_sessions {listed:?}, model {want:?}");
     let mut total = 0;
     for (s, name) in SESSIONS.iter().enumerate() {
         let got = match m.list_checkpoints(name).await {
             Ok(l) => l,
-            Err(e) => return Err(TestCaseError::fail(format!("step {step}: list_checkpoints({name}): {e}"))),
+            Err(e) => {
+                return Err(TestCaseError::fail(format!(
+                    "step {step}: list_checkpoints({name}): {e}"
+                )));
+            }
         };
-        let got: Vec<(String, String)> = got.into_iter().map(|c| (c.id.to_string(), c.branch_id.to_string())).collect();
+        let got: Vec<(String, String)> =
+            got.into_iter().map(|c| (c.id.to_string(), c.branch_id.to_string())).collect();
         let want: Vec<(String, String)> = model
             .checkpoints
             .get(&s)
@@ -420,7 +461,8 @@ enum Kind {
 /// case's description, if any.
 fn run(label: &str, cases: u32, kind: Kind) -> Option<String> {
     let file = kind == Kind::File;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let parent = scratch_parent();
     let sequences = AtomicUsize::new(0);
     let steps = AtomicUsize::new(0);
@@ -440,7 +482,8 @@ fn run(label: &str, cases: u32, kind: Kind) -> Option<String> {
     let result = runner.run(&strategy, |(format, ops)| {
         sequences.fetch_add(1, Ordering::Relaxed);
         steps.fetch_add(ops.len(), Ordering::Relaxed);
-        formats[usize::from(format.gzip) + 2 * usize::from(format.encrypted)].fetch_add(1, Ordering::Relaxed);
+        formats[usize::from(format.gzip) + 2 * usize::from(format.encrypted)]
+            .fetch_add(1, Ordering::Relaxed);
         let storage = match kind {
             Kind::File => Storage::File(tempfile::tempdir_in(&parent).unwrap()),
             Kind::Memory => Storage::Memory(MemoryStorageBackend::new()),
@@ -495,7 +538,8 @@ fn model_file_backend() {
 /// storing them must be caught.
 #[test]
 fn model_catches_a_backend_that_drops_writes() {
-    let failure = run("broken variant: a backend that drops every fifth session write", 300, Kind::Dropping)
-        .expect("the model test did not notice a backend that drops acknowledged writes");
+    let failure =
+        run("broken variant: a backend that drops every fifth session write", 300, Kind::Dropping)
+            .expect("the model test did not notice a backend that drops acknowledged writes");
     println!("broken variant caught; {}", failure.lines().next().unwrap_or_default());
 }

@@ -124,7 +124,8 @@ async fn a_thousand_panics_in_a_row_while_fifty_sessions_save() {
             while acked_so_far.load(Ordering::Relaxed) + 50 < n {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            let err = panicking_update(&m, "boom", n).await.expect_err("a panicking closure returned Ok");
+            let err =
+                panicking_update(&m, "boom", n).await.expect_err("a panicking closure returned Ok");
             *kinds.entry(format!("{:?}", err.kind())).or_insert(0) += 1;
             assert_eq!(err.kind(), ErrorKind::Panicked, "panic {n}: {err}");
             if n == 100 {
@@ -141,11 +142,17 @@ async fn a_thousand_panics_in_a_row_while_fifty_sessions_save() {
         (rss_at_100, rss_at_1000, acked, kinds, (acked_at_100, acked_at_1000))
     };
     let (rss_100, rss_1000, acked, kinds, (acked_at_100, acked_at_1000)) =
-        tokio::time::timeout(Duration::from_secs(120), run).await.expect("hang: the run did not finish within 120 s");
+        tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("hang: the run did not finish within 120 s");
     let took = started.elapsed();
 
     // The panicking session works normally afterwards.
-    assert_eq!(m.load_session("boom").await.unwrap(), Some(json!({"n": 0})), "a panic changed the state");
+    assert_eq!(
+        m.load_session("boom").await.unwrap(),
+        Some(json!({"n": 0})),
+        "a panic changed the state"
+    );
     let n: Value = m
         .transactional_update("boom", |old: Option<Value>| {
             Ok::<_, std::io::Error>(json!({"n": old.unwrap()["n"].as_i64().unwrap() + 1}))
@@ -160,7 +167,8 @@ async fn a_thousand_panics_in_a_row_while_fifty_sessions_save() {
     let m = StateManager::start(FileStorageBackend::new(&dir).unwrap()).await.unwrap();
     let mut present = 0;
     for s in 0..OTHERS {
-        if m.load_session(format!("other-{s:02}")).await.unwrap() == Some(value(s, SAVES_EACH - 1)) {
+        if m.load_session(format!("other-{s:02}")).await.unwrap() == Some(value(s, SAVES_EACH - 1))
+        {
             present += 1;
         }
     }
@@ -181,7 +189,10 @@ async fn a_thousand_panics_in_a_row_while_fifty_sessions_save() {
     );
     assert_eq!(acked, OTHERS * SAVES_EACH);
     assert_eq!(present, OTHERS);
-    assert!(growth_kib < 20 * 1024, "memory grew by {growth_kib} KiB between the 100th and the 1,000th panic");
+    assert!(
+        growth_kib < 20 * 1024,
+        "memory grew by {growth_kib} KiB between the 100th and the 1,000th panic"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,7 +211,8 @@ async fn a_panic_under_a_call_timeout_returns_panicked_and_never_hangs() {
 
     // Panics at once.
     let t = Instant::now();
-    let err = tokio::time::timeout(limit, panicking_update(&m, "s", 1)).await.expect("hang").unwrap_err();
+    let err =
+        tokio::time::timeout(limit, panicking_update(&m, "s", 1)).await.expect("hang").unwrap_err();
     let immediate = t.elapsed();
     assert_eq!(err.kind(), ErrorKind::Panicked, "{err}");
     assert!(err.to_string().contains("number 1"), "the panic message is not passed on: {err}");

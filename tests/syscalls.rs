@@ -118,10 +118,13 @@ fn op_of(seq: u64) -> (u64, bool) {
 }
 
 fn payload(s: u64, seq: u64) -> Value {
-    let mut x = (seq + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (s + 7).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut x =
+        (seq + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (s + 7).wrapping_mul(0xD1B5_4A32_D192_ED03);
     x ^= x >> 29;
     let len = 200 + (x % 2800) as usize;
-    let pad: String = (0..len).map(|i| (b'a' + ((x >> (i % 50)) as u8).wrapping_add(i as u8) % 26) as char).collect();
+    let pad: String = (0..len)
+        .map(|i| (b'a' + ((x >> (i % 50)) as u8).wrapping_add(i as u8) % 26) as char)
+        .collect();
     json!({ "s": s, "seq": seq, "pad": pad })
 }
 
@@ -261,7 +264,11 @@ fn child_saver() {
     let mode = std::env::var(MODE_ENV).unwrap();
     let format = Format::from_env();
     // One blocking thread: all file I/O of the store on one thread, in order.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().max_blocking_threads(1).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
     let mut out = Reporter::new();
     let m = rt.block_on(open(&dir, format)).unwrap();
     if let Some(then) = mode.strip_prefix("errors") {
@@ -330,7 +337,10 @@ fn errors_child(rt: &tokio::runtime::Runtime, m: &StateManager, out: &mut Report
         let r = m.save_session("a", &value("a", 3)).await;
         out.say(&format!("result v3 {}", outcome(&r)));
         let r = m.create_checkpoint("a", "main", &value("a", 4)).await;
-        out.say(&format!("result v4 {}", r.as_ref().map(|id| format!("ok {id}")).unwrap_or_else(|_| outcome(&r))));
+        out.say(&format!(
+            "result v4 {}",
+            r.as_ref().map(|id| format!("ok {id}")).unwrap_or_else(|_| outcome(&r))
+        ));
         out.say(&format!("load a {}", loaded(&m.load_session("a").await)));
         let r = m.shutdown().await;
         out.say(&format!("closed {}", outcome(&r)));
@@ -355,7 +365,11 @@ enum Tracing {
 
 fn child_command(program: &str, dir: &Path, mode: &str, format: Format) -> Command {
     let mut c = Command::new(program);
-    c.env(CHILD_ENV, dir).env(MODE_ENV, mode).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.env(CHILD_ENV, dir)
+        .env(MODE_ENV, mode)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     c.env(FORMAT_ENV, format.name());
     c
 }
@@ -365,7 +379,8 @@ fn child_args() -> [&'static str; 4] {
 }
 
 fn strace_args(log: &Path, inject: Option<&str>) -> Vec<String> {
-    let mut a = vec!["-f".to_owned(), "-s".into(), "48".into(), "-o".into(), log.display().to_string()];
+    let mut a =
+        vec!["-f".to_owned(), "-s".into(), "48".into(), "-o".into(), log.display().to_string()];
     a.extend(["-e".to_owned(), TRACED.to_owned()]);
     if let Some(i) = inject {
         a.extend(["-e".to_owned(), format!("inject={i}")]);
@@ -427,7 +442,9 @@ fn open_fds(pid: u32) -> HashMap<i64, (String, bool)> {
     let mut out = HashMap::new();
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return out };
     for e in rd.flatten() {
-        let (Ok(n), Ok(target)) = (e.file_name().to_string_lossy().parse::<i64>(), std::fs::read_link(e.path())) else {
+        let (Ok(n), Ok(target)) =
+            (e.file_name().to_string_lossy().parse::<i64>(), std::fs::read_link(e.path()))
+        else {
             continue;
         };
         out.insert(n, (target.display().to_string(), target.is_dir()));
@@ -454,9 +471,17 @@ fn tracer_pids(pid: u32) -> Vec<(String, String, String)> {
     for t in tasks.flatten() {
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
         let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
         };
-        out.push((t.file_name().to_string_lossy().into_owned(), field("State:"), field("TracerPid:")));
+        out.push((
+            t.file_name().to_string_lossy().into_owned(),
+            field("State:"),
+            field("TracerPid:"),
+        ));
     }
     out
 }
@@ -470,7 +495,13 @@ fn all_threads_traced(pid: u32, tracer: u32) -> bool {
 /// Runs the child in `mode` on `dir` under strace (`inject` is strace's `-e inject=`
 /// value): waits for `ready`, makes sure the child is traced, says `go`, and waits for the
 /// end. `Err` if strace could not attach.
-fn traced_run(tracing: Tracing, dir: &Path, mode: &str, format: Format, inject: Option<&str>) -> Result<Run, String> {
+fn traced_run(
+    tracing: Tracing,
+    dir: &Path,
+    mode: &str,
+    format: Format,
+    inject: Option<&str>,
+) -> Result<Run, String> {
     let exe = std::env::current_exe().unwrap();
     let log = dir.with_extension("strace.log");
     let _ = std::fs::remove_file(&log);
@@ -556,7 +587,9 @@ fn traced_run(tracing: Tracing, dir: &Path, mode: &str, format: Format, inject: 
             if let Some(s) = strace.as_mut() {
                 let _ = s.kill();
             }
-            panic!("the child ({mode}, inject {inject:?}) did not finish within {CHILD_TIMEOUT:?}; output {lines:?}");
+            panic!(
+                "the child ({mode}, inject {inject:?}) did not finish within {CHILD_TIMEOUT:?}; output {lines:?}"
+            );
         }
     };
     if let Some(mut s) = strace
@@ -748,7 +781,12 @@ fn parse_trace(text: &str, fds: &HashMap<i64, (String, bool)>) -> Vec<Call> {
     calls
 }
 
-fn parse_call(start: usize, end: usize, text: &str, fds: &mut HashMap<i64, (String, bool)>) -> Option<Call> {
+fn parse_call(
+    start: usize,
+    end: usize,
+    text: &str,
+    fds: &mut HashMap<i64, (String, bool)>,
+) -> Option<Call> {
     let open = text.find('(')?;
     let name = text[..open].to_owned();
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -850,7 +888,8 @@ fn audit(calls: &[Call], root: &str) -> Audit {
     let under = |p: &str| p == root || p.starts_with(&prefix);
     let markers: Vec<&Call> = calls.iter().filter(|c| c.marker.is_some() && c.ok()).collect();
     a.markers = markers.len();
-    let next_marker = |after: usize| markers.iter().filter(|m| m.start > after).map(|m| m.start).min();
+    let next_marker =
+        |after: usize| markers.iter().filter(|m| m.start > after).map(|m| m.start).min();
     // A report of a failure acknowledges nothing: what a failed save left unsynced is not
     // a broken promise (whether its effects are visible is checked by the caller).
     let acknowledges = |after: usize| {
@@ -879,11 +918,17 @@ fn audit(calls: &[Call], root: &str) -> Audit {
             }
             a.renames += 1;
             if !is_staged(from) {
-                a.violations.push(format!("line {}: rename of a file that is not staged: {from} -> {to}", c.start));
+                a.violations.push(format!(
+                    "line {}: rename of a file that is not staged: {from} -> {to}",
+                    c.start
+                ));
                 continue;
             }
             if parent_dir(from) != parent_dir(to) {
-                a.violations.push(format!("line {}: {from} is not staged in the directory of {to}", c.start));
+                a.violations.push(format!(
+                    "line {}: {from} is not staged in the directory of {to}",
+                    c.start
+                ));
             }
             // The store's backup of the previous version (a hard link, `.NAME.tmp-prev-…`),
             // renamed back after a failed directory fsync: it holds the old, long-synced data
@@ -892,22 +937,33 @@ fn audit(calls: &[Call], root: &str) -> Audit {
                 continue;
             }
             let on_staged = |x: &Call| x.fd_path.as_ref().is_some_and(|(p, _)| p == from);
-            let last_sync = calls[..i].iter().rfind(|s| s.is_sync() && s.ok() && s.end < c.start && on_staged(s));
+            let last_sync = calls[..i]
+                .iter()
+                .rfind(|s| s.is_sync() && s.ok() && s.end < c.start && on_staged(s));
             match last_sync {
                 None => {
-                    a.violations.push(format!("line {}: {to} renamed into place without a sync of {from}", c.start));
+                    a.violations.push(format!(
+                        "line {}: {to} renamed into place without a sync of {from}",
+                        c.start
+                    ));
                 }
                 Some(sync) => {
-                    let written_after = calls[..i]
-                        .iter()
-                        .any(|w| (w.name == "write" || w.name == "pwrite64") && w.start > sync.end && on_staged(w));
+                    let written_after = calls[..i].iter().any(|w| {
+                        (w.name == "write" || w.name == "pwrite64")
+                            && w.start > sync.end
+                            && on_staged(w)
+                    });
                     if written_after {
-                        a.violations.push(format!("line {}: {from} was written after its last sync", c.start));
+                        a.violations.push(format!(
+                            "line {}: {from} was written after its last sync",
+                            c.start
+                        ));
                     }
                 }
             }
             if next_marker(c.end).is_none() {
-                a.violations.push(format!("line {}: no report follows the rename of {to}", c.start));
+                a.violations
+                    .push(format!("line {}: no report follows the rename of {to}", c.start));
             }
             if acknowledges(c.end) && !dir_synced(parent_dir(to), c.end) {
                 a.violations.push(format!(
@@ -922,7 +978,10 @@ fn audit(calls: &[Call], root: &str) -> Audit {
             }
             a.unlinks += 1;
             if acknowledges(c.end) && !dir_synced(parent_dir(p), c.end) {
-                a.violations.push(format!("line {}: unlink of {p} not followed by an fsync of its directory", c.start));
+                a.violations.push(format!(
+                    "line {}: unlink of {p} not followed by an fsync of its directory",
+                    c.start
+                ));
             }
         } else if (c.name == "write" || c.name == "pwrite64")
             && c.ok()
@@ -941,7 +1000,10 @@ fn audit(calls: &[Call], root: &str) -> Audit {
                     && s.fd_path.as_ref().is_some_and(|(p, _)| p == log)
             });
             if acknowledges(c.end) && !synced {
-                a.violations.push(format!("line {}: a write to the log is not synced before the next report", c.start));
+                a.violations.push(format!(
+                    "line {}: a write to the log is not synced before the next report",
+                    c.start
+                ));
             }
         } else if c.is_mkdir() && c.ok() {
             let Some(p) = c.path() else { continue };
@@ -965,7 +1027,10 @@ fn audit(calls: &[Call], root: &str) -> Audit {
                     && s.fd_path.as_ref().is_some_and(|(q, _)| q == parent)
             });
             if !synced && acknowledges(c.end) {
-                a.violations.push(format!("line {}: new directory {p} not fsynced into {parent} before use", c.start));
+                a.violations.push(format!(
+                    "line {}: new directory {p} not fsynced into {parent} before use",
+                    c.start
+                ));
             }
         }
         // No fsync is retried on a descriptor whose fsync failed (its dirty pages may have
@@ -1047,11 +1112,15 @@ fn staged_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn checkpoint_files(dir: &Path, session: &str) -> BTreeSet<String> {
-    let Ok(rd) = std::fs::read_dir(dir.join("checkpoints").join(session)) else { return BTreeSet::new() };
+    let Ok(rd) = std::fs::read_dir(dir.join("checkpoints").join(session)) else {
+        return BTreeSet::new();
+    };
     rd.flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| !n.starts_with('.'))
-        .map(|n| n.trim_end_matches(".enc").trim_end_matches(".gz").trim_end_matches(".json").to_owned())
+        .map(|n| {
+            n.trim_end_matches(".enc").trim_end_matches(".gz").trim_end_matches(".json").to_owned()
+        })
         .collect()
 }
 
@@ -1072,7 +1141,9 @@ async fn check_store(dir: &Path, format: Format, a: &Acked, counts: &mut Counts,
         let acked_seq = a.save.get(&s).copied().unwrap_or(0);
         match m.load_session(&name).await {
             Ok(Some(v)) => match v["seq"].as_u64() {
-                Some(seq) if v == payload(s, seq) && op_of(seq) == (s, false) && seq <= a.max + 1 => {
+                Some(seq)
+                    if v == payload(s, seq) && op_of(seq) == (s, false) && seq <= a.max + 1 =>
+                {
                     if seq < acked_seq {
                         eprintln!("{label}: LOST: {name} holds seq {seq}, acked {acked_seq}");
                         counts.lost += 1;
@@ -1108,7 +1179,10 @@ async fn check_store(dir: &Path, format: Format, a: &Acked, counts: &mut Counts,
                 Ok(Some(cp)) => {
                     let seq = cp.data["seq"].as_u64().unwrap_or(0);
                     if cp.data != payload(s, seq) || op_of(seq) != (s, true) || seq > a.max + 1 {
-                        eprintln!("{label}: CORRUPT: checkpoint {} holds a value no checkpoint wrote", info.id);
+                        eprintln!(
+                            "{label}: CORRUPT: checkpoint {} holds a value no checkpoint wrote",
+                            info.id
+                        );
                         counts.corrupt += 1;
                     } else if seq > a.max {
                         unacked += 1;
@@ -1133,10 +1207,16 @@ async fn check_store(dir: &Path, format: Format, a: &Acked, counts: &mut Counts,
     }
     let stats = m.get_storage_stats().await.unwrap();
     if stats.checkpoint_count != on_disk {
-        eprintln!("{label}: MISSING: stats count {} checkpoints, {on_disk} on disk", stats.checkpoint_count);
+        eprintln!(
+            "{label}: MISSING: stats count {} checkpoints, {on_disk} on disk",
+            stats.checkpoint_count
+        );
         counts.missing += stats.checkpoint_count.abs_diff(on_disk);
     }
-    assert!(unacked <= 1, "{label}: {unacked} unacknowledged writes stored; only one was in flight");
+    assert!(
+        unacked <= 1,
+        "{label}: {unacked} unacknowledged writes stored; only one was in flight"
+    );
     counts.stored_unacked += unacked;
     m.shutdown().await.unwrap();
 }
@@ -1150,17 +1230,29 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
-    let Some(_one) = parent_only("audit_every_staged_rename_is_synced_before_and_its_directory_after") else { return };
+    let Some(_one) =
+        parent_only("audit_every_staged_rename_is_synced_before_and_its_directory_after")
+    else {
+        return;
+    };
     for format in Format::all() {
         let (_tmp, dir) = scratch_store();
         let run = traced_run(Tracing::Launch, &dir, "audit", format, None).unwrap();
         assert!(run.status.success(), "the audited child failed ({}):\n{}", run.status, run.stderr);
-        assert!(run.lines.iter().any(|l| l == "closed"), "the child did not finish: {:?}", run.lines);
+        assert!(
+            run.lines.iter().any(|l| l == "closed"),
+            "the child did not finish: {:?}",
+            run.lines
+        );
         let root = dir.to_str().unwrap();
         let calls = run.calls();
         let a = audit(&calls, root);
-        let count =
-            |n: &str| calls.iter().filter(|c| c.name == n && c.strings.iter().any(|s| s.starts_with(root))).count();
+        let count = |n: &str| {
+            calls
+                .iter()
+                .filter(|c| c.name == n && c.strings.iter().any(|s| s.starts_with(root)))
+                .count()
+        };
         println!(
             "syscall audit ({}): {} staged renames, {} log writes, {} record unlinks, {} mkdirs, {} reports \
              checked ({} fdatasync, {} fsync, {} openat in the store); violations: {}",
@@ -1175,25 +1267,46 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
             count("openat"),
             a.violations.len()
         );
-        assert!(a.violations.is_empty(), "durability rule violations:\n{}", a.violations.join("\n"));
+        assert!(
+            a.violations.is_empty(),
+            "durability rule violations:\n{}",
+            a.violations.join("\n")
+        );
         let acks = run.lines.iter().filter(|l| l.starts_with("ack ")).count() as u64;
         assert_eq!(acks, SETUP_OPS + WORKLOAD_OPS);
         let log = format == Format::PlainLog;
         if log {
             // Every save and checkpoint appends a frame; the records reach their files when
             // the log is replayed into them at shutdown (staged renames, audited as above).
-            assert!(a.log_writes as u64 >= acks, "too few log writes seen ({}): is the trace complete?", a.log_writes);
+            assert!(
+                a.log_writes as u64 >= acks,
+                "too few log writes seen ({}): is the trace complete?",
+                a.log_writes
+            );
             assert!(a.renames > 0, "the log was never brought into the record files");
         } else {
             // Every save and checkpoint renames once; so do the store metadata, the
             // pending-delete marker and the journal snapshot at shutdown.
-            assert!(a.renames as u64 > acks, "too few renames seen ({}): is the trace complete?", a.renames);
+            assert!(
+                a.renames as u64 > acks,
+                "too few renames seen ({}): is the trace complete?",
+                a.renames
+            );
         }
-        assert!(a.unlinks >= 2 && a.mkdirs >= 4, "too few unlinks ({}) or mkdirs ({})", a.unlinks, a.mkdirs);
+        assert!(
+            a.unlinks >= 2 && a.mkdirs >= 4,
+            "too few unlinks ({}) or mkdirs ({})",
+            a.unlinks,
+            a.mkdirs
+        );
 
         // The checker must catch a missing file sync and a missing directory sync.
-        let no_fdatasync: String =
-            run.trace.lines().filter(|l| !l.contains("fdatasync(")).map(|l| format!("{l}\n")).collect();
+        let no_fdatasync: String = run
+            .trace
+            .lines()
+            .filter(|l| !l.contains("fdatasync("))
+            .map(|l| format!("{l}\n"))
+            .collect();
         let broken = audit(&parse_trace(&no_fdatasync, &run.fds), root);
         // The store syncs files with fdatasync, so every fsync is a directory's.
         let no_dir_fsync: String = run
@@ -1211,15 +1324,24 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
             broken_dir.violations.len()
         );
         let synced_writes = if log { a.renames + a.log_writes } else { a.renames };
-        assert!(broken.violations.len() >= synced_writes, "the audit missed renames or log writes without a sync");
-        assert!(broken_dir.violations.len() >= a.renames, "the audit missed renames without a directory sync");
+        assert!(
+            broken.violations.len() >= synced_writes,
+            "the audit missed renames or log writes without a sync"
+        );
+        assert!(
+            broken_dir.violations.len() >= a.renames,
+            "the audit missed renames without a directory sync"
+        );
     }
 }
 
 #[test]
 fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
-    let Some(_one) = parent_only("sigkill_just_before_the_nth_syscall_passes_the_oracle") else { return };
-    let max_n: u32 = std::env::var("MARS_SWEEP_MAX_N").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let Some(_one) = parent_only("sigkill_just_before_the_nth_syscall_passes_the_oracle") else {
+        return;
+    };
+    let max_n: u32 =
+        std::env::var("MARS_SWEEP_MAX_N").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let rt = runtime();
     let started = Instant::now();
     let mut tracing = match std::env::var("MARS_SWEEP_TRACING").as_deref() {
@@ -1267,7 +1389,11 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
                 run.status,
                 run.stderr
             );
-            assert!(!run.stderr.contains("panicked"), "{label}: the child panicked:\n{}", run.stderr);
+            assert!(
+                !run.stderr.contains("panicked"),
+                "{label}: the child panicked:\n{}",
+                run.stderr
+            );
             counts.points += 1;
             let a = acked(&run.lines);
             counts.acks += a.count;
@@ -1316,7 +1442,9 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
 /// in another and a deleted checkpoint file must be reported as lost, corrupt and lost.
 #[test]
 fn the_crash_oracle_catches_lost_and_corrupt_records() {
-    let Some(_one) = parent_only("the_crash_oracle_catches_lost_and_corrupt_records") else { return };
+    let Some(_one) = parent_only("the_crash_oracle_catches_lost_and_corrupt_records") else {
+        return;
+    };
     let (_tmp, dir) = scratch_store();
     let run = traced_run(Tracing::Launch, &dir, "workload", Format::Plain, None).unwrap();
     assert!(run.status.success(), "{}", run.stderr);
@@ -1328,7 +1456,8 @@ fn the_crash_oracle_catches_lost_and_corrupt_records() {
     bytes[mid] ^= 0x01;
     std::fs::OpenOptions::new().write(true).open(&victim).unwrap().write_all(&bytes).unwrap();
     let (id, s, _) = &a.checkpoints[0];
-    std::fs::remove_file(dir.join("checkpoints").join(session_name(*s)).join(format!("{id}.json"))).unwrap();
+    std::fs::remove_file(dir.join("checkpoints").join(session_name(*s)).join(format!("{id}.json")))
+        .unwrap();
     let mut counts = Counts::default();
     runtime().block_on(check_store(&dir, Format::Plain, &a, &mut counts, "broken store"));
     println!(
@@ -1345,13 +1474,21 @@ fn the_crash_oracle_catches_lost_and_corrupt_records() {
 /// intact".
 #[test]
 fn a_failed_directory_fsync_leaves_the_previous_version() {
-    let Some(_one) = parent_only("a_failed_directory_fsync_leaves_the_previous_version") else { return };
+    let Some(_one) = parent_only("a_failed_directory_fsync_leaves_the_previous_version") else {
+        return;
+    };
     let (_tmp, dir) = scratch_store();
-    let run = traced_run(Tracing::Attach, &dir, "errors", Format::Plain, Some("fsync:error=EIO:when=1"));
-    let Some(run) = attached("a_failed_directory_fsync_leaves_the_previous_version", run) else { return };
+    let run =
+        traced_run(Tracing::Attach, &dir, "errors", Format::Plain, Some("fsync:error=EIO:when=1"));
+    let Some(run) = attached("a_failed_directory_fsync_leaves_the_previous_version", run) else {
+        return;
+    };
     let o = outcome_of(&run.lines);
     assert!(o.v2.starts_with("err Io "), "{o:?}");
-    assert_eq!(o.load_after_v2, "v1", "the save failed but its new version replaced the old one: {o:?}");
+    assert_eq!(
+        o.load_after_v2, "v1",
+        "the save failed but its new version replaced the old one: {o:?}"
+    );
 }
 
 /// Issue 10, defect 11: an `EIO` from the `fdatasync` of the write-ahead log (the one sync
@@ -1367,37 +1504,67 @@ fn an_eio_from_the_log_fdatasync_fails_the_save_and_leaves_the_previous_value() 
     let rt = runtime();
     for mode in ["errors", "errors-then-abort"] {
         let (_tmp, dir) = scratch_store();
-        let run = traced_run(Tracing::Attach, &dir, mode, Format::PlainLog, Some("fdatasync:error=EIO:when=1"));
+        let run = traced_run(
+            Tracing::Attach,
+            &dir,
+            mode,
+            Format::PlainLog,
+            Some("fdatasync:error=EIO:when=1"),
+        );
         let Some(run) = attached(NAME, run) else { return };
         let o = outcome_of(&run.lines);
         let calls = run.calls();
         // strace counts `when` per thread: a thread that first syncs later (the one that
         // brings the records up to date at shutdown) gets an EIO too. Only the save's is
         // checked here; a failure at shutdown leaves the log for the reopen to replay.
-        let failed: Vec<&Call> =
-            calls.iter().filter(|c| c.injected && c.errno.is_some() && c.start < v2_line(&calls)).collect();
-        assert_eq!(failed.len(), 1, "{mode}: expected one injected failure in the save: {failed:?}; {o:?}");
+        let failed: Vec<&Call> = calls
+            .iter()
+            .filter(|c| c.injected && c.errno.is_some() && c.start < v2_line(&calls))
+            .collect();
+        assert_eq!(
+            failed.len(),
+            1,
+            "{mode}: expected one injected failure in the save: {failed:?}; {o:?}"
+        );
         let on = failed[0].fd_path.as_ref().map(|(p, _)| p.as_str()).unwrap_or_default();
-        assert!(on.ends_with("/metadata/.wal"), "{mode}: the EIO hit {on:?}, not the log's fdatasync");
-        assert!(o.v2.starts_with("err Io "), "{mode}: a save whose log sync failed did not fail: {o:?}");
+        assert!(
+            on.ends_with("/metadata/.wal"),
+            "{mode}: the EIO hit {on:?}, not the log's fdatasync"
+        );
+        assert!(
+            o.v2.starts_with("err Io "),
+            "{mode}: a save whose log sync failed did not fail: {o:?}"
+        );
         assert_eq!(o.load_after_v2, "v1", "{mode}: the failed save's value is visible: {o:?}");
         let a = audit(&calls, dir.to_str().unwrap());
         assert!(a.violations.is_empty(), "{mode}: {:#?}", a.violations);
         if mode == "errors" {
             assert!(run.status.success() && !run.stderr.contains("panicked"), "{}", run.stderr);
-            assert_eq!((o.v3.as_str(), o.load_end.as_str(), o.closed.as_str()), ("ok", "v3", "ok"), "{o:?}");
-            let id = o.v4.strip_prefix("ok ").unwrap_or_else(|| panic!("the checkpoint after it failed: {o:?}"));
+            assert_eq!(
+                (o.v3.as_str(), o.load_end.as_str(), o.closed.as_str()),
+                ("ok", "v3", "ok"),
+                "{o:?}"
+            );
+            let id =
+                o.v4.strip_prefix("ok ")
+                    .unwrap_or_else(|| panic!("the checkpoint after it failed: {o:?}"));
             rt.block_on(async {
                 let m = open(&dir, Format::PlainLog).await.unwrap();
                 assert_eq!(loaded(&m.load_session("a").await), "v3");
                 assert_eq!(loaded(&m.load_session("b").await), "v1");
                 let cp = m.restore_checkpoint(&id.parse().unwrap()).await.unwrap();
-                assert!(cp.is_some_and(|c| c.data == value("a", 4)), "the checkpoint after the failure is lost");
+                assert!(
+                    cp.is_some_and(|c| c.data == value("a", 4)),
+                    "the checkpoint after the failure is lost"
+                );
                 m.shutdown().await.unwrap();
             });
         } else {
             assert_eq!(run.status.signal(), Some(libc::SIGABRT), "{mode}: {}", run.stderr);
-            assert!(dir.join("metadata").join(".wal").exists(), "the aborted child left no log to replay");
+            assert!(
+                dir.join("metadata").join(".wal").exists(),
+                "the aborted child left no log to replay"
+            );
             rt.block_on(async {
                 let m = open(&dir, Format::PlainLog).await.unwrap();
                 let a = loaded(&m.load_session("a").await);
@@ -1453,9 +1620,14 @@ fn injected_io_errors_fail_the_save_cleanly() {
     let Some(dry) = attached("injected_io_errors_fail_the_save_cleanly", dry) else { return };
     assert!(dry.status.success(), "dry run failed:\n{}", dry.stderr);
     let calls = dry.calls();
-    let v2_end = calls.iter().find(|c| c.marker.as_deref().is_some_and(|m| m.starts_with("result v2"))).unwrap().start;
-    let per_save =
-        |name: &str| calls.iter().filter(|c| c.name == name && c.marker.is_none() && c.start < v2_end).count();
+    let v2_end = calls
+        .iter()
+        .find(|c| c.marker.as_deref().is_some_and(|m| m.starts_with("result v2")))
+        .unwrap()
+        .start;
+    let per_save = |name: &str| {
+        calls.iter().filter(|c| c.name == name && c.marker.is_none() && c.start < v2_end).count()
+    };
     let cases: [(&str, &str, bool); 7] = [
         ("fdatasync", "EIO", false),
         ("fsync", "EIO", false),
@@ -1487,9 +1659,12 @@ fn injected_io_errors_fail_the_save_cleanly() {
             n_cases += 1;
             let o = outcome_of(&run.lines);
             let calls = run.calls();
-            let failed: Vec<&Call> =
-                calls.iter().filter(|c| c.injected && c.marker.is_none() && c.errno.is_some()).collect();
-            let first_failed = failed.first().map(|c| class_of(c)).unwrap_or_else(|| "nothing".into());
+            let failed: Vec<&Call> = calls
+                .iter()
+                .filter(|c| c.injected && c.marker.is_none() && c.errno.is_some())
+                .collect();
+            let first_failed =
+                failed.first().map(|c| class_of(c)).unwrap_or_else(|| "nothing".into());
             let mut bad = Vec::new();
             if !run.status.success() || run.stderr.contains("panicked") {
                 bad.push(format!("the child failed ({}): {}", run.status, run.stderr.trim()));
@@ -1515,7 +1690,10 @@ fn injected_io_errors_fail_the_save_cleanly() {
                 // The old version must load, also after a failure behind the rename (the
                 // directory sync): the store puts the previous version back then.
                 if o.load_after_v2 != "v1" {
-                    bad.push(format!("save v2 failed at {first_failed} but a load returns {}", o.load_after_v2));
+                    bad.push(format!(
+                        "save v2 failed at {first_failed} but a load returns {}",
+                        o.load_after_v2
+                    ));
                 }
             } else {
                 bad.push(format!("save v2: expected Ok or {want_kind}…, got {}", o.v2));
@@ -1539,7 +1717,9 @@ fn injected_io_errors_fail_the_save_cleanly() {
                         || b_now != Some(value("b", 1))
                         || cp.map(|c| c.data) != Some(value("a", 4))
                     {
-                        bad.push("a fresh manager does not read v3, b v1 and the checkpoint".into());
+                        bad.push(
+                            "a fresh manager does not read v3, b v1 and the checkpoint".into(),
+                        );
                     }
                     m.shutdown().await.unwrap();
                 });
@@ -1587,5 +1767,9 @@ fn injected_io_errors_fail_the_save_cleanly() {
 
 /// The line of the "result v2" report in a trace.
 fn v2_line(calls: &[Call]) -> usize {
-    calls.iter().find(|c| c.marker.as_deref().is_some_and(|m| m.starts_with("result v2"))).map(|c| c.start).unwrap_or(0)
+    calls
+        .iter()
+        .find(|c| c.marker.as_deref().is_some_and(|m| m.starts_with("result v2")))
+        .map(|c| c.start)
+        .unwrap_or(0)
 }

@@ -72,7 +72,9 @@ fn value(k: u64, i: u64) -> Value {
 /// The child entry point: a no-op unless the parent set `ROLE_ENV`.
 #[test]
 fn child_process() {
-    let (Some(dir), Ok(role)) = (std::env::var_os(DIR_ENV), std::env::var(ROLE_ENV)) else { return };
+    let (Some(dir), Ok(role)) = (std::env::var_os(DIR_ENV), std::env::var(ROLE_ENV)) else {
+        return;
+    };
     let dir = PathBuf::from(dir);
     match role.as_str() {
         "probe" => {
@@ -107,7 +109,11 @@ async fn saver_child(dir: &Path, k: u64) {
         .unwrap()
         .unwrap_or_else(|e| panic!("child {k} turn {turn}: {e}"));
         let waited = waited.elapsed();
-        let m = StateManager::builder(backend).janitor_interval(Duration::from_secs(3600)).start().await.unwrap();
+        let m = StateManager::builder(backend)
+            .janitor_interval(Duration::from_secs(3600))
+            .start()
+            .await
+            .unwrap();
         for i in turn * per_turn..(turn + 1) * per_turn {
             m.save_session(format!("p{k}-{i:03}"), &value(k, i)).await.unwrap();
             if i % 10 == 9 {
@@ -163,7 +169,10 @@ fn second_opening_is_locked_within_100_ms() {
         assert_eq!(kind, "Locked", "a second process opened a held store");
         worst = worst.max(took);
     }
-    assert!(worst < Duration::from_millis(100), "the second opening took {worst:?} to report Locked");
+    assert!(
+        worst < Duration::from_millis(100),
+        "the second opening took {worst:?} to report Locked"
+    );
 
     // This process.
     let t = Instant::now();
@@ -174,7 +183,8 @@ fn second_opening_is_locked_within_100_ms() {
 
     // A waiting opening waits its budget, then reports Locked.
     let t = Instant::now();
-    let err = FileStorageBackend::open_waiting(&dir, Duration::from_millis(300)).expect_err("opened a held store");
+    let err = FileStorageBackend::open_waiting(&dir, Duration::from_millis(300))
+        .expect_err("opened a held store");
     let waited = t.elapsed();
     assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
     assert!(
@@ -245,7 +255,8 @@ fn four_processes_save_200_times_each_in_waiting_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let started = Instant::now();
-    let children: Vec<_> = (0..CHILDREN).map(|k| spawn_child(&format!("saver-{k}"), &dir).spawn().unwrap()).collect();
+    let children: Vec<_> =
+        (0..CHILDREN).map(|k| spawn_child(&format!("saver-{k}"), &dir).spawn().unwrap()).collect();
     let mut counter_values = BTreeSet::new();
     let mut acks = 0;
     let mut turns = Vec::new();
@@ -261,7 +272,10 @@ fn four_processes_save_200_times_each_in_waiting_mode() {
         for line in stdout.lines() {
             if let Some(rest) = line.strip_prefix("ACK ") {
                 let n: u64 = rest.split_whitespace().nth(2).unwrap().parse().unwrap();
-                assert!(counter_values.insert(n), "two increments returned the same counter value {n}");
+                assert!(
+                    counter_values.insert(n),
+                    "two increments returned the same counter value {n}"
+                );
                 acks += 1;
             } else if let Some(rest) = line.strip_prefix("TURN ") {
                 turns.push(rest.to_owned());
@@ -271,8 +285,10 @@ fn four_processes_save_200_times_each_in_waiting_mode() {
     let total = CHILDREN * SAVES;
     assert_eq!(acks, total, "not every save was acknowledged");
     assert_eq!(turns.len() as u64, CHILDREN * TURNS);
-    let waits: Vec<u64> =
-        turns.iter().filter_map(|t| t.rsplit_once("waited_ms=").and_then(|(_, w)| w.parse().ok())).collect();
+    let waits: Vec<u64> = turns
+        .iter()
+        .filter_map(|t| t.rsplit_once("waited_ms=").and_then(|(_, w)| w.parse().ok()))
+        .collect();
     let children_time = started.elapsed();
 
     let rt = runtime();

@@ -78,7 +78,11 @@ fn run_child(dir: &Path) -> Vec<(String, String)> {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("\nDONE"), "the child did not finish: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("\nDONE"),
+        "the child did not finish: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "the child was meant to abort");
     stdout
         .lines()
@@ -102,7 +106,8 @@ async fn check_everything(dir: &Path, checkpoints: &[(String, String)]) {
         assert_eq!(cp.data, value(s, 110));
     }
     assert_eq!(m.load_session("gone").await.unwrap(), None, "a delete in the log was lost");
-    let ids: Vec<String> = m.list_sessions().await.unwrap().into_iter().map(|i| i.session_id.to_string()).collect();
+    let ids: Vec<String> =
+        m.list_sessions().await.unwrap().into_iter().map(|i| i.session_id.to_string()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
     m.shutdown().await.unwrap();
 }
@@ -120,7 +125,11 @@ fn writes_only_in_the_log_of_a_crashed_process_are_replayed_at_open() {
     assert_eq!(checkpoints.len(), 3);
     // The crash left the newest writes in the log only: the record files are behind.
     assert!(wal(dir.path()).exists(), "no log left by the crashed child");
-    assert_ne!(record_file(dir.path(), "a"), Some(value("a", 20)), "the files were already current");
+    assert_ne!(
+        record_file(dir.path(), "a"),
+        Some(value("a", 20)),
+        "the files were already current"
+    );
     runtime().block_on(check_everything(dir.path(), &checkpoints));
     // The open replayed the log into the files and removed it; a clean shutdown leaves
     // current files that plain tools can read.
@@ -164,7 +173,11 @@ fn log_mode_and_direct_mode_open_each_others_stores() {
         let m = StateManager::start(log_backend(dir.path())).await.unwrap();
         assert_eq!(m.load_session("b").await.unwrap(), Some(value("b", 21)));
         let (s, id) = &checkpoints[0];
-        let cp = m.restore_checkpoint(&mars_state::CheckpointId::parse(id).unwrap()).await.unwrap().unwrap();
+        let cp = m
+            .restore_checkpoint(&mars_state::CheckpointId::parse(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(cp.data, value(s, 110));
         m.shutdown().await.unwrap();
     });
@@ -212,15 +225,24 @@ fn a_flipped_byte_in_the_middle_of_the_log_fails_the_open_and_keeps_everything()
     let before = common::snapshot(dir.path());
     for attempt in 0..2 {
         let err = match FileStorageBackend::options().write_ahead_log(true).open(dir.path()) {
-            Ok(_) => panic!("attempt {attempt}: a log damaged in the middle was opened as if its tail were torn"),
+            Ok(_) => panic!(
+                "attempt {attempt}: a log damaged in the middle was opened as if its tail were torn"
+            ),
             Err(e) => e,
         };
         assert_eq!(err.kind(), ErrorKind::Corrupt, "attempt {attempt}: {err}");
         let msg = err.to_string();
         assert!(msg.contains("metadata/.wal"), "the error does not name the log: {msg}");
-        assert_eq!(std::fs::read(&path).unwrap(), damaged, "attempt {attempt}: the damaged log was changed");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            damaged,
+            "attempt {attempt}: the damaged log was changed"
+        );
         let changed = common::diff(&before, &common::snapshot(dir.path()));
-        assert!(changed.is_empty(), "attempt {attempt}: the failed open changed the store: {changed:?}");
+        assert!(
+            changed.is_empty(),
+            "attempt {attempt}: the failed open changed the store: {changed:?}"
+        );
     }
     // Direct mode replays a leftover log too, and must refuse it the same way.
     let err = FileStorageBackend::options().write_ahead_log(false).open(dir.path()).err();
@@ -251,7 +273,11 @@ fn a_torn_last_frame_is_dropped_and_every_frame_before_it_replayed() {
         runtime().block_on(async {
             let m = StateManager::start(log_backend(dir.path())).await.unwrap();
             for s in ["a", "b", "c"] {
-                assert_eq!(m.load_session(s).await.unwrap(), Some(value(s, 20)), "{tear}: session {s}");
+                assert_eq!(
+                    m.load_session(s).await.unwrap(),
+                    Some(value(s, 20)),
+                    "{tear}: session {s}"
+                );
             }
             assert_eq!(
                 m.load_session("gone").await.unwrap(),

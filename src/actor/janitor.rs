@@ -46,11 +46,18 @@ impl Actor for JanitorActor {
         myself: ActorRef<JanitorMsg>,
         (shared, supervisor): Self::Arguments,
     ) -> Result<JanitorState, ActorProcessingErr> {
-        let timer = shared.config.janitor_interval.map(|every| myself.send_interval(every, || JanitorMsg::Tick));
+        let timer = shared
+            .config
+            .janitor_interval
+            .map(|every| myself.send_interval(every, || JanitorMsg::Tick));
         Ok(JanitorState { shared, supervisor, timer })
     }
 
-    async fn post_stop(&self, _myself: ActorRef<JanitorMsg>, st: &mut JanitorState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<JanitorMsg>,
+        st: &mut JanitorState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = st.timer.take() {
             t.abort();
         }
@@ -99,7 +106,8 @@ impl JanitorState {
         .await?;
         if let Some(idle) = self.shared.config.retention.max_session_idle {
             let cutoff = self.shared.store.clock.now_ms().saturating_sub(idle.as_millis() as u64);
-            let (n, bytes) = remove_idle_sessions(&self.supervisor, &self.shared, cutoff, 0).await?;
+            let (n, bytes) =
+                remove_idle_sessions(&self.supervisor, &self.shared, cutoff, 0).await?;
             report.sessions_removed = n;
             report.bytes_freed += bytes;
         }
@@ -144,9 +152,14 @@ pub(crate) async fn remove_idle_sessions(
             continue;
         }
         let timeout = shared.config.call_timeout.max(Duration::from_secs(1));
-        if call_session(supervisor, &shared.rt.actors, timeout, Operation::DeleteIfIdle, &sid, |reply| {
-            SessionMsg::DeleteIfIdle { cutoff_ms, reply }
-        })
+        if call_session(
+            supervisor,
+            &shared.rt.actors,
+            timeout,
+            Operation::DeleteIfIdle,
+            &sid,
+            |reply| SessionMsg::DeleteIfIdle { cutoff_ms, reply },
+        )
         .await?
         {
             removed += 1;

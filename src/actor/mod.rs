@@ -127,7 +127,10 @@ pub(crate) async fn call_session<R: Send + 'static>(
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(StateError::Panicked {
             session: sid.to_string(),
-            message: format!("the session actor stopped while handling {}; outcome unknown", operation.name()),
+            message: format!(
+                "the session actor stopped while handling {}; outcome unknown",
+                operation.name()
+            ),
         }),
         Err(_) => Err(timed_out()),
     }
@@ -143,6 +146,8 @@ pub(crate) async fn ask<M: Message, T: Send + 'static>(
 ) -> Result<T> {
     match actor.call(build, None).await {
         Ok(CallResult::Success(r)) => Ok(r),
-        Ok(CallResult::Timeout | CallResult::SenderError) | Err(_) => Err(StateError::unavailable(gone)),
+        Ok(CallResult::Timeout | CallResult::SenderError) | Err(_) => {
+            Err(StateError::unavailable(gone))
+        }
     }
 }

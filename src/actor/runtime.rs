@@ -108,7 +108,12 @@ impl Runtime {
 
     /// Like [`emit`](Self::emit), under an access record taken earlier (a delete's event
     /// goes to those who could read the session before it was deleted).
-    pub(crate) fn emit_as(&self, sid: &SessionId, kind: EventKind, access: Option<Arc<AccessRecord>>) {
+    pub(crate) fn emit_as(
+        &self,
+        sid: &SessionId,
+        kind: EventKind,
+        access: Option<Arc<AccessRecord>>,
+    ) {
         let event = StateEvent { session_id: sid.clone(), kind, at: self.store.clock.now_ms() };
         let _ = self.events.send(Envelope { event, access });
     }

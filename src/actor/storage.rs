@@ -82,6 +82,10 @@ where
             let _ = tx.send(f(store).await);
         })
     });
-    storage.send_message(StorageMsg::Run(job)).map_err(|_| StateError::unavailable("the storage actor has stopped"))?;
-    rx.await.map_err(|_| StateError::unavailable("a storage task failed before replying; outcome unknown"))?
+    storage
+        .send_message(StorageMsg::Run(job))
+        .map_err(|_| StateError::unavailable("the storage actor has stopped"))?;
+    rx.await.map_err(|_| {
+        StateError::unavailable("a storage task failed before replying; outcome unknown")
+    })?
 }

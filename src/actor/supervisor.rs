@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent,
+};
 use tokio::time::Instant;
 use tracing::{error, warn};
 
@@ -79,10 +81,15 @@ impl SupervisorState {
         myself: &ActorRef<SupervisorMsg>,
         sid: &SessionId,
     ) -> Result<ActorRef<SessionMsg>> {
-        let args = SessionArgs { sid: sid.clone(), shared: self.shared.clone(), supervisor: myself.clone() };
-        let (actor, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell())
-            .await
-            .map_err(|e| StateError::unavailable(format!("could not start a session actor: {e}")))?;
+        let args = SessionArgs {
+            sid: sid.clone(),
+            shared: self.shared.clone(),
+            supervisor: myself.clone(),
+        };
+        let (actor, _) =
+            Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await.map_err(
+                |e| StateError::unavailable(format!("could not start a session actor: {e}")),
+            )?;
         self.sessions.insert(sid.clone(), Slot::Live(actor.clone()));
         self.by_actor.insert(actor.get_id(), sid.clone());
         self.shared.rt.actors.insert(sid, &actor);
@@ -117,10 +124,19 @@ impl Actor for SupervisorActor {
         myself: ActorRef<SupervisorMsg>,
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        let (storage, _) = Actor::spawn_linked(None, StorageActor, args.store.clone(), myself.get_cell()).await?;
+        let (storage, _) =
+            Actor::spawn_linked(None, StorageActor, args.store.clone(), myself.get_cell()).await?;
         let shared = Shared { store: args.store, rt: args.rt, storage, config: args.config };
-        let janitor =
-            Some(Actor::spawn_linked(None, JanitorActor, (shared.clone(), myself.clone()), myself.get_cell()).await?.0);
+        let janitor = Some(
+            Actor::spawn_linked(
+                None,
+                JanitorActor,
+                (shared.clone(), myself.clone()),
+                myself.get_cell(),
+            )
+            .await?
+            .0,
+        );
         Ok(SupervisorState {
             shared,
             sessions: HashMap::new(),
@@ -140,7 +156,8 @@ impl Actor for SupervisorActor {
         match msg {
             SupervisorMsg::Get { sid, reply } => {
                 if st.closing {
-                    let _ = reply.send(Err(StateError::unavailable("the state manager is shut down")));
+                    let _ =
+                        reply.send(Err(StateError::unavailable("the state manager is shut down")));
                     return Ok(());
                 }
                 if let Some(Slot::Live(actor)) = st.sessions.get(&sid) {
@@ -148,7 +165,8 @@ impl Actor for SupervisorActor {
                     // its termination is reported, then hand out a fresh actor.
                     if actor.get_status() >= ActorStatus::Draining {
                         let actor = actor.get_id();
-                        st.sessions.insert(sid.clone(), Slot::Draining { actor, waiting: Vec::new() });
+                        st.sessions
+                            .insert(sid.clone(), Slot::Draining { actor, waiting: Vec::new() });
                     }
                 }
                 match st.sessions.get_mut(&sid) {
@@ -196,7 +214,9 @@ impl Actor for SupervisorActor {
                         }
                         Slot::Draining { waiting, .. } => {
                             for w in waiting {
-                                let _ = w.send(Err(StateError::unavailable("the state manager is shut down")));
+                                let _ = w.send(Err(StateError::unavailable(
+                                    "the state manager is shut down",
+                                )));
                             }
                         }
                     }
@@ -240,18 +260,23 @@ impl Actor for SupervisorActor {
         if st.janitor.as_ref().is_some_and(|j| j.get_id() == id) {
             if let Some(err) = failure {
                 error!(error = %err, "janitor failed; restarting it");
-                st.janitor =
-                    Actor::spawn_linked(None, JanitorActor, (st.shared.clone(), myself.clone()), myself.get_cell())
-                        .await
-                        .ok()
-                        .map(|(a, _)| a);
+                st.janitor = Actor::spawn_linked(
+                    None,
+                    JanitorActor,
+                    (st.shared.clone(), myself.clone()),
+                    myself.get_cell(),
+                )
+                .await
+                .ok()
+                .map(|(a, _)| a);
             }
             return Ok(());
         }
         if st.shared.storage.get_id() == id {
             error!(error = ?failure.map(|e| e.to_string()), "storage actor stopped; restarting it and the session actors");
             let (storage, _) =
-                Actor::spawn_linked(None, StorageActor, st.shared.store.clone(), myself.get_cell()).await?;
+                Actor::spawn_linked(None, StorageActor, st.shared.store.clone(), myself.get_cell())
+                    .await?;
             st.shared.storage = storage;
             // Session actors hold the old storage actor: let them finish and respawn.
             for slot in st.sessions.values() {
@@ -296,7 +321,10 @@ impl Actor for SupervisorActor {
 }
 
 /// Asks the supervisor for `sid`'s session actor.
-pub(crate) async fn get_session(supervisor: &ActorRef<SupervisorMsg>, sid: &SessionId) -> Result<ActorRef<SessionMsg>> {
+pub(crate) async fn get_session(
+    supervisor: &ActorRef<SupervisorMsg>,
+    sid: &SessionId,
+) -> Result<ActorRef<SessionMsg>> {
     let sid = sid.clone();
     ask(supervisor, |reply| SupervisorMsg::Get { sid, reply }).await?
 }

@@ -100,7 +100,8 @@ impl MemoryReturn {
         };
         // A trim still running counts as a recent one: two at once would only contend
         // for the same arena locks.
-        let wait = if self.in_flight.load(Ordering::Acquire) { wait.max(MIN_INTERVAL / 4) } else { wait };
+        let wait =
+            if self.in_flight.load(Ordering::Acquire) { wait.max(MIN_INTERVAL / 4) } else { wait };
         if !wait.is_zero() {
             if self.retry_scheduled {
                 return Decision::Nothing;
@@ -162,7 +163,11 @@ mod tests {
         for live in 1..=peak {
             p.on_spawn(live);
         }
-        (0..peak).rev().map(|live| (live, p.on_end(live, now))).filter(|(_, d)| *d != Decision::Nothing).collect()
+        (0..peak)
+            .rev()
+            .map(|live| (live, p.on_end(live, now)))
+            .filter(|(_, d)| *d != Decision::Nothing)
+            .collect()
     }
 
     #[test]
@@ -171,7 +176,10 @@ mod tests {
         let mut p = MemoryReturn::with_enabled(true);
         // At 1/8 of the peak of 10,000; then, once 1,024 more have ended and the live ones
         // are at 1/8 of the new peak of 1,250, the trim is due but rate-limited (one retry).
-        assert_eq!(wave(&mut p, 10_000, t0), [(1_250, Decision::TrimNow), (156, Decision::RetryIn(MIN_INTERVAL))]);
+        assert_eq!(
+            wave(&mut p, 10_000, t0),
+            [(1_250, Decision::TrimNow), (156, Decision::RetryIn(MIN_INTERVAL))]
+        );
         assert_eq!(p.on_retry(0, t0 + MIN_INTERVAL), Decision::TrimNow);
         assert_eq!(p.on_retry(0, t0 + MIN_INTERVAL * 2), Decision::Nothing, "nothing ended since");
     }

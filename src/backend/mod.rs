@@ -95,7 +95,9 @@ impl StorageKey {
 
     /// Whether this key lies under `prefix` (`prefix/...`).
     pub fn starts_with(&self, prefix: &StorageKey) -> bool {
-        self.0.len() > prefix.0.len() && self.0.starts_with(&prefix.0) && self.0.as_bytes()[prefix.0.len()] == b'/'
+        self.0.len() > prefix.0.len()
+            && self.0.starts_with(&prefix.0)
+            && self.0.as_bytes()[prefix.0.len()] == b'/'
     }
 }
 

@@ -70,7 +70,9 @@ impl StateManagerBuilder {
         // An encrypted backend (an `EncryptedFileStorageBackend`) is recognised here, while
         // its type is known, so the store is opened as encrypted.
         #[cfg(feature = "encryption")]
-        let layer = crate::middleware::crypto::find_layer(&(backend.clone() as Arc<dyn std::any::Any + Send + Sync>));
+        let layer = crate::middleware::crypto::find_layer(
+            &(backend.clone() as Arc<dyn std::any::Any + Send + Sync>),
+        );
         StateManagerBuilder {
             backend,
             #[cfg(feature = "encryption")]
@@ -240,10 +242,14 @@ impl StateManagerBuilder {
             Some(level) => Compression::gzip(level)?,
         };
         if self.config.idle_timeout.is_zero() || self.config.call_timeout.is_zero() {
-            return Err(StateError::Config { message: "timeouts must be greater than zero".into() });
+            return Err(StateError::Config {
+                message: "timeouts must be greater than zero".into(),
+            });
         }
         if self.config.janitor_interval.is_some_and(|d| d.is_zero()) {
-            return Err(StateError::Config { message: "the janitor interval must be greater than zero".into() });
+            return Err(StateError::Config {
+                message: "the janitor interval must be greater than zero".into(),
+            });
         }
         // The envelope adds well under 1 KiB to the state.
         let max_record = self.config.max_state_bytes.saturating_add(64 * 1024);
@@ -272,7 +278,9 @@ impl StateManagerBuilder {
                 {
                     // Made by an earlier version, which did not see this layer: its
                     // records are sealed but named without `.enc`. Keep reading it so.
-                    tracing::warn!("this encrypted store was created without .enc record names; it keeps them");
+                    tracing::warn!(
+                        "this encrypted store was created without .enc record names; it keeps them"
+                    );
                     codec.encrypted = false;
                 }
                 crypt = Arc::downgrade(&layer);
@@ -285,7 +293,9 @@ impl StateManagerBuilder {
                 if let Some(meta) = store::read_store_meta(backend.as_ref()).await? {
                     meta.check(&codec)?;
                 }
-                let layer = previous.into_iter().fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
+                let layer = previous
+                    .into_iter()
+                    .fold(EncryptionLayer::new(current), |l, k| l.previous_key(k));
                 below = Some(backend.clone());
                 let encrypted: Arc<EncryptedBackend> = Arc::new(layer.wrap(backend).await?);
                 let keys: Arc<dyn KeyRing> = encrypted.clone();
@@ -295,7 +305,14 @@ impl StateManagerBuilder {
             (None, None) => {}
         }
         let store = Arc::new(
-            Store::open(backend, codec, self.config.retention.clone(), self.access.unwrap_or_default(), below).await?,
+            Store::open(
+                backend,
+                codec,
+                self.config.retention.clone(),
+                self.access.unwrap_or_default(),
+                below,
+            )
+            .await?,
         );
         let rt = Arc::new(Runtime::new(store.clone()));
         let config = Arc::new(self.config);

@@ -13,11 +13,18 @@ use super::request::{Ctx, Target, no_prep, ser_err};
 use crate::actor::session::SessionMsg;
 use crate::error::{Operation, Result, StateError};
 use crate::store::codec::RecordHead;
-use crate::types::{Checkpoint, CheckpointId, CheckpointInfo, Recovery, SessionStatus, SkippedCheckpoint, StateBytes};
+use crate::types::{
+    Checkpoint, CheckpointId, CheckpointInfo, Recovery, SessionStatus, SkippedCheckpoint,
+    StateBytes,
+};
 
 impl StateManager {
     /// Loads the session's state into `T` (for `load_session` and `load_session_as`).
-    pub(super) async fn load_as<T: DeserializeOwned>(&self, op: Operation, session: &str) -> Result<Option<T>> {
+    pub(super) async fn load_as<T: DeserializeOwned>(
+        &self,
+        op: Operation,
+        session: &str,
+    ) -> Result<Option<T>> {
         self.request(op, session.into(), no_prep, |cx, ()| async move {
             self.load_state(&cx).await?.map(|s| s.deserialize()).transpose()
         })
@@ -31,8 +38,9 @@ impl StateManager {
         op: Operation,
         id: &CheckpointId,
     ) -> Result<Option<Checkpoint<T>>> {
-        let read = self
-            .request(op, Target::Checkpoint(id), no_prep, |cx, ()| async move { self.read_checkpoint(&cx, id).await });
+        let read = self.request(op, Target::Checkpoint(id), no_prep, |cx, ()| async move {
+            self.read_checkpoint(&cx, id).await
+        });
         match read.await {
             // Not in the index: there is no such checkpoint (to read; a rollback says so).
             Err(StateError::CheckpointNotFound { .. }) => Ok(None),
@@ -78,7 +86,9 @@ impl StateManager {
             return Ok(cx.rt.hot(sid).unwrap_or(None));
         };
         match &d.head {
-            RecordHead::Session { meta, .. } if meta.schema == self.inner.config.migrations.current => {
+            RecordHead::Session { meta, .. }
+                if meta.schema == self.inner.config.migrations.current =>
+            {
                 Ok(cx.rt.hot(sid).unwrap_or_else(|| Some(StateBytes::from_slice(d.data()))))
             }
             _ => cx.call(|reply| SessionMsg::Load { reply }).await,
@@ -92,9 +102,13 @@ impl StateManager {
         id: &CheckpointId,
     ) -> Result<Option<Checkpoint<T>>> {
         let (s, cid) = (cx.sid.clone(), id.clone());
-        let decoded = self.on_storage(move |store| async move { store.load_checkpoint(&s, &cid).await }).await?;
+        let decoded = self
+            .on_storage(move |store| async move { store.load_checkpoint(&s, &cid).await })
+            .await?;
         let Some(d) = decoded else { return Ok(None) };
-        let RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } = d.head.clone() else {
+        let RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } =
+            d.head.clone()
+        else {
             return Err(StateError::corrupt(id, "not a checkpoint record"));
         };
         let state = self.inner.config.migrations.state_of(&cx.sid, &d)?.state;
@@ -129,7 +143,8 @@ impl StateManager {
         };
         let mut skipped = Vec::new();
         let mut checkpoint = None;
-        let newest_first: Vec<CheckpointInfo> = store.index().list_checkpoints(sid).into_iter().rev().collect();
+        let newest_first: Vec<CheckpointInfo> =
+            store.index().list_checkpoints(sid).into_iter().rev().collect();
         for info in newest_first {
             match self.read_checkpoint(cx, &info.id).await {
                 Ok(Some(cp)) => {
@@ -138,7 +153,9 @@ impl StateManager {
                 }
                 Ok(None) => {}
                 Err(
-                    e @ (StateError::Corrupt { .. } | StateError::Migration { .. } | StateError::Serialization { .. }),
+                    e @ (StateError::Corrupt { .. }
+                    | StateError::Migration { .. }
+                    | StateError::Serialization { .. }),
                 ) => skipped.push(SkippedCheckpoint { id: info.id, reason: e.to_string() }),
                 Err(e) => return Err(e),
             }

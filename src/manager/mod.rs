@@ -27,8 +27,8 @@ use crate::events::Watch;
 use crate::middleware::crypto::{KeyRing, KeySource};
 use crate::store::Store;
 use crate::types::{
-    Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MigrationReport, Principal, Recovery, SessionId,
-    SessionInfo, SessionStatus, StateBytes, StorageStats, VacuumReport,
+    Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MigrationReport, Principal,
+    Recovery, SessionId, SessionInfo, SessionStatus, StateBytes, StorageStats, VacuumReport,
 };
 
 mod builder;
@@ -138,7 +138,12 @@ impl StateManager {
     /// assert_eq!(bob.load_session("plan").await?, Some(serde_json::json!(1)));
     /// # Ok(()) }
     /// ```
-    pub async fn grant_access(&self, session: impl AsRef<str>, principal: Principal, access: Access) -> Result<()> {
+    pub async fn grant_access(
+        &self,
+        session: impl AsRef<str>,
+        principal: Principal,
+        access: Access,
+    ) -> Result<()> {
         self.change_access(Operation::GrantAccess, session.as_ref(), |r| {
             r.grants.insert(principal, access);
         })
@@ -146,7 +151,11 @@ impl StateManager {
     }
 
     /// Takes back whatever `principal` was granted on `session`.
-    pub async fn revoke_access(&self, session: impl AsRef<str>, principal: &Principal) -> Result<()> {
+    pub async fn revoke_access(
+        &self,
+        session: impl AsRef<str>,
+        principal: &Principal,
+    ) -> Result<()> {
         self.change_access(Operation::RevokeAccess, session.as_ref(), |r| {
             r.grants.remove(principal);
         })
@@ -155,9 +164,12 @@ impl StateManager {
 
     /// The session's access record, if it has an owner (readable by whoever may read it).
     pub async fn access_record(&self, session: impl AsRef<str>) -> Result<Option<AccessRecord>> {
-        self.request(Operation::AccessRecord, session.as_ref().into(), no_prep, |cx, ()| async move {
-            Ok(cx.store.access.get(&cx.sid))
-        })
+        self.request(
+            Operation::AccessRecord,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move { Ok(cx.store.access.get(&cx.sid)) },
+        )
         .await
     }
 
@@ -169,11 +181,18 @@ impl StateManager {
     /// manager.save_session("s1", &serde_json::json!({"step": 1})).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn save_session<T: Serialize + ?Sized>(&self, session: impl AsRef<str>, state: &T) -> Result<()> {
+    pub async fn save_session<T: Serialize + ?Sized>(
+        &self,
+        session: impl AsRef<str>,
+        state: &T,
+    ) -> Result<()> {
         let encode = |_: &SessionId| self.encode(state);
-        self.request(Operation::SaveSession, session.as_ref().into(), encode, |cx, state| async move {
-            cx.call(|reply| SessionMsg::Save { state, reply }).await
-        })
+        self.request(
+            Operation::SaveSession,
+            session.as_ref().into(),
+            encode,
+            |cx, state| async move { cx.call(|reply| SessionMsg::Save { state, reply }).await },
+        )
         .await
     }
 
@@ -201,7 +220,10 @@ impl StateManager {
     /// assert_eq!(manager.load_session_as::<Run>("s1").await?, Some(Run { step: 7 }));
     /// # Ok(()) }
     /// ```
-    pub async fn load_session_as<T: DeserializeOwned>(&self, session: impl AsRef<str>) -> Result<Option<T>> {
+    pub async fn load_session_as<T: DeserializeOwned>(
+        &self,
+        session: impl AsRef<str>,
+    ) -> Result<Option<T>> {
         self.load_as(Operation::LoadSessionAs, session.as_ref()).await
     }
 
@@ -221,9 +243,12 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn load_session_bytes(&self, session: impl AsRef<str>) -> Result<Option<StateBytes>> {
-        self.request(Operation::LoadSessionBytes, session.as_ref().into(), no_prep, |cx, ()| async move {
-            self.load_state(&cx).await
-        })
+        self.request(
+            Operation::LoadSessionBytes,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move { self.load_state(&cx).await },
+        )
         .await
     }
 
@@ -242,9 +267,12 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn delete_session(&self, session: impl AsRef<str>) -> Result<bool> {
-        self.request(Operation::DeleteSession, session.as_ref().into(), no_prep, |cx, ()| async move {
-            cx.call(|reply| SessionMsg::Delete { reply }).await
-        })
+        self.request(
+            Operation::DeleteSession,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move { cx.call(|reply| SessionMsg::Delete { reply }).await },
+        )
         .await
     }
 
@@ -286,7 +314,14 @@ impl StateManager {
         state: &T,
     ) -> Result<CheckpointId> {
         let (session, branch) = (session.as_ref(), branch.as_ref());
-        self.checkpoint(Operation::CreateCheckpoint, session, branch, state, CheckpointReason::Manual).await
+        self.checkpoint(
+            Operation::CreateCheckpoint,
+            session,
+            branch,
+            state,
+            CheckpointReason::Manual,
+        )
+        .await
     }
 
     /// Reads a checkpoint by id alone (also after a restart); `Ok(None)` if there is none.
@@ -305,7 +340,10 @@ impl StateManager {
     }
 
     /// Like [`restore_checkpoint`](Self::restore_checkpoint), deserializing into `T`.
-    pub async fn restore_checkpoint_as<T: DeserializeOwned>(&self, id: &CheckpointId) -> Result<Option<Checkpoint<T>>> {
+    pub async fn restore_checkpoint_as<T: DeserializeOwned>(
+        &self,
+        id: &CheckpointId,
+    ) -> Result<Option<Checkpoint<T>>> {
         self.restore(Operation::RestoreCheckpointAs, id).await
     }
 
@@ -353,9 +391,12 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn list_checkpoints(&self, session: impl AsRef<str>) -> Result<Vec<CheckpointInfo>> {
-        self.request(Operation::ListCheckpoints, session.as_ref().into(), no_prep, |cx, ()| async move {
-            Ok(cx.store.index().list_checkpoints(&cx.sid))
-        })
+        self.request(
+            Operation::ListCheckpoints,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move { Ok(cx.store.index().list_checkpoints(&cx.sid)) },
+        )
         .await
     }
 
@@ -368,10 +409,19 @@ impl StateManager {
     /// assert_eq!(manager.cleanup_checkpoints("s1", 3).await?, 2);
     /// # Ok(()) }
     /// ```
-    pub async fn cleanup_checkpoints(&self, session: impl AsRef<str>, keep: usize) -> Result<usize> {
-        self.request(Operation::CleanupCheckpoints, session.as_ref().into(), no_prep, |cx, ()| async move {
-            cx.call(|reply| SessionMsg::CleanupCheckpoints { keep, reply }).await
-        })
+    pub async fn cleanup_checkpoints(
+        &self,
+        session: impl AsRef<str>,
+        keep: usize,
+    ) -> Result<usize> {
+        self.request(
+            Operation::CleanupCheckpoints,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move {
+                cx.call(|reply| SessionMsg::CleanupCheckpoints { keep, reply }).await
+            },
+        )
         .await
     }
 
@@ -395,25 +445,34 @@ impl StateManager {
         E: Into<BoxError>,
         F: FnOnce(Option<T>) -> std::result::Result<T, E> + Send + 'static,
     {
-        self.request(Operation::TransactionalUpdate, session.as_ref().into(), no_prep, |cx, ()| async move {
-            let slot: Arc<std::sync::Mutex<Option<T>>> = Arc::new(std::sync::Mutex::new(None));
-            let out = slot.clone();
-            let name = cx.sid.to_string();
-            let update: UpdateFn = Box::new(move |old: Option<&[u8]>| {
-                let ser = |e: serde_json::Error| StateError::json(name.as_str(), &e);
-                let old: Option<T> = old.map(serde_json::from_slice).transpose().map_err(ser)?;
-                let new = f(old).map_err(|e| StateError::UpdateRejected { session: name.clone(), source: e.into() })?;
-                let bytes = serde_json::to_vec(&new).map_err(ser)?;
-                *crate::sync::lock(&out) = Some(new);
-                Ok(bytes)
-            });
-            let bytes = cx.call(|reply| SessionMsg::Update { update, reply }).await?;
-            let kept = crate::sync::lock(&slot).take();
-            match kept {
-                Some(v) => Ok(v),
-                None => bytes.deserialize(),
-            }
-        })
+        self.request(
+            Operation::TransactionalUpdate,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move {
+                let slot: Arc<std::sync::Mutex<Option<T>>> = Arc::new(std::sync::Mutex::new(None));
+                let out = slot.clone();
+                let name = cx.sid.to_string();
+                let update: UpdateFn = Box::new(move |old: Option<&[u8]>| {
+                    let ser = |e: serde_json::Error| StateError::json(name.as_str(), &e);
+                    let old: Option<T> =
+                        old.map(serde_json::from_slice).transpose().map_err(ser)?;
+                    let new = f(old).map_err(|e| StateError::UpdateRejected {
+                        session: name.clone(),
+                        source: e.into(),
+                    })?;
+                    let bytes = serde_json::to_vec(&new).map_err(ser)?;
+                    *crate::sync::lock(&out) = Some(new);
+                    Ok(bytes)
+                });
+                let bytes = cx.call(|reply| SessionMsg::Update { update, reply }).await?;
+                let kept = crate::sync::lock(&slot).take();
+                match kept {
+                    Some(v) => Ok(v),
+                    None => bytes.deserialize(),
+                }
+            },
+        )
         .await
     }
 
@@ -446,12 +505,18 @@ impl StateManager {
     /// assert_eq!(manager.cleanup_old_sessions(Duration::from_secs(86_400), 0).await?, 0);
     /// # Ok(()) }
     /// ```
-    pub async fn cleanup_old_sessions(&self, older_than: Duration, keep_last: usize) -> Result<usize> {
+    pub async fn cleanup_old_sessions(
+        &self,
+        older_than: Duration,
+        keep_last: usize,
+    ) -> Result<usize> {
         let store = self.maintenance(Operation::CleanupOldSessions)?;
         let cutoff = store.clock.now_ms().saturating_sub(older_than.as_millis() as u64);
         drop(store);
         let shared = self.shared().await?;
-        Ok(janitor::remove_idle_sessions(&self.inner.supervisor, &shared, cutoff, keep_last).await?.0)
+        Ok(janitor::remove_idle_sessions(&self.inner.supervisor, &shared, cutoff, keep_last)
+            .await?
+            .0)
     }
 
     /// Removes staged files of interrupted writes, finishes interrupted deletes, and
@@ -482,10 +547,14 @@ impl StateManager {
     /// Runs one janitor pass now (sweep, retention) and returns what it did.
     pub async fn run_janitor_now(&self) -> Result<VacuumReport> {
         self.maintenance(Operation::RunJanitorNow)?;
-        let janitor = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Janitor { reply })
-            .await?
-            .ok_or_else(|| StateError::unavailable("the janitor is not running"))?;
-        actor::ask(&janitor, "the janitor stopped during its pass", |reply| JanitorMsg::RunNow { reply }).await?
+        let janitor =
+            supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Janitor { reply })
+                .await?
+                .ok_or_else(|| StateError::unavailable("the janitor is not running"))?;
+        actor::ask(&janitor, "the janitor stopped during its pass", |reply| JanitorMsg::RunNow {
+            reply,
+        })
+        .await?
     }
 
     /// The session's actor, for orchestrators that are ractor actors themselves and want
@@ -503,9 +572,12 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn session_actor(&self, session: impl AsRef<str>) -> Result<ActorRef<SessionMsg>> {
-        self.request(Operation::SessionActor, session.as_ref().into(), no_prep, |cx, ()| async move {
-            supervisor::get_session(&self.inner.supervisor, &cx.sid).await
-        })
+        self.request(
+            Operation::SessionActor,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move { supervisor::get_session(&self.inner.supervisor, &cx.sid).await },
+        )
         .await
     }
 
@@ -517,10 +589,17 @@ impl StateManager {
     /// Sets the session's [`CheckpointPolicy`] (for this process's life; an orchestrator
     /// sets it again when it resumes a run after a restart). The builder's
     /// [`checkpoint_policy`](StateManagerBuilder::checkpoint_policy) is the default.
-    pub async fn set_checkpoint_policy(&self, session: impl AsRef<str>, policy: CheckpointPolicy) -> Result<()> {
-        self.request(Operation::SetCheckpointPolicy, session.as_ref().into(), no_prep, |cx, ()| async move {
-            cx.call(|reply| SessionMsg::SetPolicy { policy, reply }).await
-        })
+    pub async fn set_checkpoint_policy(
+        &self,
+        session: impl AsRef<str>,
+        policy: CheckpointPolicy,
+    ) -> Result<()> {
+        self.request(
+            Operation::SetCheckpointPolicy,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move { cx.call(|reply| SessionMsg::SetPolicy { policy, reply }).await },
+        )
         .await
     }
 
@@ -555,9 +634,14 @@ impl StateManager {
     ) -> Result<Option<CheckpointId>> {
         // Serialized before access control may claim the session for this write.
         let encode = |_: &SessionId| self.encode(state);
-        self.request(Operation::RecordStep, session.as_ref().into(), encode, |cx, state| async move {
-            cx.call(|reply| SessionMsg::RecordStep { step, state, reply }).await
-        })
+        self.request(
+            Operation::RecordStep,
+            session.as_ref().into(),
+            encode,
+            |cx, state| async move {
+                cx.call(|reply| SessionMsg::RecordStep { step, state, reply }).await
+            },
+        )
         .await
     }
 
@@ -570,7 +654,14 @@ impl StateManager {
         state: &T,
     ) -> Result<CheckpointId> {
         let (session, branch) = (session.as_ref(), branch.as_ref());
-        self.checkpoint(Operation::CheckpointBeforeRisky, session, branch, state, CheckpointReason::BeforeRisky).await
+        self.checkpoint(
+            Operation::CheckpointBeforeRisky,
+            session,
+            branch,
+            state,
+            CheckpointReason::BeforeRisky,
+        )
+        .await
     }
 
     /// Pauses the session: saves `state` with status [`SessionStatus::Paused`], the pause
@@ -606,20 +697,35 @@ impl StateManager {
     }
 
     /// Like [`resume_session`](Self::resume_session), deserializing into `T`.
-    pub async fn resume_session_as<T: DeserializeOwned>(&self, session: impl AsRef<str>) -> Result<Option<T>> {
+    pub async fn resume_session_as<T: DeserializeOwned>(
+        &self,
+        session: impl AsRef<str>,
+    ) -> Result<Option<T>> {
         self.resume(Operation::ResumeSessionAs, session.as_ref()).await
     }
 
     /// Saves the final `state` and marks the session [`SessionStatus::Completed`].
-    pub async fn complete_session<T: Serialize + ?Sized>(&self, session: impl AsRef<str>, state: &T) -> Result<()> {
+    pub async fn complete_session<T: Serialize + ?Sized>(
+        &self,
+        session: impl AsRef<str>,
+        state: &T,
+    ) -> Result<()> {
         let completed = SessionStatus::Completed;
-        self.set_status(Operation::CompleteSession, session.as_ref(), completed, None, Some(state)).await.map(|_| ())
+        self.set_status(Operation::CompleteSession, session.as_ref(), completed, None, Some(state))
+            .await
+            .map(|_| ())
     }
 
     /// Marks the session [`SessionStatus::Failed`] with `reason`, keeping its state.
-    pub async fn fail_session(&self, session: impl AsRef<str>, reason: impl Into<String>) -> Result<()> {
+    pub async fn fail_session(
+        &self,
+        session: impl AsRef<str>,
+        reason: impl Into<String>,
+    ) -> Result<()> {
         let (failed, reason) = (SessionStatus::Failed, Some(reason.into()));
-        self.set_status::<Value>(Operation::FailSession, session.as_ref(), failed, reason, None).await.map(|_| ())
+        self.set_status::<Value>(Operation::FailSession, session.as_ref(), failed, reason, None)
+            .await
+            .map(|_| ())
     }
 
     /// The sessions with `status` (see [`list_sessions`](Self::list_sessions)).
@@ -644,9 +750,12 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn recover_session(&self, session: impl AsRef<str>) -> Result<Recovery> {
-        self.request(Operation::RecoverSession, session.as_ref().into(), no_prep, |cx, ()| async move {
-            self.recover(&cx).await
-        })
+        self.request(
+            Operation::RecoverSession,
+            session.as_ref().into(),
+            no_prep,
+            |cx, ()| async move { self.recover(&cx).await },
+        )
         .await
     }
 
@@ -692,7 +801,9 @@ impl StateManager {
             self.maintenance(Operation::MigrateStore)?.index().sessions.keys().cloned().collect();
         let mut total = MigrationReport::default();
         for sid in sessions {
-            let r = self.call(Operation::MigrateStore, &sid, |reply| SessionMsg::Migrate { reply }).await?;
+            let r = self
+                .call(Operation::MigrateStore, &sid, |reply| SessionMsg::Migrate { reply })
+                .await?;
             total.sessions += r.sessions;
             total.checkpoints += r.checkpoints;
         }

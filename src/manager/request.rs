@@ -69,7 +69,9 @@ pub(super) fn no_prep(_: &SessionId) -> Result<()> {
 /// A state serialization error names the session it is about.
 pub(super) fn ser_err(session: &SessionId, e: StateError) -> StateError {
     match e {
-        StateError::Serialization { detail, .. } => StateError::Serialization { session: session.to_string(), detail },
+        StateError::Serialization { detail, .. } => {
+            StateError::Serialization { session: session.to_string(), detail }
+        }
         other => other,
     }
 }
@@ -103,7 +105,8 @@ impl StateManager {
         let prepared = prepare(&sid).map_err(|e| ser_err(&sid, e))?;
         let run = async {
             self.authorize(op, &sid).await?;
-            let cx = Ctx { handle: self, op, sid: sid.clone(), store: self.store()?, rt: self.rt()? };
+            let cx =
+                Ctx { handle: self, op, sid: sid.clone(), store: self.store()?, rt: self.rt()? };
             body(cx, prepared).await
         };
         run.instrument(span).await.map_err(|e| ser_err(&sid, e))
@@ -135,7 +138,8 @@ impl StateManager {
                 // owner, since deleted, or none): references to it may have been handed
                 // out. Retire it, so none of them reaches the new owner's session.
                 if rt.actors.get(sid).is_some() {
-                    self.call(Operation::Claim, sid, |reply| InternalMsg::Retire { reply }.into()).await?;
+                    self.call(Operation::Claim, sid, |reply| InternalMsg::Retire { reply }.into())
+                        .await?;
                 }
                 Ok(())
             }
@@ -190,7 +194,9 @@ impl StateManager {
         F: FnOnce(Arc<Store>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T>> + Send + 'static,
     {
-        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
+        let storage =
+            supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply })
+                .await?;
         storage::run(&storage, f).await
     }
 
@@ -202,12 +208,18 @@ impl StateManager {
 
     /// The store, while the manager runs.
     pub(super) fn store(&self) -> Result<Arc<Store>> {
-        self.inner.store.upgrade().ok_or_else(|| StateError::unavailable("the state manager is shut down"))
+        self.inner
+            .store
+            .upgrade()
+            .ok_or_else(|| StateError::unavailable("the state manager is shut down"))
     }
 
     /// The actors' live state, while the manager runs.
     pub(super) fn rt(&self) -> Result<Arc<Runtime>> {
-        self.inner.rt.upgrade().ok_or_else(|| StateError::unavailable("the state manager is shut down"))
+        self.inner
+            .rt
+            .upgrade()
+            .ok_or_else(|| StateError::unavailable("the state manager is shut down"))
     }
 
     /// Sends `sid`'s session actor a message, under the call timeout, for `op`.
@@ -218,6 +230,14 @@ impl StateManager {
         build: impl FnOnce(RpcReplyPort<Result<R>>) -> SessionMsg,
     ) -> Result<R> {
         let rt = self.rt()?;
-        call_session(&self.inner.supervisor, &rt.actors, self.inner.config.call_timeout, op, sid, build).await
+        call_session(
+            &self.inner.supervisor,
+            &rt.actors,
+            self.inner.config.call_timeout,
+            op,
+            sid,
+            build,
+        )
+        .await
     }
 }

@@ -45,7 +45,12 @@ impl StateManager {
     }
 
     /// Rolls back to a checkpoint (for `rollback_to_checkpoint` and `rollback_and_truncate`).
-    pub(super) async fn rollback(&self, op: Operation, id: &CheckpointId, truncate: bool) -> Result<()> {
+    pub(super) async fn rollback(
+        &self,
+        op: Operation,
+        id: &CheckpointId,
+        truncate: bool,
+    ) -> Result<()> {
         self.request(op, Target::Checkpoint(id), no_prep, |cx, ()| async move {
             let checkpoint_id = id.clone();
             cx.call(|reply| SessionMsg::Rollback { checkpoint_id, truncate, reply }).await
@@ -71,11 +76,21 @@ impl StateManager {
 
     /// Marks the session running and returns its state (`None`, and no change, if it has
     /// none).
-    pub(super) async fn resume<T: DeserializeOwned>(&self, op: Operation, session: &str) -> Result<Option<T>> {
+    pub(super) async fn resume<T: DeserializeOwned>(
+        &self,
+        op: Operation,
+        session: &str,
+    ) -> Result<Option<T>> {
         self.request(op, session.into(), no_prep, |cx, ()| async move {
             let Some(state) = self.load_state(&cx).await? else { return Ok(None) };
             let running = SessionStatus::Running;
-            cx.call(|reply| SessionMsg::SetStatus { status: running, reason: None, state: None, reply }).await?;
+            cx.call(|reply| SessionMsg::SetStatus {
+                status: running,
+                reason: None,
+                state: None,
+                reply,
+            })
+            .await?;
             state.deserialize().map(Some)
         })
         .await
@@ -91,7 +106,8 @@ impl StateManager {
         let sessions = self.store()?.reencrypt_sessions().await?;
         let mut rewritten = 0;
         for sid in sessions {
-            rewritten += self.call(op, &sid, |reply| InternalMsg::Reencrypt { reply }.into()).await?;
+            rewritten +=
+                self.call(op, &sid, |reply| InternalMsg::Reencrypt { reply }.into()).await?;
         }
         rewritten += self.on_storage(|store| async move { store.reencrypt_rest().await }).await?;
         crypt.retire_keys_except_current().await?;
@@ -106,13 +122,22 @@ impl StateManager {
             None if self.inner.store.strong_count() == 0 => {
                 Err(StateError::unavailable("the state manager is shut down"))
             }
-            None => Err(StateError::Config { message: "encryption is not enabled for this store".into() }),
+            None => Err(StateError::Config {
+                message: "encryption is not enabled for this store".into(),
+            }),
         }
     }
 
     /// What the janitor's functions need, with the current storage actor.
     pub(super) async fn shared(&self) -> Result<actor::Shared> {
-        let storage = supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply }).await?;
-        Ok(actor::Shared { store: self.store()?, rt: self.rt()?, storage, config: self.inner.config.clone() })
+        let storage =
+            supervisor::ask(&self.inner.supervisor, |reply| SupervisorMsg::Storage { reply })
+                .await?;
+        Ok(actor::Shared {
+            store: self.store()?,
+            rt: self.rt()?,
+            storage,
+            config: self.inner.config.clone(),
+        })
     }
 }

@@ -178,20 +178,23 @@ impl Codec {
 
     /// Builds the envelope around `data` (compact JSON) and compresses it if configured.
     pub(crate) fn encode(&self, head: &RecordHead, data: &[u8]) -> Result<Vec<u8>> {
-        let meta_json = |m: Result<String, serde_json::Error>| m.map_err(|e| StateError::json("", &e));
+        let meta_json =
+            |m: Result<String, serde_json::Error>| m.map_err(|e| StateError::json("", &e));
         let fields = match head {
             RecordHead::Session { session_id, saved_at, meta } => format!(
                 r#""kind":"session","session_id":{},"saved_at":{saved_at},"meta":{},"data":"#,
                 json_str(session_id.as_str()),
                 meta_json(serde_json::to_string(meta))?,
             ),
-            RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } => format!(
-                r#""kind":"checkpoint","session_id":{},"checkpoint_id":{},"branch_id":{},"timestamp":{timestamp},"meta":{},"data":"#,
-                json_str(session_id.as_str()),
-                json_str(checkpoint_id.as_str()),
-                json_str(branch_id.as_str()),
-                meta_json(serde_json::to_string(meta))?,
-            ),
+            RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } => {
+                format!(
+                    r#""kind":"checkpoint","session_id":{},"checkpoint_id":{},"branch_id":{},"timestamp":{timestamp},"meta":{},"data":"#,
+                    json_str(session_id.as_str()),
+                    json_str(checkpoint_id.as_str()),
+                    json_str(branch_id.as_str()),
+                    meta_json(serde_json::to_string(meta))?,
+                )
+            }
         };
         // One buffer, one copy of the state: header with a placeholder checksum, fields,
         // data, then the checksum of everything after the header written in place.
@@ -211,9 +214,16 @@ impl Codec {
 
     /// Verifies and decodes the bytes stored at `key`. Any damage is [`StateError::Corrupt`],
     /// returned with the raw bytes (for the quarantine copy).
-    pub(crate) fn decode(&self, key: &StorageKey, raw: Vec<u8>) -> std::result::Result<Decoded, (StateError, Vec<u8>)> {
+    pub(crate) fn decode(
+        &self,
+        key: &StorageKey,
+        raw: Vec<u8>,
+    ) -> std::result::Result<Decoded, (StateError, Vec<u8>)> {
         if raw.starts_with(&[0x1f, 0x8b]) {
-            match self.gunzip(key, &raw).and_then(|plain| self.decode_plain(key, plain).map_err(|(e, _)| e)) {
+            match self
+                .gunzip(key, &raw)
+                .and_then(|plain| self.decode_plain(key, plain).map_err(|(e, _)| e))
+            {
                 Ok(d) => Ok(d),
                 Err(e) => Err((e, raw)),
             }
@@ -222,7 +232,11 @@ impl Codec {
         }
     }
 
-    fn decode_plain(&self, key: &StorageKey, bytes: Vec<u8>) -> std::result::Result<Decoded, (StateError, Vec<u8>)> {
+    fn decode_plain(
+        &self,
+        key: &StorageKey,
+        bytes: Vec<u8>,
+    ) -> std::result::Result<Decoded, (StateError, Vec<u8>)> {
         match Self::parse(key, &bytes, self.max_record) {
             Ok((head, data)) => Ok(Decoded { head, bytes: Arc::new(bytes), data }),
             Err(e) => Err((e, bytes)),
@@ -230,12 +244,25 @@ impl Codec {
     }
 
     /// Checks the header, checksum and envelope; returns the head and where `data` lies.
-    fn parse(key: &StorageKey, bytes: &[u8], max_record: usize) -> Result<(RecordHead, Range<usize>)> {
+    fn parse(
+        key: &StorageKey,
+        bytes: &[u8],
+        max_record: usize,
+    ) -> Result<(RecordHead, Range<usize>)> {
         if bytes.len() > max_record {
-            return Err(StateError::corrupt(key, format!("record of {} bytes exceeds the limit", bytes.len())));
+            return Err(StateError::corrupt(
+                key,
+                format!("record of {} bytes exceeds the limit", bytes.len()),
+            ));
         }
-        if bytes.len() < HEADER_LEN || !bytes.starts_with(PREFIX) || &bytes[HEADER_LEN - 2..HEADER_LEN] != b"\"," {
-            return Err(StateError::corrupt(key, "not a mars-state record (header missing or damaged)"));
+        if bytes.len() < HEADER_LEN
+            || !bytes.starts_with(PREFIX)
+            || &bytes[HEADER_LEN - 2..HEADER_LEN] != b"\","
+        {
+            return Err(StateError::corrupt(
+                key,
+                "not a mars-state record (header missing or damaged)",
+            ));
         }
         let hex = std::str::from_utf8(&bytes[PREFIX.len()..PREFIX.len() + 8])
             .ok()
@@ -250,23 +277,30 @@ impl Codec {
         }
         let env: Envelope<'_> = serde_json::from_slice(bytes)
             .map_err(|e| StateError::corrupt(key, format!("envelope does not parse: {e}")))?;
-        fn meta<M: Default + serde::de::DeserializeOwned>(key: &StorageKey, raw: Option<&RawValue>) -> Result<M> {
+        fn meta<M: Default + serde::de::DeserializeOwned>(
+            key: &StorageKey,
+            raw: Option<&RawValue>,
+        ) -> Result<M> {
             raw.map(|r| serde_json::from_str(r.get()))
                 .transpose()
                 .map(Option::unwrap_or_default)
                 .map_err(|e| StateError::corrupt(key, format!("meta does not parse: {e}")))
         }
         let head = match (env.kind, env.saved_at, env.checkpoint_id, env.branch_id, env.timestamp) {
-            ("session", Some(saved_at), None, None, None) => {
-                RecordHead::Session { session_id: env.session_id, saved_at, meta: meta(key, env.meta)? }
-            }
-            ("checkpoint", None, Some(checkpoint_id), Some(branch_id), Some(timestamp)) => RecordHead::Checkpoint {
+            ("session", Some(saved_at), None, None, None) => RecordHead::Session {
                 session_id: env.session_id,
-                checkpoint_id,
-                branch_id,
-                timestamp,
+                saved_at,
                 meta: meta(key, env.meta)?,
             },
+            ("checkpoint", None, Some(checkpoint_id), Some(branch_id), Some(timestamp)) => {
+                RecordHead::Checkpoint {
+                    session_id: env.session_id,
+                    checkpoint_id,
+                    branch_id,
+                    timestamp,
+                    meta: meta(key, env.meta)?,
+                }
+            }
             _ => return Err(StateError::corrupt(key, "envelope fields do not match its kind")),
         };
         let start = env.data.get().as_ptr() as usize - bytes.as_ptr() as usize;
@@ -328,7 +362,11 @@ mod tests {
     }
 
     fn head() -> RecordHead {
-        RecordHead::Session { session_id: SessionId::new("s1").unwrap(), saved_at: 7, meta: SessionMeta::default() }
+        RecordHead::Session {
+            session_id: SessionId::new("s1").unwrap(),
+            saved_at: 7,
+            meta: SessionMeta::default(),
+        }
     }
 
     #[test]
@@ -343,11 +381,17 @@ mod tests {
                 let mut bad = enc.clone();
                 bad[i / 8] ^= 1 << (i % 8);
                 let r = codec.decode(&key(), bad);
-                assert!(matches!(r, Err((StateError::Corrupt { .. }, _))), "flip {i} not detected ({compression:?})");
+                assert!(
+                    matches!(r, Err((StateError::Corrupt { .. }, _))),
+                    "flip {i} not detected ({compression:?})"
+                );
             }
             for len in 0..enc.len() {
                 let r = codec.decode(&key(), enc[..len].to_vec());
-                assert!(matches!(r, Err((StateError::Corrupt { .. }, _))), "truncation {len} not detected");
+                assert!(
+                    matches!(r, Err((StateError::Corrupt { .. }, _))),
+                    "truncation {len} not detected"
+                );
             }
         }
     }

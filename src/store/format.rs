@@ -24,7 +24,11 @@ pub(crate) struct StoreMeta {
 
 impl StoreMeta {
     fn of(codec: &Codec) -> StoreMeta {
-        StoreMeta { mars_state: 1, compression: codec.compression.name().to_owned(), encrypted: codec.encrypted }
+        StoreMeta {
+            mars_state: 1,
+            compression: codec.compression.name().to_owned(),
+            encrypted: codec.encrypted,
+        }
     }
 
     /// Whether the store was created encrypted.
@@ -39,7 +43,9 @@ impl StoreMeta {
     /// [`adopt_format`](Self::adopt_format).
     pub(crate) fn check(&self, codec: &Codec) -> Result<()> {
         if self.mars_state != 1 {
-            return Err(StateError::Config { message: format!("unsupported store format {}", self.mars_state) });
+            return Err(StateError::Config {
+                message: format!("unsupported store format {}", self.mars_state),
+            });
         }
         if !matches!(self.compression.as_str(), "none" | "gzip") {
             return Err(StateError::Config {
@@ -94,7 +100,8 @@ pub(super) async fn check_or_create(backend: &dyn StorageBackend, codec: &mut Co
         }
         None => {
             let meta = StoreMeta::of(codec);
-            let bytes = serde_json::to_vec(&meta).map_err(|e| StateError::Config { message: e.to_string() })?;
+            let bytes = serde_json::to_vec(&meta)
+                .map_err(|e| StateError::Config { message: e.to_string() })?;
             backend.put(&keys::store_meta(), bytes).await?;
         }
     }
@@ -119,7 +126,9 @@ impl Compression {
         if (1..=9).contains(&level) {
             Ok(Compression::Gzip(level))
         } else {
-            Err(StateError::Config { message: format!("compression level {level} is not in 1..=9") })
+            Err(StateError::Config {
+                message: format!("compression level {level} is not in 1..=9"),
+            })
         }
     }
 }

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{CheckpointMeta, SessionMeta};
 use crate::types::{
-    BranchId, CheckpointId, CheckpointInfo, CheckpointReason, SessionId, SessionInfo, SessionStatus, StorageStats,
+    BranchId, CheckpointId, CheckpointInfo, CheckpointReason, SessionId, SessionInfo,
+    SessionStatus, StorageStats,
 };
 
 /// One journal line's payload.
@@ -98,7 +99,12 @@ pub(crate) struct CheckpointEntry {
 impl CheckpointEntry {
     /// The entry of a checkpoint record on `branch_id` taken at `timestamp`, `size_bytes`
     /// stored, with `meta`.
-    pub(crate) fn of(branch_id: BranchId, timestamp: u64, size_bytes: u64, meta: &CheckpointMeta) -> Self {
+    pub(crate) fn of(
+        branch_id: BranchId,
+        timestamp: u64,
+        size_bytes: u64,
+        meta: &CheckpointMeta,
+    ) -> Self {
         CheckpointEntry {
             branch_id,
             timestamp,
@@ -203,7 +209,8 @@ impl SessionEntry {
 
     /// The bytes of the session's records: its state and its checkpoints.
     pub(crate) fn bytes(&self) -> u64 {
-        self.record.as_ref().map_or(0, |r| r.size) + self.checkpoints.values().map(|c| c.size_bytes).sum::<u64>()
+        self.record.as_ref().map_or(0, |r| r.size)
+            + self.checkpoints.values().map(|c| c.size_bytes).sum::<u64>()
     }
 }
 
@@ -247,7 +254,16 @@ impl Index {
                     }
                 }
             }
-            Change::Checkpoint { sid, cid, branch_id, timestamp, size_bytes, reason, step, parent } => {
+            Change::Checkpoint {
+                sid,
+                cid,
+                branch_id,
+                timestamp,
+                size_bytes,
+                reason,
+                step,
+                parent,
+            } => {
                 let entry = CheckpointEntry {
                     branch_id: branch_id.clone(),
                     timestamp: *timestamp,
@@ -256,7 +272,12 @@ impl Index {
                     step: *step,
                     parent: parent.clone(),
                 };
-                let old = self.sessions.entry(sid.clone()).or_default().checkpoints.insert(cid.clone(), entry);
+                let old = self
+                    .sessions
+                    .entry(sid.clone())
+                    .or_default()
+                    .checkpoints
+                    .insert(cid.clone(), entry);
                 self.total_bytes = self.total_bytes + size_bytes - old.map_or(0, |o| o.size_bytes);
                 self.by_checkpoint.insert(cid.clone(), sid.clone());
             }
@@ -301,7 +322,9 @@ impl Index {
                 serde_json::from_str::<Change>(json).ok()
             });
             match parsed {
-                Some(Change::Clean { n, crc }) if complete && index.journal_lines == 0 && clean_n.is_none() => {
+                Some(Change::Clean { n, crc })
+                    if complete && index.journal_lines == 0 && clean_n.is_none() =>
+                {
                     let rest = &bytes[line.len()..];
                     clean_n = (crc32fast::hash(rest) == crc).then_some(n);
                 }
@@ -340,7 +363,8 @@ impl Index {
             }
         }
         // After the entries (a `Saved` line clears the flag when replayed).
-        let mut cut_off: Vec<_> = self.interrupted.iter().filter(|s| self.sessions.contains_key(*s)).collect();
+        let mut cut_off: Vec<_> =
+            self.interrupted.iter().filter(|s| self.sessions.contains_key(*s)).collect();
         cut_off.sort();
         for sid in cut_off {
             out.extend(Self::line(&Change::Interrupted { sid: sid.clone() }));
@@ -374,10 +398,14 @@ impl Index {
     /// Every session of the index, and `memory_only` ones (states not flushed yet, see
     /// `Store::memory_only_sessions`), sorted by id.
     pub(crate) fn list_sessions(&self, memory_only: Vec<SessionId>) -> Vec<SessionInfo> {
-        let mut v: Vec<_> = self.sessions.iter().map(|(sid, e)| self.session_info(sid, e)).collect();
+        let mut v: Vec<_> =
+            self.sessions.iter().map(|(sid, e)| self.session_info(sid, e)).collect();
         let empty = SessionEntry::default();
         v.extend(
-            memory_only.iter().filter(|s| !self.sessions.contains_key(*s)).map(|sid| self.session_info(sid, &empty)),
+            memory_only
+                .iter()
+                .filter(|s| !self.sessions.contains_key(*s))
+                .map(|sid| self.session_info(sid, &empty)),
         );
         v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         v
@@ -398,7 +426,10 @@ impl Index {
         include: impl Fn(&SessionId) -> bool,
     ) -> StorageStats {
         let mut s = StorageStats::default();
-        s.session_count += memory_only.iter().filter(|sid| !self.sessions.contains_key(*sid) && include(sid)).count();
+        s.session_count += memory_only
+            .iter()
+            .filter(|sid| !self.sessions.contains_key(*sid) && include(sid))
+            .count();
         for (sid, e) in &self.sessions {
             if !include(sid) {
                 continue;
@@ -417,7 +448,14 @@ mod tests {
 
     /// A journal line saving a running session's record at `at` with `size` bytes.
     fn saved(sid: &SessionId, at: u64, size: u64) -> Change {
-        let r = RecordEntry { at, size, status: SessionStatus::Running, step: None, reason: None, status_at: None };
+        let r = RecordEntry {
+            at,
+            size,
+            status: SessionStatus::Running,
+            step: None,
+            reason: None,
+            status_at: None,
+        };
         Change::saved(sid, r)
     }
 

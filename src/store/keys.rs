@@ -65,8 +65,12 @@ pub(crate) fn class_of(key: &str) -> KeyClass {
     let (top, rest) = key.split_once('/').unwrap_or((key, ""));
     match top {
         SESSIONS | CHECKPOINTS => KeyClass::Record,
-        METADATA if matches!(key, STORE_META | CRYPTO_META) || rest == LOCK_FILE => KeyClass::Plaintext,
-        METADATA if key.strip_prefix(PENDING).is_some_and(|r| r.starts_with('/')) => KeyClass::Plaintext,
+        METADATA if matches!(key, STORE_META | CRYPTO_META) || rest == LOCK_FILE => {
+            KeyClass::Plaintext
+        }
+        METADATA if key.strip_prefix(PENDING).is_some_and(|r| r.starts_with('/')) => {
+            KeyClass::Plaintext
+        }
         METADATA if key.ends_with(LOG_EXT) => KeyClass::Log,
         _ => KeyClass::Metadata,
     }
@@ -224,9 +228,15 @@ mod tests {
         let sid = SessionId::new("s1").unwrap();
         let cid = CheckpointId::parse("0192a3b4c5d60001-1a2b3c4d").unwrap();
         assert_eq!(session_of(&session(&sid, ".json.gz"), ".json.gz"), Some(sid.clone()));
-        assert_eq!(checkpoint_of(&checkpoint(&sid, &cid, ".json"), ".json"), Some((sid.clone(), cid.clone())));
+        assert_eq!(
+            checkpoint_of(&checkpoint(&sid, &cid, ".json"), ".json"),
+            Some((sid.clone(), cid.clone()))
+        );
         assert_eq!(access_of(&access(&sid)), Some(sid.clone()));
         assert!(checkpoints_of(&sid).starts_with(&checkpoints()));
-        assert_eq!(quarantine_copy(&session(&sid, ".json"), 7).as_str(), "quarantine/7-sessions~s1.json");
+        assert_eq!(
+            quarantine_copy(&session(&sid, ".json"), 7).as_str(),
+            "quarantine/7-sessions~s1.json"
+        );
     }
 }

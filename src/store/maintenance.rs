@@ -133,7 +133,9 @@ impl Store {
         pass.read_one();
         let entry = match self.load_session(&sid).await {
             Ok(Some(d)) => match d.head {
-                RecordHead::Session { saved_at, meta: m, .. } => RecordEntry::of(saved_at, meta.size, &m),
+                RecordHead::Session { saved_at, meta: m, .. } => {
+                    RecordEntry::of(saved_at, meta.size, &m)
+                }
                 RecordHead::Checkpoint { .. } => return Ok(()),
             },
             Ok(None) => return Ok(()),
@@ -150,7 +152,9 @@ impl Store {
     /// The checkpoint pass: one listed checkpoint record into the new index (checkpoint
     /// records never change, so an old entry of the same size is always trusted).
     async fn reconcile_checkpoint(&self, pass: &mut Pass, meta: ObjectMeta) -> Result<()> {
-        let Some((sid, cid)) = keys::checkpoint_of(&meta.key, self.codec.extension()) else { return Ok(()) };
+        let Some((sid, cid)) = keys::checkpoint_of(&meta.key, self.codec.extension()) else {
+            return Ok(());
+        };
         if let Some(c) = pass.old.sessions.get(&sid).and_then(|e| e.checkpoints.get(&cid))
             && c.size_bytes == meta.size
         {
@@ -183,7 +187,11 @@ impl Store {
         let entries = fresh.live_entries();
         // Entries read from records, plus entries dropped because their record is gone.
         let kept = entries - reads.min(entries);
-        let repaired = if trust == Trust::Nothing { 0 } else { reads + old.live_entries().saturating_sub(kept) };
+        let repaired = if trust == Trust::Nothing {
+            0
+        } else {
+            reads + old.live_entries().saturating_sub(kept)
+        };
         changed |= fresh.sessions != old.sessions;
         {
             let mut idx = self.index();
@@ -233,13 +241,15 @@ impl Store {
         let _one = self.evicting.lock().await;
         let policy = &self.retention;
         let now = self.clock.now_ms();
-        let age_cutoff = policy.max_checkpoint_age.map(|a| now.saturating_sub(a.as_millis() as u64));
+        let age_cutoff =
+            policy.max_checkpoint_age.map(|a| now.saturating_sub(a.as_millis() as u64));
         let doomed: Vec<(SessionId, CheckpointId, u64)> = {
             let idx = self.index();
             let mut doomed = Vec::new();
             let mut spare = Vec::new();
             for (sid, e) in &idx.sessions {
-                let excess = policy.keep_checkpoints.map_or(0, |k| e.checkpoints.len().saturating_sub(k));
+                let excess =
+                    policy.keep_checkpoints.map_or(0, |k| e.checkpoints.len().saturating_sub(k));
                 let newest = e.checkpoints.keys().next_back();
                 for (i, (cid, c)) in e.checkpoints.iter().enumerate() {
                     let is_newest = Some(cid) == newest;
@@ -303,7 +313,12 @@ impl Store {
 
     /// Keeps a copy of the damaged record at `key` in `quarantine/`, written through
     /// `backend` (once per key and process: a record read again and again is copied once).
-    pub(super) async fn quarantine(&self, backend: &dyn StorageBackend, key: &StorageKey, bytes: Vec<u8>) {
+    pub(super) async fn quarantine(
+        &self,
+        backend: &dyn StorageBackend,
+        key: &StorageKey,
+        bytes: Vec<u8>,
+    ) {
         if !lock(&self.quarantined).insert(key.clone()) {
             return;
         }
@@ -317,7 +332,8 @@ impl Store {
     /// an access record.
     #[cfg(feature = "encryption")]
     pub(crate) async fn reencrypt_sessions(&self) -> Result<Vec<SessionId>> {
-        let mut sessions: std::collections::BTreeSet<SessionId> = self.index().sessions.keys().cloned().collect();
+        let mut sessions: std::collections::BTreeSet<SessionId> =
+            self.index().sessions.keys().cloned().collect();
         sessions.extend(self.access_keys().await?.into_iter().map(|(sid, _)| sid));
         Ok(sessions.into_iter().collect())
     }

@@ -77,7 +77,11 @@ impl Store {
         format::check_or_create(backend.as_ref(), &mut codec).await?;
         let swept = backend.sweep().await?;
         if swept.files_removed > 0 {
-            info!(files = swept.files_removed, bytes = swept.bytes_freed, "removed staged files of interrupted writes");
+            info!(
+                files = swept.files_removed,
+                bytes = swept.bytes_freed,
+                "removed staged files of interrupted writes"
+            );
         }
         let store = Store {
             backend,
@@ -124,7 +128,9 @@ impl Store {
             let running: HashSet<SessionId> = idx
                 .sessions
                 .iter()
-                .filter(|(_, e)| e.record.as_ref().is_some_and(|r| r.status == SessionStatus::Running))
+                .filter(|(_, e)| {
+                    e.record.as_ref().is_some_and(|r| r.status == SessionStatus::Running)
+                })
                 .map(|(s, _)| s.clone())
                 .collect();
             // With those a clean restart kept from an earlier crash (still not saved since).
@@ -143,9 +149,13 @@ impl Store {
         let mut unreadable = Vec::new();
         for (sid, key) in self.access_keys().await? {
             let parsed = match self.backend.get(&key).await {
-                Ok(Some(bytes)) => serde_json::from_slice::<AccessRecord>(&bytes).map_err(|e| e.to_string()),
+                Ok(Some(bytes)) => {
+                    serde_json::from_slice::<AccessRecord>(&bytes).map_err(|e| e.to_string())
+                }
                 Ok(None) => continue,
-                Err(e @ (StateError::Corrupt { .. } | StateError::WrongKey { .. })) => Err(e.to_string()),
+                Err(e @ (StateError::Corrupt { .. } | StateError::WrongKey { .. })) => {
+                    Err(e.to_string())
+                }
                 Err(e) => return Err(e),
             };
             match parsed {
@@ -256,7 +266,11 @@ impl Store {
 
     /// Reads and verifies a record. Damage is an error naming the key; a copy of the damaged
     /// bytes goes to `quarantine/` (the record itself stays in place for inspection).
-    async fn read(&self, key: &StorageKey, belongs: impl Fn(&RecordHead) -> bool) -> Result<Option<Decoded>> {
+    async fn read(
+        &self,
+        key: &StorageKey,
+        belongs: impl Fn(&RecordHead) -> bool,
+    ) -> Result<Option<Decoded>> {
         let raw = match self.backend.get(key).await {
             Ok(Some(raw)) => raw,
             Ok(None) => return Ok(None),
@@ -290,7 +304,11 @@ impl Store {
 
     pub(crate) async fn load_session(&self, sid: &SessionId) -> Result<Option<Decoded>> {
         let key = self.session_key(sid);
-        self.read(&key, |h| matches!(h, RecordHead::Session { session_id, .. } if session_id == sid)).await
+        self.read(
+            &key,
+            |h| matches!(h, RecordHead::Session { session_id, .. } if session_id == sid),
+        )
+        .await
     }
 
     pub(crate) async fn save_session(
@@ -331,7 +349,11 @@ impl Store {
         self.enforce_cap().await
     }
 
-    pub(crate) async fn load_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<Option<Decoded>> {
+    pub(crate) async fn load_checkpoint(
+        &self,
+        sid: &SessionId,
+        cid: &CheckpointId,
+    ) -> Result<Option<Decoded>> {
         let key = self.checkpoint_key(sid, cid);
         self.read(&key, |h| {
             matches!(h, RecordHead::Checkpoint { session_id, checkpoint_id, .. } if session_id == sid && checkpoint_id == cid)
@@ -339,7 +361,11 @@ impl Store {
         .await
     }
 
-    pub(crate) async fn delete_checkpoint(&self, sid: &SessionId, cid: &CheckpointId) -> Result<bool> {
+    pub(crate) async fn delete_checkpoint(
+        &self,
+        sid: &SessionId,
+        cid: &CheckpointId,
+    ) -> Result<bool> {
         let existed = self.backend.delete(&self.checkpoint_key(sid, cid)).await?;
         self.record(Change::CheckpointDeleted { sid: sid.clone(), cid: cid.clone() }).await?;
         Ok(existed)
@@ -391,13 +417,18 @@ impl Store {
         self.record(Change::SessionDeleted { sid: sid.clone() }).await?;
         for meta in self.backend.list(&keys::checkpoints_of(sid)).await? {
             existed |= self.backend.delete(&meta.key).await?;
-            if let Some(cid) = keys::checkpoint_id_of(meta.key.file_name(), self.codec.extension()) {
+            if let Some(cid) = keys::checkpoint_id_of(meta.key.file_name(), self.codec.extension())
+            {
                 self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
             }
         }
         // Index entries whose files were already gone.
-        let leftover: Vec<CheckpointId> =
-            self.index().sessions.get(sid).map(|e| e.checkpoints.keys().cloned().collect()).unwrap_or_default();
+        let leftover: Vec<CheckpointId> = self
+            .index()
+            .sessions
+            .get(sid)
+            .map(|e| e.checkpoints.keys().cloned().collect())
+            .unwrap_or_default();
         for cid in leftover {
             self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
         }

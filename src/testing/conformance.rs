@@ -81,7 +81,8 @@ async fn delete(b: &dyn StorageBackend, k: &str) -> bool {
 async fn list(b: &dyn StorageBackend, prefix: &str) -> Vec<(String, u64)> {
     let r = b.list(&key(prefix)).await;
     let metas = ok(format_args!("list {prefix}"), r);
-    let mut listed: Vec<(String, u64)> = metas.into_iter().map(|m| (m.key.to_string(), m.size)).collect();
+    let mut listed: Vec<(String, u64)> =
+        metas.into_iter().map(|m| (m.key.to_string(), m.size)).collect();
     listed.sort();
     listed
 }
@@ -135,7 +136,10 @@ pub async fn values_are_opaque_bytes(b: &dyn StorageBackend) {
     assert!(get(b, "sessions/bytes.json").await == Some(every_byte), "a binary value changed");
     let large: Vec<u8> = (0..(1 << 20) + 7u32).map(|i| (i % 251) as u8).collect();
     put(b, "sessions/large.json", large.clone()).await;
-    assert!(get(b, "sessions/large.json").await == Some(large), "a value of 1 MiB + 7 bytes changed");
+    assert!(
+        get(b, "sessions/large.json").await == Some(large),
+        "a value of 1 MiB + 7 bytes changed"
+    );
 }
 
 /// Keys of any depth are stored, read, listed and deleted like any other.
@@ -166,14 +170,19 @@ pub async fn delete_existing_is_true_and_removes(b: &dyn StorageBackend) {
 
 /// A delete removes its key and nothing else, not keys that share its text.
 pub async fn delete_removes_only_its_key(b: &dyn StorageBackend) {
-    let keys = ["sessions/a.json", "sessions/a.json.gz", "sessions/ab.json", "checkpoints/a/c.json"];
+    let keys =
+        ["sessions/a.json", "sessions/a.json.gz", "sessions/ab.json", "checkpoints/a/c.json"];
     for k in keys {
         put(b, k, k.as_bytes().to_vec()).await;
     }
     assert!(delete(b, "sessions/a.json").await);
     assert_eq!(get(b, "sessions/a.json").await, None);
     for k in &keys[1..] {
-        assert_eq!(get(b, k).await.as_deref(), Some(k.as_bytes()), "deleting sessions/a.json touched {k}");
+        assert_eq!(
+            get(b, k).await.as_deref(),
+            Some(k.as_bytes()),
+            "deleting sessions/a.json touched {k}"
+        );
     }
 }
 
@@ -192,11 +201,22 @@ pub async fn list_returns_keys_under_prefix_with_sizes(b: &dyn StorageBackend) {
     put(b, "sessions/s1.json", vec![0; 9]).await;
 
     let s1 = list(b, "checkpoints/s1").await;
-    assert_eq!(s1, [("checkpoints/s1/a.json".to_owned(), 3), ("checkpoints/s1/b.json".to_owned(), 5)]);
+    assert_eq!(
+        s1,
+        [("checkpoints/s1/a.json".to_owned(), 3), ("checkpoints/s1/b.json".to_owned(), 5)]
+    );
 
     // At any depth, and only under the prefix (not siblings sharing its text).
     let all = list_keys(b, "checkpoints").await;
-    assert_eq!(all, ["checkpoints/s1/a.json", "checkpoints/s1/b.json", "checkpoints/s10/c.json", "checkpoints/s1x"]);
+    assert_eq!(
+        all,
+        [
+            "checkpoints/s1/a.json",
+            "checkpoints/s1/b.json",
+            "checkpoints/s10/c.json",
+            "checkpoints/s1x"
+        ]
+    );
 }
 
 /// A prefix is a whole segment: `a/b` is not under `a/bc`, nor `a/bc` under `a/b`.
@@ -206,7 +226,10 @@ pub async fn list_respects_prefix_boundaries(b: &dyn StorageBackend) {
     put(b, "checkpoints/ab-z.json", b"333".to_vec()).await;
     assert_eq!(list_keys(b, "checkpoints/ab").await, ["checkpoints/ab/x.json"]);
     assert_eq!(list_keys(b, "checkpoints/abc").await, ["checkpoints/abc/y.json"]);
-    assert!(list(b, "checkpoints/a").await.is_empty(), "checkpoints/a is the start of other names only");
+    assert!(
+        list(b, "checkpoints/a").await.is_empty(),
+        "checkpoints/a is the start of other names only"
+    );
 }
 
 /// A list shows the current state: the new size after a replace, no deleted keys, and
@@ -257,15 +280,27 @@ pub async fn concurrent_puts_to_different_keys_all_land(b: &dyn StorageBackend) 
     let tasks: Vec<Task<'_>> = (0..N)
         .map(|i| -> Task<'_> {
             Box::pin(async move {
-                let k = if i % 2 == 0 { format!("sessions/s{i}.json") } else { format!("checkpoints/s{i}/c.json") };
+                let k = if i % 2 == 0 {
+                    format!("sessions/s{i}.json")
+                } else {
+                    format!("checkpoints/s{i}/c.json")
+                };
                 put(b, &k, vec![i as u8; i + 1]).await;
             })
         })
         .collect();
     join_all(tasks).await;
     for i in 0..N {
-        let k = if i % 2 == 0 { format!("sessions/s{i}.json") } else { format!("checkpoints/s{i}/c.json") };
-        assert_eq!(get(b, &k).await, Some(vec![i as u8; i + 1]), "concurrent put of {k} was lost or mixed");
+        let k = if i % 2 == 0 {
+            format!("sessions/s{i}.json")
+        } else {
+            format!("checkpoints/s{i}/c.json")
+        };
+        assert_eq!(
+            get(b, &k).await,
+            Some(vec![i as u8; i + 1]),
+            "concurrent put of {k} was lost or mixed"
+        );
     }
     assert_eq!(list(b, "sessions").await.len(), N / 2);
     assert_eq!(list(b, "checkpoints").await.len(), N / 2);

@@ -171,14 +171,23 @@ impl<B> Faulty<B> {
     /// Adds a rule: `op` on a key for which `when` is true succeeds without doing anything
     /// (a put, delete or append acknowledged and lost, a delete reporting that the key
     /// existed; a get that finds nothing; a list that lists nothing).
-    pub fn lose(mut self, op: Method, when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static) -> Self {
+    pub fn lose(
+        mut self,
+        op: Method,
+        when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.rules.push(Rule { op, matches: Box::new(when), effect: Effect::Lose });
         self
     }
 
     /// Adds a hold: `op` on a key for which `when` is true waits, before anything is done,
     /// while `hold` is armed, until it is released (see [`Hold`]).
-    pub fn hold(self, op: Method, hold: &Hold, when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static) -> Self {
+    pub fn hold(
+        self,
+        op: Method,
+        hold: &Hold,
+        when: impl Fn(&StorageKey) -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.add_hold(op, Stage::Before, hold, when)
     }
 
@@ -235,7 +244,13 @@ impl<B> Faulty<B> {
 
     /// One call: the holds before it, then a failing rule's error, a losing rule's `lost`,
     /// or the forwarded call, then the holds after it.
-    async fn call<T, F>(&self, op: Method, key: &StorageKey, lost: T, forward: impl FnOnce() -> F) -> Result<T>
+    async fn call<T, F>(
+        &self,
+        op: Method,
+        key: &StorageKey,
+        lost: T,
+        forward: impl FnOnce() -> F,
+    ) -> Result<T>
     where
         F: Future<Output = Result<T>>,
     {
@@ -243,9 +258,11 @@ impl<B> Faulty<B> {
         let reply = match self.fault(op, key) {
             None => forward().await,
             Some(Effect::Lose) => Ok(lost),
-            Some(Effect::Fail(kind)) => {
-                Err(StateError::io(op.doing(), key.as_str(), io::Error::new(*kind, "injected by Faulty")))
-            }
+            Some(Effect::Fail(kind)) => Err(StateError::io(
+                op.doing(),
+                key.as_str(),
+                io::Error::new(*kind, "injected by Faulty"),
+            )),
         };
         self.pass(op, Stage::After, key).await;
         reply

@@ -92,7 +92,8 @@ pub const LOG_ENV: &str = "MARS_STATE_TEST_WAL";
 /// A builder with default settings over a file store at `dir`, in the given mode.
 pub fn builder(dir: &Path, compression: Option<u32>) -> StateManagerBuilder {
     let log = std::env::var_os(LOG_ENV).is_some();
-    let backend = FileStorageBackend::options().write_ahead_log(log).open(dir).expect("open file backend");
+    let backend =
+        FileStorageBackend::options().write_ahead_log(log).open(dir).expect("open file backend");
     with_compression(StateManager::builder(backend), compression)
 }
 
@@ -192,7 +193,8 @@ pub enum Node {
 /// Every path under `root` (relative), with file contents and link targets.
 pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         entries.sort();
         for path in entries {
             let rel = path.strip_prefix(root).unwrap().to_path_buf();
@@ -374,7 +376,10 @@ pub fn system_tests_required() -> bool {
 /// returns without checking anything. The line goes straight to stderr, past libtest's
 /// capture (which hides what a passing test prints), so `cargo test` shows it.
 pub fn not_run(test: &str, why: &str) {
-    assert!(!system_tests_required(), "{test} cannot run here, and {REQUIRE_SYSTEM_TESTS} says it must: {why}");
+    assert!(
+        !system_tests_required(),
+        "{test} cannot run here, and {REQUIRE_SYSTEM_TESTS} says it must: {why}"
+    );
     let _ = writeln!(
         std::io::stderr(),
         "NOT RUN {test}: {why}. Run it as root with strace installed: `{REQUIRE_SYSTEM_TESTS}=1 cargo test`, or \

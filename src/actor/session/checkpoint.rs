@@ -16,7 +16,11 @@ impl SessionState {
     fn next_clock(&mut self) -> u64 {
         let last = *self.last_clock.get_or_insert_with(|| {
             let idx = self.shared.store.index();
-            idx.sessions.get(&self.sid).and_then(|e| e.checkpoints.keys().next_back()).map(|c| c.clock()).unwrap_or(0)
+            idx.sessions
+                .get(&self.sid)
+                .and_then(|e| e.checkpoints.keys().next_back())
+                .map(|c| c.clock())
+                .unwrap_or(0)
         });
         // A hybrid logical clock: wall-clock milliseconds in the high bits, a counter in
         // the low 16, never going backwards: ids stay ordered even within a millisecond.
@@ -32,7 +36,11 @@ impl SessionState {
             .or_insert_with(|| {
                 let idx = self.shared.store.index();
                 idx.sessions.get(&self.sid).and_then(|e| {
-                    e.checkpoints.iter().rev().find(|(_, c)| &c.branch_id == branch).map(|(id, _)| id.clone())
+                    e.checkpoints
+                        .iter()
+                        .rev()
+                        .find(|(_, c)| &c.branch_id == branch)
+                        .map(|(id, _)| id.clone())
                 })
             })
             .clone()
@@ -56,19 +64,26 @@ impl SessionState {
             };
             let newest = self.head(&branch);
             let head = match fork {
-                Some(f) if f.branch == branch && newest.as_ref().is_none_or(|n| n.clock() < f.clock) => {
+                Some(f)
+                    if f.branch == branch
+                        && newest.as_ref().is_none_or(|n| n.clock() < f.clock) =>
+                {
                     Some(f.checkpoint)
                 }
                 _ => newest,
             };
             self.heads.insert(branch.clone(), head);
         }
-        let meta =
-            CheckpointMeta { schema: self.shared.config.migrations.current, reason, step, parent: self.head(&branch) };
+        let meta = CheckpointMeta {
+            schema: self.shared.config.migrations.current,
+            reason,
+            step,
+            parent: self.head(&branch),
+        };
         let (sid, id, b) = (self.sid.clone(), cid.clone(), branch.clone());
-        self.io(
-            move |store| async move { store.put_checkpoint(&sid, &id, &b, clock >> 16, meta, state.as_bytes()).await },
-        )
+        self.io(move |store| async move {
+            store.put_checkpoint(&sid, &id, &b, clock >> 16, meta, state.as_bytes()).await
+        })
         .await?;
         self.heads.insert(branch, Some(cid.clone()));
         self.last_checkpoint_at = Instant::now();
@@ -81,21 +96,31 @@ impl SessionState {
 
     /// Makes recorded steps durable: the session record, then a checkpoint of it.
     pub(super) async fn flush(&mut self, reason: CheckpointReason) -> Result<Option<CheckpointId>> {
-        let Some(state) = self.current.as_ref().and_then(|c| c.state.clone()) else { return Ok(None) };
+        let Some(state) = self.current.as_ref().and_then(|c| c.state.clone()) else {
+            return Ok(None);
+        };
         let step = self.current.as_ref().and_then(|c| c.meta.step);
         self.save_with(state.clone(), |_| {}).await?;
         let branch = self.policy.branch.clone();
         self.checkpoint(branch, state, reason, step).await.map(Some)
     }
 
-    pub(super) async fn record_step(&mut self, step: u64, state: StateBytes) -> Result<Option<CheckpointId>> {
+    pub(super) async fn record_step(
+        &mut self,
+        step: u64,
+        state: StateBytes,
+    ) -> Result<Option<CheckpointId>> {
         self.check_size(&state)?;
         self.settle_delete().await?;
         let now = self.shared.store.clock.now_ms();
         let current = match self.current().await {
             Ok(c) => c,
             Err(StateError::Corrupt { .. }) => {
-                self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
+                self.set_current(Some(Current {
+                    state: None,
+                    saved_at: 0,
+                    meta: SessionMeta::default(),
+                }));
                 self.current().await?
             }
             Err(e) => return Err(e),
@@ -134,7 +159,8 @@ impl SessionState {
             return Err(StateError::corrupt(&cid, "not a checkpoint record"));
         };
         let data = self.shared.config.migrations.state_of(&self.sid, &cp)?.state;
-        let fork = Fork { branch: branch_id.clone(), checkpoint: cid.clone(), clock: self.next_clock() };
+        let fork =
+            Fork { branch: branch_id.clone(), checkpoint: cid.clone(), clock: self.next_clock() };
         self.save_with(data, |m| {
             m.step = meta.step;
             m.status = SessionStatus::Running;
@@ -146,7 +172,12 @@ impl SessionState {
                 let idx = self.shared.store.index();
                 idx.sessions
                     .get(&self.sid)
-                    .map(|e| e.checkpoints.range(cid.clone()..).skip(1).filter(|(_, c)| c.branch_id == branch_id))
+                    .map(|e| {
+                        e.checkpoints
+                            .range(cid.clone()..)
+                            .skip(1)
+                            .filter(|(_, c)| c.branch_id == branch_id)
+                    })
                     .into_iter()
                     .flatten()
                     .map(|(id, _)| id.clone())

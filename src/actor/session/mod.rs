@@ -32,7 +32,9 @@ use crate::events::EventKind;
 use crate::store::Store;
 use crate::store::codec::{RecordHead, SessionMeta};
 use crate::sync::lock;
-use crate::types::{BranchId, CheckpointId, CheckpointReason, MigrationReport, SessionId, SessionStatus, StateBytes};
+use crate::types::{
+    BranchId, CheckpointId, CheckpointReason, MigrationReport, SessionId, SessionStatus, StateBytes,
+};
 
 mod checkpoint;
 mod msg;
@@ -114,7 +116,11 @@ impl Actor for SessionActor {
         Ok(st)
     }
 
-    async fn post_stop(&self, _myself: ActorRef<SessionMsg>, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        st: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
         for t in [st.idle_timer.take(), st.policy_timer.take()].into_iter().flatten() {
             t.abort();
         }
@@ -138,7 +144,10 @@ impl Actor for SessionActor {
         msg: SessionMsg,
         st: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
-        if !matches!(msg, SessionMsg::Internal(Internal(InternalMsg::IdleCheck | InternalMsg::TimeCheck))) {
+        if !matches!(
+            msg,
+            SessionMsg::Internal(Internal(InternalMsg::IdleCheck | InternalMsg::TimeCheck))
+        ) {
             st.last_activity = Instant::now();
         }
         match msg {
@@ -194,10 +203,16 @@ impl SessionState {
         match msg {
             InternalMsg::Reencrypt { reply } => {
                 let sid = st.sid.clone();
-                let _ = reply.send(st.io(move |store| async move { store.reencrypt_session(&sid).await }).await);
+                let _ = reply.send(
+                    st.io(move |store| async move { store.reencrypt_session(&sid).await }).await,
+                );
             }
             InternalMsg::FinishDelete { reply } => {
-                let r = if st.shared.store.is_deleting(&st.sid) { st.delete().await.map(|_| true) } else { Ok(false) };
+                let r = if st.shared.store.is_deleting(&st.sid) {
+                    st.delete().await.map(|_| true)
+                } else {
+                    Ok(false)
+                };
                 let _ = reply.send(r);
             }
             InternalMsg::Retire { reply } => {
@@ -205,7 +220,8 @@ impl SessionState {
                 let _ = reply.send(r);
             }
             InternalMsg::TimeCheck => {
-                let due = st.policy.every.is_some_and(|every| st.last_checkpoint_at.elapsed() >= every);
+                let due =
+                    st.policy.every.is_some_and(|every| st.last_checkpoint_at.elapsed() >= every);
                 if st.dirty
                     && due
                     && let Err(e) = st.flush(CheckpointReason::Time).await
@@ -264,8 +280,12 @@ impl SessionState {
         // Tell the supervisor first so it parks new requests for this session until this
         // actor has stopped; then close the mailbox. Anything already queued is still
         // handled; later sends are refused and retried with a fresh actor.
-        let _ = self.supervisor.cast(SupervisorMsg::Passivating { sid: self.sid.clone(), actor: myself.get_id() });
-        myself.drain().map_err(|e| StateError::unavailable(format!("could not close the session actor: {e}")))
+        let _ = self
+            .supervisor
+            .cast(SupervisorMsg::Passivating { sid: self.sid.clone(), actor: myself.get_id() });
+        myself
+            .drain()
+            .map_err(|e| StateError::unavailable(format!("could not close the session actor: {e}")))
     }
 
     /// Finishes a delete of this session that failed part way, before a write: the write
@@ -307,7 +327,9 @@ impl SessionState {
                 .io(move |store| async move {
                     Ok(store.load_session(&sid).await?.map(|d| match d.head.clone() {
                         RecordHead::Session { saved_at, meta, .. } => (d, saved_at, meta),
-                        RecordHead::Checkpoint { timestamp, .. } => (d, timestamp, SessionMeta::default()),
+                        RecordHead::Checkpoint { timestamp, .. } => {
+                            (d, timestamp, SessionMeta::default())
+                        }
                     }))
                 })
                 .await?;
@@ -322,7 +344,10 @@ impl SessionState {
                 None => Current {
                     state: None,
                     saved_at: 0,
-                    meta: SessionMeta { schema: self.shared.config.migrations.current, ..SessionMeta::default() },
+                    meta: SessionMeta {
+                        schema: self.shared.config.migrations.current,
+                        ..SessionMeta::default()
+                    },
                 },
             };
             // The step policy counts from the newest checkpoint on its branch (not from the
@@ -330,7 +355,11 @@ impl SessionState {
             self.last_checkpoint_step = {
                 let idx = self.shared.store.index();
                 idx.sessions.get(&self.sid).and_then(|e| {
-                    e.checkpoints.values().rev().find(|c| c.branch_id == self.policy.branch).and_then(|c| c.step)
+                    e.checkpoints
+                        .values()
+                        .rev()
+                        .find(|c| c.branch_id == self.policy.branch)
+                        .and_then(|c| c.step)
                 })
             };
             self.set_current(Some(current));
@@ -343,7 +372,11 @@ impl SessionState {
     }
 
     /// Saves `state` durably with the current meta changed by `edit`.
-    async fn save_with(&mut self, state: StateBytes, edit: impl FnOnce(&mut SessionMeta)) -> Result<u64> {
+    async fn save_with(
+        &mut self,
+        state: StateBytes,
+        edit: impl FnOnce(&mut SessionMeta),
+    ) -> Result<u64> {
         self.check_size(&state)?;
         self.settle_delete().await?;
         let mut meta = match self.current().await {
@@ -357,7 +390,9 @@ impl SessionState {
         let sid = self.sid.clone();
         let at = self.shared.store.clock.now_ms();
         let (data, m) = (state.clone(), meta.clone());
-        let r = self.io(move |store| async move { store.save_session(&sid, data.as_bytes(), at, m).await }).await;
+        let r = self
+            .io(move |store| async move { store.save_session(&sid, data.as_bytes(), at, m).await })
+            .await;
         match r {
             Ok(()) => {
                 self.set_current(Some(Current { state: Some(state), saved_at: at, meta }));
@@ -423,7 +458,9 @@ impl SessionState {
         self.settle_delete().await?;
         let old = self.load().await?;
         let sid = self.sid.to_string();
-        let new = match std::panic::catch_unwind(AssertUnwindSafe(|| update(old.as_ref().map(|s| s.as_bytes())))) {
+        let new = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            update(old.as_ref().map(|s| s.as_bytes()))
+        })) {
             Ok(r) => r?,
             Err(panic) => {
                 let message = panic
@@ -470,7 +507,8 @@ impl SessionState {
             SessionStatus::Paused => {
                 let step = self.current.as_ref().and_then(|c| c.meta.step);
                 let branch = self.policy.branch.clone();
-                checkpoint = Some(self.checkpoint(branch, state, CheckpointReason::Pause, step).await?);
+                checkpoint =
+                    Some(self.checkpoint(branch, state, CheckpointReason::Pause, step).await?);
                 self.shared.rt.emit(&self.sid, EventKind::Paused { reason });
             }
             SessionStatus::Running => self.shared.rt.emit(&self.sid, EventKind::Resumed),
@@ -495,8 +533,10 @@ impl SessionState {
         {
             meta.schema = current;
             let (sid, m) = (self.sid.clone(), meta.clone());
-            self.io(move |store| async move { store.save_session(&sid, migrated.state.as_bytes(), saved_at, m).await })
-                .await?;
+            self.io(move |store| async move {
+                store.save_session(&sid, migrated.state.as_bytes(), saved_at, m).await
+            })
+            .await?;
             // The cache holds the migrated state or newer recorded steps: keep it then.
             if !self.dirty {
                 self.set_current(None);
@@ -505,14 +545,22 @@ impl SessionState {
         }
         let ids: Vec<CheckpointId> = {
             let idx = self.shared.store.index();
-            idx.sessions.get(&self.sid).map(|e| e.checkpoints.keys().cloned().collect()).unwrap_or_default()
+            idx.sessions
+                .get(&self.sid)
+                .map(|e| e.checkpoints.keys().cloned().collect())
+                .unwrap_or_default()
         };
         for cid in ids {
             let (sid, id) = (self.sid.clone(), cid.clone());
-            let Some(d) = self.io(move |store| async move { store.load_checkpoint(&sid, &id).await }).await? else {
+            let Some(d) =
+                self.io(move |store| async move { store.load_checkpoint(&sid, &id).await }).await?
+            else {
                 continue;
             };
-            let RecordHead::Checkpoint { branch_id, timestamp, mut meta, .. } = d.head.clone() else { continue };
+            let RecordHead::Checkpoint { branch_id, timestamp, mut meta, .. } = d.head.clone()
+            else {
+                continue;
+            };
             let migrated = self.shared.config.migrations.state_of(&self.sid, &d)?;
             if !migrated.migrated {
                 continue;
@@ -520,7 +568,16 @@ impl SessionState {
             meta.schema = current;
             let sid = self.sid.clone();
             self.io(move |store| async move {
-                store.put_checkpoint(&sid, &cid, &branch_id, timestamp, meta, migrated.state.as_bytes()).await
+                store
+                    .put_checkpoint(
+                        &sid,
+                        &cid,
+                        &branch_id,
+                        timestamp,
+                        meta,
+                        migrated.state.as_bytes(),
+                    )
+                    .await
             })
             .await?;
             report.checkpoints += 1;

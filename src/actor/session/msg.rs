@@ -7,7 +7,9 @@ use ractor::RpcReplyPort;
 
 use crate::config::CheckpointPolicy;
 use crate::error::Result;
-use crate::types::{BranchId, CheckpointId, CheckpointReason, MigrationReport, SessionStatus, StateBytes};
+use crate::types::{
+    BranchId, CheckpointId, CheckpointReason, MigrationReport, SessionStatus, StateBytes,
+};
 
 /// A read-modify-write step run inside the session actor: it receives the current state
 /// (JSON) and returns the new one (JSON) or an error, in which case nothing is written.

@@ -141,13 +141,14 @@ impl Core {
     fn stage(&self, dir: &Path, name: &str, value: &[u8]) -> Result<PathBuf> {
         let staged = dir.join(format!(".{name}{STAGED_MARK}{}", random_suffix()));
         lock(&self.in_flight).insert(staged.clone());
-        let written =
-            self.fs.create_new(&staged).map_err(|e| StateError::io("creating staged file", &staged, e)).and_then(
-                |mut f| {
-                    f.write_all(value).map_err(|e| StateError::io("writing", &staged, e))?;
-                    f.sync_data().map_err(|e| StateError::io("syncing", &staged, e))
-                },
-            );
+        let written = self
+            .fs
+            .create_new(&staged)
+            .map_err(|e| StateError::io("creating staged file", &staged, e))
+            .and_then(|mut f| {
+                f.write_all(value).map_err(|e| StateError::io("writing", &staged, e))?;
+                f.sync_data().map_err(|e| StateError::io("syncing", &staged, e))
+            });
         match written {
             Ok(()) => Ok(staged),
             Err(e) => {
@@ -193,7 +194,13 @@ impl Core {
         result
     }
 
-    fn replace(&self, staged: &Path, path: &Path, dir: &Path, previous: Previous<'_>) -> Result<()> {
+    fn replace(
+        &self,
+        staged: &Path,
+        path: &Path,
+        dir: &Path,
+        previous: Previous<'_>,
+    ) -> Result<()> {
         let fs = &self.fs;
         // Atomic replace: a reader or a crash sees either the old record or the new one.
         fs.rename(staged, path).map_err(|e| StateError::io("renaming into place", path, e))?;
@@ -219,10 +226,13 @@ impl Core {
         lock(&self.appenders.0).remove(&path);
         let dir = path.parent().unwrap_or(&self.root);
         match self.check_parents(dir) {
-            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(false);
+            }
             other => other?,
         }
-        let existed = self.fs.remove_file(&path).map_err(|e| StateError::io("deleting", &path, e))?;
+        let existed =
+            self.fs.remove_file(&path).map_err(|e| StateError::io("deleting", &path, e))?;
         if existed {
             let dir = path.parent().unwrap_or(&self.root);
             // The unlink must be durable before Ok, or the record reappears after a power loss.
@@ -267,7 +277,11 @@ impl Core {
                     if lock(&self.in_flight).contains(&path) {
                         continue;
                     }
-                    if self.fs.remove_file(&path).map_err(|e| StateError::io("removing staged file", &path, e))? {
+                    if self
+                        .fs
+                        .remove_file(&path)
+                        .map_err(|e| StateError::io("removing staged file", &path, e))?
+                    {
                         report.files_removed += 1;
                         report.bytes_freed += e.size;
                         removed_here = true;
@@ -289,9 +303,9 @@ impl Core {
         let mut appenders = lock(&self.appenders.0);
         let f = match appenders.entry(path.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(self.fs.open_append(&path).map_err(|e| StateError::io("opening log", &path, e))?)
-            }
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                self.fs.open_append(&path).map_err(|e| StateError::io("opening log", &path, e))?,
+            ),
         };
         // No fsync: the contract says an appended log may lose its tail in a crash; its
         // only user, the index journal, is reconciled against the records at start.
@@ -328,7 +342,9 @@ impl Core {
                 lock(&self.appenders.0).remove(path);
                 // Atomic replace: a reader sees the old file or the new one, both of which
                 // hold a value the log also holds.
-                self.fs.rename(s, path).map_err(|e| StateError::io("renaming into place", path, e))?;
+                self.fs
+                    .rename(s, path)
+                    .map_err(|e| StateError::io("renaming into place", path, e))?;
             }
             for path in &removed {
                 lock(&self.appenders.0).remove(path);

@@ -70,7 +70,8 @@ const DELETE: u8 = 4;
 /// Fails if `key` or `value` is too long to frame; [`encode`] accepts whatever passes.
 pub(crate) fn check(key: &StorageKey, value: Option<&[u8]>) -> Result<(), &'static str> {
     u16::try_from(key.as_str().len()).map_err(|_| "key too long for the log")?;
-    u32::try_from(value.map_or(0, <[u8]>::len)).map_err(|_| "value too large for the log (4 GiB at most)")?;
+    u32::try_from(value.map_or(0, <[u8]>::len))
+        .map_err(|_| "value too large for the log (4 GiB at most)")?;
     Ok(())
 }
 
@@ -189,7 +190,11 @@ fn frame_at(b: &[u8]) -> Option<Parsed> {
     if b.len() < len || crc32fast::hash(&b[8..len]) != crc {
         return None;
     }
-    let batch = if head == HEAD { Some(u64::from_le_bytes(b[HEAD_V1..HEAD].try_into().ok()?)) } else { None };
+    let batch = if head == HEAD {
+        Some(u64::from_le_bytes(b[HEAD_V1..HEAD].try_into().ok()?))
+    } else {
+        None
+    };
     let key = StorageKey::new(std::str::from_utf8(&b[head..head + klen]).ok()?).ok()?;
     let value = match kind {
         PUT | PUT_V1 => Some(b[head + klen..len].to_vec()),
@@ -280,7 +285,10 @@ mod tests {
         let mut log = Vec::new();
         let mut ends = Vec::new();
         for i in 0..3 {
-            ends.extend(batch(&mut log, &[(&format!("checkpoints/s/{i}.json"), Some(&[i as u8; 40]))]));
+            ends.extend(batch(
+                &mut log,
+                &[(&format!("checkpoints/s/{i}.json"), Some(&[i as u8; 40]))],
+            ));
         }
         ends.extend(batch(&mut log, &[("sessions/x.json", Some(b"x")), ("sessions/y.json", None)]));
         for cut in 0..=log.len() {
@@ -298,7 +306,11 @@ mod tests {
     fn a_flipped_bit_in_the_last_batch_is_a_torn_tail_and_in_an_earlier_one_is_damage() {
         let mut log = Vec::new();
         let mut starts = vec![0];
-        for (k, v) in [("sessions/a.json", &b"first"[..]), ("sessions/b.json", b"second"), ("sessions/c.json", b"3")] {
+        for (k, v) in [
+            ("sessions/a.json", &b"first"[..]),
+            ("sessions/b.json", b"second"),
+            ("sessions/c.json", b"3"),
+        ] {
             starts.extend(batch(&mut log, &[(k, Some(v))]));
         }
         for byte in 0..log.len() {
@@ -308,11 +320,22 @@ mod tests {
                 bad[byte] ^= 1 << bit;
                 let r = replay(&bad);
                 if frame == 2 {
-                    let r = r.unwrap_or_else(|e| panic!("flip at {byte}.{bit} in the last frame: {e:?}"));
-                    assert_eq!((r.frames.len(), r.valid_len), (2, starts[2]), "flip at {byte}.{bit}");
+                    let r = r.unwrap_or_else(|e| {
+                        panic!("flip at {byte}.{bit} in the last frame: {e:?}")
+                    });
+                    assert_eq!(
+                        (r.frames.len(), r.valid_len),
+                        (2, starts[2]),
+                        "flip at {byte}.{bit}"
+                    );
                 } else {
-                    let e = r.err().unwrap_or_else(|| panic!("flip at {byte}.{bit} in frame {frame} was not caught"));
-                    assert_eq!(e, MidLogDamage { at: starts[frame], next_frame: starts[frame + 1] });
+                    let e = r.err().unwrap_or_else(|| {
+                        panic!("flip at {byte}.{bit} in frame {frame} was not caught")
+                    });
+                    assert_eq!(
+                        e,
+                        MidLogDamage { at: starts[frame], next_frame: starts[frame + 1] }
+                    );
                 }
             }
         }
@@ -327,7 +350,11 @@ mod tests {
         let first = batch(&mut log, &[("sessions/a.json", Some(b"acknowledged"))])[0];
         let ends = batch(
             &mut log,
-            &[("sessions/a.json", Some(b"unsynced 1")), ("sessions/b.json", Some(b"2")), ("sessions/c.json", None)],
+            &[
+                ("sessions/a.json", Some(b"unsynced 1")),
+                ("sessions/b.json", Some(b"2")),
+                ("sessions/c.json", None),
+            ],
         );
         // The batch's first frame lost (zeros, as an unwritten page reads), the others kept.
         let mut torn = log.clone();

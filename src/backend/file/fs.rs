@@ -167,7 +167,12 @@ impl Fs for OsFs {
                 return Ok(None); // grew since the stat: not a small read after all
             }
             // RWF_NOWAIT: fail with EAGAIN rather than wait for the disk.
-            match preadv2(&f, &mut [io::IoSliceMut::new(&mut buf[n..])], n as u64, ReadWriteFlags::NOWAIT) {
+            match preadv2(
+                &f,
+                &mut [io::IoSliceMut::new(&mut buf[n..])],
+                n as u64,
+                ReadWriteFlags::NOWAIT,
+            ) {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(Errno::INTR) => {}
@@ -226,7 +231,10 @@ impl Fs for OsFs {
             return Err(symlink_refused(path));
         }
         if !meta.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a directory", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a directory", path.display()),
+            ));
         }
         Ok(())
     }
@@ -255,7 +263,12 @@ impl Fs for OsFs {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            out.push(DirEntry { name, is_dir: meta.is_dir(), is_file: meta.is_file(), size: meta.len() });
+            out.push(DirEntry {
+                name,
+                is_dir: meta.is_dir(),
+                is_file: meta.is_file(),
+                size: meta.len(),
+            });
         }
         Ok(out)
     }
@@ -270,18 +283,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let fs = OsFs;
-        assert_eq!(fs.read_cached(&path, 1 << 20).unwrap(), Some(None), "a missing file is known missing");
+        assert_eq!(
+            fs.read_cached(&path, 1 << 20).unwrap(),
+            Some(None),
+            "a missing file is known missing"
+        );
         for len in [0usize, 1, 4095, 4096, 4097, 100_000] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let mut f = std::fs::File::create(&path).unwrap();
             f.write_all(&data).unwrap();
             // Just written: in the page cache, so read without waiting.
-            assert_eq!(fs.read_cached(&path, 1 << 20).unwrap(), Some(Some(data.clone())), "{len} bytes");
+            assert_eq!(
+                fs.read_cached(&path, 1 << 20).unwrap(),
+                Some(Some(data.clone())),
+                "{len} bytes"
+            );
             assert_eq!(fs.read(&path).unwrap(), Some(data));
         }
-        assert_eq!(fs.read_cached(&path, 99_999).unwrap(), None, "over the limit: the blocking way");
+        assert_eq!(
+            fs.read_cached(&path, 99_999).unwrap(),
+            None,
+            "over the limit: the blocking way"
+        );
         std::os::unix::fs::symlink(&path, dir.path().join("link")).unwrap();
-        assert!(fs.read_cached(&dir.path().join("link"), 1 << 20).is_err(), "a symbolic link is refused");
+        assert!(
+            fs.read_cached(&dir.path().join("link"), 1 << 20).is_err(),
+            "a symbolic link is refused"
+        );
         std::fs::create_dir(dir.path().join("d")).unwrap();
         assert!(fs.read_cached(&dir.path().join("d"), 1 << 20).is_err(), "a directory is refused");
     }

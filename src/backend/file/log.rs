@@ -58,7 +58,8 @@ impl LogReq {
         }
     }
     fn size(&self) -> usize {
-        self.key().as_str().len() + if let LogReq::Put { value, .. } = self { value.len() } else { 0 }
+        self.key().as_str().len()
+            + if let LogReq::Put { value, .. } = self { value.len() } else { 0 }
     }
     fn answer(self, r: Result<()>) {
         match self {
@@ -226,7 +227,9 @@ impl LogWriter {
             }
             Err(e) => {
                 let (kind, code, op) = match &e {
-                    StateError::Io { source, operation, .. } => (source.kind(), source.raw_os_error(), *operation),
+                    StateError::Io { source, operation, .. } => {
+                        (source.kind(), source.raw_os_error(), *operation)
+                    }
                     StateError::StorageFull { operation, .. } => {
                         (std::io::ErrorKind::StorageFull, Some(libc::ENOSPC), *operation)
                     }
@@ -261,7 +264,8 @@ impl LogWriter {
             // The writer starts a log only where none is left over (recovery removed it or
             // handed it over, and so does `materialize`); if removing one failed, the new
             // frames go after what it holds (values already in their record files).
-            let mut file = fs.open_append(&path).map_err(|e| StateError::io("opening the log", &path, e))?;
+            let mut file =
+                fs.open_append(&path).map_err(|e| StateError::io("opening the log", &path, e))?;
             self.len = file.len().map_err(|e| StateError::io("opening the log", &path, e))?;
             self.file = Some(file);
         }
@@ -274,12 +278,16 @@ impl LogWriter {
                 .map_err(|why| StateError::Config { message: why.to_owned() })?;
         }
         let frames = frames.as_slice();
-        let Some(file) = self.file.as_mut() else { return Err(StateError::unavailable("log not open")) };
+        let Some(file) = self.file.as_mut() else {
+            return Err(StateError::unavailable("log not open"));
+        };
         let result = file
             .write_all(frames)
             .map_err(|e| StateError::io("appending to the log", &path, e))
             // The frames must be on disk before any caller hears Ok.
-            .and_then(|()| file.sync_data().map_err(|e| StateError::io("syncing the log", &path, e)))
+            .and_then(|()| {
+                file.sync_data().map_err(|e| StateError::io("syncing the log", &path, e))
+            })
             // A new log's name must be durable too, or a power loss takes the whole log.
             .and_then(|()| {
                 if created {
@@ -326,7 +334,8 @@ impl LogWriter {
         if entries.is_empty() && self.file.is_none() && self.len == 0 && !self.cut_failed {
             return Ok(());
         }
-        self.core.write_records(entries.iter().map(|(k, v)| (k, v.as_ref().map(|v| v.as_slice()))))?;
+        self.core
+            .write_records(entries.iter().map(|(k, v)| (k, v.as_ref().map(|v| v.as_slice()))))?;
         // Every entry is durable in its own file now: the log may go.
         self.file = None;
         self.core.remove_log()?;
@@ -372,7 +381,9 @@ impl Core {
     /// files are brought up to date later, once there is room.
     pub(super) fn recover_log(&self, keep_if_full: bool) -> Result<Option<(Box<dyn FsFile>, u64)>> {
         let path = self.wal_path();
-        let Some(bytes) = self.fs.read(&path).map_err(|e| StateError::io("reading the log", &path, e))? else {
+        let Some(bytes) =
+            self.fs.read(&path).map_err(|e| StateError::io("reading the log", &path, e))?
+        else {
             return Ok(None);
         };
         let replayed = frame::replay(&bytes).map_err(|d| {
@@ -414,7 +425,10 @@ impl Core {
             Err(e @ StateError::StorageFull { .. }) if keep_if_full => {
                 tracing::warn!(error = %e, "no room to replay the write-ahead log into the record files; serving it from memory");
                 let valid = replayed.valid_len as u64;
-                let mut file = self.fs.open_append(&path).map_err(|e| StateError::io("opening the log", &path, e))?;
+                let mut file = self
+                    .fs
+                    .open_append(&path)
+                    .map_err(|e| StateError::io("opening the log", &path, e))?;
                 // Appends must follow the last whole frame, or a replay would stop at the
                 // torn one and never reach them.
                 file.set_len(valid).map_err(|e| StateError::io("cutting the log", &path, e))?;
@@ -426,7 +440,11 @@ impl Core {
         }
         self.remove_log()?;
         if frames > 0 {
-            tracing::info!(frames, records = latest.len(), "replayed the write-ahead log into the record files");
+            tracing::info!(
+                frames,
+                records = latest.len(),
+                "replayed the write-ahead log into the record files"
+            );
         }
         Ok(None)
     }

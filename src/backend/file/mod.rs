@@ -199,13 +199,19 @@ impl FileStorageBackend {
 
     /// `lock_wait`: `None` takes no OS lock (simulated file systems); otherwise how long to
     /// wait for a lock held by someone else.
-    fn open_with(root: &Path, fs: Arc<dyn Fs>, lock_wait: Option<std::time::Duration>, log: bool) -> Result<Self> {
+    fn open_with(
+        root: &Path,
+        fs: Arc<dyn Fs>,
+        lock_wait: Option<std::time::Duration>,
+        log: bool,
+    ) -> Result<Self> {
         let root = if root.is_absolute() {
             root.to_path_buf()
         } else {
             std::env::current_dir().map_err(|e| StateError::io("resolving", root, e))?.join(root)
         };
-        create_root(fs.as_ref(), &root).map_err(|e| StateError::io("creating the store directory", &root, e))?;
+        create_root(fs.as_ref(), &root)
+            .map_err(|e| StateError::io("creating the store directory", &root, e))?;
         let core = Arc::new(Core::new(root.clone(), fs));
         for dir in keys::FOLDERS {
             core.ensure_dir(&root.join(dir))?;
@@ -230,7 +236,10 @@ impl FileStorageBackend {
         &self.inner.core
     }
 
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Core) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Core) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let core = self.core().clone();
         // File I/O blocks; run it on tokio's blocking pool so the async workers stay free.
         tokio::task::spawn_blocking(move || f(&core))
@@ -250,7 +259,9 @@ impl FileStorageBackend {
                 }
             });
         }
-        rx.await.map_err(|_| StateError::unavailable("the log writer stopped before answering; outcome unknown"))?
+        rx.await.map_err(|_| {
+            StateError::unavailable("the log writer stopped before answering; outcome unknown")
+        })?
     }
 }
 
@@ -276,8 +287,12 @@ fn take_lock(lock_path: &Path, wait: std::time::Duration) -> Result<File> {
                 // lock() so the wait is bounded.
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Err(std::fs::TryLockError::WouldBlock) => return Err(StateError::Locked { path: lock_path.into() }),
-            Err(std::fs::TryLockError::Error(e)) => return Err(StateError::io("locking", lock_path, e)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Locked { path: lock_path.into() });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StateError::io("locking", lock_path, e));
+            }
         }
     }
 }
@@ -293,7 +308,9 @@ impl StorageBackend for FileStorageBackend {
         let path = self.core().path_of(key);
         // No symbolic link on the way (stats of cached directories: done here).
         match self.core().check_parents(path.parent().unwrap_or(&self.core().root)) {
-            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
             other => other?,
         }
         // A small record already in the page cache is read right here: the read takes a few
@@ -303,14 +320,17 @@ impl StorageBackend for FileStorageBackend {
         if let Some(found) = self.core().fs.read_cached(&path, INLINE_MAX).map_err(reading)? {
             return Ok(found);
         }
-        self.blocking(move |b| b.fs.read(&path).map_err(|e| StateError::io("reading", &path, e))).await
+        self.blocking(move |b| b.fs.read(&path).map_err(|e| StateError::io("reading", &path, e)))
+            .await
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
         if let Some(log) = &self.inner.log
             && through_log(key)
         {
-            return self.through_log(log, |reply| LogReq::Put { key: key.clone(), value, reply }).await;
+            return self
+                .through_log(log, |reply| LogReq::Put { key: key.clone(), value, reply })
+                .await;
         }
         let key = key.clone();
         self.blocking(move |b| b.put_blocking(&key, &value)).await

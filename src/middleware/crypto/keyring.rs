@@ -35,7 +35,12 @@ impl<B: StorageBackend> Encrypted<B> {
         Self::build(inner, current, previous, KdfParams::default()).await
     }
 
-    pub(super) async fn build(inner: B, current: KeySource, previous: Vec<KeySource>, kdf: KdfParams) -> Result<Self> {
+    pub(super) async fn build(
+        inner: B,
+        current: KeySource,
+        previous: Vec<KeySource>,
+        kdf: KdfParams,
+    ) -> Result<Self> {
         let meta_key = crypto_meta_key();
         let existing = match inner.get(&meta_key).await? {
             Some(bytes) => Some(CryptoMeta::parse(&bytes)?),
@@ -79,7 +84,10 @@ impl<B: StorageBackend> Encrypted<B> {
                     let id = meta.add_key(&current)?;
                     inner.put(&meta_key, meta.to_json()?).await?;
                     ring.next_id = meta.next_key_id;
-                    info!(key_id = id, "recorded the new encryption key of a rotation that was cut off");
+                    info!(
+                        key_id = id,
+                        "recorded the new encryption key of a rotation that was cut off"
+                    );
                     id
                 }
                 None => {
@@ -189,7 +197,8 @@ impl<B: StorageBackend> Encrypted<B> {
 }
 
 fn bump(id: u32) -> Result<u32> {
-    id.checked_add(1).ok_or_else(|| StateError::Config { message: "encryption key ids are exhausted".into() })
+    id.checked_add(1)
+        .ok_or_else(|| StateError::Config { message: "encryption key ids are exhausted".into() })
 }
 
 /// What a [`StateManager`](crate::StateManager) needs of the encryption layer under its
@@ -223,7 +232,9 @@ pub(crate) type FoundLayer = (Arc<dyn KeyRing>, Arc<dyn StorageBackend>);
 /// with its own `encryption_key`. An `Encrypted` over another backend type cannot be
 /// recognised here; give such a backend to the manager unwrapped, with the key.
 pub(crate) fn find_layer(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Option<FoundLayer> {
-    fn parts<T: StorageBackend>(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Option<FoundLayer> {
+    fn parts<T: StorageBackend>(
+        backend: &Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Option<FoundLayer> {
         let layer = backend.clone().downcast::<Encrypted<T>>().ok()?;
         let below: Arc<dyn StorageBackend> = layer.inner.clone();
         Some((layer, below))
@@ -280,14 +291,20 @@ impl CryptoMeta {
 
     pub(super) fn parse(bytes: &[u8]) -> Result<Self> {
         let bad = |reason: String| StateError::corrupt(CRYPTO_META, reason);
-        let meta: CryptoMeta =
-            serde_json::from_slice(bytes).map_err(|e| bad(format!("encryption metadata does not parse: {e}")))?;
+        let meta: CryptoMeta = serde_json::from_slice(bytes)
+            .map_err(|e| bad(format!("encryption metadata does not parse: {e}")))?;
         if meta.mars_state_crypto != CRYPTO_FORMAT {
             return Err(StateError::Config {
-                message: format!("unsupported encryption metadata format {}", meta.mars_state_crypto),
+                message: format!(
+                    "unsupported encryption metadata format {}",
+                    meta.mars_state_crypto
+                ),
             });
         }
-        if meta.cipher != CIPHER_NAME || meta.kdf.algorithm != KDF_NAME || meta.kdf.version != KDF_VERSION {
+        if meta.cipher != CIPHER_NAME
+            || meta.kdf.algorithm != KDF_NAME
+            || meta.kdf.version != KDF_VERSION
+        {
             return Err(StateError::Config {
                 message: format!(
                     "unsupported cipher or KDF in {CRYPTO_META}: {:?}, {:?} version {}",
@@ -298,7 +315,8 @@ impl CryptoMeta {
         if unhex(&meta.kdf.salt).is_none_or(|s| !(8..=64).contains(&s.len())) {
             return Err(bad("the KDF salt is damaged".into()));
         }
-        kdf_params(meta.kdf.m_cost_kib, meta.kdf.t_cost, meta.kdf.p_cost).map_err(|e| bad(e.to_string()))?;
+        kdf_params(meta.kdf.m_cost_kib, meta.kdf.t_cost, meta.kdf.p_cost)
+            .map_err(|e| bad(e.to_string()))?;
         if meta.keys.is_empty() {
             return Err(bad("no key-check record".into()));
         }
@@ -317,7 +335,10 @@ impl CryptoMeta {
             .iter()
             .map(|k| {
                 unhex(&k.check).map(|c| (k.id, c)).ok_or_else(|| {
-                    StateError::corrupt(CRYPTO_META, format!("the key-check record of key id {} is damaged", k.id))
+                    StateError::corrupt(
+                        CRYPTO_META,
+                        format!("the key-check record of key id {} is damaged", k.id),
+                    )
                 })
             })
             .collect()

@@ -146,7 +146,10 @@ impl Default for KdfParams {
 // ---------------------------------------------------------------------------------------
 
 /// Turns key sources into keys, running Argon2id off the async threads when needed.
-pub(super) async fn derive_keys(sources: Vec<KeySource>, kdf: &KdfRecord) -> Result<Vec<EncryptionKey>> {
+pub(super) async fn derive_keys(
+    sources: Vec<KeySource>,
+    kdf: &KdfRecord,
+) -> Result<Vec<EncryptionKey>> {
     if sources.iter().all(|s| matches!(s, KeySource::Key(_))) {
         return sources.into_iter().map(|s| derive_key(s, kdf)).collect();
     }
@@ -167,16 +170,13 @@ fn argon2id(passphrase: &Passphrase, kdf: &KdfRecord) -> Result<EncryptionKey> {
     if passphrase.0.is_empty() {
         return Err(StateError::Config { message: "the encryption passphrase is empty".into() });
     }
-    let salt = unhex(&kdf.salt).ok_or_else(|| StateError::Config { message: "invalid KDF salt".into() })?;
+    let salt = unhex(&kdf.salt)
+        .ok_or_else(|| StateError::Config { message: "invalid KDF salt".into() })?;
     let params = kdf_params(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost)?;
     let mut blocks = vec![argon2::Block::default(); params.block_count()];
     let mut key = EncryptionKey([0; 32]);
-    let result = Argon2::new(Algorithm::Argon2id, Version::V0x13, params).hash_password_into_with_memory(
-        passphrase.0.as_bytes(),
-        &salt,
-        &mut key.0,
-        &mut blocks,
-    );
+    let result = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password_into_with_memory(passphrase.0.as_bytes(), &salt, &mut key.0, &mut blocks);
     // The working memory is derived from the passphrase; wipe it before freeing it.
     for block in &mut blocks {
         block.as_mut().zeroize();

@@ -130,7 +130,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use async_trait::async_trait;
 use chacha20poly1305::XChaCha20Poly1305;
 
-use crate::backend::{FileStorageBackend, KeyClass, ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use crate::backend::{
+    FileStorageBackend, KeyClass, ObjectMeta, StorageBackend, StorageKey, SweepReport,
+};
 use crate::error::{Result, StateError};
 use crate::store::keys::{CRYPTO_META, crypto_meta as crypto_meta_key};
 
@@ -146,8 +148,10 @@ pub use keys::{EncryptionKey, KdfParams, KeySource, Passphrase};
 
 /// Bytes an encrypted record adds to its plaintext (header and tag).
 #[doc(hidden)]
-#[deprecated(note = "an implementation detail of the sealed format; the listed size through `Encrypted` \
-                     is already the plaintext size")]
+#[deprecated(
+    note = "an implementation detail of the sealed format; the listed size through `Encrypted` \
+                     is already the plaintext size"
+)]
 pub const RECORD_OVERHEAD: usize = seal::SEAL_OVERHEAD;
 
 // ---------------------------------------------------------------------------------------
@@ -318,7 +322,9 @@ fn sealing(key: &StorageKey) -> Sealing {
 fn refuse_reserved(key: &StorageKey) -> Result<()> {
     if key.as_str() == CRYPTO_META {
         return Err(StateError::Config {
-            message: format!("{CRYPTO_META} is managed by the encryption layer and cannot be written or deleted"),
+            message: format!(
+                "{CRYPTO_META} is managed by the encryption layer and cannot be written or deleted"
+            ),
         });
     }
     Ok(())
@@ -374,7 +380,9 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
             Sealing::Frames => {}
             Sealing::Record => {
                 return Err(StateError::Config {
-                    message: format!("{key} is not a log (metadata/*.log); an encrypted store appends only to logs"),
+                    message: format!(
+                        "{key} is not a log (metadata/*.log); an encrypted store appends only to logs"
+                    ),
                 });
             }
         }
@@ -394,7 +402,10 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
 
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes.iter().flat_map(|b| [DIGITS[(b >> 4) as usize] as char, DIGITS[(b & 15) as usize] as char]).collect()
+    bytes
+        .iter()
+        .flat_map(|b| [DIGITS[(b >> 4) as usize] as char, DIGITS[(b & 15) as usize] as char])
+        .collect()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

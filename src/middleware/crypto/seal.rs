@@ -61,11 +61,10 @@ impl<B: StorageBackend> Encrypted<B> {
     /// The current key id and its cipher.
     fn current(&self) -> Result<(u32, Arc<XChaCha20Poly1305>)> {
         let ring = self.ring();
-        let cipher = ring
-            .ciphers
-            .get(&ring.current)
-            .cloned()
-            .ok_or_else(|| StateError::WrongKey { reason: "no current encryption key".into() })?;
+        let cipher =
+            ring.ciphers.get(&ring.current).cloned().ok_or_else(|| StateError::WrongKey {
+                reason: "no current encryption key".into(),
+            })?;
         Ok((ring.current, cipher))
     }
 
@@ -83,7 +82,10 @@ impl<B: StorageBackend> Encrypted<B> {
                 ),
             })
         } else {
-            Err(StateError::corrupt(key, format!("sealed with key id {id}, which this store never issued")))
+            Err(StateError::corrupt(
+                key,
+                format!("sealed with key id {id}, which this store never issued"),
+            ))
         }
     }
 
@@ -110,9 +112,19 @@ impl<B: StorageBackend> Encrypted<B> {
         let (head, body) = raw.split_at_mut(RECORD_HEADER);
         let (ct, tag) = body.split_at_mut(len - SEAL_OVERHEAD);
         let aad = aad(RECORD_AAD, key.as_str(), id);
-        cipher.decrypt_in_place_detached(XNonce::from_slice(&head[8..]), &aad, ct, Tag::from_slice(tag)).map_err(
-            |_| StateError::corrupt(key, "authentication failed: damaged, truncated, or moved from another key"),
-        )?;
+        cipher
+            .decrypt_in_place_detached(
+                XNonce::from_slice(&head[8..]),
+                &aad,
+                ct,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| {
+                StateError::corrupt(
+                    key,
+                    "authentication failed: damaged, truncated, or moved from another key",
+                )
+            })?;
         raw.truncate(len - TAG_LEN);
         raw.drain(..RECORD_HEADER);
         Ok(raw)
@@ -162,7 +174,10 @@ impl<B: StorageBackend> Encrypted<B> {
                 out.zeroize();
                 return Err(StateError::corrupt(
                     key,
-                    format!("log frame at byte {} failed authentication (damaged, or from another log)", frame.start),
+                    format!(
+                        "log frame at byte {} failed authentication (damaged, or from another log)",
+                        frame.start
+                    ),
                 ));
             }
         }
@@ -216,10 +231,19 @@ fn too_large(key: impl fmt::Display) -> StateError {
 }
 
 /// Seals `plain` (encrypted in place, so no plaintext copy is left) as a record.
-fn seal_record(cipher: &XChaCha20Poly1305, id: u32, name: &str, mut plain: Vec<u8>) -> Result<Vec<u8>> {
+fn seal_record(
+    cipher: &XChaCha20Poly1305,
+    id: u32,
+    name: &str,
+    mut plain: Vec<u8>,
+) -> Result<Vec<u8>> {
     let nonce = random::array::<NONCE_LEN>()?;
     let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad(RECORD_AAD, name, id), &mut plain)
+        .encrypt_in_place_detached(
+            XNonce::from_slice(&nonce),
+            &aad(RECORD_AAD, name, id),
+            &mut plain,
+        )
         .map_err(|_| too_large(name))?;
     let mut out = Vec::with_capacity(SEAL_OVERHEAD + plain.len());
     out.extend_from_slice(RECORD_MAGIC);
@@ -245,7 +269,9 @@ fn opens_check(cipher: &XChaCha20Poly1305, id: u32, check: &[u8]) -> bool {
     let mut body = check[RECORD_HEADER..check.len() - TAG_LEN].to_vec();
     let tag = Tag::from_slice(&check[check.len() - TAG_LEN..]);
     let nonce = XNonce::from_slice(&check[8..RECORD_HEADER]);
-    cipher.decrypt_in_place_detached(nonce, &aad(RECORD_AAD, CHECK_NAME, id), &mut body, tag).is_ok()
+    cipher
+        .decrypt_in_place_detached(nonce, &aad(RECORD_AAD, CHECK_NAME, id), &mut body, tag)
+        .is_ok()
         && body == CHECK_PLAINTEXT
 }
 
@@ -296,7 +322,10 @@ fn scan_frames(key: &StorageKey, raw: &[u8]) -> Result<FrameScan> {
             return Err(StateError::corrupt(key, reason));
         }
         if crc32fast::hash(&rest[..12]) != le_u32(rest, 12) {
-            return Err(StateError::corrupt(key, format!("log frame header at byte {pos} is damaged")));
+            return Err(StateError::corrupt(
+                key,
+                format!("log frame header at byte {pos} is damaged"),
+            ));
         }
         let len = le_u32(rest, 4) as usize;
         if len < TAG_LEN {

@@ -28,7 +28,11 @@ async fn open(mem: &MemoryStorageBackend, current: impl Into<KeySource>) -> Resu
     EncryptionLayer::new(current).kdf_params(fast()).wrap(mem.clone()).await
 }
 
-async fn open_with(mem: &MemoryStorageBackend, current: impl Into<KeySource>, previous: Vec<KeySource>) -> Result<Enc> {
+async fn open_with(
+    mem: &MemoryStorageBackend,
+    current: impl Into<KeySource>,
+    previous: Vec<KeySource>,
+) -> Result<Enc> {
     let mut layer = EncryptionLayer::new(current).kdf_params(fast());
     for p in previous {
         layer = layer.previous_key(p);
@@ -83,7 +87,10 @@ async fn round_trip_and_contract() {
     assert_eq!(enc.get(&s1).await.unwrap(), Some(record(1)));
     assert_eq!(enc.get(&c1).await.unwrap(), Some(Vec::new()));
     // Stored with exactly the documented overhead; list reports what get returns.
-    assert_eq!(mem.get(&s1).await.unwrap().unwrap().len(), record(1).len() + super::seal::SEAL_OVERHEAD);
+    assert_eq!(
+        mem.get(&s1).await.unwrap().unwrap().len(),
+        record(1).len() + super::seal::SEAL_OVERHEAD
+    );
     let listed = enc.list(&k("sessions")).await.unwrap();
     assert_eq!(listed, [ObjectMeta { key: s1.clone(), size: record(1).len() as u64 }]);
     assert_eq!(enc.list(&k("checkpoints/s1")).await.unwrap()[0].size, 0);
@@ -103,7 +110,10 @@ async fn round_trip_and_contract() {
     assert_eq!(mem.get(&pending).await.unwrap(), Some(Vec::new()));
     assert_eq!(enc.list(&k("metadata/pending")).await.unwrap()[0].size, 0);
     // Appending to something that is not a log is refused rather than half-supported.
-    assert!(matches!(enc.append(&k("sessions/s2.json"), b"x".to_vec()).await, Err(StateError::Config { .. })));
+    assert!(matches!(
+        enc.append(&k("sessions/s2.json"), b"x".to_vec()).await,
+        Err(StateError::Config { .. })
+    ));
 }
 
 #[tokio::test]
@@ -132,7 +142,8 @@ async fn crypto_metadata_is_plaintext_and_reserved() {
     // Two stores get different salts.
     let other = MemoryStorageBackend::new();
     open(&other, Passphrase::new("x")).await.unwrap();
-    let v2: serde_json::Value = serde_json::from_slice(&other.get(&meta_key).await.unwrap().unwrap()).unwrap();
+    let v2: serde_json::Value =
+        serde_json::from_slice(&other.get(&meta_key).await.unwrap().unwrap()).unwrap();
     assert_ne!(v["kdf"]["salt"], v2["kdf"]["salt"]);
 }
 
@@ -142,8 +153,12 @@ async fn default_kdf_costs_are_owasp() {
     let mem = MemoryStorageBackend::new();
     // A raw key needs no derivation, so the default costs are cheap to record here.
     Encrypted::open(mem.clone(), key(1).into(), Vec::new()).await.unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&mem.get(&k(CRYPTO_META)).await.unwrap().unwrap()).unwrap();
-    assert_eq!((v["kdf"]["m_cost_kib"].as_u64(), v["kdf"]["t_cost"].as_u64()), (Some(19456), Some(2)));
+    let v: serde_json::Value =
+        serde_json::from_slice(&mem.get(&k(CRYPTO_META)).await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (v["kdf"]["m_cost_kib"].as_u64(), v["kdf"]["t_cost"].as_u64()),
+        (Some(19456), Some(2))
+    );
 }
 
 #[tokio::test]
@@ -290,8 +305,9 @@ async fn log_frames_torn_tail_and_compaction() {
     }
     assert_eq!(enc.get(&log).await.unwrap(), Some(lines.concat()));
     let good = mem.get(&log).await.unwrap().unwrap();
-    let frame_ends: Vec<usize> =
-        (1..=3).map(|n| lines[..n].iter().map(|l| FRAME_HEADER + l.len() + TAG_LEN).sum()).collect();
+    let frame_ends: Vec<usize> = (1..=3)
+        .map(|n| lines[..n].iter().map(|l| FRAME_HEADER + l.len() + TAG_LEN).sum())
+        .collect();
     assert_eq!(*frame_ends.last().unwrap(), good.len());
 
     // A crash may cut the log anywhere: every cut reads as the complete frames before it.
@@ -442,7 +458,10 @@ async fn rotation_while_in_use() {
     let reopened = open_with(&mem, key(5), (1..5).map(|n| key(n).into()).collect()).await.unwrap();
     for w in 0..8 {
         for i in 0..50 {
-            assert_eq!(reopened.get(&k(&format!("sessions/w{w}-{i}.json"))).await.unwrap(), Some(record(i)));
+            assert_eq!(
+                reopened.get(&k(&format!("sessions/w{w}-{i}.json"))).await.unwrap(),
+                Some(record(i))
+            );
         }
     }
 }
@@ -504,7 +523,8 @@ async fn damaged_metadata_is_reported() {
     let mem = MemoryStorageBackend::new();
     open(&mem, key(1)).await.unwrap();
     let meta_key = k(CRYPTO_META);
-    let good: serde_json::Value = serde_json::from_slice(&mem.get(&meta_key).await.unwrap().unwrap()).unwrap();
+    let good: serde_json::Value =
+        serde_json::from_slice(&mem.get(&meta_key).await.unwrap().unwrap()).unwrap();
     let put = |v: serde_json::Value| {
         let mem = mem.clone();
         let meta_key = meta_key.clone();
@@ -553,14 +573,21 @@ async fn no_plaintext_in_any_file_of_a_file_store() {
     enc.put(&k("checkpoints/s1/c1.json"), record(2)).await.unwrap();
     enc.append(&k("metadata/index.log"), record(3)).await.unwrap();
     enc.append(&k("metadata/index.log"), record(4)).await.unwrap();
-    assert_eq!(enc.get(&k("metadata/index.log")).await.unwrap(), Some([record(3), record(4)].concat()));
+    assert_eq!(
+        enc.get(&k("metadata/index.log")).await.unwrap(),
+        Some([record(3), record(4)].concat())
+    );
     drop(enc);
     let mut files = Vec::new();
     walk(dir.path(), &mut files);
     assert!(files.len() >= 4, "{files:?}");
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
-        assert!(!contains(&bytes, MARKER) && !contains(&bytes, b"file store pass"), "{} holds plaintext", f.display());
+        assert!(
+            !contains(&bytes, MARKER) && !contains(&bytes, b"file store pass"),
+            "{} holds plaintext",
+            f.display()
+        );
     }
     assert_wrong_key(Encrypted::open_path(dir.path(), Passphrase::new("wrong")).await);
     let enc = layer.wrap(FileStorageBackend::new(dir.path()).unwrap()).await.unwrap();

@@ -188,7 +188,10 @@ pub(crate) struct SimFs {
 impl fmt::Debug for SimFs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = self.lock();
-        f.debug_struct("SimFs").field("inodes", &g.tree.inodes()).field("broken", &g.broken).finish()
+        f.debug_struct("SimFs")
+            .field("inodes", &g.tree.inodes())
+            .field("broken", &g.broken)
+            .finish()
     }
 }
 
@@ -342,7 +345,9 @@ impl Fs for SimFs {
             None => Ok(None),
             Some(ino) => match g.tree.node(ino)? {
                 Node::File { current, .. } => Ok(Some(current.clone())),
-                Node::Dir { .. } => Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file")),
+                Node::Dir { .. } => {
+                    Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"))
+                }
             },
         }
     }
@@ -354,7 +359,10 @@ impl Fs for SimFs {
         let (to_dir, to_name) = g.tree.parent(to)?;
         let ino = *g.tree.entries(from_dir)?.get(&from_name).ok_or_else(|| errno(libc::ENOENT))?;
         if g.tree.is_dir(ino) {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "SimFs does not rename directories"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "SimFs does not rename directories",
+            ));
         }
         if let Some(&target) = g.tree.entries(to_dir)?.get(&to_name) {
             if g.tree.is_dir(target) {
@@ -398,7 +406,8 @@ impl Fs for SimFs {
             Some(ino) if g.tree.is_dir(ino) => Ok(false),
             Some(_) => Err(errno(libc::EEXIST)),
             None => {
-                let ino = g.tree.alloc(Node::Dir { durable: BTreeMap::new(), current: BTreeMap::new() });
+                let ino =
+                    g.tree.alloc(Node::Dir { durable: BTreeMap::new(), current: BTreeMap::new() });
                 g.tree.entries_mut(dir)?.insert(name, ino);
                 g.changed();
                 Ok(true)

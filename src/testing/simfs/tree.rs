@@ -58,8 +58,15 @@ fn components(path: &Path) -> io::Result<Vec<String>> {
     for c in path.components() {
         match c {
             Component::RootDir => {}
-            Component::Normal(s) => out.push(s.to_str().ok_or_else(|| errno(libc::EINVAL))?.to_owned()),
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "SimFs takes absolute, normalized paths")),
+            Component::Normal(s) => {
+                out.push(s.to_str().ok_or_else(|| errno(libc::EINVAL))?.to_owned())
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "SimFs takes absolute, normalized paths",
+                ));
+            }
         }
     }
     if !path.is_absolute() {
@@ -83,7 +90,8 @@ impl Tree {
         let mut tree = Tree { nodes, next: ROOT + 1 };
         let mut dir = ROOT;
         for name in components(root).unwrap_or_default() {
-            let child = tree.alloc(Node::Dir { durable: BTreeMap::new(), current: BTreeMap::new() });
+            let child =
+                tree.alloc(Node::Dir { durable: BTreeMap::new(), current: BTreeMap::new() });
             if let Some(Node::Dir { durable, current }) = tree.nodes.get_mut(&dir) {
                 durable.insert(name.clone(), child);
                 current.insert(name, child);
@@ -250,7 +258,8 @@ impl Tree {
                         CrashMode::ProcessKill => current.clone(),
                         CrashMode::Random(_) => {
                             let mut kept = durable.clone();
-                            let names: BTreeSet<&String> = durable.keys().chain(current.keys()).collect();
+                            let names: BTreeSet<&String> =
+                                durable.keys().chain(current.keys()).collect();
                             for name in names {
                                 let now = current.get(name);
                                 if durable.get(name) != now && rng.coin() {

@@ -89,7 +89,11 @@ async fn recovery_terminates_a_torn_journal_tail() {
     m.save_session("f", &json!({"n": 3})).await.unwrap();
     m.shutdown().await.unwrap();
     let journal = bed.fs.read(&path).unwrap().unwrap();
-    assert!(Index::replay(&journal).is_some(), "damaged journal:\n{}", String::from_utf8_lossy(&journal));
+    assert!(
+        Index::replay(&journal).is_some(),
+        "damaged journal:\n{}",
+        String::from_utf8_lossy(&journal)
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -119,7 +123,10 @@ async fn every_fault_point_of_a_save_fails_cleanly() {
             assert_eq!(err.kind(), kind, "{case}: {err}");
             assert_eq!(bed.fs.faults_pending(), 0, "{case}: the fault did not fire");
             // A power loss now leaves the previous version.
-            assert_eq!(load_fresh(&bed.fs.crash(CrashMode::Durable), &bed.root, "f").await, Some(v1.clone()));
+            assert_eq!(
+                load_fresh(&bed.fs.crash(CrashMode::Durable), &bed.root, "f").await,
+                Some(v1.clone())
+            );
             m.shutdown().await.unwrap();
 
             let m = open(&bed.fs, &bed.root, false).await.unwrap();
@@ -137,7 +144,11 @@ async fn every_fault_point_of_a_save_fails_cleanly() {
             assert_eq!(m.load_session("f").await.unwrap(), Some(v3.clone()), "{case}");
             m.shutdown().await.unwrap();
             assert_eq!(load_fresh(&bed.fs, &bed.root, "f").await, Some(v3.clone()), "{case}");
-            assert_eq!(load_fresh(&bed.fs.crash(CrashMode::Durable), &bed.root, "f").await, Some(v3), "{case}");
+            assert_eq!(
+                load_fresh(&bed.fs.crash(CrashMode::Durable), &bed.root, "f").await,
+                Some(v3),
+                "{case}"
+            );
             cases += 1;
         }
     }
@@ -249,7 +260,8 @@ async fn a_directory_left_by_a_process_crash_is_synced_before_use() {
     bed.fs.record(false);
     m.shutdown().await.unwrap();
     let dir = bed.root.join("checkpoints/n");
-    let after_mkdir = bed.fs.take_snapshots().into_iter().find(|t| t.exists(&dir) == (true, false)).unwrap();
+    let after_mkdir =
+        bed.fs.take_snapshots().into_iter().find(|t| t.exists(&dir) == (true, false)).unwrap();
     let restarted = SimFs::from_tree(after_mkdir.crash_image(CrashMode::ProcessKill));
     let m = open(&restarted, &bed.root, false).await.unwrap();
     let id = m.create_checkpoint("n", "main", &payload("n", 2)).await.unwrap();
@@ -273,17 +285,24 @@ fn the_model_keeps_only_what_was_synced() {
     f.write_all(b"hello").unwrap();
     // Nothing synced: the directory itself is gone after a power loss.
     assert_eq!(fs.crash(CrashMode::Durable).list_dir(root).unwrap().len(), 0);
-    assert_eq!(fs.crash(CrashMode::ProcessKill).read(&root.join("d/a")).unwrap(), Some(b"hello".to_vec()));
+    assert_eq!(
+        fs.crash(CrashMode::ProcessKill).read(&root.join("d/a")).unwrap(),
+        Some(b"hello".to_vec())
+    );
     fs.sync_dir(root).unwrap();
     fs.sync_dir(&root.join("d")).unwrap();
     // Names durable, data not: an empty file.
     assert_eq!(fs.crash(CrashMode::Durable).read(&root.join("d/a")).unwrap(), Some(Vec::new()));
     f.sync_data().unwrap();
     f.write_all(b" world").unwrap();
-    assert_eq!(fs.crash(CrashMode::Durable).read(&root.join("d/a")).unwrap(), Some(b"hello".to_vec()));
+    assert_eq!(
+        fs.crash(CrashMode::Durable).read(&root.join("d/a")).unwrap(),
+        Some(b"hello".to_vec())
+    );
     // A torn append keeps a prefix of the unsynced tail, never anything else.
-    let torn: BTreeSet<Vec<u8>> =
-        (0..200).map(|s| fs.crash(CrashMode::Random(s)).read(&root.join("d/a")).unwrap().unwrap()).collect();
+    let torn: BTreeSet<Vec<u8>> = (0..200)
+        .map(|s| fs.crash(CrashMode::Random(s)).read(&root.join("d/a")).unwrap().unwrap())
+        .collect();
     assert!(torn.len() > 3, "{torn:?}");
     assert!(torn.iter().all(|t| t.len() >= 5 && b"hello world".starts_with(t)));
     // A rename is durable only once its directory is synced.

@@ -150,28 +150,43 @@ fn plan(step: Step, model: &Model, seq: u64) -> InFlight {
 }
 
 /// Runs `step` and checks its reply; returns the new checkpoint's id, if any.
-async fn perform(m: &StateManager, step: Step, model: &Model, planned: &InFlight) -> Option<CheckpointId> {
+async fn perform(
+    m: &StateManager,
+    step: Step,
+    model: &Model,
+    planned: &InFlight,
+) -> Option<CheckpointId> {
     match (step, planned) {
         (Step::Save(s), InFlight::Write { new, .. }) => m.save_session(s, new).await.unwrap(),
         (Step::Update(s), InFlight::Write { new, .. }) => {
             let (expected, new) = (model.sessions.get(s).cloned(), new.clone());
             let out = m
                 .transactional_update(s, move |old: Option<Value>| {
-                    if old == expected { Ok(new) } else { Err(io::Error::other("update saw a stale state")) }
+                    if old == expected {
+                        Ok(new)
+                    } else {
+                        Err(io::Error::other("update saw a stale state"))
+                    }
                 })
                 .await
                 .unwrap();
             assert_eq!(Some(&out), planned_value(planned));
         }
         (Step::Rollback(s), InFlight::Write { .. }) => {
-            let newest = model.cps.iter().filter(|(_, c)| c.sid == s && c.live).map(|(id, _)| id).next_back();
+            let newest = model
+                .cps
+                .iter()
+                .filter(|(_, c)| c.sid == s && c.live)
+                .map(|(id, _)| id)
+                .next_back();
             m.rollback_to_checkpoint(newest.unwrap()).await.unwrap();
         }
         (Step::Checkpoint(s), InFlight::Checkpoint { data, .. }) => {
             return Some(m.create_checkpoint(s, "main", data).await.unwrap());
         }
         (Step::Delete(s), InFlight::Delete { .. }) => {
-            let existed = model.sessions.contains_key(s) || model.cps.values().any(|c| c.sid == s && c.live);
+            let existed =
+                model.sessions.contains_key(s) || model.cps.values().any(|c| c.sid == s && c.live);
             assert_eq!(m.delete_session(s).await.unwrap(), existed);
         }
         (Step::Cleanup(s, keep), InFlight::Cleanup { doomed, .. }) => {
@@ -214,7 +229,12 @@ fn apply(model: &mut Model, done: InFlight, cid: Option<CheckpointId>) {
 
 /// Checks what a recovered manager shows against what was acknowledged (`model`) and
 /// the operation that was under way (`inflight`).
-async fn verify(m: &StateManager, model: &Model, inflight: &InFlight, out: &mut Vec<(Class, String)>) {
+async fn verify(
+    m: &StateManager,
+    model: &Model,
+    inflight: &InFlight,
+    out: &mut Vec<(Class, String)>,
+) {
     let mut with_data = BTreeSet::new();
     for sid in SIDS {
         let expected = model.sessions.get(sid);
@@ -271,13 +291,21 @@ async fn verify(m: &StateManager, model: &Model, inflight: &InFlight, out: &mut 
                 Ok(Some(cp)) if want == Some(&cp.data) && cp.session_id.as_str() == sid => {}
                 Ok(Some(cp)) => out.push((
                     Class::Lost,
-                    format!("checkpoint {} of {sid} holds seq {:?}", info.id.as_str(), seq_of(Some(&cp.data))),
+                    format!(
+                        "checkpoint {} of {sid} holds seq {:?}",
+                        info.id.as_str(),
+                        seq_of(Some(&cp.data))
+                    ),
                 )),
                 Ok(None) => out.push((
                     Class::Inconsistent,
-                    format!("checkpoint {} of {sid} is listed but does not restore", info.id.as_str()),
+                    format!(
+                        "checkpoint {} of {sid} is listed but does not restore",
+                        info.id.as_str()
+                    ),
                 )),
-                Err(e) => out.push((class_of(&e), format!("restore_checkpoint({}): {e}", info.id.as_str()))),
+                Err(e) => out
+                    .push((class_of(&e), format!("restore_checkpoint({}): {e}", info.id.as_str()))),
             }
         }
         if unknown > 1 {
@@ -291,7 +319,10 @@ async fn verify(m: &StateManager, model: &Model, inflight: &InFlight, out: &mut 
             };
             if listed_ids.contains(id) {
                 if !cp.live {
-                    out.push((Class::Resurrected, format!("deleted checkpoint {} of {sid} listed", id.as_str())));
+                    out.push((
+                        Class::Resurrected,
+                        format!("deleted checkpoint {} of {sid} listed", id.as_str()),
+                    ));
                 }
                 continue;
             }
@@ -301,18 +332,27 @@ async fn verify(m: &StateManager, model: &Model, inflight: &InFlight, out: &mut 
                     Class::Inconsistent,
                     format!("checkpoint {} of {sid} restores but is not listed", id.as_str()),
                 )),
-                Err(e) => out.push((class_of(&e), format!("restore_checkpoint({}): {e}", id.as_str()))),
+                Err(e) => {
+                    out.push((class_of(&e), format!("restore_checkpoint({}): {e}", id.as_str())))
+                }
             }
             if cp.live && !may_be_gone {
-                out.push((Class::Missing, format!("acked checkpoint {} of {sid} missing", id.as_str())));
+                out.push((
+                    Class::Missing,
+                    format!("acked checkpoint {} of {sid} missing", id.as_str()),
+                ));
             }
         }
     }
     match m.list_sessions().await {
         Ok(list) => {
-            let listed: BTreeSet<&str> = list.iter().map(|s| s.session_id.as_str()).filter(|s| *s != PROBE).collect();
+            let listed: BTreeSet<&str> =
+                list.iter().map(|s| s.session_id.as_str()).filter(|s| *s != PROBE).collect();
             if listed != with_data {
-                out.push((Class::Inconsistent, format!("list_sessions {listed:?} but data for {with_data:?}")));
+                out.push((
+                    Class::Inconsistent,
+                    format!("list_sessions {listed:?} but data for {with_data:?}"),
+                ));
             }
         }
         Err(e) => out.push((class_of(&e), format!("list_sessions: {e}"))),
@@ -333,7 +373,12 @@ struct Ctx<'a> {
 
 /// Recovers a crash image, checks it, writes to it; and with `second_crash`, loses
 /// power after that and checks again, the writes made after recovery included.
-async fn recover_and_check(image: &SimFs, ctx: &Ctx<'_>, second_crash: bool, out: &mut Vec<(Class, String)>) {
+async fn recover_and_check(
+    image: &SimFs,
+    ctx: &Ctx<'_>,
+    second_crash: bool,
+    out: &mut Vec<(Class, String)>,
+) {
     let Ctx { oracle, root, model, inflight } = *ctx;
     let m = match open_mode(image, root, oracle.gzip, oracle.log).await {
         Ok(m) => m,
@@ -404,7 +449,13 @@ struct Oracle {
 const SEED: u64 = 0x6d61_7273_2d73_696d;
 
 /// Builds the crash images of one crash point and checks each distinct one.
-async fn check_point(tree: &Tree, point: u64, ctx: &Ctx<'_>, seen: &mut HashSet<Vec<u8>>, report: &mut Report) {
+async fn check_point(
+    tree: &Tree,
+    point: u64,
+    ctx: &Ctx<'_>,
+    seen: &mut HashSet<Vec<u8>>,
+    report: &mut Report,
+) {
     report.points += 1;
     let mut rng = SplitMix(SEED ^ point.wrapping_mul(0x9E37_79B9));
     let modes = [CrashMode::Durable, CrashMode::ProcessKill]
@@ -458,7 +509,8 @@ async fn run_oracle(oracle: Oracle) -> Report {
         }
         apply(&mut model, inflight, cid);
         point += 1;
-        let ctx = Ctx { oracle: &oracle, root: &bed.root, model: &model, inflight: &InFlight::Idle };
+        let ctx =
+            Ctx { oracle: &oracle, root: &bed.root, model: &model, inflight: &InFlight::Idle };
         check_point(&bed.fs.tree(), point, &ctx, &mut HashSet::new(), &mut report).await;
         if stop(&report) {
             return report;
@@ -472,7 +524,14 @@ async fn run_oracle(oracle: Oracle) -> Report {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_at_every_step_loses_no_acknowledged_write() {
     for (gzip, log) in [(false, false), (true, false), (false, true), (true, true)] {
-        let oracle = Oracle { gzip, log, broken: None, variants: 12, second_crash: false, stop_at_first_loss: false };
+        let oracle = Oracle {
+            gzip,
+            log,
+            broken: None,
+            variants: 12,
+            second_crash: false,
+            stop_at_first_loss: false,
+        };
         let report = run_oracle(oracle).await;
         println!(
             "power-loss oracle (gzip: {gzip}, log: {log}): {} steps ({} fsyncs), {} crash points, {} distinct \
@@ -494,8 +553,14 @@ async fn power_loss_at_every_step_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_after_a_process_crash_and_restart_loses_no_acknowledged_write() {
     for log in [false, true] {
-        let oracle =
-            Oracle { gzip: false, log, broken: None, variants: 0, second_crash: true, stop_at_first_loss: false };
+        let oracle = Oracle {
+            gzip: false,
+            log,
+            broken: None,
+            variants: 0,
+            second_crash: true,
+            stop_at_first_loss: false,
+        };
         let report = run_oracle(oracle).await;
         println!(
             "process crash, restart, writes, power loss (log: {log}): {} crash points, {} restarts then power \
@@ -510,7 +575,9 @@ async fn power_loss_after_a_process_crash_and_restart_loses_no_acknowledged_writ
 async fn the_oracle_catches_a_missing_file_fsync_and_a_missing_directory_fsync() {
     // With the log, a save syncs only the log's data (its directory once, when the log
     // is created): a no-op data sync is what must be caught there.
-    for (broken, log) in [(Broken::SyncDataNoop, false), (Broken::SyncDirNoop, false), (Broken::SyncDataNoop, true)] {
+    for (broken, log) in
+        [(Broken::SyncDataNoop, false), (Broken::SyncDirNoop, false), (Broken::SyncDataNoop, true)]
+    {
         let oracle = Oracle {
             gzip: false,
             log,
@@ -524,6 +591,9 @@ async fn the_oracle_catches_a_missing_file_fsync_and_a_missing_directory_fsync()
             "broken variant {broken:?} (log: {log}): caught after {} crash states: {:?}",
             report.states, report.examples
         );
-        assert!(report.data_failures() > 0, "the oracle did not notice {broken:?} (log: {log}): {report:?}");
+        assert!(
+            report.data_failures() > 0,
+            "the oracle did not notice {broken:?} (log: {log}): {report:?}"
+        );
     }
 }
