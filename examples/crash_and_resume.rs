@@ -219,7 +219,9 @@ async fn parent(kill_arg: Option<&str>, delay_arg: Option<&str>) -> AnyResult<()
             // Leave the child a few steps, so it is killed before it can finish.
             Ok(n) if (1..=STEPS - 4).contains(&n) => n,
             _ => {
-                return Err(format!("the kill step must be a number from 1 to {}", STEPS - 4).into());
+                return Err(
+                    format!("the kill step must be a number from 1 to {}", STEPS - 4).into()
+                );
             }
         },
         // After the first checkpoint, well before the end.

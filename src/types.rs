@@ -272,7 +272,8 @@ pub enum CheckpointReason {
     Time,
     /// Taken by [`pause_session`](crate::StateManager::pause_session).
     Pause,
-    /// Taken before a risky operation ([`checkpoint_before_risky`](crate::StateManager::checkpoint_before_risky)).
+    /// Taken before a risky operation
+    /// ([`checkpoint_before_risky`](crate::StateManager::checkpoint_before_risky)).
     BeforeRisky,
     /// Recorded steps not yet checkpointed, flushed when the session actor went idle or
     /// the manager shut down.

@@ -8,8 +8,8 @@
 //! of 1 to 20 KB derived from `(session, seq)`, and a flushed `ack <session> <seq> ...` line on
 //! stdout after each call returns `Ok`. The parent kills the child 2–60 ms after its first
 //! ack of the round (xorshift RNG seeded from the clock; the seed is printed and
-//! `MARS_CRASH_SEED` replays the same kill delays), reads every ack the child got out, reopens the store with a
-//! new `StateManager` (the dead child's lock must be free) and counts:
+//! `MARS_CRASH_SEED` replays the same kill delays), reads every ack the child got out, reopens the
+//! store with a new `StateManager` (the dead child's lock must be free) and counts:
 //!
 //! - **lost**: an acked save whose value is not stored (a session holding an older seq than
 //!   its last acked save, or an acked checkpoint that is not listed);

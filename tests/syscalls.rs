@@ -25,8 +25,9 @@
 //!   every write to the write-ahead log is followed by a successful sync of the log before
 //!   the next marker; and that no rename touches anything but a staged file. The checker is
 //!   then run on copies of the trace with the `fdatasync` lines removed, and with the
-//!   directory `fsync` lines removed: both must be reported (the harness can fail). It also checks that a staged
-//!   file lives in its target's directory and is not written after its last sync.
+//!   directory `fsync` lines removed: both must be reported (the harness can fail). It also
+//!   checks that a staged file lives in its target's directory and is not written after its
+//!   last sync.
 //! - `sigkill_just_before_the_nth_syscall_passes_the_oracle` (item 7, crash-point sweep):
 //!   for `openat`, `write`, `fdatasync`, `fsync` and `rename`, N = 1..30, and each record
 //!   format (plain, gzip, gzip+encrypted with the `encryption` feature, and plain through the

@@ -1,5 +1,5 @@
-//! The file backend's write-ahead log (log mode, `FileOptions::write_ahead_log(true)`): what a process that dies
-//! with writes only in the log leaves behind, and what the next open makes of it.
+//! The file backend's write-ahead log (log mode, `FileOptions::write_ahead_log(true)`): what a
+//! process that dies with writes only in the log leaves behind, and what the next open makes of it.
 //!
 //! A child process (this binary re-executed as `child_process`) saves, checkpoints and
 //! deletes through a log-mode store, prints `DONE` once every call was acknowledged, and

@@ -2,9 +2,10 @@
 //! Owns the public methods, each a thin use of one request helper (`request.rs`): validate
 //! the id, check access, name the [`Operation`], run under the call timeout, map errors.
 //! The builder is in `builder.rs`, the load paths (hot map, cold read, checkpoints,
-//! recovery) in `load.rs`, the bodies pairs of methods share in `variants.rs`. Calls the actors (session actors through their messages, the
-//! supervisor, the janitor), the store's index, hot map, events and access table, and the
-//! crypto middleware's key ring for rotation.
+//! recovery) in `load.rs`, the bodies pairs of methods share in `variants.rs`. Calls the actors
+//! (session actors through their messages, the supervisor, the janitor), the actors' runtime
+//! state (hot map, events, directory), the store's index and access table, and the crypto
+//! middleware's key ring for rotation.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -177,7 +178,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.save_session("s1", &serde_json::json!({"step": 1})).await?;
     /// # Ok(()) }
     /// ```
@@ -201,7 +203,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// assert_eq!(manager.load_session("nobody").await?, None);
     /// # Ok(()) }
     /// ```
@@ -213,7 +216,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
     /// struct Run { step: u32 }
     /// manager.save_session("s1", &Run { step: 7 }).await?;
@@ -235,7 +239,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.save_session("s1", &serde_json::json!({"step": 1})).await?;
     /// let bytes = manager.load_session_bytes("s1").await?.unwrap();
     /// assert_eq!(bytes.as_bytes(), br#"{"step":1}"#);
@@ -260,7 +265,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.save_session("s1", &1).await?;
     /// assert!(manager.delete_session("s1").await?);
     /// assert!(!manager.delete_session("s1").await?);
@@ -282,7 +288,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.save_session("s1", &1).await?;
     /// let sessions = manager.list_sessions().await?;
     /// assert_eq!(sessions[0].session_id.as_str(), "s1");
@@ -301,7 +308,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// let a = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 1})).await?;
     /// let b = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 2})).await?;
     /// assert!(a < b);
@@ -328,7 +336,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// let id = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 25})).await?;
     /// let cp = manager.restore_checkpoint(&id).await?.unwrap();
     /// assert_eq!(cp.data["step"], 25);
@@ -352,7 +361,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// let id = manager.create_checkpoint("s1", "main", &serde_json::json!({"step": 1})).await?;
     /// manager.save_session("s1", &serde_json::json!({"step": 9})).await?;
     /// manager.rollback_to_checkpoint(&id).await?;
@@ -370,7 +380,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// let a = manager.create_checkpoint("s1", "main", &1).await?;
     /// manager.create_checkpoint("s1", "main", &2).await?;
     /// manager.rollback_and_truncate(&a).await?;
@@ -385,7 +396,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.create_checkpoint("s1", "main", &1).await?;
     /// assert_eq!(manager.list_checkpoints("s1").await?.len(), 1);
     /// # Ok(()) }
@@ -404,7 +416,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// for i in 0..5 { manager.create_checkpoint("s1", "main", &i).await?; }
     /// assert_eq!(manager.cleanup_checkpoints("s1", 3).await?, 2);
     /// # Ok(()) }
@@ -431,10 +444,12 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// use serde_json::{json, Value};
     /// let new = manager.transactional_update("s1", |old: Option<Value>| {
-    ///     Ok::<_, std::io::Error>(json!({"n": old.and_then(|v| v["n"].as_i64()).unwrap_or(0) + 1}))
+    ///     let n = old.and_then(|v| v["n"].as_i64()).unwrap_or(0);
+    ///     Ok::<_, std::io::Error>(json!({"n": n + 1}))
     /// }).await?;
     /// assert_eq!(new, json!({"n": 1}));
     /// # Ok(()) }
@@ -480,7 +495,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.save_session("s1", &1).await?;
     /// let stats = manager.get_storage_stats().await?;
     /// assert_eq!(stats.session_count, 1);
@@ -499,7 +515,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// use std::time::Duration;
     /// manager.save_session("s1", &1).await?;
     /// assert_eq!(manager.cleanup_old_sessions(Duration::from_secs(86_400), 0).await?, 0);
@@ -524,7 +541,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.save_session("s1", &1).await?;
     /// let report = manager.vacuum_storage().await?;
     /// assert_eq!(report.index_entries, 1);
@@ -563,7 +581,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// use mars_state::{SessionMsg, StateBytes};
     /// let actor = manager.session_actor("s1").await?;
     /// let state = StateBytes::from_serialize(&serde_json::json!({"step": 3}))?;
@@ -619,7 +638,8 @@ impl StateManager {
     ///     .await?;
     /// let mut taken = 0;
     /// for step in 1..=25 {
-    ///     if manager.record_step("run", step, &serde_json::json!({"step": step})).await?.is_some() {
+    ///     let state = serde_json::json!({"step": step});
+    ///     if manager.record_step("run", step, &state).await?.is_some() {
     ///         taken += 1;
     ///     }
     /// }
@@ -670,9 +690,11 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// use mars_state::SessionStatus;
-    /// manager.pause_session("run", &serde_json::json!({"step": 7}), "waiting for approval").await?;
+    /// let state = serde_json::json!({"step": 7});
+    /// manager.pause_session("run", &state, "waiting for approval").await?;
     /// assert_eq!(manager.list_sessions_by_status(SessionStatus::Paused).await?.len(), 1);
     /// let state = manager.resume_session("run").await?;
     /// assert_eq!(state, Some(serde_json::json!({"step": 7})));
@@ -742,7 +764,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// manager.create_checkpoint("run", "main", &serde_json::json!({"step": 3})).await?;
     /// let recovery = manager.recover_session("run").await?;
     /// assert_eq!(recovery.checkpoint.unwrap().data["step"], 3);
@@ -767,7 +790,8 @@ impl StateManager {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
-    /// # let manager = mars_state::StateManager::start(mars_state::MemoryStorageBackend::new()).await?;
+    /// # let backend = mars_state::MemoryStorageBackend::new();
+    /// # let manager = mars_state::StateManager::start(backend).await?;
     /// use mars_state::EventKind;
     /// let mut watch = manager.watch("s1").await?;
     /// manager.save_session("s1", &1).await?;

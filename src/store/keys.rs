@@ -1,8 +1,8 @@
 //! The store's layout: every key name and folder the crate writes, and the class of each
 //! key. This file owns the names (no other library code spells `sessions/`, `metadata/...`
-//! and the like; docs and tests do) and [`class_of`], the one rule that maps a key's name to its [`KeyClass`].
-//! Backends and middleware ask [`StorageKey::class`] instead of matching strings; the store
-//! builds its keys with the functions here. It calls nothing but [`StorageKey`] and the id
+//! and the like; docs and tests do) and [`class_of`], the one rule that maps a key's name to its
+//! [`KeyClass`]. Backends and middleware ask [`StorageKey::class`] instead of matching strings; the
+//! store builds its keys with the functions here. It calls nothing but [`StorageKey`] and the id
 //! types.
 //!
 //! ```text

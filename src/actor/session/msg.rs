@@ -135,8 +135,9 @@ pub enum SessionMsg {
 /// it; it has no public constructor, so code outside the crate cannot make one.
 ///
 /// Why a hidden variant around an opaque type, and not a separate message type: ractor ties
-/// an actor to one message type, and [`StateManager::session_actor`](crate::StateManager::session_actor)
-/// must keep returning an `ActorRef<SessionMsg>` (callers use it with `ractor::call!`).
+/// an actor to one message type, and
+/// [`StateManager::session_actor`](crate::StateManager::session_actor) must keep returning an
+/// `ActorRef<SessionMsg>` (callers use it with `ractor::call!`).
 ///
 /// ```compile_fail
 /// // Outside the crate an internal message cannot be built: the field is private.

@@ -178,7 +178,9 @@ impl FileStorageBackend {
     ///
     /// ```no_run
     /// # fn main() -> Result<(), mars_state::StateError> {
-    /// let backend = mars_state::FileStorageBackend::open_waiting("./state_storage", std::time::Duration::from_secs(5))?;
+    /// use std::time::Duration;
+    /// let backend =
+    ///     mars_state::FileStorageBackend::open_waiting("./state_storage", Duration::from_secs(5))?;
     /// # Ok(()) }
     /// ```
     pub fn open_waiting(path: impl AsRef<Path>, timeout: std::time::Duration) -> Result<Self> {

@@ -80,9 +80,9 @@
 //! journal only caches what the records say and is reconciled against them at start.
 //!
 //! **Plaintext keys** ([`KeyClass::Plaintext`]), passed through untouched because they must
-//! be readable before a key exists or hold nothing: `metadata/store.json` (format version and compression),
-//! `metadata/crypto.json` (this layer's metadata, below; callers may read it but not write or
-//! delete it), `metadata/LOCK`, and the empty delete markers under `metadata/pending/`.
+//! be readable before a key exists or hold nothing: `metadata/store.json` (format version and
+//! compression), `metadata/crypto.json` (this layer's metadata, below; callers may read it but not
+//! write or delete it), `metadata/LOCK`, and the empty delete markers under `metadata/pending/`.
 //!
 //! `metadata/crypto.json`:
 //!
