@@ -9,7 +9,7 @@
 use serde::de::DeserializeOwned;
 
 use super::StateManager;
-use super::request::{Ctx, Target, no_prep, ser_err};
+use super::request::{Ctx, Target, ser_err};
 use crate::actor::session::SessionMsg;
 use crate::error::{Operation, Result, StateError};
 use crate::store::codec::RecordHead;
@@ -25,7 +25,7 @@ impl StateManager {
         op: Operation,
         session: &str,
     ) -> Result<Option<T>> {
-        self.request(op, session.into(), no_prep, |cx, ()| async move {
+        self.run(op, session.into(), |cx| async move {
             self.load_state(&cx).await?.map(|s| s.deserialize()).transpose()
         })
         .await
@@ -38,7 +38,7 @@ impl StateManager {
         op: Operation,
         id: &CheckpointId,
     ) -> Result<Option<Checkpoint<T>>> {
-        let read = self.request(op, Target::Checkpoint(id), no_prep, |cx, ()| async move {
+        let read = self.run(op, Target::Checkpoint(id), |cx| async move {
             self.read_checkpoint(&cx, id).await
         });
         match read.await {

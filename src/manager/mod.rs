@@ -38,7 +38,6 @@ mod request;
 mod variants;
 
 pub use builder::StateManagerBuilder;
-use request::no_prep;
 
 /// The handle to a running state manager: cheap to clone, usable from any task.
 ///
@@ -165,12 +164,9 @@ impl StateManager {
 
     /// The session's access record, if it has an owner (readable by whoever may read it).
     pub async fn access_record(&self, session: impl AsRef<str>) -> Result<Option<AccessRecord>> {
-        self.request(
-            Operation::AccessRecord,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move { Ok(cx.store.access.get(&cx.sid)) },
-        )
+        self.run(Operation::AccessRecord, session.as_ref().into(), |cx| async move {
+            Ok(cx.store.access.get(&cx.sid))
+        })
         .await
     }
 
@@ -248,12 +244,9 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn load_session_bytes(&self, session: impl AsRef<str>) -> Result<Option<StateBytes>> {
-        self.request(
-            Operation::LoadSessionBytes,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move { self.load_state(&cx).await },
-        )
+        self.run(Operation::LoadSessionBytes, session.as_ref().into(), |cx| async move {
+            self.load_state(&cx).await
+        })
         .await
     }
 
@@ -273,12 +266,9 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn delete_session(&self, session: impl AsRef<str>) -> Result<bool> {
-        self.request(
-            Operation::DeleteSession,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move { cx.call(|reply| SessionMsg::Delete { reply }).await },
-        )
+        self.run(Operation::DeleteSession, session.as_ref().into(), |cx| async move {
+            cx.call(|reply| SessionMsg::Delete { reply }).await
+        })
         .await
     }
 
@@ -403,12 +393,9 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn list_checkpoints(&self, session: impl AsRef<str>) -> Result<Vec<CheckpointInfo>> {
-        self.request(
-            Operation::ListCheckpoints,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move { Ok(cx.store.index().list_checkpoints(&cx.sid)) },
-        )
+        self.run(Operation::ListCheckpoints, session.as_ref().into(), |cx| async move {
+            Ok(cx.store.index().list_checkpoints(&cx.sid))
+        })
         .await
     }
 
@@ -427,14 +414,9 @@ impl StateManager {
         session: impl AsRef<str>,
         keep: usize,
     ) -> Result<usize> {
-        self.request(
-            Operation::CleanupCheckpoints,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move {
-                cx.call(|reply| SessionMsg::CleanupCheckpoints { keep, reply }).await
-            },
-        )
+        self.run(Operation::CleanupCheckpoints, session.as_ref().into(), |cx| async move {
+            cx.call(|reply| SessionMsg::CleanupCheckpoints { keep, reply }).await
+        })
         .await
     }
 
@@ -460,34 +442,28 @@ impl StateManager {
         E: Into<BoxError>,
         F: FnOnce(Option<T>) -> std::result::Result<T, E> + Send + 'static,
     {
-        self.request(
-            Operation::TransactionalUpdate,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move {
-                let slot: Arc<std::sync::Mutex<Option<T>>> = Arc::new(std::sync::Mutex::new(None));
-                let out = slot.clone();
-                let name = cx.sid.to_string();
-                let update: UpdateFn = Box::new(move |old: Option<&[u8]>| {
-                    let ser = |e: serde_json::Error| StateError::json(name.as_str(), &e);
-                    let old: Option<T> =
-                        old.map(serde_json::from_slice).transpose().map_err(ser)?;
-                    let new = f(old).map_err(|e| StateError::UpdateRejected {
-                        session: name.clone(),
-                        source: e.into(),
-                    })?;
-                    let bytes = serde_json::to_vec(&new).map_err(ser)?;
-                    *crate::sync::lock(&out) = Some(new);
-                    Ok(bytes)
-                });
-                let bytes = cx.call(|reply| SessionMsg::Update { update, reply }).await?;
-                let kept = crate::sync::lock(&slot).take();
-                match kept {
-                    Some(v) => Ok(v),
-                    None => bytes.deserialize(),
-                }
-            },
-        )
+        self.run(Operation::TransactionalUpdate, session.as_ref().into(), |cx| async move {
+            let slot: Arc<std::sync::Mutex<Option<T>>> = Arc::new(std::sync::Mutex::new(None));
+            let out = slot.clone();
+            let name = cx.sid.to_string();
+            let update: UpdateFn = Box::new(move |old: Option<&[u8]>| {
+                let ser = |e: serde_json::Error| StateError::json(name.as_str(), &e);
+                let old: Option<T> = old.map(serde_json::from_slice).transpose().map_err(ser)?;
+                let new = f(old).map_err(|e| StateError::UpdateRejected {
+                    session: name.clone(),
+                    source: e.into(),
+                })?;
+                let bytes = serde_json::to_vec(&new).map_err(ser)?;
+                *crate::sync::lock(&out) = Some(new);
+                Ok(bytes)
+            });
+            let bytes = cx.call(|reply| SessionMsg::Update { update, reply }).await?;
+            let kept = crate::sync::lock(&slot).take();
+            match kept {
+                Some(v) => Ok(v),
+                None => bytes.deserialize(),
+            }
+        })
         .await
     }
 
@@ -591,12 +567,9 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn session_actor(&self, session: impl AsRef<str>) -> Result<ActorRef<SessionMsg>> {
-        self.request(
-            Operation::SessionActor,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move { supervisor::get_session(&self.inner.supervisor, &cx.sid).await },
-        )
+        self.run(Operation::SessionActor, session.as_ref().into(), |cx| async move {
+            supervisor::get_session(&self.inner.supervisor, &cx.sid).await
+        })
         .await
     }
 
@@ -613,12 +586,9 @@ impl StateManager {
         session: impl AsRef<str>,
         policy: CheckpointPolicy,
     ) -> Result<()> {
-        self.request(
-            Operation::SetCheckpointPolicy,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move { cx.call(|reply| SessionMsg::SetPolicy { policy, reply }).await },
-        )
+        self.run(Operation::SetCheckpointPolicy, session.as_ref().into(), |cx| async move {
+            cx.call(|reply| SessionMsg::SetPolicy { policy, reply }).await
+        })
         .await
     }
 
@@ -773,12 +743,9 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn recover_session(&self, session: impl AsRef<str>) -> Result<Recovery> {
-        self.request(
-            Operation::RecoverSession,
-            session.as_ref().into(),
-            no_prep,
-            |cx, ()| async move { self.recover(&cx).await },
-        )
+        self.run(Operation::RecoverSession, session.as_ref().into(), |cx| async move {
+            self.recover(&cx).await
+        })
         .await
     }
 
@@ -799,7 +766,7 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn watch(&self, session: impl AsRef<str>) -> Result<Watch> {
-        self.request(Operation::Watch, session.as_ref().into(), no_prep, |cx, ()| async move {
+        self.run(Operation::Watch, session.as_ref().into(), |cx| async move {
             // Checked again at every event: access taken back, or a session that did not
             // exist yet created by someone else, ends the watch (see `Watch`).
             let reader = self.principal.clone().filter(|p| !cx.store.access.is_admin(p));

@@ -62,7 +62,7 @@ impl Ctx<'_> {
 }
 
 /// The `prepare` step of a request that has nothing to prepare.
-pub(super) fn no_prep(_: &SessionId) -> Result<()> {
+fn no_prep(_: &SessionId) -> Result<()> {
     Ok(())
 }
 
@@ -110,6 +110,20 @@ impl StateManager {
             body(cx, prepared).await
         };
         run.instrument(span).await.map_err(|e| ser_err(&sid, e))
+    }
+
+    /// [`request`](Self::request) for a request with nothing to prepare (no state to
+    /// serialize).
+    pub(super) async fn run<'h, R, Fut>(
+        &'h self,
+        op: Operation,
+        target: Target<'_>,
+        body: impl FnOnce(Ctx<'h>) -> Fut,
+    ) -> Result<R>
+    where
+        Fut: Future<Output = Result<R>>,
+    {
+        self.request(op, target, no_prep, |cx, ()| body(cx)).await
     }
 
     /// Checks a store-wide operation (administrators and the unscoped manager only).

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::StateManager;
-use super::request::{Target, no_prep};
+use super::request::Target;
 use crate::actor;
 #[cfg(feature = "encryption")]
 use crate::actor::session::InternalMsg;
@@ -51,7 +51,7 @@ impl StateManager {
         id: &CheckpointId,
         truncate: bool,
     ) -> Result<()> {
-        self.request(op, Target::Checkpoint(id), no_prep, |cx, ()| async move {
+        self.run(op, Target::Checkpoint(id), |cx| async move {
             let checkpoint_id = id.clone();
             cx.call(|reply| SessionMsg::Rollback { checkpoint_id, truncate, reply }).await
         })
@@ -81,7 +81,7 @@ impl StateManager {
         op: Operation,
         session: &str,
     ) -> Result<Option<T>> {
-        self.request(op, session.into(), no_prep, |cx, ()| async move {
+        self.run(op, session.into(), |cx| async move {
             let Some(state) = self.load_state(&cx).await? else { return Ok(None) };
             let running = SessionStatus::Running;
             cx.call(|reply| SessionMsg::SetStatus {
