@@ -22,6 +22,8 @@ mod direct;
 mod frame;
 pub(super) mod fs;
 mod log;
+#[cfg(test)]
+mod seam;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -190,13 +192,6 @@ impl FileStorageBackend {
     /// Options for opening a store: waiting for its lock, the write-ahead log.
     pub fn options() -> FileOptions {
         FileOptions::default()
-    }
-
-    /// Opens a store over `fs` instead of the real file system, without an OS lock: the
-    /// power-loss simulator's entry (`crate::testing::simfs`), in test builds only.
-    #[cfg(test)]
-    pub(crate) fn with_fs(path: &Path, fs: Arc<dyn Fs>, log: bool) -> Result<Self> {
-        Self::open_with(path, fs, None, log)
     }
 
     /// `lock_wait`: `None` takes no OS lock (simulated file systems); otherwise how long to
