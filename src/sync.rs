@@ -3,7 +3,9 @@
 //! Owns: how a poisoned lock is treated (go on: see [`lock`]). Calls nothing else in the
 //! crate but [`crate::types::SessionId`].
 
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard};
+#[cfg(feature = "encryption")]
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Locks `m`, going on past poisoning: every lock in this crate guards maps, sets or values
 /// that are changed by single calls (insert, remove, replace), so a panic while one is held
