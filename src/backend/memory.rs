@@ -1,4 +1,5 @@
-//! An in-memory backend, for tests and for processes that need no durability.
+//! An in-memory backend, for tests and for processes that need no durability. Owns one
+//! shared map of keys to bytes; calls nothing else in the crate (the trait's types only).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -4,6 +4,10 @@
 //! integrity checks happen above them (in the codec), so every backend gets them. A backend
 //! that treats keys differently (a log for the bulk records, say) asks the key for its
 //! [`KeyClass`] rather than matching names; the names belong to the store.
+//!
+//! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system)
+//! and the backends (`memory`, `file/`). Backends call nothing above them: not the store,
+//! the codec, the actors nor the handle; only the key's class (`store::keys`).
 
 use std::fmt;
 use std::sync::Arc;

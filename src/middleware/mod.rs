@@ -3,6 +3,7 @@
 //! [`StorageBackend`](crate::StorageBackend) trait, so every backend gets them.
 //! Owns the wrappers (today: encryption). Access control is not one of them: it is a table
 //! the handle consults, in [`crate::access`]; `middleware::acl` keeps its old path working.
+//! A wrapper calls the backend it wraps and the key's class; never the store or the actors.
 
 #[cfg(feature = "encryption")]
 pub mod crypto;
