@@ -2,6 +2,13 @@
 #![warn(missing_docs, unreachable_pub)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
+// The layers, each calling only the ones below it (docs/design.md has the order a request
+// sees them): `manager` (the handle) → `access` (a table it consults) → `actor` (supervisor,
+// session, storage and janitor actors, and their runtime state) → `store` (keys, codec,
+// index, maintenance) → `middleware` (wrappers of a backend) → `backend` (the trait and
+// its implementations). Beside them: `error`, `types`, `config`, `events`, and the helpers
+// `sync` (locks) and `random` (the one source of random bytes); `testing` is the kit for
+// backend authors.
 pub mod access;
 mod actor;
 pub mod backend;
