@@ -8,8 +8,9 @@
 //! of 1 to 20 KB derived from `(session, seq)`, and a flushed `ack <session> <seq> ...` line on
 //! stdout after each call returns `Ok`. The parent kills the child 2–60 ms after its first
 //! ack of the round (xorshift RNG seeded from the clock; the seed is printed and
-//! `MARS_CRASH_SEED` replays the same kill delays), reads every ack the child got out, reopens the
-//! store with a new `StateManager` (the dead child's lock must be free) and counts:
+//! `MARS_CRASH_SEED` replays the same kill delays), reads every ack the child got out,
+//! reopens the store with a new `StateManager` (the dead child's lock must be free) and
+//! counts, with the crash oracle it shares with `tests/syscalls.rs` (`common::oracle`):
 //!
 //! - **lost**: an acked save whose value is not stored (a session holding an older seq than
 //!   its last acked save, or an acked checkpoint that is not listed);
@@ -26,22 +27,20 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::collections::HashSet;
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Ack, SplitMix64, ext, parse_ack, with_compression};
+use common::oracle::{Acked, Counts, SESSIONS, Workload, op_of, read_lines, verify_reopened};
+use common::{SplitMix64, ext, staged_files, with_compression};
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
 /// Set in the child's environment to the store directory; makes the test the saving child.
 const CHILD_ENV: &str = "MARS_CRASH_CHILD";
-const SESSIONS: u64 = 4;
-const BRANCH: &str = "main";
 /// Checkpoints kept per session by the parent between rounds.
 const KEEP_CHECKPOINTS: usize = 12;
 /// A child that is never killed stops by itself after this long.
@@ -109,12 +108,6 @@ impl XorShift {
     }
 }
 
-/// What operation `seq` is: every third one a checkpoint, the rest session saves; sessions
-/// take turns, so every session gets both kinds.
-fn op_of(seq: u64) -> (u64, bool) {
-    (seq % SESSIONS, seq.is_multiple_of(3))
-}
-
 /// The value saved at `seq`: 1 to 20 KB, fully determined by `(session, seq)`, so the
 /// parent can tell a right record from a wrong or torn one.
 fn payload(session: u64, seq: u64) -> Value {
@@ -137,6 +130,9 @@ fn payload(session: u64, seq: u64) -> Value {
     let kind = if op_of(seq).1 { "checkpoint" } else { "save" };
     json!({ "session": session, "seq": seq, "kind": kind, "pad": pad })
 }
+
+/// What the child writes and the parent checks (`common::oracle`).
+const WORKLOAD: Workload = Workload { session_name, payload };
 
 // ----------------------------------------------------------------------------------------
 // The child: save forever (until killed), acking each save on stdout.
@@ -163,16 +159,7 @@ fn child(dir: &Path, compression: Option<u32>, log: bool) {
         let started = Instant::now();
         while started.elapsed() < CHILD_MAX_LIFETIME {
             seq += 1;
-            let (s, checkpoint) = op_of(seq);
-            let name = session_name(s);
-            let value = payload(s, seq);
-            let line = if checkpoint {
-                let id = m.create_checkpoint(&name, BRANCH, &value).await.unwrap();
-                format!("ack {s} {seq} cp {id}\n")
-            } else {
-                m.save_session(&name, &value).await.unwrap();
-                format!("ack {s} {seq} save\n")
-            };
+            let line = WORKLOAD.apply(&m, seq).await + "\n";
             // One write of a whole line, flushed: the parent sees it even if we die next.
             out.write_all(line.as_bytes()).unwrap();
             out.flush().unwrap();
@@ -183,36 +170,6 @@ fn child(dir: &Path, compression: Option<u32>, log: bool) {
 
 // ----------------------------------------------------------------------------------------
 // The parent: kill, reopen, check, repeat.
-
-/// What the parent knows from the acks it has read.
-#[derive(Default)]
-struct Model {
-    /// Highest acked session-save seq per session (0: none yet).
-    acked_save: [u64; SESSIONS as usize],
-    /// Every acked seq (saves and checkpoints).
-    acked: HashSet<u64>,
-    /// The highest seq ever acked.
-    max_acked: u64,
-    /// Acked checkpoints not yet trimmed by the parent: id -> (session, seq).
-    acked_checkpoints: HashMap<String, (u64, u64)>,
-    /// Stored seqs already counted as "stored without an ack", so each counts once.
-    unacked_seen: HashSet<u64>,
-}
-
-#[derive(Default, Debug)]
-struct Counts {
-    rounds: usize,
-    acks: usize,
-    lost: usize,
-    corrupt: usize,
-    missing: usize,
-    /// Saves that completed but were killed before their ack was printed (allowed).
-    stored_unacked: usize,
-    /// Kills that left a staged file behind, i.e. landed in the middle of a write.
-    killed_mid_write: usize,
-    /// Staged files found after a reopen (must be 0: opening sweeps them).
-    staged_left: usize,
-}
 
 fn parent(test_name: &str, compression: Option<u32>, log: bool) {
     let label = match (compression.is_some(), log) {
@@ -240,45 +197,19 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
     let rt = runtime();
     let exe = std::env::current_exe().unwrap();
     let started = Instant::now();
-    let mut model = Model::default();
+    let mut acked = Acked::new(WORKLOAD);
     let mut counts = Counts::default();
 
     for round in 0..rounds {
         let delay = Duration::from_millis(2 + rng.next() % 59);
         let lines = run_child_and_kill(&exe, test_name, dir.path(), delay, round);
-        if staged_files(dir.path(), false) > 0 {
+        counts.killed += 1;
+        if !staged_files(dir.path()).is_empty() {
             counts.killed_mid_write += 1;
         }
-        let mut last_seq = 0;
-        for line in lines.iter().filter(|l| l.starts_with("ack ")) {
-            let Ack { session: s, seq, checkpoint } = parse_ack(line);
-            assert!(
-                seq > last_seq && seq > model.max_acked,
-                "round {round}: ack seqs must keep rising: {line}"
-            );
-            assert_eq!(
-                (s, checkpoint.is_some()),
-                op_of(seq),
-                "round {round}: unexpected ack {line}"
-            );
-            last_seq = seq;
-            model.max_acked = seq;
-            model.acked.insert(seq);
-            if let Some(id) = checkpoint {
-                model.acked_checkpoints.insert(id.to_owned(), (s, seq));
-            } else {
-                model.acked_save[s as usize] = seq;
-            }
-            counts.acks += 1;
-        }
-        let unacked_before = counts.stored_unacked;
-        rt.block_on(check(dir.path(), compression, log, &mut model, &mut counts, round));
-        // Only the one operation in flight at the kill can be stored without an ack.
-        assert!(
-            counts.stored_unacked - unacked_before <= 1,
-            "round {round}: several unacked writes are stored"
-        );
-        counts.rounds += 1;
+        counts.acks += acked.read(&lines, &format!("round {round}"));
+        rt.block_on(check(dir.path(), compression, log, &mut acked, &mut counts, round));
+        counts.runs += 1;
         if (round + 1) % 20 == 0 {
             println!(
                 "crash test ({label}): {} rounds, {:?} so far, {:.1}s",
@@ -290,21 +221,12 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
     }
 
     println!(
-        "crash test ({label}): rounds={} acks={} lost={} corrupt={} missing={} \
-         (stored but unacked={}, kills mid-write={}, staged files left after reopen={}) in {:.1}s, seed {seed}",
-        counts.rounds,
-        counts.acks,
-        counts.lost,
-        counts.corrupt,
-        counts.missing,
-        counts.stored_unacked,
-        counts.killed_mid_write,
-        counts.staged_left,
+        "crash test ({label}): {} in {:.1}s, seed {seed}",
+        counts.summary(),
         started.elapsed().as_secs_f64()
     );
-    assert!(counts.acks >= counts.rounds, "every round must ack at least once");
-    assert_eq!((counts.lost, counts.corrupt, counts.missing), (0, 0, 0), "{counts:?}");
-    assert_eq!(counts.staged_left, 0, "staged files survived a reopen");
+    assert!(counts.acks >= counts.runs, "every round must ack at least once");
+    counts.assert_sound();
 }
 
 /// Starts the child, waits for its first ack, kills it `delay` later with SIGKILL, and
@@ -324,22 +246,7 @@ fn run_child_and_kill(
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                // A last line without its newline was cut off by the kill: not an ack.
-                Ok(_) if buf.ends_with(b"\n") => {
-                    let _ = tx.send(String::from_utf8_lossy(&buf).trim_end().to_owned());
-                }
-                _ => break,
-            }
-        }
-    });
+    let rx = read_lines(child.stdout.take().unwrap());
 
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -369,139 +276,25 @@ fn run_child_and_kill(
         Some(libc::SIGKILL),
         "round {round}: the child was not killed: {status}"
     );
-    reader.join().unwrap();
-    lines.extend(rx.try_iter());
+    // Every line the child got out before it died: the receiver ends with its stdout.
+    lines.extend(rx.iter());
     lines
 }
 
-/// Reopens the store and checks it against what was acked.
+/// Reopens the store, checks it against what was acked (`common::oracle`), then trims each
+/// session to its newest checkpoints so the store stays small.
 async fn check(
     dir: &Path,
     compression: Option<u32>,
     log: bool,
-    model: &mut Model,
+    acked: &mut Acked,
     counts: &mut Counts,
     round: usize,
 ) {
     let m = open(dir, compression, log)
         .await
         .unwrap_or_else(|e| panic!("round {round}: reopening failed: {e}"));
-    counts.staged_left += staged_files(dir, true);
-    let ext = ext(compression);
-    let mut on_disk_total = 0;
-
-    for s in 0..SESSIONS {
-        let name = session_name(s);
-        // The session record: readable, exactly some seq's payload, not older than the last ack.
-        match m.load_session(&name).await {
-            Ok(Some(v)) => match v["seq"].as_u64() {
-                Some(seq)
-                    if v == payload(s, seq)
-                        && op_of(seq) == (s, false)
-                        && seq <= model.max_acked + 1 =>
-                {
-                    if seq < model.acked_save[s as usize] {
-                        eprintln!(
-                            "round {round}: LOST: {name} holds seq {seq}, acked {}",
-                            model.acked_save[s as usize]
-                        );
-                        counts.lost += 1;
-                    }
-                    if !model.acked.contains(&seq) && model.unacked_seen.insert(seq) {
-                        counts.stored_unacked += 1;
-                    }
-                }
-                _ => {
-                    eprintln!(
-                        "round {round}: CORRUPT: {name} holds a value that is no save's payload"
-                    );
-                    counts.corrupt += 1;
-                }
-            },
-            Ok(None) => {
-                if model.acked_save[s as usize] > 0 {
-                    eprintln!(
-                        "round {round}: LOST: {name} has no state, acked {}",
-                        model.acked_save[s as usize]
-                    );
-                    counts.lost += 1;
-                }
-            }
-            Err(e) => {
-                eprintln!("round {round}: CORRUPT: load_session({name}): {e}");
-                counts.corrupt += 1;
-            }
-        }
-
-        // Checkpoints: the index agrees with the files, and every listed one restores.
-        let listed = m.list_checkpoints(&name).await.unwrap();
-        let listed_ids: BTreeSet<String> = listed.iter().map(|c| c.id.to_string()).collect();
-        let on_disk = checkpoint_files(dir, &name, ext);
-        on_disk_total += on_disk.len();
-        for id in listed_ids.symmetric_difference(&on_disk) {
-            let side = if on_disk.contains(id) {
-                "on disk but not listed"
-            } else {
-                "listed but not on disk"
-            };
-            eprintln!("round {round}: MISSING: checkpoint {id} of {name} is {side}");
-            counts.missing += 1;
-        }
-        for info in &listed {
-            match m.restore_checkpoint(&info.id).await {
-                Ok(Some(cp)) => {
-                    let seq = cp.data["seq"].as_u64();
-                    let ok = cp.session_id.as_str() == name
-                        && cp.branch_id.as_str() == BRANCH
-                        && cp.id == info.id
-                        && seq.is_some_and(|q| {
-                            cp.data == payload(s, q)
-                                && op_of(q) == (s, true)
-                                && q <= model.max_acked + 1
-                        });
-                    if !ok {
-                        eprintln!(
-                            "round {round}: CORRUPT: checkpoint {} of {name} holds the wrong value",
-                            info.id
-                        );
-                        counts.corrupt += 1;
-                    } else if let Some(q) = seq
-                        && !model.acked.contains(&q)
-                        && model.unacked_seen.insert(q)
-                    {
-                        counts.stored_unacked += 1;
-                    }
-                }
-                Ok(None) => {
-                    eprintln!(
-                        "round {round}: MISSING: listed checkpoint {} of {name} does not restore",
-                        info.id
-                    );
-                    counts.missing += 1;
-                }
-                Err(e) => {
-                    eprintln!("round {round}: CORRUPT: restore_checkpoint({}): {e}", info.id);
-                    counts.corrupt += 1;
-                }
-            }
-        }
-        for (id, (_, seq)) in model.acked_checkpoints.iter().filter(|(_, (cs, _))| *cs == s) {
-            if !listed_ids.contains(id) {
-                eprintln!(
-                    "round {round}: LOST: acked checkpoint {id} (seq {seq}) of {name} is not listed"
-                );
-                counts.lost += 1;
-            }
-        }
-    }
-    let stats = m.get_storage_stats().await.unwrap();
-    if stats.checkpoint_count != on_disk_total {
-        eprintln!(
-            "round {round}: MISSING: stats count {} checkpoints, {on_disk_total} on disk",
-            stats.checkpoint_count
-        );
-        counts.missing += stats.checkpoint_count.abs_diff(on_disk_total);
-    }
+    verify_reopened(&m, dir, ext(compression), acked, &format!("round {round}"), counts).await;
 
     // Keep the store small: the next round checks what is left again.
     let mut remaining = HashSet::new();
@@ -511,39 +304,6 @@ async fn check(
         remaining
             .extend(m.list_checkpoints(&name).await.unwrap().into_iter().map(|c| c.id.to_string()));
     }
-    model.acked_checkpoints.retain(|id, _| remaining.contains(id));
+    acked.retain_checkpoints(|id| remaining.contains(id));
     m.shutdown().await.unwrap();
-}
-
-/// Checkpoint ids with a record file in `checkpoints/<session>/` (staged files excluded).
-fn checkpoint_files(dir: &Path, session: &str, ext: &str) -> BTreeSet<String> {
-    let Ok(entries) = std::fs::read_dir(dir.join("checkpoints").join(session)) else {
-        return BTreeSet::new();
-    };
-    entries
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .map(|n| n.strip_suffix(ext).map(str::to_owned).unwrap_or(n))
-        .collect()
-}
-
-/// Staged files (`.NAME.tmp-RANDOM`) anywhere under the store; `report` prints each.
-fn staged_files(dir: &Path, report: bool) -> usize {
-    let mut n = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if name.starts_with('.') && name.contains(".tmp-") {
-                if report {
-                    eprintln!("staged file left after reopen: {}", e.path().display());
-                }
-                n += 1;
-            }
-        }
-    }
-    n
 }

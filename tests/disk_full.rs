@@ -31,10 +31,11 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use common::staged_files;
 use mars_state::{ErrorKind, FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -57,21 +58,6 @@ fn big(tag: &str, len: usize) -> Value {
     // Incompressible-looking text is irrelevant here (no compression), but keep it varied.
     let pad: String = (0..len).map(|i| (b'a' + (i * 7 % 26) as u8) as char).collect();
     json!({ "tag": tag, "pad": pad })
-}
-
-fn staged(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if e.file_name().to_string_lossy().contains(".tmp-") {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 fn free_bytes(dir: &Path) -> u64 {
@@ -140,7 +126,7 @@ async fn scenario(mount: &Path, log: bool) {
         "the previous version is gone"
     );
     assert_eq!(m.list_checkpoints("s").await.unwrap().len(), 1);
-    let left = staged(&store);
+    let left = staged_files(&store);
     assert!(left.is_empty(), "staged files left behind: {left:?}");
 
     // Still usable for what fits.
@@ -165,7 +151,7 @@ async fn scenario(mount: &Path, log: bool) {
     assert_eq!(m.load_session("s").await.unwrap(), Some(huge.clone()));
     assert_eq!(m.restore_checkpoint(&id).await.unwrap().map(|c| c.data), Some(huge));
     m.shutdown().await.unwrap();
-    assert!(staged(&store).is_empty());
+    assert!(staged_files(&store).is_empty());
     println!(
         "disk full (log: {log}): StorageFull reported, previous version intact, no staged file, saves work after \
          freeing"

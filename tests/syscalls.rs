@@ -37,7 +37,8 @@
 //!   Injection counts per syscall and per thread from the attach, so N counts the calls of
 //!   the save path only (strace may attach only if ptrace is allowed; otherwise the test falls
 //!   back to tracing from exec, where N counts from process start, and says so). After the
-//!   kill the parent opens the store with a fresh `StateManager` and checks the oracle:
+//!   kill the parent opens the store with a fresh `StateManager` and checks the crash oracle
+//!   it shares with `tests/crash.rs` (`common::oracle`):
 //!   **lost** (an acked save or checkpoint not stored), **corrupt** (a load or restore fails
 //!   or returns a value that no save wrote), **missing** (index and files disagree), staged
 //!   files left after the reopen. It prints which step each kill landed on.
@@ -73,7 +74,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
@@ -83,7 +84,8 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use common::{Ack, parse_ack};
+use common::oracle::{Acked, Counts, Workload, read_lines, verify_reopened};
+use common::staged_files;
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -97,8 +99,9 @@ const TRACED: &str = "trace=openat,write,pwrite64,fsync,fdatasync,rename,renamea
 /// the child's threads are traced.
 const PROBE: &str = "/nonexistent-mars-syscalls-probe";
 const MARKERS: [&str; 7] = ["ack ", "ready", "result ", "load ", "cleanup ", "deleted ", "closed"];
-const SESSIONS: u64 = 4;
-/// Operations before the parent attaches, and after.
+/// Operations before the parent attaches, and after. The workload's operations
+/// (`common::oracle::op_of`) make every third a checkpoint and let the sessions take turns,
+/// so sessions 0 and 1 get their first checkpoint (and directory) after the attach.
 const SETUP_OPS: u64 = 8;
 const WORKLOAD_OPS: u64 = 34;
 const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -106,18 +109,14 @@ const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ----------------------------------------------------------------------------------------
-// The workload (shared by child and parent)
+// The workload (shared by child and parent; checked by `common::oracle`)
 
 fn session_name(s: u64) -> String {
     format!("sys-s{s}")
 }
 
-/// Operation `seq`: (session, is a checkpoint). Every third is a checkpoint, sessions take
-/// turns, so sessions 0 and 1 get their first checkpoint (and directory) after the attach.
-fn op_of(seq: u64) -> (u64, bool) {
-    (seq % SESSIONS, seq.is_multiple_of(3))
-}
-
+/// The value operation `seq` writes for session `s`: 200 to 3,000 bytes (small, so the
+/// sweep's many runs stay fast).
 fn payload(s: u64, seq: u64) -> Value {
     let mut x =
         (seq + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (s + 7).wrapping_mul(0xD1B5_4A32_D192_ED03);
@@ -128,6 +127,8 @@ fn payload(s: u64, seq: u64) -> Value {
         .collect();
     json!({ "s": s, "seq": seq, "pad": pad })
 }
+
+const WORKLOAD: Workload = Workload { session_name, payload };
 
 /// How records are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +164,15 @@ impl Format {
     fn from_env() -> Format {
         let name = std::env::var(FORMAT_ENV).unwrap_or_default();
         Format::all().into_iter().find(|f| f.name() == name).unwrap_or(Format::Plain)
+    }
+
+    /// The file-name ending of its records.
+    fn ext(self) -> &'static str {
+        match self {
+            Format::Plain | Format::PlainLog => ".json",
+            Format::Gzip => ".json.gz",
+            Format::GzipEncrypted => ".json.gz.enc",
+        }
     }
 }
 
@@ -246,18 +256,6 @@ fn wait_for_go() {
     }
 }
 
-async fn do_op(m: &StateManager, seq: u64, out: &mut Reporter) {
-    let (s, checkpoint) = op_of(seq);
-    let name = session_name(s);
-    if checkpoint {
-        let id = m.create_checkpoint(&name, "main", &payload(s, seq)).await.unwrap();
-        out.say(&format!("ack {s} {seq} cp {id}"));
-    } else {
-        m.save_session(&name, &payload(s, seq)).await.unwrap();
-        out.say(&format!("ack {s} {seq} save"));
-    }
-}
-
 #[test]
 fn child_saver() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
@@ -278,14 +276,14 @@ fn child_saver() {
     }
     rt.block_on(async {
         for seq in 1..=SETUP_OPS {
-            do_op(&m, seq, &mut out).await;
+            out.say(&WORKLOAD.apply(&m, seq).await);
         }
     });
     out.say("ready");
     wait_for_go();
     rt.block_on(async {
         for seq in SETUP_OPS + 1..=SETUP_OPS + WORKLOAD_OPS {
-            do_op(&m, seq, &mut out).await;
+            out.say(&WORKLOAD.apply(&m, seq).await);
         }
         if mode == "audit" {
             let n = m.cleanup_checkpoints(session_name(0), 1).await.unwrap();
@@ -387,27 +385,6 @@ fn strace_args(log: &Path, inject: Option<&str>) -> Vec<String> {
         a.extend(["-e".to_owned(), format!("inject={i}")]);
     }
     a
-}
-
-fn read_lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(r);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                // A last line without its newline was cut off by a kill: not a report.
-                Ok(_) if buf.ends_with(b"\n") => {
-                    if tx.send(String::from_utf8_lossy(&buf).trim_end().to_owned()).is_err() {
-                        break;
-                    }
-                }
-                _ => break,
-            }
-        }
-    });
-    rx
 }
 
 fn collect(r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
@@ -1058,167 +1035,13 @@ fn audit(calls: &[Call], root: &str) -> Audit {
 // ----------------------------------------------------------------------------------------
 // The oracle after a kill
 
-#[derive(Default)]
-struct Acked {
-    save: HashMap<u64, u64>,
-    checkpoints: Vec<(String, u64, u64)>,
-    max: u64,
-    count: usize,
-}
-
-fn acked(lines: &[String]) -> Acked {
-    let mut a = Acked::default();
-    for l in lines.iter().filter(|l| l.starts_with("ack ")) {
-        let Ack { session: s, seq, checkpoint } = parse_ack(l);
-        assert!(seq > a.max, "acks out of order: {l}");
-        assert_eq!(op_of(seq), (s, checkpoint.is_some()), "unexpected ack {l}");
-        a.max = seq;
-        a.count += 1;
-        if let Some(id) = checkpoint {
-            a.checkpoints.push((id.to_owned(), s, seq));
-        } else {
-            a.save.insert(s, seq);
-        }
-    }
-    a
-}
-
-#[derive(Default, Debug)]
-struct Counts {
-    points: usize,
-    killed: usize,
-    acks: usize,
-    lost: usize,
-    corrupt: usize,
-    missing: usize,
-    stored_unacked: usize,
-    killed_mid_write: usize,
-    staged_left: usize,
-}
-
-fn staged_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if e.file_name().to_string_lossy().contains(".tmp-") {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
-fn checkpoint_files(dir: &Path, session: &str) -> BTreeSet<String> {
-    let Ok(rd) = std::fs::read_dir(dir.join("checkpoints").join(session)) else {
-        return BTreeSet::new();
-    };
-    rd.flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .map(|n| {
-            n.trim_end_matches(".enc").trim_end_matches(".gz").trim_end_matches(".json").to_owned()
-        })
-        .collect()
-}
-
-async fn check_store(dir: &Path, format: Format, a: &Acked, counts: &mut Counts, label: &str) {
+/// Reopens the store after a run and checks it against what was acked (`common::oracle`).
+async fn check_store(dir: &Path, format: Format, a: &mut Acked, counts: &mut Counts, label: &str) {
     if !staged_files(dir).is_empty() {
         counts.killed_mid_write += 1;
     }
     let m = open(dir, format).await.unwrap_or_else(|e| panic!("{label}: reopening failed: {e}"));
-    let left = staged_files(dir);
-    if !left.is_empty() {
-        eprintln!("{label}: staged files left after reopen: {left:?}");
-    }
-    counts.staged_left += left.len();
-    let mut unacked = 0;
-    let mut on_disk = 0;
-    for s in 0..SESSIONS {
-        let name = session_name(s);
-        let acked_seq = a.save.get(&s).copied().unwrap_or(0);
-        match m.load_session(&name).await {
-            Ok(Some(v)) => match v["seq"].as_u64() {
-                Some(seq)
-                    if v == payload(s, seq) && op_of(seq) == (s, false) && seq <= a.max + 1 =>
-                {
-                    if seq < acked_seq {
-                        eprintln!("{label}: LOST: {name} holds seq {seq}, acked {acked_seq}");
-                        counts.lost += 1;
-                    } else if seq > a.max {
-                        unacked += 1;
-                    }
-                }
-                _ => {
-                    eprintln!("{label}: CORRUPT: {name} holds a value no save wrote");
-                    counts.corrupt += 1;
-                }
-            },
-            Ok(None) if acked_seq > 0 => {
-                eprintln!("{label}: LOST: {name} has no state, acked seq {acked_seq}");
-                counts.lost += 1;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                eprintln!("{label}: CORRUPT: load {name}: {e}");
-                counts.corrupt += 1;
-            }
-        }
-        let listed = m.list_checkpoints(&name).await.unwrap();
-        let ids: BTreeSet<String> = listed.iter().map(|c| c.id.to_string()).collect();
-        let files = checkpoint_files(dir, &name);
-        on_disk += files.len();
-        for id in ids.symmetric_difference(&files) {
-            eprintln!("{label}: MISSING: checkpoint {id} of {name} is listed xor on disk");
-            counts.missing += 1;
-        }
-        for info in &listed {
-            match m.restore_checkpoint(&info.id).await {
-                Ok(Some(cp)) => {
-                    let seq = cp.data["seq"].as_u64().unwrap_or(0);
-                    if cp.data != payload(s, seq) || op_of(seq) != (s, true) || seq > a.max + 1 {
-                        eprintln!(
-                            "{label}: CORRUPT: checkpoint {} holds a value no checkpoint wrote",
-                            info.id
-                        );
-                        counts.corrupt += 1;
-                    } else if seq > a.max {
-                        unacked += 1;
-                    }
-                }
-                Ok(None) => {
-                    eprintln!("{label}: MISSING: listed checkpoint {} does not restore", info.id);
-                    counts.missing += 1;
-                }
-                Err(e) => {
-                    eprintln!("{label}: CORRUPT: restore {}: {e}", info.id);
-                    counts.corrupt += 1;
-                }
-            }
-        }
-        for (id, _, seq) in a.checkpoints.iter().filter(|(_, cs, _)| *cs == s) {
-            if !ids.contains(id) {
-                eprintln!("{label}: LOST: acked checkpoint {id} (seq {seq}) is not listed");
-                counts.lost += 1;
-            }
-        }
-    }
-    let stats = m.get_storage_stats().await.unwrap();
-    if stats.checkpoint_count != on_disk {
-        eprintln!(
-            "{label}: MISSING: stats count {} checkpoints, {on_disk} on disk",
-            stats.checkpoint_count
-        );
-        counts.missing += stats.checkpoint_count.abs_diff(on_disk);
-    }
-    assert!(
-        unacked <= 1,
-        "{label}: {unacked} unacknowledged writes stored; only one was in flight"
-    );
-    counts.stored_unacked += unacked;
+    verify_reopened(&m, dir, format.ext(), a, label, counts).await;
     m.shutdown().await.unwrap();
 }
 
@@ -1395,9 +1218,9 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
                 "{label}: the child panicked:\n{}",
                 run.stderr
             );
-            counts.points += 1;
-            let a = acked(&run.lines);
-            counts.acks += a.count;
+            counts.runs += 1;
+            let mut a = Acked::new(WORKLOAD);
+            counts.acks += a.read(&run.lines, &label);
             if run.killed() {
                 counts.killed += 1;
                 let calls = run.calls();
@@ -1410,7 +1233,7 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
             } else {
                 not_reached += 1;
             }
-            rt.block_on(check_store(&dir, format, &a, &mut counts, &label));
+            rt.block_on(check_store(&dir, format, &mut a, &mut counts, &label));
         }
         println!(
             "crash-point sweep: {syscall} ({}) N=1..{max_n} done ({not_reached} runs ended before call N), \
@@ -1420,23 +1243,13 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
         );
     }
     println!(
-        "crash-point sweep ({tracing:?}, formats {formats_seen:?}): points={} killed={} acks={} lost={} corrupt={} missing={} \
-         (stored but unacked={}, kills leaving a staged file={}, staged files left after reopen={}) in {:.1}s",
-        counts.points,
-        counts.killed,
-        counts.acks,
-        counts.lost,
-        counts.corrupt,
-        counts.missing,
-        counts.stored_unacked,
-        counts.killed_mid_write,
-        counts.staged_left,
+        "crash-point sweep ({tracing:?}, formats {formats_seen:?}): {} in {:.1}s",
+        counts.summary(),
         started.elapsed().as_secs_f64()
     );
     println!("crash-point sweep: where the kills landed: {landed:?}");
-    assert_eq!((counts.lost, counts.corrupt, counts.missing), (0, 0, 0), "{counts:?}");
-    assert_eq!(counts.staged_left, 0, "staged files survived a reopen");
-    assert!(counts.killed >= counts.points * 9 / 10, "too few runs were killed: {counts:?}");
+    counts.assert_sound();
+    assert!(counts.killed >= counts.runs * 9 / 10, "too few runs were killed: {counts:?}");
 }
 
 /// The crash oracle can fail: after a clean run, a deleted session record, a flipped byte
@@ -1449,18 +1262,20 @@ fn the_crash_oracle_catches_lost_and_corrupt_records() {
     let (_tmp, dir) = scratch_store();
     let run = traced_run(Tracing::Launch, &dir, "workload", Format::Plain, None).unwrap();
     assert!(run.status.success(), "{}", run.stderr);
-    let a = acked(&run.lines);
+    let mut a = Acked::new(WORKLOAD);
+    a.read(&run.lines, "clean run");
     std::fs::remove_file(dir.join("sessions").join(format!("{}.json", session_name(1)))).unwrap();
     let victim = dir.join("sessions").join(format!("{}.json", session_name(2)));
     let mut bytes = std::fs::read(&victim).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::OpenOptions::new().write(true).open(&victim).unwrap().write_all(&bytes).unwrap();
-    let (id, s, _) = &a.checkpoints[0];
-    std::fs::remove_file(dir.join("checkpoints").join(session_name(*s)).join(format!("{id}.json")))
-        .unwrap();
+    let cp = &a.checkpoints[0];
+    let cp_file =
+        dir.join("checkpoints").join(session_name(cp.session)).join(format!("{}.json", cp.id));
+    std::fs::remove_file(cp_file).unwrap();
     let mut counts = Counts::default();
-    runtime().block_on(check_store(&dir, Format::Plain, &a, &mut counts, "broken store"));
+    runtime().block_on(check_store(&dir, Format::Plain, &mut a, &mut counts, "broken store"));
     println!(
         "crash oracle on a damaged store: lost={} corrupt={} missing={}",
         counts.lost, counts.corrupt, counts.missing

@@ -2,6 +2,8 @@
 //! that includes this module with `mod common;`, and none of them uses every helper.
 #![allow(dead_code, unused_imports, unused_macros)]
 
+pub mod oracle;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
@@ -216,6 +218,29 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
     out
 }
 
+/// Staged files (`.NAME.tmp-RANDOM`) anywhere under the store at `dir` (none if it does not
+/// exist yet).
+pub fn staged_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("reading {}: {e}", d.display()),
+        };
+        for e in entries {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_name().to_string_lossy().contains(".tmp-") {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
 /// Describes how two snapshots differ (empty if they are equal).
 pub fn diff(before: &BTreeMap<PathBuf, Node>, after: &BTreeMap<PathBuf, Node>) -> Vec<String> {
     let mut out = Vec::new();
@@ -257,26 +282,6 @@ impl SplitMix64 {
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.byte()).collect()
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Saving children (crash and syscall tests)
-// ---------------------------------------------------------------------------------------
-
-/// One acknowledgement a saving child printed after a call returned `Ok`:
-/// `ack <session> <seq> save` or `ack <session> <seq> cp <checkpoint id>`.
-pub struct Ack<'a> {
-    pub session: u64,
-    pub seq: u64,
-    /// The checkpoint's id for a `cp` ack; `None` for a session save.
-    pub checkpoint: Option<&'a str>,
-}
-
-/// Parses an ack line (one that starts with `ack `); panics on a malformed one.
-pub fn parse_ack(line: &str) -> Ack<'_> {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    let (session, seq): (u64, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
-    Ack { session, seq, checkpoint: (f[3] == "cp").then(|| f[4]) }
 }
 
 // ---------------------------------------------------------------------------------------
