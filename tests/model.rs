@@ -27,12 +27,15 @@
 //!
 //! Run alone: `cargo test --test model -- --nocapture`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use common::encrypt;
 use mars_state::testing::{Faulty, Method};
 use mars_state::{CheckpointId, ErrorKind, FileStorageBackend, MemoryStorageBackend, StateManager};
 use proptest::prelude::*;
@@ -169,16 +172,6 @@ fn format_strategy() -> impl Strategy<Value = Format> {
     let encrypted =
         if cfg!(feature = "encryption") { any::<bool>().boxed() } else { Just(false).boxed() };
     (any::<bool>(), encrypted).prop_map(|(gzip, encrypted)| Format { gzip, encrypted })
-}
-
-#[cfg(feature = "encryption")]
-fn encrypt(builder: mars_state::StateManagerBuilder) -> mars_state::StateManagerBuilder {
-    builder.encryption_key(mars_state::EncryptionKey::from_bytes([7; 32]))
-}
-
-#[cfg(not(feature = "encryption"))]
-fn encrypt(_builder: mars_state::StateManagerBuilder) -> mars_state::StateManagerBuilder {
-    unreachable!("encrypted formats are only generated with the encryption feature")
 }
 
 async fn start(storage: &Storage, format: Format) -> Result<StateManager, TestCaseError> {

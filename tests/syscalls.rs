@@ -85,7 +85,7 @@ use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use common::oracle::{Acked, Counts, Workload, read_lines, verify_reopened};
-use common::staged_files;
+use common::{encrypt, staged_files};
 use mars_state::{FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -174,16 +174,6 @@ impl Format {
             Format::GzipEncrypted => ".json.gz.enc",
         }
     }
-}
-
-#[cfg(feature = "encryption")]
-fn encrypt(b: mars_state::StateManagerBuilder) -> mars_state::StateManagerBuilder {
-    b.encryption_key(mars_state::EncryptionKey::from_bytes([7; 32]))
-}
-
-#[cfg(not(feature = "encryption"))]
-fn encrypt(_b: mars_state::StateManagerBuilder) -> mars_state::StateManagerBuilder {
-    unreachable!("encrypted stores need the encryption feature")
 }
 
 async fn open(dir: &Path, format: Format) -> mars_state::Result<StateManager> {

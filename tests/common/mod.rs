@@ -99,6 +99,18 @@ pub fn builder(dir: &Path, compression: Option<u32>) -> StateManagerBuilder {
     with_compression(StateManager::builder(backend), compression)
 }
 
+/// `b` with the tests' encryption key (needs the `encryption` feature).
+#[cfg(feature = "encryption")]
+pub fn encrypt(b: StateManagerBuilder) -> StateManagerBuilder {
+    b.encryption_key(mars_state::EncryptionKey::from_bytes([7; 32]))
+}
+
+/// Without the `encryption` feature no test asks for an encrypted store.
+#[cfg(not(feature = "encryption"))]
+pub fn encrypt(_b: StateManagerBuilder) -> StateManagerBuilder {
+    unreachable!("encrypted stores need the encryption feature")
+}
+
 /// A manager with default settings over a file store at `dir`, in the given mode.
 pub async fn open(dir: &Path, compression: Option<u32>) -> StateManager {
     builder(dir, compression).start().await.expect("start manager")
