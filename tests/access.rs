@@ -2,10 +2,12 @@
 //! and the stored bytes do not change; grants and revocations take effect; listings
 //! filter; administrators and the unscoped manager may do everything.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::files;
 use mars_state::{
     Access, AccessControlLayer, ErrorKind, FileStorageBackend, Principal, StateError, StateManager,
 };
@@ -13,26 +15,6 @@ use serde_json::{Value, json};
 
 fn p(s: &str) -> Principal {
     Principal::new(s).unwrap()
-}
-
-/// Every file under `root` with its bytes (the LOCK file's contents never change).
-fn snapshot(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.insert(
-                    path.strip_prefix(root).unwrap().display().to_string(),
-                    std::fs::read(&path).unwrap(),
-                );
-            }
-        }
-    }
-    out
 }
 
 async fn start(dir: &Path) -> StateManager {
@@ -64,7 +46,8 @@ async fn every_operation_of_another_principal_is_denied_and_changes_nothing() {
     assert_eq!(record.owner, p("alice"));
     assert!(record.created_at > 0);
 
-    let before = snapshot(dir.path());
+    // Every file's bytes (the LOCK file's contents never change).
+    let before = files(dir.path());
     let mallory = m.for_principal(p("mallory"));
     assert_denied(mallory.load_session("plan").await, "load");
     assert_denied(mallory.load_session_as::<Value>("plan").await, "load_as");
@@ -98,7 +81,7 @@ async fn every_operation_of_another_principal_is_denied_and_changes_nothing() {
         "listing hides what mallory may not read"
     );
     assert_eq!(mallory.get_storage_stats().await.unwrap().session_count, 0);
-    assert_eq!(snapshot(dir.path()), before, "no byte of the store changed");
+    assert_eq!(files(dir.path()), before, "no byte of the store changed");
 
     // The owner still has everything.
     assert_eq!(alice.load_session("plan").await.unwrap(), Some(json!({"secret": "alice's plan"})));
@@ -204,7 +187,7 @@ async fn a_rejected_first_write_claims_nothing() {
         .await
         .unwrap();
     let alice = m.for_principal(p("alice"));
-    let before = snapshot(dir.path());
+    let before = files(dir.path());
     assert_eq!(
         alice.create_checkpoint("fresh", "../evil", &json!(1)).await.unwrap_err().kind(),
         ErrorKind::InvalidId
@@ -218,7 +201,7 @@ async fn a_rejected_first_write_claims_nothing() {
         ErrorKind::TooLarge
     );
     assert!(m.access_record("fresh").await.unwrap().is_none());
-    assert_eq!(snapshot(dir.path()), before, "nothing was written");
+    assert_eq!(files(dir.path()), before, "nothing was written");
     // Bob can still take it.
     m.for_principal(p("bob")).save_session("fresh", &json!(1)).await.unwrap();
     assert_eq!(m.access_record("fresh").await.unwrap().unwrap().owner, p("bob"));

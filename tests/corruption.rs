@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{JANITOR_HOURLY, Node, SplitMix64, plain_and_compressed, put_file, temp_store};
+use common::{
+    JANITOR_HOURLY, Node, SplitMix64, plain_and_compressed, put_file, session_info, temp_store,
+};
 use mars_state::{
     CheckpointId, CheckpointInfo, ErrorKind, SessionInfo, StateError, StateManagerBuilder,
     StorageStats,
@@ -776,13 +778,8 @@ async fn journal_that_lost_its_tail_does_not_make_a_fresh_session_look_idle() {
     put_file(&path, kept.as_bytes());
 
     let m = Comp::Plain.builder(&base).start().await.unwrap();
-    let info = m
-        .list_sessions()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| s.session_id.as_str() == "sA")
-        .unwrap();
+    let sessions = m.list_sessions().await.unwrap();
+    let info = session_info(&sessions, "sA");
     let removed = m.cleanup_old_sessions(Duration::from_secs(30 * 86_400), 0).await.unwrap();
     let still_there = m.load_session("sA").await.unwrap();
     m.shutdown().await.unwrap();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{put_file, snapshot};
+use common::{files, put_file, snapshot};
 use mars_state::{
     Access, AccessControlLayer, EncryptedFileStorageBackend, EncryptionKey, ErrorKind,
     FileStorageBackend, MemoryStorageBackend, Principal, StateManager, StateManagerBuilder,
@@ -27,30 +27,8 @@ fn builder(dir: &Path, k: u8, gzip: bool) -> StateManagerBuilder {
     if gzip { b.compression(6) } else { b }
 }
 
-/// Every file under `dir` and its bytes.
-fn all_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                out.push((p, bytes));
-            }
-        }
-    }
-    out
-}
-
 fn record_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    all_files(dir)
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| p.to_string_lossy().ends_with(".enc"))
-        .collect()
+    files(dir).into_keys().filter(|p| p.to_string_lossy().ends_with(".enc")).collect()
 }
 
 async fn no_plaintext(gzip: bool) {
@@ -65,7 +43,7 @@ async fn no_plaintext(gzip: bool) {
     assert_eq!(m.load_session("s3").await.unwrap().unwrap()["secret"], format!("{MARKER}-3"));
     // Before and after a clean shutdown (the journal is rewritten then).
     for pass in 0..2 {
-        for (path, bytes) in all_files(dir.path()) {
+        for (path, bytes) in files(dir.path()) {
             for needle in [MARKER.as_bytes(), b"branch-with-a-name", b"alice"] {
                 assert!(
                     !bytes.windows(needle.len()).any(|w| w == needle),

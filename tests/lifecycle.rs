@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{flip_byte, quiet, settle, with_compression};
+use common::{flip_byte, quiet, session_info, settle, with_compression};
 use mars_state::{
     BoxError, CheckpointId, CheckpointInfo, CheckpointPolicy, CheckpointReason, ErrorKind,
     EventKind, FileStorageBackend, MemoryStorageBackend, SessionInfo, SessionStatus, StateManager,
@@ -105,13 +105,6 @@ async fn checkpoints_once(m: &StateManager, session: &str, n: usize) -> Vec<Chec
         settle().await;
     }
     m.list_checkpoints(session).await.unwrap()
-}
-
-fn info<'a>(sessions: &'a [SessionInfo], id: &str) -> &'a SessionInfo {
-    sessions
-        .iter()
-        .find(|s| s.session_id.as_str() == id)
-        .unwrap_or_else(|| panic!("session {id} not listed"))
 }
 
 /// Parses a record file as JSON (gunzipping `.gz` records).
@@ -453,7 +446,7 @@ async fn recorded_steps_are_flushed_at_shutdown_and_load_after_a_restart() {
     let sessions = m.list_sessions().await.unwrap();
     for s in ["stepped", "on-demand"] {
         assert_eq!(
-            (info(&sessions, s).status, info(&sessions, s).interrupted),
+            (session_info(&sessions, s).status, session_info(&sessions, s).interrupted),
             (SessionStatus::Running, false)
         );
     }
@@ -515,8 +508,8 @@ async fn a_paused_session_resumes_in_a_fresh_manager_and_stays_running_after_res
 
     let m = open_file(dir.path()).await;
     let sessions = m.list_sessions().await.unwrap();
-    assert_eq!(info(&sessions, "run").status, SessionStatus::Paused);
-    assert!(!info(&sessions, "run").interrupted, "a paused session was not cut off");
+    assert_eq!(session_info(&sessions, "run").status, SessionStatus::Paused);
+    assert!(!session_info(&sessions, "run").interrupted, "a paused session was not cut off");
     let paused: Vec<String> = m
         .list_sessions_by_status(SessionStatus::Paused)
         .await
@@ -546,13 +539,16 @@ async fn a_paused_session_resumes_in_a_fresh_manager_and_stays_running_after_res
     assert!(record["meta"]["status_at"].as_u64().unwrap() >= cp.timestamp.saturating_sub(1000));
 
     assert_eq!(m.resume_session("run").await.unwrap(), Some(run_state(3)));
-    assert_eq!(info(&m.list_sessions().await.unwrap(), "run").status, SessionStatus::Running);
+    assert_eq!(
+        session_info(&m.list_sessions().await.unwrap(), "run").status,
+        SessionStatus::Running
+    );
     m.shutdown().await.unwrap();
 
     let m = open_file(dir.path()).await;
     let sessions = m.list_sessions().await.unwrap();
     assert_eq!(
-        (info(&sessions, "run").status, info(&sessions, "run").interrupted),
+        (session_info(&sessions, "run").status, session_info(&sessions, "run").interrupted),
         (SessionStatus::Running, false)
     );
     assert!(m.list_sessions_by_status(SessionStatus::Paused).await.unwrap().is_empty());
@@ -632,7 +628,8 @@ fn a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart() {
     runtime().block_on(async {
         let m = open_file(dir.path()).await;
         let sessions = m.list_sessions().await.unwrap();
-        let flags = |id| (info(&sessions, id).status, info(&sessions, id).interrupted);
+        let flags =
+            |id| (session_info(&sessions, id).status, session_info(&sessions, id).interrupted);
         assert_eq!(flags("run"), (SessionStatus::Running, true));
         assert_eq!(flags("done"), (SessionStatus::Completed, false));
         assert_eq!(flags("held"), (SessionStatus::Paused, false));
@@ -666,7 +663,7 @@ fn a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart() {
         // Picking the run up again clears the mark.
         m.record_step("run", 7, &run_state(7)).await.unwrap();
         m.save_session("run", &run_state(7)).await.unwrap();
-        assert!(!info(&m.list_sessions().await.unwrap(), "run").interrupted);
+        assert!(!session_info(&m.list_sessions().await.unwrap(), "run").interrupted);
         assert!(!m.recover_session("run").await.unwrap().interrupted);
         m.shutdown().await.unwrap();
     });
@@ -695,11 +692,11 @@ fn the_interrupted_mark_survives_a_clean_restart_until_the_session_is_saved() {
         let m = open_file(dir.path()).await;
         let sessions = m.list_sessions().await.unwrap();
         assert_eq!(
-            (info(&sessions, "run").status, info(&sessions, "run").interrupted),
+            (session_info(&sessions, "run").status, session_info(&sessions, "run").interrupted),
             (SessionStatus::Running, true)
         );
-        assert!(!info(&sessions, "done").interrupted);
-        assert!(!info(&sessions, "held").interrupted);
+        assert!(!session_info(&sessions, "done").interrupted);
+        assert!(!session_info(&sessions, "held").interrupted);
         assert!(m.recover_session("run").await.unwrap().interrupted);
         m.shutdown().await.unwrap();
 
@@ -710,7 +707,7 @@ fn the_interrupted_mark_survives_a_clean_restart_until_the_session_is_saved() {
         assert!(!m.recover_session("run").await.unwrap().interrupted);
         m.shutdown().await.unwrap();
         let m = open_file(dir.path()).await;
-        assert!(!info(&m.list_sessions().await.unwrap(), "run").interrupted);
+        assert!(!session_info(&m.list_sessions().await.unwrap(), "run").interrupted);
         m.shutdown().await.unwrap();
     });
 }
@@ -724,7 +721,7 @@ async fn a_session_with_only_recorded_steps_is_listed_counted_and_deleted() {
     m.record_step("run", 1, &run_state(1)).await.unwrap();
     assert_eq!(m.load_session("run").await.unwrap(), Some(run_state(1)));
     let sessions = m.list_sessions().await.unwrap();
-    assert_eq!(info(&sessions, "run").status, SessionStatus::Running);
+    assert_eq!(session_info(&sessions, "run").status, SessionStatus::Running);
     assert_eq!(m.list_sessions_by_status(SessionStatus::Running).await.unwrap().len(), 1);
     assert_eq!(m.get_storage_stats().await.unwrap().session_count, 1);
     assert!(m.delete_session("run").await.unwrap(), "it existed");
@@ -756,14 +753,14 @@ async fn pause_and_failure_reasons_and_times_are_listed_and_recovered() {
     m.save_session("plain", &run_state(1)).await.unwrap();
 
     let check = |sessions: &[SessionInfo]| {
-        let held = info(sessions, "held");
+        let held = session_info(sessions, "held");
         assert_eq!(held.status, SessionStatus::Paused);
         assert_eq!(held.status_reason.as_deref(), Some("waiting for approval"));
         assert!(held.status_at.is_some_and(|t| t >= before), "{held:?}");
-        let broken = info(sessions, "broken");
+        let broken = session_info(sessions, "broken");
         assert_eq!(broken.status_reason.as_deref(), Some("the model refused"));
         assert!(broken.status_at.is_some_and(|t| t >= before));
-        let plain = info(sessions, "plain");
+        let plain = session_info(sessions, "plain");
         assert_eq!((plain.status_reason.as_deref(), plain.status_at), (None, None));
     };
     check(&m.list_sessions().await.unwrap());
@@ -780,13 +777,8 @@ async fn pause_and_failure_reasons_and_times_are_listed_and_recovered() {
 
     // Resuming clears the reason and records when.
     m.resume_session("held").await.unwrap();
-    let held = m
-        .list_sessions()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| s.session_id.as_str() == "held")
-        .unwrap();
+    let sessions = m.list_sessions().await.unwrap();
+    let held = session_info(&sessions, "held");
     assert_eq!((held.status, held.status_reason.as_deref()), (SessionStatus::Running, None));
     assert!(held.status_at.is_some_and(|t| t >= before));
     m.shutdown().await.unwrap();

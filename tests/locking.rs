@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Node, flip_byte, open_quiet, plain_and_compressed, reopen_within, session_file, snapshot,
-    temp_store,
+    stdout_of_success, temp_store,
 };
 use mars_state::{ErrorKind, FileStorageBackend, StateError, StateManager};
 use serde_json::json;
@@ -80,14 +80,7 @@ fn probe(base: &Path) -> (String, Duration) {
         std::thread::sleep(Duration::from_millis(2));
     }
     let elapsed = started.elapsed();
-    let out = c.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "probe child failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stdout_of_success(c.wait_with_output().unwrap(), "probe child");
     let answer = stdout
         .lines()
         .find_map(|l| l.split_once("LOCK_PROBE=").map(|(_, a)| a.trim()))

@@ -22,12 +22,15 @@
 //!
 //! Run alone: `cargo test --test two_processes -- --nocapture`.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::stdout_of_success;
 use mars_state::{ErrorKind, FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -132,18 +135,6 @@ async fn saver_child(dir: &Path, k: u64) {
     }
 }
 
-fn run_to_end(mut c: Command, what: &str) -> String {
-    let out = c.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 #[test]
 fn second_opening_is_locked_within_100_ms() {
     if std::env::var_os(ROLE_ENV).is_some() {
@@ -160,7 +151,8 @@ fn second_opening_is_locked_within_100_ms() {
     let mut worst = Duration::ZERO;
     for _ in 0..5 {
         let started = Instant::now();
-        let out = run_to_end(spawn_child("probe", &dir), "the probe child");
+        let out =
+            stdout_of_success(spawn_child("probe", &dir).output().unwrap(), "the probe child");
         let whole = started.elapsed();
         let line = out.lines().find_map(|l| l.strip_prefix("PROBE ")).expect("no PROBE line");
         let (kind, micros) = line.split_once(' ').unwrap();

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use mars_state::{CheckpointId, ErrorKind, FileStorageBackend, StateManager, StateManagerBuilder};
+use mars_state::{
+    CheckpointId, ErrorKind, FileStorageBackend, SessionInfo, StateManager, StateManagerBuilder,
+};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -152,6 +154,14 @@ pub async fn session_ids(m: &StateManager) -> Vec<String> {
     m.list_sessions().await.unwrap().into_iter().map(|s| s.session_id.to_string()).collect()
 }
 
+/// The entry of session `id` in a listing; panics if it is not listed.
+pub fn session_info<'a>(sessions: &'a [SessionInfo], id: &str) -> &'a SessionInfo {
+    sessions
+        .iter()
+        .find(|s| s.session_id.as_str() == id)
+        .unwrap_or_else(|| panic!("session {id} not listed"))
+}
+
 /// The ids of `session`'s checkpoints, as listed (oldest first).
 pub async fn checkpoint_ids(m: &StateManager, session: &str) -> Vec<CheckpointId> {
     m.list_checkpoints(session).await.unwrap().into_iter().map(|c| c.id).collect()
@@ -230,6 +240,18 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
     out
 }
 
+/// Every regular file under `root` (path relative to it) with its bytes: a [`snapshot`]
+/// without directories and links.
+pub fn files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    snapshot(root)
+        .into_iter()
+        .filter_map(|(path, node)| match node {
+            Node::File(bytes) => Some((path, bytes)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Staged files (`.NAME.tmp-RANDOM`) anywhere under the store at `dir` (none if it does not
 /// exist yet).
 pub fn staged_files(dir: &Path) -> Vec<PathBuf> {
@@ -294,6 +316,24 @@ impl SplitMix64 {
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.byte()).collect()
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------
+
+/// The stdout of a finished child (`what`, for the message); fails the test with its
+/// status, stdout and stderr unless it exited successfully.
+#[track_caller]
+pub fn stdout_of_success(out: std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 // ---------------------------------------------------------------------------------------
