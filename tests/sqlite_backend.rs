@@ -4,7 +4,8 @@
 //! - `manager_state_survives_reopen_{plain,gzip}`: sessions, checkpoints, listings, restores
 //!   and deletes made through a `StateManager` are all there after shutdown and reopen.
 //! - `appends_keep_every_byte`: appends of arbitrary bytes (NUL, 0xFF) concatenate byte for
-//!   byte, and `list` reports the size in bytes.
+//!   byte and in order, `list` reports the size in bytes, and a delete or a put replaces
+//!   every appended piece.
 //! - `second_open_is_locked`: a second backend on the same file gets `Locked` at once, a
 //!   waiting one after its wait; after shutdown the file opens again.
 //! - `garbage_file_is_corrupt`, `foreign_database_is_refused`: a file that is not a database
@@ -138,6 +139,22 @@ async fn appends_keep_every_byte() {
     let listed = bounded("list", b.list(&StorageKey::new("metadata").unwrap())).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].size, 260, "the size of an appended value is not its byte count");
+    // A delete removes the appended pieces with the value; a new log starts empty.
+    assert!(bounded("delete", b.delete(&key)).await.unwrap());
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), None);
+    bounded("append", b.append(&key, b"new".to_vec())).await.unwrap();
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"new".to_vec()));
+    // Many appends, then a put replaces them all.
+    for i in 0..100u8 {
+        bounded("append", b.append(&key, vec![i])).await.unwrap();
+    }
+    let got = bounded("get", b.get(&key)).await.unwrap().unwrap();
+    assert_eq!(got.len(), 103);
+    assert_eq!(&got[3..], (0..100u8).collect::<Vec<_>>().as_slice(), "appends out of order");
+    bounded("put", b.put(&key, b"compacted".to_vec())).await.unwrap();
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"compacted".to_vec()));
+    let listed = bounded("list", b.list(&StorageKey::new("metadata").unwrap())).await.unwrap();
+    assert_eq!(listed[0].size, 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

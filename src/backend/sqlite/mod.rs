@@ -1,4 +1,4 @@
-//! The SQLite backend (cargo feature `sqlite`): every key in one table of one database file.
+//! The SQLite backend (cargo feature `sqlite`): every key a row of one database file.
 //!
 //! This module owns the public handle ([`SqliteStorageBackend`], [`SqliteOptions`]), opening
 //! a store (its OS lock, the pragmas and their checks, the schema), the read connections, the
@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 
 use self::writer::{Op, Writer};
 use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
@@ -52,7 +52,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_IDLE_READERS: usize = 4;
 
 /// Stores every record as a row of one SQLite database file (`key TEXT PRIMARY KEY, value
-/// BLOB`), in WAL mode with `synchronous=FULL`: an `Ok` from a write means committed and
+/// BLOB`; an append adds a row to a second table, so its cost does not grow with the log), in
+/// WAL mode with `synchronous=FULL`: an `Ok` from a write means committed and
 /// fsynced, so it survives a crash and a power loss. Writes queued together are committed in
 /// one transaction (one fsync); reads run on their own connections beside the writer, on
 /// tokio's blocking pool.
@@ -314,9 +315,13 @@ fn create_schema(conn: &Connection, path: &Path) -> Result<()> {
         let config = |message: String| StateError::Config { message };
         if app == 0 && version == 0 && objects == 0 {
             // A new (empty) file.
+            // `kv`: every key and its value. `tail`: the pieces appended to a key of `kv`
+            // since its last put, in order; its value is the `kv` value followed by them.
             conn.execute_batch(&format!(
                 "CREATE TABLE kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL) \
                  WITHOUT ROWID, STRICT;
+                 CREATE TABLE tail (key TEXT NOT NULL, seq INTEGER NOT NULL, \
+                 bytes BLOB NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID, STRICT;
                  PRAGMA application_id = {APPLICATION_ID};
                  PRAGMA user_version = {SCHEMA_VERSION};"
             ))
@@ -400,8 +405,18 @@ impl StorageBackend for SqliteStorageBackend {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
         let k = key.clone();
         self.read("reading", key, move |conn| {
-            let mut st = conn.prepare_cached("SELECT value FROM kv WHERE key = ?1")?;
-            st.query_row([k.as_str()], |row| row.get::<_, Vec<u8>>(0)).optional()
+            // One statement, so one snapshot: the value, then any appended pieces in order.
+            let mut st = conn.prepare_cached(
+                "SELECT 0, 0, value FROM kv WHERE key = ?1 \
+                 UNION ALL SELECT 1, seq, bytes FROM tail WHERE key = ?1 ORDER BY 1, 2",
+            )?;
+            let mut rows = st.query([k.as_str()])?;
+            let Some(head) = rows.next()? else { return Ok(None) };
+            let mut value: Vec<u8> = head.get(2)?;
+            while let Some(piece) = rows.next()? {
+                value.extend_from_slice(piece.get_ref(2)?.as_blob()?);
+            }
+            Ok(Some(value))
         })
         .await
     }
@@ -423,7 +438,9 @@ impl StorageBackend for SqliteStorageBackend {
         let rows = self
             .read("listing", prefix, move |conn| {
                 let mut st = conn.prepare_cached(
-                    "SELECT key, length(value) FROM kv WHERE key >= ?1 AND key < ?2",
+                    "SELECT key, length(value) + coalesce((SELECT sum(length(bytes)) \
+                     FROM tail WHERE tail.key = kv.key), 0) \
+                     FROM kv WHERE key >= ?1 AND key < ?2",
                 )?;
                 let rows = st.query_map([&low, &high], |row| {
                     Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))

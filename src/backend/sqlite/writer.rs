@@ -63,21 +63,30 @@ impl Op {
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 )?;
                 st.execute((key.as_str(), value.as_slice()))?;
+                // A put replaces a log's appended pieces too.
+                conn.prepare_cached("DELETE FROM tail WHERE key = ?1")?.execute([key.as_str()])?;
                 Ok(true)
             }
             Op::Delete(key) => {
                 let mut st = conn.prepare_cached("DELETE FROM kv WHERE key = ?1")?;
-                Ok(st.execute([key.as_str()])? > 0)
+                let existed = st.execute([key.as_str()])? > 0;
+                conn.prepare_cached("DELETE FROM tail WHERE key = ?1")?.execute([key.as_str()])?;
+                Ok(existed)
             }
             Op::Append(key, bytes) => {
-                // `||` yields text; the cast keeps the value a blob (byte for byte: the
-                // database is UTF-8, so nothing is transcoded), as the STRICT table requires
-                // and `length()` counts in bytes.
-                let mut st = conn.prepare_cached(
-                    "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-                     ON CONFLICT (key) DO UPDATE SET value = CAST(value || excluded.value AS BLOB)",
-                )?;
-                st.execute((key.as_str(), bytes.as_slice()))?;
+                // One new row per append, after the key's last piece: the cost of an append
+                // does not grow with the log (concatenating into the value would rewrite all
+                // of it each time). The key's row in `kv` (empty if the log is new) is the
+                // head that `get` and `list` start from.
+                conn.prepare_cached(
+                    "INSERT INTO kv (key, value) VALUES (?1, x'') ON CONFLICT (key) DO NOTHING",
+                )?
+                .execute([key.as_str()])?;
+                conn.prepare_cached(
+                    "INSERT INTO tail (key, seq, bytes) \
+                     SELECT ?1, coalesce(max(seq), 0) + 1, ?2 FROM tail WHERE key = ?1",
+                )?
+                .execute((key.as_str(), bytes.as_slice()))?;
                 Ok(true)
             }
         }
@@ -150,6 +159,9 @@ fn run(mut conn: Connection, rx: &mpsc::Receiver<Req>, path: &Path) {
     // every later write until the store is reopened: the OS may have dropped the pages it
     // could not write, so what the file holds is no longer known.
     let mut failed: Option<String> = None;
+    // Whether the connection is at synchronous=FULL (as opened) or NORMAL (the last batch
+    // was appends only).
+    let mut full = true;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
@@ -161,6 +173,22 @@ fn run(mut conn: Connection, rx: &mpsc::Receiver<Req>, path: &Path) {
                 ))));
             }
             continue;
+        }
+        // Appends (the index journal) need not be durable by themselves (the contract: a
+        // crash may cut a log's tail), and the store sends them one at a time: a batch of
+        // appends only commits at NORMAL, without waiting for an fsync. No write answered as
+        // durable loses by it: the WAL is sequential, so the next FULL commit's fsync covers
+        // these frames too. A batch with any put or delete commits at FULL.
+        let want_full = batch.iter().any(|r| !matches!(r.op, Op::Append(..)));
+        if want_full != full {
+            let level = if want_full { "FULL" } else { "NORMAL" };
+            if let Err(e) = conn.pragma_update(None, "synchronous", level) {
+                for req in batch {
+                    let _ = req.reply.send(Err(error_of(&e, &req.op, path)));
+                }
+                continue;
+            }
+            full = want_full;
         }
         let (reqs, results): (Vec<Req>, Vec<Result<bool>>) = match commit(&mut conn, batch) {
             Ok((reqs, results)) => {
