@@ -14,7 +14,11 @@
 //!   power loss. (`NORMAL`, common with WAL, syncs only at checkpoints: a power loss could
 //!   take back the last acknowledged writes.)
 //! - one writer thread commits every write queued while the previous commit ran in one
-//!   transaction (group commit) and answers each caller only after that commit.
+//!   transaction (group commit) and answers each caller only after that commit. A batch of
+//!   appends only (the index journal, which the contract does not require to be durable by
+//!   itself) commits at `NORMAL`, without an fsync; the WAL is sequential, so the next
+//!   `FULL` commit makes those frames durable too.
+//! - an append is a row of its own (`tail`), so its cost does not grow with the log.
 //! - a crash mid-transaction leaves a WAL tail without a commit record, which SQLite ignores
 //!   when it next opens the file: there are no staged leftovers, so `sweep` has nothing to
 //!   remove.
