@@ -34,6 +34,8 @@ pub use backend::{
     FileOptions, FileStorageBackend, KeyClass, MemoryStorageBackend, ObjectMeta, StorageBackend,
     StorageKey, SweepReport,
 };
+#[cfg(feature = "sqlite")]
+pub use backend::{SqliteOptions, SqliteStorageBackend};
 pub use config::RetentionPolicy;
 pub use config::{CheckpointPolicy, MigrationFn};
 pub use error::{BoxError, ErrorKind, Result, StateError};

@@ -6,8 +6,9 @@
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
 //! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system)
-//! and the backends (`memory`, `file/`). Backends call nothing above them: not the store,
-//! the codec, the actors nor the handle; only the key's class (`store::keys`).
+//! and the backends (`memory`, `file/`, and with the `sqlite` feature `sqlite/`). Backends
+//! call nothing above them: not the store, the codec, the actors nor the handle; only the
+//! key's class (`store::keys`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use crate::error::{Result, StateError};
 
 mod file;
 mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 /// The file backend's file-system seam, for the power-loss simulator
 /// (`crate::testing::simfs`, test builds only), which implements it.
@@ -26,6 +29,8 @@ pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteOptions, SqliteStorageBackend};
 
 /// A validated relative key such as `sessions/s1.json`: `/`-separated segments, each
 /// non-empty, without NUL or `\`, not `.` or `..`, and not starting with `.` (names starting

@@ -262,8 +262,9 @@ impl FileStorageBackend {
     }
 }
 
-/// Takes the store's OS lock, waiting up to `wait` for another holder to let go.
-fn take_lock(lock_path: &Path, wait: std::time::Duration) -> Result<File> {
+/// Takes the store's OS lock, waiting up to `wait` for another holder to let go. Also used by
+/// the SQLite backend for its `<file>-lock`.
+pub(super) fn take_lock(lock_path: &Path, wait: std::time::Duration) -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
