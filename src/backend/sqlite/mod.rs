@@ -10,8 +10,8 @@
 //! - `journal_mode=WAL`: a commit appends its pages to `<file>-wal`; readers on other
 //!   connections keep reading the last committed state beside the writer.
 //! - `synchronous=FULL`: the WAL is fsynced at every commit, before the commit returns. So an
-//!   `Ok` from put, delete or append means committed *and* on disk: it survives a crash and a
-//!   power loss. (`NORMAL`, common with WAL, syncs only at checkpoints: a power loss could
+//!   `Ok` from put or delete means committed *and* on disk: it survives a crash and a power
+//!   loss (an append is durable once a later put or delete commits; see below). (`NORMAL`, common with WAL, syncs only at checkpoints: a power loss could
 //!   take back the last acknowledged writes.)
 //! - one writer thread commits every write queued while the previous commit ran in one
 //!   transaction (group commit) and answers each caller only after that commit. A batch of
