@@ -6,9 +6,9 @@
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
 //! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system)
-//! and the backends (`memory`, `file/`, and with the `sqlite` feature `sqlite/`). Backends
-//! call nothing above them: not the store, the codec, the actors nor the handle; only the
-//! key's class (`store::keys`).
+//! and the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `redis`
+//! `redis/`). Backends call nothing above them: not the store, the codec, the actors nor the
+//! handle; only the key's class (`store::keys`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use crate::error::{Result, StateError};
 
 mod file;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -29,6 +31,8 @@ pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisStorageBackend};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStorageBackend};
 

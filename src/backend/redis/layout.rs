@@ -1,0 +1,242 @@
+//! How the Redis backend lays a store out in Redis: the names of its Redis keys, the listing
+//! sets, the session groups used for TTLs, and the Lua scripts that change a value together
+//! with its listing entries. Owns the names and the scripts; calls only [`StorageKey`].
+//!
+//! ```text
+//! <prefix>:v:<key>       a value, as a Redis string of bytes
+//! <prefix>:d:<folder>    a folder's listing: a set whose members are the names of its values
+//!                        ("c1.json") and of its subfolders, with a trailing slash ("s1/")
+//! <prefix>:g:<session>   with a session TTL only: the Redis keys of one session (its record,
+//!                        checkpoints and their folder sets), expired together
+//! ```
+//!
+//! A folder is every proper ancestor of a key but the top one is registered in its parent
+//! (`checkpoints/s1/c.json` is member `c.json` of `checkpoints/s1`, which is member `s1/`
+//! of `checkpoints`). `list(p)` walks the sets from `p` down, so it costs what it returns
+//! (plus the subfolders on the way), never a scan of the keyspace.
+//!
+//! Invariant: a value is never stored without its listing entries, because one script
+//! adds the entries and then sets the value (a script runs whole, alone, and is written to
+//! the AOF as one unit). The reverse (an entry whose value is gone: a value that expired,
+//! a folder left empty) is allowed: the listing script checks each entry's value exists and
+//! removes entries that point at nothing.
+
+use crate::backend::{KeyClass, StorageKey};
+
+/// The Redis keys one write touches, and the arguments its script needs.
+pub(super) struct Names {
+    /// `<prefix>:v:<key>`.
+    pub(super) value: String,
+    /// The folder sets holding the key's listing entries, deepest first, and the member each
+    /// gets: (`<prefix>:d:<folder>`, member).
+    pub(super) folders: Vec<(String, String)>,
+    /// With a session TTL and a key of a session: `<prefix>:g:<session>`; else empty.
+    pub(super) group: String,
+    /// How many of `folders` (deepest first) belong to the session alone and expire with it.
+    pub(super) owned_folders: usize,
+}
+
+/// The Redis key names of a store under one prefix.
+#[derive(Debug, Clone)]
+pub(super) struct Layout {
+    /// `<prefix>:`.
+    base: String,
+}
+
+impl Layout {
+    pub(super) fn new(prefix: &str) -> Self {
+        Layout { base: format!("{prefix}:") }
+    }
+
+    /// `<prefix>:`, which the listing script prepends to the names it builds.
+    pub(super) fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub(super) fn value(&self, key: &StorageKey) -> String {
+        format!("{}v:{key}", self.base)
+    }
+
+    pub(super) fn folder(&self, folder: &str) -> String {
+        format!("{}d:{folder}", self.base)
+    }
+
+    /// Every Redis key a write of `key` touches. `ttl` says whether the store keeps session
+    /// groups.
+    pub(super) fn names(&self, key: &StorageKey, ttl: bool) -> Names {
+        let path = key.as_str();
+        let mut folders = Vec::new();
+        let mut end = path.len();
+        // From the key's own folder up to (not including) the top one: each folder gets the
+        // name of what lies below it.
+        while let Some(slash) = path[..end].rfind('/') {
+            let name = &path[slash + 1..end];
+            let member = if end == path.len() { name.to_owned() } else { format!("{name}/") };
+            folders.push((self.folder(&path[..slash]), member));
+            end = slash;
+        }
+        let group = if ttl { session_of(key) } else { None };
+        let owned_folders = match group {
+            // The key's folders below `<top>/<session>` are the session's alone.
+            Some(_) => folders.len().saturating_sub(1),
+            None => 0,
+        };
+        Names {
+            value: self.value(key),
+            folders,
+            group: group.map(|s| format!("{}g:{s}", self.base)).unwrap_or_default(),
+            owned_folders,
+        }
+    }
+}
+
+/// The session a record key belongs to, for session TTLs: `<top>/<session>/...` (a
+/// checkpoint) or `<top>/<session><ending>` (a session record, whose ending starts with
+/// `.json`: the record endings of `store::keys`). Keys of other classes belong to no
+/// session and never expire.
+pub(super) fn session_of(key: &StorageKey) -> Option<&str> {
+    if key.class() != KeyClass::Record {
+        return None;
+    }
+    let mut segs = key.segments().skip(1);
+    let second = segs.next()?;
+    if segs.next().is_some() {
+        return Some(second);
+    }
+    Some(second.rfind(".json").map_or(second, |at| &second[..at])).filter(|s| !s.is_empty())
+}
+
+/// The shared part of the write scripts: after the value's own change, keep the session
+/// group. KEYS[2] is the group ("" for none), ARGV[1] the TTL in ms ("0" for none), ARGV[2]
+/// how many of the Redis keys from KEYS[3] on (the value's folders, deepest first) belong to
+/// the session. Every member of the group gets the TTL again; members gone are dropped.
+const REFRESH_GROUP: &str = r"
+local function refresh_group(folders_from)
+  local ttl = tonumber(ARGV[1])
+  if KEYS[2] == '' or ttl == 0 then return end
+  redis.call('SADD', KEYS[2], KEYS[1])
+  for i = 1, tonumber(ARGV[2]) do
+    redis.call('SADD', KEYS[2], KEYS[folders_from + i - 1])
+  end
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    if redis.call('PEXPIRE', member, ttl) == 0 then
+      redis.call('SREM', KEYS[2], member)
+    end
+  end
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+";
+
+/// `put`: KEYS = value, group, folders (deepest first); ARGV = ttl, owned, value, members.
+/// The listing entries first, the value last: if a command fails midway (a foreign key of
+/// another type under the prefix), no value is left without its entries.
+pub(super) fn put_script() -> String {
+    format!(
+        "#!lua\n{REFRESH_GROUP}
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[i + 1])
+end
+redis.call('SET', KEYS[1], ARGV[3])
+refresh_group(3)
+return 1
+"
+    )
+}
+
+/// `append`: as `put`, but APPENDs; returns the new length.
+pub(super) fn append_script() -> String {
+    format!(
+        "#!lua\n{REFRESH_GROUP}
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[i + 1])
+end
+local len = redis.call('APPEND', KEYS[1], ARGV[3])
+refresh_group(3)
+return len
+"
+    )
+}
+
+/// `delete`: KEYS = value, group, folders (deepest first); ARGV = members (deepest first).
+/// Removes the value, its entry, and the entry of each folder it leaves empty. Returns
+/// whether the value existed.
+pub(super) const DELETE_SCRIPT: &str = r"#!lua
+local existed = redis.call('DEL', KEYS[1])
+if KEYS[2] ~= '' then
+  redis.call('SREM', KEYS[2], KEYS[1])
+end
+for i = 3, #KEYS do
+  if i > 3 and redis.call('EXISTS', KEYS[i - 1]) == 1 then break end
+  redis.call('SREM', KEYS[i], ARGV[i - 2])
+end
+return existed
+";
+
+/// `list`: KEYS[1] = the listed folder's set; ARGV[1] = `<prefix>:`, ARGV[2] = the folder.
+/// Returns `[key, size, key, size, ...]` for every value at any depth below, and removes
+/// the entries whose value or folder is gone (expired, or left by an interrupted delete).
+pub(super) const LIST_SCRIPT: &str = r"#!lua
+local base = ARGV[1]
+local out = {}
+local todo = { ARGV[2] }
+while #todo > 0 do
+  local folder = table.remove(todo)
+  local set = base .. 'd:' .. folder
+  for _, member in ipairs(redis.call('SMEMBERS', set)) do
+    if string.sub(member, -1) == '/' then
+      local child = folder .. '/' .. string.sub(member, 1, -2)
+      if redis.call('EXISTS', base .. 'd:' .. child) == 1 then
+        table.insert(todo, child)
+      else
+        redis.call('SREM', set, member)
+      end
+    else
+      local key = folder .. '/' .. member
+      local value = base .. 'v:' .. key
+      if redis.call('EXISTS', value) == 1 then
+        table.insert(out, key)
+        table.insert(out, redis.call('STRLEN', value))
+      else
+        redis.call('SREM', set, member)
+      end
+    end
+  end
+end
+return out
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> StorageKey {
+        StorageKey::new(k).unwrap()
+    }
+
+    #[test]
+    fn folders_deepest_first_with_subfolder_members() {
+        let l = Layout::new("p");
+        let n = l.names(&key("checkpoints/s1/b/c.json"), false);
+        assert_eq!(n.value, "p:v:checkpoints/s1/b/c.json");
+        let folders: Vec<_> = n.folders.iter().map(|(f, m)| (f.as_str(), m.as_str())).collect();
+        assert_eq!(
+            folders,
+            [("p:d:checkpoints/s1/b", "c.json"), ("p:d:checkpoints/s1", "b/"), ("p:d:checkpoints", "s1/")]
+        );
+        assert_eq!(n.group, "");
+        assert!(l.names(&key("top"), true).folders.is_empty());
+    }
+
+    #[test]
+    fn sessions_of_records() {
+        assert_eq!(session_of(&key("sessions/a.b.json")), Some("a.b"));
+        assert_eq!(session_of(&key("sessions/a.json.json.gz.enc")), Some("a.json"));
+        assert_eq!(session_of(&key("checkpoints/a.b/c1.json")), Some("a.b"));
+        assert_eq!(session_of(&key("metadata/access/a.json")), None);
+        assert_eq!(session_of(&key("metadata/index.log")), None);
+        let n = Layout::new("p").names(&key("checkpoints/s1/c1.json"), true);
+        assert_eq!((n.group.as_str(), n.owned_folders), ("p:g:s1", 1));
+        let n = Layout::new("p").names(&key("sessions/s1.json"), true);
+        assert_eq!((n.group.as_str(), n.owned_folders), ("p:g:s1", 0));
+    }
+}

@@ -1,0 +1,518 @@
+//! The Redis backend (cargo feature `redis`): every key a Redis string under one prefix,
+//! listed through one set per folder.
+//!
+//! This module owns the public handle ([`RedisStorageBackend`], [`RedisOptions`]),
+//! connecting (the durability check, loading the scripts), the reads, the mapping of
+//! redis-rs errors to [`StateError`] and the [`StorageBackend`] impl; writes go to the writer
+//! task (`writer.rs`); the key names and Lua scripts are in `layout.rs`. It calls redis-rs and
+//! nothing above the backends but the key's class.
+//!
+//! Durability contract, and what an `Ok` means exactly:
+//! - every write is one Lua script (value and listing entries together; see `layout.rs`), so
+//!   Redis applies it whole, and writes it to its append-only file (AOF) as one unit: after a
+//!   crash of Redis the value and its listing entry are both there or both absent. (A torn
+//!   last AOF record is dropped at load: Redis's default `aof-load-truncated yes`.)
+//! - at connect, the server must have `appendonly yes` and `appendfsync always` (and not
+//!   `no-appendfsync-on-rewrite yes`), or the default (durable) mode refuses to open with
+//!   [`StateError::Config`]. With `appendfsync always` Redis writes and fsyncs the AOF before
+//!   it sends the replies of an event-loop pass, so an `Ok` from put or delete means applied
+//!   *and* on the disk of the Redis host: it survives a crash of Redis or of that host. It
+//!   does not say a replica has it: after a failover to a replica an acknowledged write can
+//!   be missing (there is no `WAIT`; `WAITAOF`, Redis 7.2+, is not used, so 7.0 works).
+//! - the settings are checked once, at connect: a later `CONFIG SET appendfsync everysec` on
+//!   the server is not seen. Where `CONFIG` is disabled (managed Redis), the check falls back
+//!   to `INFO persistence`, which shows `aof_enabled` but not the fsync policy: the durable
+//!   mode then refuses to open, saying what could not be verified.
+//! - [`RedisOptions::best_effort`] opens on any settings (with a warning in the log): an `Ok`
+//!   then means applied in Redis's memory, and is lost if Redis stops before its next save.
+//! - an append (the index journal) is one `APPEND` in its script, as durable as a put; it is
+//!   never retried, so a failed connection can leave it applied or not (the contract allows a
+//!   log to lose its tail).
+//! - writes queued while a round trip is in flight go out as one pipeline (group commit),
+//!   and share one fsync of the AOF.
+//! - nothing is ever staged, so `sweep` has nothing to remove.
+//!
+//! Not supported: Redis Cluster (the scripts build key names at run time; one prefix's keys
+//! would need one hash slot). Two processes may use one prefix at once as far as Redis is
+//! concerned, but the manager keeps an index in memory: run one manager per prefix.
+
+mod layout;
+mod writer;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Value};
+
+use self::layout::{Layout, LIST_SCRIPT};
+use self::writer::{Op, Writer};
+use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use crate::error::{Result, StateError};
+
+/// The largest string Redis stores (its `proto-max-bulk-len` default, 512 MB): a larger put
+/// or append is [`StateError::TooLarge`].
+const MAX_VALUE: usize = 512 << 20;
+/// How long one request to Redis may take by default (see [`RedisOptions::timeout`]).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The prefix when none is set.
+const DEFAULT_PREFIX: &str = "mars-state";
+
+/// Stores every record as a Redis string under a prefix (`mars-state:v:<key>`), listed
+/// through one set per folder, and changes a value and its listing entries in one Lua
+/// script. Opens only on a server that fsyncs its append-only file before every reply
+/// (`appendonly yes`, `appendfsync always`), unless [`RedisOptions::best_effort`]: an `Ok`
+/// from a write then means it is on the Redis host's disk. Writes queued together go out in
+/// one pipeline and share one fsync.
+///
+/// Plain Redis 7 (no modules, not Cluster). Keep one manager per prefix. Clones share one
+/// set of connections; when the last clone is dropped the writer sends what is queued and
+/// ends.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), mars_state::StateError> {
+/// use mars_state::{RedisStorageBackend, StateManager};
+/// let backend = RedisStorageBackend::connect("redis://127.0.0.1:6379").await?;
+/// let manager = StateManager::start(backend).await?;
+/// manager.save_session("s1", &serde_json::json!({ "step": 1 })).await?;
+/// manager.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStorageBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    reads: ConnectionManager,
+    writer: Writer,
+    layout: Layout,
+    list: redis::Script,
+    options: RedisOptions,
+    /// `host:port` (never the URL, which may hold a password).
+    addr: String,
+}
+
+impl fmt::Debug for RedisStorageBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStorageBackend")
+            .field("addr", &self.inner.addr)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a [`RedisStorageBackend`] connects: see [`RedisStorageBackend::options`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    prefix: String,
+    best_effort: bool,
+    timeout: Duration,
+    session_ttl: Option<Duration>,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            best_effort: false,
+            timeout: DEFAULT_TIMEOUT,
+            session_ttl: None,
+        }
+    }
+}
+
+impl RedisOptions {
+    /// Keeps every Redis key of the store under `prefix:` (default `mars-state`). 1 to 64
+    /// ASCII letters, digits, `_`, `-` or `.`; checked by [`connect`](Self::connect), which
+    /// fails with [`StateError::Config`] otherwise. Stores under different prefixes share a
+    /// server without seeing each other.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Opens even when the server does not fsync before it replies (`appendonly no`, or
+    /// `appendfsync everysec`), with a warning in the log. Then an `Ok` from a write means
+    /// applied in Redis's memory only: it is lost if Redis stops before it next saves to disk.
+    pub fn best_effort(mut self) -> Self {
+        self.best_effort = true;
+        self
+    }
+
+    /// How long one request (a connect, a read, a write's round trip) may take; default 10 s.
+    /// A write that gets no answer in time fails with [`StateError::Timeout`]: its outcome is
+    /// unknown.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Lets every key of a session (its record, its checkpoints, and their listing sets)
+    /// expire `ttl` after the session's last write: each write of a session's record or
+    /// checkpoint sets the TTL again on all of them. Default: no expiry. Other keys (the
+    /// store's metadata, access records) never expire. An expired session's entry in the
+    /// folder of all sessions is removed by the next listing of it.
+    pub fn session_ttl(mut self, ttl: Duration) -> Self {
+        self.session_ttl = Some(ttl.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// Connects to the Redis server at `url` (`redis://[:password@]host:port[/db]`) with
+    /// these options: checks its persistence settings and loads the scripts.
+    ///
+    /// Errors: [`StateError::Config`] for a bad prefix or URL, or (unless
+    /// [`best_effort`](Self::best_effort)) a server that does not fsync before replying;
+    /// [`StateError::Unavailable`] if the server cannot be reached in the timeout.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), mars_state::StateError> {
+    /// use std::time::Duration;
+    /// let backend = mars_state::RedisStorageBackend::options()
+    ///     .prefix("agents-prod")
+    ///     .timeout(Duration::from_secs(2))
+    ///     .session_ttl(Duration::from_secs(7 * 24 * 3600))
+    ///     .connect("redis://127.0.0.1:6379")
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self, url: &str) -> Result<RedisStorageBackend> {
+        RedisStorageBackend::connect_with(url, self.clone()).await
+    }
+}
+
+impl RedisStorageBackend {
+    /// Connects to `url` with the default [`RedisOptions`] (prefix `mars-state`, durable).
+    /// See [`RedisOptions::connect`].
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), mars_state::StateError> {
+    /// let backend = mars_state::RedisStorageBackend::connect("redis://127.0.0.1:6379").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self> {
+        RedisOptions::default().connect(url).await
+    }
+
+    /// Options for connecting: prefix, durability, timeout, session TTL.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), mars_state::StateError> {
+    /// let backend = mars_state::RedisStorageBackend::options()
+    ///     .prefix("tests")
+    ///     .best_effort()
+    ///     .connect("redis://127.0.0.1:6379")
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn options() -> RedisOptions {
+        RedisOptions::default()
+    }
+
+    /// The prefix of this store's Redis keys (without the `:`).
+    pub fn prefix(&self) -> &str {
+        &self.inner.options.prefix
+    }
+
+    async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
+        check_prefix(&options.prefix)?;
+        let client = redis::Client::open(url).map_err(|e| StateError::Config {
+            message: format!("not a valid Redis URL ({})", e.category()),
+        })?;
+        let addr = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.timeout))
+            .set_response_timeout(None)
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let connect = || async {
+            tokio::time::timeout(
+                options.timeout * 2,
+                client.get_connection_manager_with_config(config.clone()),
+            )
+            .await
+            .map_err(|_| StateError::unavailable(format!("no answer from Redis at {addr}")))?
+            .map_err(|e| StateError::unavailable(format!("cannot connect to Redis at {addr}: {e}")))
+        };
+        let mut reads = connect().await?;
+        check_durability(&mut reads, &options, &addr).await?;
+        let scripts = Scripts::new();
+        scripts.load(&mut reads, options.timeout).await?;
+        let writes = connect().await?;
+        let layout = Layout::new(&options.prefix);
+        let ttl_ms = options.session_ttl.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64);
+        let writer = Writer::start(
+            writes,
+            writer::Config { layout: layout.clone(), scripts, ttl_ms, timeout: options.timeout },
+        );
+        let list = redis::Script::new(LIST_SCRIPT);
+        Ok(RedisStorageBackend { inner: Arc::new(Inner { reads, writer, layout, list, options, addr }) })
+    }
+
+    /// Runs a read, once more if the connection dropped under it (reads are idempotent).
+    async fn read<T, F, Fut>(&self, key: &StorageKey, f: F) -> Result<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let timeout = self.inner.options.timeout;
+        for attempt in 0..2 {
+            match tokio::time::timeout(timeout, f(self.inner.reads.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if attempt == 0 && e.is_connection_dropped() && !e.is_connection_refusal() => {}
+                Ok(Err(e)) => return Err(error_of(&e, Some(key), 0)),
+                Err(_) => break,
+            }
+        }
+        Err(StateError::unavailable(format!(
+            "Redis at {} did not answer a read of {key} in {} ms",
+            self.inner.addr,
+            timeout.as_millis()
+        )))
+    }
+}
+
+/// The three write scripts, by hash; loaded at connect and after a `NOSCRIPT`.
+pub(super) struct Scripts {
+    put: redis::Script,
+    append: redis::Script,
+    delete: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            put: redis::Script::new(&layout::put_script()),
+            append: redis::Script::new(&layout::append_script()),
+            delete: redis::Script::new(layout::DELETE_SCRIPT),
+        }
+    }
+
+    /// `SCRIPT LOAD`s them all.
+    async fn load(&self, conn: &mut ConnectionManager, timeout: Duration) -> Result<()> {
+        for script in [&self.put, &self.append, &self.delete] {
+            tokio::time::timeout(timeout, script.load_async(conn))
+                .await
+                .map_err(|_| StateError::unavailable("Redis did not answer SCRIPT LOAD in time"))?
+                .map_err(|e| error_of(&e, None, 0))?;
+        }
+        Ok(())
+    }
+}
+
+/// The prefix rule of [`RedisOptions::prefix`]: no `:` (so no prefix is another one's
+/// start followed by our separators), no `{}` (Cluster hash tags), no spaces.
+fn check_prefix(prefix: &str) -> Result<()> {
+    let ok = (1..=64).contains(&prefix.len())
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        return Ok(());
+    }
+    Err(StateError::Config {
+        message: format!(
+            "Redis key prefix {:?} is not 1 to 64 ASCII letters, digits, '_', '-' or '.'",
+            prefix.chars().take(80).collect::<String>()
+        ),
+    })
+}
+
+/// Refuses (unless best effort) a server that may acknowledge a write before it is on disk.
+async fn check_durability(
+    conn: &mut ConnectionManager,
+    options: &RedisOptions,
+    addr: &str,
+) -> Result<()> {
+    let query = async {
+        let mut settings = HashMap::new();
+        for name in ["appendonly", "appendfsync", "no-appendfsync-on-rewrite"] {
+            let got: HashMap<String, String> =
+                redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await?;
+            settings.extend(got);
+        }
+        Ok::<_, RedisError>(settings)
+    };
+    let timed_out = || StateError::unavailable(format!("Redis at {addr} did not answer in time"));
+    let config = tokio::time::timeout(options.timeout, query).await.map_err(|_| timed_out())?;
+    let mut problems = Vec::new();
+    match config {
+        Ok(settings) => {
+            let get = |name: &str| settings.get(name).map_or("(not reported)", String::as_str);
+            if get("appendonly") != "yes" {
+                problems.push(format!("appendonly is {}", get("appendonly")));
+            }
+            if get("appendfsync") != "always" {
+                problems.push(format!("appendfsync is {}", get("appendfsync")));
+            }
+            if get("no-appendfsync-on-rewrite") == "yes" {
+                problems.push(
+                    "no-appendfsync-on-rewrite is yes (no fsync while the AOF is rewritten)".into(),
+                );
+            }
+        }
+        Err(e) if e.is_io_error() => return Err(error_of(&e, None, 0)),
+        Err(e) => {
+            // CONFIG renamed away or denied (managed Redis): INFO shows whether the AOF is on,
+            // not its fsync policy.
+            let info: String = tokio::time::timeout(
+                options.timeout,
+                redis::cmd("INFO").arg("persistence").query_async(conn),
+            )
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| error_of(&e, None, 0))?;
+            let aof = info.lines().find_map(|l| l.trim().strip_prefix("aof_enabled:"));
+            if aof != Some("1") {
+                problems.push(format!("aof_enabled is {} (INFO persistence)", aof.unwrap_or("?")));
+            }
+            problems.push(format!(
+                "appendfsync cannot be verified: CONFIG GET failed ({}), and INFO does not show it",
+                e.code().unwrap_or("error")
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let problems = problems.join("; ");
+    if options.best_effort {
+        tracing::warn!(
+            %addr,
+            %problems,
+            "Redis may acknowledge writes before they are on disk; opened best effort: an Ok can be lost"
+        );
+        return Ok(());
+    }
+    Err(StateError::Config {
+        message: format!(
+            "Redis at {addr} does not fsync each write before acknowledging it: {problems}. \
+             Run `CONFIG SET appendonly yes` and `CONFIG SET appendfsync always` (then \
+             `CONFIG REWRITE`), or put `appendonly yes` and `appendfsync always` in redis.conf; \
+             or open with RedisOptions::best_effort() to accept that an acknowledged write can \
+             be lost"
+        ),
+    })
+}
+
+/// The typed error for a redis-rs failure of a request that surely was not applied (or a
+/// read), about `key` if any, with `size` the bytes written.
+fn error_of(e: &RedisError, key: Option<&StorageKey>, size: usize) -> StateError {
+    let about = key.map(|k| format!(" (key {k})")).unwrap_or_default();
+    let detail = e.detail().unwrap_or("");
+    match e.code() {
+        Some("WRONGTYPE") => {
+            let key = key.map_or_else(|| "(redis)".to_owned(), ToString::to_string);
+            StateError::corrupt(key, "a Redis key under the store's prefix is of another type")
+        }
+        Some("ERR") if detail.contains("exceeds maximum allowed size") => {
+            StateError::TooLarge { size, limit: MAX_VALUE }
+        }
+        Some(code) => StateError::unavailable(format!("Redis refused the request{about}: {code} {detail}")),
+        None => StateError::unavailable(format!("Redis request failed{about}: {e}")),
+    }
+}
+
+/// "Outcome unknown": the request may or may not have been applied.
+fn unknown_outcome(operation: &'static str, key: String, after: Duration) -> StateError {
+    StateError::Timeout {
+        operation,
+        session: key,
+        timeout_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// A copy of an error this module made (the error type is not `Clone`).
+fn copy_error(e: &StateError) -> StateError {
+    match e {
+        StateError::Timeout { operation, session, timeout_ms } => {
+            StateError::Timeout { operation, session: session.clone(), timeout_ms: *timeout_ms }
+        }
+        StateError::TooLarge { size, limit } => StateError::TooLarge { size: *size, limit: *limit },
+        StateError::Corrupt { key, reason } => StateError::corrupt(key, reason.clone()),
+        StateError::Config { message } => StateError::Config { message: message.clone() },
+        other => StateError::unavailable(match other {
+            StateError::Unavailable { reason } => reason.clone(),
+            other => other.to_string(),
+        }),
+    }
+}
+
+fn too_large(size: usize) -> Result<()> {
+    if size > MAX_VALUE {
+        return Err(StateError::TooLarge { size, limit: MAX_VALUE });
+    }
+    Ok(())
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        _ => 0,
+    }
+}
+
+#[async_trait]
+impl StorageBackend for RedisStorageBackend {
+    async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
+        let name = self.inner.layout.value(key);
+        self.read(key, |mut conn| {
+            let name = name.clone();
+            async move { redis::cmd("GET").arg(name).query_async(&mut conn).await }
+        })
+        .await
+    }
+
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
+        too_large(value.len())?;
+        self.inner.writer.submit(Op::Put(key.clone(), value)).await.map(drop)
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool> {
+        let existed = self.inner.writer.submit(Op::Delete(key.clone())).await?;
+        Ok(int(&existed) > 0)
+    }
+
+    async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
+        let (base, folder) = (self.inner.layout.base().to_owned(), prefix.to_string());
+        let set = self.inner.layout.folder(prefix.as_str());
+        let list = &self.inner.list;
+        let flat: Vec<Value> = self
+            .read(prefix, |mut conn| {
+                let mut call = list.key(&set);
+                call.arg(&base).arg(&folder);
+                async move { call.invoke_async(&mut conn).await }
+            })
+            .await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let (Some(Value::BulkString(name)), Some(Value::Int(size))) = (pair.first(), pair.get(1))
+            else {
+                return Err(StateError::corrupt(prefix, "Redis answered a listing in a wrong shape"));
+            };
+            let key = String::from_utf8(name.clone())
+                .ok()
+                .and_then(|k| StorageKey::new(k).ok())
+                .ok_or_else(|| StateError::corrupt(prefix, "a listed Redis key is not a valid key"))?;
+            out.push(ObjectMeta { key, size: u64::try_from(*size).unwrap_or(0) });
+        }
+        Ok(out)
+    }
+
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        too_large(bytes.len())?;
+        self.inner.writer.submit(Op::Append(key.clone(), bytes)).await.map(drop)
+    }
+
+    /// Nothing to sweep: a write is one script, applied whole or not at all; nothing is
+    /// staged.
+    async fn sweep(&self) -> Result<SweepReport> {
+        Ok(SweepReport::default())
+    }
+}

@@ -1,0 +1,274 @@
+//! The Redis backend's one writer: a task that owns the write connection and sends every
+//! write queued while the previous round trip was in flight as one pipeline (group commit).
+//! Owns the queue, the task, the batching and the retry rule; calls redis-rs, the layout's
+//! names and the error mapping of `super`.
+//!
+//! A caller queues its write with a reply channel and awaits the answer. The task takes the
+//! first write, then everything queued behind it (up to [`MAX_BATCH`] writes or
+//! [`MAX_BATCH_BYTES`]), sends them as one pipeline of `EVALSHA`s, and answers each caller
+//! from its own reply. Redis runs the pipeline's scripts in one pass of its event loop and,
+//! with `appendfsync always`, writes and fsyncs the AOF once before sending the replies: many
+//! sessions saving at once share one fsync.
+//!
+//! Retries: a write whose round trip failed without an answer (the connection dropped) has
+//! an unknown outcome. A put or a delete is sent once more on the reconnected connection:
+//! both are idempotent, and the session actor never has two writes to one key in flight, so
+//! the retry cannot overwrite a newer value. (A retried delete that had been applied reports
+//! `false`.) An append is never retried: a second copy would be appended twice. A write that
+//! Redis refused (`NOSCRIPT` after a restart flushed the scripts) was not applied and is sent
+//! again after the scripts are loaded.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::layout::Layout;
+use super::{Scripts, error_of, unknown_outcome};
+use crate::backend::StorageKey;
+use crate::error::{Result, StateError};
+
+/// Writes sent in one pipeline at most: bounds the time a batch holds its callers.
+const MAX_BATCH: usize = 256;
+/// Bytes of values sent in one pipeline at most (one larger value goes alone).
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Round trips one batch may take: a first try, one retry after a dropped connection, and
+/// two after `NOSCRIPT`.
+const MAX_ROUNDS: usize = 4;
+
+/// One write.
+pub(super) enum Op {
+    Put(StorageKey, Vec<u8>),
+    Delete(StorageKey),
+    Append(StorageKey, Vec<u8>),
+}
+
+impl Op {
+    pub(super) fn key(&self) -> &StorageKey {
+        match self {
+            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) => k,
+        }
+    }
+
+    pub(super) fn size(&self) -> usize {
+        match self {
+            Op::Put(_, v) | Op::Append(_, v) => v.len(),
+            Op::Delete(_) => 0,
+        }
+    }
+
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Op::Put(..) => "redis put",
+            Op::Delete(_) => "redis delete",
+            Op::Append(..) => "redis append",
+        }
+    }
+
+    /// Whether sending it twice leaves what sending it once does.
+    fn idempotent(&self) -> bool {
+        !matches!(self, Op::Append(..))
+    }
+
+    /// Adds this write's `EVALSHA` to `pipe`.
+    fn push(&self, pipe: &mut redis::Pipeline, layout: &Layout, scripts: &Scripts, ttl_ms: u64) {
+        let names = layout.names(self.key(), ttl_ms > 0);
+        let script = match self {
+            Op::Put(..) => &scripts.put,
+            Op::Delete(_) => &scripts.delete,
+            Op::Append(..) => &scripts.append,
+        };
+        let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(2 + names.folders.len());
+        cmd.arg(&names.value).arg(&names.group);
+        for (folder, _) in &names.folders {
+            cmd.arg(folder);
+        }
+        if let Op::Put(_, bytes) | Op::Append(_, bytes) = self {
+            cmd.arg(ttl_ms).arg(names.owned_folders).arg(bytes.as_slice());
+        }
+        for (_, member) in &names.folders {
+            cmd.arg(member);
+        }
+    }
+}
+
+struct Req {
+    op: Op,
+    reply: oneshot::Sender<Result<Value>>,
+    /// An earlier round trip of this write ended without an answer: it may have been
+    /// applied, so a failure now is "outcome unknown", not "not applied".
+    uncertain: bool,
+    since: Instant,
+}
+
+/// The writer's settings, fixed at connect.
+pub(super) struct Config {
+    pub(super) layout: Layout,
+    pub(super) scripts: Scripts,
+    pub(super) ttl_ms: u64,
+    pub(super) timeout: Duration,
+}
+
+/// The handle of the writer task. Dropping it lets the task send what is queued and end.
+pub(super) struct Writer {
+    queue: mpsc::UnboundedSender<Req>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("open", &!self.queue.is_closed()).finish()
+    }
+}
+
+impl Writer {
+    /// Starts the writer task on `conn` (a connection of its own).
+    pub(super) fn start(conn: ConnectionManager, config: Config) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let timeout = config.timeout;
+        tokio::spawn(run(conn, rx, config));
+        Writer { queue, timeout }
+    }
+
+    /// Queues `op` and waits for its reply: after Redis answered (and, with `appendfsync
+    /// always`, after the AOF holding it was fsynced), or failed.
+    pub(super) async fn submit(&self, op: Op) -> Result<Value> {
+        let (reply, answer) = oneshot::channel();
+        let (name, key) = (op.name(), op.key().to_string());
+        let req = Req { op, reply, uncertain: false, since: Instant::now() };
+        if self.queue.send(req).is_err() {
+            return Err(StateError::unavailable("the Redis writer has stopped"));
+        }
+        // Bounded here too, so no caller waits forever on a stuck task: the task bounds each
+        // round trip by the timeout, and a batch makes at most MAX_ROUNDS of them.
+        let limit = self.timeout * (MAX_ROUNDS as u32 + 1);
+        match tokio::time::timeout(limit, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StateError::unavailable(
+                "the Redis writer stopped before answering; outcome unknown",
+            )),
+            Err(_) => Err(unknown_outcome(name, key, limit)),
+        }
+    }
+}
+
+/// The task: batches until the queue is closed and empty.
+async fn run(mut conn: ConnectionManager, mut rx: mpsc::UnboundedReceiver<Req>, config: Config) {
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.op.size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(req) => {
+                    bytes += req.op.size();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        send(&mut conn, &config, batch).await;
+    }
+}
+
+/// Sends `batch` as one pipeline and answers every caller; resends what may be resent.
+async fn send(conn: &mut ConnectionManager, config: &Config, mut batch: Vec<Req>) {
+    for round in 0..MAX_ROUNDS {
+        let last = round + 1 == MAX_ROUNDS;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for req in &batch {
+            req.op.push(&mut pipe, &config.layout, &config.scripts, config.ttl_ms);
+        }
+        let sent = tokio::time::timeout(
+            config.timeout,
+            pipe.query_async::<Vec<RedisResult<Value>>>(conn),
+        )
+        .await;
+        let replies = match sent {
+            Ok(Ok(replies)) if replies.len() == batch.len() => replies,
+            Ok(Ok(_)) => {
+                // Not the pipeline's shape: nothing is known of any write in it.
+                let e = StateError::unavailable("Redis answered a pipeline with a wrong count");
+                return fail_all(batch, &e, config.timeout);
+            }
+            Err(_) => {
+                // No answer in time: the writes may still run. No retry (the first copies may
+                // still be queued on the server, and a retry would only wait longer).
+                for req in batch {
+                    let e = unknown_outcome(req.op.name(), req.op.key().to_string(), config.timeout);
+                    let _ = req.reply.send(Err(e));
+                }
+                return;
+            }
+            Ok(Err(e)) if e.is_connection_refusal() => {
+                // No connection: this round sent nothing.
+                return fail_all(batch, &error_of(&e, None, 0), config.timeout);
+            }
+            Ok(Err(e)) => {
+                // The connection failed with the writes sent or half sent: outcomes unknown.
+                // The manager reconnects; idempotent writes go again, appends are answered.
+                tracing::warn!(error = %e, writes = batch.len(), "Redis write pipeline failed");
+                let mut again = Vec::new();
+                for mut req in batch {
+                    if req.op.idempotent() && !req.uncertain && !last {
+                        req.uncertain = true;
+                        again.push(req);
+                    } else {
+                        let e = unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed());
+                        let _ = req.reply.send(Err(e));
+                    }
+                }
+                if again.is_empty() {
+                    return;
+                }
+                batch = again;
+                continue;
+            }
+        };
+        let mut again = Vec::new();
+        let mut no_script = false;
+        for (req, reply) in batch.into_iter().zip(replies) {
+            match reply {
+                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) && !last => {
+                    no_script = true;
+                    again.push(req);
+                }
+                Ok(v) => {
+                    let _ = req.reply.send(Ok(v));
+                }
+                Err(e) => {
+                    let err = if req.uncertain {
+                        unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed())
+                    } else {
+                        error_of(&e, Some(req.op.key()), req.op.size())
+                    };
+                    let _ = req.reply.send(Err(err));
+                }
+            }
+        }
+        if again.is_empty() {
+            return;
+        }
+        if no_script {
+            // A restarted server (or SCRIPT FLUSH) forgot the scripts: load them, resend.
+            if let Err(e) = config.scripts.load(conn, config.timeout).await {
+                return fail_all(again, &e, config.timeout);
+            }
+        }
+        batch = again;
+    }
+}
+
+/// Answers every write of `batch` with `e`, or "outcome unknown" for those that may have
+/// been applied by an earlier round.
+fn fail_all(batch: Vec<Req>, e: &StateError, timeout: Duration) {
+    for req in batch {
+        let err = if req.uncertain {
+            unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed().max(timeout))
+        } else {
+            super::copy_error(e)
+        };
+        let _ = req.reply.send(Err(err));
+    }
+}
