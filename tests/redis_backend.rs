@@ -1,1 +1,280 @@
+//! The Redis backend (feature `redis`). Every test that needs a durable server starts its own
+//! `redis-server` (`appendonly yes`, `appendfsync always`, no RDB, `KEYS` and `SCAN` renamed
+//! away so any use of them fails) on a free port in a temporary directory, and kills it at
+//! the end. A test FAILS if `redis-server` cannot be started or reached. Pinned here:
+//!
+//! - the conformance suite over `RedisStorageBackend` and `Encrypted<RedisStorageBackend>`;
+//! - `manager_state_survives_reopen_{plain,gzip}`: what a manager wrote is there after a
+//!   shutdown and a new connection;
+//! - `machine_server_*`: the machine's Redis (127.0.0.1:6379, `appendonly no`, never
+//!   reconfigured) is refused by the default (durable) connect with `Config` naming the
+//!   settings, and works with `best_effort()` (random prefix, keys removed at the end);
+//! - `listing_walks_sets_not_the_keyspace`: listings work with `KEYS`/`SCAN` disabled, and
+//!   the commands a listing runs grow with what it returns, not with the store;
+//! - `session_ttl_expires_every_key_of_a_session`;
+//! - `dropped_connections_*`: `CLIENT KILL TYPE normal` during a stream of writes: each
+//!   call is `Ok` or a typed error, every acknowledged save is there, no append is doubled;
+//! - `sigkill_redis_while_saving` (20 rounds, `MARS_REDIS_CRASH_ROUNDS`) and
+//!   `sigkill_client_while_saving` (50 rounds, `MARS_REDIS_CLIENT_ROUNDS`): a child process
+//!   (this binary re-executed) saves in a loop and acks each `Ok`; the Redis server, or the
+//!   child, is SIGKILLed at a random moment; every acknowledged save is there afterwards and
+//!   nothing is corrupt.
 
+#[path = "redis_backend/support.rs"]
+mod redis_support;
+
+use std::time::{Duration, Instant};
+
+use mars_state::middleware::crypto::EncryptionLayer;
+use mars_state::{
+    EncryptionKey, ErrorKind, RedisStorageBackend, StateManager, StorageBackend, StorageKey,
+};
+use redis_support::{Server, bounded, random_prefix};
+use serde_json::{Value, json};
+
+/// A backend on a private durable server, kept alive beside it.
+async fn fresh() -> (RedisStorageBackend, Server) {
+    let server = Server::start();
+    let backend = RedisStorageBackend::options()
+        .prefix(random_prefix())
+        .connect(&server.url())
+        .await
+        .unwrap_or_else(|e| panic!("connect to the private server: {e}"));
+    (backend, server)
+}
+
+fn layer() -> EncryptionLayer {
+    EncryptionLayer::new(EncryptionKey::from_bytes([7; 32]))
+}
+
+mars_state::conformance_tests! {
+    plain_redis => fresh().await,
+    encrypted_redis => {
+        let (backend, server) = fresh().await;
+        (layer().wrap(backend).await.unwrap(), server)
+    },
+}
+
+async fn open_manager(url: &str, prefix: &str, compression: Option<u32>) -> StateManager {
+    let options = RedisStorageBackend::options().prefix(prefix);
+    let mut builder = StateManager::builder(bounded("connect", options.connect(url)).await.unwrap());
+    if let Some(level) = compression {
+        builder = builder.compression(level);
+    }
+    bounded("start", builder.start()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_state_survives_reopen_plain() {
+    manager_state_survives_reopen(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_state_survives_reopen_gzip() {
+    manager_state_survives_reopen(Some(6)).await;
+}
+
+async fn manager_state_survives_reopen(compression: Option<u32>) {
+    let server = Server::start();
+    let (url, prefix) = (server.url(), random_prefix());
+    let m = open_manager(&url, &prefix, compression).await;
+    let big = json!({ "pad": "z".repeat(50_000) });
+    bounded("save", m.save_session("s1", &json!({ "step": 1 }))).await.unwrap();
+    bounded("save", m.save_session("s2", &big)).await.unwrap();
+    bounded("save", m.save_session("gone", &json!("bye"))).await.unwrap();
+    let cp1 = bounded("checkpoint", m.create_checkpoint("s1", "main", &json!({ "step": 1 })))
+        .await
+        .unwrap();
+    bounded("save", m.save_session("s1", &json!({ "step": 2 }))).await.unwrap();
+    let cp2 = bounded("checkpoint", m.create_checkpoint("s1", "main", &json!({ "step": 2 })))
+        .await
+        .unwrap();
+    assert!(bounded("delete", m.delete_session("gone")).await.unwrap());
+    bounded("shutdown", m.shutdown()).await.unwrap();
+
+    let m = open_manager(&url, &prefix, compression).await;
+    let s1: Option<Value> = bounded("load", m.load_session("s1")).await.unwrap();
+    assert_eq!(s1, Some(json!({ "step": 2 })));
+    let s2: Option<Value> = bounded("load", m.load_session("s2")).await.unwrap();
+    assert_eq!(s2, Some(big));
+    let gone: Option<Value> = bounded("load", m.load_session("gone")).await.unwrap();
+    assert_eq!(gone, None, "a deleted session came back");
+    let ids: Vec<_> = bounded("list", m.list_checkpoints("s1"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(ids, [cp1.clone(), cp2]);
+    let restored = bounded("restore", m.restore_checkpoint(&cp1)).await.unwrap();
+    assert_eq!(restored.map(|c| c.data), Some(json!({ "step": 1 })));
+    let mut sessions: Vec<String> = bounded("list sessions", m.list_sessions())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id.to_string())
+        .collect();
+    sessions.sort();
+    assert_eq!(sessions, ["s1", "s2"]);
+    bounded("shutdown", m.shutdown()).await.unwrap();
+    // A different prefix on the same server is a different, empty store.
+    let other = open_manager(&url, &random_prefix(), compression).await;
+    assert!(bounded("list", other.list_sessions()).await.unwrap().is_empty());
+    bounded("shutdown", other.shutdown()).await.unwrap();
+}
+
+// ------------------------------------------------------------------------------------------
+// The machine's server: appendonly no. Never reconfigured; keys removed at the end.
+
+const MACHINE_URL: &str = "redis://127.0.0.1:6379";
+
+#[tokio::test]
+async fn machine_server_refuses_the_durable_mode() {
+    let err = bounded("connect", RedisStorageBackend::connect(MACHINE_URL))
+        .await
+        .expect_err("connected durably to a server with appendonly no");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let msg = err.to_string();
+    for needle in [
+        "appendonly is no",
+        "CONFIG SET appendonly yes",
+        "CONFIG SET appendfsync always",
+        "best_effort",
+    ] {
+        assert!(msg.contains(needle), "the error does not say {needle:?}: {msg}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_server_works_best_effort() {
+    let prefix = random_prefix();
+    let b = bounded(
+        "connect",
+        RedisStorageBackend::options().prefix(&prefix).best_effort().connect(MACHINE_URL),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the machine's Redis at {MACHINE_URL} is not reachable: {e}"));
+    let key = StorageKey::new("sessions/s1.json").unwrap();
+    bounded("put", b.put(&key, b"one".to_vec())).await.unwrap();
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"one".to_vec()));
+    let m = bounded("start", StateManager::start(b.clone())).await.unwrap();
+    bounded("save", m.save_session("s2", &json!({ "n": 2 }))).await.unwrap();
+    let s2: Option<Value> = bounded("load", m.load_session("s2")).await.unwrap();
+    assert_eq!(s2, Some(json!({ "n": 2 })));
+    bounded("shutdown", m.shutdown()).await.unwrap();
+    let removed = redis_support::remove_prefix(MACHINE_URL, &prefix).await;
+    assert!(removed > 0, "the test left no keys to remove under {prefix}");
+}
+
+#[tokio::test]
+async fn bad_prefixes_and_urls_are_config_errors() {
+    for prefix in ["", "a:b", "has space", "{tag}", &"x".repeat(65)] {
+        let err = RedisStorageBackend::options()
+            .prefix(prefix)
+            .best_effort()
+            .connect(MACHINE_URL)
+            .await
+            .expect_err("a bad prefix was accepted");
+        assert_eq!(err.kind(), ErrorKind::Config, "{prefix:?}: {err}");
+    }
+    let err = RedisStorageBackend::connect("http://nope").await.expect_err("a bad URL");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    // Nothing listens there: Unavailable, within the timeout.
+    let t = Instant::now();
+    let err = RedisStorageBackend::options()
+        .timeout(Duration::from_millis(500))
+        .connect(&format!("redis://127.0.0.1:{}", redis_support::free_port()))
+        .await
+        .expect_err("connected to nothing");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "gave up after {:?}", t.elapsed());
+}
+
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn listing_walks_sets_not_the_keyspace() {
+    let (b, server) = fresh().await;
+    let mut admin = server.admin().await;
+    let keys_err: redis::RedisResult<Vec<String>> =
+        redis::cmd("KEYS").arg("*").query_async(&mut admin).await;
+    assert!(keys_err.is_err(), "KEYS is not disabled on the private server");
+    for i in 0..500 {
+        let k = StorageKey::new(format!("checkpoints/big/c{i}.json")).unwrap();
+        bounded("put", b.put(&k, vec![1; 10])).await.unwrap();
+    }
+    for i in 0..3 {
+        let k = StorageKey::new(format!("checkpoints/small/c{i}.json")).unwrap();
+        bounded("put", b.put(&k, vec![1; 4])).await.unwrap();
+    }
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut admin).await.unwrap();
+    let small = bounded("list", b.list(&StorageKey::new("checkpoints/small").unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(small.len(), 3);
+    let stats: String =
+        redis::cmd("INFO").arg("commandstats").query_async(&mut admin).await.unwrap();
+    let calls = |cmd: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    // One set read and one EXISTS + STRLEN per returned key: nothing scales with the 500.
+    assert!(calls("smembers") <= 1, "{stats}");
+    assert!(calls("exists") <= 3 && calls("strlen") <= 3, "{stats}");
+    assert_eq!(calls("keys") + calls("scan"), 0, "{stats}");
+    let all = bounded("list", b.list(&StorageKey::new("checkpoints").unwrap())).await.unwrap();
+    assert_eq!(all.len(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ttl_expires_every_key_of_a_session() {
+    let server = Server::start();
+    let b = RedisStorageBackend::options()
+        .prefix(random_prefix())
+        .session_ttl(Duration::from_millis(1500))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let k = |s: &str| StorageKey::new(s).unwrap();
+    bounded("put", b.put(&k("sessions/s1.json"), b"s".to_vec())).await.unwrap();
+    bounded("put", b.put(&k("checkpoints/s1/c1.json"), b"c".to_vec())).await.unwrap();
+    bounded("put", b.put(&k("sessions/s2.json"), b"other".to_vec())).await.unwrap();
+    bounded("put", b.put(&k("metadata/store.json"), b"{}".to_vec())).await.unwrap();
+    // A later write of s1 (not of its checkpoint) keeps the checkpoint alive too.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    bounded("put", b.put(&k("sessions/s1.json"), b"s'".to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(bounded("get", b.get(&k("sessions/s2.json"))).await.unwrap(), None, "s2 kept");
+    assert!(bounded("get", b.get(&k("checkpoints/s1/c1.json"))).await.unwrap().is_some());
+    let listed = bounded("list", b.list(&k("sessions"))).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for key in ["sessions/s1.json", "checkpoints/s1/c1.json"] {
+        assert_eq!(bounded("get", b.get(&k(key))).await.unwrap(), None, "{key} did not expire");
+    }
+    assert!(bounded("list", b.list(&k("sessions"))).await.unwrap().is_empty());
+    assert!(bounded("list", b.list(&k("checkpoints"))).await.unwrap().is_empty());
+    assert!(bounded("get", b.get(&k("metadata/store.json"))).await.unwrap().is_some());
+    // Nothing of the sessions is left in Redis: values, folder sets and groups all expired,
+    // or were removed by the listings.
+    let mut admin = server.admin().await;
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut admin).await.unwrap();
+    assert_eq!(size, 2, "metadata/store.json and the metadata folder set only");
+}
+
+#[tokio::test]
+async fn oversized_values_are_too_large() {
+    let (b, _server) = fresh().await;
+    let err = b
+        .put(&StorageKey::new("sessions/big.json").unwrap(), vec![0; (512 << 20) + 1])
+        .await
+        .expect_err("a value over 512 MB was accepted");
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+}
+
+#[path = "redis_backend/crash.rs"]
+mod crash;
+#[path = "redis_backend/dropped.rs"]
+mod dropped;
