@@ -1,1 +1,158 @@
-fn main() {}
+//! The Redis backend against plain Redis, in one run on one private `redis-server` with
+//! `appendonly yes` and `appendfsync always` (the settings the durable mode requires):
+//!
+//! - a durable save of a 1 KB state through a `StateManager`, 64 sessions saving at once
+//!   (their writes queue together and go out in one pipeline, sharing one AOF fsync), against
+//!   one client doing one `SET` of 1 KB per round trip, sequentially: the ratio is printed;
+//! - a save from one session at a time, and a load.
+//!
+//! Run: `cargo bench --features redis --bench redis` (needs `redis-server` on PATH). The
+//! server's directory is under `$MARS_STATE_BENCH_DIR` if set, else the system temporary
+//! directory: it must be a real disk for figures that mean anything (fsync on tmpfs is
+//! free). `MARS_REDIS_BENCH_SECS` sets the time of each measurement (default 3).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod common;
+#[allow(dead_code)]
+#[path = "../tests/redis_backend/support.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{SIZES, agent_state};
+use mars_state::{RedisStorageBackend, StateManager};
+
+const SESSIONS: usize = 64;
+
+fn secs() -> Duration {
+    let s = std::env::var("MARS_REDIS_BENCH_SECS").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs_f64(s.unwrap_or(3.0))
+}
+
+/// Saves from `sessions` tasks at once, each one save after another, for `time`: saves/s.
+async fn saves_per_sec(m: &StateManager, sessions: usize, time: Duration) -> f64 {
+    let (label, size) = SIZES[0];
+    assert_eq!(label, "1KB");
+    let state = Arc::new(agent_state(size));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..sessions)
+        .map(|s| {
+            let (m, state, stop, done) = (m.clone(), state.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let sid = format!("bench-{s}");
+                while !stop.load(Ordering::Relaxed) {
+                    m.save_session(&sid, &*state).await.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Warm up, then count.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (start, before) = (Instant::now(), done.load(Ordering::Relaxed));
+    tokio::time::sleep(time).await;
+    let n = done.load(Ordering::Relaxed) - before;
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// One client, one `SET` of 1 KB per round trip, sequentially, for `time`: SETs/s.
+async fn plain_sets_per_sec(url: &str, time: Duration) -> f64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let value = vec![b'x'; 1000];
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        let _: () = redis::cmd("SET")
+            .arg(format!("plain-bench:{}", n % 64))
+            .arg(&value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Loads of one 1 KB session, one after another, for `time`: loads/s.
+async fn loads_per_sec(m: &StateManager, time: Duration) -> f64 {
+    m.save_session("bench-load", &agent_state(SIZES[0].1)).await.unwrap();
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        assert!(m.load_session("bench-load").await.unwrap().is_some());
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter or `--test` run (cargo test --benches) only
+    // checks that the bench starts.
+    let quick = std::env::args().any(|a| a == "--test");
+    let time = if quick { Duration::from_millis(200) } else { secs() };
+    if let Some(root) = std::env::var_os("MARS_STATE_BENCH_DIR") {
+        std::fs::create_dir_all(&root).unwrap();
+        in_bench_dir(root);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = support::Server::start();
+    let url = server.url();
+    rt.block_on(async {
+        let backend = RedisStorageBackend::options()
+            .prefix("bench")
+            .connect(&url)
+            .await
+            .expect("the private server is durable");
+        let m = StateManager::builder(backend)
+            .janitor_interval(Duration::from_secs(3600))
+            .start()
+            .await
+            .unwrap();
+        let ours_64 = saves_per_sec(&m, SESSIONS, time).await;
+        let plain = plain_sets_per_sec(&url, time).await;
+        let ours_1 = saves_per_sec(&m, 1, time).await;
+        let loads = loads_per_sec(&m, time).await;
+        m.shutdown().await.unwrap();
+        println!("redis-server with appendonly yes, appendfsync always; 1 KB states; {time:?} each");
+        println!("  StateManager save, {SESSIONS} sessions at once : {ours_64:>9.0} saves/s");
+        println!("  plain SET, one client, one per round trip  : {plain:>9.0} SETs/s");
+        println!("  ratio (ours, 64 sessions / plain SET)      : {:>9.2}x", ours_64 / plain);
+        println!(
+            "  StateManager save, 1 session              : {ours_1:>9.0} saves/s ({:.0} us each)",
+            1e6 / ours_1
+        );
+        println!(
+            "  StateManager load, 1 session              : {loads:>9.0} loads/s ({:.0} us each)",
+            1e6 / loads
+        );
+    });
+    drop(server);
+}
+
+/// Makes `root` the temporary directory (where the server's directory is made): tempfile
+/// reads `TMPDIR`, which this process cannot set safely (`set_var` is unsafe), so it runs
+/// itself again with it set, and exits with that run's status.
+fn in_bench_dir(root: std::ffi::OsString) {
+    if std::env::var_os("TMPDIR").as_deref() != Some(root.as_os_str()) {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args_os().skip(1))
+            .env("TMPDIR", &root)
+            .status()
+            .unwrap();
+        std::process::exit(status.code().unwrap_or(1));
+    }
+}

@@ -158,7 +158,8 @@ fn sigkill_redis_while_saving() {
     let started = Instant::now();
     for round in 0..rounds {
         let delay = Duration::from_millis(2 + rng.next() % 80);
-        let lines = run_child(&server.url(), &prefix, delay, || server.kill());
+        let url = server.url();
+        let lines = run_child(&url, &prefix, delay, || server.kill(), Duration::from_millis(2500));
         acked.add(&lines);
         server.restart();
         runtime().block_on(check_store(&server.url(), &prefix, &acked, round));
@@ -187,7 +188,7 @@ fn sigkill_client_while_saving() {
     let started = Instant::now();
     for round in 0..rounds {
         let delay = Duration::from_millis(2 + rng.next() % 60);
-        let lines = run_child(&server.url(), &prefix, delay, || {});
+        let lines = run_child(&server.url(), &prefix, delay, || {}, Duration::ZERO);
         acked.add(&lines);
         runtime().block_on(check_store(&server.url(), &prefix, &acked, round));
     }
@@ -200,9 +201,15 @@ fn sigkill_client_while_saving() {
     );
 }
 
-/// Runs a child until its first ack, lets it save for `delay` more, calls `kill_server`
-/// (and gives the child a moment to see it), SIGKILLs the child, and returns its lines.
-fn run_child(url: &str, prefix: &str, delay: Duration, kill_server: impl FnOnce()) -> Vec<String> {
+/// Runs a child until its first ack, lets it save for `delay` more, calls `kill_server`,
+/// waits up to `exit_wait` for the child to exit, SIGKILLs it, and returns its lines.
+fn run_child(
+    url: &str,
+    prefix: &str,
+    delay: Duration,
+    kill_server: impl FnOnce(),
+    exit_wait: Duration,
+) -> Vec<String> {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "crash::crash_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, format!("{url} {prefix}"))
@@ -238,9 +245,10 @@ fn run_child(url: &str, prefix: &str, delay: Duration, kill_server: impl FnOnce(
     // The kill moment: a random delay after the first ack (not a synchronization).
     std::thread::sleep(delay);
     kill_server();
-    // With the server gone the child's next call fails and it exits; wait a little for it,
-    // so its last answered calls are printed (a kill now would only lose acks, not data).
-    let wait_until = Instant::now() + Duration::from_millis(100);
+    // With the server gone the child's next call fails (typed) and it exits; wait for that,
+    // up to a bit over its 2 s timeout, so its last answered calls are printed. (Killing it
+    // sooner would only lose acks, not data.)
+    let wait_until = Instant::now() + exit_wait;
     while Instant::now() < wait_until && child.try_wait().unwrap().is_none() {
         std::thread::sleep(Duration::from_millis(5));
     }

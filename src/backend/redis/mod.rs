@@ -25,9 +25,11 @@
 //!   mode then refuses to open, saying what could not be verified.
 //! - [`RedisOptions::best_effort`] opens on any settings (with a warning in the log): an `Ok`
 //!   then means applied in Redis's memory, and is lost if Redis stops before its next save.
-//! - an append (the index journal) is one `APPEND` in its script, as durable as a put; it is
-//!   never retried, so a failed connection can leave it applied or not (the contract allows a
-//!   log to lose its tail).
+//! - an append (the index journal) is one `APPEND` in its script. It is acknowledged when
+//!   queued (before Redis answers; reads wait for it, see `writer.rs`), is durable once a
+//!   later put or delete is acknowledged (the AOF is sequential), and is never retried. If
+//!   it is lost (a dropped connection), later appends to its log fail until a put replaces
+//!   the log: a log can lose its tail, never a piece in the middle, as the contract allows.
 //! - writes queued while a round trip is in flight go out as one pipeline (group commit),
 //!   and share one fsync of the AOF.
 //! - nothing is ever staged, so `sweep` has nothing to remove.
@@ -461,6 +463,7 @@ fn int(v: &Value) -> i64 {
 #[async_trait]
 impl StorageBackend for RedisStorageBackend {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
+        self.inner.writer.barrier(key).await?;
         let name = self.inner.layout.value(key);
         self.read(key, |mut conn| {
             let name = name.clone();
@@ -480,6 +483,7 @@ impl StorageBackend for RedisStorageBackend {
     }
 
     async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
+        self.inner.writer.barrier(prefix).await?;
         let (base, folder) = (self.inner.layout.base().to_owned(), prefix.to_string());
         let set = self.inner.layout.folder(prefix.as_str());
         let list = &self.inner.list;
@@ -507,7 +511,7 @@ impl StorageBackend for RedisStorageBackend {
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
         too_large(bytes.len())?;
-        self.inner.writer.submit(Op::Append(key.clone(), bytes)).await.map(drop)
+        self.inner.writer.append(key.clone(), bytes)
     }
 
     /// Nothing to sweep: a write is one script, applied whole or not at all; nothing is

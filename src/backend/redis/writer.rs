@@ -10,6 +10,16 @@
 //! with `appendfsync always`, writes and fsyncs the AOF once before sending the replies: many
 //! sessions saving at once share one fsync.
 //!
+//! Appends are acknowledged when queued, not when Redis answers. The store appends to its
+//! index journal under one lock, one append at a time, after each save: waiting for each
+//! append's fsync would put one round trip and one fsync per save in series, whatever the
+//! batching. The contract does not make an append durable (a crash may cut a log's tail),
+//! and a queued append is sent before any later write or read of this backend (reads of a
+//! store with appends in flight go through the queue behind them, see [`Writer::barrier`]),
+//! so the caller sees its append. If an acknowledged append then fails, its log is
+//! *poisoned*: every later append to it fails with [`StateError::Unavailable`] until a put
+//! or delete replaces it, so the log never has a gap, only a missing tail.
+//!
 //! Retries: a write whose round trip failed without an answer (the connection dropped) has
 //! an unknown outcome. A put or a delete is sent once more on the reconnected connection:
 //! both are idempotent, and the session actor never has two writes to one key in flight, so
@@ -18,6 +28,10 @@
 //! Redis refused (`NOSCRIPT` after a restart flushed the scripts) was not applied and is sent
 //! again after the scripts are loaded.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -42,19 +56,21 @@ pub(super) enum Op {
     Put(StorageKey, Vec<u8>),
     Delete(StorageKey),
     Append(StorageKey, Vec<u8>),
+    /// Not a write: a `PING` queued behind the writes before it, answered once they are.
+    Barrier(StorageKey),
 }
 
 impl Op {
     pub(super) fn key(&self) -> &StorageKey {
         match self {
-            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) => k,
+            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) | Op::Barrier(k) => k,
         }
     }
 
     pub(super) fn size(&self) -> usize {
         match self {
             Op::Put(_, v) | Op::Append(_, v) => v.len(),
-            Op::Delete(_) => 0,
+            Op::Delete(_) | Op::Barrier(_) => 0,
         }
     }
 
@@ -63,6 +79,7 @@ impl Op {
             Op::Put(..) => "redis put",
             Op::Delete(_) => "redis delete",
             Op::Append(..) => "redis append",
+            Op::Barrier(_) => "redis read",
         }
     }
 
@@ -78,6 +95,10 @@ impl Op {
             Op::Put(..) => &scripts.put,
             Op::Delete(_) => &scripts.delete,
             Op::Append(..) => &scripts.append,
+            Op::Barrier(_) => {
+                pipe.cmd("PING");
+                return;
+            }
         };
         let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(2 + names.folders.len());
         cmd.arg(&names.value).arg(&names.group);
@@ -99,7 +120,41 @@ struct Req {
     /// An earlier round trip of this write ended without an answer: it may have been
     /// applied, so a failure now is "outcome unknown", not "not applied".
     uncertain: bool,
+    /// An append already acknowledged to its caller (see the module docs).
+    early: bool,
     since: Instant,
+}
+
+/// What the task and the handles share.
+#[derive(Default)]
+struct Shared {
+    /// Appends acknowledged but not yet answered by Redis.
+    in_flight: AtomicUsize,
+    /// Logs with a lost acknowledged append: they take no appends until replaced.
+    poisoned: Mutex<HashSet<StorageKey>>,
+}
+
+/// Gives `req` its result: to its caller, or for an early append, to the poison set.
+fn answer(shared: &Shared, req: Req, result: Result<Value>) {
+    match (&req.op, &result) {
+        (Op::Put(key, _) | Op::Delete(key), Ok(_)) => {
+            crate::sync::lock(&shared.poisoned).remove(key);
+        }
+        (Op::Append(key, _), Err(e)) if req.early => {
+            if crate::sync::lock(&shared.poisoned).insert(key.clone()) {
+                tracing::warn!(
+                    key = %key, error = %e,
+                    "an acknowledged append was lost; the log takes no appends until replaced"
+                );
+            }
+        }
+        _ => {}
+    }
+    if req.early {
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+    // A caller that gave up (or an early append's) is not waiting for the answer.
+    let _ = req.reply.send(result);
 }
 
 /// The writer's settings, fixed at connect.
@@ -114,6 +169,7 @@ pub(super) struct Config {
 pub(super) struct Writer {
     queue: mpsc::UnboundedSender<Req>,
     timeout: Duration,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -127,8 +183,38 @@ impl Writer {
     pub(super) fn start(conn: ConnectionManager, config: Config) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let timeout = config.timeout;
-        tokio::spawn(run(conn, rx, config));
-        Writer { queue, timeout }
+        let shared = Arc::new(Shared::default());
+        tokio::spawn(run(conn, rx, config, shared.clone()));
+        Writer { queue, timeout, shared }
+    }
+
+    /// Queues an append and returns once it is queued (see the module docs), or fails if an
+    /// earlier acknowledged append to the same log was lost.
+    pub(super) fn append(&self, key: StorageKey, bytes: Vec<u8>) -> Result<()> {
+        if crate::sync::lock(&self.shared.poisoned).contains(&key) {
+            return Err(StateError::unavailable(format!(
+                "an earlier append to {key} was lost; the log takes no more appends until a \
+                 put or delete replaces it"
+            )));
+        }
+        let (reply, _) = oneshot::channel();
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let op = Op::Append(key, bytes);
+        let req = Req { op, reply, uncertain: false, early: true, since: Instant::now() };
+        if self.queue.send(req).is_err() {
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(StateError::unavailable("the Redis writer has stopped"));
+        }
+        Ok(())
+    }
+
+    /// Before a read of `key`: if appends are in flight, waits until Redis has answered
+    /// them (a `PING` queued behind them), so the read sees them.
+    pub(super) async fn barrier(&self, key: &StorageKey) -> Result<()> {
+        if self.shared.in_flight.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        self.submit(Op::Barrier(key.clone())).await.map(drop)
     }
 
     /// Queues `op` and waits for its reply: after Redis answered (and, with `appendfsync
@@ -136,7 +222,7 @@ impl Writer {
     pub(super) async fn submit(&self, op: Op) -> Result<Value> {
         let (reply, answer) = oneshot::channel();
         let (name, key) = (op.name(), op.key().to_string());
-        let req = Req { op, reply, uncertain: false, since: Instant::now() };
+        let req = Req { op, reply, uncertain: false, early: false, since: Instant::now() };
         if self.queue.send(req).is_err() {
             return Err(StateError::unavailable("the Redis writer has stopped"));
         }
@@ -154,7 +240,12 @@ impl Writer {
 }
 
 /// The task: batches until the queue is closed and empty.
-async fn run(mut conn: ConnectionManager, mut rx: mpsc::UnboundedReceiver<Req>, config: Config) {
+async fn run(
+    mut conn: ConnectionManager,
+    mut rx: mpsc::UnboundedReceiver<Req>,
+    config: Config,
+    shared: Arc<Shared>,
+) {
     while let Some(first) = rx.recv().await {
         let mut bytes = first.op.size();
         let mut batch = vec![first];
@@ -167,12 +258,22 @@ async fn run(mut conn: ConnectionManager, mut rx: mpsc::UnboundedReceiver<Req>, 
                 Err(_) => break,
             }
         }
-        send(&mut conn, &config, batch).await;
+        send(&mut conn, &config, &shared, batch).await;
     }
 }
 
 /// Sends `batch` as one pipeline and answers every caller; resends what may be resent.
-async fn send(conn: &mut ConnectionManager, config: &Config, mut batch: Vec<Req>) {
+async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, batch: Vec<Req>) {
+    // Appends queued behind a lost one are dropped, so a log never has a gap.
+    let (mut batch, dropped): (Vec<Req>, Vec<Req>) = batch.into_iter().partition(|req| {
+        !(req.early && crate::sync::lock(&shared.poisoned).contains(req.op.key()))
+    });
+    for req in dropped {
+        answer(shared, req, Err(StateError::unavailable("an earlier append to this log was lost")));
+    }
+    if batch.is_empty() {
+        return;
+    }
     for round in 0..MAX_ROUNDS {
         let last = round + 1 == MAX_ROUNDS;
         let mut pipe = redis::pipe();
@@ -190,20 +291,20 @@ async fn send(conn: &mut ConnectionManager, config: &Config, mut batch: Vec<Req>
             Ok(Ok(_)) => {
                 // Not the pipeline's shape: nothing is known of any write in it.
                 let e = StateError::unavailable("Redis answered a pipeline with a wrong count");
-                return fail_all(batch, &e, config.timeout);
+                return fail_all(shared, batch, &e, config.timeout);
             }
             Err(_) => {
                 // No answer in time: the writes may still run. No retry (the first copies may
                 // still be queued on the server, and a retry would only wait longer).
                 for req in batch {
                     let e = unknown_outcome(req.op.name(), req.op.key().to_string(), config.timeout);
-                    let _ = req.reply.send(Err(e));
+                    answer(shared, req, Err(e));
                 }
                 return;
             }
             Ok(Err(e)) if e.is_connection_refusal() => {
                 // No connection: this round sent nothing.
-                return fail_all(batch, &error_of(&e, None, 0), config.timeout);
+                return fail_all(shared, batch, &error_of(&e, None, 0), config.timeout);
             }
             Ok(Err(e)) => {
                 // The connection failed with the writes sent or half sent: outcomes unknown.
@@ -216,7 +317,7 @@ async fn send(conn: &mut ConnectionManager, config: &Config, mut batch: Vec<Req>
                         again.push(req);
                     } else {
                         let e = unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed());
-                        let _ = req.reply.send(Err(e));
+                        answer(shared, req, Err(e));
                     }
                 }
                 if again.is_empty() {
@@ -234,16 +335,14 @@ async fn send(conn: &mut ConnectionManager, config: &Config, mut batch: Vec<Req>
                     no_script = true;
                     again.push(req);
                 }
-                Ok(v) => {
-                    let _ = req.reply.send(Ok(v));
-                }
+                Ok(v) => answer(shared, req, Ok(v)),
                 Err(e) => {
                     let err = if req.uncertain {
                         unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed())
                     } else {
                         error_of(&e, Some(req.op.key()), req.op.size())
                     };
-                    let _ = req.reply.send(Err(err));
+                    answer(shared, req, Err(err));
                 }
             }
         }
@@ -253,7 +352,7 @@ async fn send(conn: &mut ConnectionManager, config: &Config, mut batch: Vec<Req>
         if no_script {
             // A restarted server (or SCRIPT FLUSH) forgot the scripts: load them, resend.
             if let Err(e) = config.scripts.load(conn, config.timeout).await {
-                return fail_all(again, &e, config.timeout);
+                return fail_all(shared, again, &e, config.timeout);
             }
         }
         batch = again;
@@ -262,13 +361,13 @@ async fn send(conn: &mut ConnectionManager, config: &Config, mut batch: Vec<Req>
 
 /// Answers every write of `batch` with `e`, or "outcome unknown" for those that may have
 /// been applied by an earlier round.
-fn fail_all(batch: Vec<Req>, e: &StateError, timeout: Duration) {
+fn fail_all(shared: &Shared, batch: Vec<Req>, e: &StateError, timeout: Duration) {
     for req in batch {
         let err = if req.uncertain {
             unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed().max(timeout))
         } else {
             super::copy_error(e)
         };
-        let _ = req.reply.send(Err(err));
+        answer(shared, req, Err(err));
     }
 }
