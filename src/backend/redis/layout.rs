@@ -17,7 +17,9 @@
 //!
 //! Invariant: a value is never stored without its listing entries, because one script
 //! adds the entries and then sets the value (a script runs whole, alone, and is written to
-//! the AOF as one unit). The reverse (an entry whose value is gone: a value that expired,
+//! the AOF as one unit). Once a script of the backend has made a key's entries, later puts
+//! and appends of that key (outside session groups) are a bare `SET` or `APPEND` until the
+//! backend sends a delete of it (`writer.rs` keeps that set of keys). The reverse (an entry whose value is gone: a value that expired,
 //! a folder left empty) is allowed: the listing script checks each entry's value exists and
 //! removes entries that point at nothing.
 

@@ -10,7 +10,9 @@
 //! Durability contract, and what an `Ok` means exactly:
 //! - every write is one Lua script (value and listing entries together; see `layout.rs`), so
 //!   Redis applies it whole, and writes it to its append-only file (AOF) as one unit: after a
-//!   crash of Redis the value and its listing entry are both there or both absent. (A torn
+//!   crash of Redis the value and its listing entry are both there or both absent. (A key
+//!   whose entries a script of this backend already made is then written with a bare `SET`
+//!   or `APPEND`, one command, as atomic.) (A torn
 //!   last AOF record is dropped at load: Redis's default `aof-load-truncated yes`.)
 //! - at connect, the server must have `appendonly yes` and `appendfsync always` (and not
 //!   `no-appendfsync-on-rewrite yes`), or the default (durable) mode refuses to open with

@@ -89,15 +89,32 @@ impl Op {
     }
 
     /// Adds this write's `EVALSHA` to `pipe`.
-    fn push(&self, pipe: &mut redis::Pipeline, layout: &Layout, scripts: &Scripts, ttl_ms: u64) {
+    /// Adds this write to `pipe`: its script, or for a put or append of a key in `listed`
+    /// (outside any session group), the bare `SET` or `APPEND`.
+    fn push(&self, pipe: &mut redis::Pipeline, config: &Config, listed: &mut HashSet<StorageKey>) {
+        let (layout, scripts, ttl_ms) = (&config.layout, &config.scripts, config.ttl_ms);
         let names = layout.names(self.key(), ttl_ms > 0);
         let script = match self {
-            Op::Put(..) => &scripts.put,
-            Op::Delete(_) => &scripts.delete,
-            Op::Append(..) => &scripts.append,
             Op::Barrier(_) => {
                 pipe.cmd("PING");
                 return;
+            }
+            Op::Put(key, bytes) | Op::Append(key, bytes)
+                if names.group.is_empty() && listed.contains(key) =>
+            {
+                // An earlier script of this backend made the key's listing entries and no
+                // delete has been sent since: only the value changes, in one (atomic)
+                // command, which costs Redis a tenth of a script.
+                let verb = if matches!(self, Op::Put(..)) { "SET" } else { "APPEND" };
+                pipe.cmd(verb).arg(&names.value).arg(bytes.as_slice());
+                return;
+            }
+            Op::Put(..) => &scripts.put,
+            Op::Append(..) => &scripts.append,
+            Op::Delete(key) => {
+                // Later writes of this key (in this batch too) make its entries again.
+                listed.remove(key);
+                &scripts.delete
             }
         };
         let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(2 + names.folders.len());
@@ -125,9 +142,16 @@ struct Req {
     since: Instant,
 }
 
+/// Keys remembered as listed at most (a bound on memory; forgetting only costs a script).
+const MAX_LISTED: usize = 100_000;
+
 /// What the task and the handles share.
 #[derive(Default)]
 struct Shared {
+    /// Keys whose listing entries an acknowledged script of this backend made, with no delete
+    /// sent since: a put or append of them needs no script. Emptied whenever a round trip
+    /// fails (the server may have restarted from an older state, or failed over).
+    listed: Mutex<HashSet<StorageKey>>,
     /// Appends acknowledged but not yet answered by Redis.
     in_flight: AtomicUsize,
     /// Logs with a lost acknowledged append: they take no appends until replaced.
@@ -137,8 +161,19 @@ struct Shared {
 /// Gives `req` its result: to its caller, or for an early append, to the poison set.
 fn answer(shared: &Shared, req: Req, result: Result<Value>) {
     match (&req.op, &result) {
-        (Op::Put(key, _) | Op::Delete(key), Ok(_)) => {
+        (Op::Put(key, _) | Op::Append(key, _), Ok(_)) => {
+            if matches!(req.op, Op::Put(..)) {
+                crate::sync::lock(&shared.poisoned).remove(key);
+            }
+            let mut listed = crate::sync::lock(&shared.listed);
+            if listed.len() >= MAX_LISTED {
+                listed.clear();
+            }
+            listed.insert(key.clone());
+        }
+        (Op::Delete(key), Ok(_)) => {
             crate::sync::lock(&shared.poisoned).remove(key);
+            crate::sync::lock(&shared.listed).remove(key);
         }
         (Op::Append(key, _), Err(e)) if req.early => {
             if crate::sync::lock(&shared.poisoned).insert(key.clone()) {
@@ -278,14 +313,20 @@ async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, ba
         let last = round + 1 == MAX_ROUNDS;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for req in &batch {
-            req.op.push(&mut pipe, &config.layout, &config.scripts, config.ttl_ms);
+        {
+            let mut listed = crate::sync::lock(&shared.listed);
+            for req in &batch {
+                req.op.push(&mut pipe, config, &mut listed);
+            }
         }
         let sent = tokio::time::timeout(
             config.timeout,
             pipe.query_async::<Vec<RedisResult<Value>>>(conn),
         )
         .await;
+        if !matches!(&sent, Ok(Ok(replies)) if replies.len() == batch.len()) {
+            crate::sync::lock(&shared.listed).clear();
+        }
         let replies = match sent {
             Ok(Ok(replies)) if replies.len() == batch.len() => replies,
             Ok(Ok(_)) => {
