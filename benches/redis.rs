@@ -104,11 +104,8 @@ fn main() {
         std::fs::create_dir_all(&root).unwrap();
         in_bench_dir(root);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     let server = support::Server::start();
     let url = server.url();
     rt.block_on(async {
@@ -127,7 +124,9 @@ fn main() {
         let ours_1 = saves_per_sec(&m, 1, time).await;
         let loads = loads_per_sec(&m, time).await;
         m.shutdown().await.unwrap();
-        println!("redis-server with appendonly yes, appendfsync always; 1 KB states; {time:?} each");
+        println!(
+            "redis-server with appendonly yes, appendfsync always; 1 KB states; {time:?} each"
+        );
         println!("  StateManager save, {SESSIONS} sessions at once : {ours_64:>9.0} saves/s");
         println!("  plain SET, one client, one per round trip  : {plain:>9.0} SETs/s");
         println!("  ratio (ours, 64 sessions / plain SET)      : {:>9.2}x", ours_64 / plain);

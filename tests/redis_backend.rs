@@ -57,7 +57,8 @@ mars_state::conformance_tests! {
 
 async fn open_manager(url: &str, prefix: &str, compression: Option<u32>) -> StateManager {
     let options = RedisStorageBackend::options().prefix(prefix);
-    let mut builder = StateManager::builder(bounded("connect", options.connect(url)).await.unwrap());
+    let mut builder =
+        StateManager::builder(bounded("connect", options.connect(url)).await.unwrap());
     if let Some(level) = compression {
         builder = builder.compression(level);
     }
@@ -208,9 +209,8 @@ async fn listing_walks_sets_not_the_keyspace() {
         bounded("put", b.put(&k, vec![1; 4])).await.unwrap();
     }
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut admin).await.unwrap();
-    let small = bounded("list", b.list(&StorageKey::new("checkpoints/small").unwrap()))
-        .await
-        .unwrap();
+    let small =
+        bounded("list", b.list(&StorageKey::new("checkpoints/small").unwrap())).await.unwrap();
     assert_eq!(small.len(), 3);
     let stats: String =
         redis::cmd("INFO").arg("commandstats").query_async(&mut admin).await.unwrap();
@@ -278,3 +278,33 @@ async fn oversized_values_are_too_large() {
 mod crash;
 #[path = "redis_backend/dropped.rs"]
 mod dropped;
+
+#[tokio::test]
+async fn rewrites_after_a_delete_are_listed_again() {
+    // After a first write, puts and appends of a key are bare SET/APPEND; a delete must
+    // bring back the script (and so the listing entry) for the next write.
+    let (b, _server) = fresh().await;
+    let k = |s: &str| StorageKey::new(s).unwrap();
+    let listed = |v: Vec<mars_state::ObjectMeta>| {
+        let mut v: Vec<_> = v.into_iter().map(|m| (m.key.to_string(), m.size)).collect();
+        v.sort();
+        v
+    };
+    for round in 0..3u64 {
+        bounded("put", b.put(&k("checkpoints/s/c.json"), b"one".to_vec())).await.unwrap();
+        bounded("put", b.put(&k("checkpoints/s/c.json"), b"two!".to_vec())).await.unwrap();
+        bounded("append", b.append(&k("metadata/j.log"), vec![0, 0xff])).await.unwrap();
+        bounded("append", b.append(&k("metadata/j.log"), vec![1])).await.unwrap();
+        let got = listed(bounded("list", b.list(&k("checkpoints"))).await.unwrap());
+        assert_eq!(got, [("checkpoints/s/c.json".to_owned(), 4)], "round {round}");
+        let got = listed(bounded("list", b.list(&k("metadata"))).await.unwrap());
+        assert_eq!(got, [("metadata/j.log".to_owned(), 3)], "round {round}");
+        assert_eq!(
+            bounded("get", b.get(&k("metadata/j.log"))).await.unwrap(),
+            Some(vec![0, 0xff, 1])
+        );
+        assert!(bounded("delete", b.delete(&k("checkpoints/s/c.json"))).await.unwrap());
+        assert!(bounded("delete", b.delete(&k("metadata/j.log"))).await.unwrap());
+        assert!(bounded("list", b.list(&k("checkpoints"))).await.unwrap().is_empty());
+    }
+}

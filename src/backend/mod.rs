@@ -29,10 +29,10 @@ mod sqlite;
 #[cfg(test)]
 pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 
-pub use file::{FileOptions, FileStorageBackend};
-pub use memory::MemoryStorageBackend;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisOptions, RedisStorageBackend};
+pub use file::{FileOptions, FileStorageBackend};
+pub use memory::MemoryStorageBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStorageBackend};
 

@@ -223,7 +223,11 @@ mod tests {
         let folders: Vec<_> = n.folders.iter().map(|(f, m)| (f.as_str(), m.as_str())).collect();
         assert_eq!(
             folders,
-            [("p:d:checkpoints/s1/b", "c.json"), ("p:d:checkpoints/s1", "b/"), ("p:d:checkpoints", "s1/")]
+            [
+                ("p:d:checkpoints/s1/b", "c.json"),
+                ("p:d:checkpoints/s1", "b/"),
+                ("p:d:checkpoints", "s1/")
+            ]
         );
         assert_eq!(n.group, "");
         assert!(l.names(&key("top"), true).folders.is_empty());

@@ -52,7 +52,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 
-use self::layout::{Layout, LIST_SCRIPT};
+use self::layout::{LIST_SCRIPT, Layout};
 use self::writer::{Op, Writer};
 use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
@@ -252,13 +252,16 @@ impl RedisStorageBackend {
         scripts.load(&mut reads, options.timeout).await?;
         let writes = connect().await?;
         let layout = Layout::new(&options.prefix);
-        let ttl_ms = options.session_ttl.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64);
+        let ttl_ms =
+            options.session_ttl.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64);
         let writer = Writer::start(
             writes,
             writer::Config { layout: layout.clone(), scripts, ttl_ms, timeout: options.timeout },
         );
         let list = redis::Script::new(LIST_SCRIPT);
-        Ok(RedisStorageBackend { inner: Arc::new(Inner { reads, writer, layout, list, options, addr }) })
+        Ok(RedisStorageBackend {
+            inner: Arc::new(Inner { reads, writer, layout, list, options, addr }),
+        })
     }
 
     /// Runs a read, once more if the connection dropped under it (reads are idempotent).
@@ -271,7 +274,8 @@ impl RedisStorageBackend {
         for attempt in 0..2 {
             match tokio::time::timeout(timeout, f(self.inner.reads.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if attempt == 0 && e.is_connection_dropped() && !e.is_connection_refusal() => {}
+                Ok(Err(e))
+                    if attempt == 0 && e.is_connection_dropped() && !e.is_connection_refusal() => {}
                 Ok(Err(e)) => return Err(error_of(&e, Some(key), 0)),
                 Err(_) => break,
             }
@@ -418,7 +422,9 @@ fn error_of(e: &RedisError, key: Option<&StorageKey>, size: usize) -> StateError
         Some("ERR") if detail.contains("exceeds maximum allowed size") => {
             StateError::TooLarge { size, limit: MAX_VALUE }
         }
-        Some(code) => StateError::unavailable(format!("Redis refused the request{about}: {code} {detail}")),
+        Some(code) => {
+            StateError::unavailable(format!("Redis refused the request{about}: {code} {detail}"))
+        }
         None => StateError::unavailable(format!("Redis request failed{about}: {e}")),
     }
 }
@@ -498,14 +504,20 @@ impl StorageBackend for RedisStorageBackend {
             .await?;
         let mut out = Vec::with_capacity(flat.len() / 2);
         for pair in flat.chunks(2) {
-            let (Some(Value::BulkString(name)), Some(Value::Int(size))) = (pair.first(), pair.get(1))
+            let (Some(Value::BulkString(name)), Some(Value::Int(size))) =
+                (pair.first(), pair.get(1))
             else {
-                return Err(StateError::corrupt(prefix, "Redis answered a listing in a wrong shape"));
+                return Err(StateError::corrupt(
+                    prefix,
+                    "Redis answered a listing in a wrong shape",
+                ));
             };
             let key = String::from_utf8(name.clone())
                 .ok()
                 .and_then(|k| StorageKey::new(k).ok())
-                .ok_or_else(|| StateError::corrupt(prefix, "a listed Redis key is not a valid key"))?;
+                .ok_or_else(|| {
+                    StateError::corrupt(prefix, "a listed Redis key is not a valid key")
+                })?;
             out.push(ObjectMeta { key, size: u64::try_from(*size).unwrap_or(0) });
         }
         Ok(out)

@@ -176,7 +176,8 @@ fn answer(shared: &Shared, req: Req, result: Result<Value>) {
             crate::sync::lock(&shared.listed).remove(key);
         }
         (Op::Append(key, _), Err(e)) if req.early => {
-            if crate::sync::lock(&shared.poisoned).insert(key.clone()) {
+            let first_loss = crate::sync::lock(&shared.poisoned).insert(key.clone());
+            if first_loss {
                 tracing::warn!(
                     key = %key, error = %e,
                     "an acknowledged append was lost; the log takes no appends until replaced"
@@ -319,11 +320,9 @@ async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, ba
                 req.op.push(&mut pipe, config, &mut listed);
             }
         }
-        let sent = tokio::time::timeout(
-            config.timeout,
-            pipe.query_async::<Vec<RedisResult<Value>>>(conn),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(config.timeout, pipe.query_async::<Vec<RedisResult<Value>>>(conn))
+                .await;
         if !matches!(&sent, Ok(Ok(replies)) if replies.len() == batch.len()) {
             crate::sync::lock(&shared.listed).clear();
         }
@@ -338,7 +337,8 @@ async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, ba
                 // No answer in time: the writes may still run. No retry (the first copies may
                 // still be queued on the server, and a retry would only wait longer).
                 for req in batch {
-                    let e = unknown_outcome(req.op.name(), req.op.key().to_string(), config.timeout);
+                    let e =
+                        unknown_outcome(req.op.name(), req.op.key().to_string(), config.timeout);
                     answer(shared, req, Err(e));
                 }
                 return;
@@ -357,7 +357,11 @@ async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, ba
                         req.uncertain = true;
                         again.push(req);
                     } else {
-                        let e = unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed());
+                        let e = unknown_outcome(
+                            req.op.name(),
+                            req.op.key().to_string(),
+                            req.since.elapsed(),
+                        );
                         answer(shared, req, Err(e));
                     }
                 }
@@ -372,14 +376,21 @@ async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, ba
         let mut no_script = false;
         for (req, reply) in batch.into_iter().zip(replies) {
             match reply {
-                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) && !last => {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                        && !last =>
+                {
                     no_script = true;
                     again.push(req);
                 }
                 Ok(v) => answer(shared, req, Ok(v)),
                 Err(e) => {
                     let err = if req.uncertain {
-                        unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed())
+                        unknown_outcome(
+                            req.op.name(),
+                            req.op.key().to_string(),
+                            req.since.elapsed(),
+                        )
                     } else {
                         error_of(&e, Some(req.op.key()), req.op.size())
                     };
@@ -405,7 +416,11 @@ async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, ba
 fn fail_all(shared: &Shared, batch: Vec<Req>, e: &StateError, timeout: Duration) {
     for req in batch {
         let err = if req.uncertain {
-            unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed().max(timeout))
+            unknown_outcome(
+                req.op.name(),
+                req.op.key().to_string(),
+                req.since.elapsed().max(timeout),
+            )
         } else {
             super::copy_error(e)
         };
