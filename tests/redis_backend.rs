@@ -9,6 +9,11 @@
 //! - `machine_server_*`: the machine's Redis (127.0.0.1:6379, `appendonly no`, never
 //!   reconfigured) is refused by the default (durable) connect with `Config` naming the
 //!   settings, and works with `best_effort()` (random prefix, keys removed at the end);
+//! - `without_config_the_fsync_policy_cannot_be_verified`: with `CONFIG` disabled the check
+//!   falls back to `INFO persistence` and the durable mode refuses, saying what it could not
+//!   verify; `best_effort()` opens;
+//! - `rewrites_after_a_delete_are_listed_again`: a put or append after a delete (bare
+//!   `SET`/`APPEND` otherwise) makes the listing entry again;
 //! - `listing_walks_sets_not_the_keyspace`: listings work with `KEYS`/`SCAN` disabled, and
 //!   the commands a listing runs grow with what it returns, not with the store;
 //! - `session_ttl_expires_every_key_of_a_session`;
@@ -165,6 +170,24 @@ async fn machine_server_works_best_effort() {
     bounded("shutdown", m.shutdown()).await.unwrap();
     let removed = redis_support::remove_prefix(MACHINE_URL, &prefix).await;
     assert!(removed > 0, "the test left no keys to remove under {prefix}");
+}
+
+#[tokio::test]
+async fn without_config_the_fsync_policy_cannot_be_verified() {
+    // As on managed Redis: CONFIG is disabled, INFO shows the AOF but not its fsync policy.
+    let server = Server::start_with(&["--rename-command", "CONFIG", ""]);
+    let err = bounded("connect", RedisStorageBackend::connect(&server.url()))
+        .await
+        .expect_err("connected durably without verifying appendfsync");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("appendfsync cannot be verified"), "{msg}");
+    assert!(!msg.contains("aof_enabled is"), "the AOF is on, yet reported off: {msg}");
+    let options = RedisStorageBackend::options().best_effort();
+    let b = bounded("connect", options.connect(&server.url())).await.unwrap();
+    let key = StorageKey::new("sessions/s.json").unwrap();
+    bounded("put", b.put(&key, b"x".to_vec())).await.unwrap();
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"x".to_vec()));
 }
 
 #[tokio::test]

@@ -157,7 +157,7 @@ fn sigkill_redis_while_saving() {
     let mut acked = Acked::default();
     let started = Instant::now();
     for round in 0..rounds {
-        let delay = Duration::from_millis(2 + rng.next() % 80);
+        let delay = Duration::from_millis(2 + rng.next() % 250);
         let url = server.url();
         let lines = run_child(&url, &prefix, delay, || server.kill(), Duration::from_millis(2500));
         acked.add(&lines);

@@ -31,17 +31,20 @@ pub struct Server {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl Server {
     /// Starts a durable server (appendonly yes, appendfsync always), or panics saying why.
     pub fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        Server::start_in(dir)
+        Server::start_with(&[])
     }
 
-    fn start_in(dir: tempfile::TempDir) -> Server {
-        let mut server = Server { child: None, port: 0, dir };
+    /// Starts a durable server with `extra` arguments after the usual ones.
+    pub fn start_with(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = Server { child: None, port: 0, dir, extra };
         // A port can be taken between our probe and the server's bind: try a few.
         for _ in 0..5 {
             server.port = free_port();
@@ -62,6 +65,7 @@ impl Server {
             .args(["--daemonize", "no", "--protected-mode", "no", "--logfile", "redis.log"])
             // Any use of the keyspace-wide listing commands fails.
             .args(["--rename-command", "KEYS", "", "--rename-command", "SCAN", ""])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
