@@ -119,17 +119,25 @@ fn main() {
             .start()
             .await
             .unwrap();
-        let ours_64 = saves_per_sec(&m, SESSIONS, time).await;
-        let plain = plain_sets_per_sec(&url, time).await;
+        // Ours and plain SET in turns, three times: the machine's load changes over a run,
+        // so each ratio compares two measurements taken side by side; the median is printed.
+        let mut ratios = Vec::new();
+        let (mut best_ours, mut best_plain) = (0f64, 0f64);
+        for _ in 0..3 {
+            let ours = saves_per_sec(&m, SESSIONS, time).await;
+            let plain = plain_sets_per_sec(&url, time).await;
+            ratios.push(ours / plain);
+            (best_ours, best_plain) = (best_ours.max(ours), best_plain.max(plain));
+            println!("  64 sessions {ours:>7.0} saves/s | plain SET {plain:>7.0}/s | {:.2}x", ours / plain);
+        }
+        ratios.sort_by(f64::total_cmp);
         let ours_1 = saves_per_sec(&m, 1, time).await;
         let loads = loads_per_sec(&m, time).await;
         m.shutdown().await.unwrap();
-        println!(
-            "redis-server with appendonly yes, appendfsync always; 1 KB states; {time:?} each"
-        );
-        println!("  StateManager save, {SESSIONS} sessions at once : {ours_64:>9.0} saves/s");
-        println!("  plain SET, one client, one per round trip  : {plain:>9.0} SETs/s");
-        println!("  ratio (ours, 64 sessions / plain SET)      : {:>9.2}x", ours_64 / plain);
+        println!("redis-server with appendonly yes, appendfsync always; 1 KB states; {time:?} each");
+        println!("  StateManager save, {SESSIONS} sessions at once : {best_ours:>9.0} saves/s (best of 3)");
+        println!("  plain SET, one client, one per round trip  : {best_plain:>9.0} SETs/s (best of 3)");
+        println!("  ratio (ours, 64 sessions / plain SET)      : {:>9.2}x (median of 3)", ratios[1]);
         println!(
             "  StateManager save, 1 session              : {ours_1:>9.0} saves/s ({:.0} us each)",
             1e6 / ours_1
