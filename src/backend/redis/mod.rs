@@ -2,9 +2,10 @@
 //! listed through one set per folder.
 //!
 //! This module owns the public handle ([`RedisStorageBackend`], [`RedisOptions`]),
-//! connecting (the durability check, loading the scripts), the reads, the mapping of
-//! redis-rs errors to [`StateError`] and the [`StorageBackend`] impl; writes go to the writer
-//! task (`writer.rs`); the key names and Lua scripts are in `layout.rs`. It calls redis-rs and
+//! connecting (loading the scripts), the reads, the mapping of redis-rs errors to
+//! [`StateError`] and the [`StorageBackend`] impl; writes go to the writer task
+//! (`writer.rs`); the key names and Lua scripts are in `layout.rs`; the checks made at
+//! connect (prefix, persistence settings) in `checks.rs`. It calls redis-rs and
 //! nothing above the backends but the key's class.
 //!
 //! Durability contract, and what an `Ok` means exactly:
@@ -37,13 +38,14 @@
 //! - nothing is ever staged, so `sweep` has nothing to remove.
 //!
 //! Not supported: Redis Cluster (the scripts build key names at run time; one prefix's keys
-//! would need one hash slot). Two processes may use one prefix at once as far as Redis is
-//! concerned, but the manager keeps an index in memory: run one manager per prefix.
+//! would need one hash slot). One backend per prefix at a time: the manager keeps an index
+//! in memory, and the writer remembers which keys it has listed (a delete by another
+//! process would not be seen). Nothing enforces it (no lock key): run one manager per prefix.
 
+mod checks;
 mod layout;
 mod writer;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +54,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 
+use self::checks::{check_durability, check_prefix};
 use self::layout::{LIST_SCRIPT, Layout};
 use self::writer::{Op, Writer};
 use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
@@ -161,6 +164,12 @@ impl RedisOptions {
     /// checkpoint sets the TTL again on all of them. Default: no expiry. Other keys (the
     /// store's metadata, access records) never expire. An expired session's entry in the
     /// folder of all sessions is removed by the next listing of it.
+    ///
+    /// Redis expires the keys behind the manager's back: a running
+    /// [`StateManager`](crate::StateManager) finds nothing when it loads an expired session
+    /// (`Ok(None)`), but its in-memory index still lists the session and its checkpoints
+    /// until the manager is restarted. Choose a TTL far above the time a session may sit
+    /// idle while it is expected to come back.
     pub fn session_ttl(mut self, ttl: Duration) -> Self {
         self.session_ttl = Some(ttl.max(Duration::from_millis(1)));
         self
@@ -314,99 +323,6 @@ impl Scripts {
         }
         Ok(())
     }
-}
-
-/// The prefix rule of [`RedisOptions::prefix`]: no `:` (so no prefix is another one's
-/// start followed by our separators), no `{}` (Cluster hash tags), no spaces.
-fn check_prefix(prefix: &str) -> Result<()> {
-    let ok = (1..=64).contains(&prefix.len())
-        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok {
-        return Ok(());
-    }
-    Err(StateError::Config {
-        message: format!(
-            "Redis key prefix {:?} is not 1 to 64 ASCII letters, digits, '_', '-' or '.'",
-            prefix.chars().take(80).collect::<String>()
-        ),
-    })
-}
-
-/// Refuses (unless best effort) a server that may acknowledge a write before it is on disk.
-async fn check_durability(
-    conn: &mut ConnectionManager,
-    options: &RedisOptions,
-    addr: &str,
-) -> Result<()> {
-    let query = async {
-        let mut settings = HashMap::new();
-        for name in ["appendonly", "appendfsync", "no-appendfsync-on-rewrite"] {
-            let got: HashMap<String, String> =
-                redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await?;
-            settings.extend(got);
-        }
-        Ok::<_, RedisError>(settings)
-    };
-    let timed_out = || StateError::unavailable(format!("Redis at {addr} did not answer in time"));
-    let config = tokio::time::timeout(options.timeout, query).await.map_err(|_| timed_out())?;
-    let mut problems = Vec::new();
-    match config {
-        Ok(settings) => {
-            let get = |name: &str| settings.get(name).map_or("(not reported)", String::as_str);
-            if get("appendonly") != "yes" {
-                problems.push(format!("appendonly is {}", get("appendonly")));
-            }
-            if get("appendfsync") != "always" {
-                problems.push(format!("appendfsync is {}", get("appendfsync")));
-            }
-            if get("no-appendfsync-on-rewrite") == "yes" {
-                problems.push(
-                    "no-appendfsync-on-rewrite is yes (no fsync while the AOF is rewritten)".into(),
-                );
-            }
-        }
-        Err(e) if e.is_io_error() => return Err(error_of(&e, None, 0)),
-        Err(e) => {
-            // CONFIG renamed away or denied (managed Redis): INFO shows whether the AOF is on,
-            // not its fsync policy.
-            let info: String = tokio::time::timeout(
-                options.timeout,
-                redis::cmd("INFO").arg("persistence").query_async(conn),
-            )
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(|e| error_of(&e, None, 0))?;
-            let aof = info.lines().find_map(|l| l.trim().strip_prefix("aof_enabled:"));
-            if aof != Some("1") {
-                problems.push(format!("aof_enabled is {} (INFO persistence)", aof.unwrap_or("?")));
-            }
-            problems.push(format!(
-                "appendfsync cannot be verified: CONFIG GET failed ({}), and INFO does not show it",
-                e.code().unwrap_or("error")
-            ));
-        }
-    }
-    if problems.is_empty() {
-        return Ok(());
-    }
-    let problems = problems.join("; ");
-    if options.best_effort {
-        tracing::warn!(
-            %addr,
-            %problems,
-            "Redis may acknowledge writes before they are on disk; opened best effort: an Ok can be lost"
-        );
-        return Ok(());
-    }
-    Err(StateError::Config {
-        message: format!(
-            "Redis at {addr} does not fsync each write before acknowledging it: {problems}. \
-             Run `CONFIG SET appendonly yes` and `CONFIG SET appendfsync always` (then \
-             `CONFIG REWRITE`), or put `appendonly yes` and `appendfsync always` in redis.conf; \
-             or open with RedisOptions::best_effort() to accept that an acknowledged write can \
-             be lost"
-        ),
-    })
 }
 
 /// The typed error for a redis-rs failure of a request that surely was not applied (or a
