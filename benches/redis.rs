@@ -4,7 +4,8 @@
 //! - a durable save of a 1 KB state through a `StateManager`, 64 sessions saving at once
 //!   (their writes queue together and go out in one pipeline, sharing one AOF fsync), against
 //!   one client doing one `SET` of 1 KB per round trip, sequentially: the ratio is printed;
-//! - a save from one session at a time, and a load.
+//! - a save from one session at a time; a load of a live session (from the manager's
+//!   memory) and a `get` straight from Redis (what a cold load costs).
 //!
 //! Run: `cargo bench --features redis --bench redis` (needs `redis-server` on PATH). The
 //! server's directory is under `$MARS_STATE_BENCH_DIR` if set, else the system temporary
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{SIZES, agent_state};
-use mars_state::{RedisStorageBackend, StateManager};
+use mars_state::{RedisStorageBackend, StateManager, StorageBackend, StorageKey};
 
 const SESSIONS: usize = 64;
 
@@ -95,6 +96,20 @@ async fn loads_per_sec(m: &StateManager, time: Duration) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// `get`s of one stored 1 KB record straight from the backend (one Redis round trip each,
+/// as a manager's cold load after a restart makes), one after another, for `time`: gets/s.
+async fn gets_per_sec(b: &RedisStorageBackend, time: Duration) -> f64 {
+    let key = StorageKey::new("sessions/bench-get.json").unwrap();
+    b.put(&key, vec![b'x'; 1000]).await.unwrap();
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        assert!(b.get(&key).await.unwrap().is_some());
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter or `--test` run (cargo test --benches) only
     // checks that the bench starts.
@@ -114,6 +129,7 @@ fn main() {
             .connect(&url)
             .await
             .expect("the private server is durable");
+        let reads = backend.clone();
         let m = StateManager::builder(backend)
             .janitor_interval(Duration::from_secs(3600))
             .start()
@@ -133,6 +149,7 @@ fn main() {
         ratios.sort_by(f64::total_cmp);
         let ours_1 = saves_per_sec(&m, 1, time).await;
         let loads = loads_per_sec(&m, time).await;
+        let gets = gets_per_sec(&reads, time).await;
         m.shutdown().await.unwrap();
         println!("redis-server with appendonly yes, appendfsync always; 1 KB states; {time:?} each");
         println!("  StateManager save, {SESSIONS} sessions at once : {best_ours:>9.0} saves/s (best of 3)");
@@ -143,8 +160,12 @@ fn main() {
             1e6 / ours_1
         );
         println!(
-            "  StateManager load, 1 session              : {loads:>9.0} loads/s ({:.0} us each)",
+            "  StateManager load, 1 session (in memory)  : {loads:>9.0} loads/s ({:.0} us each)",
             1e6 / loads
+        );
+        println!(
+            "  backend get of a 1 KB record (from Redis) : {gets:>9.0} gets/s ({:.0} us each)",
+            1e6 / gets
         );
     });
     drop(server);
