@@ -5,8 +5,9 @@
 //! that treats keys differently (a log for the bulk records, say) asks the key for its
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
-//! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system)
-//! and the backends (`memory`, `file/`, and with the `sqlite` feature `sqlite/`). Backends
+//! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system),
+//! the backends (`memory`, `file/`, and with the `sqlite` feature `sqlite/`) and [`open`],
+//! which names any of them with a URL. Backends
 //! call nothing above them: not the store, the codec, the actors nor the handle; only the
 //! key's class (`store::keys`).
 
@@ -21,6 +22,7 @@ mod file;
 mod memory;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod url;
 
 /// The file backend's file-system seam, for the power-loss simulator
 /// (`crate::testing::simfs`, test builds only), which implements it.
@@ -31,6 +33,7 @@ pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStorageBackend};
+pub use url::open;
 
 /// A validated relative key such as `sessions/s1.json`: `/`-separated segments, each
 /// non-empty, without NUL or `\`, not `.` or `..`, and not starting with `.` (names starting
@@ -147,7 +150,7 @@ pub enum KeyClass {
     Record,
     /// Store metadata that must stay readable without the encryption key: the format and
     /// encryption descriptors (`metadata/store.json`, `metadata/crypto.json`), the file
-    /// backend's lock, and the empty pending-delete markers. Read first at open, so a
+    /// backend's lock, and the empty pending-delete and copy-in-progress markers. Read first at open, so a
     /// backend writes them directly (never only into a log), and encryption stores them
     /// as they are.
     Plaintext,
