@@ -1,0 +1,122 @@
+//! Which backend the suites' stores live on, chosen by `MARS_STATE_TEST_BACKEND` as OpenDAL
+//! chooses the service of its behaviour tests: `file` (the default, also when unset or
+//! empty) or `sqlite` (needs `--features sqlite`). A test names its store by the directory
+//! it would give the file backend (`dir`); opening again with the same `dir` reaches the
+//! same store, so restart tests work on every backend.
+//!
+//! `MARS_STATE_TEST_BACKEND=sqlite cargo test --features sqlite --test api`
+//!
+//! Adding a backend is one arm in [`open_backend`] and its line in [`ACCEPTED`]. Tests that
+//! look at the file backend's files on disk ask [`file_backend_only`] first; every other
+//! test runs on whichever backend is chosen.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use mars_state::{FileStorageBackend, StorageBackend};
+
+/// The variable that picks the backend.
+pub const BACKEND_ENV: &str = "MARS_STATE_TEST_BACKEND";
+
+/// The values [`BACKEND_ENV`] accepts, and the cargo feature each needs.
+pub const ACCEPTED: &str = "`file` (the default when unset or empty; no feature), \
+                            `sqlite` (cargo feature `sqlite`: `--features sqlite`)";
+
+/// How long a reopen waits for the store's lock on backends that can wait for it: a
+/// restart right after `shutdown` may find the previous backend still closing (the SQLite
+/// backend's writer thread checkpoints the WAL and closes the database while the lock is
+/// held).
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The backend [`BACKEND_ENV`] names (validated once; panics on a value not in
+/// [`ACCEPTED`], or on one whose cargo feature this build lacks).
+pub fn backend_name() -> &'static str {
+    static NAME: OnceLock<&'static str> = OnceLock::new();
+    NAME.get_or_init(|| {
+        let value = std::env::var(BACKEND_ENV).unwrap_or_default();
+        let name: &'static str = match value.as_str() {
+            "" | "file" => "file",
+            "sqlite" if cfg!(feature = "sqlite") => "sqlite",
+            "sqlite" => panic!(
+                "{BACKEND_ENV}=sqlite needs the SQLite backend compiled in: run with \
+                 `--features sqlite`"
+            ),
+            other => panic!("{BACKEND_ENV}={other:?} is not a test backend; accepted: {ACCEPTED}"),
+        };
+        name
+    })
+}
+
+/// Whether the chosen backend is the file backend.
+pub fn on_file_backend() -> bool {
+    backend_name() == "file"
+}
+
+/// How the file backend is opened when it is the chosen one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileWrites {
+    /// As [`super::builder`] opens it: records written directly unless
+    /// [`super::LOG_ENV`] is set (several tests read record files while a manager is open).
+    Suite,
+    /// `FileStorageBackend::new`'s defaults (the write-ahead log on), for tests that always
+    /// opened it that way.
+    Defaults,
+}
+
+/// Opens the store named by `dir` on the chosen backend. `lock_wait`: how long to wait if
+/// the store is held (by a backend still closing), on backends that can wait; the file
+/// backend never waits here, as the suites always opened it.
+#[cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
+pub fn open_backend(
+    dir: &Path,
+    file: FileWrites,
+    lock_wait: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    match backend_name() {
+        "file" => {
+            let log = match file {
+                FileWrites::Suite => std::env::var_os(super::LOG_ENV).is_some(),
+                FileWrites::Defaults => true,
+            };
+            Ok(Arc::new(FileStorageBackend::options().write_ahead_log(log).open(dir)?))
+        }
+        // One database file in the store's directory; the directory is created if needed.
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Arc::new(
+            mars_state::SqliteStorageBackend::options()
+                .lock_wait(lock_wait)
+                .open(dir.join("state.db"))?,
+        )),
+        // The server backends (postgres, redis) go here: their store (a schema, a key
+        // prefix) is named from a hash of `dir`'s path, so the same `dir` reaches the same
+        // store and every test (every temporary directory) gets a fresh one.
+        other => unreachable!("{BACKEND_ENV}={other:?} passed the check in backend_name"),
+    }
+}
+
+/// The store named by `dir` on the chosen backend, opened as [`super::builder`] opens it;
+/// waits up to [`LOCK_WAIT`] for a store still being released. Panics if it cannot open.
+pub fn backend(dir: &Path) -> Arc<dyn StorageBackend> {
+    open_backend(dir, FileWrites::Suite, LOCK_WAIT)
+        .unwrap_or_else(|e| panic!("open the {} backend at {}: {e}", backend_name(), dir.display()))
+}
+
+/// [`backend`], but a file backend is opened with `FileStorageBackend::new`'s defaults
+/// (the write-ahead log on).
+pub fn backend_defaults(dir: &Path) -> Arc<dyn StorageBackend> {
+    open_backend(dir, FileWrites::Defaults, LOCK_WAIT)
+        .unwrap_or_else(|e| panic!("open the {} backend at {}: {e}", backend_name(), dir.display()))
+}
+
+/// For a test that is about the file backend itself (it reads, damages or plants files in
+/// the store's directory): true on the file backend; on any other, writes one
+/// `NOT RUN <test>: <why> (file backend only)` line, and the caller returns without checking
+/// anything.
+pub fn file_backend_only(test: &str, why: &str) -> bool {
+    if on_file_backend() {
+        return true;
+    }
+    super::not_run_line(test, &format!("{why} (file backend only)"));
+    false
+}
