@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use mars_state::{FileStorageBackend, StorageBackend};
+use mars_state::{FileStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
 
 /// The variable that picks the backend.
 pub const BACKEND_ENV: &str = "MARS_STATE_TEST_BACKEND";
@@ -119,4 +119,58 @@ pub fn file_backend_only(test: &str, why: &str) -> bool {
     }
     super::not_run_line(test, &format!("{why} (file backend only)"));
     false
+}
+
+/// [`backend`], for a test under paused tokio time (`start_paused = true`): on a backend
+/// that waits for a thread of its own (SQLite's writer thread), each call runs on tokio's
+/// blocking pool, which keeps the paused clock from jumping ahead while the call is in
+/// flight. Without that, tokio sees an idle runtime while the writer commits, advances the
+/// clock to the next timer, and the manager's call timeout fires (`Timeout` after "30 s").
+/// The file backend's I/O runs on the blocking pool already and is returned as it is.
+pub fn backend_for_paused_time(dir: &Path) -> Arc<dyn StorageBackend> {
+    let b = backend(dir);
+    if on_file_backend() { b } else { Arc::new(OnBlockingPool(b)) }
+}
+
+/// Runs every call of the backend inside `spawn_blocking` (see [`backend_for_paused_time`]).
+#[derive(Debug)]
+struct OnBlockingPool(Arc<dyn StorageBackend>);
+
+impl OnBlockingPool {
+    async fn run<T, F>(&self, call: impl FnOnce(Arc<dyn StorageBackend>) -> F) -> T
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let fut = call(self.0.clone());
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || rt.block_on(fut)).await.expect("backend call panicked")
+    }
+}
+
+#[async_trait::async_trait]
+impl StorageBackend for OnBlockingPool {
+    async fn get(&self, key: &StorageKey) -> mars_state::Result<Option<Vec<u8>>> {
+        let key = key.clone();
+        self.run(|b| async move { b.get(&key).await }).await
+    }
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
+        let key = key.clone();
+        self.run(|b| async move { b.put(&key, value).await }).await
+    }
+    async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
+        let key = key.clone();
+        self.run(|b| async move { b.delete(&key).await }).await
+    }
+    async fn list(&self, prefix: &StorageKey) -> mars_state::Result<Vec<ObjectMeta>> {
+        let prefix = prefix.clone();
+        self.run(|b| async move { b.list(&prefix).await }).await
+    }
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> mars_state::Result<()> {
+        let key = key.clone();
+        self.run(|b| async move { b.append(&key, bytes).await }).await
+    }
+    async fn sweep(&self) -> mars_state::Result<SweepReport> {
+        self.run(|b| async move { b.sweep().await }).await
+    }
 }
