@@ -5,8 +5,9 @@
 //!   `transactional_update` closure panics 1,000 times in a row (each call gets
 //!   `ErrorKind::Panicked`) while 50 other sessions save 20 times each, concurrently, on a
 //!   store (a file store unless `MARS_STATE_TEST_BACKEND` says otherwise). Every one of the
-//!   1,000 other saves must be acknowledged and, read back by a fresh manager, present; the whole run must finish within 120 s (no hang); the panicking
-//!   session must work normally afterwards; and resident memory (`VmRSS` from
+//!   1,000 other saves must be acknowledged and, read back by a fresh manager, present; the
+//!   whole run must finish within 120 s (no hang); the panicking session must work normally
+//!   afterwards; and resident memory (`VmRSS` from
 //!   `/proc/self/status`) may grow by less than 20 MiB between the 100th and the 1,000th
 //!   panic. Both figures are printed.
 //! - `a_panic_under_a_call_timeout_returns_panicked_and_never_hangs`: with a 500 ms call

@@ -23,11 +23,17 @@ pub const BACKEND_ENV: &str = "MARS_STATE_TEST_BACKEND";
 pub const ACCEPTED: &str = "`file` (the default when unset or empty; no feature), \
                             `sqlite` (cargo feature `sqlite`: `--features sqlite`)";
 
-/// How long a reopen waits for the store's lock on backends that can wait for it: a
-/// restart right after `shutdown` may find the previous backend still closing (the SQLite
+/// How long [`backend`] waits for the store's lock on backends other than the file backend:
+/// a restart right after `shutdown` may find the previous backend still closing (the SQLite
 /// backend's writer thread checkpoints the WAL and closes the database while the lock is
-/// held).
+/// held). The file backend is opened without waiting, as the suites always opened it: its
+/// lock is released within `shutdown`, and a test that expects `Locked` gets it at once.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// [`LOCK_WAIT`] on the chosen backend (zero on the file backend).
+fn lock_wait() -> Duration {
+    if on_file_backend() { Duration::ZERO } else { LOCK_WAIT }
+}
 
 /// The backend [`BACKEND_ENV`] names (validated once; panics on a value not in
 /// [`ACCEPTED`], or on one whose cargo feature this build lacks).
@@ -65,9 +71,7 @@ pub enum FileWrites {
 }
 
 /// Opens the store named by `dir` on the chosen backend. `lock_wait`: how long to wait if
-/// the store is held (by a backend still closing), on backends that can wait; the file
-/// backend never waits here, as the suites always opened it.
-#[cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
+/// another backend holds the store (it is still closing, or a killed process held it).
 pub fn open_backend(
     dir: &Path,
     file: FileWrites,
@@ -79,7 +83,12 @@ pub fn open_backend(
                 FileWrites::Suite => std::env::var_os(super::LOG_ENV).is_some(),
                 FileWrites::Defaults => true,
             };
-            Ok(Arc::new(FileStorageBackend::options().write_ahead_log(log).open(dir)?))
+            Ok(Arc::new(
+                FileStorageBackend::options()
+                    .write_ahead_log(log)
+                    .lock_wait(lock_wait)
+                    .open(dir)?,
+            ))
         }
         // One database file in the store's directory; the directory is created if needed.
         #[cfg(feature = "sqlite")]
@@ -96,16 +105,17 @@ pub fn open_backend(
 }
 
 /// The store named by `dir` on the chosen backend, opened as [`super::builder`] opens it;
-/// waits up to [`LOCK_WAIT`] for a store still being released. Panics if it cannot open.
+/// waits up to [`LOCK_WAIT`] (not on the file backend) for a store still being released.
+/// Panics if it cannot open.
 pub fn backend(dir: &Path) -> Arc<dyn StorageBackend> {
-    open_backend(dir, FileWrites::Suite, LOCK_WAIT)
+    open_backend(dir, FileWrites::Suite, lock_wait())
         .unwrap_or_else(|e| panic!("open the {} backend at {}: {e}", backend_name(), dir.display()))
 }
 
 /// [`backend`], but a file backend is opened with `FileStorageBackend::new`'s defaults
 /// (the write-ahead log on).
 pub fn backend_defaults(dir: &Path) -> Arc<dyn StorageBackend> {
-    open_backend(dir, FileWrites::Defaults, LOCK_WAIT)
+    open_backend(dir, FileWrites::Defaults, lock_wait())
         .unwrap_or_else(|e| panic!("open the {} backend at {}: {e}", backend_name(), dir.display()))
 }
 
