@@ -68,6 +68,8 @@ pub enum FileWrites {
     /// `FileStorageBackend::new`'s defaults (the write-ahead log on), for tests that always
     /// opened it that way.
     Defaults,
+    /// Records written directly (no write-ahead log), whatever [`super::LOG_ENV`] says.
+    Direct,
 }
 
 /// Opens the store named by `dir` on the chosen backend. `lock_wait`: how long to wait if
@@ -82,6 +84,7 @@ pub fn open_backend(
             let log = match file {
                 FileWrites::Suite => std::env::var_os(super::LOG_ENV).is_some(),
                 FileWrites::Defaults => true,
+                FileWrites::Direct => false,
             };
             Ok(Arc::new(
                 FileStorageBackend::options()
