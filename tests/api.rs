@@ -196,7 +196,9 @@ async fn load_missing_session_is_none(compression: Option<u32>) {
     assert_eq!(m.load_session_as::<Agent>("nobody").await.unwrap(), None);
     // A lookup creates nothing.
     assert!(m.list_sessions().await.unwrap().is_empty());
-    assert!(files_under(dir.path(), "sessions").is_empty());
+    if on_file_backend() {
+        assert!(files_under(dir.path(), "sessions").is_empty());
+    }
     m.shutdown().await.unwrap();
 }
 
@@ -608,7 +610,9 @@ async fn cleanup_checkpoints_keeps_newest(compression: Option<u32>) {
     assert_eq!(listed, ids[4..].to_vec(), "the 3 newest are kept");
     for id in &ids[..4] {
         assert!(m.restore_checkpoint(id).await.unwrap().is_none(), "{id} should be gone");
-        assert!(checkpoint_files(dir.path(), id).is_empty(), "{id}'s file should be gone");
+        if on_file_backend() {
+            assert!(checkpoint_files(dir.path(), id).is_empty(), "{id}'s file should be gone");
+        }
         assert_kind(
             m.rollback_to_checkpoint(id).await,
             ErrorKind::NotFound,
