@@ -6,7 +6,7 @@
 //!
 //! `MARS_STATE_TEST_BACKEND=sqlite cargo test --features sqlite --test api`
 //!
-//! Adding a backend is one arm in [`open_backend`] and its line in [`ACCEPTED`]. Tests that
+//! Adding a backend is one arm in [`opener`] (and its words in [`ACCEPTED`]). Tests that
 //! look at the file backend's files on disk ask [`file_backend_only`] first; every other
 //! test runs on whichever backend is chosen.
 
@@ -35,23 +35,46 @@ fn lock_wait() -> Duration {
     if on_file_backend() { Duration::ZERO } else { LOCK_WAIT }
 }
 
-/// The backend [`BACKEND_ENV`] names (validated once; panics on a value not in
-/// [`ACCEPTED`], or on one whose cargo feature this build lacks).
-pub fn backend_name() -> &'static str {
-    static NAME: OnceLock<&'static str> = OnceLock::new();
-    NAME.get_or_init(|| {
-        let value = std::env::var(BACKEND_ENV).unwrap_or_default();
-        let name: &'static str = match value.as_str() {
-            "" | "file" => "file",
-            "sqlite" if cfg!(feature = "sqlite") => "sqlite",
-            "sqlite" => panic!(
-                "{BACKEND_ENV}=sqlite needs the SQLite backend compiled in: run with \
-                 `--features sqlite`"
-            ),
-            other => panic!("{BACKEND_ENV}={other:?} is not a test backend; accepted: {ACCEPTED}"),
-        };
-        name
+/// Opens the store named by a directory: see [`open_backend`].
+type Opener = fn(&Path, FileWrites, Duration) -> mars_state::Result<Arc<dyn StorageBackend>>;
+
+/// The one place that knows the backends: how to open a store of backend `name`; `None` if
+/// there is no such backend. Panics if `name` is a backend this build lacks the feature of.
+fn opener(name: &str) -> Option<Opener> {
+    Some(match name {
+        "file" => open_file,
+        #[cfg(feature = "sqlite")]
+        "sqlite" => open_sqlite,
+        #[cfg(not(feature = "sqlite"))]
+        "sqlite" => panic!(
+            "{BACKEND_ENV}=sqlite needs the SQLite backend compiled in: run with \
+             `--features sqlite`"
+        ),
+        // The server backends (postgres, redis) go here, one arm each, behind their
+        // features: their store (a schema, a key prefix) is named from a hash of `dir`'s
+        // path, so the same `dir` reaches the same store and every test (every temporary
+        // directory) gets a fresh one.
+        _ => return None,
     })
+}
+
+/// The backend [`BACKEND_ENV`] names, and how to open its stores (checked once; panics on
+/// a value not in [`ACCEPTED`], or on one whose cargo feature this build lacks).
+fn chosen() -> &'static (String, Opener) {
+    static CHOSEN: OnceLock<(String, Opener)> = OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        let value = std::env::var(BACKEND_ENV).unwrap_or_default();
+        let name = if value.is_empty() { "file".to_owned() } else { value };
+        match opener(&name) {
+            Some(open) => (name, open),
+            None => panic!("{BACKEND_ENV}={name:?} is not a test backend; accepted: {ACCEPTED}"),
+        }
+    })
+}
+
+/// The name of the backend [`BACKEND_ENV`] picks (`file` when it is unset or empty).
+pub fn backend_name() -> &'static str {
+    &chosen().0
 }
 
 /// Whether the chosen backend is the file backend.
@@ -72,39 +95,44 @@ pub enum FileWrites {
     Direct,
 }
 
-/// Opens the store named by `dir` on the chosen backend. `lock_wait`: how long to wait if
-/// another backend holds the store (it is still closing, or a killed process held it).
+/// Opens the store named by `dir` on the chosen backend. `file`: how a file backend is
+/// opened (other backends ignore it). `lock_wait`: how long to wait if another backend
+/// holds the store (it is still closing, or a killed process held it).
 pub fn open_backend(
     dir: &Path,
     file: FileWrites,
     lock_wait: Duration,
 ) -> mars_state::Result<Arc<dyn StorageBackend>> {
-    match backend_name() {
-        "file" => {
-            let log = match file {
-                FileWrites::Suite => std::env::var_os(super::LOG_ENV).is_some(),
-                FileWrites::Defaults => true,
-                FileWrites::Direct => false,
-            };
-            Ok(Arc::new(
-                FileStorageBackend::options()
-                    .write_ahead_log(log)
-                    .lock_wait(lock_wait)
-                    .open(dir)?,
-            ))
-        }
-        // One database file in the store's directory; the directory is created if needed.
-        #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(
-            mars_state::SqliteStorageBackend::options()
-                .lock_wait(lock_wait)
-                .open(dir.join("state.db"))?,
-        )),
-        // The server backends (postgres, redis) go here: their store (a schema, a key
-        // prefix) is named from a hash of `dir`'s path, so the same `dir` reaches the same
-        // store and every test (every temporary directory) gets a fresh one.
-        other => unreachable!("{BACKEND_ENV}={other:?} passed the check in backend_name"),
-    }
+    (chosen().1)(dir, file, lock_wait)
+}
+
+/// A file store at `dir`.
+fn open_file(
+    dir: &Path,
+    writes: FileWrites,
+    lock_wait: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    let log = match writes {
+        FileWrites::Suite => std::env::var_os(super::LOG_ENV).is_some(),
+        FileWrites::Defaults => true,
+        FileWrites::Direct => false,
+    };
+    let b = FileStorageBackend::options().write_ahead_log(log).lock_wait(lock_wait).open(dir)?;
+    Ok(Arc::new(b))
+}
+
+/// One SQLite database file in the store's directory, `dir/state.db` (the directory is
+/// created if needed).
+#[cfg(feature = "sqlite")]
+fn open_sqlite(
+    dir: &Path,
+    _: FileWrites,
+    lock_wait: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    let b = mars_state::SqliteStorageBackend::options()
+        .lock_wait(lock_wait)
+        .open(dir.join("state.db"))?;
+    Ok(Arc::new(b))
 }
 
 /// The store named by `dir` on the chosen backend, opened as [`super::builder`] opens it;
