@@ -92,7 +92,7 @@ fn probe(base: &Path) -> (String, Duration) {
 }
 
 /// Starts a manager on `backend` and checks that session `s1` holds `{"step": step}`.
-async fn reopened_with_step(backend: FileStorageBackend, step: u64) -> StateManager {
+async fn reopened_with_step(backend: impl mars_state::StorageBackend, step: u64) -> StateManager {
     let m = StateManager::start(backend).await.unwrap();
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": step})));
     m
