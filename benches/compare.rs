@@ -3,7 +3,8 @@
 //! `SqliteSaver` on the operations of issue 6's target table, and prints each of our figures
 //! as a ratio to each of theirs, against the target.
 //!
-//! Run: `cargo bench --bench compare` (full; 10-20 minutes with the peers) or
+//! Run: `cargo bench --bench compare` (full; 10-20 minutes with the peers; add `--features sqlite`
+//! for the SQLite backend's rows) or
 //! `cargo bench --bench compare -- --quick` (a smoke run of a few minutes). Options:
 //! `--no-peers`, `--no-memory`, `--data DIR` (where every store and database lives; default
 //! `target/compare/data`), `--sessions N` (memory rows; default 100,000, 10,000 quick),
@@ -298,9 +299,17 @@ enum Setting {
     Gzip6,
     #[cfg(feature = "encryption")]
     Encrypted,
+    /// Plain, on the SQLite backend (`state.db` in the directory).
+    #[cfg(feature = "sqlite")]
+    Sqlite,
 }
 
 async fn open(dir: &Path, setting: Setting) -> StateManager {
+    #[cfg(feature = "sqlite")]
+    if let Setting::Sqlite = setting {
+        let backend = mars_state::SqliteStorageBackend::open(dir.join("state.db")).unwrap();
+        return StateManager::start(backend).await.unwrap();
+    }
     let backend = FileStorageBackend::options()
         .write_ahead_log(matches!(setting, Setting::Log))
         .open(dir)
@@ -308,6 +317,8 @@ async fn open(dir: &Path, setting: Setting) -> StateManager {
     let builder = StateManager::builder(backend);
     let builder = match setting {
         Setting::Plain | Setting::Log => builder,
+        #[cfg(feature = "sqlite")]
+        Setting::Sqlite => builder,
         Setting::Gzip6 => builder.compression(6),
         #[cfg(feature = "encryption")]
         Setting::Encrypted => {
@@ -370,14 +381,15 @@ async fn rate_64_sessions(o: &Opts, m: &StateManager, state: &Value) -> f64 {
 
 /// Loads per second right after a restart: `n` sessions saved by an earlier manager, a
 /// fresh manager (opened untimed) loads each once.
-async fn rate_cold(o: &Opts, state: &Value, n: usize) -> f64 {
+async fn rate_cold(o: &Opts, setting: Setting, state: &Value, n: usize) -> f64 {
     let dir = tempfile::tempdir_in(&o.data).unwrap();
-    let m = open(dir.path(), Setting::Plain).await;
+    let m = open(dir.path(), setting).await;
     save_many(&m, n, state).await;
     m.shutdown().await.unwrap();
+    drop(m);
     let mut rates = Vec::new();
     for _ in 0..o.reps {
-        let m = open(dir.path(), Setting::Plain).await;
+        let m = open(dir.path(), setting).await;
         let t = Instant::now();
         for i in 0..n {
             std::hint::black_box(m.load_session(format!("s{i}")).await.unwrap().unwrap());
@@ -493,10 +505,26 @@ fn measure_ours(o: &Opts, rt: &tokio::runtime::Runtime, states: &[Value; 3]) -> 
         }
 
         let (n_small, n_big) = if o.quick { (300, 20) } else { (2000, 100) };
-        put("load_cold_1kb", rate_cold(o, kb1, n_small).await);
-        put("load_cold_1mb", rate_cold(o, mb1, n_big).await);
+        put("load_cold_1kb", rate_cold(o, Setting::Plain, kb1, n_small).await);
+        put("load_cold_1mb", rate_cold(o, Setting::Plain, mb1, n_big).await);
         put("list_1000_1kb_ms", list_ms(o, kb1).await);
         put("list_1000_100kb_ms", list_ms(o, kb100).await);
+
+        // The SQLite backend (with `--features sqlite`), against SqliteSaver on the same
+        // engine.
+        #[cfg(feature = "sqlite")]
+        {
+            let dir = tempfile::tempdir_in(&o.data).unwrap();
+            let m = open(dir.path(), Setting::Sqlite).await;
+            put(
+                "sqlite_save_1kb",
+                rate_async(o, async |_| m.save_session("one", kb1).await.unwrap()).await,
+            );
+            put("sqlite_save_64x_1kb", rate_64_sessions(o, &m, kb1).await);
+            m.shutdown().await.unwrap();
+            drop(m);
+            put("sqlite_load_cold_1kb", rate_cold(o, Setting::Sqlite, kb1, n_small).await);
+        }
     });
     f
 }
@@ -1261,6 +1289,27 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
             "list 1,000 checkpoints, 100 KB states",
             Unit::Ms,
             vec![lg("list_1000_100kb_ms", Some(10.0)), ms("list_1000_100kb_ms", Some(50.0))],
+        ),
+        row(
+            "sqlite_save_1kb",
+            "SQLite backend: durable save 1 KB, one session",
+            Unit::PerSec,
+            vec![
+                lg("save_1kb", Some(1.5)),
+                raw("save_1kb", "the file backend, direct writes", None),
+            ],
+        ),
+        row(
+            "sqlite_save_64x_1kb",
+            "SQLite backend: durable saves 1 KB, 64 sessions at once",
+            Unit::PerSec,
+            vec![lg("save_1kb", None), raw("save_64x_1kb_wal", "the file backend, log", None)],
+        ),
+        row(
+            "sqlite_load_cold_1kb",
+            "SQLite backend: load 1 KB after a restart (cold)",
+            Unit::PerSec,
+            vec![lg("get_1kb", Some(1.5)), raw("load_cold_1kb", "the file backend", None)],
         ),
         row(
             "mem_sessions_idle_mib",

@@ -47,6 +47,7 @@ pub use manager::{StateManager, StateManagerBuilder};
 pub use middleware::crypto::{
     EncryptedFileStorageBackend, EncryptionKey, EncryptionLayer, KeySource, Passphrase,
 };
+pub use store::{CopyReport, copy_store};
 pub use types::{
     BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN,
     MigrationReport, Principal, Recovery, SessionId, SessionInfo, SessionStatus, SkippedCheckpoint,

@@ -7,10 +7,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::files;
-use mars_state::{
-    Access, AccessControlLayer, ErrorKind, FileStorageBackend, Principal, StateError, StateManager,
-};
+use common::{backend_defaults, files};
+use mars_state::{Access, AccessControlLayer, ErrorKind, Principal, StateError, StateManager};
 use serde_json::{Value, json};
 
 fn p(s: &str) -> Principal {
@@ -18,7 +16,7 @@ fn p(s: &str) -> Principal {
 }
 
 async fn start(dir: &Path) -> StateManager {
-    StateManager::builder(FileStorageBackend::new(dir).unwrap())
+    StateManager::builder(backend_defaults(dir))
         .access_control(AccessControlLayer::new().admin(p("root")))
         .start()
         .await
@@ -46,7 +44,8 @@ async fn every_operation_of_another_principal_is_denied_and_changes_nothing() {
     assert_eq!(record.owner, p("alice"));
     assert!(record.created_at > 0);
 
-    // Every file's bytes (the LOCK file's contents never change).
+    // Every file's bytes (the LOCK file's contents never change; on another backend, the
+    // files it keeps in the store's directory).
     let before = files(dir.path());
     let mallory = m.for_principal(p("mallory"));
     assert_denied(mallory.load_session("plan").await, "load");
@@ -181,7 +180,7 @@ async fn racing_first_writers_have_exactly_one_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_first_write_claims_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let m = StateManager::builder(FileStorageBackend::new(dir.path()).unwrap())
+    let m = StateManager::builder(backend_defaults(dir.path()))
         .max_state_bytes(64)
         .start()
         .await

@@ -2,7 +2,9 @@
 //!
 //! - A second `FileStorageBackend` on an open store, in this process or in another one,
 //!   fails at once with `ErrorKind::Locked` and changes nothing on disk; the lock goes away
-//!   when the manager is shut down and dropped, and when the holding process is killed.
+//!   when the manager is shut down and dropped (at once, even while other threads start
+//!   child processes that briefly hold copies of its descriptor), and when the holding
+//!   process is killed.
 //! - Records, logs and metadata are created `0600`, directories `0700`.
 //!
 //! The cross-process tests re-run this test binary as a child (`--exact` one of the
@@ -90,7 +92,7 @@ fn probe(base: &Path) -> (String, Duration) {
 }
 
 /// Starts a manager on `backend` and checks that session `s1` holds `{"step": step}`.
-async fn reopened_with_step(backend: FileStorageBackend, step: u64) -> StateManager {
+async fn reopened_with_step(backend: impl mars_state::StorageBackend, step: u64) -> StateManager {
     let m = StateManager::start(backend).await.unwrap();
     assert_eq!(m.load_session("s1").await.unwrap(), Some(json!({"step": step})));
     m
@@ -145,6 +147,39 @@ async fn second_backend_in_this_process_is_locked() {
     let again =
         FileStorageBackend::new(&base).expect("the lock is released when the backend is dropped");
     drop(again);
+}
+
+/// Another thread of the process starting child processes: each child holds a copy of every
+/// descriptor (the lock file's too) until it calls `exec`. Dropping a backend must still
+/// release the store at once, so that an open right after the drop succeeds every time.
+#[test]
+fn lock_is_released_at_drop_while_other_threads_start_processes() {
+    let (_dir, base) = temp_store("store");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut started = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut child = Command::new("true").spawn().expect("start `true`");
+                child.wait().expect("wait for `true`");
+                started += 1;
+            }
+            started
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut rounds = 0u64;
+    while Instant::now() < deadline {
+        let first = FileStorageBackend::new(&base).unwrap_or_else(|e| {
+            panic!("round {rounds}: the store was not released by the previous drop: {e}")
+        });
+        drop(first);
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let started = spawner.join().unwrap();
+    assert!(rounds > 10 && started > 10, "too little overlap: {rounds} opens, {started} children");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@
 //!   verify; `best_effort()` opens;
 //! - `rewrites_after_a_delete_are_listed_again`: a put or append after a delete (bare
 //!   `SET`/`APPEND` otherwise) makes the listing entry again;
+//! - `backend_open_names_a_redis_store_by_url`: `backend::open("redis://…")`;
 //! - `listing_walks_sets_not_the_keyspace`: listings work with `KEYS`/`SCAN` disabled, and
 //!   the commands a listing runs grow with what it returns, not with the store;
 //! - `session_ttl_expires_every_key_of_a_session`;
@@ -330,4 +331,16 @@ async fn rewrites_after_a_delete_are_listed_again() {
         assert!(bounded("delete", b.delete(&k("metadata/j.log"))).await.unwrap());
         assert!(bounded("list", b.list(&k("checkpoints"))).await.unwrap().is_empty());
     }
+}
+
+#[tokio::test]
+async fn backend_open_names_a_redis_store_by_url() {
+    let server = Server::start();
+    let b = bounded("open", mars_state::backend::open(&server.url())).await.unwrap();
+    let key = StorageKey::new("sessions/u.json").unwrap();
+    bounded("put", b.put(&key, b"u".to_vec())).await.unwrap();
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"u".to_vec()));
+    // The machine's server keeps nothing on disk: the durable default refuses it.
+    let err = bounded("open", mars_state::backend::open(MACHINE_URL)).await.err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 }

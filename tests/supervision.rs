@@ -4,9 +4,10 @@
 //! - `a_thousand_panics_in_a_row_while_fifty_sessions_save`: one session's
 //!   `transactional_update` closure panics 1,000 times in a row (each call gets
 //!   `ErrorKind::Panicked`) while 50 other sessions save 20 times each, concurrently, on a
-//!   file store. Every one of the 1,000 other saves must be acknowledged and, read back by a
-//!   fresh manager, present; the whole run must finish within 120 s (no hang); the panicking
-//!   session must work normally afterwards; and resident memory (`VmRSS` from
+//!   store (a file store unless `MARS_STATE_TEST_BACKEND` says otherwise). Every one of the
+//!   1,000 other saves must be acknowledged and, read back by a fresh manager, present; the
+//!   whole run must finish within 120 s (no hang); the panicking session must work normally
+//!   afterwards; and resident memory (`VmRSS` from
 //!   `/proc/self/status`) may grow by less than 20 MiB between the 100th and the 1,000th
 //!   panic. Both figures are printed.
 //! - `a_panic_under_a_call_timeout_returns_panicked_and_never_hangs`: with a 500 ms call
@@ -18,13 +19,17 @@
 //! The tests install a panic hook that stays silent for the panics they provoke (their
 //! message starts with `provoked panic`) and passes every other panic to the default hook.
 //!
-//! Run alone: `cargo test --test supervision -- --nocapture`.
+//! Run alone: `cargo test --test supervision -- --nocapture`. The store is on the backend
+//! `MARS_STATE_TEST_BACKEND` picks (`tests/common/backend.rs`; a file store by default).
+
+mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
-use mars_state::{ErrorKind, FileStorageBackend, StateManager};
+use common::backend_defaults;
+use mars_state::{ErrorKind, StateManager};
 use serde_json::{Value, json};
 
 const PANIC_TAG: &str = "provoked panic";
@@ -87,7 +92,7 @@ async fn a_thousand_panics_in_a_row_while_fifty_sessions_save() {
     const SAVES_EACH: usize = 20;
     let tmp = scratch();
     let dir = tmp.path().join("store");
-    let m = StateManager::builder(FileStorageBackend::new(&dir).unwrap())
+    let m = StateManager::builder(backend_defaults(&dir))
         .janitor_interval(Duration::from_secs(3600))
         .start()
         .await
@@ -164,7 +169,7 @@ async fn a_thousand_panics_in_a_row_while_fifty_sessions_save() {
     m.shutdown().await.unwrap();
 
     // Every acknowledged save is present, read by a fresh manager.
-    let m = StateManager::start(FileStorageBackend::new(&dir).unwrap()).await.unwrap();
+    let m = StateManager::start(backend_defaults(&dir)).await.unwrap();
     let mut present = 0;
     for s in 0..OTHERS {
         if m.load_session(format!("other-{s:02}")).await.unwrap() == Some(value(s, SAVES_EACH - 1))
@@ -200,7 +205,7 @@ async fn a_panic_under_a_call_timeout_returns_panicked_and_never_hangs() {
     quiet_provoked_panics();
     let _one = serial().await;
     let tmp = scratch();
-    let m = StateManager::builder(FileStorageBackend::new(tmp.path().join("store")).unwrap())
+    let m = StateManager::builder(backend_defaults(&tmp.path().join("store")))
         .call_timeout(Duration::from_millis(500))
         .janitor_interval(Duration::from_secs(3600))
         .start()

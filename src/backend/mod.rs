@@ -5,10 +5,11 @@
 //! that treats keys differently (a log for the bulk records, say) asks the key for its
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
-//! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system)
-//! and the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `redis`
-//! `redis/`). Backends call nothing above them: not the store, the codec, the actors nor the
-//! handle; only the key's class (`store::keys`).
+//! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system),
+//! the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `redis`
+//! `redis/`) and [`open`], which names any of them with a URL. Backends
+//! call nothing above them: not the store, the codec, the actors nor the handle; only the
+//! key's class (`store::keys`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ mod memory;
 mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod url;
 
 /// The file backend's file-system seam, for the power-loss simulator
 /// (`crate::testing::simfs`, test builds only), which implements it.
@@ -35,6 +37,7 @@ pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStorageBackend};
+pub use url::open;
 
 /// A validated relative key such as `sessions/s1.json`: `/`-separated segments, each
 /// non-empty, without NUL or `\`, not `.` or `..`, and not starting with `.` (names starting
@@ -151,7 +154,7 @@ pub enum KeyClass {
     Record,
     /// Store metadata that must stay readable without the encryption key: the format and
     /// encryption descriptors (`metadata/store.json`, `metadata/crypto.json`), the file
-    /// backend's lock, and the empty pending-delete markers. Read first at open, so a
+    /// backend's lock, and the empty pending-delete and copy-in-progress markers. Read first at open, so a
     /// backend writes them directly (never only into a log), and encryption stores them
     /// as they are.
     Plaintext,

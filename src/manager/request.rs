@@ -104,10 +104,9 @@ impl StateManager {
         let span = tracing::debug_span!("request", operation = op.name(), session = %sid);
         let prepared = prepare(&sid).map_err(|e| ser_err(&sid, e))?;
         let run = async {
-            self.authorize(op, &sid).await?;
-            let cx =
-                Ctx { handle: self, op, sid: sid.clone(), store: self.store()?, rt: self.rt()? };
-            body(cx, prepared).await
+            let (store, rt) = (self.store()?, self.rt()?);
+            self.authorize(op, &sid, &store, &rt).await?;
+            body(Ctx { handle: self, op, sid: sid.clone(), store, rt }, prepared).await
         };
         run.instrument(span).await.map_err(|e| ser_err(&sid, e))
     }
@@ -137,25 +136,40 @@ impl StateManager {
 
     /// Checks `op` on `sid` for this handle's principal; a first write claims the session,
     /// and its access record is made durable before the request goes on.
-    async fn authorize(&self, op: Operation, sid: &SessionId) -> Result<()> {
+    ///
+    /// A claim that fails leaves nothing: the in-memory claim (taken by the check, so no
+    /// other principal can claim meanwhile) is undone, and the access record is written
+    /// last, so an error before it leaves none on disk, and the put is atomic.
+    async fn authorize(
+        &self,
+        op: Operation,
+        sid: &SessionId,
+        store: &Store,
+        rt: &Runtime,
+    ) -> Result<()> {
         let Some(p) = &self.principal else { return Ok(()) };
-        let (store, rt) = (self.store()?, self.rt()?);
         match store.access.check(p, op, sid, rt.exists(sid), store.clock.now_ms())? {
             Decision::Allow => Ok(()),
             Decision::Claim(record) => {
-                let put = self.put_access(sid, &record).await;
-                if put.is_err() {
-                    store.access.unclaim(sid, &record.owner);
-                    return put;
-                }
                 // A live actor of this session served it before this claim (under another
                 // owner, since deleted, or none): references to it may have been handed
-                // out. Retire it, so none of them reaches the new owner's session.
-                if rt.actors.get(sid).is_some() {
-                    self.call(Operation::Claim, sid, |reply| InternalMsg::Retire { reply }.into())
+                // out. Retire it, so none of them reaches the new owner's session. Done
+                // before the record is written: a retire that fails (times out) must not
+                // leave a durable claim on a session the request never reached.
+                let claimed = async {
+                    if rt.actors.get(sid).is_some() {
+                        self.call(Operation::Claim, sid, |reply| {
+                            InternalMsg::Retire { reply }.into()
+                        })
                         .await?;
+                    }
+                    self.put_access(sid, &record).await
+                };
+                let outcome = claimed.await;
+                if outcome.is_err() {
+                    store.access.unclaim(sid, &record.owner);
                 }
-                Ok(())
+                outcome
             }
         }
     }

@@ -49,6 +49,8 @@ const ACCESS: &str = "metadata/access";
 const ACCESS_EXT: &str = ".json";
 /// Present while a manager has the store open; left behind by a process that died.
 const RUNNING: &str = "metadata/running";
+/// Present while `copy_store` fills the store; left behind by a copy that did not finish.
+const COPYING: &str = "metadata/copying";
 /// The file backend's OS lock file, `metadata/LOCK` (inside [`METADATA`]).
 pub(crate) const LOCK_FILE: &str = "LOCK";
 /// The file backend's write-ahead log, `metadata/.wal`: hidden (a leading dot, which no
@@ -65,7 +67,7 @@ pub(crate) fn class_of(key: &str) -> KeyClass {
     let (top, rest) = key.split_once('/').unwrap_or((key, ""));
     match top {
         SESSIONS | CHECKPOINTS => KeyClass::Record,
-        METADATA if matches!(key, STORE_META | CRYPTO_META) || rest == LOCK_FILE => {
+        METADATA if matches!(key, STORE_META | CRYPTO_META | COPYING) || rest == LOCK_FILE => {
             KeyClass::Plaintext
         }
         METADATA if key.strip_prefix(PENDING).is_some_and(|r| r.starts_with('/')) => {
@@ -182,6 +184,16 @@ pub(crate) fn crypto_meta() -> StorageKey {
 /// The running marker.
 pub(crate) fn running() -> StorageKey {
     fixed(RUNNING)
+}
+
+/// The marker of a copy in progress (`copy_store`).
+pub(crate) fn copying() -> StorageKey {
+    fixed(COPYING)
+}
+
+/// Whether `key` is the file backend's lock file (listed, but not part of the store).
+pub(crate) fn is_lock(key: &StorageKey) -> bool {
+    key.as_str().strip_prefix(METADATA).and_then(|r| r.strip_prefix('/')) == Some(LOCK_FILE)
 }
 
 /// The folder of quarantine copies.

@@ -25,12 +25,14 @@ use crate::sync::lock;
 use crate::types::{BranchId, CheckpointId, Clock, SessionId, SessionStatus};
 
 pub(crate) mod codec;
+mod copy;
 mod format;
 pub(crate) mod index;
 pub(crate) mod keys;
 mod maintenance;
 
 use codec::{CheckpointMeta, Codec, Decoded, RecordHead, SessionMeta};
+pub use copy::{CopyReport, copy_store};
 #[cfg(feature = "encryption")]
 pub(crate) use format::read_store_meta;
 use index::{Change, CheckpointEntry, Index, RecordEntry};
@@ -74,6 +76,13 @@ impl Store {
         access: AccessControlLayer,
         below: Option<Arc<dyn StorageBackend>>,
     ) -> Result<Store> {
+        if backend.get(&keys::copying()).await?.is_some() {
+            return Err(StateError::Config {
+                message: "the store is the destination of a copy that did not finish \
+                          (metadata/copying is there): run copy_store again to finish it"
+                    .into(),
+            });
+        }
         format::check_or_create(backend.as_ref(), &mut codec).await?;
         let swept = backend.sweep().await?;
         if swept.files_removed > 0 {

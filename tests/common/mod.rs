@@ -2,17 +2,21 @@
 //! that includes this module with `mod common;`, and none of them uses every helper.
 #![allow(dead_code, unused_imports, unused_macros)]
 
+pub mod backend;
 pub mod oracle;
+
+pub use backend::{backend, backend_defaults, backend_name, file_backend_only, on_file_backend};
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use mars_state::{
     CheckpointId, ErrorKind, FileStorageBackend, SessionInfo, StateManager, StateManagerBuilder,
+    StorageBackend,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -73,7 +77,7 @@ macro_rules! plain_and_compressed {
 pub(crate) use plain_and_compressed;
 
 // ---------------------------------------------------------------------------------------
-// Managers over a file store
+// Managers over a store on the chosen backend (`backend.rs`: `MARS_STATE_TEST_BACKEND`)
 // ---------------------------------------------------------------------------------------
 
 /// A janitor interval long enough that no pass runs during a test.
@@ -91,14 +95,13 @@ pub fn with_compression(b: StateManagerBuilder, compression: Option<u32>) -> Sta
 /// write-ahead log on. [`builder`] writes records directly otherwise (not the backend's
 /// default), because several of its users read record files while a manager is open;
 /// `.ci/run` runs the suites that never do (concurrency, access) a second time with it.
+/// Other backends ignore it.
 pub const LOG_ENV: &str = "MARS_STATE_TEST_WAL";
 
-/// A builder with default settings over a file store at `dir`, in the given mode.
+/// A builder with default settings over the store named by `dir` on the chosen backend (a
+/// file store at `dir` by default), in the given mode.
 pub fn builder(dir: &Path, compression: Option<u32>) -> StateManagerBuilder {
-    let log = std::env::var_os(LOG_ENV).is_some();
-    let backend =
-        FileStorageBackend::options().write_ahead_log(log).open(dir).expect("open file backend");
-    with_compression(StateManager::builder(backend), compression)
+    with_compression(StateManager::builder(backend(dir)), compression)
 }
 
 /// `b` with the tests' encryption key (needs the `encryption` feature).
@@ -113,21 +116,21 @@ pub fn encrypt(_b: StateManagerBuilder) -> StateManagerBuilder {
     unreachable!("encrypted stores need the encryption feature")
 }
 
-/// A manager with default settings over a file store at `dir`, in the given mode.
+/// A manager with default settings over the store named by `dir`, in the given mode.
 pub async fn open(dir: &Path, compression: Option<u32>) -> StateManager {
     builder(dir, compression).start().await.expect("start manager")
 }
 
-/// A manager with default settings over a file store in a fresh temporary directory (the
-/// store's base), in the given mode; the directory lives as long as the returned guard.
+/// A manager with default settings over a fresh store named by a fresh temporary directory
+/// (on the file backend, the store's base), in the given mode; the directory lives as long as the returned guard.
 pub async fn open_temp(compression: Option<u32>) -> (tempfile::TempDir, StateManager) {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path(), compression).await;
     (dir, m)
 }
 
-/// Shuts `m` down and opens a new manager on the same directory (while the old handle
-/// still lives: `shutdown` alone releases the store).
+/// Shuts `m` down and opens a new manager on the same store (while the old handle still
+/// lives: `shutdown` alone releases the store).
 pub async fn restart(m: StateManager, dir: &Path, compression: Option<u32>) -> StateManager {
     m.shutdown().await.expect("shutdown");
     open(dir, compression).await
@@ -363,11 +366,12 @@ pub async fn wait_for_no_live_actors(m: &StateManager, deadline: Duration) -> us
     }
 }
 
-/// Polls `FileStorageBackend::new` until it succeeds or `within` passes.
-pub async fn reopen_within(base: &Path, within: Duration) -> FileStorageBackend {
+/// Polls opening the store named by `base` on the chosen backend (with the file backend's
+/// defaults, as `FileStorageBackend::new`) until it succeeds or `within` passes.
+pub async fn reopen_within(base: &Path, within: Duration) -> Arc<dyn StorageBackend> {
     let deadline = Instant::now() + within;
     loop {
-        match FileStorageBackend::new(base) {
+        match backend::open_backend(base, backend::FileWrites::Defaults, Duration::ZERO) {
             Ok(b) => return b,
             Err(e) if e.kind() == ErrorKind::Locked && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -437,9 +441,16 @@ pub fn not_run(test: &str, why: &str) {
         !system_tests_required(),
         "{test} cannot run here, and {REQUIRE_SYSTEM_TESTS} says it must: {why}"
     );
-    let _ = writeln!(
-        std::io::stderr(),
-        "NOT RUN {test}: {why}. Run it as root with strace installed: `{REQUIRE_SYSTEM_TESTS}=1 cargo test`, or \
-         `bash .ci/run`"
+    not_run_line(
+        test,
+        &format!(
+            "{why}. Run it as root with strace installed: `{REQUIRE_SYSTEM_TESTS}=1 cargo test`, or \
+             `bash .ci/run`"
+        ),
     );
+}
+
+/// Writes `NOT RUN {test}: {why}` straight to stderr (past libtest's capture).
+pub fn not_run_line(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {why}");
 }

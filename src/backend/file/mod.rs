@@ -60,8 +60,9 @@ struct Inner {
     core: Arc<Core>,
     /// The log, in log mode.
     log: Option<Arc<Log>>,
-    /// Held for the backend's life: the OS releases the lock when the process dies.
-    _lock: Option<File>,
+    /// Held for the backend's life: released when the backend is dropped, or by the OS when
+    /// the process dies.
+    _lock: Option<StoreLock>,
 }
 
 impl Drop for Inner {
@@ -262,9 +263,27 @@ impl FileStorageBackend {
     }
 }
 
+/// A store's OS lock (an exclusive `flock` on its lock file), released when dropped.
+///
+/// `flock` belongs to the open file description, and a child process forked by another
+/// thread holds a duplicate of every descriptor until it calls `exec` (close-on-exec closes
+/// it only then). Closing our descriptor alone would leave the lock held through that
+/// duplicate for that moment, and an open right after the drop would see `Locked`. So the
+/// drop unlocks explicitly first (`LOCK_UN` releases the description's lock, whichever
+/// descriptor names it), then closes.
+#[derive(Debug)]
+pub(super) struct StoreLock(File);
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        // An error here would mean the descriptor is not a lock holder: nothing to release.
+        let _ = self.0.unlock();
+    }
+}
+
 /// Takes the store's OS lock, waiting up to `wait` for another holder to let go. Also used by
 /// the SQLite backend for its `<file>-lock`.
-pub(super) fn take_lock(lock_path: &Path, wait: std::time::Duration) -> Result<File> {
+pub(super) fn take_lock(lock_path: &Path, wait: std::time::Duration) -> Result<StoreLock> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -279,7 +298,7 @@ pub(super) fn take_lock(lock_path: &Path, wait: std::time::Duration) -> Result<F
     let deadline = std::time::Instant::now() + wait;
     loop {
         match file.try_lock() {
-            Ok(()) => return Ok(file),
+            Ok(()) => return Ok(StoreLock(file)),
             Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                 // The OS drops a dead holder's lock at once; poll rather than block in
                 // lock() so the wait is bounded.

@@ -92,8 +92,9 @@ pub struct SqliteStorageBackend {
 struct Inner {
     db: Arc<Db>,
     writer: Writer,
-    /// Held for the backend's life: the OS releases the lock when the process dies.
-    _lock: std::fs::File,
+    /// Held for the backend's life: released when it is dropped, or by the OS when the
+    /// process dies.
+    _lock: super::file::StoreLock,
 }
 
 impl Drop for Inner {

@@ -1,0 +1,217 @@
+//! Which backend the suites' stores live on, chosen by `MARS_STATE_TEST_BACKEND` as OpenDAL
+//! chooses the service of its behaviour tests: `file` (the default, also when unset or
+//! empty) or `sqlite` (needs `--features sqlite`). A test names its store by the directory
+//! it would give the file backend (`dir`); opening again with the same `dir` reaches the
+//! same store, so restart tests work on every backend.
+//!
+//! `MARS_STATE_TEST_BACKEND=sqlite cargo test --features sqlite --test api`
+//!
+//! Adding a backend is one arm in [`opener`] (and its words in [`ACCEPTED`]). Tests that
+//! look at the file backend's files on disk ask [`file_backend_only`] first; every other
+//! test runs on whichever backend is chosen.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use mars_state::{FileStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
+
+/// The variable that picks the backend.
+pub const BACKEND_ENV: &str = "MARS_STATE_TEST_BACKEND";
+
+/// The values [`BACKEND_ENV`] accepts, and the cargo feature each needs.
+pub const ACCEPTED: &str = "`file` (the default when unset or empty; no feature), \
+                            `sqlite` (cargo feature `sqlite`: `--features sqlite`)";
+
+/// How long [`backend`] waits for the store's lock on backends other than the file backend:
+/// a restart right after `shutdown` may find the previous backend still closing (the SQLite
+/// backend's writer thread checkpoints the WAL and closes the database while the lock is
+/// held). The file backend is opened without waiting, as the suites always opened it: its
+/// lock is released within `shutdown`, and a test that expects `Locked` gets it at once.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// [`LOCK_WAIT`] on the chosen backend (zero on the file backend).
+fn lock_wait() -> Duration {
+    if on_file_backend() { Duration::ZERO } else { LOCK_WAIT }
+}
+
+/// Opens the store named by a directory: see [`open_backend`].
+type Opener = fn(&Path, FileWrites, Duration) -> mars_state::Result<Arc<dyn StorageBackend>>;
+
+/// The one place that knows the backends: how to open a store of backend `name`; `None` if
+/// there is no such backend. Panics if `name` is a backend this build lacks the feature of.
+fn opener(name: &str) -> Option<Opener> {
+    Some(match name {
+        "file" => open_file,
+        #[cfg(feature = "sqlite")]
+        "sqlite" => open_sqlite,
+        #[cfg(not(feature = "sqlite"))]
+        "sqlite" => panic!(
+            "{BACKEND_ENV}=sqlite needs the SQLite backend compiled in: run with \
+             `--features sqlite`"
+        ),
+        // The server backends (postgres, redis) go here, one arm each, behind their
+        // features: their store (a schema, a key prefix) is named from a hash of `dir`'s
+        // path, so the same `dir` reaches the same store and every test (every temporary
+        // directory) gets a fresh one.
+        _ => return None,
+    })
+}
+
+/// The backend [`BACKEND_ENV`] names, and how to open its stores (checked once; panics on
+/// a value not in [`ACCEPTED`], or on one whose cargo feature this build lacks).
+fn chosen() -> &'static (String, Opener) {
+    static CHOSEN: OnceLock<(String, Opener)> = OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        let value = std::env::var(BACKEND_ENV).unwrap_or_default();
+        let name = if value.is_empty() { "file".to_owned() } else { value };
+        match opener(&name) {
+            Some(open) => (name, open),
+            None => panic!("{BACKEND_ENV}={name:?} is not a test backend; accepted: {ACCEPTED}"),
+        }
+    })
+}
+
+/// The name of the backend [`BACKEND_ENV`] picks (`file` when it is unset or empty).
+pub fn backend_name() -> &'static str {
+    &chosen().0
+}
+
+/// Whether the chosen backend is the file backend.
+pub fn on_file_backend() -> bool {
+    backend_name() == "file"
+}
+
+/// How the file backend is opened when it is the chosen one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileWrites {
+    /// As [`super::builder`] opens it: records written directly unless
+    /// [`super::LOG_ENV`] is set (several tests read record files while a manager is open).
+    Suite,
+    /// `FileStorageBackend::new`'s defaults (the write-ahead log on), for tests that always
+    /// opened it that way.
+    Defaults,
+    /// Records written directly (no write-ahead log), whatever [`super::LOG_ENV`] says.
+    Direct,
+}
+
+/// Opens the store named by `dir` on the chosen backend. `file`: how a file backend is
+/// opened (other backends ignore it). `lock_wait`: how long to wait if another backend
+/// holds the store (it is still closing, or a killed process held it).
+pub fn open_backend(
+    dir: &Path,
+    file: FileWrites,
+    lock_wait: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    (chosen().1)(dir, file, lock_wait)
+}
+
+/// A file store at `dir`.
+fn open_file(
+    dir: &Path,
+    writes: FileWrites,
+    lock_wait: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    let log = match writes {
+        FileWrites::Suite => std::env::var_os(super::LOG_ENV).is_some(),
+        FileWrites::Defaults => true,
+        FileWrites::Direct => false,
+    };
+    let b = FileStorageBackend::options().write_ahead_log(log).lock_wait(lock_wait).open(dir)?;
+    Ok(Arc::new(b))
+}
+
+/// One SQLite database file in the store's directory, `dir/state.db` (the directory is
+/// created if needed).
+#[cfg(feature = "sqlite")]
+fn open_sqlite(
+    dir: &Path,
+    _: FileWrites,
+    lock_wait: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    let b = mars_state::SqliteStorageBackend::options()
+        .lock_wait(lock_wait)
+        .open(dir.join("state.db"))?;
+    Ok(Arc::new(b))
+}
+
+/// The store named by `dir` on the chosen backend, opened as [`super::builder`] opens it;
+/// waits up to [`LOCK_WAIT`] (not on the file backend) for a store still being released.
+/// Panics if it cannot open.
+pub fn backend(dir: &Path) -> Arc<dyn StorageBackend> {
+    open_backend(dir, FileWrites::Suite, lock_wait())
+        .unwrap_or_else(|e| panic!("open the {} backend at {}: {e}", backend_name(), dir.display()))
+}
+
+/// [`backend`], but a file backend is opened with `FileStorageBackend::new`'s defaults
+/// (the write-ahead log on).
+pub fn backend_defaults(dir: &Path) -> Arc<dyn StorageBackend> {
+    open_backend(dir, FileWrites::Defaults, lock_wait())
+        .unwrap_or_else(|e| panic!("open the {} backend at {}: {e}", backend_name(), dir.display()))
+}
+
+/// For a test that is about the file backend itself (it reads, damages or plants files in
+/// the store's directory): true on the file backend; on any other, writes one
+/// `NOT RUN <test>: <why> (file backend only)` line, and the caller returns without checking
+/// anything.
+pub fn file_backend_only(test: &str, why: &str) -> bool {
+    if on_file_backend() {
+        return true;
+    }
+    super::not_run_line(test, &format!("{why} (file backend only)"));
+    false
+}
+
+/// [`backend`], for a test under paused tokio time (`start_paused = true`): on a backend
+/// that waits for a thread of its own (SQLite's writer thread), each call runs on tokio's
+/// blocking pool, which keeps the paused clock from jumping ahead while the call is in
+/// flight. Without that, tokio sees an idle runtime while the writer commits, advances the
+/// clock to the next timer, and the manager's call timeout fires (`Timeout` after "30 s").
+/// The file backend's I/O runs on the blocking pool already and is returned as it is.
+pub fn backend_for_paused_time(dir: &Path) -> Arc<dyn StorageBackend> {
+    let b = backend(dir);
+    if on_file_backend() { b } else { Arc::new(OnBlockingPool(b)) }
+}
+
+/// Runs every call of the backend inside `spawn_blocking` (see [`backend_for_paused_time`]).
+#[derive(Debug)]
+struct OnBlockingPool(Arc<dyn StorageBackend>);
+
+impl OnBlockingPool {
+    async fn run<T, F>(&self, call: impl FnOnce(Arc<dyn StorageBackend>) -> F) -> T
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let fut = call(self.0.clone());
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || rt.block_on(fut)).await.expect("backend call panicked")
+    }
+}
+
+#[async_trait::async_trait]
+impl StorageBackend for OnBlockingPool {
+    async fn get(&self, key: &StorageKey) -> mars_state::Result<Option<Vec<u8>>> {
+        let key = key.clone();
+        self.run(|b| async move { b.get(&key).await }).await
+    }
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
+        let key = key.clone();
+        self.run(|b| async move { b.put(&key, value).await }).await
+    }
+    async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
+        let key = key.clone();
+        self.run(|b| async move { b.delete(&key).await }).await
+    }
+    async fn list(&self, prefix: &StorageKey) -> mars_state::Result<Vec<ObjectMeta>> {
+        let prefix = prefix.clone();
+        self.run(|b| async move { b.list(&prefix).await }).await
+    }
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> mars_state::Result<()> {
+        let key = key.clone();
+        self.run(|b| async move { b.append(&key, bytes).await }).await
+    }
+    async fn sweep(&self) -> mars_state::Result<SweepReport> {
+        self.run(|b| async move { b.sweep().await }).await
+    }
+}
