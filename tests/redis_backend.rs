@@ -18,6 +18,8 @@
 //! - `listing_walks_sets_not_the_keyspace`: listings work with `KEYS`/`SCAN` disabled, and
 //!   the commands a listing runs grow with what it returns, not with the store;
 //! - `session_ttl_expires_every_key_of_a_session`;
+//! - `a_server_that_stops_answering_gives_typed_errors` (SIGSTOP): a write is `Timeout`
+//!   (outcome unknown), a read `Unavailable`, within the configured timeout;
 //! - `dropped_connections_*`: `CLIENT KILL TYPE normal` during a stream of writes: each
 //!   call is `Ok` or a typed error, every acknowledged save is there, no append is doubled;
 //! - `sigkill_redis_while_saving` (20 rounds, `MARS_REDIS_CRASH_ROUNDS`) and
@@ -286,6 +288,36 @@ async fn session_ttl_expires_every_key_of_a_session() {
     let mut admin = server.admin().await;
     let size: u64 = redis::cmd("DBSIZE").query_async(&mut admin).await.unwrap();
     assert_eq!(size, 2, "metadata/store.json and the metadata folder set only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_gives_typed_errors() {
+    let server = Server::start();
+    let b = RedisStorageBackend::options()
+        .prefix(random_prefix())
+        .timeout(Duration::from_millis(300))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let key = StorageKey::new("sessions/s.json").unwrap();
+    bounded("put", b.put(&key, b"before".to_vec())).await.unwrap();
+    server.signal("STOP");
+    let t = Instant::now();
+    let err =
+        bounded("put", b.put(&key, b"during".to_vec())).await.expect_err("put on a stopped server");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Timeout,
+        "a write without an answer must say outcome unknown: {err}"
+    );
+    let err = bounded("get", b.get(&key)).await.expect_err("get on a stopped server");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "gave up after {:?}", t.elapsed());
+    server.signal("CONT");
+    // The unanswered put ran when the server woke up (its outcome was unknown, not "lost");
+    // the backend works on.
+    bounded("put", b.put(&key, b"after".to_vec())).await.unwrap();
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"after".to_vec()));
 }
 
 #[tokio::test]

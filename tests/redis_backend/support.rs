@@ -109,6 +109,13 @@ impl Server {
         assert!(self.spawn(), "the private redis-server did not restart; see {:?}", self.log());
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the server process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+        assert!(ok.unwrap().success(), "kill -{signal} {pid} failed");
+    }
+
     /// A plain connection for the test's own commands.
     pub async fn admin(&self) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(self.url()).unwrap();
