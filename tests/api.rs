@@ -20,7 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::backend::{FileWrites, backend_for_paused_time, open_backend};
+use common::backend::{FileWrites, backend_for_paused_time, locking_backend_only, open_backend};
 use common::{
     builder, checkpoint_ids, ext, file_backend_only, flip_byte, increment, on_file_backend, open,
     open_temp, per_mode, put_file, quiet_deliberate_panics, restart, session_file, session_ids,
@@ -1324,6 +1324,9 @@ async fn invalid_ids_are_rejected(compression: Option<u32>) {
 }
 
 async fn second_backend_on_same_dir_is_locked(compression: Option<u32>) {
+    if !locking_backend_only("second_backend_on_same_dir_is_locked") {
+        return;
+    }
     let (dir, m) = open_temp(compression).await;
     m.save_session("s1", &json!(1)).await.unwrap();
     match open_backend(dir.path(), FileWrites::Defaults, Duration::ZERO) {

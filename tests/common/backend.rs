@@ -21,7 +21,10 @@ pub const BACKEND_ENV: &str = "MARS_STATE_TEST_BACKEND";
 
 /// The values [`BACKEND_ENV`] accepts, and the cargo feature each needs.
 pub const ACCEPTED: &str = "`file` (the default when unset or empty; no feature), \
-                            `sqlite` (cargo feature `sqlite`: `--features sqlite`)";
+                            `sqlite` (cargo feature `sqlite`: `--features sqlite`), \
+                            `postgres` (`--features postgres`; server at \
+                            MARS_STATE_TEST_PG_URL), `redis` (`--features redis`; server at \
+                            MARS_STATE_TEST_REDIS_URL, opened best-effort)";
 
 /// How long [`backend`] waits for the store's lock on backends other than the file backend:
 /// a restart right after `shutdown` may find the previous backend still closing (the SQLite
@@ -50,10 +53,19 @@ fn opener(name: &str) -> Option<Opener> {
             "{BACKEND_ENV}=sqlite needs the SQLite backend compiled in: run with \
              `--features sqlite`"
         ),
-        // The server backends (postgres, redis) go here, one arm each, behind their
-        // features: their store (a schema, a key prefix) is named from a hash of `dir`'s
-        // path, so the same `dir` reaches the same store and every test (every temporary
-        // directory) gets a fresh one.
+        #[cfg(feature = "redis")]
+        "redis" => open_redis,
+        #[cfg(not(feature = "redis"))]
+        "redis" => panic!(
+            "{BACKEND_ENV}=redis needs the Redis backend compiled in: run with `--features redis`"
+        ),
+        #[cfg(feature = "postgres")]
+        "postgres" => open_postgres,
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => panic!(
+            "{BACKEND_ENV}=postgres needs the PostgreSQL backend compiled in: run with \
+             `--features postgres`"
+        ),
         _ => return None,
     })
 }
@@ -135,6 +147,142 @@ fn open_sqlite(
     Ok(Arc::new(b))
 }
 
+/// The name of the server-side store (a key prefix, a schema) for the store named by `dir`:
+/// `MARS_STATE_TEST_PREFIX` (default `mars_state_test`; CI sets one per run and removes
+/// everything under it afterwards), then a hash of `dir`'s path, so the same `dir` reaches
+/// the same store and every test (every temporary directory) gets a fresh one.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+fn server_store_name(dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let run = std::env::var("MARS_STATE_TEST_PREFIX").unwrap_or_else(|_| "mars_state_test".into());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    format!("{run}_{:016x}", h.finish())
+}
+
+/// A Redis store under a key prefix named from `dir`, on the server at
+/// `MARS_STATE_TEST_REDIS_URL` (default the machine's, `redis://127.0.0.1:6379`). Opened
+/// best-effort: the machine's Redis keeps nothing on disk, and these suites test behaviour
+/// (tests/redis_backend.rs tests durability on private servers). Connected at the first
+/// call, on the test's own runtime.
+#[cfg(feature = "redis")]
+fn open_redis(
+    dir: &Path,
+    _: FileWrites,
+    _: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    let url = std::env::var("MARS_STATE_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = server_store_name(dir);
+    Ok(Arc::new(Connected::new(move || async move {
+        let b = mars_state::RedisStorageBackend::options()
+            .prefix(prefix)
+            .best_effort()
+            .connect(&url)
+            .await?;
+        Ok(Arc::new(b) as Arc<dyn StorageBackend>)
+    })))
+}
+
+/// A PostgreSQL store in a schema named from `dir`, on the server at
+/// `MARS_STATE_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`; CI
+/// gives each run a database of its own and drops it). Connected at the first call.
+#[cfg(feature = "postgres")]
+fn open_postgres(
+    dir: &Path,
+    _: FileWrites,
+    _: Duration,
+) -> mars_state::Result<Arc<dyn StorageBackend>> {
+    let url = std::env::var("MARS_STATE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let schema = server_store_name(dir);
+    Ok(Arc::new(Connected::new(move || async move {
+        let b = mars_state::PostgresStorageBackend::options().schema(schema).connect(&url).await?;
+        Ok(Arc::new(b) as Arc<dyn StorageBackend>)
+    })))
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+type Connect = Box<
+    dyn FnOnce() -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = mars_state::Result<Arc<dyn StorageBackend>>>
+                    + Send,
+            >,
+        > + Send
+        + Sync,
+>;
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+/// A server backend connected at its first call (the suites open stores from synchronous
+/// helpers; a connection must be made on the test's runtime, where its tasks then live).
+/// A failed connect fails that call and is tried again at the next.
+struct Connected {
+    connect: std::sync::Mutex<Option<Connect>>,
+    backend: tokio::sync::OnceCell<Arc<dyn StorageBackend>>,
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected").field("backend", &self.backend.get()).finish()
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl Connected {
+    fn new<F, Fut>(connect: F) -> Self
+    where
+        F: FnOnce() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = mars_state::Result<Arc<dyn StorageBackend>>>
+            + Send
+            + 'static,
+    {
+        let connect: Connect = Box::new(move || Box::pin(connect()));
+        Connected { connect: std::sync::Mutex::new(Some(connect)), backend: Default::default() }
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl Connected {
+    async fn get(&self) -> mars_state::Result<&Arc<dyn StorageBackend>> {
+        self.backend
+            .get_or_try_init(|| async {
+                let connect = self.connect.lock().unwrap().take();
+                match connect {
+                    Some(connect) => connect().await,
+                    None => Err(mars_state::StateError::Unavailable {
+                        reason: "an earlier connect of this test store failed".into(),
+                    }),
+                }
+            })
+            .await
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+#[async_trait::async_trait]
+impl StorageBackend for Connected {
+    async fn get(&self, key: &StorageKey) -> mars_state::Result<Option<Vec<u8>>> {
+        self.get().await?.get(key).await
+    }
+    async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
+        self.get().await?.put(key, value).await
+    }
+    async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
+        self.get().await?.delete(key).await
+    }
+    async fn list(&self, prefix: &StorageKey) -> mars_state::Result<Vec<ObjectMeta>> {
+        self.get().await?.list(prefix).await
+    }
+    async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> mars_state::Result<()> {
+        self.get().await?.append(key, bytes).await
+    }
+    async fn sweep(&self) -> mars_state::Result<SweepReport> {
+        self.get().await?.sweep().await
+    }
+}
+
 /// The store named by `dir` on the chosen backend, opened as [`super::builder`] opens it;
 /// waits up to [`LOCK_WAIT`] (not on the file backend) for a store still being released.
 /// Panics if it cannot open.
@@ -159,6 +307,17 @@ pub fn file_backend_only(test: &str, why: &str) -> bool {
         return true;
     }
     super::not_run_line(test, &format!("{why} (file backend only)"));
+    false
+}
+
+/// For a test of the store lock (a second opener gets `Locked`): true on the backends that
+/// hold their store with an OS lock (file, SQLite); on a server backend, which several
+/// processes may open at once, writes one `NOT RUN` line and returns false.
+pub fn locking_backend_only(test: &str) -> bool {
+    if matches!(backend_name(), "file" | "sqlite") {
+        return true;
+    }
+    super::not_run_line(test, "a server store may be opened by several processes (no store lock)");
     false
 }
 
