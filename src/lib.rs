@@ -34,6 +34,8 @@ pub use backend::{
     FileOptions, FileStorageBackend, KeyClass, MemoryStorageBackend, ObjectMeta, StorageBackend,
     StorageKey, SweepReport,
 };
+#[cfg(feature = "postgres")]
+pub use backend::{PostgresOptions, PostgresStorageBackend};
 #[cfg(feature = "sqlite")]
 pub use backend::{SqliteOptions, SqliteStorageBackend};
 pub use config::RetentionPolicy;

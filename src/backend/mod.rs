@@ -6,7 +6,7 @@
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
 //! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system)
-//! and the backends (`memory`, `file/`, and with the `sqlite` feature `sqlite/`). Backends
+//! and the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `postgres` `postgres/`). Backends
 //! call nothing above them: not the store, the codec, the actors nor the handle; only the
 //! key's class (`store::keys`).
 
@@ -19,6 +19,8 @@ use crate::error::{Result, StateError};
 
 mod file;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -29,6 +31,8 @@ pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStorageBackend};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStorageBackend};
 

@@ -1,0 +1,283 @@
+//! The PostgreSQL backend's writers: a few tokio tasks that take writes from one queue and
+//! commit every write queued together in one transaction (group commit). Owns the queue,
+//! the tasks, the transaction of a batch and its retries; calls the pool and statements of
+//! `super` and the error classification of `super::error`.
+//!
+//! A writer takes the first queued write, then everything queued behind it (up to
+//! [`MAX_BATCH`]), and runs `BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL
+//! statement_timeout = …`, the writes pipelined (one statement each, sent without waiting
+//! for the previous answer; the server runs them in order), then `COMMIT`. Each caller is
+//! answered after the COMMIT returned: with synchronous commit, after the WAL record is
+//! flushed. Several writers (`PostgresOptions::writers`) run such transactions on their own
+//! connections at once, so one's flush overlaps another's statements, and PostgreSQL's own
+//! group commit flushes them together.
+//!
+//! Retries: a failure before COMMIT was sent committed nothing, so a transient one (the
+//! connection or server went away, the pool had no connection, a deadlock victim) is retried
+//! whatever the writes, up to [`RETRIES`] times on fresh connections. If the connection dies
+//! after COMMIT was sent, the outcome is unknown: puts and deletes are idempotent and are
+//! retried (a retried delete may then report that its key did not exist); an append is not
+//! (it would be applied twice) and is answered [`StateError::Timeout`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Object;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::error::{Failure, MAX_VALUE, outcome_unknown};
+use super::{Discard, Shared};
+use crate::backend::{KeyClass, StorageKey};
+use crate::error::{Result, StateError};
+
+/// Writes committed in one transaction at most: bounds the time a batch holds its callers.
+const MAX_BATCH: usize = 256;
+/// Retries of a batch after a transient failure (so at most `RETRIES + 1` attempts).
+const RETRIES: u32 = 3;
+
+/// One write.
+#[derive(Debug)]
+pub(super) enum Op {
+    Put(StorageKey, Vec<u8>),
+    Delete(StorageKey),
+    Append(StorageKey, Vec<u8>),
+}
+
+impl Op {
+    fn key(&self) -> &StorageKey {
+        match self {
+            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) => k,
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Op::Put(_, v) | Op::Append(_, v) => v.len(),
+            Op::Delete(_) => 0,
+        }
+    }
+
+    fn verb(&self) -> &'static str {
+        match self {
+            Op::Put(..) => "writing",
+            Op::Delete(_) => "deleting",
+            Op::Append(..) => "appending to",
+        }
+    }
+
+    /// The statement of this write.
+    fn sql<'s>(&self, shared: &'s Shared) -> &'s str {
+        let log = self.key().class() == KeyClass::Log;
+        let sql = &shared.sql;
+        match (self, log) {
+            (Op::Put(..), false) => &sql.put,
+            (Op::Put(..), true) => &sql.put_log,
+            (Op::Delete(_), false) => &sql.delete,
+            (Op::Delete(_), true) => &sql.delete_log,
+            (Op::Append(..), false) => &sql.append,
+            (Op::Append(..), true) => &sql.append_log,
+        }
+    }
+
+    /// Runs the write on `client` (in its open transaction). `true` when a delete found its
+    /// key, and for every put and append.
+    async fn apply(&self, shared: &Shared, client: &Object) -> Result<bool, tokio_postgres::Error> {
+        use tokio_postgres::types::Type;
+        let key = self.key().as_str();
+        let kind = kind_name(self.key().class());
+        let rows = match self {
+            Op::Put(_, bytes) | Op::Append(_, bytes) => {
+                let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] =
+                    [(&key, Type::TEXT), (bytes, Type::BYTEA), (&kind, Type::TEXT)];
+                super::query(client, shared.prepared, self.sql(shared), &params).await?
+            }
+            Op::Delete(_) => {
+                super::query(client, shared.prepared, self.sql(shared), &[(&key, Type::TEXT)])
+                    .await?
+            }
+        };
+        Ok(!matches!(self, Op::Delete(_)) || !rows.is_empty())
+    }
+}
+
+/// The `kind` column of a key's row: its class, for people reading the table.
+fn kind_name(class: KeyClass) -> &'static str {
+    match class {
+        KeyClass::Record => "record",
+        KeyClass::Plaintext => "plaintext",
+        KeyClass::Log => "log",
+        _ => "metadata",
+    }
+}
+
+struct Req {
+    op: Op,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+/// The handle of the writer tasks. Dropping it closes the queue: each task finishes the
+/// batch it holds and ends.
+#[derive(Debug)]
+pub(super) struct Writers {
+    queue: mpsc::UnboundedSender<Req>,
+}
+
+impl Writers {
+    /// Starts `count` writer tasks on the current tokio runtime.
+    pub(super) fn start(shared: Arc<Shared>, count: usize) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..count.max(1) {
+            tokio::spawn(run(shared.clone(), rx.clone()));
+        }
+        Writers { queue }
+    }
+
+    /// Queues `op` and waits for its answer, given after its transaction committed (or
+    /// failed: see the module's retry rules).
+    pub(super) async fn submit(&self, op: Op) -> Result<bool> {
+        if op.size() > MAX_VALUE {
+            return Err(StateError::TooLarge { size: op.size(), limit: MAX_VALUE });
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.queue.send(Req { op, reply }).is_err() {
+            return Err(StateError::unavailable("the PostgreSQL writers have stopped"));
+        }
+        answer.await.map_err(|_| {
+            StateError::unavailable(
+                "a PostgreSQL writer stopped before answering (its runtime shut down); \
+                 outcome unknown",
+            )
+        })?
+    }
+}
+
+/// One writer task: takes a batch while holding the queue, commits it without holding it
+/// (so the next writer takes the writes that arrive meanwhile), until the queue is closed.
+async fn run(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Req>>>) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(req) => batch.push(req),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        commit_batch(&shared, batch, true).await;
+    }
+}
+
+/// How far an attempt got: what a failure means for its writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before COMMIT was sent: nothing committed.
+    Open,
+    /// COMMIT was sent: the outcome is unknown until it answers.
+    CommitSent,
+}
+
+/// Commits `batch` (retrying as the module says) and answers every caller. With `split`, a
+/// statement's own error (not the connection's) makes each write go again alone, so one
+/// bad write does not fail the others.
+async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
+    let mut attempt = 0;
+    // Set once an attempt's COMMIT went unanswered: from then on a failure means "outcome
+    // unknown", even if a retry fails before its own COMMIT.
+    let mut maybe_committed = false;
+    loop {
+        let mut stage = Stage::Open;
+        let bound = shared.attempt_bound();
+        let attempt_result = {
+            let ops: Vec<&Op> = batch.iter().map(|r| &r.op).collect();
+            match bound {
+                Some(bound) => tokio::time::timeout(bound, attempt_once(shared, &ops, &mut stage))
+                    .await
+                    .unwrap_or(Err(Failure::Deadline(bound))),
+                None => attempt_once(shared, &ops, &mut stage).await,
+            }
+        };
+        let failure = match attempt_result {
+            Ok(found) => {
+                for (req, found) in batch.into_iter().zip(found) {
+                    // A caller that gave up is not waiting for the answer.
+                    let _ = req.reply.send(Ok(found));
+                }
+                return;
+            }
+            Err(failure) => failure,
+        };
+        let unknown_wait = bound.unwrap_or(Duration::ZERO);
+        if stage == Stage::CommitSent {
+            maybe_committed = true;
+            // An append may have been applied: going again could apply it twice.
+            let (appends, rest): (Vec<Req>, Vec<Req>) =
+                batch.into_iter().partition(|r| matches!(r.op, Op::Append(..)));
+            for req in appends {
+                let e = outcome_unknown(req.op.verb(), req.op.key().as_str(), unknown_wait);
+                let _ = req.reply.send(Err(e));
+            }
+            batch = rest;
+            if batch.is_empty() {
+                return;
+            }
+        }
+        let retry = stage == Stage::CommitSent || failure.transient();
+        if retry && attempt < RETRIES {
+            attempt += 1;
+            tracing::warn!(
+                attempt,
+                writes = batch.len(),
+                reason = %failure.reason(),
+                "PostgreSQL write transaction failed; retrying on a fresh connection"
+            );
+            tokio::time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
+            continue;
+        }
+        if !maybe_committed && split && batch.len() > 1 && failure.statement_error() {
+            for req in batch {
+                Box::pin(commit_batch(shared, vec![req], false)).await;
+            }
+            return;
+        }
+        for req in batch {
+            let (verb, key, size) = (req.op.verb(), req.op.key().as_str(), req.op.size());
+            let e = if maybe_committed {
+                outcome_unknown(verb, key, unknown_wait)
+            } else {
+                failure.not_committed(verb, key, size)
+            };
+            let _ = req.reply.send(Err(e));
+        }
+        return;
+    }
+}
+
+/// One transaction of `ops` on a fresh connection from the pool. `stage` says how far it
+/// got. The connection goes back to the pool only after a COMMIT that answered; after any
+/// failure it is closed (the server then rolls back whatever was open).
+async fn attempt_once(shared: &Shared, ops: &[&Op], stage: &mut Stage) -> Result<Vec<bool>, Failure> {
+    let mut conn = Discard::new(shared.connection().await?);
+    let client = conn.client();
+    client.batch_execute(&shared.begin).await?;
+    if shared.prepared {
+        // Prepare (or find cached) every statement first, so the pipelined sends below go
+        // out in the batch's order: a cache miss would otherwise hold its write back.
+        for op in ops {
+            super::prepare(client, op.sql(shared), matches!(op, Op::Delete(_))).await?;
+        }
+    }
+    let results =
+        futures_util::future::join_all(ops.iter().map(|op| op.apply(shared, client))).await;
+    let found = results.into_iter().collect::<Result<Vec<bool>, _>>()?;
+    *stage = Stage::CommitSent;
+    // With synchronous_commit = on this returns once the commit record is flushed to disk:
+    // the point at which every write of the batch is durable.
+    client.batch_execute("COMMIT").await?;
+    conn.keep();
+    Ok(found)
+}
