@@ -27,6 +27,7 @@ struct Outcome {
     /// Acked puts of distinct keys, and the last acked value of each task's rolling key.
     acked_puts: Vec<(StorageKey, Vec<u8>)>,
     rolling: BTreeMap<usize, usize>,
+    rolling_acks: usize,
     acked_appends: Vec<String>,
     /// Writes answered `Unavailable`: nothing may have been committed.
     refused_puts: Vec<StorageKey>,
@@ -87,6 +88,7 @@ pub async fn terminated_connections_during_saves() {
                 match b.put(&rolling, i.to_string().into_bytes()).await {
                     Ok(()) => {
                         out.rolling.insert(t, i);
+                        out.rolling_acks += 1;
                     }
                     Err(e) => {
                         check(&e);
@@ -116,6 +118,7 @@ pub async fn terminated_connections_during_saves() {
         let out = done.unwrap();
         all.acked_puts.extend(out.acked_puts);
         all.rolling.extend(out.rolling);
+        all.rolling_acks += out.rolling_acks;
         all.acked_appends.extend(out.acked_appends);
         all.refused_puts.extend(out.refused_puts);
         all.refused_appends.extend(out.refused_appends);
@@ -160,7 +163,7 @@ pub async fn terminated_connections_during_saves() {
     println!(
         "{kills} terminate rounds; {writes} writes: {} puts and {} appends acked, errors {:?}; \
          {} appends of unknown outcome ({} of them landed); all acked writes present, none twice",
-        all.acked_puts.len() + all.rolling.len(),
+        all.acked_puts.len() + all.rolling_acks,
         all.acked_appends.len(),
         all.errors,
         all.unknown_appends.len(),

@@ -20,9 +20,10 @@
 //!   answered after that COMMIT. An append is a row of its own (`mars_state_log`), so its
 //!   cost does not grow with the log; it is durable once its transaction commits.
 //! - after `Err` nothing of the write was committed, except [`StateError::Timeout`]: the
-//!   connection died after COMMIT was sent, so the write may or may not be there. Puts and
-//!   deletes are retried on a fresh connection in that case (they are idempotent); appends
-//!   are not (a retry could apply one twice).
+//!   connection died after COMMIT was sent and the server could not be asked (within the
+//!   connect timeout) what became of the transaction (`txid_status`), so the write may or
+//!   may not be there. Puts and deletes are retried on a fresh connection in that case
+//!   (they are idempotent); appends are not (a retry could apply one twice).
 //! - no session state on the server: no session advisory locks, no `SET` outside a
 //!   transaction; with [`PostgresOptions::prepared_statements`]`(false)` not even prepared
 //!   statements, so it runs behind transaction-mode poolers.
@@ -102,7 +103,7 @@ pub(super) struct Shared {
     prepared: bool,
     connect_timeout: Duration,
     statement_timeout: Option<Duration>,
-    /// The statement that opens a write transaction.
+    /// The statements that open a write transaction and return its id.
     begin: String,
 }
 
@@ -123,6 +124,7 @@ impl Shared {
         if let Some(t) = options.statement_timeout {
             begin.push_str(&format!("; SET LOCAL statement_timeout = {}", t.as_millis()));
         }
+        begin.push_str("; SELECT txid_current()");
         Shared {
             pool,
             sql: Sql::new(quoted_schema),

@@ -15,9 +15,12 @@
 //! Retries: a failure before COMMIT was sent committed nothing, so a transient one (the
 //! connection or server went away, the pool had no connection, a deadlock victim) is retried
 //! whatever the writes, up to [`RETRIES`] times on fresh connections. If the connection dies
-//! after COMMIT was sent, the outcome is unknown: puts and deletes are idempotent and are
-//! retried (a retried delete may then report that its key did not exist); an append is not
-//! (it would be applied twice) and is answered [`StateError::Timeout`].
+//! after COMMIT was sent, the writer asks the server on a fresh connection what became of the
+//! transaction (`txid_status` of its id, read at BEGIN): committed, the callers get `Ok`;
+//! rolled back, the batch goes again like any other. Only if the server cannot tell (it stays
+//! unreachable for the connect timeout) is the outcome unknown: puts and deletes are
+//! idempotent and are retried (a retried delete may then report that its key did not exist);
+//! an append is not (it would be applied twice) and is answered [`StateError::Timeout`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,12 +176,13 @@ async fn run(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Req>>>) 
 }
 
 /// How far an attempt got: what a failure means for its writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Stage {
     /// Before COMMIT was sent: nothing committed.
     Open,
-    /// COMMIT was sent: the outcome is unknown until it answers.
-    CommitSent,
+    /// COMMIT was sent: the outcome is unknown until it answers, or until the server says
+    /// what became of transaction `xid` (`txid_status`). `found`: the writes' results.
+    CommitSent { xid: Option<i64>, found: Vec<bool> },
 }
 
 /// Commits `batch` (retrying as the module says) and answers every caller. With `split`, a
@@ -186,8 +190,9 @@ enum Stage {
 /// bad write does not fail the others.
 async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
     let mut attempt = 0;
-    // Set once an attempt's COMMIT went unanswered: from then on a failure means "outcome
-    // unknown", even if a retry fails before its own COMMIT.
+    // Set once an attempt's COMMIT went unanswered and the server could not say what became
+    // of it: from then on a failure means "outcome unknown", even if a retry fails before
+    // its own COMMIT.
     let mut maybe_committed = false;
     loop {
         let mut stage = Stage::Open;
@@ -202,31 +207,34 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
             }
         };
         let failure = match attempt_result {
-            Ok(found) => {
-                for (req, found) in batch.into_iter().zip(found) {
-                    // A caller that gave up is not waiting for the answer.
-                    let _ = req.reply.send(Ok(found));
-                }
-                return;
-            }
+            Ok(found) => return answer(batch, found),
             Err(failure) => failure,
         };
         let unknown_wait = bound.unwrap_or(Duration::ZERO);
-        if stage == Stage::CommitSent {
-            maybe_committed = true;
-            // An append may have been applied: going again could apply it twice.
-            let (appends, rest): (Vec<Req>, Vec<Req>) =
-                batch.into_iter().partition(|r| matches!(r.op, Op::Append(..)));
-            for req in appends {
-                let e = outcome_unknown(req.op.verb(), req.op.key().as_str(), unknown_wait);
-                let _ = req.reply.send(Err(e));
-            }
-            batch = rest;
-            if batch.is_empty() {
-                return;
+        let mut retry = failure.transient();
+        if let Stage::CommitSent { xid, found } = stage {
+            // The COMMIT went unanswered: ask the server what became of the transaction.
+            match resolve(shared, xid).await {
+                Some(true) => return answer(batch, found),
+                // Rolled back: nothing of it was committed; every write may go again.
+                Some(false) => retry = true,
+                None => {
+                    maybe_committed = true;
+                    // An append may have been applied: going again could apply it twice.
+                    let (appends, rest): (Vec<Req>, Vec<Req>) =
+                        batch.into_iter().partition(|r| matches!(r.op, Op::Append(..)));
+                    for req in appends {
+                        let e = outcome_unknown(req.op.verb(), req.op.key().as_str(), unknown_wait);
+                        let _ = req.reply.send(Err(e));
+                    }
+                    batch = rest;
+                    if batch.is_empty() {
+                        return;
+                    }
+                    retry = true;
+                }
             }
         }
-        let retry = stage == Stage::CommitSent || failure.transient();
         if retry && attempt < RETRIES {
             attempt += 1;
             tracing::warn!(
@@ -257,13 +265,58 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
     }
 }
 
+/// Answers each caller of a committed batch.
+fn answer(batch: Vec<Req>, found: Vec<bool>) {
+    for (req, found) in batch.into_iter().zip(found) {
+        // A caller that gave up is not waiting for the answer.
+        let _ = req.reply.send(Ok(found));
+    }
+}
+
+/// What became of transaction `xid` whose COMMIT went unanswered: `Some(true)` committed,
+/// `Some(false)` rolled back, `None` unknown (no xid, the server cannot tell any more, or
+/// cannot be reached within the connect timeout). A transaction still in progress (its
+/// backend has not yet noticed the lost connection) is waited for.
+async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
+    use tokio_postgres::types::Type;
+    let xid = xid?;
+    let deadline = tokio::time::Instant::now() + shared.connect_timeout;
+    loop {
+        let status = async {
+            let mut conn = Discard::new(shared.connection().await?);
+            let rows = conn
+                .client()
+                .query_typed("SELECT txid_status($1)", &[(&xid, Type::INT8)])
+                .await?;
+            conn.keep();
+            let status: Option<String> = rows.first().and_then(|r| r.try_get(0).ok());
+            Ok::<_, Failure>(status)
+        };
+        match tokio::time::timeout_at(deadline, status).await {
+            Ok(Ok(Some(s))) if s == "committed" => return Some(true),
+            Ok(Ok(Some(s))) if s == "aborted" => return Some(false),
+            Ok(Ok(Some(_))) | Ok(Err(_)) => {} // in progress, or the server is away
+            Ok(Ok(None)) | Err(_) => return None,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One transaction of `ops` on a fresh connection from the pool. `stage` says how far it
 /// got. The connection goes back to the pool only after a COMMIT that answered; after any
 /// failure it is closed (the server then rolls back whatever was open).
 async fn attempt_once(shared: &Shared, ops: &[&Op], stage: &mut Stage) -> Result<Vec<bool>, Failure> {
     let mut conn = Discard::new(shared.connection().await?);
     let client = conn.client();
-    client.batch_execute(&shared.begin).await?;
+    // BEGIN, the SET LOCALs, and the transaction's id (to ask the server what became of it
+    // if the COMMIT goes unanswered) in one round trip.
+    let xid = client.simple_query(&shared.begin).await?.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse().ok()),
+        _ => None,
+    });
     if shared.prepared {
         // Prepare (or find cached) every statement first, so the pipelined sends below go
         // out in the batch's order: a cache miss would otherwise hold its write back.
@@ -274,7 +327,7 @@ async fn attempt_once(shared: &Shared, ops: &[&Op], stage: &mut Stage) -> Result
     let results =
         futures_util::future::join_all(ops.iter().map(|op| op.apply(shared, client))).await;
     let found = results.into_iter().collect::<Result<Vec<bool>, _>>()?;
-    *stage = Stage::CommitSent;
+    *stage = Stage::CommitSent { xid, found: found.clone() };
     // With synchronous_commit = on this returns once the commit record is flushed to disk:
     // the point at which every write of the batch is durable.
     client.batch_execute("COMMIT").await?;
