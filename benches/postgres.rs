@@ -93,11 +93,16 @@ async fn manager(schema: &str, writers: usize, pool: usize) -> StateManager {
         .connect(&url())
         .await
         .unwrap();
-    StateManager::builder(backend).janitor_interval(Duration::from_secs(3600)).start().await.unwrap()
+    StateManager::builder(backend)
+        .janitor_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap()
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let schema_name = format!("mars_bench_{}", std::process::id());
     let schema = format!("\"{schema_name}\"");
     rt.block_on(async {

@@ -200,11 +200,8 @@ async fn newer_schema_is_config() {
 #[tokio::test]
 async fn non_durable_database_is_refused() {
     let db = pg_common::Database::new().await;
-    pg_common::admin_sql(&format!(
-        "ALTER DATABASE \"{}\" SET synchronous_commit = off",
-        db.name()
-    ))
-    .await;
+    pg_common::admin_sql(&format!("ALTER DATABASE \"{}\" SET synchronous_commit = off", db.name()))
+        .await;
     let err = PostgresStorageBackend::connect(&db.url())
         .await
         .expect_err("connected to a database with synchronous_commit = off");
@@ -226,7 +223,9 @@ fn ten_processes_migrate_at_once() {
     let schema = Schema::new();
     let start_at = std::time::SystemTime::now() + Duration::from_millis(1500);
     let children: Vec<_> = (0..10)
-        .map(|_| pg_common::spawn_migrate_child("ten_processes_migrate_at_once", schema.name(), start_at))
+        .map(|_| {
+            pg_common::spawn_migrate_child("ten_processes_migrate_at_once", schema.name(), start_at)
+        })
         .collect();
     let mut ok = 0;
     for child in children {

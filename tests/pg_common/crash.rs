@@ -91,7 +91,15 @@ impl Cluster {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let cluster = Cluster { dir, port };
         let mut c = pg("initdb");
-        c.args(["-D", cluster.data().to_str().unwrap(), "-U", "postgres", "-A", "trust", "--no-sync"]);
+        c.args([
+            "-D",
+            cluster.data().to_str().unwrap(),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+        ]);
         run(c, "initdb");
         cluster
     }
@@ -193,11 +201,10 @@ impl XorShift {
 pub fn crash_private_cluster() {
     let rounds: usize =
         std::env::var("MARS_PG_CRASH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(20);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64
+            | 1;
     println!("crash moments from seed {seed}");
     let mut rng = XorShift(seed);
     let started = Instant::now();
@@ -290,7 +297,12 @@ fn crash_during_saves(cluster: &Cluster, delay: Duration) -> (Vec<(u64, Option<S
 }
 
 /// After a restart: every acked save and checkpoint is there, exactly.
-async fn check_store(url: &str, acked_save: &[u64], acked_cps: &[(CheckpointId, u64)], round: usize) {
+async fn check_store(
+    url: &str,
+    acked_save: &[u64],
+    acked_cps: &[(CheckpointId, u64)],
+    round: usize,
+) {
     let m = open_manager(url).await;
     for s in 0..SESSIONS {
         let stored = bounded("load", m.load_session(&session(s)))

@@ -38,7 +38,9 @@ pub fn random_name(prefix: &str) -> String {
 /// works from `Drop` and from inside another runtime).
 fn on_own_runtime<T: Send + 'static>(
     url: String,
-    f: impl FnOnce(tokio_postgres::Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>
+    f: impl FnOnce(
+        tokio_postgres::Client,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>
     + Send
     + 'static,
 ) -> T {
@@ -60,7 +62,9 @@ fn on_own_runtime<T: Send + 'static>(
 pub fn admin_sql_sync(sql: &str) {
     let sql = sql.to_owned();
     on_own_runtime(test_url(), move |c| {
-        Box::pin(async move { c.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) })
+        Box::pin(
+            async move { c.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) },
+        )
     })
 }
 

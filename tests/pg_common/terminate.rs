@@ -14,7 +14,7 @@ use mars_state::{ErrorKind, PostgresStorageBackend, StorageBackend, StorageKey};
 use super::{Schema, admin_sql, bounded, random_name, test_url};
 
 const TASKS: usize = 4;
-const ROUNDS: usize = 150;
+const ROUNDS: usize = 100;
 
 /// `url` with `name=value` added to its query parameters.
 fn with_param(url: &str, name: &str, value: &str) -> String {

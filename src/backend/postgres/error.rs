@@ -79,9 +79,17 @@ impl Failure {
 
     /// The typed error for `operation` on `key` (a value of `size` bytes) when nothing was
     /// committed.
-    pub(super) fn not_committed(&self, operation: &'static str, key: &str, size: usize) -> StateError {
+    pub(super) fn not_committed(
+        &self,
+        operation: &'static str,
+        key: &str,
+        size: usize,
+    ) -> StateError {
         let Failure::Pg(e) = self else {
-            return StateError::unavailable(format!("{operation} {key}: {}; nothing was written", self.reason()));
+            return StateError::unavailable(format!(
+                "{operation} {key}: {}; nothing was written",
+                self.reason()
+            ));
         };
         let Some(code) = e.code() else {
             return StateError::unavailable(format!(
@@ -90,7 +98,11 @@ impl Failure {
             ));
         };
         let io = |kind: std::io::ErrorKind| {
-            StateError::io(operation, format!("postgresql:{key}"), std::io::Error::new(kind, describe(e)))
+            StateError::io(
+                operation,
+                format!("postgresql:{key}"),
+                std::io::Error::new(kind, describe(e)),
+            )
         };
         match *code {
             SqlState::PROGRAM_LIMIT_EXCEEDED => StateError::TooLarge { size, limit: MAX_VALUE },
@@ -120,7 +132,9 @@ impl Failure {
         match self {
             Failure::Pool(why) => why.clone(),
             Failure::Pg(e) => describe(e),
-            Failure::Deadline(d) => format!("no answer from PostgreSQL within {} ms", d.as_millis()),
+            Failure::Deadline(d) => {
+                format!("no answer from PostgreSQL within {} ms", d.as_millis())
+            }
         }
     }
 }

@@ -17,8 +17,10 @@
 //!   connect fails with [`StateError::Config`] naming the setting, unless
 //!   [`PostgresOptions::best_effort`] (a warning; then an `Ok` can be lost).
 //! - writes queued together commit in one transaction (group commit); each caller is
-//!   answered after that COMMIT. An append is a row of its own (`mars_state_log`), so its
-//!   cost does not grow with the log; it is durable once its transaction commits.
+//!   answered after that COMMIT. An append to a log is a row of its own (`mars_state_log`),
+//!   so its cost does not grow with the log, committed in one round trip without waiting
+//!   for the flush (`append.rs`): the contract does not make an append durable by itself,
+//!   and the next put or delete's flush covers it (the WAL is sequential).
 //! - after `Err` nothing of the write was committed, except [`StateError::Timeout`]: the
 //!   connection died after COMMIT was sent and the server could not be asked (within the
 //!   connect timeout) what became of the transaction (`txid_status`), so the write may or
@@ -30,6 +32,7 @@
 //! - an interrupted transaction is rolled back by the server: there are no staged leftovers,
 //!   so `sweep` has nothing to remove.
 
+mod append;
 mod error;
 mod options;
 mod schema;
@@ -155,11 +158,19 @@ impl Shared {
     }
 
     /// Runs one read statement, retrying transient failures on fresh connections.
-    async fn read(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Failure> {
+    async fn read(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Failure> {
         let mut attempt = 0;
         loop {
             match self.read_once(sql, params).await {
-                Err(f) if f.transient() && !matches!(f, Failure::Deadline(_)) && attempt < READ_RETRIES => {
+                Err(f)
+                    if f.transient()
+                        && !matches!(f, Failure::Deadline(_))
+                        && attempt < READ_RETRIES =>
+                {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
                 }
@@ -168,11 +179,17 @@ impl Shared {
         }
     }
 
-    async fn read_once(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Failure> {
+    async fn read_once(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Failure> {
         let mut conn = Discard::new(self.connection().await?);
         let rows = match self.statement_timeout {
             Some(bound) => {
-                match tokio::time::timeout(bound, query(conn.client(), self.prepared, sql, params)).await {
+                match tokio::time::timeout(bound, query(conn.client(), self.prepared, sql, params))
+                    .await
+                {
                     Ok(rows) => rows?,
                     Err(_) => {
                         // Stop the statement on the server too; the connection is dropped.
@@ -223,8 +240,13 @@ impl Drop for Discard {
 
 /// Prepares (or finds in the connection's cache) the statement `sql` of a put, delete or
 /// append: its parameter types.
-pub(super) async fn prepare(client: &Object, sql: &str, delete: bool) -> Result<(), tokio_postgres::Error> {
-    let types: &[Type] = if delete { &[Type::TEXT] } else { &[Type::TEXT, Type::BYTEA, Type::TEXT] };
+pub(super) async fn prepare(
+    client: &Object,
+    sql: &str,
+    delete: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let types: &[Type] =
+        if delete { &[Type::TEXT] } else { &[Type::TEXT, Type::BYTEA, Type::TEXT] };
     client.prepare_typed_cached(sql, types).await.map(drop)
 }
 
@@ -329,7 +351,8 @@ impl StorageBackend for PostgresStorageBackend {
         let rows = rows.map_err(|f| f.read_error(k))?;
         let mut rows = rows.iter();
         let Some(head) = rows.next() else { return Ok(None) };
-        let bad = |e: tokio_postgres::Error| StateError::corrupt(key, format!("unexpected row: {e}"));
+        let bad =
+            |e: tokio_postgres::Error| StateError::corrupt(key, format!("unexpected row: {e}"));
         let mut value: Vec<u8> = head.try_get(2).map_err(bad)?;
         for piece in rows {
             value.extend_from_slice(piece.try_get::<_, &[u8]>(2).map_err(bad)?);
@@ -368,6 +391,10 @@ impl StorageBackend for PostgresStorageBackend {
     }
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        if key.class() == KeyClass::Log {
+            return append::append_log(&self.shared, key, &bytes).await;
+        }
+        // Another class concatenates in place, durably, like a put.
         self.writers.submit(Op::Append(key.clone(), bytes)).await.map(drop)
     }
 

@@ -190,8 +190,7 @@ impl PostgresOptions {
         }
         let shared = super::Shared::new(pool, &schema, self);
         let client = shared.connection().await.map_err(|f| connect_error(&f))?;
-        let problems =
-            schema::durability_problems(&client).await.map_err(|f| connect_error(&f))?;
+        let problems = schema::durability_problems(&client).await.map_err(|f| connect_error(&f))?;
         if !problems.is_empty() {
             if !self.best_effort {
                 return Err(StateError::Config {

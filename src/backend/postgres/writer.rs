@@ -284,10 +284,8 @@ async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
     loop {
         let status = async {
             let mut conn = Discard::new(shared.connection().await?);
-            let rows = conn
-                .client()
-                .query_typed("SELECT txid_status($1)", &[(&xid, Type::INT8)])
-                .await?;
+            let rows =
+                conn.client().query_typed("SELECT txid_status($1)", &[(&xid, Type::INT8)]).await?;
             conn.keep();
             let status: Option<String> = rows.first().and_then(|r| r.try_get(0).ok());
             Ok::<_, Failure>(status)
@@ -308,7 +306,11 @@ async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
 /// One transaction of `ops` on a fresh connection from the pool. `stage` says how far it
 /// got. The connection goes back to the pool only after a COMMIT that answered; after any
 /// failure it is closed (the server then rolls back whatever was open).
-async fn attempt_once(shared: &Shared, ops: &[&Op], stage: &mut Stage) -> Result<Vec<bool>, Failure> {
+async fn attempt_once(
+    shared: &Shared,
+    ops: &[&Op],
+    stage: &mut Stage,
+) -> Result<Vec<bool>, Failure> {
     let mut conn = Discard::new(shared.connection().await?);
     let client = conn.client();
     // BEGIN, the SET LOCALs, and the transaction's id (to ask the server what became of it
