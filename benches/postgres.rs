@@ -125,6 +125,34 @@ fn main() {
         let raw16 = raw_upserts(&schema, 16).await;
         println!("raw upsert 1 KB, 16 connections:      {raw16:>8.0} /s");
 
+        // The backend alone: a durable put, and a journal append.
+        {
+            use mars_state::{StorageBackend, StorageKey};
+            let b = PostgresStorageBackend::options()
+                .schema(&schema_name)
+                .connect(&url())
+                .await
+                .unwrap();
+            let key = StorageKey::new("sessions/raw.json").unwrap();
+            let value = vec![b'x'; 1024];
+            let put = rate(1, |_| {
+                let (b, key, value) = (&b, &key, &value);
+                async move { b.put(key, value.clone()).await.unwrap() }
+            })
+            .await;
+            println!(
+                "backend put 1 KB (durable):           {put:>8.0} /s   {:.2}x raw 1-conn upsert",
+                put / raw1
+            );
+            let log = StorageKey::new("metadata/bench.log").unwrap();
+            let append = rate(1, |_| {
+                let (b, log) = (&b, &log);
+                async move { b.append(log, vec![b'y'; 100]).await.unwrap() }
+            })
+            .await;
+            println!("backend append 100 B (journal):       {append:>8.0} /s");
+        }
+
         let m = manager(&schema_name, 4, 16).await;
         let save1 = rate(1, |_| {
             let (m, state) = (&m, &state);

@@ -4,9 +4,9 @@
 //! `super` and the error classification of `super::error`.
 //!
 //! A writer takes the first queued write, then everything queued behind it (up to
-//! [`MAX_BATCH`]), and runs `BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL
-//! statement_timeout = …`, the writes pipelined (one statement each, sent without waiting
-//! for the previous answer; the server runs them in order), then `COMMIT`. Each caller is
+//! [`MAX_BATCH`]), and sends `BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL
+//! statement_timeout = …; SELECT txid_current()`, the writes (one statement each) and
+//! `COMMIT` pipelined: all at once, answered in order, one round trip plus the flush. Each caller is
 //! answered after the COMMIT returned: with synchronous commit, after the WAL record is
 //! flushed. Several writers (`PostgresOptions::writers`) run such transactions on their own
 //! connections at once, so one's flush overlaps another's statements, and PostgreSQL's own
@@ -303,36 +303,76 @@ async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
     }
 }
 
-/// One transaction of `ops` on a fresh connection from the pool. `stage` says how far it
-/// got. The connection goes back to the pool only after a COMMIT that answered; after any
-/// failure it is closed (the server then rolls back whatever was open).
+/// One transaction of `ops` on a fresh connection from the pool, pipelined: BEGIN (with the
+/// SET LOCALs and the transaction's id), every write, and COMMIT are sent at once and
+/// answered in order, one round trip. `stage` says what a failure means. The connection goes
+/// back to the pool only after a COMMIT that answered; after any failure it is closed (the
+/// server then rolls back whatever was open).
+///
+/// Why sending COMMIT without waiting is safe: if a write fails, the server aborts the
+/// transaction and answers the COMMIT with a rollback; the write's own error tells us so.
 async fn attempt_once(
     shared: &Shared,
     ops: &[&Op],
     stage: &mut Stage,
 ) -> Result<Vec<bool>, Failure> {
+    use std::sync::atomic::{AtomicI64, Ordering};
     let mut conn = Discard::new(shared.connection().await?);
     let client = conn.client();
-    // BEGIN, the SET LOCALs, and the transaction's id (to ask the server what became of it
-    // if the COMMIT goes unanswered) in one round trip.
-    let xid = client.simple_query(&shared.begin).await?.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse().ok()),
-        _ => None,
-    });
     if shared.prepared {
-        // Prepare (or find cached) every statement first, so the pipelined sends below go
-        // out in the batch's order: a cache miss would otherwise hold its write back.
+        // Prepare (or find cached) every statement first, so each write below goes out at
+        // its first poll, in the batch's order: a cache miss would otherwise hold it back.
         for op in ops {
             super::prepare(client, op.sql(shared), matches!(op, Op::Delete(_))).await?;
         }
     }
-    let results =
-        futures_util::future::join_all(ops.iter().map(|op| op.apply(shared, client))).await;
-    let found = results.into_iter().collect::<Result<Vec<bool>, _>>()?;
+    // From here COMMIT may be on the wire: a failure that is not a write's own error leaves
+    // the outcome to be asked of the server, by the transaction's id (0: not known yet).
+    *stage = Stage::CommitSent { xid: None, found: vec![true; ops.len()] };
+    let xid = AtomicI64::new(0);
+    let begin = async {
+        let rows = client.simple_query(&shared.begin).await?;
+        let id = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse().ok()),
+            _ => None,
+        });
+        xid.store(id.unwrap_or(0), Ordering::Relaxed);
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    let writes = futures_util::future::join_all(ops.iter().map(|op| op.apply(shared, client)));
+    // With synchronous_commit = on the COMMIT is answered once its record is flushed to
+    // disk: the point at which every write of the batch is durable.
+    let commit = client.batch_execute("COMMIT");
+    // join3 polls in order, so the three go out in order.
+    let (begun, results, committed) = futures_util::future::join3(begin, writes, commit).await;
+    let xid = Some(xid.load(Ordering::Relaxed)).filter(|x| *x != 0);
+    let mut found = Vec::with_capacity(ops.len());
+    let mut first_error = begun.err();
+    for result in results {
+        match result {
+            Ok(f) => found.push(f),
+            Err(e) => {
+                if e.code().is_some() {
+                    // The server refused a write (BEGIN's own error would come first):
+                    // the transaction is aborted, its COMMIT was a rollback.
+                    *stage = Stage::Open;
+                }
+                first_error.get_or_insert(e);
+                found.push(true);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        if let Stage::CommitSent { .. } = stage {
+            *stage = Stage::CommitSent { xid, found };
+        }
+        return Err(e.into());
+    }
+    // Every write was applied; a failed COMMIT (even one the server answered with an error:
+    // a connection terminated during the flush is told so after the commit) is resolved by
+    // the transaction's id.
     *stage = Stage::CommitSent { xid, found: found.clone() };
-    // With synchronous_commit = on this returns once the commit record is flushed to disk:
-    // the point at which every write of the batch is durable.
-    client.batch_execute("COMMIT").await?;
+    committed?;
     conn.keep();
     Ok(found)
 }
