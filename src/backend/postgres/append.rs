@@ -1,98 +1,236 @@
-//! The PostgreSQL backend's appends to a log key (the index journal): one round trip each,
-//! committed without waiting for the WAL flush. Owns that statement text and its retry
-//! rule; calls the pool and error mapping of `super`.
+//! The PostgreSQL backend's appends to log keys (the index journal): acknowledged once
+//! queued in memory, committed in order by one flusher task. Owns the queue, the flusher and
+//! the "poisoned" logs; calls the writer's transaction (`writer::attempt_once`) and its
+//! outcome check (`writer::resolve`).
 //!
-//! The store appends one line of its index journal per change, one at a time, and the
-//! contract does not make an append durable by itself (after a crash a log may lack its
-//! tail; the journal is rebuilt from the records). So an append is sent as one simple-query
-//! message, `BEGIN; SET LOCAL synchronous_commit = off; …; INSERT …; COMMIT` (the bytes as a
-//! hex literal), answered once the server has run it, without the flush: one round trip
-//! instead of three plus a flush. The WAL is sequential, so the next synchronous commit (any
-//! put or delete) makes it durable too, and a later put of the same log, which the caller
-//! sends only after this answer, replaces it in order.
+//! Why not wait for a commit: the contract does not make an append durable by itself (after
+//! a crash a log may lack its tail; the store rebuilds its journal from the records), and the
+//! store sends its journal lines one at a time, under a lock, after each save: a round trip
+//! per line would cap the saves of all sessions together at one line per round trip. So
+//! `append` queues the piece and returns; the flusher takes everything queued, in order, and
+//! commits it in one transaction with `synchronous_commit = off` (the WAL is sequential, so
+//! the next durable commit flushes it too).
 //!
-//! Retries: a failure the server reported (an SQL error) stopped the message before its
-//! COMMIT: nothing committed, so a transient one is retried. A lost connection after the
-//! message was sent leaves the outcome unknown: an append is not idempotent, so it is
-//! answered [`StateError::Timeout`] rather than sent again.
+//! What stays true:
+//! - order: pieces are committed in the order they were queued, a batch all or nothing;
+//! - read your appends: `get` and `list` of a log, and `put` and `delete` of one (which
+//!   replace it), first wait until every piece queued before them is committed or dropped
+//!   ([`Appender::settle`]);
+//! - only a tail is ever lost: if a batch fails for good (refused, or its outcome unknown
+//!   after the retries), its logs are *poisoned*: their pieces still queued are dropped and
+//!   every later append to them fails with [`StateError::Unavailable`] until a put or delete
+//!   replaces the log. So a log never has a hole followed by later pieces.
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::error::{Failure, MAX_VALUE, outcome_unknown};
-use super::{Discard, Shared};
+use tokio::sync::{Notify, watch};
+
+use super::Shared;
+use super::error::{Failure, MAX_VALUE};
+use super::writer::{Op, Stage, attempt_once, resolve};
 use crate::backend::StorageKey;
 use crate::error::{Result, StateError};
+use crate::sync::lock;
 
-/// Retries of an append the server refused with a transient error.
-const RETRIES: u32 = 3;
+/// Pieces committed in one transaction at most.
+const MAX_BATCH: usize = 1024;
+/// Retries of a batch after a transient failure. More than a write's: nobody waits on the
+/// flusher, and giving up loses the logs' tails.
+const RETRIES: u32 = 8;
 
-/// Appends `bytes` to the log `key` (a key of class `Log`).
-pub(super) async fn append_log(shared: &Shared, key: &StorageKey, bytes: &[u8]) -> Result<()> {
-    if bytes.len() > MAX_VALUE {
-        return Err(StateError::TooLarge { size: bytes.len(), limit: MAX_VALUE });
+/// The queue of appends and its flusher task.
+#[derive(Debug)]
+pub(super) struct Appender {
+    state: Mutex<State>,
+    /// Wakes the flusher: a piece was queued, or the backend is closing.
+    wake: Notify,
+    /// The sequence number below which every piece is settled (committed or dropped).
+    settled: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Queued pieces, oldest first, numbered from `first`; `None`: dropped (its log was
+    /// poisoned), kept so the numbering does not shift.
+    queue: Vec<(StorageKey, Option<Vec<u8>>)>,
+    first: u64,
+    /// Logs whose appends failed: the reason.
+    poisoned: HashMap<StorageKey, String>,
+    closed: bool,
+}
+
+impl Appender {
+    /// Starts the flusher on the current tokio runtime.
+    pub(super) fn start(shared: Arc<Shared>) -> Arc<Self> {
+        let appender = Arc::new(Appender {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            settled: watch::channel(0).0,
+        });
+        tokio::spawn(flusher(shared, appender.clone()));
+        appender
     }
-    let sql = statement(shared, key, bytes);
-    let bound = shared.attempt_bound();
-    let mut attempt = 0;
-    loop {
-        let mut sent = false;
-        let once = async {
-            let mut conn = Discard::new(shared.connection().await?);
-            sent = true;
-            conn.client().simple_query(&sql).await?;
-            conn.keep();
-            Ok::<_, Failure>(())
-        };
-        let result = match bound {
-            Some(bound) => {
-                tokio::time::timeout(bound, once).await.unwrap_or(Err(Failure::Deadline(bound)))
-            }
-            None => once.await,
-        };
-        let failure = match result {
-            Ok(()) => return Ok(()),
-            Err(failure) => failure,
-        };
-        // An error the server sent back means it stopped before COMMIT; anything else after
-        // the message went out leaves the outcome open.
-        let refused = matches!(&failure, Failure::Pg(e) if e.code().is_some());
-        if sent && !refused {
-            let wait = bound.unwrap_or(Duration::ZERO);
-            return Err(outcome_unknown("appending to", key.as_str(), wait));
+
+    /// Queues `bytes` for the log `key`.
+    pub(super) fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        if bytes.len() > MAX_VALUE {
+            return Err(StateError::TooLarge { size: bytes.len(), limit: MAX_VALUE });
         }
-        if failure.transient() && attempt < RETRIES {
-            attempt += 1;
-            tokio::time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
-            continue;
+        let mut state = lock(&self.state);
+        if state.closed {
+            return Err(StateError::unavailable("the PostgreSQL backend is closed"));
         }
-        return Err(failure.not_committed("appending to", key.as_str(), bytes.len()));
+        if let Some(why) = state.poisoned.get(key) {
+            return Err(StateError::unavailable(format!(
+                "an earlier append to {key} failed ({why}); the log lacks its tail until a put \
+                 or delete replaces it"
+            )));
+        }
+        state.queue.push((key.clone(), Some(bytes)));
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Waits until every piece queued so far is committed or dropped.
+    pub(super) async fn settle(&self) {
+        let target = {
+            let state = lock(&self.state);
+            state.first + state.queue.len() as u64
+        };
+        let mut settled = self.settled.subscribe();
+        // An error means the flusher is gone (its runtime ended): nothing more will settle.
+        let _ = settled.wait_for(|done| *done >= target).await;
+    }
+
+    /// After a put or delete of `key` replaced the log: appends to it work again.
+    pub(super) fn replaced(&self, key: &StorageKey) {
+        lock(&self.state).poisoned.remove(key);
+    }
+
+    /// Lets the flusher commit what is queued and end.
+    pub(super) fn close(&self) {
+        lock(&self.state).closed = true;
+        self.wake.notify_one();
     }
 }
 
-/// The one message of an append: the transaction and its statement, with the key and the
-/// bytes as literals (the key is a valid `StorageKey`: no backslash or control character, so
-/// doubling `'` quotes it whatever `standard_conforming_strings` says; the bytes go as hex,
-/// which has no backslash either).
-fn statement(shared: &Shared, key: &StorageKey, bytes: &[u8]) -> String {
-    let (r, l) = (&shared.sql.records, &shared.sql.log);
-    let key = key.as_str().replace('\'', "''");
-    let mut hex = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(hex, "{b:02x}");
+/// The flusher: commits queued pieces in order until the appender is closed and empty.
+async fn flusher(shared: Arc<Shared>, appender: Arc<Appender>) {
+    // One transaction, no flush wait: see the module doc.
+    let begin = {
+        let mut begin = "BEGIN; SET LOCAL synchronous_commit = off".to_owned();
+        if let Some(t) = shared.statement_timeout {
+            begin.push_str(&format!("; SET LOCAL statement_timeout = {}", t.as_millis()));
+        }
+        begin.push_str("; SELECT txid_current()");
+        begin
+    };
+    loop {
+        // Register for a wake-up before looking at the queue, so a piece queued in between
+        // is not missed.
+        let woken = appender.wake.notified();
+        let taken = take(&appender);
+        let batch = match taken {
+            Some(batch) => batch,
+            None if lock(&appender.state).closed => return,
+            None => {
+                woken.await;
+                continue;
+            }
+        };
+        let failed = match batch.is_empty() {
+            true => Ok(()),
+            false => commit(&shared, &begin, &batch).await,
+        };
+        settle_batch(&appender, batch, failed);
     }
-    let mut sql = String::from("BEGIN; SET LOCAL synchronous_commit = off;");
-    if let Some(t) = shared.statement_timeout {
-        let _ = write!(sql, " SET LOCAL statement_timeout = {};", t.as_millis());
+}
+
+/// Records the outcome of a batch: on failure poisons its logs and drops what is queued for
+/// them; then everything taken so far counts as settled.
+fn settle_batch(appender: &Appender, batch: Vec<Op>, failed: Result<(), String>) {
+    {
+        let mut state = lock(&appender.state);
+        if let Err(why) = failed {
+            tracing::warn!(reason = %why, "PostgreSQL log append failed; the log lacks its tail");
+            let keys: Vec<StorageKey> = batch
+                .into_iter()
+                .filter_map(|op| match op {
+                    Op::Append(key, _) => Some(key),
+                    _ => None,
+                })
+                .collect();
+            // Drop what is queued for these logs after the failed batch: a hole must not be
+            // followed by later pieces.
+            for (key, bytes) in state.queue.iter_mut() {
+                if keys.contains(key) {
+                    *bytes = None;
+                }
+            }
+            for key in keys {
+                state.poisoned.insert(key, why.clone());
+            }
+        }
+        // Every piece numbered below `first` is committed or dropped.
+        let first = state.first;
+        drop(state);
+        appender.settled.send_replace(first);
     }
-    let _ = write!(
-        sql,
-        " WITH head AS (INSERT INTO {r} (key, value, size, kind, updated_at) \
-         VALUES ('{key}', ''::bytea, {len}, 'log', now()) \
-         ON CONFLICT (key) DO UPDATE SET size = {r}.size + excluded.size, \
-         updated_at = excluded.updated_at) \
-         INSERT INTO {l} (key, bytes) VALUES ('{key}', decode('{hex}', 'hex')); COMMIT",
-        len = bytes.len()
-    );
-    sql
+}
+
+/// Takes up to [`MAX_BATCH`] queued pieces (the dropped ones left out); `None` if none.
+fn take(appender: &Appender) -> Option<Vec<Op>> {
+    let mut state = lock(&appender.state);
+    if state.queue.is_empty() {
+        return None;
+    }
+    let n = state.queue.len().min(MAX_BATCH);
+    state.first += n as u64;
+    Some(
+        state
+            .queue
+            .drain(..n)
+            .filter_map(|(key, bytes)| bytes.map(|b| Op::Append(key, b)))
+            .collect(),
+    )
+}
+
+/// Commits `batch` in one transaction, retrying transient failures; a lost COMMIT is
+/// resolved by the transaction's id. `Err`: the batch may be missing (a tail of its logs).
+async fn commit(shared: &Shared, begin: &str, batch: &[Op]) -> Result<(), String> {
+    let ops: Vec<&Op> = batch.iter().collect();
+    let mut attempt = 0;
+    loop {
+        let mut stage = Stage::Open;
+        let bound = shared.attempt_bound();
+        let result = match bound {
+            Some(bound) => {
+                tokio::time::timeout(bound, attempt_once(shared, begin, &ops, &mut stage))
+                    .await
+                    .unwrap_or(Err(Failure::Deadline(bound)))
+            }
+            None => attempt_once(shared, begin, &ops, &mut stage).await,
+        };
+        let failure = match result {
+            Ok(_) => return Ok(()),
+            Err(failure) => failure,
+        };
+        let retry = match stage {
+            Stage::Open => failure.transient(),
+            Stage::CommitSent { xid, .. } => match resolve(shared, xid).await {
+                Some(true) => return Ok(()),
+                Some(false) => true,
+                // Going again could commit the pieces twice.
+                None => return Err(format!("outcome unknown: {}", failure.reason())),
+            },
+        };
+        if !retry || attempt >= RETRIES {
+            return Err(failure.reason());
+        }
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis((25 << (2 * attempt)).min(1000))).await;
+    }
 }

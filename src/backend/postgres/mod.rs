@@ -18,9 +18,10 @@
 //!   [`PostgresOptions::best_effort`] (a warning; then an `Ok` can be lost).
 //! - writes queued together commit in one transaction (group commit); each caller is
 //!   answered after that COMMIT. An append to a log is a row of its own (`mars_state_log`),
-//!   so its cost does not grow with the log, committed in one round trip without waiting
-//!   for the flush (`append.rs`): the contract does not make an append durable by itself,
-//!   and the next put or delete's flush covers it (the WAL is sequential).
+//!   so its cost does not grow with the log; it is acknowledged once queued and committed
+//!   in order by a flusher without waiting for the WAL flush (`append.rs`): the contract
+//!   does not make an append durable by itself (a crash may cut a log's tail), and the next
+//!   put or delete's flush covers it (the WAL is sequential).
 //! - after `Err` nothing of the write was committed, except [`StateError::Timeout`]: the
 //!   connection died after COMMIT was sent and the server could not be asked (within the
 //!   connect timeout) what became of the transaction (`txid_status`), so the write may or
@@ -87,6 +88,18 @@ const READ_RETRIES: u32 = 2;
 pub struct PostgresStorageBackend {
     shared: Arc<Shared>,
     writers: Arc<Writers>,
+    appender: Arc<Closing>,
+}
+
+/// The appender, closed (its flusher commits what is queued and ends) when the last clone
+/// of the backend is dropped.
+#[derive(Debug)]
+struct Closing(Arc<append::Appender>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 impl fmt::Debug for PostgresStorageBackend {
@@ -328,7 +341,8 @@ impl PostgresStorageBackend {
     fn start(shared: Shared, writers: usize) -> Self {
         let shared = Arc::new(shared);
         let writers = Arc::new(Writers::start(shared.clone(), writers));
-        PostgresStorageBackend { shared, writers }
+        let appender = Arc::new(Closing(append::Appender::start(shared.clone())));
+        PostgresStorageBackend { shared, writers, appender }
     }
 }
 
@@ -346,6 +360,8 @@ impl StorageBackend for PostgresStorageBackend {
                 .transpose()
                 .map_err(|e| StateError::corrupt(key, format!("unexpected row: {e}")));
         }
+        // Appends queued before this get are committed first (read your appends).
+        self.appender.0.settle().await;
         // One statement, so one snapshot: the head, then the appended pieces in order.
         let rows = self.shared.read(&self.shared.sql.get_log, &params).await;
         let rows = rows.map_err(|f| f.read_error(k))?;
@@ -361,11 +377,24 @@ impl StorageBackend for PostgresStorageBackend {
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
-        self.writers.submit(Op::Put(key.clone(), value)).await.map(drop)
+        if key.class() != KeyClass::Log {
+            return self.writers.submit(Op::Put(key.clone(), value)).await.map(drop);
+        }
+        // A put replaces a log: its queued appends go first, so none lands after it.
+        self.appender.0.settle().await;
+        self.writers.submit(Op::Put(key.clone(), value)).await?;
+        self.appender.0.replaced(key);
+        Ok(())
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool> {
-        self.writers.submit(Op::Delete(key.clone())).await
+        if key.class() != KeyClass::Log {
+            return self.writers.submit(Op::Delete(key.clone())).await;
+        }
+        self.appender.0.settle().await;
+        let existed = self.writers.submit(Op::Delete(key.clone())).await?;
+        self.appender.0.replaced(key);
+        Ok(existed)
     }
 
     async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
@@ -375,6 +404,8 @@ impl StorageBackend for PostgresStorageBackend {
         // that never reads other sessions' rows or any value.
         let low = format!("{prefix}/");
         let high = format!("{prefix}0");
+        // Sizes include the appends queued before this listing.
+        self.appender.0.settle().await;
         let params: [(&(dyn ToSql + Sync), Type); 2] = [(&low, Type::TEXT), (&high, Type::TEXT)];
         let rows = self.shared.read(&self.shared.sql.list, &params).await;
         let rows = rows.map_err(|f| f.read_error(prefix.as_str()))?;
@@ -392,7 +423,7 @@ impl StorageBackend for PostgresStorageBackend {
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
         if key.class() == KeyClass::Log {
-            return append::append_log(&self.shared, key, &bytes).await;
+            return self.appender.0.append(key, bytes);
         }
         // Another class concatenates in place, durably, like a put.
         self.writers.submit(Op::Append(key.clone(), bytes)).await.map(drop)

@@ -67,9 +67,6 @@ pub(super) fn quoted_schema(name: &str) -> Result<String, StateError> {
 /// Every statement the backend sends, with its schema filled in.
 #[derive(Debug)]
 pub(super) struct Sql {
-    /// The two tables, schema-qualified.
-    pub(super) records: String,
-    pub(super) log: String,
     /// The value of a non-log key: `$1` key.
     pub(super) get: String,
     /// The head and pieces of a log key, in order: `$1` key.
@@ -103,8 +100,6 @@ impl Sql {
         // Each write is one statement (data-modifying CTEs for the two tables), so the writer
         // can pipeline a batch and the server still runs it in order.
         Sql {
-            records: r.clone(),
-            log: l.clone(),
             get: format!("SELECT value FROM {r} WHERE key = $1"),
             get_log: format!(
                 "SELECT 0 AS part, 0::bigint AS seq, value FROM {r} WHERE key = $1 \

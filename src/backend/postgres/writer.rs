@@ -177,7 +177,7 @@ async fn run(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Req>>>) 
 
 /// How far an attempt got: what a failure means for its writes.
 #[derive(Debug)]
-enum Stage {
+pub(super) enum Stage {
     /// Before COMMIT was sent: nothing committed.
     Open,
     /// COMMIT was sent: the outcome is unknown until it answers, or until the server says
@@ -200,10 +200,13 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
         let attempt_result = {
             let ops: Vec<&Op> = batch.iter().map(|r| &r.op).collect();
             match bound {
-                Some(bound) => tokio::time::timeout(bound, attempt_once(shared, &ops, &mut stage))
-                    .await
-                    .unwrap_or(Err(Failure::Deadline(bound))),
-                None => attempt_once(shared, &ops, &mut stage).await,
+                Some(bound) => tokio::time::timeout(
+                    bound,
+                    attempt_once(shared, &shared.begin, &ops, &mut stage),
+                )
+                .await
+                .unwrap_or(Err(Failure::Deadline(bound))),
+                None => attempt_once(shared, &shared.begin, &ops, &mut stage).await,
             }
         };
         let failure = match attempt_result {
@@ -277,7 +280,7 @@ fn answer(batch: Vec<Req>, found: Vec<bool>) {
 /// `Some(false)` rolled back, `None` unknown (no xid, the server cannot tell any more, or
 /// cannot be reached within the connect timeout). A transaction still in progress (its
 /// backend has not yet noticed the lost connection) is waited for.
-async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
+pub(super) async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
     use tokio_postgres::types::Type;
     let xid = xid?;
     let deadline = tokio::time::Instant::now() + shared.connect_timeout;
@@ -311,8 +314,9 @@ async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
 ///
 /// Why sending COMMIT without waiting is safe: if a write fails, the server aborts the
 /// transaction and answers the COMMIT with a rollback; the write's own error tells us so.
-async fn attempt_once(
+pub(super) async fn attempt_once(
     shared: &Shared,
+    begin: &str,
     ops: &[&Op],
     stage: &mut Stage,
 ) -> Result<Vec<bool>, Failure> {
@@ -331,7 +335,7 @@ async fn attempt_once(
     *stage = Stage::CommitSent { xid: None, found: vec![true; ops.len()] };
     let xid = AtomicI64::new(0);
     let begin = async {
-        let rows = client.simple_query(&shared.begin).await?;
+        let rows = client.simple_query(begin).await?;
         let id = rows.iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse().ok()),
             _ => None,
@@ -347,6 +351,13 @@ async fn attempt_once(
     let (begun, results, committed) = futures_util::future::join3(begin, writes, commit).await;
     let xid = Some(xid.load(Ordering::Relaxed)).filter(|x| *x != 0);
     let mut found = Vec::with_capacity(ops.len());
+    if matches!(&begun, Err(e) if e.code().is_some()) {
+        // The server answered BEGIN (or its SET LOCALs) with an error: no transaction ran
+        // (a FATAL one, such as a connection terminated while idle, ended the session before
+        // reading the rest; any other leaves the transaction aborted, its COMMIT a
+        // rollback).
+        *stage = Stage::Open;
+    }
     let mut first_error = begun.err();
     for result in results {
         match result {
