@@ -150,7 +150,7 @@ fn main() {
                 async move { b.append(log, vec![b'y'; 100]).await.unwrap() }
             })
             .await;
-            println!("backend append 100 B (journal):       {append:>8.0} /s");
+            println!("backend append 100 B (journal):       {append:>8.0} /s   (queued; one flusher commits)");
         }
 
         let m = manager(&schema_name, 4, 16).await;

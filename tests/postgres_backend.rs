@@ -9,14 +9,17 @@
 //!   reconnect.
 //! - `appends_keep_every_byte`: appends of arbitrary bytes concatenate in order, `list`
 //!   reports the size in bytes, a delete or a put replaces every appended piece.
+//! - conformance over three fixtures: plain, `Encrypted`, and `prepared_statements(false)`.
 //! - `ten_processes_migrate_at_once`: ten processes (this binary re-executed) connect to one
 //!   new schema at the same moment; all succeed and each migration is recorded once.
 //! - `bad_schema_name_is_config`, `newer_schema_is_config`: typed `Config` errors.
 //! - `non_durable_database_is_refused`: a database of its own with `ALTER DATABASE … SET
 //!   synchronous_commit = off` fails the connect with `Config`; `best_effort()` connects.
 //! - `terminated_connections_during_saves`: `pg_terminate_backend` of the backend's
-//!   connections while tasks put and append: every call returns `Ok` or a typed error;
-//!   afterwards every acknowledged write is there and no append is there twice.
+//!   connections every 15 ms while tasks put and append: every call returns `Ok` or a typed
+//!   error (`Unavailable` or `Timeout`); afterwards every acknowledged put is there, no put
+//!   answered `Unavailable` is, no append is there twice, and every acknowledged append is
+//!   there unless an append reported that its log lost a tail.
 //! - `crash_private_cluster`: a private cluster (`initdb`, its own port) is stopped with
 //!   `pg_ctl stop -m immediate` while a child process saves and checkpoints, printing an ack
 //!   after each `Ok`; after a restart every acked write is there, 20 rounds

@@ -1,8 +1,9 @@
 //! `terminated_connections_during_saves`: the backend's connections are killed with
 //! `pg_terminate_backend` every few milliseconds while four tasks put and append. Every call
 //! must return `Ok` or a typed error (`Unavailable`: nothing committed; `Timeout`: outcome
-//! unknown); afterwards every acknowledged write is there, every write answered
-//! `Unavailable` is not, and no append is there twice.
+//! unknown); afterwards every acknowledged put is there, every put answered `Unavailable` is
+//! not, and no append is there twice. An append is acknowledged once queued: all acked
+//! appends are there unless one reported that the log lost its tail.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

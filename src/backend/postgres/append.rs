@@ -36,6 +36,9 @@ use crate::sync::lock;
 
 /// Pieces committed in one transaction at most.
 const MAX_BATCH: usize = 1024;
+/// Queued pieces beyond which `append` waits for the flusher (back-pressure: a caller
+/// appending faster than the server commits must not grow the queue without bound).
+const MAX_QUEUED: usize = 16 * 1024;
 /// Retries of a batch after a transient failure. More than a write's: nobody waits on the
 /// flusher, and giving up loses the logs' tails.
 const RETRIES: u32 = 8;
@@ -73,8 +76,16 @@ impl Appender {
         appender
     }
 
-    /// Queues `bytes` for the log `key`.
-    pub(super) fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+    /// Queues `bytes` for the log `key`; waits for the flusher only when the queue is full.
+    pub(super) async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        if self.queue(key, bytes)? >= MAX_QUEUED {
+            self.settle().await;
+        }
+        Ok(())
+    }
+
+    /// Queues `bytes` for the log `key`; returns the length of the queue.
+    fn queue(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<usize> {
         if bytes.len() > MAX_VALUE {
             return Err(StateError::TooLarge { size: bytes.len(), limit: MAX_VALUE });
         }
@@ -89,9 +100,10 @@ impl Appender {
             )));
         }
         state.queue.push((key.clone(), Some(bytes)));
+        let queued = state.queue.len();
         drop(state);
         self.wake.notify_one();
-        Ok(())
+        Ok(queued)
     }
 
     /// Waits until every piece queued so far is committed or dropped.

@@ -423,7 +423,7 @@ impl StorageBackend for PostgresStorageBackend {
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
         if key.class() == KeyClass::Log {
-            return self.appender.0.append(key, bytes);
+            return self.appender.0.append(key, bytes).await;
         }
         // Another class concatenates in place, durably, like a put.
         self.writers.submit(Op::Append(key.clone(), bytes)).await.map(drop)
