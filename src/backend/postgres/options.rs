@@ -59,6 +59,10 @@ impl Default for PostgresOptions {
 impl PostgresOptions {
     /// The most connections the backend opens (default 16), shared by its reads and its
     /// writers. Ignored by [`from_pool`](Self::from_pool), which uses the pool's size.
+    ///
+    /// ```
+    /// let options = mars_state::PostgresStorageBackend::options().pool_size(32);
+    /// ```
     pub fn pool_size(mut self, n: usize) -> Self {
         self.pool_size = n;
         self
@@ -68,6 +72,10 @@ impl PostgresOptions {
     /// smaller), each committing every write queued while it was busy. More writers overlap
     /// their statements with each other's WAL flush; fewer make bigger batches. At most the
     /// pool size.
+    ///
+    /// ```
+    /// let options = mars_state::PostgresStorageBackend::options().pool_size(16).writers(8);
+    /// ```
     pub fn writers(mut self, n: usize) -> Self {
         self.writers = Some(n);
         self
@@ -75,6 +83,10 @@ impl PostgresOptions {
 
     /// How long connecting, or waiting for a free connection of the pool, may take
     /// (default 10 s) before the call fails with [`StateError::Unavailable`].
+    ///
+    /// ```
+    /// let options = mars_state::PostgresStorageBackend::options().connect_timeout(std::time::Duration::from_secs(3));
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -83,6 +95,10 @@ impl PostgresOptions {
     /// The longest one statement may run on the server (default 30 s), set per write
     /// transaction with `SET LOCAL` and bounding each read; `Duration::ZERO` turns the bound
     /// off. A write that hits it committed nothing ([`StateError::Unavailable`]).
+    ///
+    /// ```
+    /// let options = mars_state::PostgresStorageBackend::options().statement_timeout(std::time::Duration::from_secs(5));
+    /// ```
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = (!timeout.is_zero()).then_some(timeout);
         self
@@ -91,6 +107,10 @@ impl PostgresOptions {
     /// The schema holding the backend's tables (default `public`), created if missing.
     /// Must be a plain identifier (ASCII letters, digits, `_`, not starting with a digit
     /// or `pg_`), else connecting fails with [`StateError::Config`].
+    ///
+    /// ```
+    /// let options = mars_state::PostgresStorageBackend::options().schema("tenant_a");
+    /// ```
     pub fn schema(mut self, name: impl Into<String>) -> Self {
         self.schema = name.into();
         self
@@ -101,6 +121,11 @@ impl PostgresOptions {
     /// commit with the server's own `synchronous_commit` instead of forcing it on. **An `Ok`
     /// from a write may then be lost in a crash.** Without it such a server fails the
     /// connect with [`StateError::Config`].
+    ///
+    /// ```
+    /// // A throwaway development database:
+    /// let options = mars_state::PostgresStorageBackend::options().best_effort();
+    /// ```
     pub fn best_effort(mut self) -> Self {
         self.best_effort = true;
         self
@@ -110,6 +135,10 @@ impl PostgresOptions {
     /// `false` sends every statement unnamed with its parameter types (one round trip,
     /// nothing kept on the server between transactions): for poolers in transaction mode
     /// that do not track prepared statements (PgBouncer before 1.21, some proxies).
+    ///
+    /// ```
+    /// let options = mars_state::PostgresStorageBackend::options().prepared_statements(false);
+    /// ```
     pub fn prepared_statements(mut self, enabled: bool) -> Self {
         self.prepared_statements = enabled;
         self
