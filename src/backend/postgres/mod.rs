@@ -256,10 +256,8 @@ impl Drop for Discard {
 pub(super) async fn prepare(
     client: &Object,
     sql: &str,
-    delete: bool,
+    types: &[Type],
 ) -> Result<(), tokio_postgres::Error> {
-    let types: &[Type] =
-        if delete { &[Type::TEXT] } else { &[Type::TEXT, Type::BYTEA, Type::TEXT] };
     client.prepare_typed_cached(sql, types).await.map(drop)
 }
 

@@ -75,6 +75,8 @@ pub(super) struct Sql {
     pub(super) list: String,
     /// Upsert of a non-log key: `$1` key, `$2` value, `$3` kind.
     pub(super) put: String,
+    /// Upsert of many non-log keys at once: `$1` keys, `$2` values, `$3` kinds (arrays).
+    pub(super) put_many: String,
     /// Upsert of a log key, dropping its pieces: same parameters.
     pub(super) put_log: String,
     /// Delete of a non-log key: `$1` key; one row returned if it existed.
@@ -107,6 +109,13 @@ impl Sql {
             ),
             list: format!("SELECT key, size FROM {r} WHERE key >= $1 AND key < $2"),
             put_log: format!("WITH gone AS (DELETE FROM {l} WHERE key = $1) {upsert}"),
+            put_many: format!(
+                "INSERT INTO {r} (key, value, size, kind, updated_at) \
+                 SELECT k, v, octet_length(v), kd, now() \
+                 FROM unnest($1::text[], $2::bytea[], $3::text[]) AS t (k, v, kd) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, \
+                 kind = excluded.kind, updated_at = excluded.updated_at"
+            ),
             put: upsert,
             delete: format!("DELETE FROM {r} WHERE key = $1 RETURNING 1"),
             delete_log: format!(

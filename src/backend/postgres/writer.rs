@@ -30,6 +30,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::error::{Failure, MAX_VALUE, outcome_unknown};
 use super::{Discard, Shared};
+use tokio_postgres::types::Type;
+
 use crate::backend::{KeyClass, StorageKey};
 use crate::error::{Result, StateError};
 
@@ -102,6 +104,9 @@ impl Op {
         Ok(!matches!(self, Op::Delete(_)) || !rows.is_empty())
     }
 }
+
+/// The parameter types of `Sql::put_many`.
+const PUT_MANY_TYPES: [Type; 3] = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
 
 /// The `kind` column of a key's row: its class, for people reading the table.
 fn kind_name(class: KeyClass) -> &'static str {
@@ -323,11 +328,27 @@ pub(super) async fn attempt_once(
     use std::sync::atomic::{AtomicI64, Ordering};
     let mut conn = Discard::new(shared.connection().await?);
     let client = conn.client();
+    // The puts of non-log keys go as one multi-row statement when no key repeats in the
+    // batch (so their order against the batch's other writes cannot matter): one statement
+    // for the server to run instead of one per put.
+    let many: Vec<usize> = (0..ops.len())
+        .filter(|&i| matches!(ops[i], Op::Put(k, _) if k.class() != KeyClass::Log))
+        .collect();
+    let keys: std::collections::HashSet<&str> = ops.iter().map(|op| op.key().as_str()).collect();
+    let many = if many.len() > 1 && keys.len() == ops.len() { many } else { Vec::new() };
+    let singles: Vec<usize> = (0..ops.len()).filter(|i| !many.contains(i)).collect();
     if shared.prepared {
         // Prepare (or find cached) every statement first, so each write below goes out at
         // its first poll, in the batch's order: a cache miss would otherwise hold it back.
-        for op in ops {
-            super::prepare(client, op.sql(shared), matches!(op, Op::Delete(_))).await?;
+        if !many.is_empty() {
+            super::prepare(client, &shared.sql.put_many, &PUT_MANY_TYPES).await?;
+        }
+        for &i in &singles {
+            let types: &[Type] = match ops[i] {
+                Op::Delete(_) => &[Type::TEXT],
+                _ => &[Type::TEXT, Type::BYTEA, Type::TEXT],
+            };
+            super::prepare(client, ops[i].sql(shared), types).await?;
         }
     }
     // From here COMMIT may be on the wire: a failure that is not a write's own error leaves
@@ -343,7 +364,46 @@ pub(super) async fn attempt_once(
         xid.store(id.unwrap_or(0), Ordering::Relaxed);
         Ok::<_, tokio_postgres::Error>(())
     };
-    let writes = futures_util::future::join_all(ops.iter().map(|op| op.apply(shared, client)));
+    let put_many = async {
+        if many.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = many.iter().map(|&i| ops[i].key().as_str()).collect();
+        let values: Vec<&[u8]> = many
+            .iter()
+            .map(|&i| match ops[i] {
+                Op::Put(_, v) => v.as_slice(),
+                _ => &[],
+            })
+            .collect();
+        let kinds: Vec<&str> = many.iter().map(|&i| kind_name(ops[i].key().class())).collect();
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+            (&keys, PUT_MANY_TYPES[0].clone()),
+            (&values, PUT_MANY_TYPES[1].clone()),
+            (&kinds, PUT_MANY_TYPES[2].clone()),
+        ];
+        super::query(client, shared.prepared, &shared.sql.put_many, &params).await.map(drop)
+    };
+    let singles_done =
+        futures_util::future::join_all(singles.iter().map(|&i| ops[i].apply(shared, client)));
+    let writes = async {
+        let (many_done, singles_done) = futures_util::future::join(put_many, singles_done).await;
+        let mut results: Vec<Result<bool, tokio_postgres::Error>> = Vec::with_capacity(ops.len());
+        let mut many_done = Some(many_done);
+        let mut singles_done = singles_done.into_iter();
+        for i in 0..ops.len() {
+            if many.contains(&i) {
+                // The multi-row statement's result, reported once (its error counts once).
+                results.push(match many_done.take() {
+                    Some(r) => r.map(|()| true),
+                    None => Ok(true),
+                });
+            } else if let Some(r) = singles_done.next() {
+                results.push(r);
+            }
+        }
+        results
+    };
     // With synchronous_commit = on the COMMIT is answered once its record is flushed to
     // disk: the point at which every write of the batch is durable.
     let commit = client.batch_execute("COMMIT");
