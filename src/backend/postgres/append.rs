@@ -171,7 +171,7 @@ fn settle_batch(appender: &Appender, batch: Vec<Op>, failed: Result<(), String>)
             let keys: Vec<StorageKey> = batch
                 .into_iter()
                 .filter_map(|op| match op {
-                    Op::Append(key, _) => Some(key),
+                    Op::Append(key, _) | Op::AppendLog(key, _) => Some(key),
                     _ => None,
                 })
                 .collect();
@@ -201,13 +201,17 @@ fn take(appender: &Appender) -> Option<Vec<Op>> {
     }
     let n = state.queue.len().min(MAX_BATCH);
     state.first += n as u64;
-    Some(
-        state
-            .queue
-            .drain(..n)
-            .filter_map(|(key, bytes)| bytes.map(|b| Op::Append(key, b)))
-            .collect(),
-    )
+    // One statement per log, its pieces in order: one update of the log's head row rather
+    // than one per piece.
+    let mut ops: Vec<Op> = Vec::new();
+    for (key, bytes) in state.queue.drain(..n) {
+        let Some(bytes) = bytes else { continue };
+        match ops.iter_mut().find(|op| matches!(op, Op::AppendLog(k, _) if *k == key)) {
+            Some(Op::AppendLog(_, pieces)) => pieces.push(bytes),
+            _ => ops.push(Op::AppendLog(key, vec![bytes])),
+        }
+    }
+    Some(ops)
 }
 
 /// Commits `batch` in one transaction, retrying transient failures; a lost COMMIT is

@@ -85,6 +85,9 @@ pub(super) struct Sql {
     pub(super) delete_log: String,
     /// Append to a non-log key (concatenated in place): `$1` key, `$2` bytes, `$3` kind.
     pub(super) append: String,
+    /// Pieces appended to a log key, a row each in order: `$1` key, `$2` pieces (an array),
+    /// `$3` kind.
+    pub(super) append_log_many: String,
     /// Append to a log key (a row of its own): same parameters.
     pub(super) append_log: String,
 }
@@ -128,6 +131,17 @@ impl Sql {
                  ON CONFLICT (key) DO UPDATE SET value = {r}.value || excluded.value, \
                  size = {r}.size + excluded.size, updated_at = excluded.updated_at \
                  RETURNING 1"
+            ),
+            // `ORDER BY n`: the rows are inserted, and take their `seq`, in the pieces' order.
+            append_log_many: format!(
+                "WITH head AS (INSERT INTO {r} (key, value, size, kind, updated_at) \
+                 VALUES ($1, ''::bytea, \
+                 (SELECT coalesce(sum(octet_length(b)), 0) FROM unnest($2::bytea[]) AS p (b)), \
+                 $3, now()) \
+                 ON CONFLICT (key) DO UPDATE SET size = {r}.size + excluded.size, \
+                 updated_at = excluded.updated_at) \
+                 INSERT INTO {l} (key, bytes) \
+                 SELECT $1, b FROM unnest($2::bytea[]) WITH ORDINALITY AS p (b, n) ORDER BY n"
             ),
             append_log: format!(
                 "WITH head AS (INSERT INTO {r} (key, value, size, kind, updated_at) \

@@ -46,18 +46,21 @@ pub(super) enum Op {
     Put(StorageKey, Vec<u8>),
     Delete(StorageKey),
     Append(StorageKey, Vec<u8>),
+    /// Pieces appended to one log key, in order (the append flusher's).
+    AppendLog(StorageKey, Vec<Vec<u8>>),
 }
 
 impl Op {
     fn key(&self) -> &StorageKey {
         match self {
-            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) => k,
+            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) | Op::AppendLog(k, _) => k,
         }
     }
 
     fn size(&self) -> usize {
         match self {
             Op::Put(_, v) | Op::Append(_, v) => v.len(),
+            Op::AppendLog(_, pieces) => pieces.iter().map(Vec::len).sum(),
             Op::Delete(_) => 0,
         }
     }
@@ -66,7 +69,7 @@ impl Op {
         match self {
             Op::Put(..) => "writing",
             Op::Delete(_) => "deleting",
-            Op::Append(..) => "appending to",
+            Op::Append(..) | Op::AppendLog(..) => "appending to",
         }
     }
 
@@ -81,6 +84,7 @@ impl Op {
             (Op::Delete(_), true) => &sql.delete_log,
             (Op::Append(..), false) => &sql.append,
             (Op::Append(..), true) => &sql.append_log,
+            (Op::AppendLog(..), _) => &sql.append_log_many,
         }
     }
 
@@ -99,6 +103,11 @@ impl Op {
             Op::Delete(_) => {
                 super::query(client, shared.prepared, self.sql(shared), &[(&key, Type::TEXT)])
                     .await?
+            }
+            Op::AppendLog(_, pieces) => {
+                let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] =
+                    [(&key, Type::TEXT), (pieces, Type::BYTEA_ARRAY), (&kind, Type::TEXT)];
+                super::query(client, shared.prepared, self.sql(shared), &params).await?
             }
         };
         Ok(!matches!(self, Op::Delete(_)) || !rows.is_empty())
@@ -229,8 +238,9 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
                 None => {
                     maybe_committed = true;
                     // An append may have been applied: going again could apply it twice.
-                    let (appends, rest): (Vec<Req>, Vec<Req>) =
-                        batch.into_iter().partition(|r| matches!(r.op, Op::Append(..)));
+                    let (appends, rest): (Vec<Req>, Vec<Req>) = batch
+                        .into_iter()
+                        .partition(|r| matches!(r.op, Op::Append(..) | Op::AppendLog(..)));
                     for req in appends {
                         let e = outcome_unknown(req.op.verb(), req.op.key().as_str(), unknown_wait);
                         let _ = req.reply.send(Err(e));
@@ -346,6 +356,7 @@ pub(super) async fn attempt_once(
         for &i in &singles {
             let types: &[Type] = match ops[i] {
                 Op::Delete(_) => &[Type::TEXT],
+                Op::AppendLog(..) => &[Type::TEXT, Type::BYTEA_ARRAY, Type::TEXT],
                 _ => &[Type::TEXT, Type::BYTEA, Type::TEXT],
             };
             super::prepare(client, ops[i].sql(shared), types).await?;
