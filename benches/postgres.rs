@@ -220,6 +220,21 @@ fn main() {
         .await;
         println!("list 1,000 checkpoints:               {:>8.3} ms (from the manager's index)", 1000.0 / list);
         m.shutdown().await.unwrap();
+        // The session's latest state (LangGraph's get_tuple of the latest checkpoint): a
+        // fresh manager, so no session actor holds it and every load reads PostgreSQL.
+        {
+            let m = manager(&schema_name, 4, 16).await;
+            m.save_session("deep", &*state).await.unwrap();
+            m.shutdown().await.unwrap();
+        }
+        let m = manager(&schema_name, 4, 16).await;
+        let load = rate(1, |_| {
+            let m = &m;
+            async move { assert!(m.load_session("deep").await.unwrap().is_some()) }
+        })
+        .await;
+        println!("load latest state (1,000 checkpoints): {load:>7.0} /s   (load_session, read from PostgreSQL)");
+        m.shutdown().await.unwrap();
         // The backend's own listing (a cold start reads it): one index range.
         let b = PostgresStorageBackend::options().schema(&schema_name).connect(&url()).await.unwrap();
         let prefix = mars_state::StorageKey::new("checkpoints/deep").unwrap();
