@@ -338,8 +338,9 @@ impl PostgresStorageBackend {
 
     fn start(shared: Shared, writers: usize) -> Self {
         let shared = Arc::new(shared);
-        let writers = Arc::new(Writers::start(shared.clone(), writers));
-        let appender = Arc::new(Closing(append::Appender::start(shared.clone())));
+        let appender = append::Appender::start(shared.clone());
+        let writers = Arc::new(Writers::start(shared.clone(), appender.clone(), writers));
+        let appender = Arc::new(Closing(appender));
         PostgresStorageBackend { shared, writers, appender }
     }
 }

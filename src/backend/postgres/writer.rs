@@ -28,6 +28,7 @@ use std::time::Duration;
 use deadpool_postgres::Object;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use super::append::{Appender, Ride};
 use super::error::{Failure, MAX_VALUE, outcome_unknown};
 use super::{Discard, Shared};
 use tokio_postgres::types::Type;
@@ -141,11 +142,11 @@ pub(super) struct Writers {
 
 impl Writers {
     /// Starts `count` writer tasks on the current tokio runtime.
-    pub(super) fn start(shared: Arc<Shared>, count: usize) -> Self {
+    pub(super) fn start(shared: Arc<Shared>, appender: Arc<Appender>, count: usize) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..count.max(1) {
-            tokio::spawn(run(shared.clone(), rx.clone()));
+            tokio::spawn(run(shared.clone(), appender.clone(), rx.clone()));
         }
         Writers { queue }
     }
@@ -171,7 +172,11 @@ impl Writers {
 
 /// One writer task: takes a batch while holding the queue, commits it without holding it
 /// (so the next writer takes the writes that arrive meanwhile), until the queue is closed.
-async fn run(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Req>>>) {
+async fn run(
+    shared: Arc<Shared>,
+    appender: Arc<Appender>,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<Req>>>,
+) {
     loop {
         let batch = {
             let mut rx = rx.lock().await;
@@ -185,7 +190,9 @@ async fn run(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Req>>>) 
             }
             batch
         };
-        commit_batch(&shared, batch, true).await;
+        // Queued log appends ride along in this transaction.
+        let mut ride = appender.try_take().map(|ride| (appender.as_ref(), ride));
+        commit_batch(&shared, batch, true, &mut ride).await;
     }
 }
 
@@ -202,7 +209,12 @@ pub(super) enum Stage {
 /// Commits `batch` (retrying as the module says) and answers every caller. With `split`, a
 /// statement's own error (not the connection's) makes each write go again alone, so one
 /// bad write does not fail the others.
-async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
+async fn commit_batch(
+    shared: &Shared,
+    mut batch: Vec<Req>,
+    split: bool,
+    ride: &mut Option<(&Appender, Ride)>,
+) {
     let mut attempt = 0;
     // Set once an attempt's COMMIT went unanswered and the server could not say what became
     // of it: from then on a failure means "outcome unknown", even if a retry fails before
@@ -212,7 +224,8 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
         let mut stage = Stage::Open;
         let bound = shared.attempt_bound();
         let attempt_result = {
-            let ops: Vec<&Op> = batch.iter().map(|r| &r.op).collect();
+            let riding = ride.iter().flat_map(|(_, ride)| ride.ops.iter());
+            let ops: Vec<&Op> = batch.iter().map(|r| &r.op).chain(riding).collect();
             match bound {
                 Some(bound) => tokio::time::timeout(
                     bound,
@@ -224,7 +237,10 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
             }
         };
         let failure = match attempt_result {
-            Ok(found) => return answer(batch, found),
+            Ok(found) => {
+                end_ride(ride, Ok(()));
+                return answer(batch, found);
+            }
             Err(failure) => failure,
         };
         let unknown_wait = bound.unwrap_or(Duration::ZERO);
@@ -232,11 +248,15 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
         if let Stage::CommitSent { xid, found } = stage {
             // The COMMIT went unanswered: ask the server what became of the transaction.
             match resolve(shared, xid).await {
-                Some(true) => return answer(batch, found),
+                Some(true) => {
+                    end_ride(ride, Ok(()));
+                    return answer(batch, found);
+                }
                 // Rolled back: nothing of it was committed; every write may go again.
                 Some(false) => retry = true,
                 None => {
                     maybe_committed = true;
+                    end_ride(ride, Err(format!("outcome unknown: {}", failure.reason())));
                     // An append may have been applied: going again could apply it twice.
                     let (appends, rest): (Vec<Req>, Vec<Req>) = batch
                         .into_iter()
@@ -264,9 +284,10 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
             tokio::time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
             continue;
         }
+        end_ride(ride, Err(failure.reason()));
         if !maybe_committed && split && batch.len() > 1 && failure.statement_error() {
             for req in batch {
-                Box::pin(commit_batch(shared, vec![req], false)).await;
+                Box::pin(commit_batch(shared, vec![req], false, &mut None)).await;
             }
             return;
         }
@@ -280,6 +301,13 @@ async fn commit_batch(shared: &Shared, mut batch: Vec<Req>, split: bool) {
             let _ = req.reply.send(Err(e));
         }
         return;
+    }
+}
+
+/// Records the outcome of the log appends that rode along, once known.
+fn end_ride(ride: &mut Option<(&Appender, Ride)>, result: Result<(), String>) {
+    if let Some((appender, ride)) = ride.take() {
+        appender.finish(ride, result);
     }
 }
 
