@@ -6,8 +6,8 @@
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
 //! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system)
-//! and the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `postgres` `postgres/`). Backends
-//! call nothing above them: not the store, the codec, the actors nor the handle; only the
+//! and the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with the
+//! `postgres` feature `postgres/`). Backends call nothing above them: not the store, the codec, the actors nor the handle; only the
 //! key's class (`store::keys`).
 
 use std::fmt;
