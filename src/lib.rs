@@ -34,6 +34,8 @@ pub use backend::{
     FileOptions, FileStorageBackend, KeyClass, MemoryStorageBackend, ObjectMeta, StorageBackend,
     StorageKey, SweepReport,
 };
+#[cfg(feature = "postgres")]
+pub use backend::{PostgresOptions, PostgresStorageBackend};
 #[cfg(feature = "redis")]
 pub use backend::{RedisOptions, RedisStorageBackend};
 #[cfg(feature = "sqlite")]

@@ -6,9 +6,9 @@
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
 //! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system),
-//! the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `redis`
-//! `redis/`) and [`open`], which names any of them with a URL. Backends
-//! call nothing above them: not the store, the codec, the actors nor the handle; only the
+//! the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `postgres`
+//! `postgres/`, with `redis` `redis/`) and [`open`], which names any of them with a URL.
+//! Backends call nothing above them: not the store, the codec, the actors nor the handle; only the
 //! key's class (`store::keys`).
 
 use std::fmt;
@@ -20,6 +20,8 @@ use crate::error::{Result, StateError};
 
 mod file;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "sqlite")]
@@ -35,6 +37,8 @@ pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 pub use self::redis::{RedisOptions, RedisStorageBackend};
 pub use file::{FileOptions, FileStorageBackend};
 pub use memory::MemoryStorageBackend;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStorageBackend};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStorageBackend};
 pub use url::open;

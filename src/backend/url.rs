@@ -72,6 +72,12 @@ fn sqlite(url: &str, _rest: &str) -> Result<Arc<dyn StorageBackend>> {
     Err(missing_feature(url, "sqlite"))
 }
 
+#[cfg(feature = "postgres")]
+async fn postgres(url: &str) -> Result<Arc<dyn StorageBackend>> {
+    Ok(Arc::new(super::PostgresStorageBackend::connect(url).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
 async fn postgres(url: &str) -> Result<Arc<dyn StorageBackend>> {
     Err(missing_feature(url, "postgres"))
 }
@@ -86,6 +92,7 @@ async fn redis(url: &str) -> Result<Arc<dyn StorageBackend>> {
     Err(missing_feature(url, "redis"))
 }
 
+#[cfg_attr(all(feature = "sqlite", feature = "postgres", feature = "redis"), allow(dead_code))]
 fn missing_feature(url: &str, feature: &str) -> StateError {
     StateError::Config {
         message: format!(

@@ -1,0 +1,257 @@
+//! The PostgreSQL backend against raw PostgreSQL, in one run, as ratios: a durable save of a
+//! 1 KB state through a `StateManager` (one session; 64 sessions at once, for several writer
+//! counts) against a raw `INSERT … ON CONFLICT DO UPDATE` of a 1 KB row in its own
+//! transaction (one connection; 16 connections); and the reads of a session holding 1,000
+//! checkpoints (its latest checkpoint, its listing). LangGraph's PostgresSaver figures for
+//! the same operations come from `/work/shared/peers/pg_bench.py`, run beside this.
+//!
+//! Run: `cargo bench --features postgres --bench postgres`. The server is
+//! `MARS_STATE_BENCH_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); the
+//! bench works in a schema of its own and drops it at the end. `MARS_STATE_BENCH_SECS` sets
+//! the seconds per figure (default 3).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{SIZES, agent_state};
+use mars_state::{PostgresStorageBackend, StateManager};
+
+fn url() -> String {
+    std::env::var("MARS_STATE_BENCH_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn seconds() -> Duration {
+    let s: f64 =
+        std::env::var("MARS_STATE_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    Duration::from_secs_f64(s)
+}
+
+async fn client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Runs `op` in a loop for the bench's seconds; returns operations per second (each call of
+/// `op` counts `per_call`).
+async fn rate<F, Fut>(per_call: usize, mut op: F) -> f64
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    op(0).await; // warm-up
+    let (start, budget) = (Instant::now(), seconds());
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        n += 1;
+        op(n).await;
+    }
+    (n as usize * per_call) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Raw upserts of 1 KB rows, one per transaction (autocommit), on `conns` connections each
+/// writing its own keys.
+async fn raw_upserts(schema: &str, conns: usize) -> f64 {
+    let sql = format!(
+        "INSERT INTO {schema}.bench_raw (key, value) VALUES ($1, $2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    );
+    let value = vec![b'x'; 1024];
+    let mut tasks = tokio::task::JoinSet::new();
+    let (start, budget) = (Instant::now(), seconds());
+    for c in 0..conns {
+        let (sql, value) = (sql.clone(), value.clone());
+        tasks.spawn(async move {
+            let client = client().await;
+            let st = client.prepare(&sql).await.unwrap();
+            let mut n = 0u64;
+            while start.elapsed() < budget {
+                let key = format!("k{c}-{}", n % 64);
+                client.execute(&st, &[&key, &value]).await.unwrap();
+                n += 1;
+            }
+            n
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn manager(schema: &str, writers: usize, pool: usize) -> StateManager {
+    let backend = PostgresStorageBackend::options()
+        .schema(schema)
+        .pool_size(pool)
+        .writers(writers)
+        .connect(&url())
+        .await
+        .unwrap();
+    StateManager::builder(backend)
+        .janitor_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap()
+}
+
+fn main() {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let schema_name = format!("mars_bench_{}", std::process::id());
+    let schema = format!("\"{schema_name}\"");
+    rt.block_on(async {
+        let admin = client().await;
+        admin
+            .batch_execute(&format!(
+                "CREATE SCHEMA {schema}; \
+                 CREATE TABLE {schema}.bench_raw (key text PRIMARY KEY, value bytea NOT NULL)"
+            ))
+            .await
+            .unwrap();
+        let (label, size) = SIZES[0];
+        assert_eq!(label, "1KB");
+        let state = Arc::new(agent_state(size));
+        let secs = seconds().as_secs_f64();
+        println!("PostgreSQL backend bench, {secs} s per figure, 1 KB states");
+
+        let raw1 = raw_upserts(&schema, 1).await;
+        println!("raw upsert 1 KB, 1 connection:        {raw1:>8.0} /s");
+        let raw16 = raw_upserts(&schema, 16).await;
+        println!("raw upsert 1 KB, 16 connections:      {raw16:>8.0} /s");
+
+        // The backend alone: a durable put, and a journal append.
+        {
+            use mars_state::{StorageBackend, StorageKey};
+            let b = PostgresStorageBackend::options()
+                .schema(&schema_name)
+                .connect(&url())
+                .await
+                .unwrap();
+            let key = StorageKey::new("sessions/raw.json").unwrap();
+            let value = vec![b'x'; 1024];
+            let put = rate(1, |_| {
+                let (b, key, value) = (&b, &key, &value);
+                async move { b.put(key, value.clone()).await.unwrap() }
+            })
+            .await;
+            println!(
+                "backend put 1 KB (durable):           {put:>8.0} /s   {:.2}x raw 1-conn upsert",
+                put / raw1
+            );
+            let log = StorageKey::new("metadata/bench.log").unwrap();
+            let append = rate(1, |_| {
+                let (b, log) = (&b, &log);
+                async move { b.append(log, vec![b'y'; 100]).await.unwrap() }
+            })
+            .await;
+            println!("backend append 100 B (journal):       {append:>8.0} /s   (queued; one flusher commits)");
+        }
+
+        let m = manager(&schema_name, 4, 16).await;
+        let save1 = rate(1, |_| {
+            let (m, state) = (&m, &state);
+            async move { m.save_session("bench", &**state).await.unwrap() }
+        })
+        .await;
+        println!(
+            "save 1 KB, 1 session (durable):       {save1:>8.0} /s   {:.2}x raw 1-conn upsert",
+            save1 / raw1
+        );
+        m.shutdown().await.unwrap();
+
+        let mut best64 = 0f64;
+        for (writers, pool) in [(1, 16), (4, 16), (8, 16), (16, 24)] {
+            let m = manager(&schema_name, writers, pool).await;
+            let save64 = rate(64, |_| {
+                let (m, state) = (m.clone(), state.clone());
+                async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for i in 0..64 {
+                        let (m, state) = (m.clone(), state.clone());
+                        tasks.spawn(async move { m.save_session(format!("s{i}"), &*state).await });
+                    }
+                    while let Some(done) = tasks.join_next().await {
+                        done.unwrap().unwrap();
+                    }
+                }
+            })
+            .await;
+            best64 = best64.max(save64);
+            println!(
+                "save 1 KB, 64 sessions, {writers:>2} writers:    {save64:>8.0} /s   {:.2}x raw 16-conn upsert",
+                save64 / raw16
+            );
+            m.shutdown().await.unwrap();
+        }
+
+        // A session with 1,000 checkpoints.
+        let m = manager(&schema_name, 4, 16).await;
+        let mut last = None;
+        for _ in 0..1000 {
+            last = Some(m.create_checkpoint("deep", "main", &*state).await.unwrap());
+        }
+        let last = last.unwrap();
+        let latest = rate(1, |_| {
+            let m = &m;
+            async move {
+                let list = m.list_checkpoints("deep").await.unwrap();
+                let id = &list.last().unwrap().id;
+                assert!(m.restore_checkpoint(id).await.unwrap().is_some());
+            }
+        })
+        .await;
+        println!("load latest checkpoint of 1,000:      {latest:>8.0} /s   (listing + one read)");
+        let by_id = rate(1, |_| {
+            let (m, last) = (&m, &last);
+            async move { assert!(m.restore_checkpoint(last).await.unwrap().is_some()) }
+        })
+        .await;
+        println!("restore a checkpoint by id:           {by_id:>8.0} /s");
+        let list = rate(1, |_| {
+            let m = &m;
+            async move { assert_eq!(m.list_checkpoints("deep").await.unwrap().len(), 1000) }
+        })
+        .await;
+        println!("list 1,000 checkpoints:               {:>8.3} ms (from the manager's index)", 1000.0 / list);
+        m.shutdown().await.unwrap();
+        // The session's latest state (LangGraph's get_tuple of the latest checkpoint): a
+        // fresh manager, so no session actor holds it and every load reads PostgreSQL.
+        {
+            let m = manager(&schema_name, 4, 16).await;
+            m.save_session("deep", &*state).await.unwrap();
+            m.shutdown().await.unwrap();
+        }
+        let m = manager(&schema_name, 4, 16).await;
+        let load = rate(1, |_| {
+            let m = &m;
+            async move { assert!(m.load_session("deep").await.unwrap().is_some()) }
+        })
+        .await;
+        println!("load latest state (1,000 checkpoints): {load:>7.0} /s   (load_session, read from PostgreSQL)");
+        m.shutdown().await.unwrap();
+        // The backend's own listing (a cold start reads it): one index range.
+        let b = PostgresStorageBackend::options().schema(&schema_name).connect(&url()).await.unwrap();
+        let prefix = mars_state::StorageKey::new("checkpoints/deep").unwrap();
+        let backend_list = rate(1, |_| {
+            let (b, prefix) = (&b, &prefix);
+            async move {
+                use mars_state::StorageBackend;
+                assert_eq!(b.list(prefix).await.unwrap().len(), 1000);
+            }
+        })
+        .await;
+        println!(
+            "backend list of 1,000 keys (SQL):     {:>8.3} ms (index-only range)",
+            1000.0 / backend_list
+        );
+        drop(b);
+        println!("best of 64 sessions: {best64:.0} /s = {:.2}x raw 16-conn", best64 / raw16);
+        admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+    });
+}

@@ -1,0 +1,287 @@
+//! The PostgreSQL backend's tables: their SQL, the versioned migrations that create them,
+//! and the durability settings checked at connect. Owns every statement text the backend
+//! sends (built once per schema, [`Sql`]); calls only `tokio_postgres`.
+//!
+//! Migrations run at connect in one transaction that first takes
+//! `pg_advisory_xact_lock(MIGRATION_LOCK, hashtext(schema))`: processes starting together
+//! wait for each other there, and each step is applied (and recorded in
+//! `mars_state_migrations`) exactly once. A transaction-level lock, so it works behind a
+//! transaction-mode pooler and is released by COMMIT or by the connection dying.
+
+use tokio_postgres::Client;
+
+use super::error::Failure;
+use crate::error::StateError;
+
+/// The first key of the advisory lock taken while migrating: "mars" in ASCII. The second
+/// key is a hash of the schema name, so stores in different schemas do not wait for each
+/// other.
+const MIGRATION_LOCK: i32 = 0x6d61_7273;
+
+/// The migrations, in order: `MIGRATIONS[i]` brings the schema to version `i + 1`. Append
+/// only; a step once released is never edited.
+const MIGRATIONS: &[&str] = &[
+    // 1: `records` holds every key; `size` is the value's length plus, for a log, its
+    // appended pieces (so a listing reads only the index: the primary key INCLUDEs it).
+    // `COLLATE "C"` orders keys byte by byte, so a prefix is one index range. `log` holds
+    // the pieces appended to a log key since its last put, in `seq` order.
+    "CREATE TABLE {s}.mars_state_records (
+        key text COLLATE \"C\" NOT NULL,
+        value bytea NOT NULL,
+        size bigint NOT NULL,
+        kind text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        CONSTRAINT mars_state_records_pkey PRIMARY KEY (key) INCLUDE (size)
+    );
+    CREATE TABLE {s}.mars_state_log (
+        key text COLLATE \"C\" NOT NULL,
+        seq bigserial NOT NULL,
+        bytes bytea NOT NULL,
+        CONSTRAINT mars_state_log_pkey PRIMARY KEY (key, seq)
+    );",
+];
+
+/// The schema version this build writes and reads.
+pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Checks `name` is a plain SQL identifier (letters, digits, `_`; not starting with a digit
+/// or `pg_`; at most 63 bytes, PostgreSQL's limit) and returns it quoted.
+pub(super) fn quoted_schema(name: &str) -> Result<String, StateError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+        && !name.to_ascii_lowercase().starts_with("pg_");
+    if !ok {
+        return Err(StateError::Config {
+            message: format!(
+                "PostgreSQL schema name {:?} is not a plain identifier (ASCII letters, digits \
+                 and '_', not starting with a digit or 'pg_', at most 63 bytes)",
+                name.chars().take(80).collect::<String>()
+            ),
+        });
+    }
+    Ok(format!("\"{name}\""))
+}
+
+/// Every statement the backend sends, with its schema filled in.
+#[derive(Debug)]
+pub(super) struct Sql {
+    /// The value of a non-log key: `$1` key.
+    pub(super) get: String,
+    /// The head and pieces of a log key, in order: `$1` key.
+    pub(super) get_log: String,
+    /// Keys in `[$1, $2)` with their sizes.
+    pub(super) list: String,
+    /// Upsert of a non-log key: `$1` key, `$2` value, `$3` kind.
+    pub(super) put: String,
+    /// Upsert of many non-log keys at once: `$1` keys, `$2` values, `$3` kinds (arrays).
+    pub(super) put_many: String,
+    /// Upsert of a log key, dropping its pieces: same parameters.
+    pub(super) put_log: String,
+    /// Delete of a non-log key: `$1` key; one row returned if it existed.
+    pub(super) delete: String,
+    /// Delete of a log key and its pieces: same.
+    pub(super) delete_log: String,
+    /// Append to a non-log key (concatenated in place): `$1` key, `$2` bytes, `$3` kind.
+    pub(super) append: String,
+    /// Pieces appended to a log key, a row each in order: `$1` key, `$2` pieces (an array),
+    /// `$3` kind.
+    pub(super) append_log_many: String,
+    /// Append to a log key (a row of its own): same parameters.
+    pub(super) append_log: String,
+}
+
+impl Sql {
+    pub(super) fn new(schema: &str) -> Self {
+        let r = format!("{schema}.mars_state_records");
+        let l = format!("{schema}.mars_state_log");
+        let upsert = format!(
+            "INSERT INTO {r} (key, value, size, kind, updated_at) \
+             VALUES ($1, $2, octet_length($2), $3, now()) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, \
+             kind = excluded.kind, updated_at = excluded.updated_at"
+        );
+        // Each write is one statement (data-modifying CTEs for the two tables), so the writer
+        // can pipeline a batch and the server still runs it in order.
+        Sql {
+            get: format!("SELECT value FROM {r} WHERE key = $1"),
+            get_log: format!(
+                "SELECT 0 AS part, 0::bigint AS seq, value FROM {r} WHERE key = $1 \
+                 UNION ALL SELECT 1, seq, bytes FROM {l} WHERE key = $1 ORDER BY 1, 2"
+            ),
+            list: format!("SELECT key, size FROM {r} WHERE key >= $1 AND key < $2"),
+            put_log: format!("WITH gone AS (DELETE FROM {l} WHERE key = $1) {upsert}"),
+            put_many: format!(
+                "INSERT INTO {r} (key, value, size, kind, updated_at) \
+                 SELECT k, v, octet_length(v), kd, now() \
+                 FROM unnest($1::text[], $2::bytea[], $3::text[]) AS t (k, v, kd) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, \
+                 kind = excluded.kind, updated_at = excluded.updated_at"
+            ),
+            put: upsert,
+            delete: format!("DELETE FROM {r} WHERE key = $1 RETURNING 1"),
+            delete_log: format!(
+                "WITH gone AS (DELETE FROM {l} WHERE key = $1) \
+                 DELETE FROM {r} WHERE key = $1 RETURNING 1"
+            ),
+            append: format!(
+                "INSERT INTO {r} (key, value, size, kind, updated_at) \
+                 VALUES ($1, $2, octet_length($2), $3, now()) \
+                 ON CONFLICT (key) DO UPDATE SET value = {r}.value || excluded.value, \
+                 size = {r}.size + excluded.size, updated_at = excluded.updated_at \
+                 RETURNING 1"
+            ),
+            // `ORDER BY n`: the rows are inserted, and take their `seq`, in the pieces' order.
+            append_log_many: format!(
+                "WITH head AS (INSERT INTO {r} (key, value, size, kind, updated_at) \
+                 VALUES ($1, ''::bytea, \
+                 (SELECT coalesce(sum(octet_length(b)), 0) FROM unnest($2::bytea[]) AS p (b)), \
+                 $3, now()) \
+                 ON CONFLICT (key) DO UPDATE SET size = {r}.size + excluded.size, \
+                 updated_at = excluded.updated_at) \
+                 INSERT INTO {l} (key, bytes) \
+                 SELECT $1, b FROM unnest($2::bytea[]) WITH ORDINALITY AS p (b, n) ORDER BY n"
+            ),
+            append_log: format!(
+                "WITH head AS (INSERT INTO {r} (key, value, size, kind, updated_at) \
+                 VALUES ($1, ''::bytea, octet_length($2), $3, now()) \
+                 ON CONFLICT (key) DO UPDATE SET size = {r}.size + excluded.size, \
+                 updated_at = excluded.updated_at) \
+                 INSERT INTO {l} (key, bytes) VALUES ($1, $2) RETURNING 1"
+            ),
+        }
+    }
+}
+
+/// The values of `synchronous_commit` under which a COMMIT returns only once its WAL record
+/// is flushed to this server's disk (and, for the `remote_*` ones, a synchronous standby's
+/// as far as they say). `local` flushes locally too but, with a synchronous standby, does
+/// not wait for it; `off` returns before the flush.
+const DURABLE_COMMIT: &[&str] = &["on", "remote_write", "remote_apply"];
+
+/// Reads the settings a durable commit depends on, as they apply to this connection (so
+/// with any `ALTER ROLE` / `ALTER DATABASE … SET` in effect), and returns each one that
+/// breaks durability with how to fix it.
+pub(super) async fn durability_problems(client: &Client) -> Result<Vec<String>, Failure> {
+    let mut problems = Vec::new();
+    let show = |name: &'static str| async move {
+        let rows = client.simple_query(&format!("SHOW {name}")).await?;
+        let value = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+        Ok::<_, Failure>(value.unwrap_or_default())
+    };
+    let fsync = show("fsync").await?;
+    if fsync != "on" {
+        problems.push(format!(
+            "fsync = {fsync}: the server does not flush its WAL to disk, so a crash of the \
+             machine can lose committed writes (set fsync = on in postgresql.conf and reload)"
+        ));
+    }
+    let full_page_writes = show("full_page_writes").await?;
+    if full_page_writes != "on" {
+        problems.push(format!(
+            "full_page_writes = {full_page_writes}: a power loss can leave torn pages that \
+             the WAL cannot repair (set full_page_writes = on in postgresql.conf and reload)"
+        ));
+    }
+    let commit = show("synchronous_commit").await?;
+    if !DURABLE_COMMIT.contains(&commit.as_str()) {
+        problems.push(format!(
+            "synchronous_commit = {commit}: a commit may return before it is on disk (set it \
+             to on: ALTER ROLE … / ALTER DATABASE … SET synchronous_commit = on, or in \
+             postgresql.conf)"
+        ));
+    }
+    Ok(problems)
+}
+
+/// Brings `schema` (quoted) to [`SCHEMA_VERSION`], creating it if needed, in one
+/// transaction under the migration lock. A schema of a newer version is a `Config` error.
+pub(super) async fn migrate(client: &Client, schema: &str, name: &str) -> Result<(), MigrateError> {
+    client.batch_execute("BEGIN").await?;
+    let result = migrate_in_transaction(client, schema, name).await;
+    match result {
+        Ok(()) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(())
+        }
+        Err(e) => {
+            // Nothing was applied; the connection is discarded by the caller if this fails.
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+async fn migrate_in_transaction(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<(), MigrateError> {
+    // Only the simple protocol here (no prepared statements), so this runs behind any
+    // pooler; `name` is a checked identifier, safe as a literal.
+    //
+    // Why a lock: two processes creating the same schema or table at once would fail on
+    // each other's catalog rows; applying a step twice would fail the second. Held until
+    // COMMIT or ROLLBACK.
+    client
+        .batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock({MIGRATION_LOCK}, hashtext('{name}'));
+             CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.mars_state_migrations (
+                 version int PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await?;
+    let rows = client
+        .simple_query(&format!(
+            "SELECT coalesce(max(version), 0) FROM {schema}.mars_state_migrations"
+        ))
+        .await?;
+    let current: i32 = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(0);
+    if current > SCHEMA_VERSION {
+        return Err(MigrateError::Newer(StateError::Config {
+            message: format!(
+                "PostgreSQL schema {name} has mars-state schema version {current}; this build \
+                 knows versions up to {SCHEMA_VERSION} (upgrade mars-state)"
+            ),
+        }));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        let version = i + 1;
+        client
+            .batch_execute(&format!(
+                "{};
+                 INSERT INTO {schema}.mars_state_migrations (version) VALUES ({version});",
+                step.replace("{s}", schema)
+            ))
+            .await?;
+        tracing::info!(schema = name, version, "applied mars-state PostgreSQL migration");
+    }
+    Ok(())
+}
+
+/// Why migrating failed.
+#[derive(Debug)]
+pub(super) enum MigrateError {
+    /// The database or connection failed.
+    Failed(Failure),
+    /// The schema is newer than this build.
+    Newer(StateError),
+}
+
+impl From<tokio_postgres::Error> for MigrateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        MigrateError::Failed(Failure::Pg(e))
+    }
+}
