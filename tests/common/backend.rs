@@ -174,13 +174,16 @@ fn open_redis(
     let url = std::env::var("MARS_STATE_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = server_store_name(dir);
-    Ok(Arc::new(Connected::new(move || async move {
-        let b = mars_state::RedisStorageBackend::options()
-            .prefix(prefix)
-            .best_effort()
-            .connect(&url)
-            .await?;
-        Ok(Arc::new(b) as Arc<dyn StorageBackend>)
+    Ok(Arc::new(Connected::new(move || {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move {
+            let b = mars_state::RedisStorageBackend::options()
+                .prefix(prefix)
+                .best_effort()
+                .connect(&url)
+                .await?;
+            Ok(Arc::new(b) as Arc<dyn StorageBackend>)
+        }
     })))
 }
 
@@ -196,15 +199,19 @@ fn open_postgres(
     let url = std::env::var("MARS_STATE_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let schema = server_store_name(dir);
-    Ok(Arc::new(Connected::new(move || async move {
-        let b = mars_state::PostgresStorageBackend::options().schema(schema).connect(&url).await?;
-        Ok(Arc::new(b) as Arc<dyn StorageBackend>)
+    Ok(Arc::new(Connected::new(move || {
+        let (url, schema) = (url.clone(), schema.clone());
+        async move {
+            let b =
+                mars_state::PostgresStorageBackend::options().schema(schema).connect(&url).await?;
+            Ok(Arc::new(b) as Arc<dyn StorageBackend>)
+        }
     })))
 }
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
 type Connect = Box<
-    dyn FnOnce() -> std::pin::Pin<
+    dyn Fn() -> std::pin::Pin<
             Box<
                 dyn std::future::Future<Output = mars_state::Result<Arc<dyn StorageBackend>>>
                     + Send,
@@ -218,7 +225,7 @@ type Connect = Box<
 /// helpers; a connection must be made on the test's runtime, where its tasks then live).
 /// A failed connect fails that call and is tried again at the next.
 struct Connected {
-    connect: std::sync::Mutex<Option<Connect>>,
+    connect: Connect,
     backend: tokio::sync::OnceCell<Arc<dyn StorageBackend>>,
 }
 
@@ -233,30 +240,19 @@ impl std::fmt::Debug for Connected {
 impl Connected {
     fn new<F, Fut>(connect: F) -> Self
     where
-        F: FnOnce() -> Fut + Send + Sync + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = mars_state::Result<Arc<dyn StorageBackend>>>
             + Send
             + 'static,
     {
         let connect: Connect = Box::new(move || Box::pin(connect()));
-        Connected { connect: std::sync::Mutex::new(Some(connect)), backend: Default::default() }
+        Connected { connect, backend: Default::default() }
     }
-}
 
-#[cfg(any(feature = "redis", feature = "postgres"))]
-impl Connected {
     async fn get(&self) -> mars_state::Result<&Arc<dyn StorageBackend>> {
-        self.backend
-            .get_or_try_init(|| async {
-                let connect = self.connect.lock().unwrap().take();
-                match connect {
-                    Some(connect) => connect().await,
-                    None => Err(mars_state::StateError::Unavailable {
-                        reason: "an earlier connect of this test store failed".into(),
-                    }),
-                }
-            })
-            .await
+        // `get_or_try_init` keeps the cell empty after an error, so the next call connects
+        // again.
+        self.backend.get_or_try_init(|| (self.connect)()).await
     }
 }
 
