@@ -424,6 +424,13 @@ impl StateManager {
     /// session in between. If `f` returns an error (or panics) nothing is written and the
     /// error is returned as [`StateError::UpdateRejected`] (or [`StateError::Panicked`]).
     ///
+    /// `f` runs inside the session's actor. On tokio's multi-thread runtime it runs under
+    /// [`tokio::task::block_in_place`], so a slow or blocking `f` holds up only its own
+    /// session: other sessions go on, and the caller's
+    /// [`call_timeout`](crate::StateManagerBuilder::call_timeout) fires on time (the outcome
+    /// is then unknown: `f` may still finish and its result be saved). On a current-thread
+    /// runtime a blocking `f` blocks the whole runtime: keep it short there.
+    ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
     /// # let backend = mars_state::MemoryStorageBackend::new();

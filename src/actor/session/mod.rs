@@ -458,9 +458,19 @@ impl SessionState {
         self.settle_delete().await?;
         let old = self.load().await?;
         let sid = self.sid.to_string();
-        let new = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            update(old.as_ref().map(|s| s.as_bytes()))
-        })) {
+        let run = || {
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                update(old.as_ref().map(|s| s.as_bytes()))
+            }))
+        };
+        // The closure is the caller's code and may block (or sleep, or spin). On a
+        // multi-thread runtime it runs under `block_in_place`: this worker's other tasks move
+        // to another thread first, so timers (the caller's call timeout) and other sessions go
+        // on while it runs. A current-thread runtime has no other worker to hand them to.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let outcome = if multi_thread { tokio::task::block_in_place(run) } else { run() };
+        let new = match outcome {
             Ok(r) => r?,
             Err(panic) => {
                 let message = panic
