@@ -15,6 +15,10 @@
 //!   caller `Panicked` (not a timeout, not a hang); a closure that sleeps 1.5 s and then
 //!   panics gives `Timeout` after about 500 ms; 20 callers queued behind panicking closures
 //!   on one session all get an answer; and the session serves loads and saves afterwards.
+//! - `a_blocking_update_closure_holds_up_neither_other_sessions_nor_the_call_timeout`: on a
+//!   runtime with one worker thread, a closure that blocks its thread for 1.5 s delays
+//!   neither five saves of another session (< 1 s) nor its caller's 500 ms call timeout
+//!   (< 1.2 s), and its result is saved afterwards (the caller was told "outcome unknown").
 //!
 //! The tests install a panic hook that stays silent for the panics they provoke (their
 //! message starts with `provoked panic`) and passes every other panic to the default hook.
@@ -281,4 +285,64 @@ async fn a_panic_under_a_call_timeout_returns_panicked_and_never_hangs() {
         "call timeout 500 ms: immediate panic -> Panicked in {immediate:?}; panic after 200 ms -> Panicked in \
          {delayed:?}; panic after 1.5 s -> Timeout in {late:?}; 20 queued callers answered in {queued:?}: {answers:?}"
     );
+}
+
+/// One worker thread: before update closures ran under `block_in_place`, a closure that
+/// blocked for 1.5 s held that worker, so other sessions' saves and the caller's own call
+/// timeout all waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_blocking_update_closure_holds_up_neither_other_sessions_nor_the_call_timeout() {
+    let _one = serial().await;
+    let tmp = scratch();
+    let m = StateManager::builder(backend_defaults(&tmp.path().join("store")))
+        .call_timeout(Duration::from_millis(500))
+        .janitor_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    m.save_session("other", &json!({"v": 0})).await.unwrap();
+    m.save_session("slow", &json!({"v": 0})).await.unwrap();
+
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let slow = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = m
+                .transactional_update("slow", move |_old: Option<Value>| {
+                    let _ = started_tx.send(());
+                    std::thread::sleep(Duration::from_millis(1500));
+                    Ok::<_, std::io::Error>(json!({"v": 1}))
+                })
+                .await;
+            (r, t.elapsed())
+        })
+    };
+    started_rx.await.unwrap();
+
+    let t = Instant::now();
+    for i in 1..=5 {
+        m.save_session("other", &json!({"v": i})).await.unwrap();
+    }
+    let others = t.elapsed();
+    assert!(
+        others < Duration::from_millis(1000),
+        "another session waited for the closure: {others:?}"
+    );
+
+    let (r, waited) = slow.await.unwrap();
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Timeout);
+    assert!(waited < Duration::from_millis(1200), "the call timeout fired after {waited:?}");
+
+    // The outcome was unknown to the caller; the closure went on and its result was saved.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.load_session("slow").await.unwrap() != Some(json!({"v": 1})) {
+        assert!(Instant::now() < deadline, "the closure's result was never saved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(m.load_session("other").await.unwrap(), Some(json!({"v": 5})));
+    println!(
+        "5 saves of another session during a 1.5 s closure: {others:?}; the caller's timeout: {waited:?}"
+    );
+    m.shutdown().await.unwrap();
 }
