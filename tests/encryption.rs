@@ -17,8 +17,8 @@ use std::time::Duration;
 use common::backend::{FileWrites, open_backend};
 use common::{backend_defaults, file_backend_only, files, on_file_backend, snapshot};
 use mars_state::{
-    Access, AccessControlLayer, EncryptedFileStorageBackend, EncryptionKey, ErrorKind,
-    MemoryStorageBackend, Principal, StateManager, StateManagerBuilder, StorageKey,
+    Access, AccessControlLayer, EncryptedFileStorageBackend, EncryptionKey, EncryptionLayer,
+    ErrorKind, MemoryStorageBackend, Principal, StateManager, StateManagerBuilder, StorageKey,
 };
 use serde_json::json;
 
@@ -513,4 +513,33 @@ async fn encrypted_file_backend_refuses_a_second_key() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("encrypt"), "{err}");
     assert!(!dir.path().join("metadata/store.json").exists(), "nothing was created");
+}
+
+/// An encryption layer put over a store created without encryption (by
+/// `EncryptionLayer::wrap`, or `EncryptedFileStorageBackend` on a file store) is refused
+/// before it writes its key metadata: a store with `metadata/store.json` and no
+/// `metadata/crypto.json` would otherwise be read as an encrypted store of an earlier
+/// version, its plaintext records unreadable and new ones sealed among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encryption_layer_over_a_plaintext_store_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = StateManager::start(backend_defaults(dir.path())).await.unwrap();
+    m.save_session("s", &json!({"m": MARKER})).await.unwrap();
+    m.shutdown().await.unwrap();
+    drop(m);
+    let contents_before = store_contents(dir.path()).await;
+
+    let err = EncryptionLayer::new(key(1)).wrap(backend_defaults(dir.path())).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("without encryption"), "{err}");
+    if on_file_backend() {
+        let err = EncryptedFileStorageBackend::open_path(dir.path(), key(1)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    }
+    assert_eq!(store_contents(dir.path()).await, contents_before, "nothing written");
+
+    // Still the plaintext store it was.
+    let m = StateManager::start(backend_defaults(dir.path())).await.unwrap();
+    assert_eq!(m.load_session("s").await.unwrap(), Some(json!({"m": MARKER})));
+    m.shutdown().await.unwrap();
 }

@@ -46,6 +46,18 @@ impl<B: StorageBackend> Encrypted<B> {
             Some(bytes) => Some(CryptoMeta::parse(&bytes)?),
             None => None,
         };
+        // An encrypted store gets its key metadata before anything else (this layer writes
+        // it before the store writes its format descriptor). A store that has a descriptor
+        // and no key metadata was created without encryption: wrapping it would seal new
+        // records among plaintext ones, so it is refused before anything is written.
+        if existing.is_none() && inner.get(&crate::store::keys::store_meta()).await?.is_some() {
+            return Err(StateError::Config {
+                message: "this store was created without encryption (it has \
+                          metadata/store.json and no metadata/crypto.json): open it without \
+                          a key"
+                    .into(),
+            });
+        }
         let mut meta = match &existing {
             Some(meta) => meta.clone(),
             None => CryptoMeta::new(kdf)?,
