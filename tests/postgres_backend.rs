@@ -13,6 +13,11 @@
 //! - `ten_processes_migrate_at_once`: ten processes (this binary re-executed) connect to one
 //!   new schema at the same moment; all succeed and each migration is recorded once.
 //! - `bad_schema_name_is_config`, `newer_schema_is_config`: typed `Config` errors.
+//! - `record_facts_are_plain_columns_{plain,encrypted}`: after steps, checkpoints and a
+//!   pause through a `StateManager`, each record's row holds its session, checkpoint,
+//!   parent, step, reason, status and save time in plain columns (the branch too, unless
+//!   encrypted); the pause reason is in no column; a session's newest checkpoint is an
+//!   index-only scan.
 //! - `non_durable_database_is_refused`: a database of its own with `ALTER DATABASE … SET
 //!   synchronous_commit = off` fails the connect with `Config`; `best_effort()` connects.
 //! - `terminated_connections_during_saves`: `pg_terminate_backend` of the backend's
@@ -31,7 +36,8 @@ use std::time::Duration;
 
 use mars_state::middleware::crypto::EncryptionLayer;
 use mars_state::{
-    EncryptionKey, ErrorKind, PostgresStorageBackend, StateManager, StorageBackend, StorageKey,
+    CheckpointPolicy, EncryptionKey, ErrorKind, PostgresStorageBackend, StateManager,
+    StorageBackend, StorageKey,
 };
 use pg_common::{Schema, bounded, test_url};
 use serde_json::{Value, json};
@@ -243,7 +249,9 @@ fn ten_processes_migrate_at_once() {
         schema.name()
     ));
     println!("{ok} processes connected; migrations table: {rows:?}");
-    assert_eq!(rows, vec![("1".to_owned(), "1".to_owned())], "each version exactly once");
+    let expected: Vec<(String, String)> =
+        (1..=2).map(|v| (v.to_string(), "1".to_owned())).collect();
+    assert_eq!(rows, expected, "each version exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,4 +271,89 @@ fn crash_private_cluster() {
 #[test]
 fn crash_child() {
     pg_common::crash_child();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_facts_are_plain_columns_plain() {
+    record_facts_are_plain_columns(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_facts_are_plain_columns_encrypted() {
+    record_facts_are_plain_columns(true).await;
+}
+
+async fn record_facts_are_plain_columns(encrypted: bool) {
+    let schema = Schema::new();
+    let url = test_url();
+    let options = PostgresStorageBackend::options().schema(schema.name());
+    let backend = bounded("connect", options.connect(&url)).await.unwrap();
+    let mut builder =
+        StateManager::builder(backend).checkpoint_policy(CheckpointPolicy::every_steps(2));
+    if encrypted {
+        builder = builder.encryption_key(EncryptionKey::from_bytes([7; 32]));
+    }
+    let m = bounded("start", builder.start()).await.unwrap();
+    for step in 1..=4 {
+        m.record_step("s1", step, &json!({"step": step})).await.unwrap();
+    }
+    let pause = m.pause_session("s1", &json!({"step": 4}), "SECRET-PAUSE-REASON").await.unwrap();
+    let checkpoints = m.list_checkpoints("s1").await.unwrap();
+    bounded("shutdown", m.shutdown()).await.unwrap();
+    assert_eq!(checkpoints.len(), 3, "{checkpoints:?}");
+    let (first, second) = (&checkpoints[0].id, &checkpoints[1].id);
+
+    let name = schema.name().to_owned();
+    let rows = tokio::task::spawn_blocking(move || {
+        pg_common::admin_query_sync(&format!(
+            "SELECT key, concat_ws('|', session_id, coalesce(checkpoint_id, '-'), \
+             coalesce(branch, '-'), coalesce(parent, '-'), coalesce(step::text, '-'), \
+             coalesce(reason, '-'), coalesce(status, '-'), \
+             (saved_at > now() - interval '5 minutes')::text) \
+             FROM \"{name}\".mars_state_records WHERE kind = 'record' ORDER BY saved_at, key"
+        ))
+    })
+    .await
+    .unwrap();
+    let branch = if encrypted { "-" } else { "main" };
+    let ext = if encrypted { ".json.enc" } else { ".json" };
+    let expected = vec![
+        (format!("checkpoints/s1/{first}{ext}"), format!("s1|{first}|{branch}|-|2|steps|-|true")),
+        (
+            format!("checkpoints/s1/{second}{ext}"),
+            format!("s1|{second}|{branch}|{first}|4|steps|-|true"),
+        ),
+        (
+            format!("checkpoints/s1/{pause}{ext}"),
+            format!("s1|{pause}|{branch}|{second}|4|pause|-|true"),
+        ),
+        (format!("sessions/s1{ext}"), "s1|-|-|-|4|-|paused|true".to_owned()),
+    ];
+    let mut sorted = rows.clone();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(sorted, expected_sorted, "the records' columns");
+    assert!(
+        !rows.iter().any(|(_, facts)| facts.contains("SECRET")),
+        "the pause reason is in a column: {rows:?}"
+    );
+
+    // A session's newest checkpoint comes from the index alone.
+    let name = schema.name().to_owned();
+    let plan = tokio::task::spawn_blocking(move || {
+        pg_common::admin_query_sync(&format!(
+            "SET enable_seqscan = off; SET enable_bitmapscan = off; \
+             EXPLAIN SELECT checkpoint_id, step, reason FROM \"{name}\".mars_state_records \
+             WHERE session_id = 's1' AND checkpoint_id IS NOT NULL \
+             ORDER BY saved_at DESC LIMIT 1"
+        ))
+    })
+    .await
+    .unwrap();
+    assert!(
+        plan.iter()
+            .any(|(line, _)| line.contains("Index Only Scan using mars_state_records_checkpoints")),
+        "{plan:?}"
+    );
 }

@@ -182,6 +182,38 @@ pub struct ObjectMeta {
     pub size: u64,
 }
 
+/// What the store knows about a record it writes with [`StorageBackend::put_record`]: the
+/// facts a backend may keep in plain columns of its own beside the (possibly compressed,
+/// possibly encrypted) bytes, so that an operator, or a query, can read them without the
+/// codec. The PostgreSQL backend stores them (columns `session_id`, `checkpoint_id`,
+/// `branch`, `parent`, `step`, `reason`, `status`, `saved_at`); other backends ignore them.
+///
+/// Through the encryption layer (`middleware::crypto::Encrypted`) the branch name, the one fact a
+/// caller names freely, is left out; ids (already in the key), step, reason kind, status
+/// and time are passed on. A session's status reason (a pause or failure message) is never
+/// part of it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RecordMeta {
+    /// The session the record belongs to.
+    pub session: String,
+    /// The checkpoint's id, for a checkpoint record; `None` for a session's current state.
+    pub checkpoint: Option<String>,
+    /// The checkpoint's branch.
+    pub branch: Option<String>,
+    /// The checkpoint it was taken after on its branch.
+    pub parent: Option<String>,
+    /// The orchestrator's step of the state, if it gave one.
+    pub step: Option<u64>,
+    /// Why a checkpoint was taken (`manual`, `steps`, `time`, `pause`, `before_risky`,
+    /// `flush`).
+    pub reason: Option<String>,
+    /// A session's status (`active`, `paused`, `completed`, `failed`, ...).
+    pub status: Option<String>,
+    /// When it was saved, in milliseconds since the Unix epoch.
+    pub saved_at_ms: u64,
+}
+
 /// What [`StorageBackend::sweep`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -242,6 +274,16 @@ pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
     /// after `Err` the old value is intact.
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()>;
 
+    /// [`put`](Self::put) of a session or checkpoint record (class
+    /// [`KeyClass::Record`]), with what the store knows about it. Same contract as `put`;
+    /// a backend that keeps [`RecordMeta`] in columns of its own replaces them with the
+    /// value, atomically. The default ignores `meta` and calls `put`. A wrapper must pass it
+    /// on (calling its inner backend's `put_record`), or the facts are lost below it.
+    async fn put_record(&self, key: &StorageKey, value: Vec<u8>, meta: &RecordMeta) -> Result<()> {
+        let _ = meta;
+        self.put(key, value).await
+    }
+
     /// Removes `key` durably. Returns whether it existed; removing a missing key succeeds.
     async fn delete(&self, key: &StorageKey) -> Result<bool>;
 
@@ -260,12 +302,16 @@ pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
 }
 
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl<T: StorageBackend + ?Sized> StorageBackend for Arc<T> {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
         (**self).get(key).await
     }
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
         (**self).put(key, value).await
+    }
+    async fn put_record(&self, key: &StorageKey, value: Vec<u8>, meta: &RecordMeta) -> Result<()> {
+        (**self).put_record(key, value, meta).await
     }
     async fn delete(&self, key: &StorageKey) -> Result<bool> {
         (**self).delete(key).await

@@ -31,7 +31,7 @@ use flate2::Compression as GzLevel;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::backend::StorageKey;
+use crate::backend::{RecordMeta, StorageKey};
 use crate::error::{Result, StateError};
 use crate::types::{BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus};
 
@@ -79,6 +79,37 @@ pub(crate) enum RecordHead {
         timestamp: u64,
         meta: CheckpointMeta,
     },
+}
+
+/// A value's serde name (`"paused"`, `"before_risky"`), for the plain columns of
+/// [`RecordMeta`].
+fn serde_name<T: Serialize>(value: &T) -> Option<String> {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_owned))
+}
+
+impl RecordHead {
+    /// What a backend may keep beside the record (see [`RecordMeta`]).
+    pub(crate) fn facts(&self) -> RecordMeta {
+        let mut facts = RecordMeta::default();
+        match self {
+            RecordHead::Session { session_id, saved_at, meta } => {
+                facts.session = session_id.to_string();
+                facts.step = meta.step;
+                facts.status = serde_name(&meta.status);
+                facts.saved_at_ms = *saved_at;
+            }
+            RecordHead::Checkpoint { session_id, checkpoint_id, branch_id, timestamp, meta } => {
+                facts.session = session_id.to_string();
+                facts.checkpoint = Some(checkpoint_id.to_string());
+                facts.branch = Some(branch_id.to_string());
+                facts.parent = meta.parent.as_ref().map(ToString::to_string);
+                facts.step = meta.step;
+                facts.reason = serde_name(&meta.reason);
+                facts.saved_at_ms = *timestamp;
+            }
+        }
+        facts
+    }
 }
 
 /// The `meta` object of a session record. Records written before a field existed read

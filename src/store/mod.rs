@@ -261,12 +261,13 @@ impl Store {
     async fn put(&self, key: &StorageKey, head: &RecordHead, data: &[u8]) -> Result<u64> {
         let bytes = self.codec.encode(head, data)?;
         let size = bytes.len() as u64;
-        match self.backend.put(key, bytes).await {
+        let facts = head.facts();
+        match self.backend.put_record(key, bytes, &facts).await {
             Err(StateError::StorageFull { .. }) => {
                 warn!(key = %key, "disk full; running an emergency cleanup and retrying once");
                 let _ = self.backend.sweep().await;
                 let _ = self.trim_checkpoints().await;
-                self.backend.put(key, self.codec.encode(head, data)?).await?;
+                self.backend.put_record(key, self.codec.encode(head, data)?, &facts).await?;
             }
             other => other?,
         }

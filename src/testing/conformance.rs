@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
-use crate::backend::{StorageBackend, StorageKey, SweepReport};
+use crate::backend::{RecordMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::Result;
 
 /// What a constructor given to [`conformance_tests!`](crate::conformance_tests) or
@@ -127,6 +127,29 @@ pub async fn put_replaces_a_longer_value(b: &dyn StorageBackend) {
     put(b, k, vec![b'x'; 10_000]).await;
     put(b, k, b"short".to_vec()).await;
     assert_eq!(get(b, k).await.as_deref(), Some(&b"short"[..]), "a tail of the old value remains");
+}
+
+/// `put_record` keeps `put`'s contract: the value is read back as written, replaces, is
+/// listed with its size, and a plain `put` replaces it in turn.
+pub async fn put_record_is_a_put(b: &dyn StorageBackend) {
+    let k = "checkpoints/s1/c2.json";
+    let mut meta = RecordMeta {
+        session: "s1".into(),
+        checkpoint: Some("c2".into()),
+        step: Some(3),
+        saved_at_ms: 1_700_000_000_000,
+        ..RecordMeta::default()
+    };
+    let r = b.put_record(&key(k), b"first record".to_vec(), &meta).await;
+    ok(format_args!("put_record {k}"), r);
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"first record"[..]));
+    meta.step = Some(4);
+    let r = b.put_record(&key(k), b"second".to_vec(), &meta).await;
+    ok(format_args!("put_record {k}"), r);
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"second"[..]), "put_record replaces");
+    assert_eq!(list(b, "checkpoints/s1").await, vec![(k.to_owned(), 6)]);
+    put(b, k, b"by put".to_vec()).await;
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"by put"[..]), "put replaces it");
 }
 
 /// Values are opaque bytes: every byte value, and a value of over a mebibyte, round-trip.
@@ -383,6 +406,7 @@ macro_rules! conformance_tests {
             get_missing_is_none
             put_then_get_round_trips
             put_replaces_a_longer_value
+            put_record_is_a_put
             values_are_opaque_bytes
             keys_at_any_depth_round_trip
             delete_missing_is_false

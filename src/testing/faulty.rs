@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 
 use super::Hold;
-use crate::backend::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use crate::backend::{ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
 
 /// The [`StorageBackend`] method a [`Faulty`] rule applies to. (`sweep` has no key and
@@ -21,7 +21,7 @@ use crate::error::{Result, StateError};
 pub enum Method {
     /// [`StorageBackend::get`].
     Get,
-    /// [`StorageBackend::put`].
+    /// [`StorageBackend::put`] and [`StorageBackend::put_record`].
     Put,
     /// [`StorageBackend::delete`].
     Delete,
@@ -291,6 +291,11 @@ impl<B: StorageBackend> StorageBackend for Faulty<B> {
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
         self.call(Method::Put, key, (), || self.inner.put(key, value)).await
+    }
+
+    /// Faults as `put` ([`Method::Put`]).
+    async fn put_record(&self, key: &StorageKey, value: Vec<u8>, meta: &RecordMeta) -> Result<()> {
+        self.call(Method::Put, key, (), || self.inner.put_record(key, value, meta)).await
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool> {

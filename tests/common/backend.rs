@@ -265,6 +265,14 @@ impl StorageBackend for Connected {
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
         self.get().await?.put(key, value).await
     }
+    async fn put_record(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &mars_state::RecordMeta,
+    ) -> mars_state::Result<()> {
+        self.get().await?.put_record(key, value, meta).await
+    }
     async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
         self.get().await?.delete(key).await
     }
@@ -353,6 +361,15 @@ impl StorageBackend for OnBlockingPool {
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> mars_state::Result<()> {
         let key = key.clone();
         self.run(|b| async move { b.put(&key, value).await }).await
+    }
+    async fn put_record(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &mars_state::RecordMeta,
+    ) -> mars_state::Result<()> {
+        let (key, meta) = (key.clone(), meta.clone());
+        self.run(|b| async move { b.put_record(&key, value, &meta).await }).await
     }
     async fn delete(&self, key: &StorageKey) -> mars_state::Result<bool> {
         let key = key.clone();

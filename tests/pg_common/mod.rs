@@ -73,7 +73,7 @@ pub async fn admin_sql(sql: &str) {
     tokio::task::spawn_blocking(move || admin_sql_sync(&sql)).await.unwrap()
 }
 
-/// The rows of `sql` (first two columns as text).
+/// The rows of `sql` (first two columns as text; a missing second column as "").
 pub fn admin_query_sync(sql: &str) -> Vec<(String, String)> {
     let sql = sql.to_owned();
     on_own_runtime(test_url(), move |c| {
@@ -85,7 +85,8 @@ pub fn admin_query_sync(sql: &str) -> Vec<(String, String)> {
                 .filter_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => Some((
                         r.get(0).unwrap_or_default().to_owned(),
-                        r.get(1).unwrap_or_default().to_owned(),
+                        // A query of one column gives "" here.
+                        r.try_get(1).ok().flatten().unwrap_or_default().to_owned(),
                     )),
                     _ => None,
                 })

@@ -51,7 +51,7 @@ use tokio_postgres::{NoTls, Row};
 use self::error::Failure;
 use self::schema::Sql;
 use self::writer::{Op, Writers};
-use super::{KeyClass, ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use super::{KeyClass, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
 
 pub use self::options::PostgresOptions;
@@ -384,6 +384,17 @@ impl StorageBackend for PostgresStorageBackend {
         self.writers.submit(Op::Put(key.clone(), value)).await?;
         self.appender.0.replaced(key);
         Ok(())
+    }
+
+    /// Writes the record's facts into the row's plain columns (`session_id`,
+    /// `checkpoint_id`, `branch`, `parent`, `step`, `reason`, `status`, `saved_at`) in the
+    /// same statement as its value.
+    async fn put_record(&self, key: &StorageKey, value: Vec<u8>, meta: &RecordMeta) -> Result<()> {
+        if key.class() == KeyClass::Log {
+            return self.put(key, value).await;
+        }
+        let op = Op::PutRecord(key.clone(), value, Box::new(meta.clone()));
+        self.writers.submit(op).await.map(drop)
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool> {

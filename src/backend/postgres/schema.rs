@@ -39,6 +39,26 @@ const MIGRATIONS: &[&str] = &[
         bytes bytea NOT NULL,
         CONSTRAINT mars_state_log_pkey PRIMARY KEY (key, seq)
     );",
+    // 2: what the store knows about each session and checkpoint record (`RecordMeta`), in
+    // plain columns beside the bytes, for operators and queries; NULL for other keys and
+    // for records written before this step (until they are written again). Two partial
+    // indexes answer "a session's checkpoints, newest first" and "sessions by status" from
+    // the index alone. Adding nullable columns without a default rewrites no rows.
+    "ALTER TABLE {s}.mars_state_records
+        ADD COLUMN session_id text COLLATE \"C\",
+        ADD COLUMN checkpoint_id text COLLATE \"C\",
+        ADD COLUMN branch text,
+        ADD COLUMN parent text,
+        ADD COLUMN step bigint,
+        ADD COLUMN reason text,
+        ADD COLUMN status text,
+        ADD COLUMN saved_at timestamptz;
+    CREATE INDEX mars_state_records_checkpoints ON {s}.mars_state_records
+        (session_id, saved_at DESC) INCLUDE (checkpoint_id, branch, parent, step, reason, size)
+        WHERE checkpoint_id IS NOT NULL;
+    CREATE INDEX mars_state_records_sessions ON {s}.mars_state_records
+        (status, saved_at DESC) INCLUDE (session_id, step, size)
+        WHERE session_id IS NOT NULL AND checkpoint_id IS NULL;",
 ];
 
 /// The schema version this build writes and reads.
@@ -77,6 +97,11 @@ pub(super) struct Sql {
     pub(super) put: String,
     /// Upsert of many non-log keys at once: `$1` keys, `$2` values, `$3` kinds (arrays).
     pub(super) put_many: String,
+    /// Upsert of a record with its facts: `$1` key, `$2` value, `$3` kind, then
+    /// [`RECORD_COLUMNS`] in order (`$4`..`$11`; `saved_at` in ms since the epoch).
+    pub(super) put_record: String,
+    /// Upsert of many records with their facts: the same parameters, each an array.
+    pub(super) put_records: String,
     /// Upsert of a log key, dropping its pieces: same parameters.
     pub(super) put_log: String,
     /// Delete of a non-log key: `$1` key; one row returned if it existed.
@@ -92,6 +117,10 @@ pub(super) struct Sql {
     pub(super) append_log: String,
 }
 
+/// The columns of a record's facts (`RecordMeta`), in the order of their parameters.
+pub(super) const RECORD_COLUMNS: [&str; 8] =
+    ["session_id", "checkpoint_id", "branch", "parent", "step", "reason", "status", "saved_at"];
+
 impl Sql {
     pub(super) fn new(schema: &str) -> Self {
         let r = format!("{schema}.mars_state_records");
@@ -101,6 +130,26 @@ impl Sql {
              VALUES ($1, $2, octet_length($2), $3, now()) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, \
              kind = excluded.kind, updated_at = excluded.updated_at"
+        );
+        let columns = RECORD_COLUMNS.join(", ");
+        let set_columns: String =
+            RECORD_COLUMNS.iter().map(|c| format!(", {c} = excluded.{c}")).collect();
+        let record_upsert = format!(
+            "INSERT INTO {r} (key, value, size, kind, updated_at, {columns}) \
+             VALUES ($1, $2, octet_length($2), $3, now(), $4, $5, $6, $7, $8, $9, $10, \
+             to_timestamp($11::float8 / 1000)) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, \
+             kind = excluded.kind, updated_at = excluded.updated_at{set_columns}"
+        );
+        let records_upsert = format!(
+            "INSERT INTO {r} (key, value, size, kind, updated_at, {columns}) \
+             SELECT k, v, octet_length(v), kd, now(), sid, cid, b, p, st, rs, sts, \
+             to_timestamp(at::float8 / 1000) \
+             FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::int8[], $9::text[], $10::text[], $11::int8[]) \
+             AS t (k, v, kd, sid, cid, b, p, st, rs, sts, at) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, \
+             kind = excluded.kind, updated_at = excluded.updated_at{set_columns}"
         );
         // Each write is one statement (data-modifying CTEs for the two tables), so the writer
         // can pipeline a batch and the server still runs it in order.
@@ -120,6 +169,8 @@ impl Sql {
                  kind = excluded.kind, updated_at = excluded.updated_at"
             ),
             put: upsert,
+            put_record: record_upsert,
+            put_records: records_upsert,
             delete: format!("DELETE FROM {r} WHERE key = $1 RETURNING 1"),
             delete_log: format!(
                 "WITH gone AS (DELETE FROM {l} WHERE key = $1) \

@@ -33,7 +33,7 @@ use super::error::{Failure, MAX_VALUE, outcome_unknown};
 use super::{Discard, Shared};
 use tokio_postgres::types::Type;
 
-use crate::backend::{KeyClass, StorageKey};
+use crate::backend::{KeyClass, RecordMeta, StorageKey};
 use crate::error::{Result, StateError};
 
 /// Writes committed in one transaction at most: bounds the time a batch holds its callers.
@@ -45,6 +45,8 @@ const RETRIES: u32 = 3;
 #[derive(Debug)]
 pub(super) enum Op {
     Put(StorageKey, Vec<u8>),
+    /// A record with its facts, kept in the row's plain columns.
+    PutRecord(StorageKey, Vec<u8>, Box<RecordMeta>),
     Delete(StorageKey),
     Append(StorageKey, Vec<u8>),
     /// Pieces appended to one log key, in order (the append flusher's).
@@ -54,13 +56,17 @@ pub(super) enum Op {
 impl Op {
     fn key(&self) -> &StorageKey {
         match self {
-            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) | Op::AppendLog(k, _) => k,
+            Op::Put(k, _)
+            | Op::PutRecord(k, ..)
+            | Op::Delete(k)
+            | Op::Append(k, _)
+            | Op::AppendLog(k, _) => k,
         }
     }
 
     fn size(&self) -> usize {
         match self {
-            Op::Put(_, v) | Op::Append(_, v) => v.len(),
+            Op::Put(_, v) | Op::PutRecord(_, v, _) | Op::Append(_, v) => v.len(),
             Op::AppendLog(_, pieces) => pieces.iter().map(Vec::len).sum(),
             Op::Delete(_) => 0,
         }
@@ -68,7 +74,7 @@ impl Op {
 
     fn verb(&self) -> &'static str {
         match self {
-            Op::Put(..) => "writing",
+            Op::Put(..) | Op::PutRecord(..) => "writing",
             Op::Delete(_) => "deleting",
             Op::Append(..) | Op::AppendLog(..) => "appending to",
         }
@@ -81,6 +87,8 @@ impl Op {
         match (self, log) {
             (Op::Put(..), false) => &sql.put,
             (Op::Put(..), true) => &sql.put_log,
+            // A record is never a log.
+            (Op::PutRecord(..), _) => &sql.put_record,
             (Op::Delete(_), false) => &sql.delete,
             (Op::Delete(_), true) => &sql.delete_log,
             (Op::Append(..), false) => &sql.append,
@@ -101,6 +109,13 @@ impl Op {
                     [(&key, Type::TEXT), (bytes, Type::BYTEA), (&kind, Type::TEXT)];
                 super::query(client, shared.prepared, self.sql(shared), &params).await?
             }
+            Op::PutRecord(_, bytes, meta) => {
+                let facts = Facts::of(meta);
+                let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
+                    vec![(&key, Type::TEXT), (bytes, Type::BYTEA), (&kind, Type::TEXT)];
+                params.extend(facts.params());
+                super::query(client, shared.prepared, self.sql(shared), &params).await?
+            }
             Op::Delete(_) => {
                 super::query(client, shared.prepared, self.sql(shared), &[(&key, Type::TEXT)])
                     .await?
@@ -114,6 +129,78 @@ impl Op {
         Ok(!matches!(self, Op::Delete(_)) || !rows.is_empty())
     }
 }
+
+/// A record's facts as the parameters `$4`..`$11` of `Sql::put_record`
+/// (`schema::RECORD_COLUMNS`).
+struct Facts<'a> {
+    session: &'a str,
+    checkpoint: Option<&'a str>,
+    branch: Option<&'a str>,
+    parent: Option<&'a str>,
+    step: Option<i64>,
+    reason: Option<&'a str>,
+    status: Option<&'a str>,
+    saved_at: i64,
+}
+
+impl<'a> Facts<'a> {
+    fn of(meta: &'a RecordMeta) -> Self {
+        Facts {
+            session: &meta.session,
+            checkpoint: meta.checkpoint.as_deref(),
+            branch: meta.branch.as_deref(),
+            parent: meta.parent.as_deref(),
+            // Steps and times past i64::MAX are stored as NULL / the largest time.
+            step: meta.step.and_then(|s| i64::try_from(s).ok()),
+            reason: meta.reason.as_deref(),
+            status: meta.status.as_deref(),
+            saved_at: i64::try_from(meta.saved_at_ms).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn params(&self) -> [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 8] {
+        [
+            (&self.session, Type::TEXT),
+            (&self.checkpoint, Type::TEXT),
+            (&self.branch, Type::TEXT),
+            (&self.parent, Type::TEXT),
+            (&self.step, Type::INT8),
+            (&self.reason, Type::TEXT),
+            (&self.status, Type::TEXT),
+            (&self.saved_at, Type::INT8),
+        ]
+    }
+}
+
+/// The parameter types of `Sql::put_record`.
+const PUT_RECORD_TYPES: [Type; 11] = [
+    Type::TEXT,
+    Type::BYTEA,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+];
+
+/// The parameter types of `Sql::put_records` (arrays of `PUT_RECORD_TYPES`).
+const PUT_RECORDS_TYPES: [Type; 11] = [
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+];
 
 /// The parameter types of `Sql::put_many`.
 const PUT_MANY_TYPES: [Type; 3] = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
@@ -372,18 +459,27 @@ pub(super) async fn attempt_once(
     let many: Vec<usize> = (0..ops.len())
         .filter(|&i| matches!(ops[i], Op::Put(k, _) if k.class() != KeyClass::Log))
         .collect();
+    let records: Vec<usize> =
+        (0..ops.len()).filter(|&i| matches!(ops[i], Op::PutRecord(..))).collect();
     let keys: std::collections::HashSet<&str> = ops.iter().map(|op| op.key().as_str()).collect();
-    let many = if many.len() > 1 && keys.len() == ops.len() { many } else { Vec::new() };
-    let singles: Vec<usize> = (0..ops.len()).filter(|i| !many.contains(i)).collect();
+    let unique = keys.len() == ops.len();
+    let many = if many.len() > 1 && unique { many } else { Vec::new() };
+    let records = if records.len() > 1 && unique { records } else { Vec::new() };
+    let singles: Vec<usize> =
+        (0..ops.len()).filter(|i| !many.contains(i) && !records.contains(i)).collect();
     if shared.prepared {
         // Prepare (or find cached) every statement first, so each write below goes out at
         // its first poll, in the batch's order: a cache miss would otherwise hold it back.
         if !many.is_empty() {
             super::prepare(client, &shared.sql.put_many, &PUT_MANY_TYPES).await?;
         }
+        if !records.is_empty() {
+            super::prepare(client, &shared.sql.put_records, &PUT_RECORDS_TYPES).await?;
+        }
         for &i in &singles {
             let types: &[Type] = match ops[i] {
                 Op::Delete(_) => &[Type::TEXT],
+                Op::PutRecord(..) => &PUT_RECORD_TYPES,
                 Op::AppendLog(..) => &[Type::TEXT, Type::BYTEA_ARRAY, Type::TEXT],
                 _ => &[Type::TEXT, Type::BYTEA, Type::TEXT],
             };
@@ -423,17 +519,64 @@ pub(super) async fn attempt_once(
         ];
         super::query(client, shared.prepared, &shared.sql.put_many, &params).await.map(drop)
     };
+    let put_records = async {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut keys = Vec::with_capacity(records.len());
+        let mut values = Vec::with_capacity(records.len());
+        let mut kinds = Vec::with_capacity(records.len());
+        let mut facts = Vec::with_capacity(records.len());
+        for &i in &records {
+            if let Op::PutRecord(k, v, meta) = ops[i] {
+                keys.push(k.as_str());
+                values.push(v.as_slice());
+                kinds.push(kind_name(k.class()));
+                facts.push(Facts::of(meta));
+            }
+        }
+        let session: Vec<&str> = facts.iter().map(|f| f.session).collect();
+        let checkpoint: Vec<Option<&str>> = facts.iter().map(|f| f.checkpoint).collect();
+        let branch: Vec<Option<&str>> = facts.iter().map(|f| f.branch).collect();
+        let parent: Vec<Option<&str>> = facts.iter().map(|f| f.parent).collect();
+        let reason: Vec<Option<&str>> = facts.iter().map(|f| f.reason).collect();
+        let status: Vec<Option<&str>> = facts.iter().map(|f| f.status).collect();
+        let step: Vec<Option<i64>> = facts.iter().map(|f| f.step).collect();
+        let saved_at: Vec<i64> = facts.iter().map(|f| f.saved_at).collect();
+        let t = &PUT_RECORDS_TYPES;
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 11] = [
+            (&keys, t[0].clone()),
+            (&values, t[1].clone()),
+            (&kinds, t[2].clone()),
+            (&session, t[3].clone()),
+            (&checkpoint, t[4].clone()),
+            (&branch, t[5].clone()),
+            (&parent, t[6].clone()),
+            (&step, t[7].clone()),
+            (&reason, t[8].clone()),
+            (&status, t[9].clone()),
+            (&saved_at, t[10].clone()),
+        ];
+        super::query(client, shared.prepared, &shared.sql.put_records, &params).await.map(drop)
+    };
     let singles_done =
         futures_util::future::join_all(singles.iter().map(|&i| ops[i].apply(shared, client)));
     let writes = async {
-        let (many_done, singles_done) = futures_util::future::join(put_many, singles_done).await;
+        let (many_done, records_done, singles_done) =
+            futures_util::future::join3(put_many, put_records, singles_done).await;
         let mut results: Vec<Result<bool, tokio_postgres::Error>> = Vec::with_capacity(ops.len());
         let mut many_done = Some(many_done);
+        let mut records_done = Some(records_done);
         let mut singles_done = singles_done.into_iter();
         for i in 0..ops.len() {
             if many.contains(&i) {
                 // The multi-row statement's result, reported once (its error counts once).
                 results.push(match many_done.take() {
+                    Some(r) => r.map(|()| true),
+                    None => Ok(true),
+                });
+            } else if records.contains(&i) {
+                results.push(match records_done.take() {
                     Some(r) => r.map(|()| true),
                     None => Ok(true),
                 });

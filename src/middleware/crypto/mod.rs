@@ -131,7 +131,7 @@ use async_trait::async_trait;
 use chacha20poly1305::XChaCha20Poly1305;
 
 use crate::backend::{
-    FileStorageBackend, KeyClass, ObjectMeta, StorageBackend, StorageKey, SweepReport,
+    FileStorageBackend, KeyClass, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport,
 };
 use crate::error::{Result, StateError};
 use crate::store::keys::{CRYPTO_META, crypto_meta as crypto_meta_key};
@@ -333,6 +333,7 @@ fn refuse_reserved(key: &StorageKey) -> Result<()> {
 /// Forwards every method; `get`/`put`/`append` decrypt/encrypt, `list` reports the sizes
 /// `get` would return (for logs, the stored size: it cannot be known without reading).
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl<B: StorageBackend> StorageBackend for Encrypted<B> {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
         let Some(raw) = self.inner.get(key).await? else { return Ok(None) };
@@ -353,6 +354,20 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
                 self.torn().remove(key);
                 Ok(())
             }
+        }
+    }
+
+    /// Seals like `put`, and passes `meta` on without the branch name (see
+    /// [`RecordMeta`]).
+    async fn put_record(&self, key: &StorageKey, value: Vec<u8>, meta: &RecordMeta) -> Result<()> {
+        refuse_reserved(key)?;
+        let meta = RecordMeta { branch: None, ..meta.clone() };
+        match sealing(key) {
+            Sealing::Record => {
+                self.inner.put_record(key, self.seal_record(key, value)?, &meta).await
+            }
+            // Not a record key: no facts to pass on.
+            _ => self.put(key, value).await,
         }
     }
 
