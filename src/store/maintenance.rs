@@ -220,7 +220,7 @@ impl Store {
                 continue;
             };
             info!(session = %sid, "finishing an interrupted delete");
-            match self.finish_delete(&sid).await {
+            match self.finish_delete(&sid, super::AccessRule::Remove).await {
                 Ok(_) => finished += 1,
                 Err(e) if strict => return Err(e),
                 Err(e) => {

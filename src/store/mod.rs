@@ -66,6 +66,15 @@ pub(crate) struct Store {
     access_writes: tokio::sync::Mutex<()>,
 }
 
+/// What a delete does with the session's access record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AccessRule {
+    /// Removed with the records (a delete asked for).
+    Remove,
+    /// Kept (a write finishing a delete that failed part way).
+    Keep,
+}
+
 impl Store {
     /// Opens the store: checks its format, sweeps staged files, loads and reconciles the
     /// index, and finishes deletes a crash interrupted.
@@ -390,19 +399,23 @@ impl Store {
     /// finishes the delete before the session's next write (or the write fails with the
     /// delete's error), vacuum and the next start finish it too. The owner's access record
     /// is still there, so the owner can retry.
-    pub(crate) async fn delete_session(&self, sid: &SessionId) -> Result<bool> {
+    /// Deletes the session's records and its access record. `Access::Keep` keeps the
+    /// access record: a write authorized against it finishes an earlier delete that failed
+    /// part way, and the session stays its owner's (a crash before the marker is gone
+    /// finishes the delete at the next start, access record included, as it was asked).
+    pub(crate) async fn delete_session(&self, sid: &SessionId, access: AccessRule) -> Result<bool> {
         // Nothing is deleted before the marker is durable; if it cannot be written, nothing
         // changed.
         self.backend.put(&keys::pending(sid), Vec::new()).await?;
-        self.finish_delete(sid).await
+        self.finish_delete(sid, access).await
     }
 
-    /// The part of a delete after its marker is durable: the records, the access record,
-    /// then the marker. The session is `deleting` from here until the marker is gone; on an
-    /// error it stays so (and the marker stays on disk), to be finished later.
-    async fn finish_delete(&self, sid: &SessionId) -> Result<bool> {
+    /// The part of a delete after its marker is durable: the records, the access record
+    /// (unless kept), then the marker. The session is `deleting` from here until the marker
+    /// is gone; on an error it stays so (and the marker stays on disk), to be finished later.
+    async fn finish_delete(&self, sid: &SessionId, access: AccessRule) -> Result<bool> {
         lock(&self.deleting).insert(sid.clone());
-        let existed = self.delete_session_records(sid).await?;
+        let existed = self.delete_session_records(sid, access).await?;
         // Last: a crash before this unlink is durable finishes the delete at the next start.
         self.backend.delete(&keys::pending(sid)).await?;
         lock(&self.deleting).remove(sid);
@@ -419,7 +432,7 @@ impl Store {
         lock(&self.deleting).iter().cloned().collect()
     }
 
-    async fn delete_session_records(&self, sid: &SessionId) -> Result<bool> {
+    async fn delete_session_records(&self, sid: &SessionId, access: AccessRule) -> Result<bool> {
         // The access record goes last: while records remain, the session exists, and its
         // owner must keep it (to retry a delete that failed), and no one else may claim it.
         // A crash in between is finished by the pending marker at the next start.
@@ -442,13 +455,14 @@ impl Store {
         for cid in leftover {
             self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
         }
-        {
+        if access == AccessRule::Remove {
             // Under the lock of access-record writers, so a re-encryption in flight cannot
             // put the record back.
             let _access = self.access_writes.lock().await;
             self.backend.delete(&keys::access(sid)).await?;
+            drop(_access);
+            self.access.remove(sid);
         }
-        self.access.remove(sid);
         Ok(existed)
     }
 }

@@ -29,8 +29,8 @@ use super::{Shared, storage, supervisor::SupervisorMsg};
 use crate::config::CheckpointPolicy;
 use crate::error::{Result, StateError};
 use crate::events::EventKind;
-use crate::store::Store;
 use crate::store::codec::{RecordHead, SessionMeta};
+use crate::store::{AccessRule, Store};
 use crate::sync::lock;
 use crate::types::{
     BranchId, CheckpointId, CheckpointReason, MigrationReport, SessionId, SessionStatus, StateBytes,
@@ -292,9 +292,13 @@ impl SessionState {
     /// then starts from a deleted session, and the old delete can never be replayed over it
     /// (by vacuum or at the next start). If the delete fails again, so does the write, and
     /// nothing of it is written.
+    ///
+    /// The access record stays: the write was authorized against it, and a session whose
+    /// delete failed part way is still its owner's (so the owner's next save neither loses
+    /// the session to another principal's claim nor locks the owner out).
     async fn settle_delete(&mut self) -> Result<()> {
         if self.shared.store.is_deleting(&self.sid) {
-            self.delete().await?;
+            self.delete_with(AccessRule::Keep).await?;
         }
         Ok(())
     }
@@ -401,8 +405,12 @@ impl SessionState {
                 Ok(at)
             }
             Err(e) => {
-                // The old version is intact on disk, but be conservative about the cache.
-                self.set_current(None);
+                // Nothing of this save is known to be on disk. Recorded steps not yet saved
+                // (`dirty`) were acknowledged: they stay, to be saved by the next write or
+                // flush. Otherwise the cache is dropped, to be read again from the records.
+                if !self.dirty {
+                    self.set_current(None);
+                }
                 Err(e)
             }
         }
@@ -433,6 +441,10 @@ impl SessionState {
     }
 
     async fn delete(&mut self) -> Result<bool> {
+        self.delete_with(AccessRule::Remove).await
+    }
+
+    async fn delete_with(&mut self, rule: AccessRule) -> Result<bool> {
         let sid = self.sid.clone();
         // Who could read the session before it is deleted (the access record goes with it):
         // they are told of the delete.
@@ -446,7 +458,8 @@ impl SessionState {
         self.heads.clear();
         self.last_clock = None;
         self.last_checkpoint_step = None;
-        let existed = self.io(move |store| async move { store.delete_session(&sid).await }).await?;
+        let existed =
+            self.io(move |store| async move { store.delete_session(&sid, rule).await }).await?;
         self.set_current(Some(Current { state: None, saved_at: 0, meta: SessionMeta::default() }));
         self.shared.rt.emit_as(&self.sid, EventKind::Deleted, access);
         Ok(existed || in_memory)
@@ -479,9 +492,8 @@ impl SessionState {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "non-string panic payload".to_owned());
                 warn!(session = %sid, "a panic in an update closure was contained; nothing was written");
-                // Start from a clean slate: re-read from disk on next use.
-                self.set_current(None);
-                self.dirty = false;
+                // The closure only read the state: the cache (with any recorded steps not
+                // yet saved, which were acknowledged) is as it was, and stays.
                 return Err(StateError::Panicked { session: sid, message });
             }
         };
