@@ -165,7 +165,7 @@ async fn settings_that_do_not_match_the_store_are_refused_untouched() {
     let err = StateManager::start(backend_defaults(edir.path())).await.unwrap_err();
     assert_eq!(
         err.kind(),
-        ErrorKind::Config,
+        ErrorKind::WrongKey,
         "an encrypted store does not open without its key: {err}"
     );
 }

@@ -38,7 +38,8 @@ impl StoreMeta {
     }
 
     /// Refuses to open a store with an encryption setting other than the one it was
-    /// created with (an encrypted store needs its key; a plain one must not get one), or in
+    /// created with (an encrypted store needs its key: `WrongKey`; a plain one must not get
+    /// one: `Config`), or in
     /// a format this version does not know. Compression is not checked: see
     /// [`adopt_format`](Self::adopt_format).
     pub(crate) fn check(&self, codec: &Codec) -> Result<()> {
@@ -53,6 +54,14 @@ impl StoreMeta {
                     "the store was created with compression {:?}, which this version does not know",
                     self.compression
                 ),
+            });
+        }
+        if self.encrypted && !codec.encrypted {
+            return Err(StateError::WrongKey {
+                reason: "the store is encrypted and no key was given (give the manager the \
+                         store's key: StateManagerBuilder::encryption_key or \
+                         encryption_passphrase)"
+                    .into(),
             });
         }
         let on_off = |b: bool| if b { "on" } else { "off" };
