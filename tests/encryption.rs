@@ -543,3 +543,33 @@ async fn an_encryption_layer_over_a_plaintext_store_is_refused_untouched() {
     assert_eq!(m.load_session("s").await.unwrap(), Some(json!({"m": MARKER})));
     m.shutdown().await.unwrap();
 }
+
+/// `EncryptionLayer::wrap` over one of the crate's backends other than the file backend
+/// (here SQLite) makes the same encrypted store as the builder's `encryption_key`: the
+/// manager recognises the layer, so rotation works and either way opens the store.
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encryption_layer_over_sqlite_is_an_encrypted_store() {
+    use mars_state::SqliteStorageBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let backend = EncryptionLayer::new(key(1))
+        .wrap(SqliteStorageBackend::open(&path).unwrap())
+        .await
+        .unwrap();
+    let m = StateManager::start(backend).await.unwrap();
+    fill(&m, 3).await;
+    assert!(m.rotate_key(key(2)).await.unwrap() >= 3, "rotation re-encrypted the records");
+    check_all(&m, 3).await;
+    m.shutdown().await.unwrap();
+    drop(m);
+
+    let reopen =
+        || SqliteStorageBackend::options().lock_wait(Duration::from_secs(5)).open(&path).unwrap();
+    let m = StateManager::builder(reopen()).encryption_key(key(2)).start().await.unwrap();
+    check_all(&m, 3).await;
+    m.shutdown().await.unwrap();
+    drop(m);
+    let err = StateManager::start(reopen()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::WrongKey, "{err}");
+}

@@ -239,10 +239,12 @@ impl<B: StorageBackend> KeyRing for Encrypted<B> {
 pub(crate) type FoundLayer = (Arc<dyn KeyRing>, Arc<dyn StorageBackend>);
 
 /// If `backend` is one of this crate's encrypted backends ([`EncryptedFileStorageBackend`],
-/// or `Encrypted` over the memory backend or over `Arc<dyn StorageBackend>`), its keyring
-/// and the backend below it. The manager then treats the store as encrypted, exactly as
-/// with its own `encryption_key`. An `Encrypted` over another backend type cannot be
-/// recognised here; give such a backend to the manager unwrapped, with the key.
+/// or `Encrypted` over the memory, SQLite, PostgreSQL or Redis backend, or over
+/// `Arc<dyn StorageBackend>`), its keyring and the backend below it. The manager then treats
+/// the store as encrypted, exactly as with its own `encryption_key`. An `Encrypted` over a
+/// backend type of your own is recognised once wrapped in an `Arc<dyn StorageBackend>`
+/// first (`EncryptionLayer::wrap(Arc::new(mine) as Arc<dyn StorageBackend>)`), or give it
+/// to the manager unwrapped, with the key.
 pub(crate) fn find_layer(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Option<FoundLayer> {
     fn parts<T: StorageBackend>(
         backend: &Arc<dyn std::any::Any + Send + Sync>,
@@ -251,9 +253,16 @@ pub(crate) fn find_layer(backend: &Arc<dyn std::any::Any + Send + Sync>) -> Opti
         let below: Arc<dyn StorageBackend> = layer.inner.clone();
         Some((layer, below))
     }
-    parts::<FileStorageBackend>(backend)
+    let found = parts::<FileStorageBackend>(backend)
         .or_else(|| parts::<crate::MemoryStorageBackend>(backend))
-        .or_else(|| parts::<Arc<dyn StorageBackend>>(backend))
+        .or_else(|| parts::<Arc<dyn StorageBackend>>(backend));
+    #[cfg(feature = "sqlite")]
+    let found = found.or_else(|| parts::<crate::SqliteStorageBackend>(backend));
+    #[cfg(feature = "postgres")]
+    let found = found.or_else(|| parts::<crate::PostgresStorageBackend>(backend));
+    #[cfg(feature = "redis")]
+    let found = found.or_else(|| parts::<crate::RedisStorageBackend>(backend));
+    found
 }
 
 /// The contents of `metadata/crypto.json` (format in the parent module's docs).

@@ -191,6 +191,12 @@ impl EncryptionLayer {
     /// Reads (or, for a new store, creates) `metadata/crypto.json` through `inner`, derives
     /// and checks the keys, and returns the wrapped backend.
     ///
+    /// Given to a manager, the wrapped backend makes an encrypted store, the same store as
+    /// the builder's `encryption_key` makes (rotation included), when `inner` is one of
+    /// this crate's backends or an `Arc<dyn StorageBackend>`; wrap a backend type of your
+    /// own as `Arc<dyn StorageBackend>` first, or the manager does not recognise the layer.
+    /// A store created without encryption is refused with [`StateError::Config`], untouched.
+    ///
     /// Errors: [`StateError::WrongKey`] if the current key or passphrase opens none of the
     /// store's key-check records; [`StateError::Corrupt`] if `metadata/crypto.json` is
     /// damaged; [`StateError::Config`] for an empty passphrase or invalid KDF costs; the
