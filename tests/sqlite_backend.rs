@@ -208,8 +208,11 @@ fn foreign_database_is_refused() {
     let other = rusqlite::Connection::open(&path).unwrap();
     other.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('x');").unwrap();
     drop(other);
+    let before = std::fs::read(&path).unwrap();
     let err = SqliteStorageBackend::open(&path).expect_err("opened another application's db");
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    // Not a byte changed: not even the journal mode in its header (bytes 18 and 19).
+    assert!(std::fs::read(&path).unwrap() == before, "the refused open changed the file");
     let other = rusqlite::Connection::open(&path).unwrap();
     let n: i64 = other.query_row("SELECT count(*) FROM notes", [], |r| r.get(0)).unwrap();
     assert_eq!(n, 1);

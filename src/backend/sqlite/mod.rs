@@ -270,6 +270,12 @@ fn open_writer(path: &Path) -> Result<Connection> {
     let err = |what: &'static str| move |e: rusqlite::Error| sql_error(&e, what, path, None, 0);
     let conn = Connection::open_with_flags(path, flags()).map_err(err("opening"))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err("opening"))?;
+    // Another application's database is refused before anything below changes its file
+    // (the journal mode persists in it). Checked again under the schema's transaction.
+    let (app, version, objects) = identity(&conn).map_err(err("reading"))?;
+    if !is_ours_or_new(app, version, objects) {
+        return Err(foreign(path));
+    }
     // WAL: readers run beside the writer, and a commit is one append to the WAL. The mode
     // persists in the file. It needs shared memory (`<file>-shm`, mmap): where the file
     // system refuses it, SQLite keeps the old mode and says so in the answer.
@@ -305,18 +311,35 @@ fn open_writer(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The file's `application_id`, `user_version` and number of schema objects.
+fn identity(conn: &Connection) -> rusqlite::Result<(i64, i64, i64)> {
+    let app: i64 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let objects: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+    Ok((app, version, objects))
+}
+
+/// A store of ours (any schema version), or a new, empty file.
+fn is_ours_or_new(app: i64, version: i64, objects: i64) -> bool {
+    app == APPLICATION_ID || (app == 0 && version == 0 && objects == 0)
+}
+
+fn foreign(path: &Path) -> StateError {
+    StateError::Config {
+        message: format!(
+            "{} is an SQLite database of another application, not a mars-state store",
+            path.display()
+        ),
+    }
+}
+
 /// Creates the table in a new file, or checks an existing file is a store of a schema this
 /// build reads. One transaction, so a crash leaves a file with the schema or an empty one.
 fn create_schema(conn: &Connection, path: &Path) -> Result<()> {
     let err = |e: rusqlite::Error| sql_error(&e, "creating the schema of", path, None, 0);
     conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
     let checked = (|| {
-        let app: i64 =
-            conn.pragma_query_value(None, "application_id", |r| r.get(0)).map_err(err)?;
-        let version: i64 =
-            conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
-        let objects: i64 =
-            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(err)?;
+        let (app, version, objects) = identity(conn).map_err(err)?;
         let config = |message: String| StateError::Config { message };
         if app == 0 && version == 0 && objects == 0 {
             // A new (empty) file.
@@ -331,11 +354,8 @@ fn create_schema(conn: &Connection, path: &Path) -> Result<()> {
                  PRAGMA user_version = {SCHEMA_VERSION};"
             ))
             .map_err(err)?;
-        } else if app != APPLICATION_ID {
-            return Err(config(format!(
-                "{} is an SQLite database of another application, not a mars-state store",
-                path.display()
-            )));
+        } else if !is_ours_or_new(app, version, objects) {
+            return Err(foreign(path));
         } else if version != SCHEMA_VERSION {
             return Err(config(format!(
                 "{} has store schema version {version}; this build reads version {SCHEMA_VERSION}",
