@@ -219,6 +219,13 @@ async fn interrupted_copy_resumes_without_duplicates() {
     assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
     assert!(refused.to_string().contains("copy"), "{refused}");
 
+    // Nor can the half copy be the source of another copy (it would lose its marker there
+    // and open as a whole store); the would-be destination is left as it was.
+    let onward = MemoryStorageBackend::new();
+    let err = copy_store(&dest.inner, &onward).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(dump(&onward).await.is_empty(), "a refused copy wrote to its destination");
+
     // A source key written by the first run and since removed from the source is removed.
     dest.inner.put(&StorageKey::new("sessions/gone.json").unwrap(), b"{}".to_vec()).await.unwrap();
     let resumed = Cutoff { inner: dest.inner.clone(), allowed: usize::MAX, puts: 0.into() };

@@ -46,7 +46,7 @@ pub struct CopyReport {
 /// has; nothing is duplicated, since every key is written with `put` (idempotent).
 ///
 /// Errors: [`StateError::Config`] if the destination holds another store (keys, but no
-/// marker); [`StateError::Corrupt`] if a key reads back different from what was written;
+/// marker), or if the source is itself an unfinished copy (it has the marker); [`StateError::Corrupt`] if a key reads back different from what was written;
 /// any error of either backend. After an error, the destination holds the marker and part
 /// of the store; the source is never written.
 ///
@@ -72,6 +72,16 @@ pub struct CopyReport {
 /// ```
 pub async fn copy_store(from: &dyn StorageBackend, to: &dyn StorageBackend) -> Result<CopyReport> {
     let marker = keys::copying();
+    // A half copy is no source: copied on, it would lose its marker and open as a whole
+    // store with keys missing. Checked before anything is written.
+    if from.get(&marker).await?.is_some() {
+        return Err(StateError::Config {
+            message: "the source of the copy is itself a copy that did not finish \
+                      (metadata/copying is there): finish that copy first (run copy_store \
+                      into it again), then copy from it"
+                .into(),
+        });
+    }
     let there = listing(to).await?;
     let resuming = to.get(&marker).await?.is_some();
     if !resuming && let Some(key) = there.keys().next() {
