@@ -165,11 +165,13 @@ impl RedisOptions {
     /// store's metadata, access records) never expire. An expired session's entry in the
     /// folder of all sessions is removed by the next listing of it.
     ///
-    /// Redis expires the keys behind the manager's back: a running
-    /// [`StateManager`](crate::StateManager) finds nothing when it loads an expired session
-    /// (`Ok(None)`), but its in-memory index still lists the session and its checkpoints
-    /// until the manager is restarted. Choose a TTL far above the time a session may sit
-    /// idle while it is expected to come back.
+    /// Redis expires the keys behind the manager's back. A running
+    /// [`StateManager`](crate::StateManager) serves a live session from its session actor's
+    /// cache until the actor passivates (the builder's `idle_timeout`, default 60 s); after
+    /// that, a load of an expired session finds nothing (`Ok(None)`), but the manager's
+    /// in-memory index still lists the session and its checkpoints until the manager is
+    /// restarted. Choose a TTL far above the time a session may sit idle while it is
+    /// expected to come back, and above the manager's `idle_timeout`.
     pub fn session_ttl(mut self, ttl: Duration) -> Self {
         self.session_ttl = Some(ttl.max(Duration::from_millis(1)));
         self
