@@ -19,7 +19,8 @@
 //! - the owner may do everything, including delete, grant and revoke;
 //! - a principal granted [`Access::Write`] may read and write (not delete, grant or revoke);
 //!   one granted [`Access::Read`] may load, list and restore;
-//! - an administrator (see [`AccessControlLayer::admin`]) may do everything everywhere;
+//! - an administrator (see [`AccessControlLayer::admin`]) may do everything everywhere
+//!   (and, like anyone, becomes the owner of a session its first write creates);
 //! - anyone else is denied with [`StateError::AccessDenied`], and listings leave out what
 //!   they may not read;
 //! - store-wide maintenance (`cleanup_old_sessions`, `vacuum_storage`, `run_janitor_now`,
@@ -174,11 +175,13 @@ impl AccessTable {
         exists: bool,
         now: u64,
     ) -> Result<Decision> {
-        if self.is_admin(p) {
-            return Ok(Decision::Allow);
-        }
+        let admin = self.is_admin(p);
         let mut records = self.records();
         match records.get(sid) {
+            // An administrator may do everything; its first write of a new session makes it
+            // the owner like anyone's (so it can grant), below.
+            Some(_) if admin => Ok(Decision::Allow),
+            None if admin && (exists || !op.creates()) => Ok(Decision::Allow),
             Some(r) if &r.owner == p => Ok(Decision::Allow),
             Some(r) => match (needed(op), r.grants.get(p)) {
                 (Some(need), Some(have)) if *have >= need => Ok(Decision::Allow),
@@ -198,6 +201,7 @@ impl AccessTable {
                 }
             }
             // Created by the system principal (or its access record is unreadable).
+            None if admin => Ok(Decision::Allow),
             None => Err(Self::denied(p, op, sid.as_str())),
         }
     }

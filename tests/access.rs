@@ -206,3 +206,24 @@ async fn a_rejected_first_write_claims_nothing() {
     assert_eq!(m.access_record("fresh").await.unwrap().unwrap().owner, p("bob"));
     m.shutdown().await.unwrap();
 }
+
+/// An administrator's first write of a new session records it as the owner, like anyone's
+/// (the module's rule), so it can grant; it keeps its reach over everyone else's sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrators_first_write_makes_it_the_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path()).await;
+    let (root, bob, alice) =
+        (m.for_principal(p("root")), m.for_principal(p("bob")), m.for_principal(p("alice")));
+    root.save_session("ops", &json!({"n": 1})).await.unwrap();
+    assert_eq!(m.access_record("ops").await.unwrap().map(|r| r.owner), Some(p("root")));
+    let err = bob.load_session("ops").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AccessDenied, "load before the grant: {err}");
+    root.grant_access("ops", p("bob"), Access::Read).await.unwrap();
+    assert_eq!(bob.load_session("ops").await.unwrap(), Some(json!({"n": 1})));
+
+    alice.save_session("hers", &json!(1)).await.unwrap();
+    root.save_session("hers", &json!(2)).await.unwrap();
+    assert_eq!(m.access_record("hers").await.unwrap().map(|r| r.owner), Some(p("alice")));
+    m.shutdown().await.unwrap();
+}

@@ -125,7 +125,8 @@ impl StateManager {
     }
 
     /// Lets `principal` read, or read and write, `session`. Only the owner, an
-    /// administrator or the unscoped manager may grant.
+    /// administrator or the unscoped manager may grant. A session without an owner (created
+    /// by the unscoped manager) has no access record to grant from: [`StateError::Config`].
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
