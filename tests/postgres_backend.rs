@@ -373,8 +373,13 @@ async fn admin_client() -> tokio_postgres::Client {
 }
 
 /// Waits until a statement of another session waits for a lock and contains `text` (no
-/// quote or `%` in it).
-async fn wait_for_lock_wait(admin: &tokio_postgres::Client, text: &str) {
+/// quote in it); panics with `otherwise` if `done` says the statement's call returned.
+async fn wait_for_lock_wait(
+    admin: &tokio_postgres::Client,
+    text: &str,
+    done: impl Fn() -> bool,
+    otherwise: &str,
+) {
     let sql = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
          AND strpos(query, '{text}') > 0 AND pid <> pg_backend_pid()"
@@ -385,6 +390,7 @@ async fn wait_for_lock_wait(admin: &tokio_postgres::Client, text: &str) {
         if n > 0 {
             return;
         }
+        assert!(!done(), "{otherwise}");
         assert!(std::time::Instant::now() < deadline, "no statement waits with {text:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -435,7 +441,9 @@ async fn takeover_waits_for_an_in_flight_fenced_write() {
     let watcher = admin_client().await;
     // Statements of this schema only (other tests run beside this one).
     let (s, records_t, leases_t) = (schema.name(), "mars_state_records", "mars_state_leases AS l");
-    wait_for_lock_wait(&watcher, &format!("{s}\".{records_t}")).await;
+    let held_up = "the fenced write was not held up by the row lock";
+    wait_for_lock_wait(&watcher, &format!("{s}\".{records_t}"), || write.is_finished(), held_up)
+        .await;
 
     // The lease expires meanwhile (by the server's clock); node-b asks for it.
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
@@ -443,9 +451,11 @@ async fn takeover_waits_for_an_in_flight_fenced_write() {
         let b = b.clone();
         tokio::spawn(async move { b.acquire_lease("s1", "node-b", Duration::from_secs(30)).await })
     };
-    wait_for_lock_wait(&watcher, &format!("{s}\".{leases_t}")).await;
+    let no_wait = "the grant did not wait for the fenced write in flight";
+    wait_for_lock_wait(&watcher, &format!("{s}\".{leases_t}"), || take.is_finished(), no_wait)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!take.is_finished(), "the grant did not wait for the fenced write in flight");
+    assert!(!take.is_finished(), "{no_wait}");
     assert!(!write.is_finished());
 
     hold.rollback().await.unwrap();

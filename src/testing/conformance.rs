@@ -594,6 +594,63 @@ pub async fn fence_of_another_lease_is_unaffected(b: &dyn StorageBackend) {
     assert_eq!(list_keys(b, "sessions").await, ["sessions/s2.json"]);
 }
 
+/// A takeover racing a stream of the old holder's fenced writes: every write the old holder
+/// sends after the grant to the new node was answered is refused, once one is refused all
+/// later ones are, and the new holder's write after its grant is the value that stays (no
+/// write of the old holder lands after it).
+pub async fn fenced_writes_racing_a_takeover_never_land_after_it(b: &dyn StorageBackend) {
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+    if !b.shared() {
+        return;
+    }
+    let k = "sessions/race.json";
+    let a = granted("first acquire", acquire(b, "race", "node-a", LONG).await);
+    let fa = a.fence();
+    // (sent at, accepted) of each write of the old holder; when the grant was answered.
+    let sent: Mutex<Vec<(Instant, bool)>> = Mutex::new(Vec::new());
+    let granted_at: Mutex<Option<Instant>> = Mutex::new(None);
+    let (sent_ref, granted_ref, fa_ref) = (&sent, &granted_at, &fa);
+    let old_holder: Task<'_> = Box::pin(async move {
+        for i in 0..10_000u32 {
+            let at = Instant::now();
+            let r = put_fenced(b, k, format!("a{i}").as_bytes(), fa_ref).await;
+            let accepted = match r {
+                Ok(()) => true,
+                Err(StateError::Fenced { .. }) => false,
+                Err(e) => panic!("a racing fenced write failed: {e}"),
+            };
+            crate::sync::lock(sent_ref).push((at, accepted));
+            if !accepted {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("ten thousand writes under a lease taken over were all accepted");
+    });
+    let new_holder: Task<'_> = Box::pin(async move {
+        while crate::sync::lock(sent_ref).len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        // The old holder's lease ends (as if it expired while the holder was paused).
+        ok("release_lease", b.release_lease(&a).await);
+        let bee = granted("takeover", acquire(b, "race", "node-b", LONG).await);
+        *crate::sync::lock(granted_ref) = Some(Instant::now());
+        ok("put_fenced (new holder)", put_fenced(b, k, b"b", &bee.fence()).await);
+    });
+    join_all(vec![old_holder, new_holder]).await;
+    let granted_at = crate::sync::lock(&granted_at).unwrap_or_else(|| panic!("no takeover"));
+    let sent = crate::sync::lock(&sent).clone();
+    for (at, accepted) in &sent {
+        assert!(
+            !(*accepted && *at > granted_at),
+            "a write sent after the takeover was answered was accepted"
+        );
+    }
+    assert!(sent.last().is_some_and(|(_, accepted)| !accepted), "the old holder was never refused");
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"b"[..]), "an old holder's write landed last");
+}
+
 /// A backend that is not shared has no leases (each lease method is a `Config` error) and
 /// writes fenced writes as plain ones (its lock gives it one writer).
 pub async fn unshared_backend_has_no_leases_and_ignores_fences(b: &dyn StorageBackend) {
@@ -682,6 +739,7 @@ macro_rules! conformance_tests {
             lease_renew_by_a_stale_lease_is_none
             stale_fence_save_checkpoint_and_delete_are_refused
             fence_of_another_lease_is_unaffected
+            fenced_writes_racing_a_takeover_never_land_after_it
             unshared_backend_has_no_leases_and_ignores_fences
         }
     };
