@@ -172,6 +172,22 @@ pub enum StateError {
         /// What is wrong.
         message: String,
     },
+    /// A fenced write ([`StorageBackend::put_fenced`](crate::StorageBackend::put_fenced),
+    /// [`delete_fenced`](crate::StorageBackend::delete_fenced)) carried a token that is no
+    /// longer its lease's: another node was granted the lease since. Nothing of the write
+    /// was stored. The writer no longer owns what the lease guards and must stop writing it.
+    #[error(
+        "write refused: lease {name} is at fencing token {current}, the write carried {token} \
+         (another node holds or held the lease since); nothing was written"
+    )]
+    Fenced {
+        /// The lease.
+        name: String,
+        /// The token the write carried.
+        token: u64,
+        /// The lease's current token (0: it was never granted).
+        current: u64,
+    },
 }
 
 /// A coarse classification of [`StateError`], for matching without caring about fields.
@@ -212,6 +228,8 @@ pub enum ErrorKind {
     Migration,
     /// [`StateError::Config`].
     Config,
+    /// [`StateError::Fenced`].
+    Fenced,
 }
 
 impl StateError {
@@ -235,6 +253,7 @@ impl StateError {
             StateError::AccessDenied { .. } => ErrorKind::AccessDenied,
             StateError::Migration { .. } => ErrorKind::Migration,
             StateError::Config { .. } => ErrorKind::Config,
+            StateError::Fenced { .. } => ErrorKind::Fenced,
         }
     }
 

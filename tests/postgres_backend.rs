@@ -25,6 +25,9 @@
 //!   error (`Unavailable` or `Timeout`); afterwards every acknowledged put is there, no put
 //!   answered `Unavailable` is, no append is there twice, and every acknowledged append is
 //!   there unless an append reported that its log lost a tail.
+//! - `takeover_waits_for_an_in_flight_fenced_write`: a grant of a lease to another node
+//!   waits (on the lease row, locked `FOR SHARE`) for the old holder's fenced write in
+//!   flight, which commits under the old token; the old holder's next write is `Fenced`.
 //! - `crash_private_cluster`: a private cluster (`initdb`, its own port) is stopped with
 //!   `pg_ctl stop -m immediate` while a child process saves and checkpoints, printing an ack
 //!   after each `Ok`; after a restart every acked write is there, 20 rounds
@@ -249,8 +252,9 @@ fn ten_processes_migrate_at_once() {
         schema.name()
     ));
     println!("{ok} processes connected; migrations table: {rows:?}");
+    // Versions 1 to 3: records, record facts, leases.
     let expected: Vec<(String, String)> =
-        (1..=2).map(|v| (v.to_string(), "1".to_owned())).collect();
+        (1..=3).map(|v| (v.to_string(), "1".to_owned())).collect();
     assert_eq!(rows, expected, "each version exactly once");
 }
 
@@ -356,4 +360,113 @@ async fn record_facts_are_plain_columns(encrypted: bool) {
             .any(|(line, _)| line.contains("Index Only Scan using mars_state_records_checkpoints")),
         "{plan:?}"
     );
+}
+
+/// Every lease row of the test's schema is an ordinary row: the statements of a test's own
+/// connection, run while a backend's calls wait.
+async fn admin_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&test_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {}: {e}", test_url()));
+    tokio::spawn(conn);
+    client
+}
+
+/// Waits until a statement of another session waits for a lock and contains `text` (no
+/// quote in it); panics with `otherwise` if `done` says the statement's call returned.
+async fn wait_for_lock_wait(
+    admin: &tokio_postgres::Client,
+    text: &str,
+    done: impl Fn() -> bool,
+    otherwise: &str,
+) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND strpos(query, '{text}') > 0 AND pid <> pg_backend_pid()"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = admin.query_one(&sql, &[]).await.unwrap().get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(!done(), "{otherwise}");
+        assert!(std::time::Instant::now() < deadline, "no statement waits with {text:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A takeover waits for the old holder's fenced write in flight: the write (held inside
+/// its transaction, after its fence check, by a lock on the record's row) commits under the
+/// old token even though the lease expired meanwhile; the grant to the new node is answered
+/// only after that commit, with the next token; the old holder's next write is refused and
+/// changes nothing. Without the `FOR SHARE` of the lease row, the grant would return at
+/// once and the old write would land after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_waits_for_an_in_flight_fenced_write() {
+    use mars_state::{Acquired, RecordMeta};
+    let (a, schema) = fresh().await;
+    let b = PostgresStorageBackend::options()
+        .schema(schema.name())
+        .pool_size(2)
+        .connect(&test_url())
+        .await
+        .unwrap();
+    let key = StorageKey::new("sessions/s1.json").unwrap();
+    let meta = RecordMeta::default();
+    let ttl = Duration::from_millis(800);
+    let Acquired::Granted(lease) =
+        bounded("acquire", a.acquire_lease("s1", "node-a", ttl)).await.unwrap()
+    else {
+        panic!("a new lease is free")
+    };
+    let fence = lease.fence();
+    bounded("put", a.put_fenced(&key, b"first".to_vec(), &meta, &fence)).await.unwrap();
+
+    // Hold the record's row: node-a's next fenced write locks the lease row FOR SHARE, then
+    // waits here for the row, inside its transaction.
+    let mut admin = admin_client().await;
+    let hold = admin.transaction().await.unwrap();
+    let records = format!("\"{}\".mars_state_records", schema.name());
+    hold.execute(
+        &format!("SELECT 1 FROM {records} WHERE key = 'sessions/s1.json' FOR UPDATE"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let write = {
+        let (a, key, meta, fence) = (a.clone(), key.clone(), meta.clone(), fence.clone());
+        tokio::spawn(async move { a.put_fenced(&key, b"in flight".to_vec(), &meta, &fence).await })
+    };
+    let watcher = admin_client().await;
+    // Statements of this schema only (other tests run beside this one).
+    let (s, records_t, leases_t) = (schema.name(), "mars_state_records", "mars_state_leases AS l");
+    let held_up = "the fenced write was not held up by the row lock";
+    wait_for_lock_wait(&watcher, &format!("{s}\".{records_t}"), || write.is_finished(), held_up)
+        .await;
+
+    // The lease expires meanwhile (by the server's clock); node-b asks for it.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let take = {
+        let b = b.clone();
+        tokio::spawn(async move { b.acquire_lease("s1", "node-b", Duration::from_secs(30)).await })
+    };
+    let no_wait = "the grant did not wait for the fenced write in flight";
+    wait_for_lock_wait(&watcher, &format!("{s}\".{leases_t}"), || take.is_finished(), no_wait)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!take.is_finished(), "{no_wait}");
+    assert!(!write.is_finished());
+
+    hold.rollback().await.unwrap();
+    bounded("write", write).await.unwrap().expect("the in-flight write under its fence");
+    let taken = bounded("take", take).await.unwrap().unwrap();
+    let Acquired::Granted(new) = taken else { panic!("node-b was not granted: {taken:?}") };
+    assert_eq!(new.token, lease.token + 1);
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap().as_deref(), Some(&b"in flight"[..]));
+
+    let late = bounded("late put", a.put_fenced(&key, b"late".to_vec(), &meta, &fence)).await;
+    assert_eq!(late.unwrap_err().kind(), ErrorKind::Fenced);
+    assert_eq!(bounded("get", b.get(&key)).await.unwrap().as_deref(), Some(&b"in flight"[..]));
+    drop(watcher);
 }

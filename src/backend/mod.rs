@@ -5,7 +5,8 @@
 //! that treats keys differently (a log for the bulk records, say) asks the key for its
 //! [`KeyClass`] rather than matching names; the names belong to the store.
 //!
-//! Owns the trait, [`StorageKey`] (validation: a hostile key never reaches a file system),
+//! Owns the trait, the lease and fence types of shared backends (`lease.rs`),
+//! [`StorageKey`] (validation: a hostile key never reaches a file system),
 //! the backends (`memory`, `file/`, with the `sqlite` feature `sqlite/`, with `postgres`
 //! `postgres/`, with `redis` `redis/`) and [`open`], which names any of them with a URL.
 //! Backends call nothing above them: not the store, the codec, the actors nor the handle; only the
@@ -13,12 +14,14 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::error::{Result, StateError};
 
 mod file;
+mod lease;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -36,6 +39,8 @@ pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisOptions, RedisStorageBackend};
 pub use file::{FileOptions, FileStorageBackend};
+pub(crate) use lease::ttl_ms;
+pub use lease::{Acquired, Fence, Lease};
 pub use memory::MemoryStorageBackend;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStorageBackend};
@@ -299,6 +304,160 @@ pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
     /// Removes leftovers of interrupted writes (staged files), except those of writes in
     /// progress. Backends without such leftovers return an empty report.
     async fn sweep(&self) -> Result<SweepReport>;
+
+    /// Whether several processes (or several handles of one process) may open this store
+    /// and write to it at once. A shared backend implements the lease methods and checks
+    /// the fence of [`put_fenced`](Self::put_fenced) and
+    /// [`delete_fenced`](Self::delete_fenced); one that is not (the default) is held by one
+    /// writer already (the file and SQLite backends' OS lock), has no leases, and ignores
+    /// fences.
+    ///
+    /// ```
+    /// use mars_state::{MemoryStorageBackend, StorageBackend};
+    /// assert!(MemoryStorageBackend::new().shared());
+    /// ```
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Takes lease `name` for `node` for `ttl` (cut to a year at most), judged by the
+    /// store server's clock: [`Acquired::Granted`] if no node holds it, if its holder's
+    /// lease expired or was released, or if `node` holds it already (then its expiry is
+    /// extended and its token kept); else [`Acquired::Held`] with the holder and the time
+    /// it has left. The token grows by one whenever the lease goes to a node that did not
+    /// hold it live (the first grant gives 1), is stored where it never expires, and never
+    /// decreases, also after an expiry or a release. A grant is durable like a put. The
+    /// default, for a backend that is not [`shared`](Self::shared), is a
+    /// [`StateError::Config`] error.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mars_state::Result<()> {
+    /// use std::time::Duration;
+    /// use mars_state::{Acquired, MemoryStorageBackend, StorageBackend};
+    /// let b = MemoryStorageBackend::new();
+    /// let ttl = Duration::from_secs(10);
+    /// let Acquired::Granted(a) = b.acquire_lease("s1", "node-a", ttl).await? else { panic!() };
+    /// b.release_lease(&a).await?;
+    /// let Acquired::Granted(bee) = b.acquire_lease("s1", "node-b", ttl).await? else { panic!() };
+    /// assert_eq!(bee.token, a.token + 1);
+    /// # Ok(()) }
+    /// ```
+    async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
+        let _ = (name, node, ttl);
+        Err(not_shared("acquire_lease"))
+    }
+
+    /// Extends `lease` to `ttl` from now (by the server's clock) if its token is still the
+    /// lease's current one and its node the holder: `Some` with the new expiry, also when
+    /// it had expired and nobody took it since. `None` when it is no longer the caller's
+    /// (another node was granted it: the token changed); writes under its fence are then
+    /// refused. The default, for a backend that is not [`shared`](Self::shared), is a
+    /// [`StateError::Config`] error.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mars_state::Result<()> {
+    /// use std::time::Duration;
+    /// use mars_state::{Acquired, MemoryStorageBackend, StorageBackend};
+    /// let b = MemoryStorageBackend::new();
+    /// let ttl = Duration::from_secs(10);
+    /// let Acquired::Granted(a) = b.acquire_lease("s1", "node-a", ttl).await? else { panic!() };
+    /// let renewed = b.renew_lease(&a, Duration::from_secs(30)).await?.expect("still ours");
+    /// assert_eq!(renewed.token, a.token);
+    /// # Ok(()) }
+    /// ```
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
+        let _ = (lease, ttl);
+        Err(not_shared("renew_lease"))
+    }
+
+    /// Gives `lease` up: if it is still the caller's (same token and node), it expires now
+    /// and any node may take it at once (with the next token); the token is kept, so the
+    /// next grant is higher. Releasing a lease that is no longer the caller's does nothing
+    /// and succeeds. The default, for a backend that is not [`shared`](Self::shared), is a
+    /// [`StateError::Config`] error.
+    async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        let _ = lease;
+        Err(not_shared("release_lease"))
+    }
+
+    /// [`put_record`](Self::put_record) under `fence`: applied only if lease
+    /// `fence.name`'s current token is `fence.token`, checked atomically with the write (in
+    /// the same statement, transaction or script, so a takeover cannot come between the
+    /// check and the write). Otherwise [`StateError::Fenced`], and nothing of the write is
+    /// stored. A fence's lease need not be live: a holder whose lease expired may still
+    /// write until another node is granted it (the token, not the clock, decides).
+    ///
+    /// The default, for a backend that is not [`shared`](Self::shared), is `put_record`
+    /// (the fence is ignored: the store has one writer); a backend that says it is shared
+    /// but does not implement this fails with [`StateError::Config`] rather than write
+    /// unfenced.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mars_state::Result<()> {
+    /// use std::time::Duration;
+    /// use mars_state::{Acquired, ErrorKind, MemoryStorageBackend, RecordMeta, StorageBackend, StorageKey};
+    /// let b = MemoryStorageBackend::new();
+    /// let ttl = Duration::from_secs(10);
+    /// let key = StorageKey::new("sessions/s1.json")?;
+    /// let meta = RecordMeta::default();
+    /// let Acquired::Granted(a) = b.acquire_lease("s1", "node-a", ttl).await? else { panic!() };
+    /// b.put_fenced(&key, b"by a".to_vec(), &meta, &a.fence()).await?;
+    /// b.release_lease(&a).await?;
+    /// let Acquired::Granted(_) = b.acquire_lease("s1", "node-b", ttl).await? else { panic!() };
+    /// let stale = b.put_fenced(&key, b"late".to_vec(), &meta, &a.fence()).await;
+    /// assert_eq!(stale.unwrap_err().kind(), ErrorKind::Fenced);
+    /// assert_eq!(b.get(&key).await?.as_deref(), Some(&b"by a"[..]));
+    /// # Ok(()) }
+    /// ```
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &RecordMeta,
+        fence: &Fence,
+    ) -> Result<()> {
+        if self.shared() {
+            return Err(unfenced("put_fenced", fence));
+        }
+        self.put_record(key, value, meta).await
+    }
+
+    /// [`delete`](Self::delete) under `fence`, as [`put_fenced`](Self::put_fenced): applied
+    /// only if lease `fence.name`'s current token is `fence.token`, atomically; otherwise
+    /// [`StateError::Fenced`] and the key is left as it was. Returns whether the key
+    /// existed. The default, for a backend that is not [`shared`](Self::shared), is
+    /// `delete`.
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
+        if self.shared() {
+            return Err(unfenced("delete_fenced", fence));
+        }
+        self.delete(key).await
+    }
+}
+
+/// The error of a lease method on a backend that is not shared.
+fn not_shared(method: &str) -> StateError {
+    StateError::Config {
+        message: format!(
+            "{method}: this backend is not shared (one process holds the store, under its \
+             lock), so it has no leases; that lock already makes its holder the one writer"
+        ),
+    }
+}
+
+/// The error of a fenced write on a backend that says it is shared but does not check
+/// fences: refused rather than written unfenced.
+fn unfenced(method: &str, fence: &Fence) -> StateError {
+    StateError::Config {
+        message: format!(
+            "{method} (lease {}): this backend says it is shared but does not implement \
+             fenced writes",
+            fence.name
+        ),
+    }
 }
 
 #[async_trait]
@@ -324,5 +483,29 @@ impl<T: StorageBackend + ?Sized> StorageBackend for Arc<T> {
     }
     async fn sweep(&self) -> Result<SweepReport> {
         (**self).sweep().await
+    }
+    fn shared(&self) -> bool {
+        (**self).shared()
+    }
+    async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
+        (**self).acquire_lease(name, node, ttl).await
+    }
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
+        (**self).renew_lease(lease, ttl).await
+    }
+    async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        (**self).release_lease(lease).await
+    }
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &RecordMeta,
+        fence: &Fence,
+    ) -> Result<()> {
+        (**self).put_fenced(key, value, meta, fence).await
+    }
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
+        (**self).delete_fenced(key, fence).await
     }
 }

@@ -6,6 +6,11 @@
 //! promise, if the backend breaks it. Run them all, one test each, with
 //! [`conformance_tests!`](crate::conformance_tests), or in one go with [`run_all`].
 //!
+//! The lease and fence clauses (`lease_*`, `*fence*`) check the leases and fenced writes
+//! of a [`shared`](StorageBackend::shared) backend, and pass at once on one that is not; `unshared_backend_has_no_leases_and_ignores_fences` checks the defaults of a
+//! backend that is not shared, and passes at once on one that is. Lease clauses that wait
+//! for an expiry sleep for real (about two seconds): a server's clock cannot be paused.
+//!
 //! The suite writes only record-like keys (`sessions/...`, `checkpoints/...`, any depth)
 //! and appends only to `metadata/conformance.log`, so it runs unchanged over wrappers that
 //! treat other `metadata/` keys specially (an `Encrypted<B>` backend appends only to
@@ -17,9 +22,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
-use crate::backend::{RecordMeta, StorageBackend, StorageKey, SweepReport};
-use crate::error::Result;
+use crate::backend::{Acquired, Fence, Lease, RecordMeta, StorageBackend, StorageKey, SweepReport};
+use crate::error::{ErrorKind, Result, StateError};
 
 /// What a constructor given to [`conformance_tests!`](crate::conformance_tests) or
 /// [`run_all`] returns: a backend, or a pair of a backend and a guard that must outlive it
@@ -360,6 +366,312 @@ pub async fn readers_see_the_old_or_the_new_value(b: &dyn StorageBackend) {
     join_all(vec![writer, reader]).await;
 }
 
+/// A lease TTL no clause waits out.
+const LONG: Duration = Duration::from_secs(60);
+
+async fn acquire(b: &dyn StorageBackend, name: &str, node: &str, ttl: Duration) -> Acquired {
+    let r = b.acquire_lease(name, node, ttl).await;
+    ok(format_args!("acquire_lease {name} for {node}"), r)
+}
+
+/// The lease granted to `node`, or a panic saying who holds it.
+#[track_caller]
+fn granted(what: &str, answer: Acquired) -> Lease {
+    match answer {
+        Acquired::Granted(lease) => lease,
+        Acquired::Held { node, expires_in } => {
+            panic!(
+                "{what}: expected the lease to be granted, but {node} holds it for {expires_in:?}"
+            )
+        }
+    }
+}
+
+/// The holder of a lease that is not granted, or a panic.
+#[track_caller]
+fn held(what: &str, answer: Acquired) -> (String, Duration) {
+    match answer {
+        Acquired::Held { node, expires_in } => (node, expires_in),
+        Acquired::Granted(lease) => {
+            panic!("{what}: expected Held, but the lease was granted with token {}", lease.token)
+        }
+    }
+}
+
+/// Checks that `r` is a [`StateError::Fenced`] for `fence` with `current`.
+#[track_caller]
+fn assert_fenced<T: std::fmt::Debug>(what: &str, r: Result<T>, fence: &Fence, current: u64) {
+    match r {
+        Err(StateError::Fenced { name, token, current: got }) => {
+            assert_eq!(
+                (name.as_str(), token, got),
+                (fence.name.as_str(), fence.token, current),
+                "{what}: Fenced names the wrong lease or tokens"
+            );
+        }
+        Err(e) => panic!("{what}: expected Fenced, got {:?}: {e}", e.kind()),
+        Ok(v) => panic!("{what}: a write under a stale fence was accepted (returned {v:?})"),
+    }
+}
+
+/// `put_fenced` of a session record (`sessions/<s>.json`) or a checkpoint
+/// (`checkpoints/<s>/<c>.json`), with the facts its key names.
+async fn put_fenced(b: &dyn StorageBackend, k: &str, value: &[u8], fence: &Fence) -> Result<()> {
+    let mut parts = k.trim_end_matches(".json").split('/').skip(1);
+    let meta = RecordMeta {
+        session: parts.next().unwrap_or_default().into(),
+        checkpoint: parts.next().map(Into::into),
+        step: Some(1),
+        saved_at_ms: 1_700_000_000_000,
+        ..RecordMeta::default()
+    };
+    b.put_fenced(&key(k), value.to_vec(), &meta, fence).await
+}
+
+async fn delete_fenced(b: &dyn StorageBackend, k: &str, fence: &Fence) -> Result<bool> {
+    b.delete_fenced(&key(k), fence).await
+}
+
+/// One node holds a lease at a time: the first asker is granted token 1 or more, another
+/// node is told who holds it and for at most the TTL; the holder asking again is granted
+/// the same token (its expiry extended); other names are independent.
+pub async fn lease_has_one_holder_at_a_time(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    let a = granted("first acquire", acquire(b, "s1", "node-a", LONG).await);
+    assert_eq!((a.name.as_str(), a.node.as_str()), ("s1", "node-a"));
+    assert!(a.token >= 1, "the first token is {}, not at least 1", a.token);
+    assert!(a.expires_in <= LONG && a.expires_in > LONG / 2, "expires_in {:?}", a.expires_in);
+    let (node, left) = held("another node", acquire(b, "s1", "node-b", LONG).await);
+    assert_eq!(node, "node-a", "Held names the wrong holder");
+    assert!(left <= LONG && left > Duration::ZERO, "Held reports {left:?} left of {LONG:?}");
+    let again = granted("the holder again", acquire(b, "s1", "node-a", LONG).await);
+    assert_eq!(again.token, a.token, "the holder re-acquiring changed the token");
+    held("another node after the re-acquire", acquire(b, "s1", "node-b", LONG).await);
+    let other = granted("another name", acquire(b, "s2", "node-b", LONG).await);
+    assert_eq!(other.node, "node-b");
+}
+
+/// When the holder's lease expires (by the server's clock) another node is granted it with
+/// the next token; until then it is told `Held`. A renewal sets the expiry from now.
+pub async fn lease_expires_then_another_node_gets_the_next_token(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    let a = granted("first acquire", acquire(b, "s1", "node-a", LONG).await);
+    held("before expiry", acquire(b, "s1", "node-b", LONG).await);
+    let short = Duration::from_millis(1500);
+    let renewed = ok("renew_lease", b.renew_lease(&a, short).await);
+    let renewed = renewed.unwrap_or_else(|| panic!("the holder's renewal was refused"));
+    assert_eq!(renewed.token, a.token, "a renewal changed the token");
+    assert!(renewed.expires_in <= short, "renewed for {:?}, asked {short:?}", renewed.expires_in);
+    let (_, left) = held("after a short renewal", acquire(b, "s1", "node-b", LONG).await);
+    assert!(left <= short, "Held reports {left:?} left after a renewal to {short:?}");
+    let deadline = tokio::time::Instant::now() + short + Duration::from_secs(10);
+    let bee = loop {
+        match acquire(b, "s1", "node-b", LONG).await {
+            Acquired::Granted(lease) => break lease,
+            Acquired::Held { .. } if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Acquired::Held { node, expires_in } => {
+                panic!("{node}'s lease did not expire: {expires_in:?} left after {short:?}")
+            }
+        }
+    };
+    assert_eq!(bee.token, a.token + 1, "the next holder's token");
+    held("the old holder", acquire(b, "s1", "node-a", LONG).await);
+}
+
+/// A release expires the lease at once: another node is granted it with the next token
+/// without waiting; the token is kept through the release, never reset.
+pub async fn lease_release_lets_another_node_take_it_at_once(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    let a = granted("first acquire", acquire(b, "s1", "node-a", LONG).await);
+    ok("release_lease", b.release_lease(&a).await);
+    let bee = granted("after the release", acquire(b, "s1", "node-b", LONG).await);
+    assert_eq!(bee.token, a.token + 1, "the token after a release");
+    ok("release_lease", b.release_lease(&bee).await);
+    let a2 = granted("the first node again", acquire(b, "s1", "node-a", LONG).await);
+    assert_eq!(a2.token, bee.token + 1, "a grant after a release must raise the token");
+}
+
+/// A lease another node was granted since cannot be renewed (`None`) or released by its
+/// old holder; its release changes nothing.
+pub async fn lease_renew_by_a_stale_lease_is_none(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    let a = granted("first acquire", acquire(b, "s1", "node-a", LONG).await);
+    ok("release_lease", b.release_lease(&a).await);
+    let bee = granted("after the release", acquire(b, "s1", "node-b", LONG).await);
+    let stale = ok("renew_lease", b.renew_lease(&a, LONG).await);
+    assert_eq!(stale, None, "a stale lease was renewed");
+    ok("release_lease (stale)", b.release_lease(&a).await);
+    let (node, _) = held("after a stale release", acquire(b, "s1", "node-c", LONG).await);
+    assert_eq!(node, "node-b", "a stale release freed the new holder's lease");
+    let renewed = ok("renew_lease", b.renew_lease(&bee, LONG).await);
+    assert_eq!(renewed.map(|l| l.token), Some(bee.token), "the holder's renewal");
+}
+
+/// A stale fence's save (a put of an existing session record), checkpoint (a put of a new
+/// key) and delete are each refused with `Fenced` naming the current token, and change
+/// nothing: values, absences and listings are as before. Writes under the current fence
+/// succeed; a fence of a lease never granted, or of a token not yet granted, is refused.
+pub async fn stale_fence_save_checkpoint_and_delete_are_refused(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    let (save, cp1, cp2) = ("sessions/s1.json", "checkpoints/s1/c1.json", "checkpoints/s1/c2.json");
+    let a = granted("first acquire", acquire(b, "s1", "node-a", LONG).await);
+    let fa = a.fence();
+    let r = put_fenced(b, save, b"saved by a", &fa).await;
+    ok("put_fenced (current fence)", r);
+    let r = put_fenced(b, cp1, b"checkpoint by a", &fa).await;
+    ok("put_fenced (current fence)", r);
+    ok("release_lease", b.release_lease(&a).await);
+    let bee = granted("takeover", acquire(b, "s1", "node-b", LONG).await);
+    let before_sessions = list(b, "sessions").await;
+    let before_checkpoints = list(b, "checkpoints").await;
+
+    let r = put_fenced(b, save, b"late save", &fa).await;
+    assert_fenced("a stale save", r, &fa, bee.token);
+    let r = put_fenced(b, cp2, b"late checkpoint", &fa).await;
+    assert_fenced("a stale checkpoint", r, &fa, bee.token);
+    let r = delete_fenced(b, cp1, &fa).await;
+    assert_fenced("a stale delete", r, &fa, bee.token);
+    let r = delete_fenced(b, save, &fa).await;
+    assert_fenced("a stale delete", r, &fa, bee.token);
+    assert_eq!(
+        get(b, save).await.as_deref(),
+        Some(&b"saved by a"[..]),
+        "a refused save changed it"
+    );
+    assert_eq!(get(b, cp2).await, None, "a refused checkpoint was stored");
+    assert_eq!(get(b, cp1).await.as_deref(), Some(&b"checkpoint by a"[..]), "a refused delete");
+    assert_eq!(list(b, "sessions").await, before_sessions, "refused writes changed a listing");
+    assert_eq!(
+        list(b, "checkpoints").await,
+        before_checkpoints,
+        "refused writes changed a listing"
+    );
+
+    let future = Fence::new("s1", bee.token + 1);
+    let r = put_fenced(b, save, b"from the future", &future).await;
+    assert_fenced("a token not yet granted", r, &future, bee.token);
+    let never = Fence::new("never-granted", 1);
+    let r = put_fenced(b, cp2, b"no lease", &never).await;
+    assert_fenced("a lease never granted", r, &never, 0);
+    assert_eq!(get(b, cp2).await, None, "a refused checkpoint was stored");
+
+    let fb = bee.fence();
+    let r = put_fenced(b, save, b"saved by b", &fb).await;
+    ok("put_fenced (current fence)", r);
+    let r = put_fenced(b, cp2, b"checkpoint by b", &fb).await;
+    ok("put_fenced (current fence)", r);
+    assert!(ok("delete_fenced", delete_fenced(b, cp1, &fb).await), "cp1 existed");
+    assert!(!ok("delete_fenced", delete_fenced(b, cp1, &fb).await), "cp1 is gone");
+    assert_eq!(get(b, save).await.as_deref(), Some(&b"saved by b"[..]));
+    assert_eq!(list_keys(b, "checkpoints/s1").await, [cp2]);
+}
+
+/// Fences are per lease: a takeover of one lease refuses only the writes fenced by it.
+pub async fn fence_of_another_lease_is_unaffected(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    let one = granted("acquire s1", acquire(b, "s1", "node-a", LONG).await);
+    let two = granted("acquire s2", acquire(b, "s2", "node-a", LONG).await);
+    ok("release_lease", b.release_lease(&one).await);
+    granted("takeover of s1", acquire(b, "s1", "node-b", LONG).await);
+    let r = put_fenced(b, "sessions/s2.json", b"s2", &two.fence()).await;
+    ok("put_fenced of s2", r);
+    let r = put_fenced(b, "sessions/s1.json", b"s1", &one.fence()).await;
+    assert!(r.is_err(), "a write fenced by the lost lease s1 was accepted");
+    assert_eq!(list_keys(b, "sessions").await, ["sessions/s2.json"]);
+}
+
+/// A takeover racing a stream of the old holder's fenced writes: every write the old holder
+/// sends after the grant to the new node was answered is refused, once one is refused all
+/// later ones are, and the new holder's write after its grant is the value that stays (no
+/// write of the old holder lands after it).
+pub async fn fenced_writes_racing_a_takeover_never_land_after_it(b: &dyn StorageBackend) {
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+    if !b.shared() {
+        return;
+    }
+    let k = "sessions/race.json";
+    let a = granted("first acquire", acquire(b, "race", "node-a", LONG).await);
+    let fa = a.fence();
+    // (sent at, accepted) of each write of the old holder; when the grant was answered.
+    let sent: Mutex<Vec<(Instant, bool)>> = Mutex::new(Vec::new());
+    let granted_at: Mutex<Option<Instant>> = Mutex::new(None);
+    let (sent_ref, granted_ref, fa_ref) = (&sent, &granted_at, &fa);
+    let old_holder: Task<'_> = Box::pin(async move {
+        for i in 0..10_000u32 {
+            let at = Instant::now();
+            let r = put_fenced(b, k, format!("a{i}").as_bytes(), fa_ref).await;
+            let accepted = match r {
+                Ok(()) => true,
+                Err(StateError::Fenced { .. }) => false,
+                Err(e) => panic!("a racing fenced write failed: {e}"),
+            };
+            crate::sync::lock(sent_ref).push((at, accepted));
+            if !accepted {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("ten thousand writes under a lease taken over were all accepted");
+    });
+    let new_holder: Task<'_> = Box::pin(async move {
+        while crate::sync::lock(sent_ref).len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        // The old holder's lease ends (as if it expired while the holder was paused).
+        ok("release_lease", b.release_lease(&a).await);
+        let bee = granted("takeover", acquire(b, "race", "node-b", LONG).await);
+        *crate::sync::lock(granted_ref) = Some(Instant::now());
+        ok("put_fenced (new holder)", put_fenced(b, k, b"b", &bee.fence()).await);
+    });
+    join_all(vec![old_holder, new_holder]).await;
+    let granted_at = crate::sync::lock(&granted_at).unwrap_or_else(|| panic!("no takeover"));
+    let sent = crate::sync::lock(&sent).clone();
+    for (at, accepted) in &sent {
+        assert!(
+            !(*accepted && *at > granted_at),
+            "a write sent after the takeover was answered was accepted"
+        );
+    }
+    assert!(sent.last().is_some_and(|(_, accepted)| !accepted), "the old holder was never refused");
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"b"[..]), "an old holder's write landed last");
+}
+
+/// A backend that is not shared has no leases (each lease method is a `Config` error) and
+/// writes fenced writes as plain ones (its lock gives it one writer).
+pub async fn unshared_backend_has_no_leases_and_ignores_fences(b: &dyn StorageBackend) {
+    if b.shared() {
+        return;
+    }
+    let r = b.acquire_lease("s1", "node-a", LONG).await;
+    assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "acquire_lease");
+    let lease = Lease { name: "s1".into(), node: "node-a".into(), token: 1, expires_in: LONG };
+    let r = b.renew_lease(&lease, LONG).await;
+    assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "renew_lease");
+    let r = b.release_lease(&lease).await;
+    assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "release_lease");
+    let any = Fence::new("no-such-lease", 42);
+    let k = "sessions/s1.json";
+    ok("put_fenced", put_fenced(b, k, b"v", &any).await);
+    assert_eq!(get(b, k).await.as_deref(), Some(&b"v"[..]));
+    assert!(ok("delete_fenced", delete_fenced(b, k, &any).await));
+    assert_eq!(get(b, k).await, None);
+}
+
 /// Runs every clause in turn, each on a fresh backend from `make`, and stops at the first
 /// failure (a panic). In tests prefer [`conformance_tests!`](crate::conformance_tests),
 /// which reports every failing clause.
@@ -421,6 +733,14 @@ macro_rules! conformance_tests {
             sweep_on_clean_store_removes_nothing
             concurrent_puts_to_different_keys_all_land
             readers_see_the_old_or_the_new_value
+            lease_has_one_holder_at_a_time
+            lease_expires_then_another_node_gets_the_next_token
+            lease_release_lets_another_node_take_it_at_once
+            lease_renew_by_a_stale_lease_is_none
+            stale_fence_save_checkpoint_and_delete_are_refused
+            fence_of_another_lease_is_unaffected
+            fenced_writes_racing_a_takeover_never_land_after_it
+            unshared_backend_has_no_leases_and_ignores_fences
         }
     };
     (@names [] $($clause:ident)*) => {

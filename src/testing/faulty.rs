@@ -7,23 +7,27 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::Hold;
-use crate::backend::{ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport};
+use crate::backend::{
+    Acquired, Fence, Lease, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport,
+};
 use crate::error::{Result, StateError};
 
-/// The [`StorageBackend`] method a [`Faulty`] rule applies to. (`sweep` has no key and
-/// is always forwarded.)
+/// The [`StorageBackend`] method a [`Faulty`] rule applies to. (`sweep`, `shared` and the
+/// lease methods have no key and are always forwarded.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Method {
     /// [`StorageBackend::get`].
     Get,
-    /// [`StorageBackend::put`] and [`StorageBackend::put_record`].
+    /// [`StorageBackend::put`], [`StorageBackend::put_record`] and
+    /// [`StorageBackend::put_fenced`].
     Put,
-    /// [`StorageBackend::delete`].
+    /// [`StorageBackend::delete`] and [`StorageBackend::delete_fenced`].
     Delete,
     /// [`StorageBackend::list`] (the rule sees the prefix).
     List,
@@ -312,5 +316,37 @@ impl<B: StorageBackend> StorageBackend for Faulty<B> {
 
     async fn sweep(&self) -> Result<SweepReport> {
         self.inner.sweep().await
+    }
+
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
+    async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
+        self.inner.acquire_lease(name, node, ttl).await
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
+        self.inner.renew_lease(lease, ttl).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        self.inner.release_lease(lease).await
+    }
+
+    /// Faults as `put` ([`Method::Put`]).
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &RecordMeta,
+        fence: &Fence,
+    ) -> Result<()> {
+        self.call(Method::Put, key, (), || self.inner.put_fenced(key, value, meta, fence)).await
+    }
+
+    /// Faults as `delete` ([`Method::Delete`]).
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
+        self.call(Method::Delete, key, true, || self.inner.delete_fenced(key, fence)).await
     }
 }

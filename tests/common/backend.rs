@@ -14,7 +14,9 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use mars_state::{FileStorageBackend, ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use mars_state::{
+    Acquired, Fence, FileStorageBackend, Lease, ObjectMeta, StorageBackend, StorageKey, SweepReport,
+};
 
 /// The variable that picks the backend.
 pub const BACKEND_ENV: &str = "MARS_STATE_TEST_BACKEND";
@@ -285,6 +287,36 @@ impl StorageBackend for Connected {
     async fn sweep(&self) -> mars_state::Result<SweepReport> {
         self.get().await?.sweep().await
     }
+    /// Server backends are shared (the answer needs no connection).
+    fn shared(&self) -> bool {
+        true
+    }
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        node: &str,
+        ttl: Duration,
+    ) -> mars_state::Result<Acquired> {
+        self.get().await?.acquire_lease(name, node, ttl).await
+    }
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> mars_state::Result<Option<Lease>> {
+        self.get().await?.renew_lease(lease, ttl).await
+    }
+    async fn release_lease(&self, lease: &Lease) -> mars_state::Result<()> {
+        self.get().await?.release_lease(lease).await
+    }
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &mars_state::RecordMeta,
+        fence: &Fence,
+    ) -> mars_state::Result<()> {
+        self.get().await?.put_fenced(key, value, meta, fence).await
+    }
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> mars_state::Result<bool> {
+        self.get().await?.delete_fenced(key, fence).await
+    }
 }
 
 /// The store named by `dir` on the chosen backend, opened as [`super::builder`] opens it;
@@ -385,5 +417,39 @@ impl StorageBackend for OnBlockingPool {
     }
     async fn sweep(&self) -> mars_state::Result<SweepReport> {
         self.run(|b| async move { b.sweep().await }).await
+    }
+    fn shared(&self) -> bool {
+        self.0.shared()
+    }
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        node: &str,
+        ttl: Duration,
+    ) -> mars_state::Result<Acquired> {
+        let (name, node) = (name.to_owned(), node.to_owned());
+        self.run(|b| async move { b.acquire_lease(&name, &node, ttl).await }).await
+    }
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> mars_state::Result<Option<Lease>> {
+        let lease = lease.clone();
+        self.run(|b| async move { b.renew_lease(&lease, ttl).await }).await
+    }
+    async fn release_lease(&self, lease: &Lease) -> mars_state::Result<()> {
+        let lease = lease.clone();
+        self.run(|b| async move { b.release_lease(&lease).await }).await
+    }
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &mars_state::RecordMeta,
+        fence: &Fence,
+    ) -> mars_state::Result<()> {
+        let (key, meta, fence) = (key.clone(), meta.clone(), fence.clone());
+        self.run(|b| async move { b.put_fenced(&key, value, &meta, &fence).await }).await
+    }
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> mars_state::Result<bool> {
+        let (key, fence) = (key.clone(), fence.clone());
+        self.run(|b| async move { b.delete_fenced(&key, &fence).await }).await
     }
 }

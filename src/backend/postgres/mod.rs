@@ -3,7 +3,8 @@
 //! This module owns the public handle ([`PostgresStorageBackend`]), the connections (a
 //! deadpool pool of `tokio_postgres` clients, no TLS), the reads and the [`StorageBackend`]
 //! impl. `options.rs` connects ([`PostgresOptions`]); `schema.rs` holds the tables, their
-//! migrations and the durability checks; `writer.rs` the group-commit writers;
+//! migrations and the durability checks; `writer.rs` the group-commit writers (fenced
+//! writes among them); `lease.rs` the leases;
 //! `error.rs` the mapping of failures to [`StateError`]. It calls nothing above the
 //! backends.
 //!
@@ -32,9 +33,15 @@
 //!   statements, so it runs behind transaction-mode poolers.
 //! - an interrupted transaction is rolled back by the server: there are no staged leftovers,
 //!   so `sweep` has nothing to remove.
+//! - leases (`lease.rs`, table `mars_state_leases`) are granted, renewed and released in
+//!   short transactions of their own, by the server's clock. A fenced write is one statement
+//!   of a group-commit batch that locks its lease's row `FOR SHARE` and writes only under
+//!   the current token, so a grant to another node waits for the old holder's writes in
+//!   flight, and a refused write changes nothing while the rest of its batch commits.
 
 mod append;
 mod error;
+mod lease;
 mod options;
 mod schema;
 mod writer;
@@ -51,7 +58,10 @@ use tokio_postgres::{NoTls, Row};
 use self::error::Failure;
 use self::schema::Sql;
 use self::writer::{Op, Writers};
-use super::{KeyClass, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport};
+use super::{
+    Acquired, Fence, KeyClass, Lease, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
+    SweepReport,
+};
 use crate::error::{Result, StateError};
 
 pub use self::options::PostgresOptions;
@@ -176,9 +186,19 @@ impl Shared {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, Failure> {
+        self.retrying(|| self.read_once(sql, params)).await
+    }
+
+    /// Runs `once` until it succeeds, fails for good, or has been retried
+    /// [`READ_RETRIES`] times after transient failures (not after its own deadline).
+    async fn retrying<T, F, Fut>(&self, once: F) -> Result<T, Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
         let mut attempt = 0;
         loop {
-            match self.read_once(sql, params).await {
+            match once().await {
                 Err(f)
                     if f.transient()
                         && !matches!(f, Failure::Deadline(_))
@@ -443,5 +463,62 @@ impl StorageBackend for PostgresStorageBackend {
     /// dropped connection; no staged rows are ever made.
     async fn sweep(&self) -> Result<SweepReport> {
         Ok(SweepReport::default())
+    }
+
+    /// Many processes may connect to one schema.
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// One statement on `mars_state_leases`, in a transaction of its own, times by the
+    /// server's `clock_timestamp()`. A grant to another node waits for the fenced writes of
+    /// the old holder in flight (they hold its row `FOR SHARE`).
+    async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
+        lease::acquire(&self.shared, name, node, ttl).await
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
+        lease::renew(&self.shared, lease, ttl).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        lease::release(&self.shared, lease).await
+    }
+
+    /// `put_record`'s statement gated by the fence: in one statement of a group-commit
+    /// transaction, the lease's row is locked `FOR SHARE` and the row is written only if
+    /// its token is the fence's (so a grant to another node waits for this transaction to
+    /// commit, and a write after it sees the new token).
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &RecordMeta,
+        fence: &Fence,
+    ) -> Result<()> {
+        let log = key.class() == KeyClass::Log;
+        if log {
+            self.appender.0.settle().await;
+        }
+        let facts = Box::new((meta.clone(), fence.clone()));
+        self.writers.submit(Op::PutFenced(key.clone(), value, facts)).await?;
+        if log {
+            self.appender.0.replaced(key);
+        }
+        Ok(())
+    }
+
+    /// `delete`'s statement gated by the fence, as [`put_fenced`](Self::put_fenced).
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
+        let log = key.class() == KeyClass::Log;
+        if log {
+            self.appender.0.settle().await;
+        }
+        let existed =
+            self.writers.submit(Op::DeleteFenced(key.clone(), Box::new(fence.clone()))).await?;
+        if log {
+            self.appender.0.replaced(key);
+        }
+        Ok(existed)
     }
 }

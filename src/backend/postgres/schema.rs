@@ -59,6 +59,17 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX mars_state_records_sessions ON {s}.mars_state_records
         (status, saved_at DESC) INCLUDE (session_id, step, size)
         WHERE session_id IS NOT NULL AND checkpoint_id IS NULL;",
+    // 3: leases and their fencing tokens. A row per lease name, never deleted, so a token
+    // never goes back; `expires_at` is set from the server's clock (`clock_timestamp()`)
+    // only. A fenced write locks its lease's row `FOR SHARE` in its own transaction, so a
+    // grant to another node (an UPDATE of the row) waits for the writes in flight.
+    "CREATE TABLE {s}.mars_state_leases (
+        name text COLLATE \"C\" NOT NULL,
+        node text NOT NULL,
+        token bigint NOT NULL CHECK (token > 0),
+        expires_at timestamptz NOT NULL,
+        CONSTRAINT mars_state_leases_pkey PRIMARY KEY (name)
+    );",
 ];
 
 /// The schema version this build writes and reads.
@@ -115,6 +126,31 @@ pub(super) struct Sql {
     pub(super) append_log_many: String,
     /// Append to a log key (a row of its own): same parameters.
     pub(super) append_log: String,
+    /// [`Sql::put_record`] under a fence: the same parameters, then `$12` the lease's name
+    /// and `$13` the fence's token. Locks the lease's row `FOR SHARE` and writes only if its
+    /// token is `$13`; one row: the lease's current token (NULL: no such lease) and how many
+    /// rows were written.
+    pub(super) put_fenced: String,
+    /// The same for a log key (its pieces dropped; no facts written, `$4`..`$11` unused).
+    pub(super) put_fenced_log: String,
+    /// [`Sql::delete`] under a fence: `$1` key, `$2` the lease's name, `$3` the token; one
+    /// row as `put_fenced`'s (rows deleted).
+    pub(super) delete_fenced: String,
+    /// The same for a log key and its pieces.
+    pub(super) delete_fenced_log: String,
+    /// Grants a lease: `$1` name, `$2` node, `$3` TTL in ms. One row: granted, holder,
+    /// token, ms left (none if a concurrent first grant is not yet visible: ask again).
+    pub(super) acquire_lease: String,
+    /// Renews a lease still held with its token: `$1` name, `$2` node, `$3` token, `$4` TTL
+    /// in ms. One row (ms left) if renewed, none if not.
+    pub(super) renew_lease: String,
+    /// Expires a lease still held with its token now: `$1` name, `$2` node, `$3` token.
+    pub(super) release_lease: String,
+}
+
+/// Milliseconds left until `{col}`, by the server's clock, never below 0.
+fn ms_left(col: &str) -> String {
+    format!("greatest(0, floor(extract(epoch FROM ({col} - clock_timestamp())) * 1000))::int8")
 }
 
 /// The columns of a record's facts (`RecordMeta`), in the order of their parameters.
@@ -134,12 +170,81 @@ impl Sql {
         let columns = RECORD_COLUMNS.join(", ");
         let set_columns: String =
             RECORD_COLUMNS.iter().map(|c| format!(", {c} = excluded.{c}")).collect();
+        let record_values = "$1, $2, octet_length($2), $3, now(), $4, $5, $6, $7, $8, $9, $10, \
+             to_timestamp($11::float8 / 1000)";
+        let conflict = "ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+             size = excluded.size, kind = excluded.kind, updated_at = excluded.updated_at";
         let record_upsert = format!(
             "INSERT INTO {r} (key, value, size, kind, updated_at, {columns}) \
-             VALUES ($1, $2, octet_length($2), $3, now(), $4, $5, $6, $7, $8, $9, $10, \
-             to_timestamp($11::float8 / 1000)) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size, \
-             kind = excluded.kind, updated_at = excluded.updated_at{set_columns}"
+             VALUES ({record_values}) {conflict}{set_columns}"
+        );
+        // Fenced writes: the lease row is locked FOR SHARE (a grant's UPDATE of it waits for
+        // this transaction), and the write happens only if its token is the fence's, in the
+        // same statement. The answer row says which.
+        let le = format!("{schema}.mars_state_leases");
+        let lease =
+            |name: &str| format!("lease AS (SELECT token FROM {le} WHERE name = {name} FOR SHARE)");
+        let held = |token: &str| format!("EXISTS (SELECT FROM lease WHERE token = {token})");
+        let answer = |rows: &str| {
+            format!("SELECT (SELECT token FROM lease), (SELECT count(*) FROM {rows})::int8")
+        };
+        let put_fenced = format!(
+            "WITH {}, written AS (INSERT INTO {r} (key, value, size, kind, updated_at, {columns}) \
+             SELECT {record_values} FROM lease WHERE token = $13 \
+             {conflict}{set_columns} RETURNING 1) {}",
+            lease("$12"),
+            answer("written")
+        );
+        let put_fenced_log = format!(
+            "WITH {}, pieces AS (DELETE FROM {l} WHERE key = $1 AND {}), \
+             written AS (INSERT INTO {r} (key, value, size, kind, updated_at) \
+             SELECT $1, $2, octet_length($2), $3, now() FROM lease WHERE token = $13 \
+             {conflict} RETURNING 1) {}",
+            lease("$12"),
+            held("$13"),
+            answer("written")
+        );
+        let delete_fenced = format!(
+            "WITH {}, gone AS (DELETE FROM {r} WHERE key = $1 AND {} RETURNING 1) {}",
+            lease("$2"),
+            held("$3"),
+            answer("gone")
+        );
+        let delete_fenced_log = format!(
+            "WITH {}, pieces AS (DELETE FROM {l} WHERE key = $1 AND {}), \
+             gone AS (DELETE FROM {r} WHERE key = $1 AND {} RETURNING 1) {}",
+            lease("$2"),
+            held("$3"),
+            held("$3"),
+            answer("gone")
+        );
+        // A grant: a new row, or the row taken over when it is free (expired or released) or
+        // already `$2`'s. The token stays only when `$2` held it live; any other grant raises
+        // it. Times are the server's (`clock_timestamp()`, read after the row lock is had).
+        let until = "clock_timestamp() + $3 * interval '1 millisecond'";
+        let acquire_lease = format!(
+            "WITH granted AS (INSERT INTO {le} AS l (name, node, token, expires_at) \
+             VALUES ($1, $2, 1, {until}) \
+             ON CONFLICT (name) DO UPDATE SET \
+             token = CASE WHEN l.node = excluded.node AND l.expires_at > clock_timestamp() \
+             THEN l.token ELSE l.token + 1 END, \
+             node = excluded.node, expires_at = {until} \
+             WHERE l.node = excluded.node OR l.expires_at <= clock_timestamp() \
+             RETURNING node, token, expires_at) \
+             SELECT true, node, token, {} FROM granted \
+             UNION ALL SELECT false, node, token, {} FROM {le} \
+             WHERE name = $1 AND NOT EXISTS (SELECT FROM granted)",
+            ms_left("expires_at"),
+            ms_left("expires_at")
+        );
+        let renew_lease = format!(
+            "UPDATE {le} SET expires_at = clock_timestamp() + $4 * interval '1 millisecond' \
+             WHERE name = $1 AND node = $2 AND token = $3 RETURNING {}",
+            ms_left("expires_at")
+        );
+        let release_lease = format!(
+            "UPDATE {le} SET expires_at = least(expires_at, clock_timestamp()) \
+             WHERE name = $1 AND node = $2 AND token = $3"
         );
         let records_upsert = format!(
             "INSERT INTO {r} (key, value, size, kind, updated_at, {columns}) \
@@ -201,6 +306,13 @@ impl Sql {
                  updated_at = excluded.updated_at) \
                  INSERT INTO {l} (key, bytes) VALUES ($1, $2) RETURNING 1"
             ),
+            put_fenced,
+            put_fenced_log,
+            delete_fenced,
+            delete_fenced_log,
+            acquire_lease,
+            renew_lease,
+            release_lease,
         }
     }
 }

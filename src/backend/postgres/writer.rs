@@ -21,6 +21,12 @@
 //! unreachable for the connect timeout) is the outcome unknown: puts and deletes are
 //! idempotent and are retried (a retried delete may then report that its key did not exist);
 //! an append is not (it would be applied twice) and is answered [`StateError::Timeout`].
+//!
+//! Fenced writes are statements like the others: one refused by its fence changes nothing,
+//! does not abort the transaction, and is answered [`StateError::Fenced`] once the batch
+//! committed. Refused on a retry after an attempt whose outcome was unknown, it is answered
+//! [`StateError::Timeout`] instead: the earlier attempt may have been applied before the
+//! lease changed hands.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +39,7 @@ use super::error::{Failure, MAX_VALUE, outcome_unknown};
 use super::{Discard, Shared};
 use tokio_postgres::types::Type;
 
-use crate::backend::{KeyClass, RecordMeta, StorageKey};
+use crate::backend::{Fence, KeyClass, RecordMeta, StorageKey};
 use crate::error::{Result, StateError};
 
 /// Writes committed in one transaction at most: bounds the time a batch holds its callers.
@@ -51,6 +57,19 @@ pub(super) enum Op {
     Append(StorageKey, Vec<u8>),
     /// Pieces appended to one log key, in order (the append flusher's).
     AppendLog(StorageKey, Vec<Vec<u8>>),
+    /// A record with its facts, written only if the fence holds.
+    PutFenced(StorageKey, Vec<u8>, Box<(RecordMeta, Fence)>),
+    /// A delete, done only if the fence holds.
+    DeleteFenced(StorageKey, Box<Fence>),
+}
+
+/// What one write did, once its transaction committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Done {
+    /// Applied; `true` when a delete found its key, and for every put and append.
+    Found(bool),
+    /// A fenced write not applied: its lease's token is `current` (0: no such lease).
+    Fenced { current: u64 },
 }
 
 impl Op {
@@ -60,22 +79,26 @@ impl Op {
             | Op::PutRecord(k, ..)
             | Op::Delete(k)
             | Op::Append(k, _)
-            | Op::AppendLog(k, _) => k,
+            | Op::AppendLog(k, _)
+            | Op::PutFenced(k, ..)
+            | Op::DeleteFenced(k, _) => k,
         }
     }
 
     fn size(&self) -> usize {
         match self {
-            Op::Put(_, v) | Op::PutRecord(_, v, _) | Op::Append(_, v) => v.len(),
+            Op::Put(_, v) | Op::PutRecord(_, v, _) | Op::Append(_, v) | Op::PutFenced(_, v, _) => {
+                v.len()
+            }
             Op::AppendLog(_, pieces) => pieces.iter().map(Vec::len).sum(),
-            Op::Delete(_) => 0,
+            Op::Delete(_) | Op::DeleteFenced(..) => 0,
         }
     }
 
     fn verb(&self) -> &'static str {
         match self {
-            Op::Put(..) | Op::PutRecord(..) => "writing",
-            Op::Delete(_) => "deleting",
+            Op::Put(..) | Op::PutRecord(..) | Op::PutFenced(..) => "writing",
+            Op::Delete(_) | Op::DeleteFenced(..) => "deleting",
             Op::Append(..) | Op::AppendLog(..) => "appending to",
         }
     }
@@ -94,12 +117,24 @@ impl Op {
             (Op::Append(..), false) => &sql.append,
             (Op::Append(..), true) => &sql.append_log,
             (Op::AppendLog(..), _) => &sql.append_log_many,
+            (Op::PutFenced(..), false) => &sql.put_fenced,
+            (Op::PutFenced(..), true) => &sql.put_fenced_log,
+            (Op::DeleteFenced(..), false) => &sql.delete_fenced,
+            (Op::DeleteFenced(..), true) => &sql.delete_fenced_log,
         }
     }
 
-    /// Runs the write on `client` (in its open transaction). `true` when a delete found its
-    /// key, and for every put and append.
-    async fn apply(&self, shared: &Shared, client: &Object) -> Result<bool, tokio_postgres::Error> {
+    /// The fence of a fenced write.
+    fn fence(&self) -> Option<&Fence> {
+        match self {
+            Op::PutFenced(_, _, facts) => Some(&facts.1),
+            Op::DeleteFenced(_, fence) => Some(fence),
+            _ => None,
+        }
+    }
+
+    /// Runs the write on `client` (in its open transaction): what it did.
+    async fn apply(&self, shared: &Shared, client: &Object) -> Result<Done, tokio_postgres::Error> {
         use tokio_postgres::types::Type;
         let key = self.key().as_str();
         let kind = kind_name(self.key().class());
@@ -125,8 +160,67 @@ impl Op {
                     [(&key, Type::TEXT), (pieces, Type::BYTEA_ARRAY), (&kind, Type::TEXT)];
                 super::query(client, shared.prepared, self.sql(shared), &params).await?
             }
+            Op::PutFenced(_, bytes, facts) => {
+                let (meta, fence) = facts.as_ref();
+                let f = Facts::of(meta);
+                let token = token_param(fence.token);
+                let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> =
+                    vec![(&key, Type::TEXT), (bytes, Type::BYTEA), (&kind, Type::TEXT)];
+                params.extend(f.params());
+                params.extend([
+                    (&fence.name as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT),
+                    (&token, Type::INT8),
+                ]);
+                let rows = super::query(client, shared.prepared, self.sql(shared), &params).await?;
+                return fenced_outcome(&rows, fence);
+            }
+            Op::DeleteFenced(_, fence) => {
+                let token = token_param(fence.token);
+                let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] =
+                    [(&key, Type::TEXT), (&fence.name, Type::TEXT), (&token, Type::INT8)];
+                let rows = super::query(client, shared.prepared, self.sql(shared), &params).await?;
+                return fenced_outcome(&rows, fence);
+            }
         };
-        Ok(!matches!(self, Op::Delete(_)) || !rows.is_empty())
+        Ok(Done::Found(!matches!(self, Op::Delete(_)) || !rows.is_empty()))
+    }
+}
+
+/// A fence's token as the `bigint` it is stored as. Tokens start at 1 and grow by one, so
+/// one past `i64::MAX` cannot be any lease's: it is sent as -1, which no row holds.
+pub(super) fn token_param(token: u64) -> i64 {
+    i64::try_from(token).unwrap_or(-1)
+}
+
+/// What a fenced statement's answer row (the lease's current token, rows changed) says.
+fn fenced_outcome(
+    rows: &[tokio_postgres::Row],
+    fence: &Fence,
+) -> Result<Done, tokio_postgres::Error> {
+    let Some(row) = rows.first() else { return Ok(Done::Fenced { current: 0 }) };
+    let current: Option<i64> = row.try_get(0)?;
+    let changed: i64 = row.try_get(1)?;
+    let current = current.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
+    if current != fence.token {
+        return Ok(Done::Fenced { current });
+    }
+    Ok(Done::Found(changed > 0))
+}
+
+impl Op {
+    /// The caller's answer to this write, given what it did. `maybe_committed`: an earlier
+    /// attempt of it may have been applied, so a refusal now does not mean "not written".
+    fn answer(&self, done: Done, maybe_committed: bool, unknown_wait: Duration) -> Result<bool> {
+        match (done, self.fence()) {
+            (Done::Found(found), _) => Ok(found),
+            (Done::Fenced { .. }, _) if maybe_committed => {
+                Err(outcome_unknown(self.verb(), self.key().as_str(), unknown_wait))
+            }
+            (Done::Fenced { current }, Some(fence)) => {
+                Err(StateError::Fenced { name: fence.name.clone(), token: fence.token, current })
+            }
+            (Done::Fenced { .. }, None) => Ok(true),
+        }
     }
 }
 
@@ -290,7 +384,7 @@ pub(super) enum Stage {
     Open,
     /// COMMIT was sent: the outcome is unknown until it answers, or until the server says
     /// what became of transaction `xid` (`txid_status`). `found`: the writes' results.
-    CommitSent { xid: Option<i64>, found: Vec<bool> },
+    CommitSent { xid: Option<i64>, found: Vec<Done> },
 }
 
 /// Commits `batch` (retrying as the module says) and answers every caller. With `split`, a
@@ -326,7 +420,7 @@ async fn commit_batch(
         let failure = match attempt_result {
             Ok(found) => {
                 end_ride(ride, Ok(()));
-                return answer(batch, found);
+                return answer(batch, found, maybe_committed, bound);
             }
             Err(failure) => failure,
         };
@@ -337,7 +431,7 @@ async fn commit_batch(
             match resolve(shared, xid).await {
                 Some(true) => {
                     end_ride(ride, Ok(()));
-                    return answer(batch, found);
+                    return answer(batch, found, maybe_committed, bound);
                 }
                 // Rolled back: nothing of it was committed; every write may go again.
                 Some(false) => retry = true,
@@ -398,11 +492,14 @@ fn end_ride(ride: &mut Option<(&Appender, Ride)>, result: Result<(), String>) {
     }
 }
 
-/// Answers each caller of a committed batch.
-fn answer(batch: Vec<Req>, found: Vec<bool>) {
-    for (req, found) in batch.into_iter().zip(found) {
+/// Answers each caller of a committed batch (`bound`: the attempt bound, for "outcome
+/// unknown").
+fn answer(batch: Vec<Req>, found: Vec<Done>, maybe_committed: bool, bound: Option<Duration>) {
+    let unknown_wait = bound.unwrap_or(Duration::ZERO);
+    for (req, done) in batch.into_iter().zip(found) {
+        let reply = req.op.answer(done, maybe_committed, unknown_wait);
         // A caller that gave up is not waiting for the answer.
-        let _ = req.reply.send(Ok(found));
+        let _ = req.reply.send(reply);
     }
 }
 
@@ -449,7 +546,7 @@ pub(super) async fn attempt_once(
     begin: &str,
     ops: &[&Op],
     stage: &mut Stage,
-) -> Result<Vec<bool>, Failure> {
+) -> Result<Vec<Done>, Failure> {
     use std::sync::atomic::{AtomicI64, Ordering};
     let mut conn = Discard::new(shared.connection().await?);
     let client = conn.client();
@@ -476,10 +573,15 @@ pub(super) async fn attempt_once(
         if !records.is_empty() {
             super::prepare(client, &shared.sql.put_records, &PUT_RECORDS_TYPES).await?;
         }
+        // `Sql::put_fenced`: a record's parameters, then the lease's name and the token.
+        let put_fenced_types: Vec<Type> =
+            PUT_RECORD_TYPES.iter().cloned().chain([Type::TEXT, Type::INT8]).collect();
         for &i in &singles {
             let types: &[Type] = match ops[i] {
                 Op::Delete(_) => &[Type::TEXT],
                 Op::PutRecord(..) => &PUT_RECORD_TYPES,
+                Op::PutFenced(..) => &put_fenced_types,
+                Op::DeleteFenced(..) => &[Type::TEXT, Type::TEXT, Type::INT8],
                 Op::AppendLog(..) => &[Type::TEXT, Type::BYTEA_ARRAY, Type::TEXT],
                 _ => &[Type::TEXT, Type::BYTEA, Type::TEXT],
             };
@@ -488,7 +590,7 @@ pub(super) async fn attempt_once(
     }
     // From here COMMIT may be on the wire: a failure that is not a write's own error leaves
     // the outcome to be asked of the server, by the transaction's id (0: not known yet).
-    *stage = Stage::CommitSent { xid: None, found: vec![true; ops.len()] };
+    *stage = Stage::CommitSent { xid: None, found: vec![Done::Found(true); ops.len()] };
     let xid = AtomicI64::new(0);
     let begin = async {
         let rows = client.simple_query(begin).await?;
@@ -564,7 +666,7 @@ pub(super) async fn attempt_once(
     let writes = async {
         let (many_done, records_done, singles_done) =
             futures_util::future::join3(put_many, put_records, singles_done).await;
-        let mut results: Vec<Result<bool, tokio_postgres::Error>> = Vec::with_capacity(ops.len());
+        let mut results: Vec<Result<Done, tokio_postgres::Error>> = Vec::with_capacity(ops.len());
         let mut many_done = Some(many_done);
         let mut records_done = Some(records_done);
         let mut singles_done = singles_done.into_iter();
@@ -572,13 +674,13 @@ pub(super) async fn attempt_once(
             if many.contains(&i) {
                 // The multi-row statement's result, reported once (its error counts once).
                 results.push(match many_done.take() {
-                    Some(r) => r.map(|()| true),
-                    None => Ok(true),
+                    Some(r) => r.map(|()| Done::Found(true)),
+                    None => Ok(Done::Found(true)),
                 });
             } else if records.contains(&i) {
                 results.push(match records_done.take() {
-                    Some(r) => r.map(|()| true),
-                    None => Ok(true),
+                    Some(r) => r.map(|()| Done::Found(true)),
+                    None => Ok(Done::Found(true)),
                 });
             } else if let Some(r) = singles_done.next() {
                 results.push(r);
@@ -611,7 +713,7 @@ pub(super) async fn attempt_once(
                     *stage = Stage::Open;
                 }
                 first_error.get_or_insert(e);
-                found.push(true);
+                found.push(Done::Found(true));
             }
         }
     }

@@ -8,7 +8,14 @@
 //!                        ("c1.json") and of its subfolders, with a trailing slash ("s1/")
 //! <prefix>:g:<session>   with a session TTL only: the Redis keys of one session (its record,
 //!                        checkpoints and their folder sets), expired together
+//! <prefix>:l:<lease>     a lease: a hash of `node`, `token` and `expires_at` (ms, by the
+//!                        server's `TIME`); never expires and is never deleted, so its token
+//!                        never goes back
 //! ```
+//!
+//! A fenced write is its plain script with the lease's hash as the last key and the fence's
+//! token as the last argument: the script compares the token first and, if it is not the
+//! lease's, returns `-1 - current` (current 0: no lease) having changed nothing.
 //!
 //! A folder is every proper ancestor of a key but the top one is registered in its parent
 //! (`checkpoints/s1/c.json` is member `c.json` of `checkpoints/s1`, which is member `s1/`
@@ -61,6 +68,11 @@ impl Layout {
 
     pub(super) fn folder(&self, folder: &str) -> String {
         format!("{}d:{folder}", self.base)
+    }
+
+    /// `<prefix>:l:<name>`: a lease's hash.
+    pub(super) fn lease(&self, name: &str) -> String {
+        format!("{}l:{name}", self.base)
     }
 
     /// Every Redis key a write of `key` touches. `ttl` says whether the store keeps session
@@ -129,13 +141,26 @@ local function refresh_group(folders_from)
 end
 ";
 
+/// The prologue of a fenced script: KEYS[#KEYS] is the lease's hash, ARGV[#ARGV] the
+/// fence's token (decimal). Returns `-1 - current` unless the lease's token is the fence's;
+/// else sets `last`, the last key of the plain script.
+const FENCE_CHECK: &str = r"
+local current = redis.call('HGET', KEYS[#KEYS], 'token')
+if current ~= ARGV[#ARGV] then
+  return -1 - (tonumber(current) or 0)
+end
+local last = #KEYS - 1
+";
+
 /// `put`: KEYS = value, group, folders (deepest first); ARGV = ttl, owned, value, members.
 /// The listing entries first, the value last: if a command fails midway (a foreign key of
-/// another type under the prefix), no value is left without its entries.
-pub(super) fn put_script() -> String {
+/// another type under the prefix), no value is left without its entries. `fenced`: with
+/// [`FENCE_CHECK`] first (KEYS and ARGV then end in the lease and the token).
+pub(super) fn put_script(fenced: bool) -> String {
+    let (check, last) = if fenced { (FENCE_CHECK, "last") } else { ("", "#KEYS") };
     format!(
-        "#!lua\n{REFRESH_GROUP}
-for i = 3, #KEYS do
+        "#!lua\n{REFRESH_GROUP}{check}
+for i = 3, {last} do
   redis.call('SADD', KEYS[i], ARGV[i + 1])
 end
 redis.call('SET', KEYS[1], ARGV[3])
@@ -161,18 +186,85 @@ return len
 
 /// `delete`: KEYS = value, group, folders (deepest first); ARGV = members (deepest first).
 /// Removes the value, its entry, and the entry of each folder it leaves empty. Returns
-/// whether the value existed.
-pub(super) const DELETE_SCRIPT: &str = r"#!lua
+/// whether the value existed. `fenced`: as [`put_script`].
+pub(super) fn delete_script(fenced: bool) -> String {
+    let (check, last) = if fenced { (FENCE_CHECK, "last") } else { ("", "#KEYS") };
+    format!(
+        "#!lua\n{check}
 local existed = redis.call('DEL', KEYS[1])
 if KEYS[2] ~= '' then
   redis.call('SREM', KEYS[2], KEYS[1])
 end
-for i = 3, #KEYS do
+for i = 3, {last} do
   if i > 3 and redis.call('EXISTS', KEYS[i - 1]) == 1 then break end
   redis.call('SREM', KEYS[i], ARGV[i - 2])
 end
 return existed
+"
+    )
+}
+
+/// The server's time in ms, in a script (Redis 7 replicates scripts by their effects, so
+/// `TIME` may be read before writing).
+const NOW_MS: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 ";
+
+/// `acquire_lease`: KEYS[1] = the lease's hash; ARGV = node, TTL in ms. Returns `{granted
+/// (1 or 0), holder, token, ms left}`. Granted when free (no hash, expired, released) or
+/// held live by the node already (token kept); any other grant raises the token.
+pub(super) fn acquire_script() -> String {
+    format!(
+        "#!lua\n{NOW_MS}
+local held = redis.call('HMGET', KEYS[1], 'node', 'token', 'expires_at')
+local node, token, expires = held[1], tonumber(held[2]) or 0, tonumber(held[3]) or 0
+local live = node and expires > now
+if live and node ~= ARGV[1] then
+  return {{0, node, token, expires - now}}
+end
+if not live then
+  token = token + 1
+end
+local ttl = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'token', string.format('%d', token),
+  'expires_at', string.format('%d', now + ttl))
+return {{1, ARGV[1], token, ttl}}
+"
+    )
+}
+
+/// `renew_lease`: KEYS[1] = the lease's hash; ARGV = node, token, TTL in ms. Returns the ms
+/// left if renewed, -1 if the lease is not the node's at that token.
+pub(super) fn renew_script() -> String {
+    format!(
+        "#!lua\n{NOW_MS}
+local held = redis.call('HMGET', KEYS[1], 'node', 'token')
+if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'expires_at', string.format('%d', now + tonumber(ARGV[3])))
+return tonumber(ARGV[3])
+"
+    )
+}
+
+/// `release_lease`: KEYS[1] = the lease's hash; ARGV = node, token. Expires it now if it is
+/// still the node's at that token (the token is kept). Returns 1 if it was, else 0.
+pub(super) fn release_script() -> String {
+    format!(
+        "#!lua\n{NOW_MS}
+local held = redis.call('HMGET', KEYS[1], 'node', 'token', 'expires_at')
+if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
+  return 0
+end
+if (tonumber(held[3]) or 0) > now then
+  redis.call('HSET', KEYS[1], 'expires_at', string.format('%d', now))
+end
+return 1
+"
+    )
+}
 
 /// `list`: KEYS[1] = the listed folder's set; ARGV[1] = `<prefix>:`, ARGV[2] = the folder.
 /// Returns `[key, size, key, size, ...]` for every value at any depth below, and removes

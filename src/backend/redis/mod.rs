@@ -36,6 +36,10 @@
 //! - writes queued while a round trip is in flight go out as one pipeline (group commit),
 //!   and share one fsync of the AOF.
 //! - nothing is ever staged, so `sweep` has nothing to remove.
+//! - leases are hashes `<prefix>:l:<name>` (node, token, expiry by the server's `TIME`),
+//!   changed only by Lua scripts; a fenced write is its write script with the token
+//!   comparison first, in one script, so nothing can come between the check and the write
+//!   (see `layout.rs`).
 //!
 //! Not supported: Redis Cluster (the scripts build key names at run time; one prefix's keys
 //! would need one hash slot). One backend per prefix at a time: the manager keeps an index
@@ -56,8 +60,10 @@ use redis::{RedisError, Value};
 
 use self::checks::{check_durability, check_prefix};
 use self::layout::{LIST_SCRIPT, Layout};
-use self::writer::{Op, Writer};
-use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
+use self::writer::{Op, Writer, refused};
+use super::{
+    Acquired, Fence, Lease, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport, ttl_ms,
+};
 use crate::error::{Result, StateError};
 
 /// The largest string Redis stores (its `proto-max-bulk-len` default, 512 MB): a larger put
@@ -99,6 +105,7 @@ struct Inner {
     writer: Writer,
     layout: Layout,
     list: redis::Script,
+    leases: LeaseScripts,
     options: RedisOptions,
     /// `host:port` (never the URL, which may hold a password).
     addr: String,
@@ -270,8 +277,9 @@ impl RedisStorageBackend {
             writer::Config { layout: layout.clone(), scripts, ttl_ms, timeout: options.timeout },
         );
         let list = redis::Script::new(LIST_SCRIPT);
+        let leases = LeaseScripts::new();
         Ok(RedisStorageBackend {
-            inner: Arc::new(Inner { reads, writer, layout, list, options, addr }),
+            inner: Arc::new(Inner { reads, writer, layout, list, leases, options, addr }),
         })
     }
 
@@ -297,27 +305,97 @@ impl RedisStorageBackend {
             timeout.as_millis()
         )))
     }
+
+    /// Runs a lease script on `lease`'s hash, once more if the connection dropped under it
+    /// (every lease script is idempotent for its caller). Not through the writer: a lease
+    /// call needs no batching, and the fence of every write is checked in its own script.
+    async fn lease_call(
+        &self,
+        script: &redis::Script,
+        name: &str,
+        args: &[String],
+    ) -> Result<Value> {
+        let hash = self.inner.layout.lease(name);
+        let timeout = self.inner.options.timeout;
+        for attempt in 0..2 {
+            let mut invocation = script.key(&hash);
+            for arg in args {
+                invocation.arg(arg);
+            }
+            let mut conn = self.inner.reads.clone();
+            match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e))
+                    if attempt == 0 && e.is_connection_dropped() && !e.is_connection_refusal() => {}
+                Ok(Err(e)) => {
+                    let detail = e.detail().unwrap_or("");
+                    return Err(StateError::unavailable(format!(
+                        "Redis failed a call on lease {name}: {} {detail}",
+                        e.code().unwrap_or("")
+                    )));
+                }
+                Err(_) => break,
+            }
+        }
+        Err(StateError::unavailable(format!(
+            "Redis at {} did not answer a call on lease {name} in {} ms; outcome unknown",
+            self.inner.addr,
+            timeout.as_millis()
+        )))
+    }
 }
 
-/// The three write scripts, by hash; loaded at connect and after a `NOSCRIPT`.
+/// The lease scripts (`layout.rs`), run with `EVALSHA`, loaded on `NOSCRIPT`.
+struct LeaseScripts {
+    acquire: redis::Script,
+    renew: redis::Script,
+    release: redis::Script,
+}
+
+impl LeaseScripts {
+    fn new() -> Self {
+        LeaseScripts {
+            acquire: redis::Script::new(&layout::acquire_script()),
+            renew: redis::Script::new(&layout::renew_script()),
+            release: redis::Script::new(&layout::release_script()),
+        }
+    }
+}
+
+/// A lease's answer in a wrong shape.
+fn bad_lease_reply(name: &str) -> StateError {
+    StateError::corrupt(format!("lease {name}"), "Redis answered a lease call in a wrong shape")
+}
+
+/// Whole milliseconds from a script's integer reply (negative: none).
+fn millis(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// The write scripts, by hash; loaded at connect and after a `NOSCRIPT`.
 pub(super) struct Scripts {
     put: redis::Script,
     append: redis::Script,
     delete: redis::Script,
+    put_fenced: redis::Script,
+    delete_fenced: redis::Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            put: redis::Script::new(&layout::put_script()),
+            put: redis::Script::new(&layout::put_script(false)),
             append: redis::Script::new(&layout::append_script()),
-            delete: redis::Script::new(layout::DELETE_SCRIPT),
+            delete: redis::Script::new(&layout::delete_script(false)),
+            put_fenced: redis::Script::new(&layout::put_script(true)),
+            delete_fenced: redis::Script::new(&layout::delete_script(true)),
         }
     }
 
     /// `SCRIPT LOAD`s them all.
     async fn load(&self, conn: &mut ConnectionManager, timeout: Duration) -> Result<()> {
-        for script in [&self.put, &self.append, &self.delete] {
+        for script in [&self.put, &self.append, &self.delete, &self.put_fenced, &self.delete_fenced]
+        {
             tokio::time::timeout(timeout, script.load_async(conn))
                 .await
                 .map_err(|_| StateError::unavailable("Redis did not answer SCRIPT LOAD in time"))?
@@ -365,6 +443,9 @@ fn copy_error(e: &StateError) -> StateError {
         StateError::TooLarge { size, limit } => StateError::TooLarge { size: *size, limit: *limit },
         StateError::Corrupt { key, reason } => StateError::corrupt(key, reason.clone()),
         StateError::Config { message } => StateError::Config { message: message.clone() },
+        StateError::Fenced { name, token, current } => {
+            StateError::Fenced { name: name.clone(), token: *token, current: *current }
+        }
         other => StateError::unavailable(match other {
             StateError::Unavailable { reason } => reason.clone(),
             other => other.to_string(),
@@ -450,5 +531,78 @@ impl StorageBackend for RedisStorageBackend {
     /// staged.
     async fn sweep(&self) -> Result<SweepReport> {
         Ok(SweepReport::default())
+    }
+
+    /// Many processes may connect to one prefix.
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// One Lua script on the lease's hash (`<prefix>:l:<name>`), with the server's `TIME`.
+    async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
+        let args = [node.to_owned(), ttl_ms(ttl).to_string()];
+        let reply = self.lease_call(&self.inner.leases.acquire, name, &args).await?;
+        let Value::Array(parts) = reply else { return Err(bad_lease_reply(name)) };
+        let [Value::Int(granted), Value::BulkString(holder), Value::Int(token), Value::Int(left)] =
+            parts.as_slice()
+        else {
+            return Err(bad_lease_reply(name));
+        };
+        let holder = String::from_utf8(holder.clone()).map_err(|_| bad_lease_reply(name))?;
+        let expires_in = millis(*left);
+        if *granted == 0 {
+            return Ok(Acquired::Held { node: holder, expires_in });
+        }
+        let token = u64::try_from(*token).map_err(|_| bad_lease_reply(name))?;
+        Ok(Acquired::Granted(Lease { name: name.to_owned(), node: holder, token, expires_in }))
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
+        let args = [lease.node.clone(), lease.token.to_string(), ttl_ms(ttl).to_string()];
+        let reply = self.lease_call(&self.inner.leases.renew, &lease.name, &args).await?;
+        match reply {
+            Value::Int(left) if left >= 0 => {
+                Ok(Some(Lease { expires_in: millis(left), ..lease.clone() }))
+            }
+            Value::Int(_) => Ok(None),
+            _ => Err(bad_lease_reply(&lease.name)),
+        }
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        let args = [lease.node.clone(), lease.token.to_string()];
+        self.lease_call(&self.inner.leases.release, &lease.name, &args).await.map(drop)
+    }
+
+    /// The put script with the fence check first, in one script (`layout.rs`). `meta` is
+    /// not kept (Redis stores bytes only).
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        _meta: &RecordMeta,
+        fence: &Fence,
+    ) -> Result<()> {
+        too_large(value.len())?;
+        let reply =
+            self.inner.writer.submit(Op::PutFenced(key.clone(), value, fence.clone())).await?;
+        check_fence(&reply, fence)
+    }
+
+    /// The delete script with the fence check first, in one script.
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
+        let reply = self.inner.writer.submit(Op::DeleteFenced(key.clone(), fence.clone())).await?;
+        check_fence(&reply, fence)?;
+        Ok(int(&reply) > 0)
+    }
+}
+
+/// [`StateError::Fenced`] if a fenced script refused the write.
+fn check_fence(reply: &Value, fence: &Fence) -> Result<()> {
+    match refused(reply) {
+        Some(current) => {
+            Err(StateError::Fenced { name: fence.name.clone(), token: fence.token, current })
+        }
+        None => Ok(()),
     }
 }

@@ -24,7 +24,10 @@
 //! an unknown outcome. A put or a delete is sent once more on the reconnected connection:
 //! both are idempotent, and the session actor never has two writes to one key in flight, so
 //! the retry cannot overwrite a newer value. (A retried delete that had been applied reports
-//! `false`.) An append is never retried: a second copy would be appended twice. A write that
+//! `false`.) Fenced puts and deletes are retried too; a retry refused by its fence
+//! (another node took the lease meanwhile) is answered "outcome unknown", not `Fenced`, since
+//! the first copy may have been applied before the takeover. An append is never retried: a
+//! second copy would be appended twice. A write that
 //! Redis refused (`NOSCRIPT` after a restart flushed the scripts) was not applied and is sent
 //! again after the scripts are loaded.
 
@@ -40,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::layout::Layout;
 use super::{Scripts, error_of, unknown_outcome};
-use crate::backend::StorageKey;
+use crate::backend::{Fence, StorageKey};
 use crate::error::{Result, StateError};
 
 /// Writes sent in one pipeline at most: bounds the time a batch holds its callers.
@@ -58,26 +61,44 @@ pub(super) enum Op {
     Append(StorageKey, Vec<u8>),
     /// Not a write: a `PING` queued behind the writes before it, answered once they are.
     Barrier(StorageKey),
+    /// A put done only if the fence holds (its reply: 1, or `-1 - current` if refused).
+    PutFenced(StorageKey, Vec<u8>, Fence),
+    /// A delete done only if the fence holds (its reply: whether the key existed, or
+    /// `-1 - current` if refused).
+    DeleteFenced(StorageKey, Fence),
+}
+
+/// The lease's current token if `reply` is a fenced script's refusal (`-1 - current`).
+pub(super) fn refused(reply: &Value) -> Option<u64> {
+    match reply {
+        Value::Int(n) if *n < 0 => u64::try_from(-1 - *n).ok(),
+        _ => None,
+    }
 }
 
 impl Op {
     pub(super) fn key(&self) -> &StorageKey {
         match self {
-            Op::Put(k, _) | Op::Delete(k) | Op::Append(k, _) | Op::Barrier(k) => k,
+            Op::Put(k, _)
+            | Op::Delete(k)
+            | Op::Append(k, _)
+            | Op::Barrier(k)
+            | Op::PutFenced(k, ..)
+            | Op::DeleteFenced(k, _) => k,
         }
     }
 
     pub(super) fn size(&self) -> usize {
         match self {
-            Op::Put(_, v) | Op::Append(_, v) => v.len(),
-            Op::Delete(_) | Op::Barrier(_) => 0,
+            Op::Put(_, v) | Op::Append(_, v) | Op::PutFenced(_, v, _) => v.len(),
+            Op::Delete(_) | Op::Barrier(_) | Op::DeleteFenced(..) => 0,
         }
     }
 
     pub(super) fn name(&self) -> &'static str {
         match self {
-            Op::Put(..) => "redis put",
-            Op::Delete(_) => "redis delete",
+            Op::Put(..) | Op::PutFenced(..) => "redis put",
+            Op::Delete(_) | Op::DeleteFenced(..) => "redis delete",
             Op::Append(..) => "redis append",
             Op::Barrier(_) => "redis read",
         }
@@ -88,7 +109,6 @@ impl Op {
         !matches!(self, Op::Append(..))
     }
 
-    /// Adds this write's `EVALSHA` to `pipe`.
     /// Adds this write to `pipe`: its script, or for a put or append of a key in `listed`
     /// (outside any session group), the bare `SET` or `APPEND`.
     fn push(&self, pipe: &mut redis::Pipeline, config: &Config, listed: &mut HashSet<StorageKey>) {
@@ -110,23 +130,40 @@ impl Op {
                 return;
             }
             Op::Put(..) => &scripts.put,
+            Op::PutFenced(..) => &scripts.put_fenced,
             Op::Append(..) => &scripts.append,
-            Op::Delete(key) => {
+            Op::Delete(key) | Op::DeleteFenced(key, _) => {
                 // Later writes of this key (in this batch too) make its entries again.
                 listed.remove(key);
-                &scripts.delete
+                if matches!(self, Op::Delete(_)) { &scripts.delete } else { &scripts.delete_fenced }
             }
         };
-        let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(2 + names.folders.len());
+        let fence = self.fence();
+        let keys = 2 + names.folders.len() + usize::from(fence.is_some());
+        let cmd = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys);
         cmd.arg(&names.value).arg(&names.group);
         for (folder, _) in &names.folders {
             cmd.arg(folder);
         }
-        if let Op::Put(_, bytes) | Op::Append(_, bytes) = self {
+        if let Some(fence) = fence {
+            cmd.arg(layout.lease(&fence.name));
+        }
+        if let Op::Put(_, bytes) | Op::Append(_, bytes) | Op::PutFenced(_, bytes, _) = self {
             cmd.arg(ttl_ms).arg(names.owned_folders).arg(bytes.as_slice());
         }
         for (_, member) in &names.folders {
             cmd.arg(member);
+        }
+        if let Some(fence) = fence {
+            cmd.arg(fence.token.to_string());
+        }
+    }
+
+    /// The fence of a fenced write.
+    pub(super) fn fence(&self) -> Option<&Fence> {
+        match self {
+            Op::PutFenced(_, _, fence) | Op::DeleteFenced(_, fence) => Some(fence),
+            _ => None,
         }
     }
 }
@@ -160,9 +197,23 @@ struct Shared {
 
 /// Gives `req` its result: to its caller, or for an early append, to the poison set.
 fn answer(shared: &Shared, req: Req, result: Result<Value>) {
+    // A refused fenced write changed nothing: nothing to remember of it. Refused after an
+    // earlier round that may have been applied, its outcome is unknown.
+    if let Ok(reply) = &result
+        && req.op.fence().is_some()
+        && refused(reply).is_some()
+    {
+        if req.uncertain {
+            let e = unknown_outcome(req.op.name(), req.op.key().to_string(), req.since.elapsed());
+            let _ = req.reply.send(Err(e));
+        } else {
+            let _ = req.reply.send(result);
+        }
+        return;
+    }
     match (&req.op, &result) {
-        (Op::Put(key, _) | Op::Append(key, _), Ok(_)) => {
-            if matches!(req.op, Op::Put(..)) {
+        (Op::Put(key, _) | Op::Append(key, _) | Op::PutFenced(key, ..), Ok(_)) => {
+            if matches!(req.op, Op::Put(..) | Op::PutFenced(..)) {
                 crate::sync::lock(&shared.poisoned).remove(key);
             }
             let mut listed = crate::sync::lock(&shared.listed);
@@ -171,7 +222,7 @@ fn answer(shared: &Shared, req: Req, result: Result<Value>) {
             }
             listed.insert(key.clone());
         }
-        (Op::Delete(key), Ok(_)) => {
+        (Op::Delete(key) | Op::DeleteFenced(key, _), Ok(_)) => {
             crate::sync::lock(&shared.poisoned).remove(key);
             crate::sync::lock(&shared.listed).remove(key);
         }

@@ -126,12 +126,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chacha20poly1305::XChaCha20Poly1305;
 
 use crate::backend::{
-    FileStorageBackend, KeyClass, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport,
+    Acquired, Fence, FileStorageBackend, KeyClass, Lease, ObjectMeta, RecordMeta, StorageBackend,
+    StorageKey, SweepReport,
 };
 use crate::error::{Result, StateError};
 use crate::store::keys::{CRYPTO_META, crypto_meta as crypto_meta_key};
@@ -414,6 +416,52 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
 
     async fn sweep(&self) -> Result<SweepReport> {
         self.inner.sweep().await
+    }
+
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
+    async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
+        self.inner.acquire_lease(name, node, ttl).await
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
+        self.inner.renew_lease(lease, ttl).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<()> {
+        self.inner.release_lease(lease).await
+    }
+
+    /// Seals like `put_record` (`meta` without the branch name) and passes the fence on.
+    async fn put_fenced(
+        &self,
+        key: &StorageKey,
+        value: Vec<u8>,
+        meta: &RecordMeta,
+        fence: &Fence,
+    ) -> Result<()> {
+        refuse_reserved(key)?;
+        let meta = RecordMeta { branch: None, ..meta.clone() };
+        let sealing = sealing(key);
+        let stored = match sealing {
+            Sealing::None => value,
+            Sealing::Record => self.seal_record(key, value)?,
+            Sealing::Frames => self.seal_frames(key, value)?,
+        };
+        self.inner.put_fenced(key, stored, &meta, fence).await?;
+        if let Sealing::Frames = sealing {
+            self.torn().remove(key);
+        }
+        Ok(())
+    }
+
+    async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
+        refuse_reserved(key)?;
+        let existed = self.inner.delete_fenced(key, fence).await?;
+        self.torn().remove(key);
+        Ok(existed)
     }
 }
 
