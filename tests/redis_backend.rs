@@ -28,6 +28,7 @@
 //!   child, is SIGKILLed at a random moment; every acknowledged save is there afterwards and
 //!   nothing is corrupt.
 
+mod common;
 #[path = "redis_backend/support.rs"]
 mod redis_support;
 
@@ -86,46 +87,7 @@ async fn manager_state_survives_reopen_gzip() {
 async fn manager_state_survives_reopen(compression: Option<u32>) {
     let server = Server::start();
     let (url, prefix) = (server.url(), random_prefix());
-    let m = open_manager(&url, &prefix, compression).await;
-    let big = json!({ "pad": "z".repeat(50_000) });
-    bounded("save", m.save_session("s1", &json!({ "step": 1 }))).await.unwrap();
-    bounded("save", m.save_session("s2", &big)).await.unwrap();
-    bounded("save", m.save_session("gone", &json!("bye"))).await.unwrap();
-    let cp1 = bounded("checkpoint", m.create_checkpoint("s1", "main", &json!({ "step": 1 })))
-        .await
-        .unwrap();
-    bounded("save", m.save_session("s1", &json!({ "step": 2 }))).await.unwrap();
-    let cp2 = bounded("checkpoint", m.create_checkpoint("s1", "main", &json!({ "step": 2 })))
-        .await
-        .unwrap();
-    assert!(bounded("delete", m.delete_session("gone")).await.unwrap());
-    bounded("shutdown", m.shutdown()).await.unwrap();
-
-    let m = open_manager(&url, &prefix, compression).await;
-    let s1: Option<Value> = bounded("load", m.load_session("s1")).await.unwrap();
-    assert_eq!(s1, Some(json!({ "step": 2 })));
-    let s2: Option<Value> = bounded("load", m.load_session("s2")).await.unwrap();
-    assert_eq!(s2, Some(big));
-    let gone: Option<Value> = bounded("load", m.load_session("gone")).await.unwrap();
-    assert_eq!(gone, None, "a deleted session came back");
-    let ids: Vec<_> = bounded("list", m.list_checkpoints("s1"))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    assert_eq!(ids, [cp1.clone(), cp2]);
-    let restored = bounded("restore", m.restore_checkpoint(&cp1)).await.unwrap();
-    assert_eq!(restored.map(|c| c.data), Some(json!({ "step": 1 })));
-    let mut sessions: Vec<String> = bounded("list sessions", m.list_sessions())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.session_id.to_string())
-        .collect();
-    sessions.sort();
-    assert_eq!(sessions, ["s1", "s2"]);
-    bounded("shutdown", m.shutdown()).await.unwrap();
+    common::oracle::state_survives_reopen(|| open_manager(&url, &prefix, compression)).await;
     // A different prefix on the same server is a different, empty store.
     let other = open_manager(&url, &random_prefix(), compression).await;
     assert!(bounded("list", other.list_sessions()).await.unwrap().is_empty());

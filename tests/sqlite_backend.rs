@@ -12,22 +12,25 @@
 //!   fails the open with `Corrupt`; another application's SQLite database with `Config`;
 //!   neither is modified.
 //! - `sigkill_while_saving`: a child process (this binary re-executed) saves in a loop and
-//!   prints an ack after each `Ok`; it is SIGKILLed at a random moment, 10 times
+//!   prints an ack after each `Ok`; it is SIGKILLed at a random moment, 50 times
 //!   (`MARS_SQLITE_CRASH_ROUNDS`); after each kill a reopened store holds every acknowledged
-//!   save and checkpoint, byte for byte, and nothing fails to load.
+//!   save and checkpoint, byte for byte, nothing fails to load, the index agrees with the
+//!   rows, and `PRAGMA integrity_check` passes (`common::oracle`, shared with the PostgreSQL
+//!   and Redis backends' crash tests; counts printed).
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use common::oracle;
 
 use mars_state::middleware::crypto::EncryptionLayer;
 use mars_state::{
-    CheckpointId, EncryptionKey, ErrorKind, SqliteStorageBackend, StateManager, StorageBackend,
-    StorageKey,
+    EncryptionKey, ErrorKind, SqliteStorageBackend, StateManager, StorageBackend, StorageKey,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Every awaited operation of a test finishes within this, or the test fails.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -76,46 +79,7 @@ async fn manager_state_survives_reopen_gzip() {
 async fn manager_state_survives_reopen(compression: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested").join("state.db");
-    let m = open_manager(&path, compression).await;
-    let big = json!({ "pad": "z".repeat(50_000) });
-    bounded("save", m.save_session("s1", &json!({ "step": 1 }))).await.unwrap();
-    bounded("save", m.save_session("s2", &big)).await.unwrap();
-    bounded("save", m.save_session("gone", &json!("bye"))).await.unwrap();
-    let cp1 = bounded("checkpoint", m.create_checkpoint("s1", "main", &json!({ "step": 1 })))
-        .await
-        .unwrap();
-    bounded("save", m.save_session("s1", &json!({ "step": 2 }))).await.unwrap();
-    let cp2 = bounded("checkpoint", m.create_checkpoint("s1", "main", &json!({ "step": 2 })))
-        .await
-        .unwrap();
-    assert!(bounded("delete", m.delete_session("gone")).await.unwrap());
-    bounded("shutdown", m.shutdown()).await.unwrap();
-
-    let m = open_manager(&path, compression).await;
-    let s1: Option<Value> = bounded("load", m.load_session("s1")).await.unwrap();
-    assert_eq!(s1, Some(json!({ "step": 2 })));
-    let s2: Option<Value> = bounded("load", m.load_session("s2")).await.unwrap();
-    assert_eq!(s2, Some(big));
-    let gone: Option<Value> = bounded("load", m.load_session("gone")).await.unwrap();
-    assert_eq!(gone, None, "a deleted session came back");
-    let ids: Vec<_> = bounded("list", m.list_checkpoints("s1"))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    assert_eq!(ids, [cp1.clone(), cp2]);
-    let restored = bounded("restore", m.restore_checkpoint(&cp1)).await.unwrap();
-    assert_eq!(restored.map(|c| c.data), Some(json!({ "step": 1 })));
-    let mut sessions: Vec<String> = bounded("list sessions", m.list_sessions())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.session_id.to_string())
-        .collect();
-    sessions.sort();
-    assert_eq!(sessions, ["s1", "s2"]);
-    bounded("shutdown", m.shutdown()).await.unwrap();
+    oracle::state_survives_reopen(|| open_manager(&path, compression)).await;
     // A store's files: the database and its lock; the WAL is checkpointed and removed
     // when the last connection closes.
     let mut names: Vec<String> = std::fs::read_dir(path.parent().unwrap())
@@ -222,78 +186,19 @@ fn foreign_database_is_refused() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Crash test: a child saves in a loop, acking each Ok on stdout, and is SIGKILLed.
+// Crash test: a child saves in a loop, acking each Ok on stdout, and is SIGKILLed
+// (`common::oracle`: the loop, the child's saves and the check are the other backends').
 
 /// Set in the child's environment to the database path; makes `crash_child` the saver.
 const CHILD_ENV: &str = "MARS_SQLITE_CRASH_CHILD";
-const SESSIONS: u64 = 4;
-
-fn session(s: u64) -> String {
-    format!("crash-s{s}")
-}
-
-/// What `seq` is: every third one a checkpoint, sessions take turns.
-fn op_of(seq: u64) -> (u64, bool) {
-    (seq % SESSIONS, seq.is_multiple_of(3))
-}
-
-/// The value saved at `seq`: 200 bytes to 8 KB, determined by `seq`.
-fn payload(seq: u64) -> Value {
-    let len = 200 + (seq.wrapping_mul(7919) % 8000) as usize;
-    let c = char::from(b'a' + (seq % 26) as u8);
-    json!({ "seq": seq, "pad": c.to_string().repeat(len) })
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
 
 /// The child: a no-op unless the parent set `CHILD_ENV`.
 #[test]
 fn crash_child() {
     let Some(path) = std::env::var_os(CHILD_ENV) else { return };
-    runtime().block_on(async {
-        let m = open_manager(Path::new(&path), None).await;
-        // Resume from what is stored, so seqs keep rising across rounds.
-        let mut seq = 0;
-        for s in 0..SESSIONS {
-            if let Some(v) = m.load_session(&session(s)).await.unwrap() {
-                seq = seq.max(v["seq"].as_u64().unwrap());
-            }
-            if let Some(last) = m.list_checkpoints(&session(s)).await.unwrap().last() {
-                let cp = m.restore_checkpoint(&last.id).await.unwrap().unwrap();
-                seq = seq.max(cp.data["seq"].as_u64().unwrap());
-            }
-        }
-        let mut out = std::io::stdout();
-        out.write_all(b"\n").unwrap();
-        let started = Instant::now();
-        while started.elapsed() < LIMIT {
-            seq += 1;
-            let (s, checkpoint) = op_of(seq);
-            let line = if checkpoint {
-                let id = m.create_checkpoint(session(s), "main", &payload(seq)).await.unwrap();
-                format!("ack {seq} cp {id}\n")
-            } else {
-                m.save_session(session(s), &payload(seq)).await.unwrap();
-                format!("ack {seq} save\n")
-            };
-            out.write_all(line.as_bytes()).unwrap();
-            out.flush().unwrap();
-        }
+    oracle::run_saving_child(async move {
+        SqliteStorageBackend::options().lock_wait(Duration::from_secs(5)).open(path).unwrap()
     });
-}
-
-/// A small xorshift generator for kill delays; the seed is printed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]
@@ -301,137 +206,64 @@ fn sigkill_while_saving() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    let rounds: usize =
-        std::env::var("MARS_SQLITE_CRASH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
-    let seed =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-            as u64
-            | 1;
-    println!("kill delays from seed {seed}");
-    let mut rng = XorShift(seed);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.db");
-    // Highest acked save per session; every acked checkpoint (id, seq).
-    let mut acked_save = [0u64; SESSIONS as usize];
-    let mut acked_cps: Vec<(CheckpointId, u64)> = Vec::new();
-    let mut total_acks = 0;
-    for round in 0..rounds {
-        let acks = kill_a_child(&path, Duration::from_millis(2 + rng.next() % 60));
-        total_acks += acks.len();
-        for (seq, cp) in acks {
-            let (s, _) = op_of(seq);
-            match cp {
-                Some(id) => acked_cps.push((id.parse().unwrap(), seq)),
-                None => acked_save[s as usize] = acked_save[s as usize].max(seq),
-            }
-        }
-        runtime().block_on(check_store(&path, &acked_save, &acked_cps, round));
-    }
-    println!(
-        "{rounds} kills, {total_acks} acknowledged writes, {} checkpoints: none lost, none corrupt",
-        acked_cps.len()
+    let rt = oracle::runtime();
+    oracle::sigkill_child_rounds(
+        "SIGKILL of a process saving to SQLite",
+        "MARS_SQLITE_CRASH_ROUNDS",
+        || oracle::child_command("crash_child", CHILD_ENV, &path),
+        |acked, counts, label| rt.block_on(check_store(&path, acked, counts, label)),
     );
 }
 
-/// Runs a child until its first ack, lets it save for `delay` more, SIGKILLs it, and
-/// returns every ack it printed: (seq, checkpoint id for a checkpoint).
-fn kill_a_child(path: &Path, delay: Duration) -> Vec<(u64, Option<String>)> {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + LIMIT;
-    // Wait (bounded) for the first ack: the child has opened the store and is saving.
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("the child printed no ack within {LIMIT:?}")
-        });
-        let first = line.starts_with("ack ");
-        lines.push(line);
-        if first {
-            break;
-        }
-    }
-    // The kill moment: a random delay after the first ack (not a synchronization).
-    std::thread::sleep(delay);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    reader.join().unwrap();
-    lines.extend(rx.try_iter());
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("ack "))
-        .map(|ack| {
-            let mut parts = ack.split(' ');
-            let seq: u64 = parts.next().unwrap().parse().unwrap();
-            let cp = match parts.next() {
-                Some("cp") => Some(parts.next().unwrap().to_owned()),
-                _ => None,
-            };
-            (seq, cp)
-        })
-        .collect()
-}
-
-/// Reopens the store after a kill: every acked save and checkpoint is there, exactly.
+/// Reopens the store after a kill and checks it (`common::oracle`; the findings are added to
+/// `counts`, which the caller asserts), then SQLite's own check of the file: every page and
+/// index entry consistent.
 async fn check_store(
-    path: &PathBuf,
-    acked_save: &[u64],
-    acked_cps: &[(CheckpointId, u64)],
-    round: usize,
+    path: &Path,
+    acked: &mut oracle::Acked,
+    counts: &mut oracle::Counts,
+    label: &str,
 ) {
-    let m = open_manager(path, None).await;
-    for s in 0..SESSIONS {
-        let stored = bounded("load", m.load_session(&session(s)))
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: session {s} does not load: {e}"));
-        let Some(stored) = stored else {
-            assert_eq!(acked_save[s as usize], 0, "round {round}: session {s} lost");
-            continue;
-        };
-        let seq = stored["seq"].as_u64().unwrap();
-        assert_eq!(stored, payload(seq), "round {round}: session {s} holds a wrong value");
-        assert!(
-            seq >= acked_save[s as usize],
-            "round {round}: session {s} holds seq {seq}, older than its acked {}",
-            acked_save[s as usize]
-        );
-        for cp in bounded("list", m.list_checkpoints(&session(s))).await.unwrap() {
-            let restored = bounded("restore", m.restore_checkpoint(&cp.id))
-                .await
-                .unwrap_or_else(|e| panic!("round {round}: checkpoint {} is damaged: {e}", cp.id));
-            let data = restored.unwrap().data;
-            assert_eq!(data, payload(data["seq"].as_u64().unwrap()), "round {round}");
-        }
-    }
-    for (id, seq) in acked_cps {
-        let restored = bounded("restore", m.restore_checkpoint(id)).await.unwrap();
-        assert_eq!(
-            restored.map(|c| c.data),
-            Some(payload(*seq)),
-            "round {round}: acked checkpoint {id} (seq {seq}) lost or wrong"
-        );
-    }
-    bounded("shutdown", m.shutdown()).await.unwrap();
-    // And SQLite's own check of the file: every page and index entry consistent.
+    let backend = SqliteStorageBackend::options()
+        .lock_wait(Duration::from_secs(5))
+        .open(path)
+        .unwrap_or_else(|e| panic!("{label}: reopening failed: {e}"));
+    oracle::check_backend(std::sync::Arc::new(backend), acked, counts, label).await;
     let db = rusqlite::Connection::open(path).unwrap();
     let check: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
-    assert_eq!(check, "ok", "round {round}: the database file is damaged");
+    assert_eq!(check, "ok", "{label}: the database file is damaged");
+}
+
+/// The check the crash tests rely on can fail: after a clean run, a removed session row and
+/// a checkpoint row holding another checkpoint's bytes are reported LOST and CORRUPT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crash_oracle_catches_lost_and_corrupt_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let workload = oracle::BACKEND_WORKLOAD;
+    let m = open_manager(&path, None).await;
+    let mut lines = Vec::new();
+    for seq in 1..=24 {
+        lines.push(bounded("apply", workload.apply(&m, seq)).await);
+    }
+    bounded("shutdown", m.shutdown()).await.unwrap();
+    let mut acked = oracle::Acked::new(workload);
+    assert_eq!(acked.read(&lines, "clean run"), 24);
+
+    let b = SqliteStorageBackend::options().lock_wait(Duration::from_secs(5)).open(&path).unwrap();
+    let session = StorageKey::new(format!("sessions/{}.json", oracle::crash_session(1))).unwrap();
+    assert!(bounded("delete", b.delete(&session)).await.unwrap(), "no row {session}");
+    let cps = StorageKey::new(format!("checkpoints/{}", oracle::crash_session(0))).unwrap();
+    let rows = bounded("list", b.list(&cps)).await.unwrap();
+    assert!(rows.len() >= 2, "session 0 has {} checkpoints", rows.len());
+    let other = bounded("get", b.get(&rows[1].key)).await.unwrap().unwrap();
+    bounded("put", b.put(&rows[0].key, other)).await.unwrap();
+    drop(b);
+
+    let mut counts = oracle::Counts::default();
+    check_store(&path, &mut acked, &mut counts, "damaged").await;
+    println!("crash oracle on a damaged store: {}", counts.summary());
+    assert!(counts.lost >= 1 && counts.corrupt >= 1, "the oracle missed damage: {counts:?}");
 }

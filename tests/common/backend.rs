@@ -358,14 +358,17 @@ pub fn locking_backend_only(test: &str) -> bool {
 }
 
 /// [`backend`], for a test under paused tokio time (`start_paused = true`): on a backend
-/// that waits for a thread of its own (SQLite's writer thread), each call runs on tokio's
-/// blocking pool, which keeps the paused clock from jumping ahead while the call is in
-/// flight. Without that, tokio sees an idle runtime while the writer commits, advances the
-/// clock to the next timer, and the manager's call timeout fires (`Timeout` after "30 s").
-/// The file backend's I/O runs on the blocking pool already and is returned as it is.
+/// that waits for a thread of its own (SQLite's writer thread) or a server without holding
+/// the clock (Redis), each call runs on tokio's blocking pool, which keeps the paused clock
+/// from jumping ahead while the call is in flight. Without that, tokio sees an idle runtime
+/// while the writer commits, advances the clock to the next timer, and the manager's call
+/// timeout fires (`Timeout` after "30 s"). The file backend's I/O runs on the blocking pool
+/// already, and the PostgreSQL backend holds the clock itself while it waits on the server
+/// (its `real_time` module): both are returned as they are, so the suites test them as an
+/// application's paused-clock tests would use them.
 pub fn backend_for_paused_time(dir: &Path) -> Arc<dyn StorageBackend> {
     let b = backend(dir);
-    if on_file_backend() { b } else { Arc::new(OnBlockingPool(b)) }
+    if matches!(backend_name(), "file" | "postgres") { b } else { Arc::new(OnBlockingPool(b)) }
 }
 
 /// Runs every call of the backend inside `spawn_blocking` (see [`backend_for_paused_time`]).

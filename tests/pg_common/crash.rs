@@ -1,47 +1,33 @@
-//! `crash_private_cluster`: a PostgreSQL cluster of the test's own (`initdb` in a temporary
-//! directory, its own port; run as the `postgres` user when the test runs as root) is
-//! stopped with `pg_ctl stop -m immediate` (no shutdown checkpoint: crash recovery at the
-//! next start) while a child process (this binary re-executed) saves and checkpoints,
-//! printing an ack after each `Ok`. After a restart every acked save and checkpoint is
-//! there, byte for byte. 20 rounds, or `MARS_PG_CRASH_ROUNDS`. The cluster is stopped and
-//! removed at the end by a guard, also when the test fails.
+//! The PostgreSQL crash tests, on the kill loop of `common::oracle` (shared with the SQLite
+//! and Redis backends): a child process (this binary re-executed, `crash_child`) saves and
+//! checkpoints in a loop, printing an ack after each `Ok`, and at a random moment
+//!
+//! - `sigkill_client_while_saving`: the child is SIGKILLed (50 rounds,
+//!   `MARS_PG_CLIENT_ROUNDS`), on the test server in a schema of its own;
+//! - `crash_private_cluster`: a PostgreSQL cluster of the test's own (`initdb` in a temporary
+//!   directory, its own port; run as the `postgres` user when the test runs as root) is
+//!   stopped with `pg_ctl stop -m immediate` (no shutdown checkpoint: crash recovery at the
+//!   next start), then the child is killed (20 rounds, `MARS_PG_CRASH_ROUNDS`). The cluster
+//!   is stopped and removed at the end by a guard, also when the test fails.
+//!
+//! After each round the store, reopened, holds every acked save and checkpoint byte for
+//! byte, nothing fails to load and the index agrees with the rows; the counts are printed.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use mars_state::{CheckpointId, PostgresStorageBackend, StateManager};
-use serde_json::{Value, json};
+use mars_state::PostgresStorageBackend;
 
-use super::{LIMIT, bounded};
+use super::{Schema, test_url};
+use crate::common::oracle::{self, Acked, Counts, CrashPlan};
 
-/// Set in the child's environment to `url|schema`; makes `crash_child` the saver.
+/// Set in the child's environment to `<url> <schema>`; makes `crash_child` the saver.
 pub const CRASH_CHILD_ENV: &str = "MARS_PG_CRASH_CHILD";
 const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The schema of the private cluster's store.
 const SCHEMA: &str = "crash";
-const SESSIONS: u64 = 4;
-
-fn session(s: u64) -> String {
-    format!("crash-s{s}")
-}
-
-/// What `seq` is: every third one a checkpoint, sessions take turns.
-fn op_of(seq: u64) -> (u64, bool) {
-    (seq % SESSIONS, seq.is_multiple_of(3))
-}
-
-/// The value saved at `seq`: 200 bytes to 8 KB, determined by `seq`.
-fn payload(seq: u64) -> Value {
-    let len = 200 + (seq.wrapping_mul(7919) % 8000) as usize;
-    let c = char::from(b'a' + (seq % 26) as u8);
-    json!({ "seq": seq, "pad": c.to_string().repeat(len) })
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
 
 /// A private cluster, stopped and removed on drop.
 struct Cluster {
@@ -142,191 +128,60 @@ impl Drop for Cluster {
     }
 }
 
-async fn open_manager(url: &str) -> StateManager {
-    let backend = PostgresStorageBackend::options().schema(SCHEMA).connect(url).await;
-    let backend = backend.unwrap_or_else(|e| panic!("cannot connect to the private cluster: {e}"));
-    bounded("start", StateManager::start(backend)).await.unwrap()
+async fn connect(url: &str, schema: &str) -> PostgresStorageBackend {
+    let backend = PostgresStorageBackend::options().schema(schema).connect(url).await;
+    backend.unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {url}: {e}"))
 }
 
 /// The child: a no-op unless the parent set `CRASH_CHILD_ENV`.
 pub fn crash_child() {
-    let Ok(url) = std::env::var(CRASH_CHILD_ENV) else { return };
-    runtime().block_on(async {
-        let m = open_manager(&url).await;
-        // Resume from what is stored, so seqs keep rising across rounds.
-        let mut seq = 0;
-        for s in 0..SESSIONS {
-            if let Some(v) = m.load_session(&session(s)).await.unwrap() {
-                seq = seq.max(v["seq"].as_u64().unwrap());
-            }
-            if let Some(last) = m.list_checkpoints(&session(s)).await.unwrap().last() {
-                let cp = m.restore_checkpoint(&last.id).await.unwrap().unwrap();
-                seq = seq.max(cp.data["seq"].as_u64().unwrap());
-            }
-        }
-        let mut out = std::io::stdout();
-        let started = Instant::now();
-        while started.elapsed() < LIMIT {
-            seq += 1;
-            let (s, checkpoint) = op_of(seq);
-            let line = if checkpoint {
-                match m.create_checkpoint(session(s), "main", &payload(seq)).await {
-                    Ok(id) => format!("ack {seq} cp {id}\n"),
-                    Err(e) => format!("err {seq} {:?}\n", e.kind()),
-                }
-            } else {
-                match m.save_session(session(s), &payload(seq)).await {
-                    Ok(()) => format!("ack {seq} save\n"),
-                    Err(e) => format!("err {seq} {:?}\n", e.kind()),
-                }
-            };
-            out.write_all(line.as_bytes()).unwrap();
-            out.flush().unwrap();
-        }
-    });
+    let Ok(target) = std::env::var(CRASH_CHILD_ENV) else { return };
+    let (url, schema) = target.split_once(' ').unwrap();
+    oracle::run_saving_child(connect(url, schema));
 }
 
-/// A small xorshift generator for the crash moments; the seed is printed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+/// The command that runs the child on `schema` at `url`.
+fn child(url: &str, schema: &str) -> Command {
+    oracle::child_command("crash_child", CRASH_CHILD_ENV, format!("{url} {schema}"))
 }
 
-pub fn crash_private_cluster() {
-    let rounds: usize =
-        std::env::var("MARS_PG_CRASH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(20);
-    let seed =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-            as u64
-            | 1;
-    println!("crash moments from seed {seed}");
-    let mut rng = XorShift(seed);
-    let started = Instant::now();
-    let cluster = Cluster::init();
-    cluster.start();
-    let mut acked_save = [0u64; SESSIONS as usize];
-    let mut acked_cps: Vec<(CheckpointId, u64)> = Vec::new();
-    let (mut total_acks, mut total_errs) = (0, 0);
-    for round in 0..rounds {
-        let (acks, errs) =
-            crash_during_saves(&cluster, Duration::from_millis(5 + rng.next() % 250));
-        total_acks += acks.len();
-        total_errs += errs;
-        for (seq, cp) in acks {
-            let (s, _) = op_of(seq);
-            match cp {
-                Some(id) => acked_cps.push((id.parse().unwrap(), seq)),
-                None => acked_save[s as usize] = acked_save[s as usize].max(seq),
-            }
-        }
-        cluster.start();
-        runtime().block_on(check_store(&cluster.url(), &acked_save, &acked_cps, round));
-    }
-    println!(
-        "{rounds} immediate stops in {:?}: {total_acks} acknowledged writes ({} checkpoints), \
-         {total_errs} failed calls after the stops; every acknowledged write present",
-        started.elapsed(),
-        acked_cps.len()
+/// Reconnects after a round and checks the store (`common::oracle`).
+async fn check_store(url: &str, schema: &str, acked: &mut Acked, counts: &mut Counts, label: &str) {
+    oracle::check_backend(Arc::new(connect(url, schema).await), acked, counts, label).await;
+}
+
+pub fn sigkill_client_while_saving() {
+    let schema = Schema::new();
+    let url = test_url();
+    let rt = oracle::runtime();
+    oracle::sigkill_child_rounds(
+        "SIGKILL of a process saving to PostgreSQL",
+        "MARS_PG_CLIENT_ROUNDS",
+        || child(&url, schema.name()),
+        |acked, counts, label| rt.block_on(check_store(&url, schema.name(), acked, counts, label)),
     );
 }
 
-/// Runs a child until its first ack, lets it save for `delay` more, stops the server
-/// (immediate), kills the child, and returns its acks (seq, checkpoint id) and error count.
-fn crash_during_saves(cluster: &Cluster, delay: Duration) -> (Vec<(u64, Option<String>)>, usize) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CRASH_CHILD_ENV, cluster.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("the child printed no ack within {LIMIT:?}")
-        });
-        let first = line.starts_with("ack ");
-        lines.push(line);
-        if first {
-            break;
-        }
-    }
-    std::thread::sleep(delay);
-    cluster.stop_immediate();
-    // Whatever the child was told after the stop is in its output before the kill.
-    std::thread::sleep(Duration::from_millis(50));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    reader.join().unwrap();
-    lines.extend(rx.try_iter());
-    let errs = lines.iter().filter(|l| l.starts_with("err ")).count();
-    let acks = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("ack "))
-        .map(|ack| {
-            let mut parts = ack.split(' ');
-            let seq: u64 = parts.next().unwrap().parse().unwrap();
-            let cp = match parts.next() {
-                Some("cp") => Some(parts.next().unwrap().to_owned()),
-                _ => None,
-            };
-            (seq, cp)
-        })
-        .collect();
-    (acks, errs)
-}
-
-/// After a restart: every acked save and checkpoint is there, exactly.
-async fn check_store(
-    url: &str,
-    acked_save: &[u64],
-    acked_cps: &[(CheckpointId, u64)],
-    round: usize,
-) {
-    let m = open_manager(url).await;
-    for s in 0..SESSIONS {
-        let stored = bounded("load", m.load_session(&session(s)))
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: session {s} does not load: {e}"));
-        let Some(stored) = stored else {
-            assert_eq!(acked_save[s as usize], 0, "round {round}: session {s} lost");
-            continue;
-        };
-        let seq = stored["seq"].as_u64().unwrap();
-        assert_eq!(stored, payload(seq), "round {round}: session {s} holds a wrong value");
-        assert!(
-            seq >= acked_save[s as usize],
-            "round {round}: session {s} holds seq {seq}, older than its acked {}",
-            acked_save[s as usize]
-        );
-    }
-    for (id, seq) in acked_cps {
-        let restored = bounded("restore", m.restore_checkpoint(id)).await.unwrap();
-        assert_eq!(
-            restored.map(|c| c.data),
-            Some(payload(*seq)),
-            "round {round}: acked checkpoint {id} (seq {seq}) lost or wrong"
-        );
-    }
-    bounded("shutdown", m.shutdown()).await.unwrap();
+pub fn crash_private_cluster() {
+    let cluster = Cluster::init();
+    cluster.start();
+    let url = cluster.url();
+    let plan = CrashPlan {
+        label: "immediate stops of a private PostgreSQL cluster",
+        rounds: oracle::rounds_from_env("MARS_PG_CRASH_ROUNDS", 20),
+        delay_ms: (5, 255),
+        // Whatever the child was told after the stop is in its output before the kill.
+        exit_wait: Duration::from_millis(50),
+    };
+    let rt = oracle::runtime();
+    oracle::crash_rounds(
+        &plan,
+        oracle::BACKEND_WORKLOAD,
+        || child(&url, SCHEMA),
+        || cluster.stop_immediate(),
+        |acked, counts, label| {
+            cluster.start();
+            rt.block_on(check_store(&url, SCHEMA, acked, counts, label));
+        },
+    );
 }

@@ -1,6 +1,7 @@
 //! Helpers of `tests/postgres_backend.rs`: the server's URL, schemas and databases of a
 //! test's own (dropped by a guard, also when the test fails), admin statements, and the
-//! child processes of the migration, termination and crash tests.
+//! child processes of the migration, termination and crash tests (the crash tests' kill
+//! loop and checks are `common::oracle`'s).
 
 #![allow(dead_code)]
 
@@ -10,7 +11,7 @@ mod terminate;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-pub use crash::{CRASH_CHILD_ENV, crash_child, crash_private_cluster};
+pub use crash::{CRASH_CHILD_ENV, crash_child, crash_private_cluster, sigkill_client_while_saving};
 pub use terminate::terminated_connections_during_saves;
 
 /// Every awaited operation of a test finishes within this, or the test fails.

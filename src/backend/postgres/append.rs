@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedMutexGuard, watch};
 
-use super::Shared;
 use super::error::{Failure, MAX_VALUE};
 use super::writer::{Op, Stage, attempt_once, resolve};
+use super::{Shared, real_time};
 use crate::backend::StorageKey;
 use crate::error::{Result, StateError};
 use crate::sync::lock;
@@ -175,7 +175,7 @@ async fn flusher(shared: Arc<Shared>, appender: Arc<Appender>) {
         if !lock(&appender.state).queue.is_empty() {
             // Give a writer's transaction, if one is starting, the chance to take the pieces
             // along (one WAL flush instead of two).
-            tokio::time::sleep(PIGGYBACK_WAIT).await;
+            real_time::sleep(PIGGYBACK_WAIT).await;
         }
         let _turn = appender.committer.lock().await;
         let taken = take(&appender);
@@ -257,12 +257,10 @@ async fn commit(shared: &Shared, begin: &str, batch: &[Op]) -> Result<(), String
         let mut stage = Stage::Open;
         let bound = shared.attempt_bound();
         let result = match bound {
-            Some(bound) => {
-                tokio::time::timeout(bound, attempt_once(shared, begin, &ops, &mut stage))
-                    .await
-                    .unwrap_or(Err(Failure::Deadline(bound)))
-            }
-            None => attempt_once(shared, begin, &ops, &mut stage).await,
+            Some(bound) => real_time::within(bound, attempt_once(shared, begin, &ops, &mut stage))
+                .await
+                .unwrap_or(Err(Failure::Deadline(bound))),
+            None => real_time::hold(attempt_once(shared, begin, &ops, &mut stage)).await,
         };
         let failure = match result {
             Ok(_) => return Ok(()),
@@ -281,6 +279,6 @@ async fn commit(shared: &Shared, begin: &str, batch: &[Op]) -> Result<(), String
             return Err(failure.reason());
         }
         attempt += 1;
-        tokio::time::sleep(Duration::from_millis((25 << (2 * attempt)).min(1000))).await;
+        real_time::sleep(Duration::from_millis((25 << (2 * attempt)).min(1000))).await;
     }
 }

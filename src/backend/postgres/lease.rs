@@ -60,11 +60,12 @@ impl Shared {
             committed?;
             Ok::<_, Failure>(rows)
         };
+        // Bounded in real time (`real_time`), as every wait of the backend on the server.
         let rows = match self.attempt_bound() {
-            Some(bound) => {
-                tokio::time::timeout(bound, run).await.unwrap_or(Err(Failure::Deadline(bound)))?
-            }
-            None => run.await?,
+            Some(bound) => super::real_time::within(bound, run)
+                .await
+                .unwrap_or(Err(Failure::Deadline(bound)))?,
+            None => super::real_time::hold(run).await?,
         };
         conn.keep();
         Ok(rows)

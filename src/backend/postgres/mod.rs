@@ -4,9 +4,10 @@
 //! deadpool pool of `tokio_postgres` clients, no TLS), the reads and the [`StorageBackend`]
 //! impl. `options.rs` connects ([`PostgresOptions`]); `schema.rs` holds the tables, their
 //! migrations and the durability checks; `writer.rs` the group-commit writers (fenced
-//! writes among them); `lease.rs` the leases;
-//! `error.rs` the mapping of failures to [`StateError`]. It calls nothing above the
-//! backends.
+//! writes among them); `lease.rs` the leases; `error.rs` the mapping of failures to
+//! [`StateError`]; `real_time.rs` every wait on the server (timeouts, backoffs), measured in
+//! real time so that a paused tokio clock neither fires them early nor stops them. It calls
+//! nothing above the backends.
 //!
 //! Durability contract, and why each piece is there:
 //! - an `Ok` from put or delete means the transaction holding it committed with
@@ -43,6 +44,7 @@ mod append;
 mod error;
 mod lease;
 mod options;
+mod real_time;
 mod schema;
 mod writer;
 
@@ -162,9 +164,10 @@ impl Shared {
         }
     }
 
-    /// A connection from the pool, within the connect timeout.
+    /// A connection from the pool (waiting for a free one, or connecting), within the
+    /// connect timeout of real time (`real_time`: the pool itself has no timers).
     async fn connection(&self) -> Result<Object, Failure> {
-        match tokio::time::timeout(self.connect_timeout, self.pool.get()).await {
+        match real_time::within(self.connect_timeout, self.pool.get()).await {
             Ok(got) => Ok(got?),
             Err(_) => Err(Failure::Pool(format!(
                 "no PostgreSQL connection within {} ms",
@@ -205,7 +208,7 @@ impl Shared {
                         && attempt < READ_RETRIES =>
                 {
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                    real_time::sleep(Duration::from_millis(20 << attempt)).await;
                 }
                 result => return result,
             }
@@ -220,7 +223,7 @@ impl Shared {
         let mut conn = Discard::new(self.connection().await?);
         let rows = match self.statement_timeout {
             Some(bound) => {
-                match tokio::time::timeout(bound, query(conn.client(), self.prepared, sql, params))
+                match real_time::within(bound, query(conn.client(), self.prepared, sql, params))
                     .await
                 {
                     Ok(rows) => rows?,
@@ -234,7 +237,7 @@ impl Shared {
                     }
                 }
             }
-            None => query(conn.client(), self.prepared, sql, params).await?,
+            None => real_time::hold(query(conn.client(), self.prepared, sql, params)).await?,
         };
         conn.keep();
         Ok(rows)

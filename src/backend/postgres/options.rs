@@ -5,12 +5,12 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::PostgresStorageBackend;
 use super::error::Failure;
 use super::schema::{self, MigrateError};
+use super::{PostgresStorageBackend, real_time};
 use crate::error::{Result, StateError};
 
 /// Write transactions at once unless [`PostgresOptions::writers`] says otherwise.
@@ -171,7 +171,9 @@ impl PostgresOptions {
                       postgres://user@host:port/db or key=value pairs)"
                 .to_owned(),
         })?;
-        config.connect_timeout(self.connect_timeout);
+        // No `config.connect_timeout` and no pool timeouts: they are tokio timers, which a
+        // paused test clock fires while the server is still answering. The backend bounds
+        // every wait for a connection itself, in real time (`real_time`, `Shared::connection`).
         if config.get_application_name().is_none() {
             config.application_name("mars-state");
         }
@@ -184,10 +186,6 @@ impl PostgresOptions {
         );
         let pool = Pool::builder(manager)
             .max_size(self.pool_size.max(1))
-            .wait_timeout(Some(self.connect_timeout))
-            .create_timeout(Some(self.connect_timeout))
-            .recycle_timeout(Some(self.connect_timeout))
-            .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StateError::Config { message: format!("PostgreSQL pool: {e}") })?;
         self.from_pool(pool).await
@@ -219,7 +217,9 @@ impl PostgresOptions {
         }
         let shared = super::Shared::new(pool, &schema, self);
         let client = shared.connection().await.map_err(|f| connect_error(&f))?;
-        let problems = schema::durability_problems(&client).await.map_err(|f| connect_error(&f))?;
+        let problems = real_time::hold(schema::durability_problems(&client))
+            .await
+            .map_err(|f| connect_error(&f))?;
         if !problems.is_empty() {
             if !self.best_effort {
                 return Err(StateError::Config {
@@ -235,7 +235,9 @@ impl PostgresOptions {
                 "PostgreSQL backend in best-effort mode: an acknowledged write may be lost"
             );
         }
-        match schema::migrate(&client, &schema, &self.schema).await {
+        // Unbounded as before (it may wait for another process's migration), but held in
+        // real time like every wait on the server.
+        match real_time::hold(schema::migrate(&client, &schema, &self.schema)).await {
             Ok(()) => {}
             Err(MigrateError::Newer(e)) => return Err(e),
             Err(MigrateError::Failed(f)) => {

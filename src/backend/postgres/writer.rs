@@ -36,7 +36,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::append::{Appender, Ride};
 use super::error::{Failure, MAX_VALUE, outcome_unknown};
-use super::{Discard, Shared};
+use super::{Discard, Shared, real_time};
 use tokio_postgres::types::Type;
 
 use crate::backend::{Fence, KeyClass, RecordMeta, StorageKey};
@@ -408,13 +408,14 @@ async fn commit_batch(
             let riding = ride.iter().flat_map(|(_, ride)| ride.ops.iter());
             let ops: Vec<&Op> = batch.iter().map(|r| &r.op).chain(riding).collect();
             match bound {
-                Some(bound) => tokio::time::timeout(
-                    bound,
-                    attempt_once(shared, &shared.begin, &ops, &mut stage),
-                )
-                .await
-                .unwrap_or(Err(Failure::Deadline(bound))),
-                None => attempt_once(shared, &shared.begin, &ops, &mut stage).await,
+                Some(bound) => {
+                    real_time::within(bound, attempt_once(shared, &shared.begin, &ops, &mut stage))
+                        .await
+                        .unwrap_or(Err(Failure::Deadline(bound)))
+                }
+                None => {
+                    real_time::hold(attempt_once(shared, &shared.begin, &ops, &mut stage)).await
+                }
             }
         };
         let failure = match attempt_result {
@@ -462,7 +463,7 @@ async fn commit_batch(
                 reason = %failure.reason(),
                 "PostgreSQL write transaction failed; retrying on a fresh connection"
             );
-            tokio::time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
+            real_time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
             continue;
         }
         end_ride(ride, Err(failure.reason()));
@@ -510,7 +511,8 @@ fn answer(batch: Vec<Req>, found: Vec<Done>, maybe_committed: bool, bound: Optio
 pub(super) async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
     use tokio_postgres::types::Type;
     let xid = xid?;
-    let deadline = tokio::time::Instant::now() + shared.connect_timeout;
+    // Real time, as every wait on the server (`real_time`).
+    let deadline = std::time::Instant::now() + shared.connect_timeout;
     loop {
         let status = async {
             let mut conn = Discard::new(shared.connection().await?);
@@ -520,16 +522,17 @@ pub(super) async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
             let status: Option<String> = rows.first().and_then(|r| r.try_get(0).ok());
             Ok::<_, Failure>(status)
         };
-        match tokio::time::timeout_at(deadline, status).await {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match real_time::within(left, status).await {
             Ok(Ok(Some(s))) if s == "committed" => return Some(true),
             Ok(Ok(Some(s))) if s == "aborted" => return Some(false),
             Ok(Ok(Some(_))) | Ok(Err(_)) => {} // in progress, or the server is away
             Ok(Ok(None)) | Err(_) => return None,
         }
-        if tokio::time::Instant::now() >= deadline {
+        if std::time::Instant::now() >= deadline {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        real_time::sleep(Duration::from_millis(50)).await;
     }
 }
 
