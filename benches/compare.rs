@@ -3,8 +3,16 @@
 //! `SqliteSaver` on the operations of issue 6's target table, and prints each of our figures
 //! as a ratio to each of theirs, against the target.
 //!
-//! Run: `cargo bench --bench compare` (full; 10-20 minutes with the peers; add `--features sqlite`
-//! for the SQLite backend's rows) or
+//! With `--features sqlite,postgres,redis` it also measures the SQLite, PostgreSQL and Redis
+//! backends: SQLite against `SqliteSaver`; PostgreSQL against raw upserts on 1 and 16
+//! connections and LangGraph's `PostgresSaver` (`pg_bench.py`, a peer), in a database of the
+//! run's own with a random name on `MARS_STATE_BENCH_PG_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), dropped at the end; Redis on a private
+//! `redis-server` (`appendonly yes`, `appendfsync always`, its directory in the data
+//! directory) against one `SET` per round trip on that same server, stopped at the end.
+//!
+//! Run: `cargo bench --bench compare` (full; 10-20 minutes with the peers; add `--features
+//! sqlite,postgres,redis` for the backends' rows) or
 //! `cargo bench --bench compare -- --quick` (a smoke run of a few minutes). Options:
 //! `--no-peers`, `--no-memory`, `--data DIR` (where every store and database lives; default
 //! `target/compare/data`), `--sessions N` (memory rows; default 100,000, 10,000 quick),
