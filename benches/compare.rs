@@ -3,8 +3,16 @@
 //! `SqliteSaver` on the operations of issue 6's target table, and prints each of our figures
 //! as a ratio to each of theirs, against the target.
 //!
-//! Run: `cargo bench --bench compare` (full; 10-20 minutes with the peers; add `--features sqlite`
-//! for the SQLite backend's rows) or
+//! With `--features sqlite,postgres,redis` it also measures the SQLite, PostgreSQL and Redis
+//! backends: SQLite against `SqliteSaver`; PostgreSQL against raw upserts on 1 and 16
+//! connections and LangGraph's `PostgresSaver` (`pg_bench.py`, a peer), in a database of the
+//! run's own with a random name on `MARS_STATE_BENCH_PG_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), dropped at the end; Redis on a private
+//! `redis-server` (`appendonly yes`, `appendfsync always`, its directory in the data
+//! directory) against one `SET` per round trip on that same server, stopped at the end.
+//!
+//! Run: `cargo bench --bench compare` (full; 10-20 minutes with the peers; add `--features
+//! sqlite,postgres,redis` for the backends' rows) or
 //! `cargo bench --bench compare -- --quick` (a smoke run of a few minutes). Options:
 //! `--no-peers`, `--no-memory`, `--data DIR` (where every store and database lives; default
 //! `target/compare/data`), `--sessions N` (memory rows; default 100,000, 10,000 quick),
@@ -65,6 +73,10 @@ struct Opts {
     sessions: usize,
     update_docs: bool,
     command: String,
+    /// The run's own PostgreSQL database (created at the start, dropped at the end), if the
+    /// server answered.
+    #[cfg(feature = "postgres")]
+    pg: Option<PgDb>,
 }
 
 fn parse_args() -> Opts {
@@ -124,11 +136,27 @@ fn parse_args() -> Opts {
         } else {
             !quick && !args.iter().any(|a| a == "--no-update-docs")
         },
-        command: if args.is_empty() {
-            "cargo bench --bench compare".to_owned()
-        } else {
-            format!("cargo bench --bench compare -- {}", args.join(" "))
+        command: {
+            let features: Vec<&str> = [
+                ("sqlite", cfg!(feature = "sqlite")),
+                ("postgres", cfg!(feature = "postgres")),
+                ("redis", cfg!(feature = "redis")),
+            ]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect();
+            let mut c = "cargo bench".to_owned();
+            if !features.is_empty() {
+                let _ = write!(c, " --features {}", features.join(","));
+            }
+            c.push_str(" --bench compare");
+            if !args.is_empty() {
+                let _ = write!(c, " -- {}", args.join(" "));
+            }
+            c
         },
+        #[cfg(feature = "postgres")]
+        pg: None,
         out,
         manifest,
     };
@@ -355,26 +383,11 @@ async fn save_range(m: &StateManager, range: std::ops::Range<usize>, state: &Val
 }
 
 /// Saves per second with 64 sessions saving at once (each saves again as soon as its
-/// previous save is durable).
+/// previous save is durable; counted after an eighth of the budget of warm-up).
 async fn rate_64_sessions(o: &Opts, m: &StateManager, state: &Value) -> f64 {
-    let state = Arc::new(state.clone());
     let mut rates = Vec::new();
     for _ in 0..o.reps {
-        let start = Instant::now();
-        let done = Arc::new(AtomicU64::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for k in 0..64 {
-            let (m, state, done, budget) = (m.clone(), state.clone(), done.clone(), o.budget);
-            tasks.spawn(async move {
-                let sid = format!("c{k}");
-                while start.elapsed() < budget {
-                    m.save_session(&sid, &*state).await.unwrap();
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-        }
-        while tasks.join_next().await.transpose().unwrap().is_some() {}
-        rates.push(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64());
+        rates.push(common::saves_per_sec(m, 64, state, o.budget / 8, o.budget).await);
     }
     median(rates)
 }
@@ -525,8 +538,80 @@ fn measure_ours(o: &Opts, rt: &tokio::runtime::Runtime, states: &[Value; 3]) -> 
             drop(m);
             put("sqlite_load_cold_1kb", rate_cold(o, Setting::Sqlite, kb1, n_small).await);
         }
+
+        // The PostgreSQL backend (with `--features postgres`), each figure right after its
+        // raw baseline; PostgresSaver runs as a peer.
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = &o.pg {
+            measure_pg(o, pg, kb1, &mut put).await;
+        }
+
+        // The Redis backend (with `--features redis`) on a private durable server, right
+        // after plain SETs on the same server.
+        #[cfg(feature = "redis")]
+        measure_redis(o, kb1, &mut put).await;
     });
     f
+}
+
+/// The PostgreSQL rows, in a schema of their own in the run's database (dropped after).
+#[cfg(feature = "postgres")]
+async fn measure_pg(o: &Opts, pg: &PgDb, kb1: &Value, put: &mut impl FnMut(&'static str, f64)) {
+    use common::pg::{
+        create_schema, fill_checkpoints, load_latest_checkpoint, manager, raw_upserts,
+    };
+    let name = format!("ours_{}", random_hex());
+    let schema = format!("\"{name}\"");
+    let admin = common::pg::client(&pg.url).await.unwrap();
+    create_schema(&admin, &schema).await;
+    put("pg_raw_1conn", raw_upserts(&pg.url, &schema, 1, o.budget).await);
+    // The backend's defaults: 4 writers over a pool of 16 connections.
+    let m = manager(&pg.url, &name, 4, 16).await;
+    put("pg_save_1kb", rate_async(o, async |_| m.save_session("one", kb1).await.unwrap()).await);
+    put("pg_raw_16conn", raw_upserts(&pg.url, &schema, 16, o.budget).await);
+    put("pg_save_64x_1kb", rate_64_sessions(o, &m, kb1).await);
+    fill_checkpoints(&m, "deep", 1000, kb1).await;
+    put(
+        "pg_load_latest_1000",
+        rate_async(o, async |_| load_latest_checkpoint(&m, "deep").await).await,
+    );
+    put(
+        "pg_list_1000_ms",
+        latency_ms_async(o, async || {
+            assert_eq!(m.list_checkpoints("deep").await.unwrap().len(), 1000);
+        })
+        .await,
+    );
+    m.shutdown().await.unwrap();
+    admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+}
+
+/// The Redis rows, on a private `redis-server` (`appendfsync always`) whose directory is
+/// in the data directory, stopped and removed after.
+#[cfg(feature = "redis")]
+async fn measure_redis(o: &Opts, kb1: &Value, put: &mut impl FnMut(&'static str, f64)) {
+    use common::redis::{backend, manager, plain_sets_per_sec};
+    let dir = tempfile::tempdir_in(&o.data).unwrap();
+    // The later `--dir` wins: the append-only file is on the data directory's disk.
+    let server = common::redis_server::Server::start_with(&["--dir", dir.path().to_str().unwrap()]);
+    let url = server.url();
+    let mut plain = Vec::new();
+    for _ in 0..o.reps {
+        plain.push(plain_sets_per_sec(&url, o.budget).await);
+    }
+    put("redis_plain_set_1kb", median(plain));
+    let m = manager(backend(&url, &format!("compare-{}", random_hex())).await).await;
+    put("redis_save_64x_1kb", rate_64_sessions(o, &m, kb1).await);
+    m.shutdown().await.unwrap();
+    drop(server);
+}
+
+/// 16 random hex digits, for names no other run uses.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+fn random_hex() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1027,6 +1112,120 @@ fn run_langgraph(o: &Opts) -> Result<Figures, String> {
     Ok(f)
 }
 
+/// The run's own database on the PostgreSQL server (`MARS_STATE_BENCH_PG_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/postgres`): ours works in schemas of its own in it,
+/// `pg_bench.py` in its `public` schema. Dropped when this is dropped.
+#[cfg(feature = "postgres")]
+#[derive(Clone)]
+struct PgDb {
+    /// The server, as given.
+    admin_url: String,
+    /// The run's database on it.
+    url: String,
+    name: String,
+    host: String,
+    port: u16,
+    user: String,
+}
+
+#[cfg(feature = "postgres")]
+impl PgDb {
+    /// Creates a database with a random name on the server.
+    async fn create() -> Result<PgDb, String> {
+        let admin_url = common::pg::url();
+        let config: tokio_postgres::Config =
+            admin_url.parse().map_err(|e| format!("{admin_url}: {e}"))?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => return Err(format!("{admin_url}: the bench wants a TCP host")),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("postgres").to_owned();
+        let name = format!("mars_compare_{}", random_hex());
+        let admin = common::pg::client(&admin_url).await.map_err(|e| e.to_string())?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .map_err(|e| e.to_string())?;
+        let url = format!("postgres://{user}@{host}:{port}/{name}");
+        Ok(PgDb { admin_url, url, name, host, port, user })
+    }
+
+    /// Drops the database (and ends any session still in it).
+    fn drop_database(&self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Its own thread and runtime: this may run while the bench's runtime is gone.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let admin = common::pg::client(&admin_url).await.map_err(|e| e.to_string())?;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => println!("dropped the PostgreSQL database {}", self.name),
+            Ok(Err(e)) => {
+                println!("WARNING: could not drop the PostgreSQL database {}: {e}", self.name)
+            }
+            Err(_) => println!("WARNING: could not drop the PostgreSQL database {}", self.name),
+        }
+    }
+}
+
+/// LangGraph PostgresSaver figures (`pg_bench.py` in the run's database), keyed like ours.
+#[cfg(feature = "postgres")]
+fn run_pg_saver(o: &Opts) -> Result<Figures, String> {
+    script_exists(o, "pg_bench.py")?;
+    let pg = o.pg.as_ref().ok_or("the PostgreSQL server did not answer")?;
+    let python = ensure_venv(
+        o,
+        "langgraph-postgres",
+        (3, 10),
+        &["langgraph-checkpoint-postgres", "psycopg[binary]", "psycopg-pool"],
+        "import langgraph.checkpoint.postgres, psycopg, psycopg_pool",
+    )?;
+    // 64 threads: one per session of our 64-sessions row, on a pool of 64 connections.
+    let only = "put_1KB,read_1KB_thread1000_and_list,put_1KB_64threads_shared_saver";
+    let args: Vec<String> = vec![
+        "--runs".into(),
+        o.reps.to_string(),
+        "--seconds".into(),
+        format!("{}", (o.budget.as_secs_f64() * 1.25).max(0.5)),
+        "--host".into(),
+        pg.host.clone(),
+        "--port".into(),
+        pg.port.to_string(),
+        "--user".into(),
+        pg.user.clone(),
+        "--db".into(),
+        pg.name.clone(),
+        "--threads".into(),
+        "64".into(),
+        "--only".into(),
+        only.into(),
+    ];
+    let timeout = Duration::from_secs(if o.quick { 900 } else { 3600 });
+    let v = run_peer_script(o, &python, "pg_bench.py", "pg-saver", &args, timeout)?;
+    let med = &v["medians"];
+    let get = |key: &str, field: &str| med[key][field].as_f64();
+    let mut f = Figures::new();
+    let mut put = |name: &'static str, v: Option<f64>| {
+        if let Some(v) = v {
+            println!("  {name:<28} {v:>14.3}");
+            f.push((name, v));
+        }
+    };
+    put("put_1kb", get("put_1KB", "put_per_s"));
+    put("put_64x_1kb_shared", get("put_1KB_64threads_shared_saver", "put_per_s"));
+    put("get_latest_1000", get("read_1KB_thread1000_and_list", "get_latest_per_s"));
+    put("list_1000_ms", get("read_1KB_thread1000_and_list", "list_all_ms"));
+    Ok(f)
+}
+
 /// A peer run once per round; after its first failure it is skipped for the rest.
 struct Peer {
     name: &'static str,
@@ -1150,6 +1349,7 @@ struct Sources<'a> {
     ours: &'a Figures,
     marsys: &'a Figures,
     langgraph: &'a Figures,
+    pg_saver: &'a Figures,
 }
 
 fn look(f: &Figures, name: &str) -> Option<f64> {
@@ -1162,6 +1362,7 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
     let ms = |k, target| Cmp { against: "marsys 0.2.1", theirs: look(s.marsys, k), target };
     let lg =
         |k, target| Cmp { against: "LangGraph SqliteSaver", theirs: look(s.langgraph, k), target };
+    let pgs = |k, against, target| Cmp { against, theirs: look(s.pg_saver, k), target };
     let row = |key, label, unit, cmps| Row { key, label, unit, ours: ours(key), cmps };
     // The comparisons of a save figure, the same for direct writes and the write-ahead log
     // (but for the 64-at-once row, which only compares direct writes with parallel fsyncs).
@@ -1201,7 +1402,7 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
     };
     // The warm loads, parsed or as shared bytes, are compared with the same figures.
     let load_warm_1kb = || vec![lg("get_1kb", Some(2.5)), ms("load_warm_1kb", Some(15.0))];
-    vec![
+    let mut rows = vec![
         row("save_1kb", "durable save 1 KB, one session, direct writes", Unit::PerSec, save_1kb()),
         row(
             "save_64x_1kb",
@@ -1312,6 +1513,42 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
             vec![lg("get_1kb", Some(1.5)), raw("load_cold_1kb", "the file backend", None)],
         ),
         row(
+            "pg_save_1kb",
+            "PostgreSQL backend: durable save 1 KB, one session",
+            Unit::PerSec,
+            vec![
+                raw("pg_raw_1conn", "raw upsert, 1 connection", Some(0.9)),
+                pgs("put_1kb", "LangGraph PostgresSaver put", Some(1.0)),
+            ],
+        ),
+        row(
+            "pg_save_64x_1kb",
+            "PostgreSQL backend: durable saves 1 KB, 64 sessions at once",
+            Unit::PerSec,
+            vec![
+                raw("pg_raw_16conn", "raw upsert, 16 connections", Some(1.5)),
+                pgs("put_64x_1kb_shared", "PostgresSaver shared by 64 threads", Some(20.0)),
+            ],
+        ),
+        row(
+            "pg_load_latest_1000",
+            "PostgreSQL backend: latest checkpoint of a session of 1,000",
+            Unit::PerSec,
+            vec![pgs("get_latest_1000", "PostgresSaver get_tuple (latest)", Some(5.0))],
+        ),
+        row(
+            "pg_list_1000_ms",
+            "PostgreSQL backend: list 1,000 checkpoints, 1 KB states",
+            Unit::Ms,
+            vec![pgs("list_1000_ms", "PostgresSaver list", Some(50.0))],
+        ),
+        row(
+            "redis_save_64x_1kb",
+            "Redis backend (appendfsync always): durable saves 1 KB, 64 sessions at once",
+            Unit::PerSec,
+            vec![raw("redis_plain_set_1kb", "same Redis, one SET per round trip", Some(3.0))],
+        ),
+        row(
             "mem_sessions_idle_mib",
             "RSS, N sessions touched, then idle (passivated)",
             Unit::MiB,
@@ -1323,7 +1560,13 @@ fn rows(s: &Sources<'_>) -> Vec<Row> {
             Unit::MiB,
             vec![raw("mem_live_actors_mib", "N live ractor actors", None)],
         ),
-    ]
+    ];
+    // The server backends' rows only when their features are compiled in.
+    rows.retain(|r| {
+        (cfg!(feature = "postgres") || !r.key.starts_with("pg_"))
+            && (cfg!(feature = "redis") || !r.key.starts_with("redis_"))
+    });
+    rows
 }
 
 struct Line {
@@ -1658,6 +1901,19 @@ fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
+/// Drops the run's PostgreSQL database when the run ends, or unwinds.
+#[cfg(feature = "postgres")]
+struct DropDb(Option<PgDb>);
+
+#[cfg(feature = "postgres")]
+impl Drop for DropDb {
+    fn drop(&mut self) {
+        if let Some(pg) = &self.0 {
+            pg.drop_database();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 
 fn main() {
@@ -1666,7 +1922,8 @@ fn main() {
         run_child(argv.get(i + 1).map_or("", String::as_str), &argv[i + 2..]);
         return;
     }
-    let o = parse_args();
+    #[allow(unused_mut)] // set only with the postgres feature
+    let mut o = parse_args();
     let started = Instant::now();
     println!(
         "mars-state comparison runner ({})",
@@ -1685,12 +1942,30 @@ fn main() {
     println!("state sizes (compact JSON): {sizes:?} bytes");
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    #[cfg(feature = "postgres")]
+    let _pg_guard = {
+        o.pg = match rt.block_on(PgDb::create()) {
+            Ok(pg) => {
+                println!("PostgreSQL: database {} (dropped at the end)", pg.name);
+                Some(pg)
+            }
+            Err(e) => {
+                println!("PostgreSQL: SKIPPED, no database: {e}");
+                None
+            }
+        };
+        DropDb(o.pg.clone())
+    };
 
     // Rounds: in each, every contender runs once, one after the other, so a slow spell of
     // the machine hits all of them rather than one; each figure is the median over rounds.
     let one = Opts { reps: 1, ..o.clone() };
-    let mut peers =
-        [Peer::new("marsys 0.2.1", run_marsys), Peer::new("LangGraph SqliteSaver", run_langgraph)];
+    let mut peers = vec![
+        Peer::new("marsys 0.2.1", run_marsys),
+        Peer::new("LangGraph SqliteSaver", run_langgraph),
+    ];
+    #[cfg(feature = "postgres")]
+    peers.push(Peer::new("LangGraph PostgresSaver", run_pg_saver));
     let mut ours_rounds = Vec::new();
     for round in 1..=o.reps {
         println!("\n== round {round} of {}", o.reps);
@@ -1711,9 +1986,20 @@ fn main() {
     };
     let peer_status: serde_json::Map<String, Value> =
         peers.iter().map(|p| (p.name.to_owned(), json!(p.status(o.reps)))).collect();
-    let [marsys, langgraph] = peers.map(|p| median_figures(&p.rounds));
+    let peer_figures = |name: &str| {
+        peers
+            .iter()
+            .find(|p| p.name == name)
+            .map_or_else(Figures::new, |p| median_figures(&p.rounds))
+    };
+    let (marsys, langgraph, pg_saver) = (
+        peer_figures("marsys 0.2.1"),
+        peer_figures("LangGraph SqliteSaver"),
+        peer_figures("LangGraph PostgresSaver"),
+    );
 
-    let rows = rows(&Sources { ours: &ours, marsys: &marsys, langgraph: &langgraph });
+    let rows =
+        rows(&Sources { ours: &ours, marsys: &marsys, langgraph: &langgraph, pg_saver: &pg_saver });
     let lines = lines(&rows);
     print_table(&rows, &lines, o.sessions);
 
@@ -1739,7 +2025,10 @@ fn main() {
         "state_json_bytes": sizes,
         "memory_n": o.sessions,
         "peers": peer_status,
-        "figures": {"ours_and_baselines": to_map(&ours), "marsys": to_map(&marsys), "langgraph": to_map(&langgraph)},
+        "figures": {
+            "ours_and_baselines": to_map(&ours), "marsys": to_map(&marsys),
+            "langgraph": to_map(&langgraph), "langgraph_postgres": to_map(&pg_saver),
+        },
         "memory": mem_raw,
         "rows": lines.iter().map(|l| {
             let r = &rows[l.row];

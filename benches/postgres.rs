@@ -17,24 +17,16 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{SIZES, agent_state};
-use mars_state::{PostgresStorageBackend, StateManager};
-
-fn url() -> String {
-    std::env::var("MARS_STATE_BENCH_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
+use common::pg::{
+    client, create_schema, fill_checkpoints, load_latest_checkpoint, manager, raw_upserts, url,
+};
+use common::{save_64_at_once, state_1kb};
+use mars_state::PostgresStorageBackend;
 
 fn seconds() -> Duration {
     let s: f64 =
         std::env::var("MARS_STATE_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     Duration::from_secs_f64(s)
-}
-
-async fn client() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
 }
 
 /// Runs `op` in a loop for the bench's seconds; returns operations per second (each call of
@@ -54,85 +46,30 @@ where
     (n as usize * per_call) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Raw upserts of 1 KB rows, one per transaction (autocommit), on `conns` connections each
-/// writing its own keys.
-async fn raw_upserts(schema: &str, conns: usize) -> f64 {
-    let sql = format!(
-        "INSERT INTO {schema}.bench_raw (key, value) VALUES ($1, $2) \
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-    );
-    let value = vec![b'x'; 1024];
-    let mut tasks = tokio::task::JoinSet::new();
-    let (start, budget) = (Instant::now(), seconds());
-    for c in 0..conns {
-        let (sql, value) = (sql.clone(), value.clone());
-        tasks.spawn(async move {
-            let client = client().await;
-            let st = client.prepare(&sql).await.unwrap();
-            let mut n = 0u64;
-            while start.elapsed() < budget {
-                let key = format!("k{c}-{}", n % 64);
-                client.execute(&st, &[&key, &value]).await.unwrap();
-                n += 1;
-            }
-            n
-        });
-    }
-    let mut total = 0;
-    while let Some(n) = tasks.join_next().await {
-        total += n.unwrap();
-    }
-    total as f64 / start.elapsed().as_secs_f64()
-}
-
-async fn manager(schema: &str, writers: usize, pool: usize) -> StateManager {
-    let backend = PostgresStorageBackend::options()
-        .schema(schema)
-        .pool_size(pool)
-        .writers(writers)
-        .connect(&url())
-        .await
-        .unwrap();
-    StateManager::builder(backend)
-        .janitor_interval(Duration::from_secs(3600))
-        .start()
-        .await
-        .unwrap()
-}
-
 fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let schema_name = format!("mars_bench_{}", std::process::id());
     let schema = format!("\"{schema_name}\"");
+    let url = url();
+    let url = url.as_str();
     rt.block_on(async {
-        let admin = client().await;
-        admin
-            .batch_execute(&format!(
-                "CREATE SCHEMA {schema}; \
-                 CREATE TABLE {schema}.bench_raw (key text PRIMARY KEY, value bytea NOT NULL)"
-            ))
-            .await
-            .unwrap();
-        let (label, size) = SIZES[0];
-        assert_eq!(label, "1KB");
-        let state = Arc::new(agent_state(size));
+        let admin = client(url).await.unwrap();
+        create_schema(&admin, &schema).await;
+        let state = Arc::new(state_1kb());
         let secs = seconds().as_secs_f64();
         println!("PostgreSQL backend bench, {secs} s per figure, 1 KB states");
 
-        let raw1 = raw_upserts(&schema, 1).await;
+        let raw1 = raw_upserts(url, &schema, 1, seconds()).await;
         println!("raw upsert 1 KB, 1 connection:        {raw1:>8.0} /s");
-        let raw16 = raw_upserts(&schema, 16).await;
+        let raw16 = raw_upserts(url, &schema, 16, seconds()).await;
         println!("raw upsert 1 KB, 16 connections:      {raw16:>8.0} /s");
 
         // The backend alone: a durable put, and a journal append.
         {
             use mars_state::{StorageBackend, StorageKey};
-            let b = PostgresStorageBackend::options()
-                .schema(&schema_name)
-                .connect(&url())
-                .await
-                .unwrap();
+            let b =
+                PostgresStorageBackend::options().schema(&schema_name).connect(url).await.unwrap();
             let key = StorageKey::new("sessions/raw.json").unwrap();
             let value = vec![b'x'; 1024];
             let put = rate(1, |_| {
@@ -153,7 +90,7 @@ fn main() {
             println!("backend append 100 B (journal):       {append:>8.0} /s   (queued; one flusher commits)");
         }
 
-        let m = manager(&schema_name, 4, 16).await;
+        let m = manager(url, &schema_name, 4, 16).await;
         let save1 = rate(1, |_| {
             let (m, state) = (&m, &state);
             async move { m.save_session("bench", &**state).await.unwrap() }
@@ -167,19 +104,10 @@ fn main() {
 
         let mut best64 = 0f64;
         for (writers, pool) in [(1, 16), (4, 16), (8, 16), (16, 24)] {
-            let m = manager(&schema_name, writers, pool).await;
+            let m = manager(url, &schema_name, writers, pool).await;
             let save64 = rate(64, |_| {
                 let (m, state) = (m.clone(), state.clone());
-                async move {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for i in 0..64 {
-                        let (m, state) = (m.clone(), state.clone());
-                        tasks.spawn(async move { m.save_session(format!("s{i}"), &*state).await });
-                    }
-                    while let Some(done) = tasks.join_next().await {
-                        done.unwrap().unwrap();
-                    }
-                }
+                async move { save_64_at_once(&m, &state).await }
             })
             .await;
             best64 = best64.max(save64);
@@ -191,21 +119,9 @@ fn main() {
         }
 
         // A session with 1,000 checkpoints.
-        let m = manager(&schema_name, 4, 16).await;
-        let mut last = None;
-        for _ in 0..1000 {
-            last = Some(m.create_checkpoint("deep", "main", &*state).await.unwrap());
-        }
-        let last = last.unwrap();
-        let latest = rate(1, |_| {
-            let m = &m;
-            async move {
-                let list = m.list_checkpoints("deep").await.unwrap();
-                let id = &list.last().unwrap().id;
-                assert!(m.restore_checkpoint(id).await.unwrap().is_some());
-            }
-        })
-        .await;
+        let m = manager(url, &schema_name, 4, 16).await;
+        let last = fill_checkpoints(&m, "deep", 1000, &state).await;
+        let latest = rate(1, |_| load_latest_checkpoint(&m, "deep")).await;
         println!("load latest checkpoint of 1,000:      {latest:>8.0} /s   (listing + one read)");
         let by_id = rate(1, |_| {
             let (m, last) = (&m, &last);
@@ -223,11 +139,11 @@ fn main() {
         // The session's latest state (LangGraph's get_tuple of the latest checkpoint): a
         // fresh manager, so no session actor holds it and every load reads PostgreSQL.
         {
-            let m = manager(&schema_name, 4, 16).await;
+            let m = manager(url, &schema_name, 4, 16).await;
             m.save_session("deep", &*state).await.unwrap();
             m.shutdown().await.unwrap();
         }
-        let m = manager(&schema_name, 4, 16).await;
+        let m = manager(url, &schema_name, 4, 16).await;
         let load = rate(1, |_| {
             let m = &m;
             async move { assert!(m.load_session("deep").await.unwrap().is_some()) }
@@ -236,7 +152,7 @@ fn main() {
         println!("load latest state (1,000 checkpoints): {load:>7.0} /s   (load_session, read from PostgreSQL)");
         m.shutdown().await.unwrap();
         // The backend's own listing (a cold start reads it): one index range.
-        let b = PostgresStorageBackend::options().schema(&schema_name).connect(&url()).await.unwrap();
+        let b = PostgresStorageBackend::options().schema(&schema_name).connect(url).await.unwrap();
         let prefix = mars_state::StorageKey::new("checkpoints/deep").unwrap();
         let backend_list = rate(1, |_| {
             let (b, prefix) = (&b, &prefix);

@@ -15,73 +15,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
-#[allow(dead_code)]
-#[path = "../tests/redis_backend/support.rs"]
-mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{SIZES, agent_state};
+use common::redis::{backend, manager, plain_sets_per_sec};
+use common::redis_server::Server;
+use common::{SIZES, agent_state, saves_per_sec, state_1kb};
 use mars_state::{RedisStorageBackend, StateManager, StorageBackend, StorageKey};
 
 const SESSIONS: usize = 64;
+/// How long the savers run before their saves are counted.
+const WARM_UP: Duration = Duration::from_millis(300);
 
 fn secs() -> Duration {
     let s = std::env::var("MARS_REDIS_BENCH_SECS").ok().and_then(|s| s.parse().ok());
     Duration::from_secs_f64(s.unwrap_or(3.0))
-}
-
-/// Saves from `sessions` tasks at once, each one save after another, for `time`: saves/s.
-async fn saves_per_sec(m: &StateManager, sessions: usize, time: Duration) -> f64 {
-    let (label, size) = SIZES[0];
-    assert_eq!(label, "1KB");
-    let state = Arc::new(agent_state(size));
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..sessions)
-        .map(|s| {
-            let (m, state, stop, done) = (m.clone(), state.clone(), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let sid = format!("bench-{s}");
-                while !stop.load(Ordering::Relaxed) {
-                    m.save_session(&sid, &*state).await.unwrap();
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    // Warm up, then count.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (start, before) = (Instant::now(), done.load(Ordering::Relaxed));
-    tokio::time::sleep(time).await;
-    let n = done.load(Ordering::Relaxed) - before;
-    let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / elapsed.as_secs_f64()
-}
-
-/// One client, one `SET` of 1 KB per round trip, sequentially, for `time`: SETs/s.
-async fn plain_sets_per_sec(url: &str, time: Duration) -> f64 {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let value = vec![b'x'; 1000];
-    let mut n = 0u64;
-    let start = Instant::now();
-    while start.elapsed() < time {
-        let _: () = redis::cmd("SET")
-            .arg(format!("plain-bench:{}", n % 64))
-            .arg(&value)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        n += 1;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Loads of one 1 KB session, one after another, for `time`: loads/s.
@@ -121,33 +69,26 @@ fn main() {
     }
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
-    let server = support::Server::start();
+    let server = Server::start();
     let url = server.url();
     rt.block_on(async {
-        let backend = RedisStorageBackend::options()
-            .prefix("bench")
-            .connect(&url)
-            .await
-            .expect("the private server is durable");
+        let backend = backend(&url, "bench").await;
         let reads = backend.clone();
-        let m = StateManager::builder(backend)
-            .janitor_interval(Duration::from_secs(3600))
-            .start()
-            .await
-            .unwrap();
+        let m = manager(backend).await;
+        let state = state_1kb();
         // Ours and plain SET in turns, three times: the machine's load changes over a run,
         // so each ratio compares two measurements taken side by side; the median is printed.
         let mut ratios = Vec::new();
         let (mut best_ours, mut best_plain) = (0f64, 0f64);
         for _ in 0..3 {
-            let ours = saves_per_sec(&m, SESSIONS, time).await;
+            let ours = saves_per_sec(&m, SESSIONS, &state, WARM_UP, time).await;
             let plain = plain_sets_per_sec(&url, time).await;
             ratios.push(ours / plain);
             (best_ours, best_plain) = (best_ours.max(ours), best_plain.max(plain));
             println!("  64 sessions {ours:>7.0} saves/s | plain SET {plain:>7.0}/s | {:.2}x", ours / plain);
         }
         ratios.sort_by(f64::total_cmp);
-        let ours_1 = saves_per_sec(&m, 1, time).await;
+        let ours_1 = saves_per_sec(&m, 1, &state, WARM_UP, time).await;
         let loads = loads_per_sec(&m, time).await;
         let gets = gets_per_sec(&reads, time).await;
         m.shutdown().await.unwrap();

@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{SIZES, agent_state};
+use common::{save_64_at_once, state_1kb};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mars_state::{FileStorageBackend, SqliteStorageBackend, StateManager};
 use tokio::runtime::Runtime;
@@ -33,13 +33,6 @@ fn tempdir() -> tempfile::TempDir {
 }
 
 const BACKENDS: [&str; 2] = ["file", "sqlite"];
-
-/// The 1 KB state the other benches use.
-fn state_1kb() -> serde_json::Value {
-    let (label, size) = SIZES[0];
-    assert_eq!(label, "1KB");
-    agent_state(size)
-}
 
 async fn open(backend: &str, dir: &std::path::Path) -> StateManager {
     let builder = match backend {
@@ -74,16 +67,7 @@ fn save_1kb_64_sessions(c: &mut Criterion) {
         let dir = tempdir();
         let m = rt.block_on(open(backend, dir.path()));
         group.bench_function(BenchmarkId::from_parameter(backend), |b| {
-            b.to_async(&rt).iter(|| async {
-                let mut tasks = tokio::task::JoinSet::new();
-                for i in 0..64 {
-                    let (m, state) = (m.clone(), state.clone());
-                    tasks.spawn(async move { m.save_session(format!("s{i}"), &*state).await });
-                }
-                while let Some(done) = tasks.join_next().await {
-                    done.unwrap().unwrap();
-                }
-            })
+            b.to_async(&rt).iter(|| save_64_at_once(&m, &state))
         });
         rt.block_on(m.shutdown()).unwrap();
     }

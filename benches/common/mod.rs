@@ -1,7 +1,83 @@
 //! Shared by the benches: the states they save, shaped like an agent's working state (a
-//! conversation plus a few scalar fields), sized by their compact JSON.
+//! conversation plus a few scalar fields), sized by their compact JSON; the save loops every
+//! bench times the same way; and, per server backend, the raw baselines and set-up that both
+//! that backend's own bench and the comparison runner use (`pg`, `redis`).
 
+// Each bench is its own crate and uses a part of this module.
+#![allow(dead_code)]
+
+#[cfg(feature = "postgres")]
+pub mod pg;
+#[cfg(feature = "redis")]
+pub mod redis;
+/// Private durable `redis-server`s (the Redis tests' own helper).
+#[cfg(feature = "redis")]
+#[path = "../../tests/redis_backend/support.rs"]
+pub mod redis_server;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mars_state::StateManager;
 use serde_json::{Value, json};
+
+/// One round of 64 sessions (`s0` … `s63`) saving `state` at once; returns when every save
+/// is durable.
+pub async fn save_64_at_once(m: &StateManager, state: &Arc<Value>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let (m, state) = (m.clone(), state.clone());
+        tasks.spawn(async move { m.save_session(format!("s{i}"), &*state).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().unwrap();
+    }
+}
+
+/// Saves per second from `sessions` tasks at once, one session each (`c0`, `c1`, …), each
+/// saving `state` again as soon as its last save returned: they run for `warm_up`, then the
+/// saves that return during the next `time` are counted.
+pub async fn saves_per_sec(
+    m: &StateManager,
+    sessions: usize,
+    state: &Value,
+    warm_up: Duration,
+    time: Duration,
+) -> f64 {
+    let state = Arc::new(state.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..sessions)
+        .map(|k| {
+            let (m, state, stop, done) = (m.clone(), state.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let sid = format!("c{k}");
+                while !stop.load(Ordering::Relaxed) {
+                    m.save_session(&sid, &*state).await.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(warm_up).await;
+    let (start, before) = (Instant::now(), done.load(Ordering::Relaxed));
+    tokio::time::sleep(time).await;
+    let n = done.load(Ordering::Relaxed) - before;
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// The 1 KB state (the first of [`SIZES`]).
+pub fn state_1kb() -> Value {
+    let (label, size) = SIZES[0];
+    assert_eq!(label, "1KB");
+    agent_state(size)
+}
 
 /// The state sizes every bench covers: label and target size of the compact JSON in bytes.
 pub const SIZES: [(&str, usize); 3] = [("1KB", 1_000), ("100KB", 100_000), ("1MB", 1_000_000)];

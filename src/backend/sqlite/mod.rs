@@ -276,6 +276,7 @@ fn open_writer(path: &Path) -> Result<Connection> {
     if !is_ours_or_new(app, version, objects) {
         return Err(foreign(path));
     }
+    stable_plans(&conn).map_err(err("opening"))?;
     // WAL: readers run beside the writer, and a commit is one append to the WAL. The mode
     // persists in the file. It needs shared memory (`<file>-shm`, mmap): where the file
     // system refuses it, SQLite keeps the old mode and says so in the answer.
@@ -374,10 +375,20 @@ fn create_schema(conn: &Connection, path: &Path) -> Result<()> {
     }
 }
 
+/// Turns on SQLite's query planner stability guarantee: a statement's plan no longer depends
+/// on the values bound to it. Without it, a statement whose plan looked at a bound value
+/// (the append's `max(seq)` lookup, say) is marked expired when rusqlite's statement cache
+/// clears its bindings, and SQLite compiles it again at its next use: every write and read
+/// through `prepare_cached` paid a full re-prepare.
+fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map(drop)
+}
+
 /// Opens a read connection (the writer made the file a WAL store already).
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(path, flags())?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    stable_plans(&conn)?;
     conn.pragma_update(None, "query_only", "ON")?;
     conn.pragma_update(None, "trusted_schema", "OFF")?;
     Ok(conn)
@@ -430,16 +441,25 @@ impl StorageBackend for SqliteStorageBackend {
     async fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>> {
         let k = key.clone();
         self.read("reading", key, move |conn| {
-            // One statement, so one snapshot: the value, then any appended pieces in order.
+            // The value, and whether pieces were appended after it (a log; never a record).
+            // Two plain lookups, not one `UNION ALL … ORDER BY`: SQLite re-prepared that
+            // statement at every execution and sorted its rows, several times the cost of
+            // the lookup itself.
             let mut st = conn.prepare_cached(
-                "SELECT 0, 0, value FROM kv WHERE key = ?1 \
-                 UNION ALL SELECT 1, seq, bytes FROM tail WHERE key = ?1 ORDER BY 1, 2",
+                "SELECT value, EXISTS (SELECT 1 FROM tail WHERE key = ?1) FROM kv WHERE key = ?1",
             )?;
             let mut rows = st.query([k.as_str()])?;
             let Some(head) = rows.next()? else { return Ok(None) };
-            let mut value: Vec<u8> = head.get(2)?;
-            while let Some(piece) = rows.next()? {
-                value.extend_from_slice(piece.get_ref(2)?.as_blob()?);
+            let mut value: Vec<u8> = head.get(0)?;
+            if head.get::<_, bool>(1)? {
+                // `head` is still the current row of its statement, so the read transaction
+                // it began is still open: the pieces come from the same snapshot.
+                let mut st =
+                    conn.prepare_cached("SELECT bytes FROM tail WHERE key = ?1 ORDER BY seq")?;
+                let mut pieces = st.query([k.as_str()])?;
+                while let Some(piece) = pieces.next()? {
+                    value.extend_from_slice(piece.get_ref(0)?.as_blob()?);
+                }
             }
             Ok(Some(value))
         })
