@@ -111,35 +111,7 @@ async fn manager_state_survives_reconnect(compression: Option<u32>) {
 #[tokio::test]
 async fn appends_keep_every_byte() {
     let (b, _schema) = fresh().await;
-    let key = StorageKey::new("metadata/bytes.log").unwrap();
-    let every: Vec<u8> = (0..=255u8).collect();
-    bounded("append", b.append(&key, every.clone())).await.unwrap();
-    bounded("append", b.append(&key, vec![0, 0xff, 0xfe, 0])).await.unwrap();
-    let mut want = every;
-    want.extend([0, 0xff, 0xfe, 0]);
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(want));
-    let listed = bounded("list", b.list(&StorageKey::new("metadata").unwrap())).await.unwrap();
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].size, 260, "the size of an appended value is not its byte count");
-    assert!(bounded("delete", b.delete(&key)).await.unwrap());
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), None);
-    bounded("append", b.append(&key, b"new".to_vec())).await.unwrap();
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"new".to_vec()));
-    for i in 0..100u8 {
-        bounded("append", b.append(&key, vec![i])).await.unwrap();
-    }
-    let got = bounded("get", b.get(&key)).await.unwrap().unwrap();
-    assert_eq!(got.len(), 103);
-    assert_eq!(&got[3..], (0..100u8).collect::<Vec<_>>().as_slice(), "appends out of order");
-    bounded("put", b.put(&key, b"compacted".to_vec())).await.unwrap();
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"compacted".to_vec()));
-    let listed = bounded("list", b.list(&StorageKey::new("metadata").unwrap())).await.unwrap();
-    assert_eq!(listed[0].size, 9);
-    // An append to a key of another class concatenates in place.
-    let rec = StorageKey::new("sessions/x.json").unwrap();
-    bounded("append", b.append(&rec, b"ab".to_vec())).await.unwrap();
-    bounded("append", b.append(&rec, b"cd".to_vec())).await.unwrap();
-    assert_eq!(bounded("get", b.get(&rec)).await.unwrap(), Some(b"abcd".to_vec()));
+    common::backend::appends_keep_every_byte(&b).await;
 }
 
 #[tokio::test]

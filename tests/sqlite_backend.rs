@@ -33,11 +33,7 @@ use mars_state::{
 use serde_json::json;
 
 /// Every awaited operation of a test finishes within this, or the test fails.
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} took over {LIMIT:?}"))
-}
+use common::bounded;
 
 /// A fresh database in a temporary directory, kept alive beside the backend.
 fn fresh() -> (SqliteStorageBackend, tempfile::TempDir) {
@@ -93,32 +89,7 @@ async fn manager_state_survives_reopen(compression: Option<u32>) {
 #[tokio::test]
 async fn appends_keep_every_byte() {
     let (b, _dir) = fresh();
-    let key = StorageKey::new("metadata/bytes.log").unwrap();
-    let every: Vec<u8> = (0..=255u8).collect();
-    bounded("append", b.append(&key, every.clone())).await.unwrap();
-    bounded("append", b.append(&key, vec![0, 0xff, 0xfe, 0])).await.unwrap();
-    let mut want = every;
-    want.extend([0, 0xff, 0xfe, 0]);
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(want));
-    let listed = bounded("list", b.list(&StorageKey::new("metadata").unwrap())).await.unwrap();
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].size, 260, "the size of an appended value is not its byte count");
-    // A delete removes the appended pieces with the value; a new log starts empty.
-    assert!(bounded("delete", b.delete(&key)).await.unwrap());
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), None);
-    bounded("append", b.append(&key, b"new".to_vec())).await.unwrap();
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"new".to_vec()));
-    // Many appends, then a put replaces them all.
-    for i in 0..100u8 {
-        bounded("append", b.append(&key, vec![i])).await.unwrap();
-    }
-    let got = bounded("get", b.get(&key)).await.unwrap().unwrap();
-    assert_eq!(got.len(), 103);
-    assert_eq!(&got[3..], (0..100u8).collect::<Vec<_>>().as_slice(), "appends out of order");
-    bounded("put", b.put(&key, b"compacted".to_vec())).await.unwrap();
-    assert_eq!(bounded("get", b.get(&key)).await.unwrap(), Some(b"compacted".to_vec()));
-    let listed = bounded("list", b.list(&StorageKey::new("metadata").unwrap())).await.unwrap();
-    assert_eq!(listed[0].size, 9);
+    common::backend::appends_keep_every_byte(&b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

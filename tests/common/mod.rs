@@ -7,6 +7,14 @@ pub mod oracle;
 
 pub use backend::{backend, backend_defaults, backend_name, file_backend_only, on_file_backend};
 
+/// Every awaited operation of a backend test finishes within this, or the test fails.
+pub const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Awaits `f`, failing the test (naming `what`) if it takes over [`LIMIT`].
+pub async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} took over {LIMIT:?}"))
+}
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;

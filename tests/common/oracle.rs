@@ -443,15 +443,11 @@ pub async fn verify_store(
 // The backends' kill loop: one store, a saving child killed again and again
 // ---------------------------------------------------------------------------------------
 
-/// Every awaited step of a check, and the wait for a child's first ack, ends within this.
-pub const LIMIT: Duration = Duration::from_secs(60);
+// Every awaited step of a check, and the wait for a child's first ack, ends within LIMIT.
+pub use super::{LIMIT, bounded};
 /// Checkpoints each session keeps between rounds ([`verify_and_trim`]), so a store does not
 /// grow with the rounds and each check stays short.
 pub const KEEP_CHECKPOINTS: usize = 12;
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} took over {LIMIT:?}"))
-}
 
 /// The session names of the backends' crash tests.
 pub fn crash_session(s: u64) -> String {

@@ -14,12 +14,7 @@ use std::time::{Duration, SystemTime};
 pub use crash::{CRASH_CHILD_ENV, crash_child, crash_private_cluster, sigkill_client_while_saving};
 pub use terminate::terminated_connections_during_saves;
 
-/// Every awaited operation of a test finishes within this, or the test fails.
-pub const LIMIT: Duration = Duration::from_secs(60);
-
-pub async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} took over {LIMIT:?}"))
-}
+pub use crate::common::bounded;
 
 /// The server the tests use.
 pub fn test_url() -> String {
