@@ -31,8 +31,8 @@ pub use access::{Access, AccessControlLayer, AccessRecord};
 pub use actor::session::Internal;
 pub use actor::session::{SessionMsg, UpdateFn};
 pub use backend::{
-    Acquired, Fence, FileOptions, FileStorageBackend, KeyClass, Lease, MemoryStorageBackend,
-    ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport,
+    Acquired, Fence, FileOptions, FileStorageBackend, KeyClass, Lease, LeaseState,
+    MemoryStorageBackend, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport,
 };
 #[cfg(feature = "postgres")]
 pub use backend::{PostgresOptions, PostgresStorageBackend};

@@ -56,6 +56,7 @@ impl Fence {
 ///     node: "node-a".into(),
 ///     token: 3,
 ///     expires_in: Duration::from_secs(10),
+///     taken_from: None,
 /// };
 /// assert_eq!(lease.fence(), Fence::new("session/s1", 3));
 /// ```
@@ -69,6 +70,11 @@ pub struct Lease {
     pub token: u64,
     /// Time left until it expires, by the server's clock, when the backend answered.
     pub expires_in: Duration,
+    /// On a grant: the node that held the lease before and let it expire without releasing
+    /// it (it died, hung or lost the store): the caller is taking over from it. `None` for
+    /// a first grant, a grant after a release, a grant to the node that held it, and on
+    /// renewals.
+    pub taken_from: Option<String>,
 }
 
 impl Lease {
@@ -111,6 +117,35 @@ pub enum Acquired {
         /// Time left until it expires, by the server's clock.
         expires_in: Duration,
     },
+}
+
+/// What [`StorageBackend::read_lease`](super::StorageBackend::read_lease) reports of a
+/// lease, without taking it.
+///
+/// ```
+/// use std::time::Duration;
+/// use mars_state::LeaseState;
+/// let state = LeaseState {
+///     node: "node-a".into(),
+///     token: 4,
+///     expires_in: None,
+///     released: false,
+/// };
+/// // Expired without a release: node-a died or hung holding it.
+/// assert!(state.expires_in.is_none() && !state.released);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The node that holds it, or held it last.
+    pub node: String,
+    /// Its current fencing token.
+    pub token: u64,
+    /// Time left, by the server's clock, while it is live; `None` once it expired or was
+    /// released.
+    pub expires_in: Option<Duration>,
+    /// Whether its last holder released it (a clean handover) rather than letting it
+    /// expire.
+    pub released: bool,
 }
 
 /// The longest lease a backend grants: a longer TTL is cut to it (so it fits every

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    Acquired, Fence, Lease, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport, ttl_ms,
+    Acquired, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
+    SweepReport, ttl_ms,
 };
 use crate::error::{Result, StateError};
 
@@ -40,6 +41,8 @@ struct LeaseRow {
     node: String,
     token: u64,
     expires_at: Instant,
+    /// Whether its holder released it (rather than letting it expire).
+    released: bool,
 }
 
 impl Inner {
@@ -104,7 +107,7 @@ impl StorageBackend for MemoryStorageBackend {
         let ttl = Duration::from_millis(ttl_ms(ttl));
         let now = Instant::now();
         let mut inner = self.lock();
-        let token = match inner.leases.get(name) {
+        let (token, taken_from) = match inner.leases.get(name) {
             Some(row) if row.expires_at > now && row.node != node => {
                 return Ok(Acquired::Held {
                     node: row.node.clone(),
@@ -112,13 +115,22 @@ impl StorageBackend for MemoryStorageBackend {
                 });
             }
             // Held live by `node` already: the same holder, the same token.
-            Some(row) if row.expires_at > now => row.token,
-            Some(row) => row.token + 1,
-            None => 1,
+            Some(row) if row.expires_at > now => (row.token, None),
+            Some(row) => {
+                let from = (!row.released && row.node != node).then(|| row.node.clone());
+                (row.token + 1, from)
+            }
+            None => (1, None),
         };
-        let row = LeaseRow { node: node.to_owned(), token, expires_at: now + ttl };
+        let row = LeaseRow { node: node.to_owned(), token, expires_at: now + ttl, released: false };
         inner.leases.insert(name.to_owned(), row);
-        let lease = Lease { name: name.to_owned(), node: node.to_owned(), token, expires_in: ttl };
+        let lease = Lease {
+            name: name.to_owned(),
+            node: node.to_owned(),
+            token,
+            expires_in: ttl,
+            taken_from,
+        };
         Ok(Acquired::Granted(lease))
     }
 
@@ -128,7 +140,8 @@ impl StorageBackend for MemoryStorageBackend {
         match inner.leases.get_mut(&lease.name) {
             Some(row) if row.token == lease.token && row.node == lease.node => {
                 row.expires_at = Instant::now() + ttl;
-                Ok(Some(Lease { expires_in: ttl, ..lease.clone() }))
+                row.released = false;
+                Ok(Some(Lease { expires_in: ttl, taken_from: None, ..lease.clone() }))
             }
             _ => Ok(None),
         }
@@ -142,8 +155,20 @@ impl StorageBackend for MemoryStorageBackend {
             && row.node == lease.node
         {
             row.expires_at = row.expires_at.min(now);
+            row.released = true;
         }
         Ok(())
+    }
+
+    async fn read_lease(&self, name: &str) -> Result<Option<LeaseState>> {
+        let now = Instant::now();
+        let inner = self.lock();
+        Ok(inner.leases.get(name).map(|row| LeaseState {
+            node: row.node.clone(),
+            token: row.token,
+            expires_in: (row.expires_at > now).then(|| row.expires_at - now),
+            released: row.released,
+        }))
     }
 
     /// Checks the fence and writes under one lock.

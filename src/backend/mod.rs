@@ -40,7 +40,7 @@ pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 pub use self::redis::{RedisOptions, RedisStorageBackend};
 pub use file::{FileOptions, FileStorageBackend};
 pub(crate) use lease::ttl_ms;
-pub use lease::{Acquired, Fence, Lease};
+pub use lease::{Acquired, Fence, Lease, LeaseState};
 pub use memory::MemoryStorageBackend;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStorageBackend};
@@ -370,6 +370,58 @@ pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
         let _ = (lease, ttl);
         Err(not_shared("renew_lease"))
+    }
+
+    /// Renews several leases in one round (one statement or script where the backend can):
+    /// the answers are in the order of `leases`, each as [`renew_lease`](Self::renew_lease)
+    /// would give it. A node renews all the leases it holds with one call per round, not
+    /// one timer per lease. The default calls `renew_lease` for each.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mars_state::Result<()> {
+    /// use std::time::Duration;
+    /// use mars_state::{Acquired, MemoryStorageBackend, StorageBackend};
+    /// let b = MemoryStorageBackend::new();
+    /// let ttl = Duration::from_secs(10);
+    /// let Acquired::Granted(x) = b.acquire_lease("s1", "node-a", ttl).await? else { panic!() };
+    /// let Acquired::Granted(y) = b.acquire_lease("s2", "node-a", ttl).await? else { panic!() };
+    /// let renewed = b.renew_leases(&[x, y], ttl).await?;
+    /// assert!(renewed.iter().all(Option::is_some));
+    /// # Ok(()) }
+    /// ```
+    async fn renew_leases(&self, leases: &[Lease], ttl: Duration) -> Result<Vec<Option<Lease>>> {
+        let mut renewed = Vec::with_capacity(leases.len());
+        for lease in leases {
+            renewed.push(self.renew_lease(lease, ttl).await?);
+        }
+        Ok(renewed)
+    }
+
+    /// The lease `name` as it stands, without taking it: its holder (or last holder), token,
+    /// time left while live, and whether it was released. `None` if it was never granted.
+    /// The default, for a backend that is not [`shared`](Self::shared), is a
+    /// [`StateError::Config`] error.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mars_state::Result<()> {
+    /// use std::time::Duration;
+    /// use mars_state::{Acquired, MemoryStorageBackend, StorageBackend};
+    /// let b = MemoryStorageBackend::new();
+    /// assert!(b.read_lease("s1").await?.is_none());
+    /// let Acquired::Granted(a) = b.acquire_lease("s1", "node-a", Duration::from_secs(10)).await? else { panic!() };
+    /// let state = b.read_lease("s1").await?.expect("granted");
+    /// assert_eq!((state.node.as_str(), state.token), ("node-a", a.token));
+    /// assert!(state.expires_in.is_some());
+    /// b.release_lease(&a).await?;
+    /// let state = b.read_lease("s1").await?.expect("still known");
+    /// assert!(state.expires_in.is_none() && state.released);
+    /// # Ok(()) }
+    /// ```
+    async fn read_lease(&self, name: &str) -> Result<Option<LeaseState>> {
+        let _ = name;
+        Err(not_shared("read_lease"))
     }
 
     /// Gives `lease` up: if it is still the caller's (same token and node), it expires now

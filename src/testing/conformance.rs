@@ -659,7 +659,13 @@ pub async fn unshared_backend_has_no_leases_and_ignores_fences(b: &dyn StorageBa
     }
     let r = b.acquire_lease("s1", "node-a", LONG).await;
     assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "acquire_lease");
-    let lease = Lease { name: "s1".into(), node: "node-a".into(), token: 1, expires_in: LONG };
+    let lease = Lease {
+        name: "s1".into(),
+        node: "node-a".into(),
+        token: 1,
+        expires_in: LONG,
+        taken_from: None,
+    };
     let r = b.renew_lease(&lease, LONG).await;
     assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "renew_lease");
     let r = b.release_lease(&lease).await;

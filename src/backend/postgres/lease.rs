@@ -113,7 +113,13 @@ pub(super) async fn acquire(
             let expires_in = millis(row.try_get(3)?);
             Ok(if granted {
                 let token = u64::try_from(token).unwrap_or(0);
-                Acquired::Granted(Lease { name: name.to_owned(), node: holder, token, expires_in })
+                Acquired::Granted(Lease {
+                    name: name.to_owned(),
+                    node: holder,
+                    token,
+                    expires_in,
+                    taken_from: None,
+                })
             } else {
                 Acquired::Held { node: holder, expires_in }
             })
@@ -139,7 +145,7 @@ pub(super) async fn renew(shared: &Shared, lease: &Lease, ttl: Duration) -> Resu
     let rows = rows.map_err(|f| lease_error(&f, "renewing", &lease.name))?;
     let Some(row) = rows.first() else { return Ok(None) };
     let left: i64 = row.try_get(0).map_err(|e| bad_row(&lease.name, &e))?;
-    Ok(Some(Lease { expires_in: millis(left), ..lease.clone() }))
+    Ok(Some(Lease { expires_in: millis(left), taken_from: None, ..lease.clone() }))
 }
 
 /// [`StorageBackend::release_lease`](crate::StorageBackend::release_lease).

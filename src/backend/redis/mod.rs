@@ -554,7 +554,13 @@ impl StorageBackend for RedisStorageBackend {
             return Ok(Acquired::Held { node: holder, expires_in });
         }
         let token = u64::try_from(*token).map_err(|_| bad_lease_reply(name))?;
-        Ok(Acquired::Granted(Lease { name: name.to_owned(), node: holder, token, expires_in }))
+        Ok(Acquired::Granted(Lease {
+            name: name.to_owned(),
+            node: holder,
+            token,
+            expires_in,
+            taken_from: None,
+        }))
     }
 
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
@@ -562,7 +568,7 @@ impl StorageBackend for RedisStorageBackend {
         let reply = self.lease_call(&self.inner.leases.renew, &lease.name, &args).await?;
         match reply {
             Value::Int(left) if left >= 0 => {
-                Ok(Some(Lease { expires_in: millis(left), ..lease.clone() }))
+                Ok(Some(Lease { expires_in: millis(left), taken_from: None, ..lease.clone() }))
             }
             Value::Int(_) => Ok(None),
             _ => Err(bad_lease_reply(&lease.name)),
