@@ -38,6 +38,8 @@
 //!   is there, 20 rounds (`MARS_PG_CRASH_ROUNDS`).
 
 mod common;
+#[path = "nodes_common/mod.rs"]
+mod nodes_common;
 mod pg_common;
 
 use std::time::Duration;
@@ -83,6 +85,12 @@ mars_state::conformance_tests! {
         (backend, schema)
     },
 }
+
+// Several nodes on one schema: the behaviours of `tests/nodes.rs` over PostgreSQL.
+nodes_common::node_tests!(nodes, || async {
+    let (backend, schema) = super::fresh().await;
+    (std::sync::Arc::new(backend) as std::sync::Arc<dyn mars_state::StorageBackend>, schema)
+});
 
 async fn open_manager(schema: &str, compression: Option<u32>) -> StateManager {
     let backend = PostgresStorageBackend::options().schema(schema).connect(&test_url()).await;
