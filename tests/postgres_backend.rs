@@ -198,9 +198,9 @@ fn ten_processes_migrate_at_once() {
         schema.name()
     ));
     println!("{ok} processes connected; migrations table: {rows:?}");
-    // Versions 1 to 3: records, record facts, leases.
+    // Versions 1 to 4: records, record facts, leases, lease releases.
     let expected: Vec<(String, String)> =
-        (1..=3).map(|v| (v.to_string(), "1".to_owned())).collect();
+        (1..=4).map(|v| (v.to_string(), "1".to_owned())).collect();
     assert_eq!(rows, expected, "each version exactly once");
 }
 
