@@ -118,6 +118,75 @@ fn main() {
             m.shutdown().await.unwrap();
         }
 
+        // Several nodes: the same 64 sessions saved at once by one node, then spread over
+        // three nodes (three managers, each with its own pool, node id and leases; session
+        // i on node i % 3), in the same run.
+        let one_node = {
+            let m = manager(url, &schema_name, 4, 16).await;
+            let r = rate(64, |_| {
+                let (m, state) = (m.clone(), state.clone());
+                async move { save_64_at_once(&m, &state).await }
+            })
+            .await;
+            m.shutdown().await.unwrap();
+            r
+        };
+        let three_nodes = {
+            let mut nodes = Vec::new();
+            for _ in 0..3 {
+                nodes.push(manager(url, &schema_name, 4, 16).await);
+            }
+            let r = rate(64, |_| {
+                let (nodes, state) = (nodes.clone(), state.clone());
+                async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for i in 0..64 {
+                        let (m, state) = (nodes[i % 3].clone(), state.clone());
+                        tasks.spawn(async move { m.save_session(format!("s{i}"), &*state).await });
+                    }
+                    while let Some(done) = tasks.join_next().await {
+                        done.unwrap().unwrap();
+                    }
+                }
+            })
+            .await;
+            for m in nodes {
+                m.shutdown().await.unwrap();
+            }
+            r
+        };
+        println!("save 1 KB, 64 sessions, 1 node:       {one_node:>8.0} /s");
+        println!(
+            "save 1 KB, 64 sessions, 3 nodes:      {three_nodes:>8.0} /s   {:.2}x one node",
+            three_nodes / one_node
+        );
+
+        // Lease traffic: one node holding 64 sessions' leases (default TTL 10 s) and
+        // writing nothing; PostgreSQL's own count of lease-row updates over 30 s.
+        {
+            let m = manager(url, &schema_name, 4, 16).await;
+            save_64_at_once(&m, &state).await;
+            let updates = |admin: &tokio_postgres::Client| {
+                let q = format!(
+                    "SELECT n_tup_upd FROM pg_stat_user_tables \
+                     WHERE schemaname = '{schema_name}' AND relname = 'mars_state_leases'"
+                );
+                async move { admin.query_one(&q, &[]).await.unwrap().get::<_, i64>(0) }
+            };
+            // Counters reach the statistics at most about a second after a transaction.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let before = updates(&admin).await;
+            let window = Duration::from_secs(30);
+            tokio::time::sleep(window).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after = updates(&admin).await;
+            let per_session_min = (after - before) as f64 / 64.0 / (window.as_secs_f64() / 60.0);
+            println!(
+                "lease traffic, 64 idle sessions:      {per_session_min:>8.1} lease-row updates per session per minute (one statement per renewal round for all 64)"
+            );
+            m.shutdown().await.unwrap();
+        }
+
         // A session with 1,000 checkpoints.
         let m = manager(url, &schema_name, 4, 16).await;
         let last = fill_checkpoints(&m, "deep", 1000, &state).await;

@@ -346,3 +346,43 @@ async fn backend_open_names_a_redis_store_by_url() {
     let err = bounded("open", mars_state::backend::open(MACHINE_URL)).await.err().unwrap();
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 }
+
+/// A write whose outcome is unknown (the server stopped answering: `Timeout`) may have been
+/// stored: the node that made it reads the session again before it answers about it, so its
+/// recovery and listing agree with another node's (and with the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_write_of_unknown_outcome_the_writer_reads_the_session_again() {
+    let server = Server::start();
+    let prefix = random_prefix();
+    let open = || async {
+        RedisStorageBackend::options()
+            .prefix(prefix.clone())
+            .timeout(Duration::from_millis(500))
+            .connect(&server.url())
+            .await
+            .unwrap()
+    };
+    let a = StateManager::builder(open().await)
+        .node_id("node-a")
+        .lease_ttl(Duration::from_secs(30))
+        .start()
+        .await
+        .unwrap();
+    a.create_checkpoint("s", "main", &json!({"step": 1})).await.unwrap();
+    server.signal("STOP");
+    let r = a.create_checkpoint("s", "main", &json!({"step": 2})).await;
+    server.signal("CONT");
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Timeout, "the server did not answer in time");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stopped server applied the write when it went on (or not): whichever, node a says
+    // what the store says.
+    let seen_by_a = a.recover_session("s").await.unwrap().checkpoint.map(|c| c.data);
+    let listed_by_a = a.list_checkpoints("s").await.unwrap().len();
+    a.shutdown().await.unwrap();
+    let b = StateManager::builder(open().await).node_id("node-b").start().await.unwrap();
+    let listed_by_b = b.list_checkpoints("s").await.unwrap().len();
+    let seen_by_b = b.recover_session("s").await.unwrap().checkpoint.map(|c| c.data);
+    b.shutdown().await.unwrap();
+    assert_eq!(seen_by_a, seen_by_b, "the writer's recovery disagrees with the store");
+    assert_eq!(listed_by_a, listed_by_b, "the writer's listing disagrees with the store");
+}

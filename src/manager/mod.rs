@@ -406,7 +406,9 @@ impl StateManager {
     /// ```
     pub async fn list_checkpoints(&self, session: impl AsRef<str>) -> Result<Vec<CheckpointInfo>> {
         self.run(Operation::ListCheckpoints, session.as_ref().into(), |cx| async move {
-            if cx.store.shared && !cx.rt.leases.holds(&cx.sid) {
+            if cx.store.shared
+                && (!cx.rt.leases.holds(&cx.sid) || cx.store.is_unsure(&cx.sid))
+            {
                 // Another node may be writing it: read its checkpoints again.
                 cx.store.refresh_session(&cx.sid, false).await?;
             }

@@ -72,6 +72,10 @@ pub(crate) struct Store {
     /// removed by that actor only). Every write of the session's keys carries it, so once
     /// another node was granted the lease, this node's writes are refused by the backend.
     fences: Mutex<HashMap<SessionId, Fence>>,
+    /// Sessions (of a shared store) a write of which timed out: it may or may not have been
+    /// stored, so what this node knows of them is read again from the records before its
+    /// next use ([`refresh_session`](Self::refresh_session) clears the mark).
+    unsure: Mutex<HashSet<SessionId>>,
 }
 
 /// What becomes of a session's access record: in a delete, and in a refresh that finds no
@@ -115,6 +119,7 @@ impl Store {
         let store = Store {
             shared,
             fences: Mutex::new(HashMap::new()),
+            unsure: Mutex::new(HashSet::new()),
             backend,
             below,
             codec,
@@ -230,22 +235,39 @@ impl Store {
         bytes: Vec<u8>,
         meta: Option<&RecordMeta>,
     ) -> Result<()> {
-        match (self.fence(sid), meta) {
+        let r = match (self.fence(sid), meta) {
             (Some(f), Some(m)) => self.backend.put_fenced(key, bytes, m, &f).await,
             (Some(f), None) => {
                 self.backend.put_fenced(key, bytes, &RecordMeta::default(), &f).await
             }
             (None, Some(m)) => self.backend.put_record(key, bytes, m).await,
             (None, None) => self.backend.put(key, bytes).await,
-        }
+        };
+        self.note_outcome(sid, &r);
+        r
     }
 
     /// Deletes a key of session `sid`, fenced as [`put_as`](Self::put_as) writes.
     async fn delete_as(&self, sid: &SessionId, key: &StorageKey) -> Result<bool> {
-        match self.fence(sid) {
+        let r = match self.fence(sid) {
             Some(f) => self.backend.delete_fenced(key, &f).await,
             None => self.backend.delete(key).await,
+        };
+        self.note_outcome(sid, &r);
+        r
+    }
+
+    /// On a shared store, a write of `sid` whose outcome is unknown (it timed out) makes
+    /// this node's view of the session unsure until it is read again.
+    fn note_outcome<T>(&self, sid: &SessionId, r: &Result<T>) {
+        if self.shared && matches!(r, Err(StateError::Timeout { .. })) {
+            lock(&self.unsure).insert(sid.clone());
         }
+    }
+
+    /// Whether a write of `sid` timed out since this node last read it (see `unsure`).
+    pub(crate) fn is_unsure(&self, sid: &SessionId) -> bool {
+        lock(&self.unsure).contains(sid)
     }
 
     /// On a shared store, brings this node's view of `sid` up to date with the records
@@ -259,6 +281,8 @@ impl Store {
             return Ok(());
         }
         let _guard = self.journal.lock().await;
+        // Cleared first: a write that times out while this runs marks it again.
+        lock(&self.unsure).remove(sid);
         let record = match self.load_session(sid).await {
             Ok(Some(d)) => match &d.head {
                 RecordHead::Session { saved_at, meta, .. } => {

@@ -39,6 +39,7 @@ macro_rules! node_tests {
                 a_frozen_node_is_taken_over_and_its_late_save_is_refused,
                 a_frozen_node_is_taken_over_and_its_late_checkpoint_is_refused,
                 a_frozen_node_is_taken_over_and_its_late_delete_is_refused,
+                a_frozen_node_that_wakes_is_refused_at_once_not_kept_waiting,
                 janitor_passes_run_on_one_node_at_a_time,
                 an_access_claim_made_on_one_node_is_enforced_on_another,
             );
@@ -183,12 +184,23 @@ pub async fn checkpoints_made_on_one_node_are_listed_and_restored_on_another(
     b.shutdown().await.unwrap();
 }
 
+/// How long node a's writes wait for a lease another node holds, in the frozen-node tests.
+const A_LEASE_WAIT: Duration = Duration::from_millis(1500);
+
 /// Which write a frozen node has in flight when another node takes over.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Late {
     Save,
     Checkpoint,
     Delete,
+    /// No write in flight: the first write after the node wakes.
+    AfterWake,
+}
+
+pub async fn a_frozen_node_that_wakes_is_refused_at_once_not_kept_waiting(
+    store: Arc<dyn StorageBackend>,
+) {
+    frozen_node_is_taken_over(store, Late::AfterWake).await;
 }
 
 pub async fn a_frozen_node_is_taken_over_and_its_late_save_is_refused(
@@ -216,24 +228,29 @@ pub async fn a_frozen_node_is_taken_over_and_its_late_delete_is_refused(
 async fn frozen_node_is_taken_over(store: Arc<dyn StorageBackend>, late: Late) {
     let frozen = Freezer::new(store.clone());
     let a_store: Arc<dyn StorageBackend> = Arc::new(frozen.clone());
-    let a = node(&a_store, "node-a", Duration::from_millis(50)).await;
+    let a = node(&a_store, "node-a", A_LEASE_WAIT).await;
     let b = node(&store, "node-b", TTL * 4).await;
     a.save_session("s1", &json!({"step": 1, "by": "a"})).await.unwrap();
     let first = a.create_checkpoint("s1", "main", &json!({"step": 1, "by": "a"})).await.unwrap();
 
     frozen.freeze();
     let a2 = a.clone();
-    let in_flight = tokio::spawn(async move {
+    let write = move || async move {
         match late {
-            Late::Save => a2.save_session("s1", &json!({"step": 2, "by": "a"})).await.map(|_| ()),
+            Late::Save | Late::AfterWake => {
+                a2.save_session("s1", &json!({"step": 2, "by": "a"})).await.map(|_| ())
+            }
             Late::Checkpoint => {
                 a2.create_checkpoint("s1", "main", &json!({"step": 2, "by": "a"})).await.map(|_| ())
             }
             Late::Delete => a2.delete_session("s1").await.map(|_| ()),
         }
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!in_flight.is_finished(), "node a's write is held while it is frozen");
+    };
+    let in_flight = (late != Late::AfterWake).then(|| tokio::spawn(write.clone()()));
+    if let Some(in_flight) = &in_flight {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!in_flight.is_finished(), "node a's write is held while it is frozen");
+    }
 
     // Node b: recovery takes the session once a's lease ran out, and says it was cut off.
     let started = Instant::now();
@@ -253,7 +270,14 @@ async fn frozen_node_is_taken_over(store: Arc<dyn StorageBackend>, late: Late) {
 
     // The zombie wakes: its write in flight is refused, and nothing of it is visible.
     frozen.thaw();
-    let refused = bounded("node a's late write", in_flight).await.unwrap();
+    let woke = Instant::now();
+    let refused = match in_flight {
+        Some(in_flight) => bounded("node a's late write", in_flight).await.unwrap(),
+        None => bounded("node a's first write after waking", write()).await,
+    };
+    // Refused as soon as it is known, not after waiting out a's lease_wait for a lease it
+    // has lost.
+    assert!(woke.elapsed() < A_LEASE_WAIT, "the refusal took {:?}", woke.elapsed());
     match &refused {
         Err(e) => assert_eq!(e.kind(), ErrorKind::Fenced, "{late:?} in flight: {e}"),
         Ok(()) => panic!("{late:?} by the node that lost the lease was accepted"),

@@ -314,7 +314,10 @@ impl SessionState {
             }
             // A write started now finishes well inside the lease (and if it does not, the
             // fence refuses it once another node took over).
-            if self.token == Some(h.lease.token) && h.valid_until > now + ttl / 4 {
+            if self.token == Some(h.lease.token)
+                && h.valid_until > now + ttl / 4
+                && !self.shared.store.is_unsure(&self.sid)
+            {
                 return Ok(());
             }
         }
@@ -331,6 +334,18 @@ impl SessionState {
                     break lease;
                 }
                 Acquired::Held { node, expires_in } => {
+                    if let Some(token) = self.token {
+                        // This actor held the session, and another node holds it now: it
+                        // lost it (its renewals stopped, as in a paused process). It stops,
+                        // rather than wait to take over a session whose state it no longer
+                        // knows.
+                        self.fenced.store(true, Ordering::Relaxed);
+                        let current = match self.shared.store.backend.read_lease(&name).await {
+                            Ok(Some(state)) => state.token,
+                            _ => token + 1,
+                        };
+                        return Err(StateError::Fenced { name, token, current });
+                    }
                     let now = Instant::now();
                     if now >= deadline {
                         let until = self.shared.store.clock.now_ms()
@@ -346,7 +361,8 @@ impl SessionState {
             }
         };
         let continuous = self.token.is_some_and(|t| t == lease.token || t + 1 == lease.token)
-            && lease.taken_from.is_none();
+            && lease.taken_from.is_none()
+            && !self.shared.store.is_unsure(&self.sid);
         if !continuous {
             if self.dirty {
                 warn!(session = %self.sid, "another node held the session since these steps were recorded; they are dropped");
