@@ -242,6 +242,13 @@ impl AccessTable {
         self.records().remove(sid);
         crate::sync::lock(&self.unreadable).remove(sid);
     }
+
+    /// The session's stored access record could not be read: it is left to administrators
+    /// and the system principal, and no one may claim it (as for such a record at open).
+    pub(crate) fn set_unreadable(&self, sid: &SessionId) {
+        self.records().remove(sid);
+        crate::sync::lock(&self.unreadable).insert(sid.clone());
+    }
 }
 
 #[cfg(test)]

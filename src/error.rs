@@ -188,6 +188,22 @@ pub enum StateError {
         /// The lease's current token (0: it was never granted).
         current: u64,
     },
+
+    /// A write to a session that another node of a shared store holds: its lease did not
+    /// come free within the manager's
+    /// [`lease_wait`](crate::StateManagerBuilder::lease_wait). Nothing was written. The
+    /// session is served by `node`; retry later, or send the request to that node.
+    #[error(
+        "the session is owned by node {node} (its lease runs until {until} ms since the Unix \
+         epoch unless renewed); nothing was written"
+    )]
+    OwnedElsewhere {
+        /// The node holding the session's lease.
+        node: String,
+        /// When its lease runs out unless renewed, in milliseconds since the Unix epoch (by
+        /// this node's clock: the store server's time left added to now).
+        until: u64,
+    },
 }
 
 /// A coarse classification of [`StateError`], for matching without caring about fields.
@@ -230,6 +246,8 @@ pub enum ErrorKind {
     Config,
     /// [`StateError::Fenced`].
     Fenced,
+    /// [`StateError::OwnedElsewhere`].
+    OwnedElsewhere,
 }
 
 impl StateError {
@@ -254,6 +272,7 @@ impl StateError {
             StateError::Migration { .. } => ErrorKind::Migration,
             StateError::Config { .. } => ErrorKind::Config,
             StateError::Fenced { .. } => ErrorKind::Fenced,
+            StateError::OwnedElsewhere { .. } => ErrorKind::OwnedElsewhere,
         }
     }
 

@@ -309,7 +309,20 @@ pub struct SessionInfo {
     /// set across later clean restarts until the session is saved (or resumed, paused,
     /// completed, failed, rolled back or deleted), so no process opening the store misses
     /// it.
+    ///
+    /// On a shared store (several nodes, see
+    /// [`node_id`](crate::StateManagerBuilder::node_id)) it is also set for a session that
+    /// is running while no node holds it and its last holder let its lease run out (the
+    /// node died or hung) rather than giving it up.
     pub interrupted: bool,
+    /// On a shared store: the node holding the session's lease (its writer) now, if any.
+    /// Always `None` on a store one process holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// On a shared store: when the owner's lease runs out unless renewed, in milliseconds
+    /// since the Unix epoch (by this node's clock: the server's time left added to now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<u64>,
 }
 
 /// A checkpoint with its state, as returned by

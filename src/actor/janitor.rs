@@ -5,18 +5,22 @@
 //!
 //! It does no I/O itself: sweeping and checkpoint trimming run as storage-actor jobs and
 //! idle sessions are deleted through their session actors (which cache state), so
-//! stopping the janitor mid-pass can never tear a write.
+//! stopping the janitor mid-pass can never tear a write. On a shared store a pass runs
+//! under the janitor's lease, so one node at a time runs one: a tick while another node
+//! holds it is skipped.
 
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::lease::JANITOR_LEASE;
 use super::session::SessionMsg;
 use super::supervisor::SupervisorMsg;
 use super::{Shared, call_session, storage};
-use crate::error::{Operation, Result};
+use crate::backend::{Acquired, Lease};
+use crate::error::{Operation, Result, StateError};
 use crate::store::Trust;
 use crate::types::{SessionId, VacuumReport};
 
@@ -71,13 +75,29 @@ impl Actor for JanitorActor {
         st: &mut JanitorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            JanitorMsg::Tick => {
-                if let Err(e) = st.pass().await {
-                    warn!(error = %e, "janitor pass failed; retrying at the next interval");
+            JanitorMsg::Tick => match st.turn(Duration::ZERO).await {
+                Ok(turn) => {
+                    if let Err(e) = st.pass().await {
+                        warn!(error = %e, "janitor pass failed; retrying at the next interval");
+                    }
+                    st.end_turn(turn).await;
                 }
-            }
+                Err(StateError::OwnedElsewhere { node, .. }) => {
+                    debug!(node, "another node runs the janitor now; skipping this pass");
+                }
+                Err(e) => warn!(error = %e, "janitor pass failed; retrying at the next interval"),
+            },
             JanitorMsg::RunNow { reply } => {
-                let _ = reply.send(st.pass().await);
+                let wait = st.shared.config.lease_wait();
+                let r = match st.turn(wait).await {
+                    Ok(turn) => {
+                        let r = st.pass().await;
+                        st.end_turn(turn).await;
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
             }
         }
         Ok(())
@@ -85,6 +105,45 @@ impl Actor for JanitorActor {
 }
 
 impl JanitorState {
+    /// On a shared store, takes the janitor's lease, so passes run on one node at a time
+    /// (waiting up to `wait` while another node runs one, then
+    /// [`StateError::OwnedElsewhere`]). `None` on a store with one writer.
+    async fn turn(&self, wait: Duration) -> Result<Option<Lease>> {
+        let store = &self.shared.store;
+        if !store.shared {
+            return Ok(None);
+        }
+        let config = &self.shared.config;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match store
+                .backend
+                .acquire_lease(JANITOR_LEASE, &config.node_id, config.lease_ttl)
+                .await?
+            {
+                Acquired::Granted(lease) => return Ok(Some(lease)),
+                Acquired::Held { node, expires_in } => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        let until = store.clock.now_ms()
+                            + u64::try_from(expires_in.as_millis()).unwrap_or(u64::MAX / 2);
+                        return Err(StateError::OwnedElsewhere { node, until });
+                    }
+                    tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
+                }
+            }
+        }
+    }
+
+    /// Gives the janitor's lease up after a pass.
+    async fn end_turn(&self, turn: Option<Lease>) {
+        if let Some(lease) = turn
+            && let Err(e) = self.shared.store.backend.release_lease(&lease).await
+        {
+            warn!(error = %e, "could not release the janitor's lease; it runs out on its own");
+        }
+    }
+
     async fn pass(&self) -> Result<VacuumReport> {
         let mut report = storage::run(&self.shared.storage, |store| async move {
             let swept = store.backend.sweep().await?;

@@ -25,6 +25,7 @@ use crate::store::Store;
 use crate::types::SessionId;
 
 pub(crate) mod janitor;
+pub(crate) mod lease;
 mod runtime;
 pub(crate) mod session;
 pub(crate) mod storage;
@@ -44,6 +45,19 @@ pub(crate) struct Config {
     pub(crate) retention: RetentionPolicy,
     pub(crate) migrations: Migrations,
     pub(crate) checkpoint_policy: CheckpointPolicy,
+    /// This node's name in leases (see `StateManagerBuilder::node_id`).
+    pub(crate) node_id: String,
+    /// How long a session lease lasts unless renewed.
+    pub(crate) lease_ttl: Duration,
+    /// How long a write waits for a lease another node holds (`None`: the TTL and 1 s).
+    pub(crate) lease_wait: Option<Duration>,
+}
+
+impl Config {
+    /// How long a write waits for a lease another node holds.
+    pub(crate) fn lease_wait(&self) -> Duration {
+        self.lease_wait.unwrap_or(self.lease_ttl + Duration::from_secs(1))
+    }
 }
 
 /// What every actor needs to reach the rest.

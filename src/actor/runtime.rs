@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use super::Directory;
+use super::lease::Leases;
 use crate::access::AccessRecord;
 use crate::config::CheckpointPolicy;
 use crate::events::{Envelope, EventKind, StateEvent};
@@ -36,6 +37,8 @@ pub(crate) struct Runtime {
     pub(crate) policies: Mutex<HashMap<SessionId, CheckpointPolicy>>,
     /// The live session actors (kept by the supervisor), for requests that skip it.
     pub(crate) actors: Directory,
+    /// The session leases this node holds, on a shared store.
+    pub(crate) leases: Leases,
 }
 
 impl Runtime {
@@ -46,6 +49,7 @@ impl Runtime {
             events: broadcast::channel(EVENT_BUFFER).0,
             policies: Mutex::new(HashMap::new()),
             actors: Directory::default(),
+            leases: Leases::default(),
         }
     }
 

@@ -545,6 +545,12 @@ impl<T: StorageBackend + ?Sized> StorageBackend for Arc<T> {
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
         (**self).renew_lease(lease, ttl).await
     }
+    async fn renew_leases(&self, leases: &[Lease], ttl: Duration) -> Result<Vec<Option<Lease>>> {
+        (**self).renew_leases(leases, ttl).await
+    }
+    async fn read_lease(&self, name: &str) -> Result<Option<LeaseState>> {
+        (**self).read_lease(name).await
+    }
     async fn release_lease(&self, lease: &Lease) -> Result<()> {
         (**self).release_lease(lease).await
     }

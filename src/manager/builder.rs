@@ -89,8 +89,51 @@ impl StateManagerBuilder {
                 retention: RetentionPolicy::default(),
                 migrations: Migrations { current: 1, steps: Default::default() },
                 checkpoint_policy: CheckpointPolicy::default(),
+                node_id: default_node_id(),
+                lease_ttl: Duration::from_secs(10),
+                lease_wait: None,
             },
         }
+    }
+
+    /// This process's name among the nodes sharing a store (default: the host name, the
+    /// process id and a random suffix, so that a restarted process is a new node). On a
+    /// shared backend (PostgreSQL, Redis, clones of a `MemoryStorageBackend`), the session
+    /// actor of a session holds a lease on it in this name while it writes; other nodes
+    /// see it as the session's owner (`SessionInfo::owner`,
+    /// [`StateError::OwnedElsewhere`]). Give each process its own: two processes with one
+    /// node id are one node to the leases, and their writes are not fenced from each other.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{MemoryStorageBackend, StateManager};
+    /// let manager = StateManager::builder(MemoryStorageBackend::new())
+    ///     .node_id("worker-1")
+    ///     .start()
+    ///     .await?;
+    /// assert_eq!(manager.node_id(), "worker-1");
+    /// # Ok(()) }
+    /// ```
+    pub fn node_id(mut self, node: impl Into<String>) -> Self {
+        self.config.node_id = node.into();
+        self
+    }
+
+    /// How long a session lease lasts unless renewed (default 10 s; at least 100 ms). The
+    /// node renews all its leases in one round every third of it. A node that dies holds
+    /// its sessions this long: other nodes take them over once it has run out.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.lease_ttl = ttl;
+        self
+    }
+
+    /// How long a write to a session another node holds waits for its lease (default: the
+    /// lease TTL and one second, so a write to a session whose node died goes through in
+    /// one call). Then the write fails with [`StateError::OwnedElsewhere`]. Keep it under
+    /// the [`call_timeout`](Self::call_timeout).
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.config.lease_wait = Some(wait);
+        self
     }
 
     /// Stores records gzipped at `level` (1 = fastest … 9 = smallest).
@@ -246,6 +289,16 @@ impl StateManagerBuilder {
                 message: "timeouts must be greater than zero".into(),
             });
         }
+        if self.config.lease_ttl < Duration::from_millis(100) {
+            return Err(StateError::Config {
+                message: "the lease TTL must be at least 100 ms".into(),
+            });
+        }
+        if self.config.node_id.is_empty() || self.config.node_id.len() > 256 {
+            return Err(StateError::Config {
+                message: "the node id must be 1 to 256 bytes long".into(),
+            });
+        }
         if self.config.janitor_interval.is_some_and(|d| d.is_zero()) {
             return Err(StateError::Config {
                 message: "the janitor interval must be greater than zero".into(),
@@ -316,6 +369,9 @@ impl StateManagerBuilder {
         );
         let rt = Arc::new(Runtime::new(store.clone()));
         let config = Arc::new(self.config);
+        if store.shared {
+            crate::actor::lease::spawn_keeper(&store, &rt, &config);
+        }
         let args = SupervisorArgs { store: store.clone(), rt: rt.clone(), config: config.clone() };
         let (supervisor, _) = Actor::spawn(None, SupervisorActor, args)
             .await
@@ -332,4 +388,22 @@ impl StateManagerBuilder {
             principal: None,
         })
     }
+}
+
+/// The default node id: the host name, the process id and a random suffix.
+fn default_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{host}-{}-{:08x}", std::process::id(), h.finish() as u32)
 }

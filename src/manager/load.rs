@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::StateManager;
 use super::request::{Ctx, Target, ser_err};
-use crate::actor::session::SessionMsg;
+use crate::actor::session::{InternalMsg, SessionMsg};
 use crate::error::{Operation, Result, StateError};
 use crate::store::codec::RecordHead;
 use crate::types::{
@@ -128,6 +128,12 @@ impl StateManager {
     /// What a run needs to pick up after a crash (see `recover_session`).
     pub(super) async fn recover(&self, cx: &Ctx<'_>) -> Result<Recovery> {
         let (store, sid) = (&cx.store, &cx.sid);
+        if store.shared {
+            // Recovery takes the session over: its lease (waiting for a dead node's to run
+            // out), which also reads what other nodes wrote and marks it interrupted if its
+            // last holder let the lease run out while it was running.
+            cx.call(|reply| InternalMsg::Own { reply }.into()).await?;
+        }
         let (interrupted, status, status_reason, status_at) = {
             let idx = store.index();
             let record = idx.sessions.get(sid).and_then(|e| e.record.clone());
@@ -161,5 +167,34 @@ impl StateManager {
             }
         }
         Ok(Recovery { state, status, status_reason, status_at, interrupted, checkpoint, skipped })
+    }
+}
+
+impl StateManager {
+    /// Fills in each listed session's owner and lease expiry from its lease (a shared
+    /// store), and marks interrupted a running session whose last holder let its lease run
+    /// out.
+    pub(super) async fn add_owners(
+        &self,
+        store: &crate::store::Store,
+        sessions: &mut [crate::types::SessionInfo],
+    ) -> Result<()> {
+        let now = store.clock.now_ms();
+        for s in sessions {
+            let name = crate::actor::lease::lease_name(&s.session_id);
+            let Some(lease) = store.backend.read_lease(&name).await? else { continue };
+            match lease.expires_in {
+                Some(left) => {
+                    s.owner = Some(lease.node);
+                    s.lease_until =
+                        Some(now + u64::try_from(left.as_millis()).unwrap_or(u64::MAX / 2));
+                }
+                None if !lease.released && s.status == SessionStatus::Running => {
+                    s.interrupted = true;
+                }
+                None => {}
+            }
+        }
+        Ok(())
     }
 }

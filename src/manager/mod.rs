@@ -124,6 +124,12 @@ impl StateManager {
         self.principal.as_ref()
     }
 
+    /// This process's name among the nodes sharing the store (see
+    /// [`StateManagerBuilder::node_id`]).
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
     /// Lets `principal` read, or read and write, `session`. Only the owner, an
     /// administrator or the unscoped manager may grant. A session without an owner (created
     /// by the unscoped manager) has no access record to grant from: [`StateError::Config`].
@@ -288,9 +294,14 @@ impl StateManager {
     /// ```
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
         let store = self.store()?;
+        // Other nodes write a shared store: read what they wrote first.
+        store.refresh_all().await?;
         let memory_only = self.rt()?.memory_only_sessions();
         let mut sessions = store.index().list_sessions(memory_only);
         sessions.retain(|s| self.can_read(&store, &s.session_id));
+        if store.shared {
+            self.add_owners(&store, &mut sessions).await?;
+        }
         Ok(sessions)
     }
 
@@ -395,6 +406,10 @@ impl StateManager {
     /// ```
     pub async fn list_checkpoints(&self, session: impl AsRef<str>) -> Result<Vec<CheckpointInfo>> {
         self.run(Operation::ListCheckpoints, session.as_ref().into(), |cx| async move {
+            if cx.store.shared && !cx.rt.leases.holds(&cx.sid) {
+                // Another node may be writing it: read its checkpoints again.
+                cx.store.refresh_session(&cx.sid, false).await?;
+            }
             Ok(cx.store.index().list_checkpoints(&cx.sid))
         })
         .await

@@ -93,13 +93,20 @@ impl StateManager {
     {
         let sid = match target {
             Target::Session(session) => SessionId::new(session)?,
-            Target::Checkpoint(id) => self
-                .store()?
-                .index()
-                .by_checkpoint
-                .get(id)
-                .cloned()
-                .ok_or_else(|| StateError::CheckpointNotFound { id: id.to_string() })?,
+            Target::Checkpoint(id) => {
+                let store = self.store()?;
+                let known = store.index().by_checkpoint.get(id).cloned();
+                let known = match known {
+                    // On a shared store, another node may have made it: read the records
+                    // again before saying there is none.
+                    None if store.shared => {
+                        store.refresh_all().await?;
+                        store.index().by_checkpoint.get(id).cloned()
+                    }
+                    known => known,
+                };
+                known.ok_or_else(|| StateError::CheckpointNotFound { id: id.to_string() })?
+            }
         };
         let span = tracing::debug_span!("request", operation = op.name(), session = %sid);
         let prepared = prepare(&sid).map_err(|e| ser_err(&sid, e))?;
@@ -148,6 +155,10 @@ impl StateManager {
         rt: &Runtime,
     ) -> Result<()> {
         let Some(p) = &self.principal else { return Ok(()) };
+        if store.shared && !rt.leases.holds(sid) {
+            // Another node may have claimed the session, or changed who may use it.
+            store.refresh_access(sid).await?;
+        }
         match store.access.check(p, op, sid, rt.exists(sid), store.clock.now_ms())? {
             Decision::Allow => Ok(()),
             Decision::Claim(record) => {

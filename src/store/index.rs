@@ -392,6 +392,8 @@ impl Index {
             status_reason: e.record.as_ref().and_then(|r| r.reason.clone()),
             status_at: e.record.as_ref().and_then(|r| r.status_at),
             interrupted: self.interrupted.contains(sid),
+            owner: None,
+            lease_until: None,
         }
     }
 

@@ -118,6 +118,16 @@ impl Store {
         self.install(pass).await
     }
 
+    /// On a shared store, brings this node's whole index up to date with the records other
+    /// nodes wrote (session records read again, checkpoints read where new). A no-op on a
+    /// store with one writer, whose index is always current.
+    pub(crate) async fn refresh_all(&self) -> Result<()> {
+        if self.shared {
+            self.reconcile(Trust::Checkpoints).await?;
+        }
+        Ok(())
+    }
+
     /// The session pass: one listed session record into the new index, from the old entry
     /// when trusted and of the same size, else read from the record. A damaged record stays
     /// listed, so loading it reports the damage rather than "missing".
@@ -345,9 +355,18 @@ impl Store {
     /// (`WrongKey`), so no key it needs is retired. Crash-safe: one atomic put, and the
     /// record reads the same before and after it.
     async fn rewrite(&self, key: &StorageKey) -> Result<bool> {
+        self.rewrite_as(None, key).await
+    }
+
+    /// [`rewrite`](Self::rewrite) of a key of session `sid` (fenced while this node holds
+    /// its lease).
+    async fn rewrite_as(&self, sid: Option<&SessionId>, key: &StorageKey) -> Result<bool> {
         match self.backend.get(key).await {
             Ok(Some(bytes)) => {
-                self.backend.put(key, bytes).await?;
+                match sid {
+                    Some(sid) => self.put_as(sid, key, bytes, None).await?,
+                    None => self.backend.put(key, bytes).await?,
+                }
                 Ok(true)
             }
             Ok(None) => Ok(false),
@@ -363,13 +382,15 @@ impl Store {
     /// by its session actor, so no write of the session interleaves; the access record is
     /// rewritten under the lock its writers take.
     pub(crate) async fn reencrypt_session(&self, sid: &SessionId) -> Result<usize> {
-        let mut n = usize::from(self.rewrite(&keys::session(sid, self.codec.extension())).await?);
+        let mut n = usize::from(
+            self.rewrite_as(Some(sid), &keys::session(sid, self.codec.extension())).await?,
+        );
         {
             let _access = self.access_writes.lock().await;
-            n += usize::from(self.rewrite(&keys::access(sid)).await?);
+            n += usize::from(self.rewrite_as(Some(sid), &keys::access(sid)).await?);
         }
         for meta in self.backend.list(&keys::checkpoints_of(sid)).await? {
-            n += usize::from(self.rewrite(&meta.key).await?);
+            n += usize::from(self.rewrite_as(Some(sid), &meta.key).await?);
         }
         Ok(n)
     }

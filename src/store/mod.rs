@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 use crate::access::{AccessControlLayer, AccessRecord, AccessTable};
-use crate::backend::{StorageBackend, StorageKey};
+use crate::backend::{Fence, RecordMeta, StorageBackend, StorageKey};
 use crate::error::{Result, StateError};
 
 use crate::sync::lock;
@@ -64,6 +64,14 @@ pub(crate) struct Store {
     /// Serializes access-record writes with their re-encryption (a get and a put), so a
     /// grant made meanwhile is not overwritten by the older record.
     access_writes: tokio::sync::Mutex<()>,
+    /// Whether other nodes may write to this store ([`StorageBackend::shared`]): then there
+    /// is no index journal and no running marker (each node's index is its own view,
+    /// refreshed from the records), and every write of a session carries its lease's fence.
+    pub(crate) shared: bool,
+    /// The fence of every session whose lease this node's session actor holds (set and
+    /// removed by that actor only). Every write of the session's keys carries it, so once
+    /// another node was granted the lease, this node's writes are refused by the backend.
+    fences: Mutex<HashMap<SessionId, Fence>>,
 }
 
 /// What a delete does with the session's access record.
@@ -101,7 +109,10 @@ impl Store {
                 "removed staged files of interrupted writes"
             );
         }
+        let shared = backend.shared();
         let store = Store {
+            shared,
+            fences: Mutex::new(HashMap::new()),
             backend,
             below,
             codec,
@@ -117,6 +128,10 @@ impl Store {
         };
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
+        if store.shared {
+            store.open_shared().await?;
+            return Ok(store);
+        }
         let replayed = match store.backend.get(&keys::journal()).await {
             Ok(journal) => Index::replay(&journal.unwrap_or_default()),
             // Damage the encryption layer detects: rebuilt from the records like any other.
@@ -155,6 +170,170 @@ impl Store {
             idx.interrupted.extend(running);
         }
         Ok(store)
+    }
+
+    /// The rest of [`open`](Self::open) on a shared store: the index is read from the
+    /// records (other nodes write them; no journal is kept), and deletes other nodes left
+    /// part way are only noted: the session actor that next takes the session's lease
+    /// finishes them (finishing one here could race its owner's writes).
+    async fn open_shared(&self) -> Result<()> {
+        self.reconcile(Trust::Nothing).await?;
+        let pending = self.backend.list(&keys::pending_markers()).await?;
+        let mut deleting = lock(&self.deleting);
+        for meta in pending {
+            if let Ok(sid) = SessionId::new(meta.key.file_name()) {
+                deleting.insert(sid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes the fence this node's writes of `sid` carry (by the session
+    /// actor that holds, or gave up, the session's lease).
+    pub(crate) fn set_fence(&self, sid: &SessionId, fence: Option<Fence>) {
+        let mut fences = lock(&self.fences);
+        match fence {
+            Some(f) => {
+                fences.insert(sid.clone(), f);
+            }
+            None => {
+                fences.remove(sid);
+            }
+        }
+    }
+
+    fn fence(&self, sid: &SessionId) -> Option<Fence> {
+        lock(&self.fences).get(sid).cloned()
+    }
+
+    /// Writes a key of session `sid`: under the session's fence while this node holds its
+    /// lease, else a plain write (a store with one writer, or maintenance of a session no
+    /// actor of this node holds).
+    async fn put_as(
+        &self,
+        sid: &SessionId,
+        key: &StorageKey,
+        bytes: Vec<u8>,
+        meta: Option<&RecordMeta>,
+    ) -> Result<()> {
+        match (self.fence(sid), meta) {
+            (Some(f), Some(m)) => self.backend.put_fenced(key, bytes, m, &f).await,
+            (Some(f), None) => {
+                self.backend.put_fenced(key, bytes, &RecordMeta::default(), &f).await
+            }
+            (None, Some(m)) => self.backend.put_record(key, bytes, m).await,
+            (None, None) => self.backend.put(key, bytes).await,
+        }
+    }
+
+    /// Deletes a key of session `sid`, fenced as [`put_as`](Self::put_as) writes.
+    async fn delete_as(&self, sid: &SessionId, key: &StorageKey) -> Result<bool> {
+        match self.fence(sid) {
+            Some(f) => self.backend.delete_fenced(key, &f).await,
+            None => self.backend.delete(key).await,
+        }
+    }
+
+    /// On a shared store, brings this node's view of `sid` up to date with the records
+    /// (other nodes may have written it): its index entry (the session record read again,
+    /// checkpoints read where new or changed, entries of removed ones dropped), its access
+    /// record, and whether a delete of it was left part way. With `taken_over`, the node
+    /// that held the session's lease let it expire: a session it left running was cut off
+    /// and is marked interrupted. A no-op on a store with one writer.
+    pub(crate) async fn refresh_session(&self, sid: &SessionId, taken_over: bool) -> Result<()> {
+        if !self.shared {
+            return Ok(());
+        }
+        let _guard = self.journal.lock().await;
+        let record = match self.load_session(sid).await {
+            Ok(Some(d)) => match &d.head {
+                RecordHead::Session { saved_at, meta, .. } => {
+                    Some(RecordEntry::of(*saved_at, d.bytes.len() as u64, meta))
+                }
+                RecordHead::Checkpoint { .. } => None,
+            },
+            Ok(None) => None,
+            Err(StateError::Corrupt { .. }) => Some(RecordEntry::of(0, 0, &SessionMeta::default())),
+            Err(e) => return Err(e),
+        };
+        let listed = self.backend.list(&keys::checkpoints_of(sid)).await?;
+        let known: HashMap<CheckpointId, u64> = self
+            .index()
+            .sessions
+            .get(sid)
+            .map(|e| e.checkpoints.iter().map(|(c, e)| (c.clone(), e.size_bytes)).collect())
+            .unwrap_or_default();
+        let mut changes = Vec::new();
+        let mut present = HashSet::new();
+        for meta in listed {
+            let Some((_, cid)) = keys::checkpoint_of(&meta.key, self.codec.extension()) else {
+                continue;
+            };
+            present.insert(cid.clone());
+            if known.get(&cid) == Some(&meta.size) {
+                continue;
+            }
+            let entry = match self.load_checkpoint(sid, &cid).await {
+                Ok(Some(d)) => match d.head {
+                    RecordHead::Checkpoint { branch_id, timestamp, meta: m, .. } => {
+                        CheckpointEntry::of(branch_id, timestamp, meta.size, &m)
+                    }
+                    RecordHead::Session { .. } => continue,
+                },
+                Ok(None) => continue,
+                Err(StateError::Corrupt { .. }) => CheckpointEntry::damaged(&cid, meta.size),
+                Err(e) => return Err(e),
+            };
+            changes.push(Change::checkpoint(sid, &cid, &entry));
+        }
+        for cid in known.keys().filter(|c| !present.contains(*c)) {
+            changes.push(Change::CheckpointDeleted { sid: sid.clone(), cid: cid.clone() });
+        }
+        self.refresh_access(sid).await?;
+        let pending = self.backend.get(&keys::pending(sid)).await?.is_some();
+        let mut idx = self.index();
+        let running = record.as_ref().is_some_and(|r| r.status == SessionStatus::Running);
+        match record {
+            Some(r) => idx.apply(&Change::saved(sid, r)),
+            None => idx.apply(&Change::SessionDeleted { sid: sid.clone() }),
+        }
+        for change in &changes {
+            idx.apply(change);
+        }
+        if taken_over && running {
+            idx.interrupted.insert(sid.clone());
+        }
+        drop(idx);
+        if pending {
+            lock(&self.deleting).insert(sid.clone());
+        } else {
+            lock(&self.deleting).remove(sid);
+        }
+        Ok(())
+    }
+
+    /// On a shared store, reads `sid`'s access record again (another node may have claimed
+    /// the session, or granted or revoked access). A record this node cannot read leaves
+    /// the session to administrators, as at open. A no-op on a store with one writer.
+    pub(crate) async fn refresh_access(&self, sid: &SessionId) -> Result<()> {
+        if !self.shared {
+            return Ok(());
+        }
+        let parsed = match self.backend.get(&keys::access(sid)).await {
+            Ok(None) => None,
+            Ok(Some(bytes)) => Some(serde_json::from_slice::<AccessRecord>(&bytes).ok()),
+            Err(StateError::Corrupt { .. } | StateError::WrongKey { .. }) => Some(None),
+            Err(e) => return Err(e),
+        };
+        match parsed {
+            Some(Some(record)) => {
+                self.access.remove(sid);
+                self.access.set(sid, record);
+            }
+            Some(None) => self.access.set_unreadable(sid),
+            None => self.access.remove(sid),
+        }
+        Ok(())
     }
 
     /// Reads every session's access record. An unreadable one (damaged, or sealed under a
@@ -215,12 +394,16 @@ impl Store {
     pub(crate) async fn put_access(&self, sid: &SessionId, record: &AccessRecord) -> Result<()> {
         let bytes = serde_json::to_vec(record).map_err(|e| StateError::json(sid.as_str(), &e))?;
         let _access = self.access_writes.lock().await;
-        self.backend.put(&keys::access(sid), bytes).await
+        self.put_as(sid, &keys::access(sid), bytes, None).await
     }
 
     /// Writes the journal as a clean snapshot. Called at shutdown, after every write has
     /// finished; the next start then trusts it without reading any record.
     pub(crate) async fn close(&self) -> Result<()> {
+        if self.shared {
+            // No journal and no marker on a shared store: other nodes go on using it.
+            return Ok(());
+        }
         let _guard = self.journal.lock().await;
         let (bytes, n) = self.index().snapshot(true);
         // The clean snapshot first, durably (an atomic put), the marker second: a crash in
@@ -239,6 +422,9 @@ impl Store {
     pub(super) async fn record(&self, change: Change) -> Result<()> {
         let _guard = self.journal.lock().await;
         self.index().apply(&change);
+        if self.shared {
+            return Ok(());
+        }
         // The journal write is best effort: the record is already durable and the index
         // is reconciled against the records at the next start.
         if let Err(e) = self.backend.append(&keys::journal(), Index::line(&change)).await {
@@ -251,6 +437,9 @@ impl Store {
     /// Rewrites the journal as one line per live entry (atomic put), if it has grown past
     /// twice the live entries, or always when `force`.
     pub(super) async fn compact_locked(&self, force: bool) -> Result<()> {
+        if self.shared {
+            return Ok(());
+        }
         let (bytes, n) = {
             let idx = self.index();
             if !force && idx.journal_lines <= 2 * idx.live_entries() + 64 {
@@ -267,16 +456,22 @@ impl Store {
     /// Encodes and puts a record with the disk-full rule: on ENOSPC, sweep staged files and
     /// trim checkpoints past the retention limit once, then retry. Returns the stored size.
     /// (The retry encodes again rather than keeping a copy of every record just in case.)
-    async fn put(&self, key: &StorageKey, head: &RecordHead, data: &[u8]) -> Result<u64> {
+    async fn put(
+        &self,
+        sid: &SessionId,
+        key: &StorageKey,
+        head: &RecordHead,
+        data: &[u8],
+    ) -> Result<u64> {
         let bytes = self.codec.encode(head, data)?;
         let size = bytes.len() as u64;
         let facts = head.facts();
-        match self.backend.put_record(key, bytes, &facts).await {
+        match self.put_as(sid, key, bytes, Some(&facts)).await {
             Err(StateError::StorageFull { .. }) => {
                 warn!(key = %key, "disk full; running an emergency cleanup and retrying once");
                 let _ = self.backend.sweep().await;
                 let _ = self.trim_checkpoints().await;
-                self.backend.put_record(key, self.codec.encode(head, data)?, &facts).await?;
+                self.put_as(sid, key, self.codec.encode(head, data)?, Some(&facts)).await?;
             }
             other => other?,
         }
@@ -340,7 +535,7 @@ impl Store {
         let key = self.session_key(sid);
         let mut entry = RecordEntry::of(saved_at, 0, &meta);
         let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
-        entry.size = self.put(&key, &head, data).await?;
+        entry.size = self.put(sid, &key, &head, data).await?;
         lock(&self.quarantined).remove(&key);
         self.record(Change::saved(sid, entry)).await?;
         self.enforce_cap().await
@@ -363,7 +558,7 @@ impl Store {
             timestamp,
             meta,
         };
-        entry.size_bytes = self.put(&self.checkpoint_key(sid, cid), &head, data).await?;
+        entry.size_bytes = self.put(sid, &self.checkpoint_key(sid, cid), &head, data).await?;
         self.record(Change::checkpoint(sid, cid, &entry)).await?;
         self.enforce_cap().await
     }
@@ -385,7 +580,7 @@ impl Store {
         sid: &SessionId,
         cid: &CheckpointId,
     ) -> Result<bool> {
-        let existed = self.backend.delete(&self.checkpoint_key(sid, cid)).await?;
+        let existed = self.delete_as(sid, &self.checkpoint_key(sid, cid)).await?;
         self.record(Change::CheckpointDeleted { sid: sid.clone(), cid: cid.clone() }).await?;
         Ok(existed)
     }
@@ -406,7 +601,7 @@ impl Store {
     pub(crate) async fn delete_session(&self, sid: &SessionId, access: AccessRule) -> Result<bool> {
         // Nothing is deleted before the marker is durable; if it cannot be written, nothing
         // changed.
-        self.backend.put(&keys::pending(sid), Vec::new()).await?;
+        self.put_as(sid, &keys::pending(sid), Vec::new(), None).await?;
         self.finish_delete(sid, access).await
     }
 
@@ -417,7 +612,7 @@ impl Store {
         lock(&self.deleting).insert(sid.clone());
         let existed = self.delete_session_records(sid, access).await?;
         // Last: a crash before this unlink is durable finishes the delete at the next start.
-        self.backend.delete(&keys::pending(sid)).await?;
+        self.delete_as(sid, &keys::pending(sid)).await?;
         lock(&self.deleting).remove(sid);
         Ok(existed)
     }
@@ -436,10 +631,10 @@ impl Store {
         // The access record goes last: while records remain, the session exists, and its
         // owner must keep it (to retry a delete that failed), and no one else may claim it.
         // A crash in between is finished by the pending marker at the next start.
-        let mut existed = self.backend.delete(&self.session_key(sid)).await?;
+        let mut existed = self.delete_as(sid, &self.session_key(sid)).await?;
         self.record(Change::SessionDeleted { sid: sid.clone() }).await?;
         for meta in self.backend.list(&keys::checkpoints_of(sid)).await? {
-            existed |= self.backend.delete(&meta.key).await?;
+            existed |= self.delete_as(sid, &meta.key).await?;
             if let Some(cid) = keys::checkpoint_id_of(meta.key.file_name(), self.codec.extension())
             {
                 self.record(Change::CheckpointDeleted { sid: sid.clone(), cid }).await?;
@@ -459,7 +654,7 @@ impl Store {
             // Under the lock of access-record writers, so a re-encryption in flight cannot
             // put the record back.
             let _access = self.access_writes.lock().await;
-            self.backend.delete(&keys::access(sid)).await?;
+            self.delete_as(sid, &keys::access(sid)).await?;
             drop(_access);
             self.access.remove(sid);
         }

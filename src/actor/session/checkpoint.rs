@@ -201,6 +201,7 @@ impl SessionState {
     }
 
     pub(super) async fn cleanup(&mut self, keep: usize) -> Result<usize> {
+        self.own().await?;
         let doomed: Vec<CheckpointId> = {
             let idx = self.shared.store.index();
             idx.sessions

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -25,7 +26,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::lease::lease_name;
 use super::{Shared, storage, supervisor::SupervisorMsg};
+use crate::backend::Acquired;
 use crate::config::CheckpointPolicy;
 use crate::error::{Result, StateError};
 use crate::events::EventKind;
@@ -77,6 +80,13 @@ pub(crate) struct SessionState {
     passivating: bool,
     idle_timer: Option<JoinHandle<()>>,
     policy_timer: Option<JoinHandle<()>>,
+    /// On a shared store: the fencing token of the lease this actor last held. A grant with
+    /// any other token (but the next one, after a lapse nobody else used) means another
+    /// node may have written the session: what this actor knew is dropped and read again.
+    token: Option<u64>,
+    /// A write was refused by the fence (another node holds the session now): the actor
+    /// stops once the request that found it is answered.
+    fenced: AtomicBool,
 }
 
 impl Actor for SessionActor {
@@ -111,6 +121,8 @@ impl Actor for SessionActor {
             passivating: false,
             idle_timer,
             policy_timer: None,
+            token: None,
+            fenced: AtomicBool::new(false),
         };
         st.set_policy(&myself, policy);
         Ok(st)
@@ -130,6 +142,9 @@ impl Actor for SessionActor {
         {
             warn!(session = %st.sid, error = %e, "could not flush recorded steps while stopping");
         }
+        // Then the lease goes at once, so another node takes the session over without
+        // waiting for it to run out.
+        st.release().await;
         // Only now, with nothing of this session left only in memory: from here on loads
         // read the record (`StateManager::load_session` reads it directly on a miss in the
         // hot map, so unpublishing before the flush would let it return an older state
@@ -193,6 +208,9 @@ impl Actor for SessionActor {
             }
             SessionMsg::Internal(Internal(msg)) => st.handle_internal(&myself, msg).await,
         }
+        if st.fenced.load(Ordering::Relaxed) && !st.passivating {
+            st.lose(&myself);
+        }
         Ok(())
     }
 }
@@ -202,10 +220,17 @@ impl SessionState {
         let st = self;
         match msg {
             InternalMsg::Reencrypt { reply } => {
-                let sid = st.sid.clone();
-                let _ = reply.send(
-                    st.io(move |store| async move { store.reencrypt_session(&sid).await }).await,
-                );
+                let r = match st.own().await {
+                    Ok(()) => {
+                        let sid = st.sid.clone();
+                        st.io(move |store| async move { store.reencrypt_session(&sid).await }).await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            InternalMsg::Own { reply } => {
+                let _ = reply.send(st.own().await);
             }
             InternalMsg::FinishDelete { reply } => {
                 let r = if st.shared.store.is_deleting(&st.sid) {
@@ -248,7 +273,121 @@ impl SessionState {
         F: FnOnce(Arc<Store>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T>> + Send + 'static,
     {
-        storage::run(&self.shared.storage, job).await
+        let r = storage::run(&self.shared.storage, job).await;
+        if matches!(r, Err(StateError::Fenced { .. })) {
+            self.fenced.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Whether this actor serves the session from memory: always on a store with one
+    /// writer; on a shared store only while it holds the session's lease live (else
+    /// another node may be writing, and loads read the store).
+    fn serves_from_memory(&self) -> bool {
+        !self.shared.store.shared || self.shared.rt.leases.holds(&self.sid)
+    }
+
+    /// Makes sure this node holds the session's lease before a write (on a shared store;
+    /// nothing to do on a store with one writer). A lease held with time to spare is kept;
+    /// otherwise it is taken (or extended: same holder, same token), waiting up to the
+    /// lease wait while another node holds it, then [`StateError::OwnedElsewhere`]. A lease
+    /// lost to another node is [`StateError::Fenced`]: the actor stops after this request.
+    /// When the grant shows that another node may have written since this actor last held
+    /// the lease, everything it knew of the session is dropped and read again from the
+    /// records (and the session is marked interrupted if its last holder let the lease run
+    /// out while it was running).
+    pub(super) async fn own(&mut self) -> Result<()> {
+        if !self.shared.store.shared {
+            return Ok(());
+        }
+        let config = self.shared.config.clone();
+        let ttl = config.lease_ttl;
+        let now = Instant::now();
+        if let Some(h) = self.shared.rt.leases.get(&self.sid) {
+            if h.lost {
+                self.fenced.store(true, Ordering::Relaxed);
+                return Err(StateError::Fenced {
+                    name: h.lease.name.clone(),
+                    token: h.lease.token,
+                    current: h.lease.token + 1,
+                });
+            }
+            // A write started now finishes well inside the lease (and if it does not, the
+            // fence refuses it once another node took over).
+            if self.token == Some(h.lease.token) && h.valid_until > now + ttl / 4 {
+                return Ok(());
+            }
+        }
+        let name = lease_name(&self.sid);
+        let deadline = now + config.lease_wait();
+        let lease = loop {
+            let sent = Instant::now();
+            let answer =
+                self.shared.store.backend.acquire_lease(&name, &config.node_id, ttl).await?;
+            match answer {
+                Acquired::Granted(lease) => {
+                    self.shared.rt.leases.insert(&self.sid, lease.clone(), sent + lease.expires_in);
+                    self.shared.store.set_fence(&self.sid, Some(lease.fence()));
+                    break lease;
+                }
+                Acquired::Held { node, expires_in } => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let until = self.shared.store.clock.now_ms()
+                            + u64::try_from(expires_in.as_millis()).unwrap_or(u64::MAX / 2);
+                        return Err(StateError::OwnedElsewhere { node, until });
+                    }
+                    // Until the lease runs out, but often enough to catch a release.
+                    let nap = (expires_in + Duration::from_millis(5))
+                        .min(Duration::from_millis(100))
+                        .min(deadline - now);
+                    tokio::time::sleep(nap).await;
+                }
+            }
+        };
+        let continuous = self.token.is_some_and(|t| t == lease.token || t + 1 == lease.token)
+            && lease.taken_from.is_none();
+        if !continuous {
+            if self.dirty {
+                warn!(session = %self.sid, "another node held the session since these steps were recorded; they are dropped");
+            }
+            self.dirty = false;
+            self.set_current(None);
+            self.heads.clear();
+            self.last_clock = None;
+            self.last_checkpoint_step = None;
+            self.shared.store.refresh_session(&self.sid, lease.taken_from.is_some()).await?;
+        }
+        self.token = Some(lease.token);
+        Ok(())
+    }
+
+    /// Gives the session's lease up (at passivation and shutdown, after the last write).
+    async fn release(&mut self) {
+        let Some(held) = self.shared.rt.leases.remove(&self.sid) else { return };
+        self.shared.store.set_fence(&self.sid, None);
+        if held.lost {
+            return;
+        }
+        if let Err(e) = self.shared.store.backend.release_lease(&held.lease).await {
+            warn!(session = %self.sid, error = %e, "could not release the session's lease; it runs out on its own");
+        }
+    }
+
+    /// Another node holds the session now: nothing this actor knows of it is current, and
+    /// nothing it still holds can be written (recorded steps not yet saved are dropped). It
+    /// stops; the next request gets a fresh actor, which waits for the lease.
+    fn lose(&mut self, myself: &ActorRef<SessionMsg>) {
+        warn!(session = %self.sid, dropped_steps = self.dirty, "another node holds this session now; its actor here stops");
+        self.dirty = false;
+        self.set_current(None);
+        self.shared.rt.leases.remove(&self.sid);
+        self.shared.store.set_fence(&self.sid, None);
+        self.passivating = true;
+        let _ = self
+            .supervisor
+            .cast(SupervisorMsg::Passivating { sid: self.sid.clone(), actor: myself.get_id() });
+        let _ = myself.drain();
     }
 
     /// Replaces what this actor knows of the state and publishes it to the store's hot
@@ -265,7 +404,12 @@ impl SessionState {
     }
 
     fn publish(&self) {
-        self.shared.rt.publish(&self.sid, self.current.as_ref().map(|c| c.state.clone()));
+        let state = if self.serves_from_memory() {
+            self.current.as_ref().map(|c| c.state.clone())
+        } else {
+            None
+        };
+        self.shared.rt.publish(&self.sid, state);
     }
 
     /// Flushes recorded steps and stops this actor (idle, or retired after a new owner
@@ -297,6 +441,7 @@ impl SessionState {
     /// delete failed part way is still its owner's (so the owner's next save neither loses
     /// the session to another principal's claim nor locks the owner out).
     async fn settle_delete(&mut self) -> Result<()> {
+        self.own().await?;
         if self.shared.store.is_deleting(&self.sid) {
             self.delete_with(AccessRule::Keep).await?;
         }
@@ -372,6 +517,13 @@ impl SessionState {
     }
 
     async fn load(&mut self) -> Result<Option<StateBytes>> {
+        if !self.serves_from_memory() {
+            // Another node may be writing: read the record, keep nothing.
+            self.current = None;
+            let state = self.current().await?.state.clone();
+            self.current = None;
+            return Ok(state);
+        }
         Ok(self.current().await?.state.clone())
     }
 
@@ -445,6 +597,7 @@ impl SessionState {
     }
 
     async fn delete_with(&mut self, rule: AccessRule) -> Result<bool> {
+        self.own().await?;
         let sid = self.sid.clone();
         // Who could read the session before it is deleted (the access record goes with it):
         // they are told of the delete.
@@ -544,6 +697,7 @@ impl SessionState {
     /// Each rewrite is one atomic put, and records already current are skipped, so an
     /// interrupted pass simply runs again.
     async fn migrate(&mut self) -> Result<MigrationReport> {
+        self.own().await?;
         let mut report = MigrationReport::default();
         let current = self.shared.config.migrations.current;
         let sid = self.sid.clone();

@@ -164,6 +164,9 @@ pub(crate) enum InternalMsg {
     /// handed out under an earlier owner) flushes and stops, and the next request gets a
     /// fresh one. Replies once the mailbox is closed.
     Retire { reply: RpcReplyPort<Result<()>> },
+    /// Take the session's lease (on a shared store; waiting up to the lease wait), as
+    /// before a write: recovery on another node takes the session over this way.
+    Own { reply: RpcReplyPort<Result<()>> },
     /// The idle timer's tick.
     IdleCheck,
     /// The checkpoint policy's timer tick.
