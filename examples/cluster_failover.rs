@@ -206,9 +206,15 @@ async fn orchestrate() -> ExitCode {
 
 async fn connect_admin(url: &str) -> Result<tokio_postgres::Client, BoxError> {
     let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
-    let (client, connection) = tokio::time::timeout(Duration::from_secs(5), connect)
-        .await
-        .map_err(|_| "no answer within 5 s")??;
+    let (client, connection) = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Err(_) => return Err("no answer within 5 s".into()),
+        // "error connecting to server: Connection refused (os error 111)"
+        Ok(Err(e)) => match e.source() {
+            Some(cause) => return Err(format!("{e}: {cause}").into()),
+            None => return Err(e.into()),
+        },
+        Ok(Ok(connected)) => connected,
+    };
     tokio::spawn(connection);
     Ok(client)
 }
