@@ -12,6 +12,6 @@ mod common;
 mod nodes_common;
 
 nodes_common::node_tests!(memory, || async {
-    std::sync::Arc::new(mars_state::MemoryStorageBackend::new())
-        as std::sync::Arc<dyn mars_state::StorageBackend>
+    let store = std::sync::Arc::new(mars_state::MemoryStorageBackend::new());
+    (store as std::sync::Arc<dyn mars_state::StorageBackend>, ())
 });

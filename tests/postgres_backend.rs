@@ -38,6 +38,8 @@
 //!   is there, 20 rounds (`MARS_PG_CRASH_ROUNDS`).
 
 mod common;
+#[path = "nodes_common/mod.rs"]
+mod nodes_common;
 mod pg_common;
 
 use std::time::Duration;
@@ -83,6 +85,12 @@ mars_state::conformance_tests! {
         (backend, schema)
     },
 }
+
+// Several nodes on one schema: the behaviours of `tests/nodes.rs` over PostgreSQL.
+nodes_common::node_tests!(nodes, || async {
+    let (backend, schema) = super::fresh().await;
+    (std::sync::Arc::new(backend) as std::sync::Arc<dyn mars_state::StorageBackend>, schema)
+});
 
 async fn open_manager(schema: &str, compression: Option<u32>) -> StateManager {
     let backend = PostgresStorageBackend::options().schema(schema).connect(&test_url()).await;
@@ -190,9 +198,9 @@ fn ten_processes_migrate_at_once() {
         schema.name()
     ));
     println!("{ok} processes connected; migrations table: {rows:?}");
-    // Versions 1 to 3: records, record facts, leases.
+    // Versions 1 to 4: records, record facts, leases, lease releases.
     let expected: Vec<(String, String)> =
-        (1..=3).map(|v| (v.to_string(), "1".to_owned())).collect();
+        (1..=4).map(|v| (v.to_string(), "1".to_owned())).collect();
     assert_eq!(rows, expected, "each version exactly once");
 }
 

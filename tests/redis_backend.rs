@@ -29,6 +29,8 @@
 //!   nothing is corrupt.
 
 mod common;
+#[path = "nodes_common/mod.rs"]
+mod nodes_common;
 #[path = "redis_backend/support.rs"]
 mod redis_support;
 
@@ -63,6 +65,12 @@ mars_state::conformance_tests! {
         (layer().wrap(backend).await.unwrap(), server)
     },
 }
+
+// Several nodes on one key prefix: the behaviours of `tests/nodes.rs` over Redis.
+nodes_common::node_tests!(nodes, || async {
+    let (backend, server) = super::fresh().await;
+    (std::sync::Arc::new(backend) as std::sync::Arc<dyn mars_state::StorageBackend>, server)
+});
 
 async fn open_manager(url: &str, prefix: &str, compression: Option<u32>) -> StateManager {
     let options = RedisStorageBackend::options().prefix(prefix);

@@ -2,7 +2,7 @@
 //! ([`StorageBackend::acquire_lease`](super::StorageBackend::acquire_lease) and the rest)
 //! and fenced writes ([`StorageBackend::put_fenced`](super::StorageBackend::put_fenced),
 //! [`delete_fenced`](super::StorageBackend::delete_fenced)) exchange. Owns [`Fence`],
-//! [`Lease`] and [`Acquired`]; calls nothing.
+//! [`Lease`], [`Acquired`] and [`LeaseState`]; calls nothing.
 //!
 //! A lease names a thing one node at a time may write (a session, the janitor's turn), the
 //! node holding it, until when (by the store server's clock, reported relative), and a

@@ -326,8 +326,10 @@ pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
     /// extended and its token kept); else [`Acquired::Held`] with the holder and the time
     /// it has left. The token grows by one whenever the lease goes to a node that did not
     /// hold it live (the first grant gives 1), is stored where it never expires, and never
-    /// decreases, also after an expiry or a release. A grant is durable like a put. The
-    /// default, for a backend that is not [`shared`](Self::shared), is a
+    /// decreases, also after an expiry or a release. A grant to another node over a lease
+    /// whose holder let it expire without releasing it names that holder in
+    /// [`Lease::taken_from`] (`None` for every other grant). A grant is durable like a put.
+    /// The default, for a backend that is not [`shared`](Self::shared), is a
     /// [`StateError::Config`] error.
     ///
     /// ```
@@ -426,7 +428,9 @@ pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Gives `lease` up: if it is still the caller's (same token and node), it expires now
     /// and any node may take it at once (with the next token); the token is kept, so the
-    /// next grant is higher. Releasing a lease that is no longer the caller's does nothing
+    /// next grant is higher. The lease is marked released (see
+    /// [`read_lease`](Self::read_lease)) until the next grant or renewal, so the next grant
+    /// reports no takeover. Releasing a lease that is no longer the caller's does nothing
     /// and succeeds. The default, for a backend that is not [`shared`](Self::shared), is a
     /// [`StateError::Config`] error.
     async fn release_lease(&self, lease: &Lease) -> Result<()> {

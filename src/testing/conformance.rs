@@ -6,8 +6,9 @@
 //! promise, if the backend breaks it. Run them all, one test each, with
 //! [`conformance_tests!`](crate::conformance_tests), or in one go with [`run_all`].
 //!
-//! The lease and fence clauses (`lease_*`, `*fence*`) check the leases and fenced writes
-//! of a [`shared`](StorageBackend::shared) backend, and pass at once on one that is not; `unshared_backend_has_no_leases_and_ignores_fences` checks the defaults of a
+//! The lease and fence clauses (`lease_*`, `read_lease_*`, `renew_leases_*`, `*fence*`)
+//! check the leases and fenced writes of a [`shared`](StorageBackend::shared) backend, and
+//! pass at once on one that is not; `unshared_backend_has_no_leases_and_ignores_fences` checks the defaults of a
 //! backend that is not shared, and passes at once on one that is. Lease clauses that wait
 //! for an expiry sleep for real (about two seconds): a server's clock cannot be paused.
 //!
@@ -517,6 +518,213 @@ pub async fn lease_renew_by_a_stale_lease_is_none(b: &dyn StorageBackend) {
     assert_eq!(renewed.map(|l| l.token), Some(bee.token), "the holder's renewal");
 }
 
+/// The longest a clause waits for a lease of [`SHORT`] to expire (by the server's clock).
+const EXPIRY_WAIT: Duration = Duration::from_secs(10);
+
+/// A lease TTL clauses wait out.
+const SHORT: Duration = Duration::from_millis(1500);
+
+/// Asks for lease `name` for `node` until it is granted (its holder's lease expired), or
+/// panics after [`SHORT`] and [`EXPIRY_WAIT`].
+async fn acquire_once_expired(b: &dyn StorageBackend, name: &str, node: &str) -> Lease {
+    let deadline = tokio::time::Instant::now() + SHORT + EXPIRY_WAIT;
+    loop {
+        match acquire(b, name, node, LONG).await {
+            Acquired::Granted(lease) => return lease,
+            Acquired::Held { .. } if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Acquired::Held { node, expires_in } => {
+                panic!("{node}'s lease {name} did not expire: {expires_in:?} left after {SHORT:?}")
+            }
+        }
+    }
+}
+
+/// A grant names in `taken_from` the node it takes the lease over from when that node let
+/// it expire without releasing it, and only then: a first grant, a grant after a release
+/// (also a release made after the expiry), a grant to the node that held it, the holder
+/// asking again, and renewals all say `None`.
+pub async fn lease_taken_from_names_an_expired_holder_not_a_released_one(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    // Granted in this order with one TTL: once `s1` is free, by the server's clock, so are
+    // `s2` and `s3`, granted before it.
+    let own = granted("first acquire of s2", acquire(b, "s2", "node-a", SHORT).await);
+    let late = granted("first acquire of s3", acquire(b, "s3", "node-a", SHORT).await);
+    let a = granted("first acquire of s1", acquire(b, "s1", "node-a", SHORT).await);
+    for first in [&own, &late, &a] {
+        assert_eq!(first.taken_from, None, "a first grant of {} names a holder", first.name);
+    }
+    let again = granted("the holder again", acquire(b, "s1", "node-a", SHORT).await);
+    assert_eq!(again.taken_from, None, "the live holder asking again names a holder");
+    let renewed = ok("renew_lease", b.renew_lease(&a, SHORT).await);
+    let renewed = renewed.unwrap_or_else(|| panic!("the holder's renewal was refused"));
+    assert_eq!(renewed.taken_from, None, "a renewal names a holder");
+
+    let c = acquire_once_expired(b, "s1", "node-c").await;
+    assert_eq!(c.token, a.token + 1, "the token after an expiry");
+    assert_eq!(
+        c.taken_from.as_deref(),
+        Some("node-a"),
+        "a grant over an expired, unreleased lease must name its old holder"
+    );
+    let renewed = ok("renew_lease", b.renew_lease(&c, LONG).await);
+    let renewed = renewed.unwrap_or_else(|| panic!("the new holder's renewal was refused"));
+    assert_eq!(renewed.taken_from, None, "a renewal after a takeover names a holder");
+    let renewed = ok("renew_leases", b.renew_leases(std::slice::from_ref(&c), LONG).await);
+    assert_eq!(renewed.len(), 1, "renew_leases of one lease");
+    assert_eq!(
+        renewed[0].as_ref().map(|l| &l.taken_from),
+        Some(&None),
+        "renew_leases after a takeover names a holder"
+    );
+    let again = granted("the new holder again", acquire(b, "s1", "node-c", LONG).await);
+    assert_eq!(again.taken_from, None, "the live holder asking again names a holder");
+
+    // The node that let its own lease expire takes it again: the next token, no takeover.
+    let own2 = granted("s2 by its own holder", acquire(b, "s2", "node-a", LONG).await);
+    assert_eq!(own2.token, own.token + 1, "a grant after an expiry must raise the token");
+    assert_eq!(own2.taken_from, None, "a grant to the node that held it names a holder");
+
+    // Released after it expired, before anyone took it: still a clean handover.
+    ok("release_lease (expired)", b.release_lease(&late).await);
+    let bee = granted("s3 after a late release", acquire(b, "s3", "node-b", LONG).await);
+    assert_eq!(bee.token, late.token + 1, "the token after a release");
+    assert_eq!(
+        bee.taken_from, None,
+        "a grant after a release made after the expiry names a holder"
+    );
+
+    // Released while live: no takeover either.
+    ok("release_lease", b.release_lease(&bee).await);
+    let cee = granted("s3 after a release", acquire(b, "s3", "node-c", LONG).await);
+    assert_eq!(cee.taken_from, None, "a grant after a release names a holder");
+}
+
+/// `read_lease` reports a lease without taking it: `None` if never granted; else its holder
+/// (or last holder), its token, the time left while it is live (`None` once it expired or
+/// was released), and whether it was released. A grant or a renewal clears `released`.
+pub async fn read_lease_reports_holder_token_expiry_and_release(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    assert_eq!(ok("read_lease s1", b.read_lease("s1").await), None, "a lease never granted");
+    // Granted first so it expires while the rest runs.
+    let short = granted("acquire s2", acquire(b, "s2", "node-a", SHORT).await);
+    let a = granted("acquire s1", acquire(b, "s1", "node-a", LONG).await);
+    let read = |name: &'static str| async move {
+        let r = b.read_lease(name).await;
+        let state = ok(format_args!("read_lease {name}"), r);
+        state.unwrap_or_else(|| panic!("read_lease {name}: a granted lease reads as None"))
+    };
+    let state = read("s1").await;
+    assert_eq!((state.node.as_str(), state.token), ("node-a", a.token), "holder and token");
+    let left = state.expires_in.unwrap_or_else(|| panic!("a live lease reads as expired"));
+    assert!(left <= LONG && left > LONG / 2, "a live lease reports {left:?} left of {LONG:?}");
+    assert!(!state.released, "a live lease reads as released");
+    // Reading takes nothing.
+    held("after a read", acquire(b, "s1", "node-b", LONG).await);
+
+    ok("release_lease", b.release_lease(&a).await);
+    let state = read("s1").await;
+    assert_eq!((state.node.as_str(), state.token), ("node-a", a.token), "after a release");
+    assert_eq!(state.expires_in, None, "a released lease reports time left");
+    assert!(state.released, "a released lease reads as not released");
+
+    // Renewed after its release (nobody took it): live again, no longer released.
+    let renewed = ok("renew_lease", b.renew_lease(&a, LONG).await);
+    assert!(renewed.is_some(), "a released lease nobody took could not be renewed");
+    let state = read("s1").await;
+    assert!(state.expires_in.is_some() && !state.released, "after a renewal: {state:?}");
+    ok("release_lease", b.release_lease(&a).await);
+    let bee = granted("after the release", acquire(b, "s1", "node-b", LONG).await);
+    let state = read("s1").await;
+    assert_eq!((state.node.as_str(), state.token), ("node-b", bee.token), "the new holder");
+    assert!(state.expires_in.is_some() && !state.released, "after a grant: {state:?}");
+
+    // Expired without a release: the last holder, no time left, not released.
+    let deadline = tokio::time::Instant::now() + SHORT + EXPIRY_WAIT;
+    let state = loop {
+        let state = read("s2").await;
+        if state.expires_in.is_none() {
+            break state;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "s2 did not expire: {state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((state.node.as_str(), state.token), ("node-a", short.token), "after an expiry");
+    assert!(!state.released, "a lease that expired reads as released");
+    assert_eq!(ok("read_lease s3", b.read_lease("s3").await), None, "another name");
+}
+
+/// `renew_leases` renews many leases in one call, answering in their order as `renew_lease`
+/// would: the new expiry for each lease still its node's at its token, `None` for a stale
+/// one (another node took it since; also when the current holder's lease of the same name
+/// is in the same call) or one never granted; a stale entry changes nothing.
+pub async fn renew_leases_renews_many_and_refuses_stale_ones(b: &dyn StorageBackend) {
+    if !b.shared() {
+        return;
+    }
+    let none = ok("renew_leases of none", b.renew_leases(&[], LONG).await);
+    assert!(none.is_empty(), "renew_leases of no lease answered {none:?}");
+    let a1 = granted("acquire s1", acquire(b, "s1", "node-a", LONG).await);
+    let a2 = granted("acquire s2", acquire(b, "s2", "node-a", LONG).await);
+    let a3 = granted("acquire s3", acquire(b, "s3", "node-a", LONG).await);
+    ok("release_lease", b.release_lease(&a2).await);
+    let b2 = granted("takeover of s2", acquire(b, "s2", "node-b", LONG).await);
+    let never = Lease {
+        name: "never-granted".into(),
+        node: "node-a".into(),
+        token: 1,
+        expires_in: LONG,
+        taken_from: None,
+    };
+    let asked = [a3.clone(), a2.clone(), never, a1.clone(), b2.clone()];
+    let ttl = Duration::from_secs(20);
+    let answers = ok("renew_leases", b.renew_leases(&asked, ttl).await);
+    assert_eq!(answers.len(), asked.len(), "one answer per lease");
+    let summary: Vec<Option<(&str, &str, u64)>> = answers
+        .iter()
+        .map(|a| a.as_ref().map(|l| (l.name.as_str(), l.node.as_str(), l.token)))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            Some(("s3", "node-a", a3.token)),
+            None,
+            None,
+            Some(("s1", "node-a", a1.token)),
+            Some(("s2", "node-b", b2.token)),
+        ],
+        "renew_leases answered out of order, renewed a stale lease, or refused a current one"
+    );
+    for lease in answers.iter().flatten() {
+        assert!(
+            lease.expires_in <= ttl,
+            "{} renewed for {:?}, asked {ttl:?}",
+            lease.name,
+            lease.expires_in
+        );
+        assert!(
+            lease.expires_in > ttl / 2,
+            "{} renewed for {:?} only",
+            lease.name,
+            lease.expires_in
+        );
+        assert_eq!(lease.taken_from, None, "a renewal names a holder");
+    }
+    // The renewals took effect (shorter than the grants' TTL); the stale one changed nothing.
+    for (name, holder) in [("s1", "node-a"), ("s2", "node-b"), ("s3", "node-a")] {
+        let (node, left) = held("after renew_leases", acquire(b, name, "node-c", LONG).await);
+        assert_eq!(node, holder, "the holder of {name} after renew_leases");
+        assert!(left <= ttl, "{name} has {left:?} left after a renewal to {ttl:?}");
+    }
+    let renewed = ok("renew_lease", b.renew_lease(&a2, LONG).await);
+    assert_eq!(renewed, None, "the stale lease became renewable");
+}
+
 /// A stale fence's save (a put of an existing session record), checkpoint (a put of a new
 /// key) and delete are each refused with `Fenced` naming the current token, and change
 /// nothing: values, absences and listings are as before. Writes under the current fence
@@ -670,6 +878,10 @@ pub async fn unshared_backend_has_no_leases_and_ignores_fences(b: &dyn StorageBa
     assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "renew_lease");
     let r = b.release_lease(&lease).await;
     assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "release_lease");
+    let r = b.renew_leases(std::slice::from_ref(&lease), LONG).await;
+    assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "renew_leases");
+    let r = b.read_lease("s1").await;
+    assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::Config), "read_lease");
     let any = Fence::new("no-such-lease", 42);
     let k = "sessions/s1.json";
     ok("put_fenced", put_fenced(b, k, b"v", &any).await);
@@ -743,6 +955,9 @@ macro_rules! conformance_tests {
             lease_expires_then_another_node_gets_the_next_token
             lease_release_lets_another_node_take_it_at_once
             lease_renew_by_a_stale_lease_is_none
+            lease_taken_from_names_an_expired_holder_not_a_released_one
+            read_lease_reports_holder_token_expiry_and_release
+            renew_leases_renews_many_and_refuses_stale_ones
             stale_fence_save_checkpoint_and_delete_are_refused
             fence_of_another_lease_is_unaffected
             fenced_writes_racing_a_takeover_never_land_after_it

@@ -13,7 +13,8 @@ use async_trait::async_trait;
 
 use super::Hold;
 use crate::backend::{
-    Acquired, Fence, Lease, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport,
+    Acquired, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
+    SweepReport,
 };
 use crate::error::{Result, StateError};
 
@@ -328,6 +329,14 @@ impl<B: StorageBackend> StorageBackend for Faulty<B> {
 
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
         self.inner.renew_lease(lease, ttl).await
+    }
+
+    async fn renew_leases(&self, leases: &[Lease], ttl: Duration) -> Result<Vec<Option<Lease>>> {
+        self.inner.renew_leases(leases, ttl).await
+    }
+
+    async fn read_lease(&self, name: &str) -> Result<Option<LeaseState>> {
+        self.inner.read_lease(name).await
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<()> {

@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mars_state::{
-    Acquired, Fence, FileStorageBackend, Lease, ObjectMeta, StorageBackend, StorageKey, SweepReport,
+    Acquired, Fence, FileStorageBackend, Lease, LeaseState, ObjectMeta, StorageBackend, StorageKey,
+    SweepReport,
 };
 
 /// The variable that picks the backend.
@@ -302,6 +303,16 @@ impl StorageBackend for Connected {
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> mars_state::Result<Option<Lease>> {
         self.get().await?.renew_lease(lease, ttl).await
     }
+    async fn renew_leases(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> mars_state::Result<Vec<Option<Lease>>> {
+        self.get().await?.renew_leases(leases, ttl).await
+    }
+    async fn read_lease(&self, name: &str) -> mars_state::Result<Option<LeaseState>> {
+        self.get().await?.read_lease(name).await
+    }
     async fn release_lease(&self, lease: &Lease) -> mars_state::Result<()> {
         self.get().await?.release_lease(lease).await
     }
@@ -436,6 +447,18 @@ impl StorageBackend for OnBlockingPool {
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> mars_state::Result<Option<Lease>> {
         let lease = lease.clone();
         self.run(|b| async move { b.renew_lease(&lease, ttl).await }).await
+    }
+    async fn renew_leases(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> mars_state::Result<Vec<Option<Lease>>> {
+        let leases = leases.to_vec();
+        self.run(|b| async move { b.renew_leases(&leases, ttl).await }).await
+    }
+    async fn read_lease(&self, name: &str) -> mars_state::Result<Option<LeaseState>> {
+        let name = name.to_owned();
+        self.run(|b| async move { b.read_lease(&name).await }).await
     }
     async fn release_lease(&self, lease: &Lease) -> mars_state::Result<()> {
         let lease = lease.clone();

@@ -25,7 +25,8 @@ use crate::common::bounded;
 pub const TTL: Duration = Duration::from_millis(600);
 
 /// Expands the behaviours into one test each, in module `$name`, over stores from `$make`
-/// (an async closure giving a fresh `Arc<dyn StorageBackend>`).
+/// (an async closure giving a fresh `Arc<dyn StorageBackend>` and a guard that keeps what
+/// it needs alive: a schema dropped after the test, a private server).
 macro_rules! node_tests {
     ($name:ident, $make:expr) => {
         mod $name {
@@ -47,7 +48,7 @@ macro_rules! node_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
-                let store = ($make)().await;
+                let (store, _guard) = ($make)().await;
                 n::$test(store).await;
             }
         )*

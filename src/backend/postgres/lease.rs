@@ -1,14 +1,21 @@
-//! The PostgreSQL backend's leases (table `mars_state_leases`, migration 3): grant, renew
-//! and release, each one statement in a short transaction of its own on a pooled
-//! connection, never in the group-commit writers' batches (a grant waits for the fenced
-//! writes in flight, and a batch must not wait for a grant). Owns those calls; the
-//! statements are `schema::Sql`'s, the fenced writes the writers' (`writer.rs`).
+//! The PostgreSQL backend's leases (table `mars_state_leases`, migrations 3 and 4): grant,
+//! renew (one lease or many in one statement) and release, each one statement in a short
+//! transaction of its own on a pooled connection, never in the group-commit writers'
+//! batches (a grant waits for the fenced writes in flight, and a batch must not wait for a
+//! grant); and the read of a lease, one statement outside any transaction. Owns those
+//! calls; the statements are `schema::Sql`'s, the fenced writes the writers' (`writer.rs`).
 //!
 //! Every time is the server's: `clock_timestamp()`, read once the row is locked, so a grant
 //! that waited for writes in flight still runs its full TTL, and no node's clock matters.
 //! Every statement is idempotent for its caller (a grant to a node that holds the lease live
 //! keeps the token), so a transient failure, even after COMMIT was sent, is retried.
+//!
+//! Column `released` says whether the last holder released the lease (set by a release,
+//! cleared by every grant and renewal); a grant to another node over an expired, unreleased
+//! row writes the old holder into `taken_from` and returns it as
+//! [`Lease::taken_from`](crate::Lease::taken_from).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_postgres::Row;
@@ -17,7 +24,7 @@ use tokio_postgres::types::{ToSql, Type};
 use super::error::Failure;
 use super::writer::token_param;
 use super::{Discard, Shared};
-use crate::backend::{Acquired, Lease, ttl_ms};
+use crate::backend::{Acquired, Lease, LeaseState, ttl_ms};
 use crate::error::{Result, StateError};
 
 /// Grants of a lease asked again when the answer was empty (a first grant by another node
@@ -113,12 +120,13 @@ pub(super) async fn acquire(
             let expires_in = millis(row.try_get(3)?);
             Ok(if granted {
                 let token = u64::try_from(token).unwrap_or(0);
+                let taken_from: Option<String> = row.try_get(4)?;
                 Acquired::Granted(Lease {
                     name: name.to_owned(),
                     node: holder,
                     token,
                     expires_in,
-                    taken_from: None,
+                    taken_from,
                 })
             } else {
                 Acquired::Held { node: holder, expires_in }
@@ -146,6 +154,70 @@ pub(super) async fn renew(shared: &Shared, lease: &Lease, ttl: Duration) -> Resu
     let Some(row) = rows.first() else { return Ok(None) };
     let left: i64 = row.try_get(0).map_err(|e| bad_row(&lease.name, &e))?;
     Ok(Some(Lease { expires_in: millis(left), taken_from: None, ..lease.clone() }))
+}
+
+/// [`StorageBackend::renew_leases`](crate::StorageBackend::renew_leases): one UPDATE over
+/// the leases as arrays (one round trip, one transaction), answered in the order of
+/// `leases`. A lease named twice gets the same answer twice.
+pub(super) async fn renew_many(
+    shared: &Shared,
+    leases: &[Lease],
+    ttl: Duration,
+) -> Result<Vec<Option<Lease>>> {
+    let Some(first) = leases.first() else { return Ok(Vec::new()) };
+    let ms = i64::try_from(ttl_ms(ttl)).unwrap_or(i64::MAX);
+    let names: Vec<&str> = leases.iter().map(|l| l.name.as_str()).collect();
+    let nodes: Vec<&str> = leases.iter().map(|l| l.node.as_str()).collect();
+    let tokens: Vec<i64> = leases.iter().map(|l| token_param(l.token)).collect();
+    let params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&names, Type::TEXT_ARRAY),
+        (&nodes, Type::TEXT_ARRAY),
+        (&tokens, Type::INT8_ARRAY),
+        (&ms, Type::INT8),
+    ];
+    let what =
+        if leases.len() == 1 { first.name.clone() } else { format!("{} and others", first.name) };
+    let rows = shared.lease_statement(&shared.sql.renew_leases, &params).await;
+    let rows = rows.map_err(|f| lease_error(&f, "renewing", &what))?;
+    // A row per renewed lease, naming it by name, node and token: a stale copy of a lease
+    // renewed in the same call (same name, older token) is not.
+    let mut left = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let parse = || -> Result<_, tokio_postgres::Error> {
+            let id: (String, String, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            Ok((id, millis(row.try_get(3)?)))
+        };
+        let (id, ms) = parse().map_err(|e| bad_row(&what, &e))?;
+        left.insert(id, ms);
+    }
+    Ok(leases
+        .iter()
+        .map(|lease| {
+            let id = (lease.name.clone(), lease.node.clone(), token_param(lease.token));
+            let expires_in = *left.get(&id)?;
+            Some(Lease { expires_in, taken_from: None, ..lease.clone() })
+        })
+        .collect())
+}
+
+/// [`StorageBackend::read_lease`](crate::StorageBackend::read_lease): one read statement,
+/// the time left by the server's clock.
+pub(super) async fn read(shared: &Shared, name: &str) -> Result<Option<LeaseState>> {
+    let params: [(&(dyn ToSql + Sync), Type); 1] = [(&name, Type::TEXT)];
+    let rows = shared.read(&shared.sql.read_lease, &params).await;
+    let rows = rows.map_err(|f| f.read_error(&format!("lease {name}")))?;
+    let Some(row) = rows.first() else { return Ok(None) };
+    let parse = || -> Result<LeaseState, tokio_postgres::Error> {
+        let token: i64 = row.try_get(1)?;
+        let left: Option<i64> = row.try_get(3)?;
+        Ok(LeaseState {
+            node: row.try_get(0)?,
+            token: u64::try_from(token).unwrap_or(0),
+            expires_in: left.map(millis),
+            released: row.try_get(2)?,
+        })
+    };
+    parse().map(Some).map_err(|e| bad_row(name, &e))
 }
 
 /// [`StorageBackend::release_lease`](crate::StorageBackend::release_lease).

@@ -34,8 +34,9 @@
 //!   statements, so it runs behind transaction-mode poolers.
 //! - an interrupted transaction is rolled back by the server: there are no staged leftovers,
 //!   so `sweep` has nothing to remove.
-//! - leases (`lease.rs`, table `mars_state_leases`) are granted, renewed and released in
-//!   short transactions of their own, by the server's clock. A fenced write is one statement
+//! - leases (`lease.rs`, table `mars_state_leases`) are granted, renewed (one or many in
+//!   one statement) and released in short transactions of their own, by the server's clock;
+//!   a release sets the row's `released` column, which a grant or renewal clears. A fenced write is one statement
 //!   of a group-commit batch that locks its lease's row `FOR SHARE` and writes only under
 //!   the current token, so a grant to another node waits for the old holder's writes in
 //!   flight, and a refused write changes nothing while the rest of its batch commits.
@@ -61,8 +62,8 @@ use self::error::Failure;
 use self::schema::Sql;
 use self::writer::{Op, Writers};
 use super::{
-    Acquired, Fence, KeyClass, Lease, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
-    SweepReport,
+    Acquired, Fence, KeyClass, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend,
+    StorageKey, SweepReport,
 };
 use crate::error::{Result, StateError};
 
@@ -475,7 +476,9 @@ impl StorageBackend for PostgresStorageBackend {
 
     /// One statement on `mars_state_leases`, in a transaction of its own, times by the
     /// server's `clock_timestamp()`. A grant to another node waits for the fenced writes of
-    /// the old holder in flight (they hold its row `FOR SHARE`).
+    /// the old holder in flight (they hold its row `FOR SHARE`). A grant over a row that
+    /// expired with `released` false names its old holder in [`Lease::taken_from`] (kept in
+    /// the row's `taken_from` column).
     async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
         lease::acquire(&self.shared, name, node, ttl).await
     }
@@ -484,6 +487,20 @@ impl StorageBackend for PostgresStorageBackend {
         lease::renew(&self.shared, lease, ttl).await
     }
 
+    /// One `UPDATE ... FROM unnest(names, nodes, tokens)` for all of them: one round trip
+    /// and one transaction, whatever their number.
+    async fn renew_leases(&self, leases: &[Lease], ttl: Duration) -> Result<Vec<Option<Lease>>> {
+        lease::renew_many(&self.shared, leases, ttl).await
+    }
+
+    /// One `SELECT` of the lease's row; the time left by the server's `clock_timestamp()`,
+    /// `released` from its column of that name.
+    async fn read_lease(&self, name: &str) -> Result<Option<LeaseState>> {
+        lease::read(&self.shared, name).await
+    }
+
+    /// Expires the lease now and sets its `released` column, so the next grant reports no
+    /// takeover ([`Lease::taken_from`] `None`).
     async fn release_lease(&self, lease: &Lease) -> Result<()> {
         lease::release(&self.shared, lease).await
     }

@@ -70,6 +70,15 @@ const MIGRATIONS: &[&str] = &[
         expires_at timestamptz NOT NULL,
         CONSTRAINT mars_state_leases_pkey PRIMARY KEY (name)
     );",
+    // 4: how a lease's last holder let it go. `released` is set by a release and cleared
+    // by every grant and renewal, so an expired row tells a clean handover from a holder
+    // that died or hung. `taken_from` is the node the last grant took the lease over from
+    // (it expired unreleased), NULL otherwise: written by the grant's own UPDATE from the
+    // locked old row, because `RETURNING` sees only the new one. Rows from before this
+    // step read as not released. A constant default and a nullable column rewrite no rows.
+    "ALTER TABLE {s}.mars_state_leases
+        ADD COLUMN released boolean NOT NULL DEFAULT false,
+        ADD COLUMN taken_from text;",
 ];
 
 /// The schema version this build writes and reads.
@@ -139,13 +148,22 @@ pub(super) struct Sql {
     /// The same for a log key and its pieces.
     pub(super) delete_fenced_log: String,
     /// Grants a lease: `$1` name, `$2` node, `$3` TTL in ms. One row: granted, holder,
-    /// token, ms left (none if a concurrent first grant is not yet visible: ask again).
+    /// token, ms left, and (granted only) the node it was taken over from after that node
+    /// let it expire unreleased, else NULL (no row if a concurrent first grant is not yet
+    /// visible: ask again).
     pub(super) acquire_lease: String,
     /// Renews a lease still held with its token: `$1` name, `$2` node, `$3` token, `$4` TTL
     /// in ms. One row (ms left) if renewed, none if not.
     pub(super) renew_lease: String,
-    /// Expires a lease still held with its token now: `$1` name, `$2` node, `$3` token.
+    /// Renews many leases at once: `$1` names, `$2` nodes, `$3` tokens (arrays, one entry
+    /// per lease), `$4` TTL in ms. A row (name, node, token, ms left) per lease renewed.
+    pub(super) renew_leases: String,
+    /// Expires a lease still held with its token now and marks it released: `$1` name, `$2`
+    /// node, `$3` token.
     pub(super) release_lease: String,
+    /// A lease as it stands: `$1` name. One row (holder, token, released, ms left or NULL
+    /// once expired) if it was ever granted.
+    pub(super) read_lease: String,
 }
 
 /// Milliseconds left until `{col}`, by the server's clock, never below 0.
@@ -220,7 +238,10 @@ impl Sql {
         );
         // A grant: a new row, or the row taken over when it is free (expired or released) or
         // already `$2`'s. The token stays only when `$2` held it live; any other grant raises
-        // it. Times are the server's (`clock_timestamp()`, read after the row lock is had).
+        // it. `taken_from` names the old holder when another node takes the lease over after
+        // it expired unreleased; the SET sees the old row, locked and current (ON CONFLICT
+        // DO UPDATE locks the latest version), so it cannot be another grant's. Times are
+        // the server's (`clock_timestamp()`, read after the row lock is had).
         let until = "clock_timestamp() + $3 * interval '1 millisecond'";
         let acquire_lease = format!(
             "WITH granted AS (INSERT INTO {le} AS l (name, node, token, expires_at) \
@@ -228,23 +249,42 @@ impl Sql {
              ON CONFLICT (name) DO UPDATE SET \
              token = CASE WHEN l.node = excluded.node AND l.expires_at > clock_timestamp() \
              THEN l.token ELSE l.token + 1 END, \
-             node = excluded.node, expires_at = {until} \
+             taken_from = CASE WHEN l.node <> excluded.node AND NOT l.released \
+             AND l.expires_at <= clock_timestamp() THEN l.node END, \
+             node = excluded.node, expires_at = {until}, released = false \
              WHERE l.node = excluded.node OR l.expires_at <= clock_timestamp() \
-             RETURNING node, token, expires_at) \
-             SELECT true, node, token, {} FROM granted \
-             UNION ALL SELECT false, node, token, {} FROM {le} \
+             RETURNING node, token, expires_at, taken_from) \
+             SELECT true, node, token, {}, taken_from FROM granted \
+             UNION ALL SELECT false, node, token, {}, NULL::text FROM {le} \
              WHERE name = $1 AND NOT EXISTS (SELECT FROM granted)",
             ms_left("expires_at"),
             ms_left("expires_at")
         );
         let renew_lease = format!(
-            "UPDATE {le} SET expires_at = clock_timestamp() + $4 * interval '1 millisecond' \
-             WHERE name = $1 AND node = $2 AND token = $3 RETURNING {}",
+            "UPDATE {le} SET expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
+             released = false WHERE name = $1 AND node = $2 AND token = $3 RETURNING {}",
             ms_left("expires_at")
         );
+        // Every lease of the arrays that is still its node's at its token, in one UPDATE (one
+        // round trip, one transaction); the others match no row and are not returned.
+        let renew_leases = format!(
+            "UPDATE {le} AS l SET expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
+             released = false \
+             FROM unnest($1::text[], $2::text[], $3::int8[]) AS r (name, node, token) \
+             WHERE l.name = r.name AND l.node = r.node AND l.token = r.token \
+             RETURNING l.name, l.node, l.token, {}",
+            ms_left("l.expires_at")
+        );
         let release_lease = format!(
-            "UPDATE {le} SET expires_at = least(expires_at, clock_timestamp()) \
+            "UPDATE {le} SET expires_at = least(expires_at, clock_timestamp()), released = true \
              WHERE name = $1 AND node = $2 AND token = $3"
+        );
+        // The clock is read once, so "live" and the ms left agree.
+        let read_lease = format!(
+            "SELECT node, token, released, \
+             CASE WHEN left_ms > 0 THEN floor(left_ms)::int8 END \
+             FROM {le}, LATERAL (SELECT extract(epoch FROM (expires_at - clock_timestamp())) \
+             * 1000 AS left_ms) AS t WHERE name = $1"
         );
         let records_upsert = format!(
             "INSERT INTO {r} (key, value, size, kind, updated_at, {columns}) \
@@ -312,7 +352,9 @@ impl Sql {
             delete_fenced_log,
             acquire_lease,
             renew_lease,
+            renew_leases,
             release_lease,
+            read_lease,
         }
     }
 }

@@ -8,9 +8,10 @@
 //!                        ("c1.json") and of its subfolders, with a trailing slash ("s1/")
 //! <prefix>:g:<session>   with a session TTL only: the Redis keys of one session (its record,
 //!                        checkpoints and their folder sets), expired together
-//! <prefix>:l:<lease>     a lease: a hash of `node`, `token` and `expires_at` (ms, by the
-//!                        server's `TIME`); never expires and is never deleted, so its token
-//!                        never goes back
+//! <prefix>:l:<lease>     a lease: a hash of `node`, `token`, `expires_at` (ms, by the
+//!                        server's `TIME`) and `released` ("1" once its holder released it,
+//!                        "0" after a grant or renewal; absent reads as "0"); never expires
+//!                        and is never deleted, so its token never goes back
 //! ```
 //!
 //! A fenced write is its plain script with the lease's hash as the last key and the fence's
@@ -212,30 +213,36 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 ";
 
 /// `acquire_lease`: KEYS[1] = the lease's hash; ARGV = node, TTL in ms. Returns `{granted
-/// (1 or 0), holder, token, ms left}`. Granted when free (no hash, expired, released) or
-/// held live by the node already (token kept); any other grant raises the token.
+/// (1 or 0), holder, token, ms left}`, and when granted a fifth element: the node the lease
+/// was taken over from (another node that let it expire without releasing it), else nil.
+/// Granted when free (no hash, expired, released) or held live by the node already (token
+/// kept); any other grant raises the token. Every grant clears `released`.
 pub(super) fn acquire_script() -> String {
     format!(
         "#!lua\n{NOW_MS}
-local held = redis.call('HMGET', KEYS[1], 'node', 'token', 'expires_at')
+local held = redis.call('HMGET', KEYS[1], 'node', 'token', 'expires_at', 'released')
 local node, token, expires = held[1], tonumber(held[2]) or 0, tonumber(held[3]) or 0
 local live = node and expires > now
 if live and node ~= ARGV[1] then
   return {{0, node, token, expires - now}}
 end
+local from = false
 if not live then
   token = token + 1
+  if node and node ~= ARGV[1] and held[4] ~= '1' then
+    from = node
+  end
 end
 local ttl = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'token', string.format('%d', token),
-  'expires_at', string.format('%d', now + ttl))
-return {{1, ARGV[1], token, ttl}}
+  'expires_at', string.format('%d', now + ttl), 'released', '0')
+return {{1, ARGV[1], token, ttl, from}}
 "
     )
 }
 
 /// `renew_lease`: KEYS[1] = the lease's hash; ARGV = node, token, TTL in ms. Returns the ms
-/// left if renewed, -1 if the lease is not the node's at that token.
+/// left if renewed (and clears `released`), -1 if the lease is not the node's at that token.
 pub(super) fn renew_script() -> String {
     format!(
         "#!lua\n{NOW_MS}
@@ -243,14 +250,40 @@ local held = redis.call('HMGET', KEYS[1], 'node', 'token')
 if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
   return -1
 end
-redis.call('HSET', KEYS[1], 'expires_at', string.format('%d', now + tonumber(ARGV[3])))
+redis.call('HSET', KEYS[1], 'expires_at', string.format('%d', now + tonumber(ARGV[3])),
+  'released', '0')
 return tonumber(ARGV[3])
 "
     )
 }
 
-/// `release_lease`: KEYS[1] = the lease's hash; ARGV = node, token. Expires it now if it is
-/// still the node's at that token (the token is kept). Returns 1 if it was, else 0.
+/// `renew_leases`: KEYS = the leases' hashes; ARGV[1] = TTL in ms, then each lease's node
+/// and token (`ARGV[2i]`, `ARGV[2i + 1]` for `KEYS[i]`). Returns, in the order of KEYS, the
+/// ms left for each lease renewed (as [`renew_script`]) and -1 for each one not the node's
+/// at that token. One script, so one round trip and one clock reading for all of them.
+pub(super) fn renew_many_script() -> String {
+    format!(
+        "#!lua\n{NOW_MS}
+local ttl = tonumber(ARGV[1])
+local until_ms = string.format('%d', now + ttl)
+local out = {{}}
+for i = 1, #KEYS do
+  local held = redis.call('HMGET', KEYS[i], 'node', 'token')
+  if held[1] == ARGV[2 * i] and held[2] == ARGV[2 * i + 1] then
+    redis.call('HSET', KEYS[i], 'expires_at', until_ms, 'released', '0')
+    out[i] = ttl
+  else
+    out[i] = -1
+  end
+end
+return out
+"
+    )
+}
+
+/// `release_lease`: KEYS[1] = the lease's hash; ARGV = node, token. Expires it now and
+/// marks it released if it is still the node's at that token (the token is kept). Returns 1
+/// if it was, else 0.
 pub(super) fn release_script() -> String {
     format!(
         "#!lua\n{NOW_MS}
@@ -261,7 +294,31 @@ end
 if (tonumber(held[3]) or 0) > now then
   redis.call('HSET', KEYS[1], 'expires_at', string.format('%d', now))
 end
+redis.call('HSET', KEYS[1], 'released', '1')
 return 1
+"
+    )
+}
+
+/// `read_lease`: KEYS[1] = the lease's hash. Returns nil if it was never granted, else
+/// `{holder, token, ms left (-1 once expired), released (1 or 0)}`, by the server's `TIME`.
+/// Writes nothing (`no-writes`: it may run on a replica).
+pub(super) fn read_script() -> String {
+    format!(
+        "#!lua flags=no-writes\n{NOW_MS}
+local held = redis.call('HMGET', KEYS[1], 'node', 'token', 'expires_at', 'released')
+if not held[1] then
+  return false
+end
+local left = (tonumber(held[3]) or 0) - now
+if left <= 0 then
+  left = -1
+end
+local released = 0
+if held[4] == '1' then
+  released = 1
+end
+return {{held[1], tonumber(held[2]) or 0, left, released}}
 "
     )
 }

@@ -36,8 +36,9 @@
 //! - writes queued while a round trip is in flight go out as one pipeline (group commit),
 //!   and share one fsync of the AOF.
 //! - nothing is ever staged, so `sweep` has nothing to remove.
-//! - leases are hashes `<prefix>:l:<name>` (node, token, expiry by the server's `TIME`),
-//!   changed only by Lua scripts; a fenced write is its write script with the token
+//! - leases are hashes `<prefix>:l:<name>` (node, token, expiry by the server's `TIME`,
+//!   whether the last holder released it), changed only by Lua scripts (many leases are
+//!   renewed by one script); a fenced write is its write script with the token
 //!   comparison first, in one script, so nothing can come between the check and the write
 //!   (see `layout.rs`).
 //!
@@ -62,7 +63,8 @@ use self::checks::{check_durability, check_prefix};
 use self::layout::{LIST_SCRIPT, Layout};
 use self::writer::{Op, Writer, refused};
 use super::{
-    Acquired, Fence, Lease, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport, ttl_ms,
+    Acquired, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
+    SweepReport, ttl_ms,
 };
 use crate::error::{Result, StateError};
 
@@ -316,9 +318,24 @@ impl RedisStorageBackend {
         args: &[String],
     ) -> Result<Value> {
         let hash = self.inner.layout.lease(name);
+        self.lease_script(script, &format!("lease {name}"), &[hash], args).await
+    }
+
+    /// Runs a lease script on the hashes `keys` (what `what` names in errors), as
+    /// [`lease_call`](Self::lease_call).
+    async fn lease_script(
+        &self,
+        script: &redis::Script,
+        what: &str,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Value> {
         let timeout = self.inner.options.timeout;
         for attempt in 0..2 {
-            let mut invocation = script.key(&hash);
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(key);
+            }
             for arg in args {
                 invocation.arg(arg);
             }
@@ -330,7 +347,7 @@ impl RedisStorageBackend {
                 Ok(Err(e)) => {
                     let detail = e.detail().unwrap_or("");
                     return Err(StateError::unavailable(format!(
-                        "Redis failed a call on lease {name}: {} {detail}",
+                        "Redis failed a call on {what}: {} {detail}",
                         e.code().unwrap_or("")
                     )));
                 }
@@ -338,7 +355,7 @@ impl RedisStorageBackend {
             }
         }
         Err(StateError::unavailable(format!(
-            "Redis at {} did not answer a call on lease {name} in {} ms; outcome unknown",
+            "Redis at {} did not answer a call on {what} in {} ms; outcome unknown",
             self.inner.addr,
             timeout.as_millis()
         )))
@@ -349,7 +366,9 @@ impl RedisStorageBackend {
 struct LeaseScripts {
     acquire: redis::Script,
     renew: redis::Script,
+    renew_many: redis::Script,
     release: redis::Script,
+    read: redis::Script,
 }
 
 impl LeaseScripts {
@@ -357,7 +376,9 @@ impl LeaseScripts {
         LeaseScripts {
             acquire: redis::Script::new(&layout::acquire_script()),
             renew: redis::Script::new(&layout::renew_script()),
+            renew_many: redis::Script::new(&layout::renew_many_script()),
             release: redis::Script::new(&layout::release_script()),
+            read: redis::Script::new(&layout::read_script()),
         }
     }
 }
@@ -539,12 +560,19 @@ impl StorageBackend for RedisStorageBackend {
     }
 
     /// One Lua script on the lease's hash (`<prefix>:l:<name>`), with the server's `TIME`.
+    /// A grant over a hash that expired without `released` set names its old holder in
+    /// [`Lease::taken_from`].
     async fn acquire_lease(&self, name: &str, node: &str, ttl: Duration) -> Result<Acquired> {
         let args = [node.to_owned(), ttl_ms(ttl).to_string()];
         let reply = self.lease_call(&self.inner.leases.acquire, name, &args).await?;
         let Value::Array(parts) = reply else { return Err(bad_lease_reply(name)) };
-        let [Value::Int(granted), Value::BulkString(holder), Value::Int(token), Value::Int(left)] =
-            parts.as_slice()
+        let [
+            Value::Int(granted),
+            Value::BulkString(holder),
+            Value::Int(token),
+            Value::Int(left),
+            rest @ ..,
+        ] = parts.as_slice()
         else {
             return Err(bad_lease_reply(name));
         };
@@ -554,12 +582,19 @@ impl StorageBackend for RedisStorageBackend {
             return Ok(Acquired::Held { node: holder, expires_in });
         }
         let token = u64::try_from(*token).map_err(|_| bad_lease_reply(name))?;
+        let taken_from = match rest {
+            [] | [Value::Nil] => None,
+            [Value::BulkString(from)] => {
+                Some(String::from_utf8(from.clone()).map_err(|_| bad_lease_reply(name))?)
+            }
+            _ => return Err(bad_lease_reply(name)),
+        };
         Ok(Acquired::Granted(Lease {
             name: name.to_owned(),
             node: holder,
             token,
             expires_in,
-            taken_from: None,
+            taken_from,
         }))
     }
 
@@ -575,6 +610,65 @@ impl StorageBackend for RedisStorageBackend {
         }
     }
 
+    /// One Lua script over every lease's hash: one round trip and one reading of the
+    /// server's `TIME` for all of them.
+    async fn renew_leases(&self, leases: &[Lease], ttl: Duration) -> Result<Vec<Option<Lease>>> {
+        let Some(first) = leases.first() else { return Ok(Vec::new()) };
+        let what = match leases.len() {
+            1 => format!("lease {}", first.name),
+            n => format!("{n} leases ({} and others)", first.name),
+        };
+        let keys: Vec<String> = leases.iter().map(|l| self.inner.layout.lease(&l.name)).collect();
+        let mut args = Vec::with_capacity(1 + 2 * leases.len());
+        args.push(ttl_ms(ttl).to_string());
+        for lease in leases {
+            args.push(lease.node.clone());
+            args.push(lease.token.to_string());
+        }
+        let reply = self.lease_script(&self.inner.leases.renew_many, &what, &keys, &args).await?;
+        let bad =
+            || StateError::corrupt(what.clone(), "Redis answered a lease call in a wrong shape");
+        let Value::Array(answers) = reply else { return Err(bad()) };
+        if answers.len() != leases.len() {
+            return Err(bad());
+        }
+        leases
+            .iter()
+            .zip(answers)
+            .map(|(lease, answer)| match answer {
+                Value::Int(left) if left >= 0 => {
+                    Ok(Some(Lease { expires_in: millis(left), taken_from: None, ..lease.clone() }))
+                }
+                Value::Int(_) => Ok(None),
+                _ => Err(bad()),
+            })
+            .collect()
+    }
+
+    /// One read-only Lua script on the lease's hash, with the server's `TIME`; `released`
+    /// is the hash's field of that name.
+    async fn read_lease(&self, name: &str) -> Result<Option<LeaseState>> {
+        let reply = self.lease_call(&self.inner.leases.read, name, &[]).await?;
+        let parts = match reply {
+            Value::Nil => return Ok(None),
+            Value::Array(parts) => parts,
+            _ => return Err(bad_lease_reply(name)),
+        };
+        let [Value::BulkString(node), Value::Int(token), Value::Int(left), Value::Int(released)] =
+            parts.as_slice()
+        else {
+            return Err(bad_lease_reply(name));
+        };
+        Ok(Some(LeaseState {
+            node: String::from_utf8(node.clone()).map_err(|_| bad_lease_reply(name))?,
+            token: u64::try_from(*token).map_err(|_| bad_lease_reply(name))?,
+            expires_in: (*left > 0).then(|| millis(*left)),
+            released: *released == 1,
+        }))
+    }
+
+    /// Expires the lease now and sets its hash's `released` field to "1", so the next grant
+    /// reports no takeover ([`Lease::taken_from`] `None`).
     async fn release_lease(&self, lease: &Lease) -> Result<()> {
         let args = [lease.node.clone(), lease.token.to_string()];
         self.lease_call(&self.inner.leases.release, &lease.name, &args).await.map(drop)

@@ -132,8 +132,8 @@ use async_trait::async_trait;
 use chacha20poly1305::XChaCha20Poly1305;
 
 use crate::backend::{
-    Acquired, Fence, FileStorageBackend, KeyClass, Lease, ObjectMeta, RecordMeta, StorageBackend,
-    StorageKey, SweepReport,
+    Acquired, Fence, FileStorageBackend, KeyClass, Lease, LeaseState, ObjectMeta, RecordMeta,
+    StorageBackend, StorageKey, SweepReport,
 };
 use crate::error::{Result, StateError};
 use crate::store::keys::{CRYPTO_META, crypto_meta as crypto_meta_key};
@@ -428,6 +428,14 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
 
     async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Option<Lease>> {
         self.inner.renew_lease(lease, ttl).await
+    }
+
+    async fn renew_leases(&self, leases: &[Lease], ttl: Duration) -> Result<Vec<Option<Lease>>> {
+        self.inner.renew_leases(leases, ttl).await
+    }
+
+    async fn read_lease(&self, name: &str) -> Result<Option<LeaseState>> {
+        self.inner.read_lease(name).await
     }
 
     async fn release_lease(&self, lease: &Lease) -> Result<()> {
