@@ -267,6 +267,8 @@ struct Counts {
     zombie_elsewhere: usize,
     /// Sessions of a zombie that got no refusal within the wait (it may not have tried).
     zombie_unanswered: usize,
+    /// The longest time from a SIGCONT to a refusal of the zombie's write.
+    zombie_refusal_max_ms: u128,
     /// Acks a node printed after its session was handed on (writes that committed before
     /// the takeover; allowed, and checked like any ack).
     late_acks: usize,
@@ -297,6 +299,8 @@ struct Cluster<'a> {
     started: Instant,
     /// (node, session) of every refusal a zombie got.
     zombie_refusals: HashSet<(usize, u64)>,
+    /// When the last zombie was woken (SIGCONT).
+    woken: Instant,
     /// Sessions to hand again to the node that refused them (if it still owns them), and
     /// when: (when, node, session).
     resend: Vec<(Instant, usize, u64)>,
@@ -325,6 +329,7 @@ fn run_chaos(store: &Store) {
         rng: SplitMix64(seed),
         started,
         zombie_refusals: HashSet::new(),
+        woken: started,
         resend: Vec::new(),
     };
     for _ in 0..NODES {
@@ -498,6 +503,7 @@ impl Cluster<'_> {
         });
         println!("{} SIGCONT {id}", self.at());
         self.signal(node, "CONT");
+        self.woken = Instant::now();
         // Each moved session's task in the zombie tries its next write within a step; a
         // refusal may come as late as the lease wait (TTL + 1 s).
         let deadline = Instant::now() + PACE + TTL + Duration::from_secs(3);
@@ -557,6 +563,8 @@ impl Cluster<'_> {
                     _ => counts.zombie_elsewhere += 1,
                 }
                 self.zombie_refusals.insert((node, s));
+                let after = self.woken.elapsed().as_millis();
+                counts.zombie_refusal_max_ms = counts.zombie_refusal_max_ms.max(after);
             }
             "fenced" | "elsewhere" => {
                 match words[0] {
@@ -641,7 +649,8 @@ impl Cluster<'_> {
              connections); failover (fault to the new owner's first ack) at most {} ms\n  \
              writes: {} acks ({} late acks of a node whose session was handed on), {} \
              checkpoints stored, {} calls failed and retried\n  refusals: zombie fenced {}, \
-             zombie elsewhere {}, zombie sessions without a refusal {}, owner fenced {}, owner elsewhere {}\n  takeovers: {} sessions handed on, {} \
+             zombie elsewhere {}, zombie sessions without a refusal {}, a zombie's refusal at most {} ms after its \
+             SIGCONT, owner fenced {}, owner elsewhere {}\n  takeovers: {} sessions handed on, {} \
              resumed by their new owner, {} of those reported interrupted\n  checks: lost {}, duplicate steps {}, missing steps {}, \
              returns to a node after another wrote {}, sessions short of step {STEPS}: {}",
             c.kills,
@@ -656,6 +665,7 @@ impl Cluster<'_> {
             c.zombie_fenced,
             c.zombie_elsewhere,
             c.zombie_unanswered,
+            c.zombie_refusal_max_ms,
             c.owner_fenced,
             c.owner_elsewhere,
             c.handed_on,
