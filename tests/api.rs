@@ -22,9 +22,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::backend::{FileWrites, backend_for_paused_time, locking_backend_only, open_backend};
 use common::{
-    builder, checkpoint_ids, ext, file_backend_only, flip_byte, increment, on_file_backend, open,
-    open_temp, per_mode, put_file, quiet_deliberate_panics, restart, session_file, session_ids,
-    session_info, spawn_each, with_compression,
+    builder, checkpoint_ids, ext, file_backend_only, flip_byte, increment, listed_records,
+    on_file_backend, open, open_temp, per_mode, put_file, quiet_deliberate_panics, restart,
+    session_file, session_ids, session_info, spawn_each, with_compression,
 };
 use mars_state::{
     CheckpointId, ErrorKind, RetentionPolicy, SessionMsg, StateBytes, StateError, StateManager,
@@ -703,7 +703,7 @@ async fn transactional_update_err_writes_nothing(compression: Option<u32>) {
     // The record's bytes, on the file backend.
     let path = session_file(dir.path(), "s1", compression);
     let bytes_before = on_file_backend().then(|| std::fs::read(&path).unwrap());
-    let info_before = m.list_sessions().await.unwrap();
+    let info_before = listed_records(&m).await;
 
     let r =
         m.transactional_update("s1", |_old: Option<Value>| Err::<Value, _>(Refused("no"))).await;
@@ -723,7 +723,7 @@ async fn transactional_update_err_writes_nothing(compression: Option<u32>) {
     if let Some(bytes_before) = &bytes_before {
         assert_eq!(&std::fs::read(&path).unwrap(), bytes_before, "the record was rewritten");
     }
-    assert_eq!(m.list_sessions().await.unwrap(), info_before, "the index changed");
+    assert_eq!(listed_records(&m).await, info_before, "the index changed");
 
     // On a session without state, a rejected update creates nothing.
     let r =

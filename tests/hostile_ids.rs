@@ -196,7 +196,7 @@ async fn hostile_ids_touch_nothing(compression: Option<u32>) {
     let legit_cp = m.create_checkpoint("legit", "main", &json!({"step": 0})).await.unwrap();
 
     let before = snapshot(dir.path());
-    let sessions_before = m.list_sessions().await.unwrap();
+    let sessions_before = common::listed_records(&m).await;
     let stats_before = m.get_storage_stats().await.unwrap();
     let actors_before = m.live_session_actors().await.unwrap();
     let state = json!({"payload": "must never be written"});
@@ -269,7 +269,7 @@ async fn hostile_ids_touch_nothing(compression: Option<u32>) {
     let after = snapshot(dir.path());
     let d = diff(&before, &after);
     assert!(d.is_empty(), "hostile ids changed the file tree:\n{}", d.join("\n"));
-    assert_eq!(m.list_sessions().await.unwrap(), sessions_before);
+    assert_eq!(common::listed_records(&m).await, sessions_before);
     assert_eq!(m.get_storage_stats().await.unwrap(), stats_before);
     assert_eq!(
         m.live_session_actors().await.unwrap(),

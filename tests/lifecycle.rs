@@ -83,7 +83,21 @@ fn open_store(dir: &Path, writes: FileWrites) -> Arc<dyn StorageBackend> {
 
 /// [`file_builder`] over a backend the test holds too.
 fn builder_over(backend: Arc<dyn StorageBackend>, compression: Option<u32>) -> StateManagerBuilder {
-    quiet(with_compression(StateManager::builder(backend), compression)).idle_timeout(NEVER_IDLE)
+    quiet(with_compression(StateManager::builder(backend), compression))
+        .idle_timeout(NEVER_IDLE)
+        .lease_ttl(LEASE_TTL)
+}
+
+/// The session lease TTL of these tests' managers (on a shared store: PostgreSQL, Redis).
+const LEASE_TTL: Duration = Duration::from_secs(1);
+
+/// After a process using the store was killed: on a shared store, the other nodes learn that
+/// it died when its session leases run out (a store one process holds learns it from its
+/// lock at once).
+fn wait_for_the_dead_processes_leases() {
+    if matches!(common::backend_name(), "postgres" | "redis") {
+        std::thread::sleep(LEASE_TTL + Duration::from_millis(300));
+    }
 }
 
 async fn open_file(dir: &Path) -> StateManager {
@@ -656,6 +670,7 @@ fn a_run_killed_while_running_is_recognised_as_interrupted_after_a_restart() {
     );
     wait_for_line(&lines, "ready");
     sigkill(child);
+    wait_for_the_dead_processes_leases();
 
     runtime().block_on(async {
         let m = open_file(dir.path()).await;
@@ -716,6 +731,7 @@ fn the_interrupted_mark_survives_a_clean_restart_until_the_session_is_saved() {
     );
     wait_for_line(&lines, "ready");
     sigkill(child);
+    wait_for_the_dead_processes_leases();
 
     runtime().block_on(async {
         // A process that opens the store and shuts it down cleanly without looking.

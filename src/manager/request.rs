@@ -20,7 +20,7 @@ use crate::actor::session::{InternalMsg, SessionMsg};
 use crate::actor::supervisor::{self, SupervisorMsg};
 use crate::actor::{Runtime, call_session, storage};
 use crate::error::{Operation, Result, StateError};
-use crate::store::Store;
+use crate::store::{AccessRule, Store};
 use crate::types::{CheckpointId, SessionId, StateBytes};
 
 /// What a request is about: a session named by the caller, or the session of a checkpoint.
@@ -157,7 +157,7 @@ impl StateManager {
         let Some(p) = &self.principal else { return Ok(()) };
         if store.shared && !rt.leases.holds(sid) {
             // Another node may have claimed the session, or changed who may use it.
-            store.refresh_access(sid).await?;
+            store.refresh_access(sid, AccessRule::Keep).await?;
         }
         match store.access.check(p, op, sid, rt.exists(sid), store.clock.now_ms())? {
             Decision::Allow => Ok(()),

@@ -12,6 +12,7 @@
 //! metadata/crypto.json                    encryption descriptor      Plaintext
 //! metadata/LOCK                           the file backend's lock    Plaintext
 //! metadata/pending/<session>              pending-delete markers     Plaintext
+//! metadata/interrupted/<session>          cut-off runs (shared store) Plaintext
 //! metadata/index.log                      index journal (appended)   Log
 //! metadata/access/<session>.json          access records             Metadata
 //! metadata/running                        "a process has it open"    Metadata
@@ -43,6 +44,9 @@ pub(crate) const STORE_META: &str = "metadata/store.json";
 pub(crate) const CRYPTO_META: &str = "metadata/crypto.json";
 /// Folder of pending-delete markers, one empty file per session being deleted.
 const PENDING: &str = "metadata/pending";
+/// Folder of the marks of runs cut off by a node that died (shared stores only: a store
+/// one process holds keeps them in its index journal).
+const INTERRUPTED: &str = "metadata/interrupted";
 /// Folder of access records, `<session>.json`.
 const ACCESS: &str = "metadata/access";
 /// The access records' ending.
@@ -70,7 +74,11 @@ pub(crate) fn class_of(key: &str) -> KeyClass {
         METADATA if matches!(key, STORE_META | CRYPTO_META | COPYING) || rest == LOCK_FILE => {
             KeyClass::Plaintext
         }
-        METADATA if key.strip_prefix(PENDING).is_some_and(|r| r.starts_with('/')) => {
+        METADATA
+            if [PENDING, INTERRUPTED]
+                .iter()
+                .any(|f| key.strip_prefix(f).is_some_and(|r| r.starts_with('/'))) =>
+        {
             KeyClass::Plaintext
         }
         METADATA if key.ends_with(LOG_EXT) => KeyClass::Log,
@@ -163,6 +171,16 @@ pub(crate) fn pending(sid: &SessionId) -> StorageKey {
 /// The folder of pending-delete markers.
 pub(crate) fn pending_markers() -> StorageKey {
     fixed(PENDING)
+}
+
+/// `metadata/interrupted/<sid>`.
+pub(crate) fn interrupted(sid: &SessionId) -> StorageKey {
+    key(format!("{INTERRUPTED}/{sid}"))
+}
+
+/// The folder of interrupted-run marks.
+pub(crate) fn interrupted_marks() -> StorageKey {
+    fixed(INTERRUPTED)
 }
 
 /// The index journal.

@@ -124,6 +124,7 @@ impl Store {
     pub(crate) async fn refresh_all(&self) -> Result<()> {
         if self.shared {
             self.reconcile(Trust::Checkpoints).await?;
+            self.load_interrupted_marks().await?;
         }
         Ok(())
     }

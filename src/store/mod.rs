@@ -74,12 +74,14 @@ pub(crate) struct Store {
     fences: Mutex<HashMap<SessionId, Fence>>,
 }
 
-/// What a delete does with the session's access record.
+/// What becomes of a session's access record: in a delete, and in a refresh that finds no
+/// record on the store ([`Store::refresh_access`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AccessRule {
-    /// Removed with the records (a delete asked for).
+    /// Removed (a delete asked for; a refresh under the session's lease).
     Remove,
-    /// Kept (a write finishing a delete that failed part way).
+    /// Kept (a write finishing a delete that failed part way; a refresh before an access
+    /// check, which may race this node's own claim being written).
     Keep,
 }
 
@@ -178,6 +180,7 @@ impl Store {
     /// finishes them (finishing one here could race its owner's writes).
     async fn open_shared(&self) -> Result<()> {
         self.reconcile(Trust::Nothing).await?;
+        self.load_interrupted_marks().await?;
         let pending = self.backend.list(&keys::pending_markers()).await?;
         let mut deleting = lock(&self.deleting);
         for meta in pending {
@@ -185,6 +188,17 @@ impl Store {
                 deleting.insert(sid);
             }
         }
+        Ok(())
+    }
+
+    /// On a shared store, the sessions marked interrupted are those with a mark on the
+    /// store (written by the node that took a session over from a lapsed holder, removed by
+    /// the session's next save or its delete): read them into the index.
+    pub(crate) async fn load_interrupted_marks(&self) -> Result<()> {
+        let marks = self.backend.list(&keys::interrupted_marks()).await?;
+        let marked: HashSet<SessionId> =
+            marks.iter().filter_map(|m| SessionId::new(m.key.file_name()).ok()).collect();
+        self.index().interrupted = marked;
         Ok(())
     }
 
@@ -289,10 +303,18 @@ impl Store {
         for cid in known.keys().filter(|c| !present.contains(*c)) {
             changes.push(Change::CheckpointDeleted { sid: sid.clone(), cid: cid.clone() });
         }
-        self.refresh_access(sid).await?;
+        self.refresh_access(sid, AccessRule::Remove).await?;
         let pending = self.backend.get(&keys::pending(sid)).await?.is_some();
-        let mut idx = self.index();
         let running = record.as_ref().is_some_and(|r| r.status == SessionStatus::Running);
+        let cut_off = if taken_over && running {
+            // Durable, so the mark outlives this node: until the session is saved again,
+            // every node's listing and recovery say its run was cut off.
+            self.put_as(sid, &keys::interrupted(sid), Vec::new(), None).await?;
+            true
+        } else {
+            self.backend.get(&keys::interrupted(sid)).await?.is_some()
+        };
+        let mut idx = self.index();
         match record {
             Some(r) => idx.apply(&Change::saved(sid, r)),
             None => idx.apply(&Change::SessionDeleted { sid: sid.clone() }),
@@ -300,8 +322,10 @@ impl Store {
         for change in &changes {
             idx.apply(change);
         }
-        if taken_over && running {
+        if cut_off {
             idx.interrupted.insert(sid.clone());
+        } else {
+            idx.interrupted.remove(sid);
         }
         drop(idx);
         if pending {
@@ -314,8 +338,11 @@ impl Store {
 
     /// On a shared store, reads `sid`'s access record again (another node may have claimed
     /// the session, or granted or revoked access). A record this node cannot read leaves
-    /// the session to administrators, as at open. A no-op on a store with one writer.
-    pub(crate) async fn refresh_access(&self, sid: &SessionId) -> Result<()> {
+    /// the session to administrators, as at open. With `Keep`, a record this node has but
+    /// the store does not stays (it may be a claim of this node being written; a session
+    /// deleted elsewhere is then refused to others until this node takes its lease, which
+    /// reads again with `Remove`). A no-op on a store with one writer.
+    pub(crate) async fn refresh_access(&self, sid: &SessionId, missing: AccessRule) -> Result<()> {
         if !self.shared {
             return Ok(());
         }
@@ -331,7 +358,8 @@ impl Store {
                 self.access.set(sid, record);
             }
             Some(None) => self.access.set_unreadable(sid),
-            None => self.access.remove(sid),
+            None if missing == AccessRule::Remove => self.access.remove(sid),
+            None => {}
         }
         Ok(())
     }
@@ -537,7 +565,13 @@ impl Store {
         let head = RecordHead::Session { session_id: sid.clone(), saved_at, meta };
         entry.size = self.put(sid, &key, &head, data).await?;
         lock(&self.quarantined).remove(&key);
+        let marked = self.shared && self.index().interrupted.contains(sid);
         self.record(Change::saved(sid, entry)).await?;
+        if marked {
+            // After the save: a crash in between leaves the mark (the run is reported cut
+            // off once more), never a cut-off run without one.
+            self.delete_as(sid, &keys::interrupted(sid)).await?;
+        }
         self.enforce_cap().await
     }
 
@@ -633,6 +667,9 @@ impl Store {
         // A crash in between is finished by the pending marker at the next start.
         let mut existed = self.delete_as(sid, &self.session_key(sid)).await?;
         self.record(Change::SessionDeleted { sid: sid.clone() }).await?;
+        if self.shared {
+            self.delete_as(sid, &keys::interrupted(sid)).await?;
+        }
         for meta in self.backend.list(&keys::checkpoints_of(sid)).await? {
             existed |= self.delete_as(sid, &meta.key).await?;
             if let Some(cid) = keys::checkpoint_id_of(meta.key.file_name(), self.codec.extension())

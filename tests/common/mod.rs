@@ -166,6 +166,18 @@ pub async fn session_ids(m: &StateManager) -> Vec<String> {
 }
 
 /// The entry of session `id` in a listing; panics if it is not listed.
+/// `m.list_sessions()` with each session's owner and lease end left out: what the records
+/// say. (On a shared store the owner and the lease end are live facts: the end moves at every
+/// renewal, and a restart releases the lease.)
+pub async fn listed_records(m: &StateManager) -> Vec<SessionInfo> {
+    let mut listed = m.list_sessions().await.unwrap();
+    for s in &mut listed {
+        s.owner = None;
+        s.lease_until = None;
+    }
+    listed
+}
+
 pub fn session_info<'a>(sessions: &'a [SessionInfo], id: &str) -> &'a SessionInfo {
     sessions
         .iter()
