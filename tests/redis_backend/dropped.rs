@@ -14,7 +14,7 @@ use std::time::Duration;
 use mars_state::{ErrorKind, RedisStorageBackend, StateManager, StorageBackend, StorageKey};
 use serde_json::{Value, json};
 
-use super::redis_support::{Server, bounded, random_prefix};
+use super::redis_support::{Server, bounded, kill_clients, random_prefix};
 
 /// Kills every normal client connection but its own every `every`, until `stop`.
 fn killer(server: &Server, every: Duration) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
@@ -27,14 +27,7 @@ fn killer(server: &Server, every: Duration) -> (Arc<AtomicBool>, tokio::task::Jo
         let mut killed = 0;
         while !flag.load(Ordering::Relaxed) {
             tokio::time::sleep(every).await;
-            let n: u64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("normal")
-                .query_async(&mut admin)
-                .await
-                .unwrap();
-            killed += n;
+            killed += kill_clients(&mut admin).await;
         }
         killed
     });

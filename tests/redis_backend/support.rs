@@ -129,6 +129,13 @@ impl Drop for Server {
     }
 }
 
+/// Closes every normal client connection but `admin` (`CLIENT KILL TYPE normal` skips its
+/// caller); returns how many it closed.
+pub async fn kill_clients(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let kill = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").to_owned();
+    kill.query_async(admin).await.unwrap()
+}
+
 /// Whether a server on `port` answers PING (and has loaded its data).
 fn ping(port: u16) -> bool {
     use std::io::{Read, Write};
