@@ -793,7 +793,7 @@ impl StateManager {
             // Checked again at every event: access taken back, or a session that did not
             // exist yet created by someone else, ends the watch (see `Watch`).
             let reader = self.principal.clone().filter(|p| !cx.store.access.is_admin(p));
-            Ok(Watch { rx: cx.rt.subscribe(), session: Some(cx.sid), reader, denied: false })
+            Ok(Watch::new(cx.rt.subscribe(), Some(cx.sid), reader))
         })
         .await
     }
@@ -802,7 +802,7 @@ impl StateManager {
     pub async fn watch_all(&self) -> Result<Watch> {
         self.maintenance(Operation::WatchAll)?;
         let rx = self.rt()?.subscribe();
-        Ok(Watch { rx, session: None, reader: None, denied: false })
+        Ok(Watch::new(rx, None, None))
     }
 
     /// Rewrites every record stored at an older schema version at the current one (see
