@@ -18,6 +18,15 @@ nodes_common::node_tests!(memory, || async {
         as std::sync::Arc<dyn mars_state::StorageBackend>
 });
 
+// Through the encryption layer: change events travel sealed.
+#[cfg(feature = "encryption")]
+nodes_common::node_tests!(encrypted_memory, || async {
+    use mars_state::middleware::crypto::EncryptionLayer;
+    let layer = EncryptionLayer::new(mars_state::EncryptionKey::from_bytes([7; 32]));
+    std::sync::Arc::new(layer.wrap(mars_state::MemoryStorageBackend::new()).await.unwrap())
+        as std::sync::Arc<dyn mars_state::StorageBackend>
+});
+
 /// A watcher's feed from the store is cut (as a dropped connection cuts a server backend's)
 /// and can subscribe again only later: the events another node made meanwhile are lost to
 /// it, and its watches say exactly how many before the next event of that node, then go on

@@ -418,6 +418,13 @@ async fn takeover_waits_for_an_in_flight_fenced_write() {
     drop(watcher);
 }
 
+// The behaviours of several nodes on one store (tests/nodes_common), each in a schema of its
+// own.
+nodes_common::node_tests!(nodes, || async {
+    let (backend, schema) = super::fresh().await;
+    (std::sync::Arc::new(backend) as std::sync::Arc<dyn mars_state::StorageBackend>, schema)
+});
+
 /// The connection a node LISTENs on is terminated on the server (`pg_terminate_backend`),
 /// and the node subscribes again only later: another node's events made meanwhile are lost
 /// to it, its watches say exactly how many before that node's next event, and then see

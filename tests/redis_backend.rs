@@ -29,6 +29,7 @@
 //!   nothing is corrupt.
 
 mod common;
+mod nodes_common;
 #[path = "redis_backend/support.rs"]
 mod redis_support;
 
@@ -51,6 +52,13 @@ async fn fresh() -> (RedisStorageBackend, Server) {
         .unwrap_or_else(|e| panic!("connect to the private server: {e}"));
     (backend, server)
 }
+
+// The behaviours of several nodes on one store (tests/nodes_common), on a private server
+// each.
+nodes_common::node_tests!(nodes, || async {
+    let (backend, server) = super::fresh().await;
+    (std::sync::Arc::new(backend) as std::sync::Arc<dyn mars_state::StorageBackend>, server)
+});
 
 fn layer() -> EncryptionLayer {
     EncryptionLayer::new(EncryptionKey::from_bytes([7; 32]))

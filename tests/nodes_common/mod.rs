@@ -26,7 +26,8 @@ use crate::common::bounded;
 pub const TTL: Duration = Duration::from_millis(600);
 
 /// Expands the behaviours into one test each, in module `$name`, over stores from `$make`
-/// (an async closure giving a fresh `Arc<dyn StorageBackend>`).
+/// (an async closure giving a fresh `Arc<dyn StorageBackend>`, or one and a guard kept
+/// alive beside it: see [`NodeStore`]).
 macro_rules! node_tests {
     ($name:ident, $make:expr) => {
         mod $name {
@@ -51,13 +52,31 @@ macro_rules! node_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
-                let store = ($make)().await;
+                let (store, _guard) = n::NodeStore::split(($make)().await);
                 n::$test(store).await;
             }
         )*
     };
 }
 pub(crate) use node_tests;
+
+/// What a `node_tests!` store maker gives: a store, or a store and a guard (a private server,
+/// a schema dropped at the end) kept alive until the behaviour ends.
+pub trait NodeStore {
+    fn split(self) -> (Arc<dyn StorageBackend>, Box<dyn std::any::Any + Send>);
+}
+
+impl NodeStore for Arc<dyn StorageBackend> {
+    fn split(self) -> (Arc<dyn StorageBackend>, Box<dyn std::any::Any + Send>) {
+        (self, Box::new(()))
+    }
+}
+
+impl<G: Send + 'static> NodeStore for (Arc<dyn StorageBackend>, G) {
+    fn split(self) -> (Arc<dyn StorageBackend>, Box<dyn std::any::Any + Send>) {
+        (self.0, Box::new(self.1))
+    }
+}
 
 /// A node: a manager named `node` over `store`, with the short TTL.
 pub async fn node(
