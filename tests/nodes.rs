@@ -18,14 +18,37 @@ nodes_common::node_tests!(memory, || async {
         as std::sync::Arc<dyn mars_state::StorageBackend>
 });
 
-// Through the encryption layer: change events travel sealed.
+/// Through the encryption layer, where change events travel sealed: the watch behaviours.
 #[cfg(feature = "encryption")]
-nodes_common::node_tests!(encrypted_memory, || async {
+mod encrypted_memory {
+    use std::sync::Arc;
+
     use mars_state::middleware::crypto::EncryptionLayer;
-    let layer = EncryptionLayer::new(mars_state::EncryptionKey::from_bytes([7; 32]));
-    std::sync::Arc::new(layer.wrap(mars_state::MemoryStorageBackend::new()).await.unwrap())
-        as std::sync::Arc<dyn mars_state::StorageBackend>
-});
+    use mars_state::{EncryptionKey, MemoryStorageBackend, StorageBackend};
+
+    use super::nodes_common as n;
+
+    async fn store() -> Arc<dyn StorageBackend> {
+        let layer = EncryptionLayer::new(EncryptionKey::from_bytes([7; 32]));
+        Arc::new(layer.wrap(MemoryStorageBackend::new()).await.unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_on_one_node_sees_writes_made_on_another() {
+        n::a_watch_on_one_node_sees_writes_made_on_another(store().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_all_sees_every_nodes_events() {
+        n::a_watch_all_sees_every_nodes_events(store().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_principals_watch_on_another_node_is_checked_against_the_sessions_owner() {
+        n::a_principals_watch_on_another_node_is_checked_against_the_sessions_owner(store().await)
+            .await;
+    }
+}
 
 /// A watcher's feed from the store is cut (as a dropped connection cuts a server backend's)
 /// and can subscribe again only later: the events another node made meanwhile are lost to
