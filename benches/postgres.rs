@@ -46,6 +46,15 @@ where
     (n as usize * per_call) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// PostgreSQL's count of updated rows of the leases table in `schema`.
+async fn lease_updates(admin: &tokio_postgres::Client, schema: &str) -> i64 {
+    let q = format!(
+        "SELECT n_tup_upd FROM pg_stat_user_tables \
+         WHERE schemaname = '{schema}' AND relname = 'mars_state_leases'"
+    );
+    admin.query_one(&q, &[]).await.unwrap().get::<_, i64>(0)
+}
+
 fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -166,20 +175,13 @@ fn main() {
         {
             let m = manager(url, &schema_name, 4, 16).await;
             save_64_at_once(&m, &state).await;
-            let updates = |admin: &tokio_postgres::Client| {
-                let q = format!(
-                    "SELECT n_tup_upd FROM pg_stat_user_tables \
-                     WHERE schemaname = '{schema_name}' AND relname = 'mars_state_leases'"
-                );
-                async move { admin.query_one(&q, &[]).await.unwrap().get::<_, i64>(0) }
-            };
             // Counters reach the statistics at most about a second after a transaction.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let before = updates(&admin).await;
+            let before = lease_updates(&admin, &schema_name).await;
             let window = Duration::from_secs(30);
             tokio::time::sleep(window).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let after = updates(&admin).await;
+            let after = lease_updates(&admin, &schema_name).await;
             let per_session_min = (after - before) as f64 / 64.0 / (window.as_secs_f64() / 60.0);
             println!(
                 "lease traffic, 64 idle sessions:      {per_session_min:>8.1} lease-row updates per session per minute (one statement per renewal round for all 64)"

@@ -67,10 +67,30 @@ pub(crate) struct Envelope {
     /// `None`: the session has no owner (only administrators and the unscoped manager may
     /// see its events).
     pub(crate) access: Option<Arc<AccessRecord>>,
+    /// Events of the same sender this node missed just before this one (another node's
+    /// event, received through the store).
+    pub(crate) missed: Missed,
+}
+
+/// How many events a node missed before an event of another node (see
+/// `actor::remote`): of the same session, for a session's watch, and of any session, for
+/// `watch_all`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Missed {
+    pub(crate) session: u64,
+    pub(crate) node: u64,
 }
 
 /// A live feed of [`StateEvent`]s from [`watch`](crate::StateManager::watch), without
 /// polling. Events arrive in the order the session actor applied them.
+///
+/// On a [shared](crate::StorageBackend::shared) store a watch also delivers the events of
+/// the writes other nodes make (received through the store, see
+/// [`publish_events`](crate::StorageBackend::publish_events)), in order per session. Events
+/// of other nodes this node did not receive (its feed from the store was cut and
+/// reconnected, or a publish failed) are counted by their sequence numbers and reported as
+/// [`WatchError::Lagged`] just before the next event received from the same node (for a
+/// session's watch, the next one of that session), which the next `recv` returns.
 ///
 /// A watch taken by a principal (a handle from
 /// [`for_principal`](crate::StateManager::for_principal)) is checked at every event, not
@@ -86,14 +106,17 @@ pub struct Watch {
     pub(crate) reader: Option<Principal>,
     /// Set once an event was refused: the watch has ended.
     pub(crate) denied: bool,
+    /// An event held back while the events missed before it are reported.
+    pub(crate) pending: Option<StateEvent>,
 }
 
 /// Why [`Watch::recv`] returned no event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WatchError {
-    /// The watcher fell more than the buffer (4,096 events) behind; this many were lost.
-    /// The watch goes on with the newest events.
+    /// The watcher fell more than the buffer (4,096 events) behind, or (on a shared store)
+    /// this node did not receive some of another node's events; this many were lost. The
+    /// watch goes on with the newest events.
     #[error("the watcher fell behind and missed {0} events")]
     Lagged(u64),
     /// The manager has shut down.
@@ -107,8 +130,19 @@ pub enum WatchError {
 }
 
 impl Watch {
+    pub(crate) fn new(
+        rx: broadcast::Receiver<Envelope>,
+        session: Option<SessionId>,
+        reader: Option<Principal>,
+    ) -> Watch {
+        Watch { rx, session, reader, denied: false, pending: None }
+    }
+
     /// The next event (of the watched session, or of any session).
     pub async fn recv(&mut self) -> std::result::Result<StateEvent, WatchError> {
+        if let Some(event) = self.pending.take() {
+            return Ok(event);
+        }
         loop {
             if self.denied {
                 return Err(WatchError::AccessDenied);
@@ -120,6 +154,12 @@ impl Watch {
                     {
                         self.denied = true;
                         continue;
+                    }
+                    let missed =
+                        if self.session.is_some() { e.missed.session } else { e.missed.node };
+                    if missed > 0 {
+                        self.pending = Some(e.event);
+                        return Err(WatchError::Lagged(missed));
                     }
                     return Ok(e.event);
                 }

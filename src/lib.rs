@@ -31,8 +31,9 @@ pub use access::{Access, AccessControlLayer, AccessRecord};
 pub use actor::session::Internal;
 pub use actor::session::{SessionMsg, UpdateFn};
 pub use backend::{
-    Acquired, Fence, FileOptions, FileStorageBackend, KeyClass, Lease, LeaseState,
-    MemoryStorageBackend, ObjectMeta, RecordMeta, StorageBackend, StorageKey, SweepReport,
+    Acquired, EventFeed, Fence, FileOptions, FileStorageBackend, KeyClass, Lease, LeaseState,
+    MAX_EVENT_PAYLOAD, MemoryStorageBackend, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
+    SweepReport,
 };
 #[cfg(feature = "postgres")]
 pub use backend::{PostgresOptions, PostgresStorageBackend};

@@ -38,7 +38,6 @@
 //!   is there, 20 rounds (`MARS_PG_CRASH_ROUNDS`).
 
 mod common;
-#[path = "nodes_common/mod.rs"]
 mod nodes_common;
 mod pg_common;
 
@@ -423,4 +422,58 @@ async fn takeover_waits_for_an_in_flight_fenced_write() {
     assert_eq!(late.unwrap_err().kind(), ErrorKind::Fenced);
     assert_eq!(bounded("get", b.get(&key)).await.unwrap().as_deref(), Some(&b"in flight"[..]));
     drop(watcher);
+}
+
+/// The connection a node LISTENs on is terminated on the server (`pg_terminate_backend`),
+/// and the node subscribes again only later: another node's events made meanwhile are lost
+/// to it, its watches say exactly how many before that node's next event, and then see
+/// every event again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_listen_connection_is_reconnected_and_what_was_missed_is_counted() {
+    use mars_state::{EventKind, WatchError};
+    use nodes_common::{Freezer, next_events, node};
+    use std::sync::Arc;
+
+    let (backend, schema) = fresh().await;
+    let store: Arc<dyn StorageBackend> = Arc::new(backend);
+    let freezer = Freezer::new(store.clone());
+    let frozen: Arc<dyn StorageBackend> = Arc::new(freezer.clone());
+    let a = node(&store, "node-a", Duration::ZERO).await;
+    let c = node(&frozen, "node-c", Duration::ZERO).await;
+    let mut one = c.watch("s1").await.unwrap();
+    a.save_session("s1", &json!({"step": 0})).await.unwrap();
+    assert_eq!(next_events(&mut one, 1).await[0].kind, EventKind::Saved);
+    // Both nodes' LISTEN connections end; node c may connect again only once thawed.
+    freezer.freeze();
+    let listen = format!("LISTEN \"mars_state_events:{}\"", schema.name());
+    let killed = tokio::task::spawn_blocking(move || {
+        pg_common::admin_query_sync(&format!(
+            "SELECT pid, pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query = '{}'",
+            listen.replace('\'', "''")
+        ))
+    })
+    .await
+    .unwrap();
+    assert_eq!(killed.len(), 2, "one LISTEN connection per node: {killed:?}");
+    assert!(killed.iter().all(|(_, done)| done == "t"), "terminated: {killed:?}");
+    for step in 1..=3 {
+        a.save_session("s1", &json!({"step": step})).await.unwrap();
+    }
+    freezer.thaw();
+    let mut after = 0;
+    let first = loop {
+        a.save_session("s1", &json!({"step": 10 + after})).await.unwrap();
+        after += 1;
+        match tokio::time::timeout(Duration::from_secs(1), one.recv()).await {
+            Ok(r) => break r,
+            Err(_) => assert!(after < 30, "node c never listened again"),
+        }
+    };
+    assert_eq!(first, Err(WatchError::Lagged(3 + after - 1)));
+    assert_eq!(one.recv().await.unwrap().kind, EventKind::Saved);
+    a.create_checkpoint("s1", "main", &json!({"step": 99})).await.unwrap();
+    assert!(matches!(next_events(&mut one, 1).await[0].kind, EventKind::Checkpointed { .. }));
+    a.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
 }

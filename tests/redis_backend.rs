@@ -29,7 +29,6 @@
 //!   nothing is corrupt.
 
 mod common;
-#[path = "nodes_common/mod.rs"]
 mod nodes_common;
 #[path = "redis_backend/support.rs"]
 mod redis_support;
@@ -54,6 +53,13 @@ async fn fresh() -> (RedisStorageBackend, Server) {
     (backend, server)
 }
 
+// The behaviours of several nodes on one store (tests/nodes_common), on a private server
+// each.
+nodes_common::node_tests!(nodes, || async {
+    let (backend, server) = super::fresh().await;
+    (std::sync::Arc::new(backend) as std::sync::Arc<dyn mars_state::StorageBackend>, server)
+});
+
 fn layer() -> EncryptionLayer {
     EncryptionLayer::new(EncryptionKey::from_bytes([7; 32]))
 }
@@ -65,12 +71,6 @@ mars_state::conformance_tests! {
         (layer().wrap(backend).await.unwrap(), server)
     },
 }
-
-// Several nodes on one key prefix: the behaviours of `tests/nodes.rs` over Redis.
-nodes_common::node_tests!(nodes, || async {
-    let (backend, server) = super::fresh().await;
-    (std::sync::Arc::new(backend) as std::sync::Arc<dyn mars_state::StorageBackend>, server)
-});
 
 async fn open_manager(url: &str, prefix: &str, compression: Option<u32>) -> StateManager {
     let options = RedisStorageBackend::options().prefix(prefix);

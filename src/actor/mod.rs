@@ -26,6 +26,7 @@ use crate::types::SessionId;
 
 pub(crate) mod janitor;
 pub(crate) mod lease;
+pub(crate) mod remote;
 mod runtime;
 pub(crate) mod session;
 pub(crate) mod storage;

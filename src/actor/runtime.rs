@@ -1,7 +1,8 @@
 //! The actor runtime's live state: what exists only while a manager runs and is lost,
 //! by design, when it stops. Owns the hot map (the current state of every live session,
 //! published by its session actor), the change-event channel, the per-session checkpoint
-//! policies set at run time, and the directory of live session actors. Calls the store only
+//! policies set at run time, and the directory of live session actors; on a shared store,
+//! the link to the other nodes' events (`remote.rs`). Calls the store only
 //! for what is persisted (the index, pending deletes, access records, the clock); the store
 //! never calls it.
 
@@ -12,9 +13,10 @@ use tokio::sync::broadcast;
 
 use super::Directory;
 use super::lease::Leases;
+use super::remote::Remote;
 use crate::access::AccessRecord;
 use crate::config::CheckpointPolicy;
-use crate::events::{Envelope, EventKind, StateEvent};
+use crate::events::{Envelope, EventKind, Missed, StateEvent};
 use crate::store::Store;
 use crate::sync::Sharded;
 use crate::types::{SessionId, StateBytes};
@@ -39,11 +41,15 @@ pub(crate) struct Runtime {
     pub(crate) actors: Directory,
     /// The session leases this node holds, on a shared store.
     pub(crate) leases: Leases,
+    /// On a shared store: this node's events go to the other nodes through it.
+    pub(crate) remote: Option<Remote>,
 }
 
 impl Runtime {
-    pub(crate) fn new(store: Arc<Store>) -> Runtime {
+    /// The runtime of node `node`.
+    pub(crate) fn new(store: Arc<Store>, node: &str) -> Runtime {
         Runtime {
+            remote: store.shared.then(|| Remote::new(node)),
             store,
             hot: Sharded::default(),
             events: broadcast::channel(EVENT_BUFFER).0,
@@ -100,14 +106,19 @@ impl Runtime {
         self.events.subscribe()
     }
 
+    /// Whether anyone watches this node's events.
+    pub(crate) fn has_watchers(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
     /// Tells watchers about a change (no one listening is fine), with the session's access
-    /// record as it is now: a watcher sees the event only if that record lets it read.
+    /// record as it is now: a watcher sees the event only if that record lets it read. On a
+    /// shared store it also goes to the other nodes.
     pub(crate) fn emit(&self, sid: &SessionId, kind: EventKind) {
         // Every save emits: with no watcher, skip the access lookup (the event would be
         // dropped anyway).
-        if self.events.receiver_count() > 0 {
-            self.emit_as(sid, kind, self.store.access.shared(sid));
-        }
+        let access = if self.has_watchers() { self.store.access.shared(sid) } else { None };
+        self.emit_as(sid, kind, access);
     }
 
     /// Like [`emit`](Self::emit), under an access record taken earlier (a delete's event
@@ -119,6 +130,31 @@ impl Runtime {
         access: Option<Arc<AccessRecord>>,
     ) {
         let event = StateEvent { session_id: sid.clone(), kind, at: self.store.clock.now_ms() };
-        let _ = self.events.send(Envelope { event, access });
+        if let Some(remote) = &self.remote {
+            remote.publish(&event);
+        }
+        self.deliver(event, access, Missed::default());
+    }
+
+    /// Hands an event (this node's, or another's received through the store) to this
+    /// node's watchers.
+    pub(crate) fn deliver(
+        &self,
+        event: StateEvent,
+        access: Option<Arc<AccessRecord>>,
+        missed: Missed,
+    ) {
+        if self.has_watchers() {
+            let _ = self.events.send(Envelope { event, access, missed });
+        }
+    }
+
+    /// Waits until this node's events so far were handed to the store (before a session's
+    /// lease is released: the next holder's events then follow them). Nothing to wait for
+    /// on a store with one writer.
+    pub(crate) async fn flush_events(&self) {
+        if let Some(remote) = &self.remote {
+            remote.flush().await;
+        }
     }
 }

@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::{
-    Acquired, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
-    SweepReport, ttl_ms,
+    Acquired, EventFeed, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend,
+    StorageKey, SweepReport, ttl_ms,
 };
 use crate::error::{Result, StateError};
 
@@ -34,6 +35,20 @@ struct Inner {
     map: BTreeMap<StorageKey, Vec<u8>>,
     /// Leases by name. Never removed: the token must never go back.
     leases: HashMap<String, LeaseRow>,
+    /// The change events published to this store, for every subscribed clone.
+    events: Bus,
+}
+
+/// The in-process channel that carries published events to subscribers.
+#[derive(Debug)]
+struct Bus(broadcast::Sender<Vec<u8>>);
+
+impl Default for Bus {
+    fn default() -> Self {
+        // As many as a watcher may fall behind locally; a subscriber further behind skips
+        // payloads, and the store reports them as missed.
+        Bus(broadcast::channel(4096).0)
+    }
 }
 
 #[derive(Debug)]
@@ -60,6 +75,24 @@ impl MemoryStorageBackend {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Ends every feed of [`subscribe_events`](StorageBackend::subscribe_events) made so
+    /// far, as a lost connection ends a server backend's: for tests of what a subscriber
+    /// does then. Later subscriptions work as before.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{MemoryStorageBackend, StorageBackend};
+    /// let store = MemoryStorageBackend::new();
+    /// let mut feed = store.subscribe_events().await?;
+    /// store.interrupt_events();
+    /// assert_eq!(feed.recv().await, None);
+    /// # Ok(()) }
+    /// ```
+    pub fn interrupt_events(&self) {
+        self.lock().events = Bus::default();
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -190,5 +223,20 @@ impl StorageBackend for MemoryStorageBackend {
         let mut inner = self.lock();
         inner.check(fence)?;
         Ok(inner.map.remove(key).is_some())
+    }
+
+    /// Sent in order under the store's lock, so payloads of all clones reach every
+    /// subscriber in one order.
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
+        let inner = self.lock();
+        for payload in payloads {
+            // No subscriber is fine.
+            let _ = inner.events.0.send(payload);
+        }
+        Ok(())
+    }
+
+    async fn subscribe_events(&self) -> Result<EventFeed> {
+        Ok(EventFeed::broadcast(self.lock().events.0.subscribe()))
     }
 }

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 
 use crate::error::{Result, StateError};
 
+mod feed;
 mod file;
 mod lease;
 mod memory;
@@ -38,6 +39,7 @@ pub(crate) use file::fs::{DirEntry, Fs, FsFile};
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisOptions, RedisStorageBackend};
+pub use feed::{EventFeed, MAX_EVENT_PAYLOAD};
 pub use file::{FileOptions, FileStorageBackend};
 pub(crate) use lease::ttl_ms;
 pub use lease::{Acquired, Fence, Lease, LeaseState};
@@ -492,6 +494,56 @@ pub trait StorageBackend: Send + Sync + fmt::Debug + 'static {
         }
         self.delete(key).await
     }
+
+    /// Publishes change-event `payloads` (each at most [`MAX_EVENT_PAYLOAD`] bytes, any
+    /// bytes), in their order, to every live [`subscribe_events`](Self::subscribe_events)
+    /// feed of this store, this handle's and other processes' alike, in one round where the
+    /// backend can. Delivery is at most once and not durable: a subscriber that is not
+    /// connected when they are published never gets them. Payloads published by one handle
+    /// reach each subscriber in the order they were published. The default, for a backend
+    /// that is not [`shared`](Self::shared) (one process holds the store, and its events
+    /// stay in it), is a [`StateError::Config`] error.
+    ///
+    /// A [`StateManager`](crate::StateManager) on a shared store publishes every change
+    /// event it emits (session id, node id, sequence numbers, kind; never a state) and feeds
+    /// those of other nodes to its watchers.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{FileStorageBackend, MemoryStorageBackend, StorageBackend};
+    /// let memory = MemoryStorageBackend::new();
+    /// let mut feed = memory.subscribe_events().await?;
+    /// memory.publish_events(vec![b"saved s1".to_vec()]).await?;
+    /// assert_eq!(feed.recv().await.as_deref(), Some(&b"saved s1"[..]));
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let file = FileStorageBackend::new(dir.path())?;
+    /// assert!(file.publish_events(vec![b"saved s1".to_vec()]).await.is_err());
+    /// # Ok(()) }
+    /// ```
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
+        let _ = payloads;
+        Err(no_events("publish_events"))
+    }
+
+    /// A feed of the payloads [`publish_events`](Self::publish_events) sends to this store
+    /// from now on, by any handle. The feed ends when its connection is lost; call again
+    /// to go on (what was published in between is lost to this subscriber). The default,
+    /// for a backend that is not [`shared`](Self::shared), is a [`StateError::Config`]
+    /// error.
+    async fn subscribe_events(&self) -> Result<EventFeed> {
+        Err(no_events("subscribe_events"))
+    }
+}
+
+/// The error of an event method on a backend that does not carry events between handles.
+fn no_events(method: &str) -> StateError {
+    StateError::Config {
+        message: format!(
+            "{method}: this backend does not carry change events between handles (it is not \
+             shared, or does not implement them); events stay in the process that made them"
+        ),
+    }
 }
 
 /// The error of a lease method on a backend that is not shared.
@@ -569,5 +621,11 @@ impl<T: StorageBackend + ?Sized> StorageBackend for Arc<T> {
     }
     async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
         (**self).delete_fenced(key, fence).await
+    }
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
+        (**self).publish_events(payloads).await
+    }
+    async fn subscribe_events(&self) -> Result<EventFeed> {
+        (**self).subscribe_events().await
     }
 }

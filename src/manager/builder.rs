@@ -367,10 +367,11 @@ impl StateManagerBuilder {
             )
             .await?,
         );
-        let rt = Arc::new(Runtime::new(store.clone()));
+        let rt = Arc::new(Runtime::new(store.clone(), &self.config.node_id));
         let config = Arc::new(self.config);
         if store.shared {
             crate::actor::lease::spawn_keeper(&store, &rt, &config);
+            crate::actor::remote::start(&store, &rt).await?;
         }
         let args = SupervisorArgs { store: store.clone(), rt: rt.clone(), config: config.clone() };
         let (supervisor, _) = Actor::spawn(None, SupervisorActor, args)

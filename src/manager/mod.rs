@@ -406,9 +406,7 @@ impl StateManager {
     /// ```
     pub async fn list_checkpoints(&self, session: impl AsRef<str>) -> Result<Vec<CheckpointInfo>> {
         self.run(Operation::ListCheckpoints, session.as_ref().into(), |cx| async move {
-            if cx.store.shared
-                && (!cx.rt.leases.holds(&cx.sid) || cx.store.is_unsure(&cx.sid))
-            {
+            if cx.store.shared && (!cx.rt.leases.holds(&cx.sid) || cx.store.is_unsure(&cx.sid)) {
                 // Another node may be writing it: read its checkpoints again.
                 cx.store.refresh_session(&cx.sid, false).await?;
             }
@@ -795,7 +793,7 @@ impl StateManager {
             // Checked again at every event: access taken back, or a session that did not
             // exist yet created by someone else, ends the watch (see `Watch`).
             let reader = self.principal.clone().filter(|p| !cx.store.access.is_admin(p));
-            Ok(Watch { rx: cx.rt.subscribe(), session: Some(cx.sid), reader, denied: false })
+            Ok(Watch::new(cx.rt.subscribe(), Some(cx.sid), reader))
         })
         .await
     }
@@ -804,7 +802,7 @@ impl StateManager {
     pub async fn watch_all(&self) -> Result<Watch> {
         self.maintenance(Operation::WatchAll)?;
         let rx = self.rt()?.subscribe();
-        Ok(Watch { rx, session: None, reader: None, denied: false })
+        Ok(Watch::new(rx, None, None))
     }
 
     /// Rewrites every record stored at an older schema version at the current one (see

@@ -13,13 +13,13 @@ use async_trait::async_trait;
 
 use super::Hold;
 use crate::backend::{
-    Acquired, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
-    SweepReport,
+    Acquired, EventFeed, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend,
+    StorageKey, SweepReport,
 };
 use crate::error::{Result, StateError};
 
-/// The [`StorageBackend`] method a [`Faulty`] rule applies to. (`sweep`, `shared` and the
-/// lease methods have no key and are always forwarded.)
+/// The [`StorageBackend`] method a [`Faulty`] rule applies to. (`sweep`, `shared`, the
+/// lease methods and the event methods have no key and are always forwarded.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Method {
@@ -357,5 +357,13 @@ impl<B: StorageBackend> StorageBackend for Faulty<B> {
     /// Faults as `delete` ([`Method::Delete`]).
     async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> Result<bool> {
         self.call(Method::Delete, key, true, || self.inner.delete_fenced(key, fence)).await
+    }
+
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
+        self.inner.publish_events(payloads).await
+    }
+
+    async fn subscribe_events(&self) -> Result<EventFeed> {
+        self.inner.subscribe_events().await
     }
 }

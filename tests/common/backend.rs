@@ -328,6 +328,12 @@ impl StorageBackend for Connected {
     async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> mars_state::Result<bool> {
         self.get().await?.delete_fenced(key, fence).await
     }
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> mars_state::Result<()> {
+        self.get().await?.publish_events(payloads).await
+    }
+    async fn subscribe_events(&self) -> mars_state::Result<mars_state::EventFeed> {
+        self.get().await?.subscribe_events().await
+    }
 }
 
 /// The store named by `dir` on the chosen backend, opened as [`super::builder`] opens it;
@@ -477,6 +483,12 @@ impl StorageBackend for OnBlockingPool {
     async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> mars_state::Result<bool> {
         let (key, fence) = (key.clone(), fence.clone());
         self.run(|b| async move { b.delete_fenced(&key, &fence).await }).await
+    }
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> mars_state::Result<()> {
+        self.run(|b| async move { b.publish_events(payloads).await }).await
+    }
+    async fn subscribe_events(&self) -> mars_state::Result<mars_state::EventFeed> {
+        self.run(|b| async move { b.subscribe_events().await }).await
     }
 }
 

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use mars_state::{
-    Acquired, ErrorKind, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, SessionStatus,
-    StateError, StateManager, StorageBackend, StorageKey, SweepReport,
+    Acquired, ErrorKind, EventKind, Fence, Lease, LeaseState, ObjectMeta, RecordMeta,
+    SessionStatus, StateError, StateEvent, StateManager, StorageBackend, StorageKey, SweepReport,
+    Watch, WatchError,
 };
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -25,8 +26,8 @@ use crate::common::bounded;
 pub const TTL: Duration = Duration::from_millis(600);
 
 /// Expands the behaviours into one test each, in module `$name`, over stores from `$make`
-/// (an async closure giving a fresh `Arc<dyn StorageBackend>` and a guard that keeps what
-/// it needs alive: a schema dropped after the test, a private server).
+/// (an async closure giving a fresh `Arc<dyn StorageBackend>`, or one and a guard kept
+/// alive beside it: see [`NodeStore`]).
 macro_rules! node_tests {
     ($name:ident, $make:expr) => {
         mod $name {
@@ -42,6 +43,9 @@ macro_rules! node_tests {
                 a_frozen_node_that_wakes_is_refused_at_once_not_kept_waiting,
                 janitor_passes_run_on_one_node_at_a_time,
                 an_access_claim_made_on_one_node_is_enforced_on_another,
+                a_watch_on_one_node_sees_writes_made_on_another,
+                a_watch_all_sees_every_nodes_events,
+                a_principals_watch_on_another_node_is_checked_against_the_sessions_owner,
             );
         }
     };
@@ -49,13 +53,31 @@ macro_rules! node_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
-                let (store, _guard) = ($make)().await;
+                let (store, _guard) = n::NodeStore::split(($make)().await);
                 n::$test(store).await;
             }
         )*
     };
 }
 pub(crate) use node_tests;
+
+/// What a `node_tests!` store maker gives: a store, or a store and a guard (a private server,
+/// a schema dropped at the end) kept alive until the behaviour ends.
+pub trait NodeStore {
+    fn split(self) -> (Arc<dyn StorageBackend>, Box<dyn std::any::Any + Send>);
+}
+
+impl NodeStore for Arc<dyn StorageBackend> {
+    fn split(self) -> (Arc<dyn StorageBackend>, Box<dyn std::any::Any + Send>) {
+        (self, Box::new(()))
+    }
+}
+
+impl<G: Send + 'static> NodeStore for (Arc<dyn StorageBackend>, G) {
+    fn split(self) -> (Arc<dyn StorageBackend>, Box<dyn std::any::Any + Send>) {
+        (self.0, Box::new(self.1))
+    }
+}
 
 /// A node: a manager named `node` over `store`, with the short TTL.
 pub async fn node(
@@ -352,6 +374,213 @@ pub async fn an_access_claim_made_on_one_node_is_enforced_on_another(
 // A backend whose calls can be held, as a stopped process's would be
 // ---------------------------------------------------------------------------------------
 
+/// How long a watcher waits for an event another node made before the test fails.
+pub const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+/// The next `n` events of `w`, each within [`EVENT_WAIT`]; a missed-events report or an
+/// end fails the test.
+pub async fn next_events(w: &mut Watch, n: usize) -> Vec<StateEvent> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout(EVENT_WAIT, w.recv()).await {
+            Ok(Ok(e)) => got.push(e),
+            Ok(Err(e)) => panic!("after {got:?}: {e}"),
+            Err(_) => panic!("after {got:?}: no event within {EVENT_WAIT:?}"),
+        }
+    }
+    got
+}
+
+/// `w` has nothing more within `wait`.
+pub async fn nothing_more(w: &mut Watch, wait: Duration) {
+    if let Ok(r) = tokio::time::timeout(wait, w.recv()).await {
+        panic!("expected no more events, got {r:?}");
+    }
+}
+
+fn kind_name(k: &EventKind) -> &'static str {
+    match k {
+        EventKind::Saved => "saved",
+        EventKind::Checkpointed { .. } => "checkpointed",
+        EventKind::RolledBack { .. } => "rolled_back",
+        EventKind::Paused { .. } => "paused",
+        EventKind::Resumed => "resumed",
+        EventKind::Completed => "completed",
+        EventKind::Failed { .. } => "failed",
+        EventKind::Deleted => "deleted",
+        _ => "other",
+    }
+}
+
+/// A run of every kind of change to `sid` on `m`: saves, a checkpoint, a rollback, a pause
+/// and a resume, a completion, a failure, a delete.
+async fn every_kind_of_change(m: &StateManager, sid: &str) {
+    m.save_session(sid, &json!({"step": 1})).await.unwrap();
+    let cp = m.create_checkpoint(sid, "main", &json!({"step": 1})).await.unwrap();
+    m.save_session(sid, &json!({"step": 2})).await.unwrap();
+    m.rollback_to_checkpoint(&cp).await.unwrap();
+    m.pause_session(sid, &json!({"step": 3}), "waiting for a human").await.unwrap();
+    m.resume_session(sid).await.unwrap();
+    m.complete_session(sid, &json!({"step": 4})).await.unwrap();
+    m.fail_session(sid, "the tool broke").await.unwrap();
+    m.delete_session(sid).await.unwrap();
+}
+
+pub async fn a_watch_on_one_node_sees_writes_made_on_another(store: Arc<dyn StorageBackend>) {
+    let a = node(&store, "node-a", Duration::ZERO).await;
+    let b = node(&store, "node-b", Duration::from_secs(5)).await;
+    let c = node(&store, "node-c", Duration::ZERO).await;
+    // The writer's own watch is the reference: every other node must see the same events,
+    // in the same order, with the same ids, reasons and times.
+    let mut here = a.watch("s1").await.unwrap();
+    let mut there = c.watch("s1").await.unwrap();
+    let mut other_session = c.watch("s2").await.unwrap();
+    every_kind_of_change(&a, "s1").await;
+    a.save_session("s1", &json!({"step": 5})).await.unwrap();
+    // The reference holds one of each kind.
+    let local = next_events(&mut here, 1).await;
+    let mut local = local;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), here.recv()).await {
+            Ok(Ok(e)) => local.push(e),
+            Ok(Err(e)) => panic!("the local watch: {e}"),
+            Err(_) => break,
+        }
+    }
+    let kinds: Vec<&str> = local.iter().map(|e| kind_name(&e.kind)).collect();
+    for kind in [
+        "saved",
+        "checkpointed",
+        "rolled_back",
+        "paused",
+        "resumed",
+        "completed",
+        "failed",
+        "deleted",
+    ] {
+        assert!(kinds.contains(&kind), "the writer's watch has no {kind} event: {kinds:?}");
+    }
+    assert_eq!(kinds.last(), Some(&"saved"));
+    let remote = next_events(&mut there, local.len()).await;
+    assert_eq!(remote, local, "another node's watch sees the writer's events, in order");
+    assert!(local.iter().all(|e| e.session_id.as_str() == "s1"));
+    // The session moves to another node (a clean hand-over): the watch goes on with the
+    // new writer's events, after the old one's.
+    a.shutdown().await.unwrap();
+    b.save_session("s1", &json!({"step": 6})).await.unwrap();
+    b.pause_session("s1", &json!({"step": 7}), "lunch").await.unwrap();
+    let after = next_events(&mut there, 1).await;
+    assert_eq!(after[0].kind, EventKind::Saved);
+    let mut rest = Vec::new();
+    loop {
+        let e = next_events(&mut there, 1).await.remove(0);
+        let paused = matches!(e.kind, EventKind::Paused { .. });
+        rest.push(e);
+        if paused {
+            break;
+        }
+    }
+    assert_eq!(
+        rest.last().map(|e| e.kind.clone()),
+        Some(EventKind::Paused { reason: "lunch".into() })
+    );
+    // A watch of another session saw none of it.
+    nothing_more(&mut other_session, Duration::from_millis(200)).await;
+    b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+}
+
+pub async fn a_watch_all_sees_every_nodes_events(store: Arc<dyn StorageBackend>) {
+    let a = node(&store, "node-a", Duration::ZERO).await;
+    let b = node(&store, "node-b", Duration::ZERO).await;
+    let c = node(&store, "node-c", Duration::ZERO).await;
+    let mut all = c.watch_all().await.unwrap();
+    let mut a_all = a.watch_all().await.unwrap();
+    // Two writers at once, on sessions of their own; the watcher writes too.
+    let writes = |m: StateManager, sid: &'static str| async move {
+        for step in 0..20u64 {
+            m.save_session(sid, &json!({"step": step})).await.unwrap();
+            if step % 5 == 4 {
+                m.create_checkpoint(sid, "main", &json!({"step": step})).await.unwrap();
+            }
+        }
+    };
+    let (ra, rb) = tokio::join!(
+        tokio::spawn(writes(a.clone(), "from-a")),
+        tokio::spawn(writes(b.clone(), "from-b"))
+    );
+    ra.unwrap();
+    rb.unwrap();
+    c.save_session("from-c", &json!({"step": 0})).await.unwrap();
+    // 20 saves and 4 checkpoints on each of a and b, one save on c.
+    let got = next_events(&mut all, 49).await;
+    for sid in ["from-a", "from-b"] {
+        let mine: Vec<&str> = got
+            .iter()
+            .filter(|e| e.session_id.as_str() == sid)
+            .map(|e| kind_name(&e.kind))
+            .collect();
+        let mut expected = Vec::new();
+        for step in 0..20 {
+            expected.push("saved");
+            if step % 5 == 4 {
+                expected.push("checkpointed");
+            }
+        }
+        assert_eq!(mine, expected, "{sid}'s events, in order");
+    }
+    assert_eq!(got.iter().filter(|e| e.session_id.as_str() == "from-c").count(), 1);
+    // The writers' own watch_all sees the same: its own events and the other writer's.
+    let on_a = next_events(&mut a_all, 49).await;
+    let key = |e: &StateEvent| (e.session_id.as_str().to_owned(), e.at, kind_name(&e.kind));
+    let mut x: Vec<_> = got.iter().map(key).collect();
+    let mut y: Vec<_> = on_a.iter().map(key).collect();
+    x.sort();
+    y.sort();
+    assert_eq!(x, y, "every node's watch_all sees the same events");
+    nothing_more(&mut all, Duration::from_millis(200)).await;
+    for m in [a, b, c] {
+        m.shutdown().await.unwrap();
+    }
+}
+
+pub async fn a_principals_watch_on_another_node_is_checked_against_the_sessions_owner(
+    store: Arc<dyn StorageBackend>,
+) {
+    use mars_state::{AccessControlLayer, Principal};
+    let start = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            StateManager::builder(store)
+                .node_id(name)
+                .lease_ttl(TTL)
+                .lease_wait(Duration::ZERO)
+                .janitor_interval(Duration::from_secs(3600))
+                .access_control(AccessControlLayer::new())
+                .start()
+                .await
+                .unwrap()
+        }
+    };
+    let a = start("node-a").await;
+    let b = start("node-b").await;
+    let alice = Principal::new("alice").unwrap();
+    let bob = Principal::new("bob").unwrap();
+    // Alice's session, made on a after both watches were taken on b: b learns its owner
+    // from the store when the first event arrives.
+    let mut alices = b.for_principal(alice.clone()).watch("plan").await.unwrap();
+    let mut bobs = b.for_principal(bob.clone()).watch("plan").await.unwrap();
+    a.for_principal(alice.clone()).save_session("plan", &json!({"step": 1})).await.unwrap();
+    let got = next_events(&mut alices, 1).await;
+    assert_eq!(got[0].kind, EventKind::Saved);
+    match tokio::time::timeout(EVENT_WAIT, bobs.recv()).await {
+        Ok(Err(WatchError::AccessDenied)) => {}
+        other => panic!("bob's watch of alice's session: {other:?}"),
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
 /// Forwards every call to a backend; while frozen, every call waits until thawed (a call
 /// already in the backend finishes).
 #[derive(Clone)]
@@ -472,6 +701,16 @@ impl StorageBackend for Freezer {
     async fn delete_fenced(&self, key: &StorageKey, fence: &Fence) -> mars_state::Result<bool> {
         self.gate().await;
         self.inner.delete_fenced(key, fence).await
+    }
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> mars_state::Result<()> {
+        self.gate().await;
+        self.inner.publish_events(payloads).await
+    }
+    /// A frozen node subscribes again (after its feed was cut) only once thawed; a feed it
+    /// has keeps delivering, as a stopped process's socket keeps receiving.
+    async fn subscribe_events(&self) -> mars_state::Result<mars_state::EventFeed> {
+        self.gate().await;
+        self.inner.subscribe_events().await
     }
 }
 

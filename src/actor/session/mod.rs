@@ -380,6 +380,11 @@ impl SessionState {
 
     /// Gives the session's lease up (at passivation and shutdown, after the last write).
     async fn release(&mut self) {
+        if self.shared.rt.leases.get(&self.sid).is_some() {
+            // This node's events of the session reach the other nodes before the next
+            // holder's can.
+            self.shared.rt.flush_events().await;
+        }
         let Some(held) = self.shared.rt.leases.remove(&self.sid) else { return };
         self.shared.store.set_fence(&self.sid, None);
         if held.lost {

@@ -43,6 +43,7 @@
 
 mod append;
 mod error;
+mod events;
 mod lease;
 mod options;
 mod real_time;
@@ -62,8 +63,8 @@ use self::error::Failure;
 use self::schema::Sql;
 use self::writer::{Op, Writers};
 use super::{
-    Acquired, Fence, KeyClass, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend,
-    StorageKey, SweepReport,
+    Acquired, EventFeed, Fence, KeyClass, Lease, LeaseState, ObjectMeta, RecordMeta,
+    StorageBackend, StorageKey, SweepReport,
 };
 use crate::error::{Result, StateError};
 
@@ -134,6 +135,11 @@ pub(super) struct Shared {
     statement_timeout: Option<Duration>,
     /// The statements that open a write transaction and return its id.
     begin: String,
+    /// The notification channel of the schema's change events (`events.rs`).
+    events_channel: String,
+    /// The settings for a connection of its own that listens for change events; `None`
+    /// for a backend made from a pool (its settings cannot be read back).
+    listen: Option<tokio_postgres::Config>,
 }
 
 impl fmt::Debug for Shared {
@@ -143,7 +149,12 @@ impl fmt::Debug for Shared {
 }
 
 impl Shared {
-    fn new(pool: Pool, quoted_schema: &str, options: &PostgresOptions) -> Self {
+    fn new(
+        pool: Pool,
+        quoted_schema: &str,
+        options: &PostgresOptions,
+        listen: Option<tokio_postgres::Config>,
+    ) -> Self {
         let mut begin = "BEGIN".to_owned();
         if !options.best_effort {
             // Belt and braces beside the check at connect: whatever the role, database or a
@@ -162,6 +173,8 @@ impl Shared {
             connect_timeout: options.connect_timeout,
             statement_timeout: options.statement_timeout,
             begin,
+            events_channel: events::channel(&options.schema),
+            listen: listen.map(events::listen_config),
         }
     }
 
@@ -540,5 +553,19 @@ impl StorageBackend for PostgresStorageBackend {
             self.appender.0.replaced(key);
         }
         Ok(existed)
+    }
+
+    /// `pg_notify` on the schema's channel (`mars_state_events:<schema>`), every payload
+    /// base64 in one statement, outside the write transactions: a notification is sent
+    /// when its own statement commits.
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
+        events::publish(&self.shared, payloads).await
+    }
+
+    /// `LISTEN` on a connection of its own (not from the pool), made with the settings of
+    /// [`PostgresOptions::connect`]; its feed ends when that connection does. A backend made
+    /// [`from_pool`](PostgresOptions::from_pool) cannot open one: [`StateError::Config`].
+    async fn subscribe_events(&self) -> Result<EventFeed> {
+        events::subscribe(&self.shared).await
     }
 }

@@ -177,6 +177,7 @@ impl PostgresOptions {
         if config.get_application_name().is_none() {
             config.application_name("mars-state");
         }
+        let listen = config.clone();
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -188,7 +189,7 @@ impl PostgresOptions {
             .max_size(self.pool_size.max(1))
             .build()
             .map_err(|e| StateError::Config { message: format!("PostgreSQL pool: {e}") })?;
-        self.from_pool(pool).await
+        self.open(pool, Some(listen)).await
     }
 
     /// Like [`connect`](Self::connect), over a pool you built (its size and timeouts
@@ -204,7 +205,21 @@ impl PostgresOptions {
     /// let backend = mars_state::PostgresStorageBackend::options().schema("agents").from_pool(pool).await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// Such a backend cannot carry change events between processes (it has no connection
+    /// settings for a listening connection of its own): a manager over it warns and its
+    /// watches see its own changes only.
     pub async fn from_pool(&self, pool: Pool) -> Result<PostgresStorageBackend> {
+        self.open(pool, None).await
+    }
+
+    /// [`from_pool`](Self::from_pool), with the settings of a listening connection when
+    /// they are known.
+    async fn open(
+        &self,
+        pool: Pool,
+        listen: Option<tokio_postgres::Config>,
+    ) -> Result<PostgresStorageBackend> {
         let schema = schema::quoted_schema(&self.schema)?;
         let size = pool.status().max_size;
         let writers = self.writers.unwrap_or(DEFAULT_WRITERS.min(size));
@@ -215,7 +230,7 @@ impl PostgresOptions {
                 ),
             });
         }
-        let shared = super::Shared::new(pool, &schema, self);
+        let shared = super::Shared::new(pool, &schema, self, listen);
         let client = shared.connection().await.map_err(|f| connect_error(&f))?;
         let problems = real_time::hold(schema::durability_problems(&client))
             .await

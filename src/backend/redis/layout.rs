@@ -12,6 +12,7 @@
 //!                        server's `TIME`) and `released` ("1" once its holder released it,
 //!                        "0" after a grant or renewal; absent reads as "0"); never expires
 //!                        and is never deleted, so its token never goes back
+//! <prefix>:events        the pub/sub channel of change events (not a key)
 //! ```
 //!
 //! A fenced write is its plain script with the lease's hash as the last key and the fence's
@@ -69,6 +70,12 @@ impl Layout {
 
     pub(super) fn folder(&self, folder: &str) -> String {
         format!("{}d:{folder}", self.base)
+    }
+
+    /// `<prefix>:events`: the pub/sub channel of the store's change events (a channel, not
+    /// a key: nothing is stored under it).
+    pub(super) fn events(&self) -> String {
+        format!("{}events", self.base)
     }
 
     /// `<prefix>:l:<name>`: a lease's hash.

@@ -63,8 +63,8 @@ use self::checks::{check_durability, check_prefix};
 use self::layout::{LIST_SCRIPT, Layout};
 use self::writer::{Op, Writer, refused};
 use super::{
-    Acquired, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend, StorageKey,
-    SweepReport, ttl_ms,
+    Acquired, EventFeed, Fence, Lease, LeaseState, ObjectMeta, RecordMeta, StorageBackend,
+    StorageKey, SweepReport, ttl_ms,
 };
 use crate::error::{Result, StateError};
 
@@ -111,6 +111,8 @@ struct Inner {
     options: RedisOptions,
     /// `host:port` (never the URL, which may hold a password).
     addr: String,
+    /// For the subscriptions to change events, each a connection of its own.
+    client: redis::Client,
 }
 
 impl fmt::Debug for RedisStorageBackend {
@@ -281,7 +283,7 @@ impl RedisStorageBackend {
         let list = redis::Script::new(LIST_SCRIPT);
         let leases = LeaseScripts::new();
         Ok(RedisStorageBackend {
-            inner: Arc::new(Inner { reads, writer, layout, list, leases, options, addr }),
+            inner: Arc::new(Inner { reads, writer, layout, list, leases, options, addr, client }),
         })
     }
 
@@ -694,6 +696,80 @@ impl StorageBackend for RedisStorageBackend {
         let reply = self.inner.writer.submit(Op::DeleteFenced(key.clone(), fence.clone())).await?;
         check_fence(&reply, fence)?;
         Ok(int(&reply) > 0)
+    }
+
+    /// `PUBLISH <prefix>:events`, one per payload, in one pipeline on the reads'
+    /// connection (Redis runs a connection's commands in order). Not retried: a retry after
+    /// a lost reply could deliver a payload twice.
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        let channel = self.inner.layout.events();
+        let mut pipe = redis::pipe();
+        for payload in &payloads {
+            pipe.publish(&channel, payload.as_slice()).ignore();
+        }
+        let mut conn = self.inner.reads.clone();
+        let timeout = self.inner.options.timeout;
+        match tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StateError::unavailable(format!(
+                "Redis at {} failed to publish change events: {}",
+                self.inner.addr,
+                e.category()
+            ))),
+            Err(_) => Err(StateError::unavailable(format!(
+                "Redis at {} did not answer a publish of change events in {} ms",
+                self.inner.addr,
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// `SUBSCRIBE <prefix>:events` on a connection of its own; the feed ends when that
+    /// connection does.
+    async fn subscribe_events(&self) -> Result<EventFeed> {
+        let channel = self.inner.layout.events();
+        let addr = &self.inner.addr;
+        let setup = async {
+            let mut pubsub = self.inner.client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub.into_on_message())
+        };
+        let mut messages = match tokio::time::timeout(self.inner.options.timeout * 2, setup).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                return Err(StateError::unavailable(format!(
+                    "cannot subscribe to change events at Redis {addr}: {}",
+                    e.category()
+                )));
+            }
+            Err(_) => {
+                return Err(StateError::unavailable(format!(
+                    "no answer from Redis at {addr} to a subscription to change events"
+                )));
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                tokio::select! {
+                    () = tx.closed() => break,
+                    message = messages.next() => match message {
+                        Some(m) => {
+                            if tx.send(m.get_payload_bytes().to_vec()).await.is_err() {
+                                break;
+                            }
+                        }
+                        // The connection ended: so does the feed (`tx` is dropped).
+                        None => break,
+                    },
+                }
+            }
+        });
+        Ok(EventFeed::channel(rx))
     }
 }
 

@@ -132,8 +132,8 @@ use async_trait::async_trait;
 use chacha20poly1305::XChaCha20Poly1305;
 
 use crate::backend::{
-    Acquired, Fence, FileStorageBackend, KeyClass, Lease, LeaseState, ObjectMeta, RecordMeta,
-    StorageBackend, StorageKey, SweepReport,
+    Acquired, EventFeed, Fence, FileStorageBackend, KeyClass, Lease, LeaseState, ObjectMeta,
+    RecordMeta, StorageBackend, StorageKey, SweepReport,
 };
 use crate::error::{Result, StateError};
 use crate::store::keys::{CRYPTO_META, crypto_meta as crypto_meta_key};
@@ -470,6 +470,23 @@ impl<B: StorageBackend> StorageBackend for Encrypted<B> {
         let existed = self.inner.delete_fenced(key, fence).await?;
         self.torn().remove(key);
         Ok(existed)
+    }
+
+    /// Seals each payload like a record, under a name no key can have. The store's
+    /// payloads hold session ids (already visible in the keys below this layer) but also
+    /// pause and failure reasons and checkpoint ids, which stay sealed: a subscriber without
+    /// the key, or any listener on the server's channel, learns only that something
+    /// changed, and when.
+    async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
+        let sealed = payloads.into_iter().map(|p| self.seal_event(p)).collect::<Result<_>>()?;
+        self.inner.publish_events(sealed).await
+    }
+
+    /// Opens each payload with the keys this handle holds when it subscribes; one that
+    /// does not open (sealed under another key, damaged) is dropped, and the store counts
+    /// it as missed.
+    async fn subscribe_events(&self) -> Result<EventFeed> {
+        Ok(self.inner.subscribe_events().await?.map(self.event_opener()))
     }
 }
 

@@ -36,6 +36,9 @@ pub(super) const FRAME_HEADER: usize = FRAME_FIXED + NONCE_LEN;
 pub(super) const FRAME_MAX_PLAIN: usize = 1 << 20;
 const RECORD_AAD: &[u8] = b"mars-state/enc/1\0";
 const FRAME_AAD: &[u8] = b"mars-state/log/1\0";
+/// The name change events are sealed under (in their AAD, beside [`RECORD_AAD`]): no
+/// [`StorageKey`] can have it, so a sealed event cannot be passed off as a record or back.
+const EVENT_NAME: &str = ".event";
 /// The storage-key name in a key-check record's AAD. It starts with a dot, so it is not a
 /// valid [`StorageKey`] and no stored record can be swapped for a key-check record.
 const CHECK_NAME: &str = ".key-check";
@@ -128,6 +131,39 @@ impl<B: StorageBackend> Encrypted<B> {
         raw.truncate(len - TAG_LEN);
         raw.drain(..RECORD_HEADER);
         Ok(raw)
+    }
+
+    /// Seals a change-event payload like a record, under [`EVENT_NAME`].
+    pub(super) fn seal_event(&self, plain: Vec<u8>) -> Result<Vec<u8>> {
+        let (id, cipher) = self.current()?;
+        seal_record(&cipher, id, EVENT_NAME, plain)
+    }
+
+    /// Opens sealed change-event payloads with the keys this handle has now: `None` for a
+    /// payload that does not open (damaged, foreign, or sealed under a key added later).
+    pub(super) fn event_opener(&self) -> impl FnMut(Vec<u8>) -> Option<Vec<u8>> + Send + 'static {
+        let ciphers = self.ring().ciphers.clone();
+        move |mut raw: Vec<u8>| {
+            if raw.len() < SEAL_OVERHEAD || !raw.starts_with(RECORD_MAGIC) {
+                return None;
+            }
+            let id = le_u32(&raw, 4);
+            let cipher = ciphers.get(&id)?;
+            let len = raw.len();
+            let (head, body) = raw.split_at_mut(RECORD_HEADER);
+            let (ct, tag) = body.split_at_mut(len - SEAL_OVERHEAD);
+            cipher
+                .decrypt_in_place_detached(
+                    XNonce::from_slice(&head[8..]),
+                    &aad(RECORD_AAD, EVENT_NAME, id),
+                    ct,
+                    Tag::from_slice(tag),
+                )
+                .ok()?;
+            raw.truncate(len - TAG_LEN);
+            raw.drain(..RECORD_HEADER);
+            Some(raw)
+        }
     }
 
     /// Seals `plain` as log frames under the current key.
