@@ -629,6 +629,13 @@ fn kill_one_child(
     ChildRun { lines, killed }
 }
 
+/// The node id of every manager of a crash loop, the children's and the parent's checks: on
+/// a shared store (PostgreSQL, Redis) they are one node restarted, so a killed child's
+/// session leases are taken back at once by the next process, as a restarted worker with a
+/// stable name would (the crash is tested here; failover after a lease runs out is tested
+/// in `tests/cluster_chaos.rs` and `tests/nodes.rs`).
+pub const ORACLE_NODE: &str = "crash-oracle";
+
 /// The runtime of a crash test's parent and child: two workers, as an application's.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -646,7 +653,8 @@ pub fn child_command(test: &str, env: &str, value: impl AsRef<std::ffi::OsStr>) 
 /// `open` returns runs [`save_until_killed`] with [`BACKEND_WORKLOAD`].
 pub fn run_saving_child<B: StorageBackend + 'static>(open: impl Future<Output = B>) {
     runtime().block_on(async {
-        let m = bounded("start", StateManager::start(open.await)).await.unwrap();
+        let start = StateManager::builder(open.await).node_id(ORACLE_NODE).start();
+        let m = bounded("start", start).await.unwrap();
         save_until_killed(&m, BACKEND_WORKLOAD).await;
     });
 }
@@ -659,7 +667,8 @@ pub async fn check_backend(
     counts: &mut Counts,
     label: &str,
 ) {
-    let m = bounded("start", StateManager::start(backend.clone())).await.unwrap();
+    let start = StateManager::builder(backend.clone()).node_id(ORACLE_NODE).start();
+    let m = bounded("start", start).await.unwrap();
     let stored = Stored::Keys { backend: backend.as_ref(), ext: ".json" };
     verify_and_trim(&m, &stored, acked, label, counts).await;
     bounded("shutdown", m.shutdown()).await.unwrap();

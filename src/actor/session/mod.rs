@@ -84,6 +84,10 @@ pub(crate) struct SessionState {
     /// any other token (but the next one, after a lapse nobody else used) means another
     /// node may have written the session: what this actor knew is dropped and read again.
     token: Option<u64>,
+    /// A grant took the session from a node that let its lease run out, and what this actor
+    /// knows has not been read again since (the read failed): the next read still marks the
+    /// run as cut off, though the lease, already this node's, no longer says so.
+    taken_over: bool,
     /// A write was refused by the fence (another node holds the session now): the actor
     /// stops once the request that found it is answered.
     fenced: AtomicBool,
@@ -122,6 +126,7 @@ impl Actor for SessionActor {
             idle_timer,
             policy_timer: None,
             token: None,
+            taken_over: false,
             fenced: AtomicBool::new(false),
         };
         st.set_policy(&myself, policy);
@@ -362,6 +367,7 @@ impl SessionState {
         };
         let continuous = self.token.is_some_and(|t| t == lease.token || t + 1 == lease.token)
             && lease.taken_from.is_none()
+            && !self.taken_over
             && !self.shared.store.is_unsure(&self.sid);
         if !continuous {
             if self.dirty {
@@ -372,7 +378,9 @@ impl SessionState {
             self.heads.clear();
             self.last_clock = None;
             self.last_checkpoint_step = None;
-            self.shared.store.refresh_session(&self.sid, lease.taken_from.is_some()).await?;
+            self.taken_over |= lease.taken_from.is_some();
+            self.shared.store.refresh_session(&self.sid, self.taken_over).await?;
+            self.taken_over = false;
         }
         self.token = Some(lease.token);
         Ok(())

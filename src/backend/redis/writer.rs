@@ -363,6 +363,14 @@ async fn send(conn: &mut ConnectionManager, config: &Config, shared: &Shared, ba
     }
     for round in 0..MAX_ROUNDS {
         let last = round + 1 == MAX_ROUNDS;
+        // A write whose caller stopped waiting (it was answered "outcome unknown" by its own
+        // time limit) is not sent, nor sent again: sent after its caller has read the store
+        // to learn what became of it, it would land after that read, and the caller would
+        // act on an answer the store no longer gives. (Early appends have no caller waiting.)
+        batch.retain(|req| req.early || !req.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         {
