@@ -83,15 +83,7 @@ async fn a_cut_event_feed_is_reconnected_and_what_was_missed_is_counted() {
     watcher_store.thaw();
     // Until the watcher has subscribed again, a's saves are lost too: save until one
     // arrives, counting them.
-    let mut after = 0;
-    let first = loop {
-        a.save_session("s1", &json!({"step": 10 + after})).await.unwrap();
-        after += 1;
-        match tokio::time::timeout(Duration::from_secs(1), one.recv()).await {
-            Ok(r) => break r,
-            Err(_) => assert!(after < 100, "the watcher never subscribed again"),
-        }
-    };
+    let (first, after) = nodes_common::save_until_delivered(&a, &mut one, 100).await;
     // Three saves of s1 while cut, and all but the last of those after.
     assert_eq!(first, Err(WatchError::Lagged(3 + after - 1)));
     assert_eq!(one.recv().await.unwrap().kind, EventKind::Saved);

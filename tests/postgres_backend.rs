@@ -461,15 +461,7 @@ async fn a_dropped_listen_connection_is_reconnected_and_what_was_missed_is_count
         a.save_session("s1", &json!({"step": step})).await.unwrap();
     }
     freezer.thaw();
-    let mut after = 0;
-    let first = loop {
-        a.save_session("s1", &json!({"step": 10 + after})).await.unwrap();
-        after += 1;
-        match tokio::time::timeout(Duration::from_secs(1), one.recv()).await {
-            Ok(r) => break r,
-            Err(_) => assert!(after < 30, "node c never listened again"),
-        }
-    };
+    let (first, after) = nodes_common::save_until_delivered(&a, &mut one, 30).await;
     assert_eq!(first, Err(WatchError::Lagged(3 + after - 1)));
     assert_eq!(one.recv().await.unwrap().kind, EventKind::Saved);
     a.create_checkpoint("s1", "main", &json!({"step": 99})).await.unwrap();

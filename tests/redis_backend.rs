@@ -386,3 +386,25 @@ async fn after_a_write_of_unknown_outcome_the_writer_reads_the_session_again() {
     assert_eq!(seen_by_a, seen_by_b, "the writer's recovery disagrees with the store");
     assert_eq!(listed_by_a, listed_by_b, "the writer's listing disagrees with the store");
 }
+
+/// Two backends (two processes) on one prefix: a key one of them put, the other deleted, and
+/// the first put again is listed (a backend that remembered it had listed the key and sent a
+/// bare SET would leave it stored but missing from every listing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_after_another_backends_delete_is_listed() {
+    let server = Server::start();
+    let prefix = random_prefix();
+    let open = || async {
+        let options = RedisStorageBackend::options().prefix(prefix.clone());
+        bounded("connect", options.connect(&server.url())).await.unwrap()
+    };
+    let (a, b) = (open().await, open().await);
+    let key = StorageKey::new("metadata/access/s1.json").unwrap();
+    let folder = StorageKey::new("metadata/access").unwrap();
+    a.put(&key, b"first".to_vec()).await.unwrap();
+    assert!(b.delete(&key).await.unwrap());
+    a.put(&key, b"second".to_vec()).await.unwrap();
+    let listed: Vec<_> = b.list(&folder).await.unwrap().into_iter().map(|m| m.key).collect();
+    assert_eq!(listed, std::slice::from_ref(&key), "the key put again is listed");
+    assert_eq!(b.get(&key).await.unwrap().as_deref(), Some(&b"second"[..]));
+}

@@ -10,8 +10,9 @@
 //! did not hold it live (another node, or any grant after an expiry or a release), and
 //! never decreases. Every write made under the lease carries the token as a [`Fence`];
 //! the backend refuses, in the same statement or script as the write, one whose token is
-//! no longer the lease's. This is the backend layer: nothing in the crate takes leases or
-//! fences its writes yet.
+//! no longer the lease's. On a shared store every session actor takes its session's lease
+//! (`session/<id>`) before it writes, and the janitor takes `janitor` for each pass (see
+//! [`StateManagerBuilder::node_id`](crate::StateManagerBuilder::node_id)).
 
 use std::time::Duration;
 

@@ -355,6 +355,7 @@ impl Store {
     /// stopping the pass; a record sealed under a key this handle lacks stops it
     /// (`WrongKey`), so no key it needs is retired. Crash-safe: one atomic put, and the
     /// record reads the same before and after it.
+    #[cfg(feature = "encryption")]
     async fn rewrite(&self, key: &StorageKey) -> Result<bool> {
         self.rewrite_as(None, key).await
     }

@@ -99,6 +99,43 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
+/// A node as [`node`] makes, with access control on.
+pub async fn access_node(
+    store: &Arc<dyn StorageBackend>,
+    node: &str,
+    lease_wait: Duration,
+) -> StateManager {
+    StateManager::builder(store.clone())
+        .node_id(node)
+        .lease_ttl(TTL)
+        .lease_wait(lease_wait)
+        .janitor_interval(Duration::from_secs(3600))
+        .access_control(mars_state::AccessControlLayer::new())
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("start node {node}: {e}"))
+}
+
+/// After a watcher's event feed was cut and it is subscribing again: `writer` saves `s1`
+/// until `watch` gets something (at most `limit` saves, a second apart at most); returns
+/// what it got and how many saves that took. The saves before the feed is back are missed
+/// too, so the watcher's first answer counts them.
+pub async fn save_until_delivered(
+    writer: &StateManager,
+    watch: &mut mars_state::Watch,
+    limit: u64,
+) -> (Result<mars_state::StateEvent, mars_state::WatchError>, u64) {
+    let mut after = 0;
+    loop {
+        writer.save_session("s1", &json!({"step": 10 + after})).await.unwrap();
+        after += 1;
+        match tokio::time::timeout(Duration::from_secs(1), watch.recv()).await {
+            Ok(r) => return (r, after),
+            Err(_) => assert!(after < limit, "the watcher never subscribed again"),
+        }
+    }
+}
+
 /// `r` must be `OwnedElsewhere` naming `owner`, with a lease end in the future.
 fn assert_owned_by<T: std::fmt::Debug>(r: mars_state::Result<T>, owner: &str) {
     match r {
@@ -337,22 +374,9 @@ pub async fn janitor_passes_run_on_one_node_at_a_time(store: Arc<dyn StorageBack
 pub async fn an_access_claim_made_on_one_node_is_enforced_on_another(
     store: Arc<dyn StorageBackend>,
 ) {
-    use mars_state::{AccessControlLayer, Principal};
-    let start = |name: &'static str| {
-        let store = store.clone();
-        async move {
-            StateManager::builder(store)
-                .node_id(name)
-                .lease_ttl(TTL)
-                .lease_wait(TTL * 4)
-                .access_control(AccessControlLayer::new())
-                .start()
-                .await
-                .unwrap()
-        }
-    };
-    let a = start("node-a").await;
-    let b = start("node-b").await;
+    use mars_state::Principal;
+    let a = access_node(&store, "node-a", TTL * 4).await;
+    let b = access_node(&store, "node-b", TTL * 4).await;
     let alice = Principal::new("alice").unwrap();
     let mallory = Principal::new("mallory").unwrap();
     a.for_principal(alice.clone()).save_session("s1", &json!({"secret": 1})).await.unwrap();
@@ -547,23 +571,9 @@ pub async fn a_watch_all_sees_every_nodes_events(store: Arc<dyn StorageBackend>)
 pub async fn a_principals_watch_on_another_node_is_checked_against_the_sessions_owner(
     store: Arc<dyn StorageBackend>,
 ) {
-    use mars_state::{AccessControlLayer, Principal};
-    let start = |name: &'static str| {
-        let store = store.clone();
-        async move {
-            StateManager::builder(store)
-                .node_id(name)
-                .lease_ttl(TTL)
-                .lease_wait(Duration::ZERO)
-                .janitor_interval(Duration::from_secs(3600))
-                .access_control(AccessControlLayer::new())
-                .start()
-                .await
-                .unwrap()
-        }
-    };
-    let a = start("node-a").await;
-    let b = start("node-b").await;
+    use mars_state::Principal;
+    let a = access_node(&store, "node-a", Duration::ZERO).await;
+    let b = access_node(&store, "node-b", Duration::ZERO).await;
     let alice = Principal::new("alice").unwrap();
     let bob = Principal::new("bob").unwrap();
     // Alice's session, made on a after both watches were taken on b: b learns its owner

@@ -43,9 +43,11 @@
 //!   (see `layout.rs`).
 //!
 //! Not supported: Redis Cluster (the scripts build key names at run time; one prefix's keys
-//! would need one hash slot). One backend per prefix at a time: the manager keeps an index
-//! in memory, and the writer remembers which keys it has listed (a delete by another
-//! process would not be seen). Nothing enforces it (no lock key): run one manager per prefix.
+//! would need one hash slot). Many processes may share a prefix: every put runs the script
+//! that makes its listing entries (a delete by another process is never missed), and the
+//! manager's session leases keep one writer per session. Only log appends skip the script
+//! for a log this backend has listed since its last delete (logs are per process: the
+//! manager keeps no journal on a shared store).
 
 mod checks;
 mod layout;
@@ -83,7 +85,7 @@ const DEFAULT_PREFIX: &str = "mars-state";
 /// from a write then means it is on the Redis host's disk. Writes queued together go out in
 /// one pipeline and share one fsync.
 ///
-/// Plain Redis 7 (no modules, not Cluster). Keep one manager per prefix. Clones share one
+/// Plain Redis 7 (no modules, not Cluster). Many managers (nodes) may share a prefix. Clones share one
 /// set of connections; when the last clone is dropped the writer sends what is queued and
 /// ends.
 ///

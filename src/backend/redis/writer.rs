@@ -119,14 +119,13 @@ impl Op {
                 pipe.cmd("PING");
                 return;
             }
-            Op::Put(key, bytes) | Op::Append(key, bytes)
-                if names.group.is_empty() && listed.contains(key) =>
-            {
-                // An earlier script of this backend made the key's listing entries and no
-                // delete has been sent since: only the value changes, in one (atomic)
-                // command, which costs Redis a tenth of a script.
-                let verb = if matches!(self, Op::Put(..)) { "SET" } else { "APPEND" };
-                pipe.cmd(verb).arg(&names.value).arg(bytes.as_slice());
+            Op::Append(key, bytes) if names.group.is_empty() && listed.contains(key) => {
+                // An earlier script of this backend made the log's listing entries and no
+                // delete has been sent since: only the value grows, in one (atomic) command,
+                // which costs Redis a tenth of a script. (Puts always run the script: other
+                // nodes share the prefix, and a delete by one of them would not be seen here,
+                // so a bare SET could leave a key stored but not listed.)
+                pipe.cmd("APPEND").arg(&names.value).arg(bytes.as_slice());
                 return;
             }
             Op::Put(..) => &scripts.put,
