@@ -548,13 +548,23 @@ impl StateManager {
     /// # Ok(()) }
     /// ```
     pub async fn vacuum_storage(&self) -> Result<VacuumReport> {
-        let deleting = self.maintenance(Operation::VacuumStorage)?.deleting();
+        let store = self.maintenance(Operation::VacuumStorage)?;
+        // On a shared store, also the deletes other nodes left part way.
+        store.note_pending_deletes().await?;
+        let deleting = store.deleting();
+        drop(store);
         // Deletes that failed part way are finished through their session actors, which
-        // drop what they cached of the session; the pass below finishes any other marker.
+        // drop what they cached of the session; the pass below finishes any other marker
+        // (on a store with one writer).
         let mut finished = 0;
         for sid in deleting {
             let finish = |reply| InternalMsg::FinishDelete { reply }.into();
-            finished += usize::from(self.call(Operation::VacuumStorage, &sid, finish).await?);
+            match self.call(Operation::VacuumStorage, &sid, finish).await {
+                Ok(done) => finished += usize::from(done),
+                // Held by another node: its holder finishes the delete before it writes.
+                Err(StateError::OwnedElsewhere { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         let mut report = self.on_storage(|store| async move { store.vacuum().await }).await?;
         report.orphans_removed += finished;

@@ -310,7 +310,9 @@ impl Store {
     /// record.
     pub(crate) async fn vacuum(&self) -> Result<VacuumReport> {
         let swept = self.backend.sweep().await?;
-        let orphans = self.finish_pending_deletes(true).await?;
+        // On a shared store a marker may be a delete in progress on another node: only the
+        // holder of the session's lease finishes it (through its session actor, fenced).
+        let orphans = if self.shared { 0 } else { self.finish_pending_deletes(true).await? };
         let r = self.reconcile(Trust::Nothing).await?;
         Ok(VacuumReport {
             temp_files_removed: swept.files_removed,

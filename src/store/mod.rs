@@ -186,6 +186,17 @@ impl Store {
     async fn open_shared(&self) -> Result<()> {
         self.reconcile(Trust::Nothing).await?;
         self.load_interrupted_marks().await?;
+        self.note_pending_deletes().await
+    }
+
+    /// On a shared store, notes the sessions whose pending-delete markers are on the store
+    /// (deletes left part way by any node) as `deleting`: the node that next holds such a
+    /// session's lease finishes the delete before it writes. A no-op on a store with one
+    /// writer, which finishes them itself.
+    pub(crate) async fn note_pending_deletes(&self) -> Result<()> {
+        if !self.shared {
+            return Ok(());
+        }
         let pending = self.backend.list(&keys::pending_markers()).await?;
         let mut deleting = lock(&self.deleting);
         for meta in pending {
