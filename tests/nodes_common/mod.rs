@@ -136,6 +136,31 @@ pub async fn save_until_delivered(
     }
 }
 
+/// After [`save_until_delivered`]: `first` must count the `cut` saves made while the feed
+/// was cut, plus those of the `after` saves made since whose events were lost (none, up to
+/// all but the last; an event that came late rather than never is delivered after the
+/// count), and the delivered ones must follow it. Returns how many of the `after` saves were
+/// lost.
+pub async fn missed_after_cut(
+    watch: &mut mars_state::Watch,
+    first: Result<mars_state::StateEvent, mars_state::WatchError>,
+    cut: u64,
+    after: u64,
+) -> u64 {
+    let Err(mars_state::WatchError::Lagged(missed)) = first else {
+        panic!("expected the missed events counted first, got {first:?}")
+    };
+    assert!(
+        (cut..cut + after).contains(&missed),
+        "{missed} missed: expected the {cut} saves made while cut, plus at most {} of the {after} after",
+        after - 1
+    );
+    for _ in 0..cut + after - missed {
+        assert_eq!(watch.recv().await.unwrap().kind, mars_state::EventKind::Saved);
+    }
+    missed - cut
+}
+
 /// `r` must be `OwnedElsewhere` naming `owner`, with a lease end in the future.
 fn assert_owned_by<T: std::fmt::Debug>(r: mars_state::Result<T>, owner: &str) {
     match r {
