@@ -56,7 +56,7 @@ mod encrypted_memory {
 /// with every event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_event_feed_is_reconnected_and_what_was_missed_is_counted() {
-    use mars_state::{EventKind, WatchError};
+    use mars_state::EventKind;
     use nodes_common::{Freezer, next_events, node};
     use serde_json::json;
     use std::sync::Arc;
@@ -84,13 +84,12 @@ async fn a_cut_event_feed_is_reconnected_and_what_was_missed_is_counted() {
     // Until the watcher has subscribed again, a's saves are lost too: save until one
     // arrives, counting them.
     let (first, after) = nodes_common::save_until_delivered(&a, &mut one, 100).await;
-    // Three saves of s1 while cut, and those after whose events were lost.
-    let lost = nodes_common::missed_after_cut(&mut one, first, 3, after).await;
-    // watch_all missed s2's save too.
-    assert_eq!(all.recv().await, Err(WatchError::Lagged(4 + lost)));
-    for _ in 0..after - lost {
-        assert_eq!(all.recv().await.unwrap().session_id.as_str(), "s1");
-    }
+    // s1's three saves while cut and those after: each delivered or counted as missed, and
+    // at least the one the watcher subscribed too late for is missed.
+    let missed = nodes_common::account_for(&mut one, Some(first), 3 + after).await;
+    assert!(missed >= 1, "the saves made while the feed was cut were not all delivered");
+    // watch_all: s2's save too.
+    nodes_common::account_for(&mut all, None, 4 + after).await;
     // And then nothing is lost.
     a.create_checkpoint("s1", "main", &json!({"step": 99})).await.unwrap();
     assert!(matches!(next_events(&mut one, 1).await[0].kind, EventKind::Checkpointed { .. }));
