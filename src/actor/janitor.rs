@@ -15,11 +15,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::lease::JANITOR_LEASE;
+use super::lease::{JANITOR_LEASE, acquire_within};
 use super::session::SessionMsg;
 use super::supervisor::SupervisorMsg;
 use super::{Shared, call_session, storage};
-use crate::backend::{Acquired, Lease};
+use crate::backend::Lease;
 use crate::error::{Operation, Result, StateError};
 use crate::store::Trust;
 use crate::types::{SessionId, VacuumReport};
@@ -114,25 +114,11 @@ impl JanitorState {
             return Ok(None);
         }
         let config = &self.shared.config;
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            match store
-                .backend
-                .acquire_lease(JANITOR_LEASE, &config.node_id, config.lease_ttl)
-                .await?
-            {
-                Acquired::Granted(lease) => return Ok(Some(lease)),
-                Acquired::Held { node, expires_in } => {
-                    let now = tokio::time::Instant::now();
-                    if now >= deadline {
-                        let until = store.clock.now_ms()
-                            + u64::try_from(expires_in.as_millis()).unwrap_or(u64::MAX / 2);
-                        return Err(StateError::OwnedElsewhere { node, until });
-                    }
-                    tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
-                }
-            }
-        }
+        let node = &config.node_id;
+        let backend = store.backend.as_ref();
+        let taken =
+            acquire_within(backend, &store.clock, JANITOR_LEASE, node, config.lease_ttl, wait);
+        Ok(Some(taken.await?.0))
     }
 
     /// Gives the janitor's lease up after a pass.

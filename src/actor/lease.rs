@@ -21,9 +21,11 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Config, Runtime};
-use crate::backend::Lease;
+use crate::backend::{Acquired, Lease, StorageBackend};
+use crate::error::{Result, StateError};
 use crate::store::Store;
 use crate::sync::lock;
+use crate::types::Clock;
 use crate::types::SessionId;
 
 /// The lease name of a session.
@@ -33,6 +35,48 @@ pub(crate) fn lease_name(sid: &SessionId) -> String {
 
 /// The lease name of the janitor's turn.
 pub(crate) const JANITOR_LEASE: &str = "janitor";
+
+/// How often a node waiting for a lease asks again at most: often enough to catch a
+/// release, which frees a lease at once.
+const POLL: Duration = Duration::from_millis(100);
+
+/// When a lease with `left` to run ends, in milliseconds since the Unix epoch by this node's
+/// clock (for [`StateError::OwnedElsewhere`] and listings).
+pub(crate) fn until_ms(clock: &Clock, left: Duration) -> u64 {
+    clock.now_ms().saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Takes lease `name` for `node`, waiting up to `wait` while another node holds it (asking
+/// again when the holder's lease runs out, or after [`POLL`]), then
+/// [`StateError::OwnedElsewhere`] naming the holder. Returns the lease and when the granting
+/// request was sent (a lease's local end counts from then).
+pub(crate) async fn acquire_within(
+    backend: &dyn StorageBackend,
+    clock: &Clock,
+    name: &str,
+    node: &str,
+    ttl: Duration,
+    wait: Duration,
+) -> Result<(Lease, Instant)> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let sent = Instant::now();
+        match backend.acquire_lease(name, node, ttl).await? {
+            Acquired::Granted(lease) => return Ok((lease, sent)),
+            Acquired::Held { node, expires_in } => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(StateError::OwnedElsewhere {
+                        node,
+                        until: until_ms(clock, expires_in),
+                    });
+                }
+                let nap = (expires_in + Duration::from_millis(5)).min(POLL).min(deadline - now);
+                tokio::time::sleep(nap).await;
+            }
+        }
+    }
+}
 
 /// A lease this node holds.
 #[derive(Debug, Clone)]
@@ -57,8 +101,15 @@ impl Held {
 pub(crate) struct Leases(Mutex<HashMap<SessionId, Held>>);
 
 impl Leases {
-    pub(crate) fn get(&self, sid: &SessionId) -> Option<Held> {
-        lock(&self.0).get(sid).cloned()
+    /// `sid`'s lease as the session actor checks it before every write, without copying
+    /// it: its token, its local end, and whether it was lost.
+    pub(crate) fn peek(&self, sid: &SessionId) -> Option<(u64, Instant, bool)> {
+        lock(&self.0).get(sid).map(|h| (h.lease.token, h.valid_until, h.lost))
+    }
+
+    /// Whether this node holds `sid`'s lease (live or not).
+    pub(crate) fn has(&self, sid: &SessionId) -> bool {
+        lock(&self.0).contains_key(sid)
     }
 
     pub(crate) fn insert(&self, sid: &SessionId, lease: Lease, valid_until: Instant) {

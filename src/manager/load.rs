@@ -179,15 +179,13 @@ impl StateManager {
         store: &crate::store::Store,
         sessions: &mut [crate::types::SessionInfo],
     ) -> Result<()> {
-        let now = store.clock.now_ms();
         for s in sessions {
             let name = crate::actor::lease::lease_name(&s.session_id);
             let Some(lease) = store.backend.read_lease(&name).await? else { continue };
             match lease.expires_in {
                 Some(left) => {
                     s.owner = Some(lease.node);
-                    s.lease_until =
-                        Some(now + u64::try_from(left.as_millis()).unwrap_or(u64::MAX / 2));
+                    s.lease_until = Some(crate::actor::lease::until_ms(&store.clock, left));
                 }
                 None if !lease.released && s.status == SessionStatus::Running => {
                     s.interrupted = true;

@@ -26,9 +26,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::lease::lease_name;
+use super::lease::{acquire_within, lease_name};
 use super::{Shared, storage, supervisor::SupervisorMsg};
-use crate::backend::Acquired;
 use crate::config::CheckpointPolicy;
 use crate::error::{Result, StateError};
 use crate::events::EventKind;
@@ -307,64 +306,42 @@ impl SessionState {
         }
         let config = self.shared.config.clone();
         let ttl = config.lease_ttl;
-        let now = Instant::now();
-        if let Some(h) = self.shared.rt.leases.get(&self.sid) {
-            if h.lost {
+        let name = lease_name(&self.sid);
+        if let Some((token, valid_until, lost)) = self.shared.rt.leases.peek(&self.sid) {
+            if lost {
                 self.fenced.store(true, Ordering::Relaxed);
-                return Err(StateError::Fenced {
-                    name: h.lease.name.clone(),
-                    token: h.lease.token,
-                    current: h.lease.token + 1,
-                });
+                return Err(StateError::Fenced { name, token, current: token + 1 });
             }
             // A write started now finishes well inside the lease (and if it does not, the
             // fence refuses it once another node took over).
-            if self.token == Some(h.lease.token)
-                && h.valid_until > now + ttl / 4
+            if self.token == Some(token)
+                && valid_until > Instant::now() + ttl / 4
                 && !self.shared.store.is_unsure(&self.sid)
             {
                 return Ok(());
             }
         }
-        let name = lease_name(&self.sid);
-        let deadline = now + config.lease_wait();
-        let lease = loop {
-            let sent = Instant::now();
-            let answer =
-                self.shared.store.backend.acquire_lease(&name, &config.node_id, ttl).await?;
-            match answer {
-                Acquired::Granted(lease) => {
-                    self.shared.rt.leases.insert(&self.sid, lease.clone(), sent + lease.expires_in);
-                    self.shared.store.set_fence(&self.sid, Some(lease.fence()));
-                    break lease;
-                }
-                Acquired::Held { node, expires_in } => {
-                    if let Some(token) = self.token {
-                        // This actor held the session, and another node holds it now: it
-                        // lost it (its renewals stopped, as in a paused process). It stops,
-                        // rather than wait to take over a session whose state it no longer
-                        // knows.
-                        self.fenced.store(true, Ordering::Relaxed);
-                        let current = match self.shared.store.backend.read_lease(&name).await {
-                            Ok(Some(state)) => state.token,
-                            _ => token + 1,
-                        };
-                        return Err(StateError::Fenced { name, token, current });
-                    }
-                    let now = Instant::now();
-                    if now >= deadline {
-                        let until = self.shared.store.clock.now_ms()
-                            + u64::try_from(expires_in.as_millis()).unwrap_or(u64::MAX / 2);
-                        return Err(StateError::OwnedElsewhere { node, until });
-                    }
-                    // Until the lease runs out, but often enough to catch a release.
-                    let nap = (expires_in + Duration::from_millis(5))
-                        .min(Duration::from_millis(100))
-                        .min(deadline - now);
-                    tokio::time::sleep(nap).await;
-                }
+        // An actor that held the session does not wait for another node's lease: it lost
+        // the session (its renewals stopped, as in a paused process) and stops, rather than
+        // take over a session whose state it no longer knows.
+        let wait = if self.token.is_some() { Duration::ZERO } else { config.lease_wait() };
+        let store = &self.shared.store;
+        let taken =
+            acquire_within(store.backend.as_ref(), &store.clock, &name, &config.node_id, ttl, wait)
+                .await;
+        let (lease, sent) = match (taken, self.token) {
+            (Err(StateError::OwnedElsewhere { .. }), Some(token)) => {
+                self.fenced.store(true, Ordering::Relaxed);
+                let current = match store.backend.read_lease(&name).await {
+                    Ok(Some(state)) => state.token,
+                    _ => token + 1,
+                };
+                return Err(StateError::Fenced { name, token, current });
             }
+            (taken, _) => taken?,
         };
+        self.shared.rt.leases.insert(&self.sid, lease.clone(), sent + lease.expires_in);
+        self.shared.store.set_fence(&self.sid, Some(lease.fence()));
         let continuous = self.token.is_some_and(|t| t == lease.token || t + 1 == lease.token)
             && lease.taken_from.is_none()
             && !self.taken_over
@@ -379,7 +356,14 @@ impl SessionState {
             self.last_clock = None;
             self.last_checkpoint_step = None;
             self.taken_over |= lease.taken_from.is_some();
-            self.shared.store.refresh_session(&self.sid, self.taken_over).await?;
+            if let Err(e) = self.shared.store.refresh_session(&self.sid, self.taken_over).await {
+                // Nothing was written under the lease: give it up at once rather than keep
+                // other nodes waiting for a session this node could not read. `taken_over`
+                // stays, so the next grant (after a release, which no longer says so) still
+                // marks the run cut off.
+                self.release().await;
+                return Err(e);
+            }
             self.taken_over = false;
         }
         self.token = Some(lease.token);
@@ -388,7 +372,7 @@ impl SessionState {
 
     /// Gives the session's lease up (at passivation and shutdown, after the last write).
     async fn release(&mut self) {
-        if self.shared.rt.leases.get(&self.sid).is_some() {
+        if self.shared.rt.leases.has(&self.sid) {
             // This node's events of the session reach the other nodes before the next
             // holder's can.
             self.shared.rt.flush_events().await;
