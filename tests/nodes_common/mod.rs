@@ -85,14 +85,24 @@ pub async fn node(
     node: &str,
     lease_wait: Duration,
 ) -> StateManager {
+    start(node_builder(store, node, lease_wait), node).await
+}
+
+/// The builder of a [`node`].
+fn node_builder(
+    store: &Arc<dyn StorageBackend>,
+    node: &str,
+    lease_wait: Duration,
+) -> mars_state::StateManagerBuilder {
     StateManager::builder(store.clone())
         .node_id(node)
         .lease_ttl(TTL)
         .lease_wait(lease_wait)
         .janitor_interval(Duration::from_secs(3600))
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("start node {node}: {e}"))
+}
+
+async fn start(builder: mars_state::StateManagerBuilder, node: &str) -> StateManager {
+    builder.start().await.unwrap_or_else(|e| panic!("start node {node}: {e}"))
 }
 
 fn now_ms() -> u64 {
@@ -105,15 +115,8 @@ pub async fn access_node(
     node: &str,
     lease_wait: Duration,
 ) -> StateManager {
-    StateManager::builder(store.clone())
-        .node_id(node)
-        .lease_ttl(TTL)
-        .lease_wait(lease_wait)
-        .janitor_interval(Duration::from_secs(3600))
-        .access_control(mars_state::AccessControlLayer::new())
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("start node {node}: {e}"))
+    let builder = node_builder(store, node, lease_wait);
+    start(builder.access_control(mars_state::AccessControlLayer::new()), node).await
 }
 
 /// After a watcher's event feed was cut and it is subscribing again: `writer` saves `s1`
