@@ -279,16 +279,26 @@ impl SessionState {
     {
         let r = storage::run(&self.shared.storage, job).await;
         if matches!(r, Err(StateError::Fenced { .. })) {
-            self.fenced.store(true, Ordering::Relaxed);
+            self.mark_fenced();
         }
         r
+    }
+
+    /// Another node took the session over: from now on loads read the store, not this
+    /// actor's memory. Done before the refusal is answered (the actor itself stops after
+    /// the request, in `lose`), so a caller told `Fenced` never loads the state this node
+    /// had.
+    fn mark_fenced(&self) {
+        self.fenced.store(true, Ordering::Relaxed);
+        self.shared.rt.publish(&self.sid, None);
     }
 
     /// Whether this actor serves the session from memory: always on a store with one
     /// writer; on a shared store only while it holds the session's lease live (else
     /// another node may be writing, and loads read the store).
     fn serves_from_memory(&self) -> bool {
-        !self.shared.store.shared || self.shared.rt.leases.holds(&self.sid)
+        !self.shared.store.shared
+            || (self.shared.rt.leases.holds(&self.sid) && !self.fenced.load(Ordering::Relaxed))
     }
 
     /// Makes sure this node holds the session's lease before a write (on a shared store;
@@ -309,7 +319,7 @@ impl SessionState {
         let name = lease_name(&self.sid);
         if let Some((token, valid_until, lost)) = self.shared.rt.leases.peek(&self.sid) {
             if lost {
-                self.fenced.store(true, Ordering::Relaxed);
+                self.mark_fenced();
                 return Err(StateError::Fenced { name, token, current: token + 1 });
             }
             // A write started now finishes well inside the lease (and if it does not, the
@@ -331,7 +341,7 @@ impl SessionState {
                 .await;
         let (lease, sent) = match (taken, self.token) {
             (Err(StateError::OwnedElsewhere { .. }), Some(token)) => {
-                self.fenced.store(true, Ordering::Relaxed);
+                self.mark_fenced();
                 let current = match store.backend.read_lease(&name).await {
                     Ok(Some(state)) => state.token,
                     _ => token + 1,
