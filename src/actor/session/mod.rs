@@ -65,6 +65,8 @@ pub(crate) struct SessionState {
     sid: SessionId,
     shared: Shared,
     supervisor: ActorRef<SupervisorMsg>,
+    /// This actor, to close its mailbox from `&self` once a fence refusal is seen.
+    me: ActorRef<SessionMsg>,
     /// `None` until read from storage.
     current: Option<Current>,
     /// Steps were recorded that are not durable yet.
@@ -113,6 +115,7 @@ impl Actor for SessionActor {
             sid: args.sid,
             shared: args.shared,
             supervisor: args.supervisor,
+            me: myself.clone(),
             current: None,
             dirty: false,
             policy: CheckpointPolicy::default(),
@@ -213,7 +216,7 @@ impl Actor for SessionActor {
             SessionMsg::Internal(Internal(msg)) => st.handle_internal(&myself, msg).await,
         }
         if st.fenced.load(Ordering::Relaxed) && !st.passivating {
-            st.lose(&myself);
+            st.lose();
         }
         Ok(())
     }
@@ -288,9 +291,21 @@ impl SessionState {
     /// actor's memory. Done before the refusal is answered (the actor itself stops after
     /// the request, in `lose`), so a caller told `Fenced` never loads the state this node
     /// had.
+    ///
+    /// The mailbox is closed here too (the supervisor told first, so it parks new requests
+    /// until this actor has stopped): a request sent after the refusal goes to a fresh actor,
+    /// which waits for the lease and is told who holds the session
+    /// ([`StateError::OwnedElsewhere`]). Requests queued before it are still answered here,
+    /// `Fenced`.
     fn mark_fenced(&self) {
-        self.fenced.store(true, Ordering::Relaxed);
+        if self.fenced.swap(true, Ordering::Relaxed) {
+            return;
+        }
         self.shared.rt.publish(&self.sid, None);
+        let _ = self
+            .supervisor
+            .cast(SupervisorMsg::Passivating { sid: self.sid.clone(), actor: self.me.get_id() });
+        let _ = self.me.drain();
     }
 
     /// Whether this actor serves the session from memory: always on a store with one
@@ -400,17 +415,15 @@ impl SessionState {
     /// Another node holds the session now: nothing this actor knows of it is current, and
     /// nothing it still holds can be written (recorded steps not yet saved are dropped). It
     /// stops; the next request gets a fresh actor, which waits for the lease.
-    fn lose(&mut self, myself: &ActorRef<SessionMsg>) {
+    fn lose(&mut self) {
         warn!(session = %self.sid, dropped_steps = self.dirty, "another node holds this session now; its actor here stops");
         self.dirty = false;
         self.set_current(None);
         self.shared.rt.leases.remove(&self.sid);
         self.shared.store.set_fence(&self.sid, None);
+        // The supervisor was told and the mailbox closed when the refusal was seen
+        // (`mark_fenced`).
         self.passivating = true;
-        let _ = self
-            .supervisor
-            .cast(SupervisorMsg::Passivating { sid: self.sid.clone(), actor: myself.get_id() });
-        let _ = myself.drain();
     }
 
     /// Replaces what this actor knows of the state and publishes it to the store's hot
