@@ -27,11 +27,11 @@
 //! Fenced writes are statements like the others: one refused by its fence changes nothing,
 //! does not abort the transaction, and is answered [`StateError::Fenced`] once the batch
 //! committed. In a multi-row fenced statement each row is checked against its own lease and
-//! answered on its own, exactly as its single statement would be. It locks its lease rows
-//! in name order and writes its rows in key order, so two such statements of different
-//! writers take their locks in one order. Refused on a retry after an attempt whose outcome was unknown, it is answered
-//! [`StateError::Timeout`] instead: the earlier attempt may have been applied before the
-//! lease changed hands.
+//! answered on its own, exactly as its single statement would be; the statement locks its
+//! lease rows in name order and writes its rows in key order, so two such statements of
+//! different writers take their locks in one order. A fenced write refused on a retry after
+//! an attempt whose outcome was unknown is answered [`StateError::Timeout`] instead: the
+//! earlier attempt may have been applied before the lease changed hands.
 
 use std::sync::Arc;
 use std::time::Duration;
