@@ -28,6 +28,10 @@
 //! - `takeover_waits_for_an_in_flight_fenced_write`: a grant of a lease to another node
 //!   waits (on the lease row, locked `FOR SHARE`) for the old holder's fenced write in
 //!   flight, which commits under the old token; the old holder's next write is `Fenced`.
+//! - `a_batch_of_fenced_writes_answers_each_by_its_own_fence_{prepared,unprepared}`: 40
+//!   fenced puts and 10 fenced deletes queued at once commit in one transaction; each is
+//!   applied or refused (`Fenced`, with the lease's name, its token and the current one) by
+//!   its own fence, a refused one changes nothing, and the others are written.
 //! - `sigkill_client_while_saving`: a child process saves and checkpoints in a loop,
 //!   printing an ack after each `Ok`, and is SIGKILLed at a random moment, 50 rounds
 //!   (`MARS_PG_CLIENT_ROUNDS`); after each kill every acked write is there, byte for byte,
@@ -468,4 +472,160 @@ async fn a_dropped_listen_connection_is_reconnected_and_what_was_missed_is_count
     assert!(matches!(next_events(&mut one, 1).await[0].kind, EventKind::Checkpointed { .. }));
     a.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_of_fenced_writes_answers_each_by_its_own_fence_prepared() {
+    let (backend, schema) = fresh().await;
+    a_batch_of_fenced_writes_answers_each_by_its_own_fence(backend, &schema).await;
+}
+
+#[tokio::test]
+async fn a_batch_of_fenced_writes_answers_each_by_its_own_fence_unprepared() {
+    let schema = Schema::new();
+    let backend = PostgresStorageBackend::options()
+        .schema(schema.name())
+        .prepared_statements(false)
+        .connect(&test_url())
+        .await
+        .unwrap();
+    a_batch_of_fenced_writes_answers_each_by_its_own_fence(backend, &schema).await;
+}
+
+/// 40 fenced puts and 10 fenced deletes are queued at once through one backend (on a
+/// current-thread runtime, so every one is queued before a writer runs) and commit in one
+/// transaction (the rows written share one `xmin`). Each is checked against its own lease:
+/// those under a live fence are applied (a delete says whether its key existed); those under
+/// a stale fence (a lease released and granted to another node since, a lease never
+/// granted, a token ahead of the lease's) are answered `Fenced` with the lease's name, the
+/// write's token and the lease's current token, and change nothing, while the rest of the
+/// batch is written.
+async fn a_batch_of_fenced_writes_answers_each_by_its_own_fence(
+    b: PostgresStorageBackend,
+    schema: &Schema,
+) {
+    use mars_state::{Acquired, Fence, Lease, RecordMeta, StateError};
+    use std::collections::HashMap;
+
+    let ttl = Duration::from_secs(60);
+    let mut leases: Vec<Lease> = Vec::new();
+    for i in 0..7 {
+        let granted = bounded("acquire", b.acquire_lease(&format!("l{i}"), "node-a", ttl)).await;
+        let Ok(Acquired::Granted(lease)) = granted else { panic!("l{i} is free: {granted:?}") };
+        leases.push(lease);
+    }
+    // l6: released by node-a and granted to node-b; node-a's fence is stale.
+    bounded("release", b.release_lease(&leases[6])).await.unwrap();
+    let taken = bounded("take", b.acquire_lease("l6", "node-b", ttl)).await.unwrap();
+    let Acquired::Granted(taken) = taken else { panic!("l6 was released: {taken:?}") };
+    assert_eq!(taken.token, leases[6].token + 1);
+
+    // The fence of write `i`, and the lease's current token when the fence is stale.
+    let fence = |i: usize| -> (Fence, Option<u64>) {
+        match i % 10 {
+            6 => (leases[6].fence(), Some(taken.token)),
+            7 => (Fence::new("l-never", 1), Some(0)),
+            8 => (Fence::new("l1", leases[1].token + 5), Some(leases[1].token)),
+            9 => (leases[5].fence(), None),
+            n => (leases[n].fence(), None),
+        }
+    };
+    let put_key = |i: usize| StorageKey::new(format!("sessions/p{i}.json")).unwrap();
+    let delete_key = |j: usize| StorageKey::new(format!("checkpoints/s/c{j}.json")).unwrap();
+    // What is there before: the first 10 put keys and the first 8 delete keys.
+    for i in 0..10 {
+        bounded("put", b.put(&put_key(i), b"before".to_vec())).await.unwrap();
+    }
+    for j in 0..8 {
+        bounded("put", b.put(&delete_key(j), b"before".to_vec())).await.unwrap();
+    }
+    // Deletes: j % 4 == 0 or 1 live (j 8 and 9: keys that do not exist), 2 stale (l6),
+    // 3 never granted.
+    let delete_fence = |j: usize| -> (Fence, Option<u64>) {
+        match j % 4 {
+            2 => (leases[6].fence(), Some(taken.token)),
+            3 => (Fence::new("l-never", 1), Some(0)),
+            n => (leases[n].fence(), None),
+        }
+    };
+
+    let meta = |i: usize| {
+        let mut meta = RecordMeta::default();
+        meta.session = format!("p{i}");
+        meta.step = Some(i as u64);
+        meta.saved_at_ms = 1_700_000_000_000 + i as u64;
+        meta
+    };
+    let puts = futures_util::future::join_all((0..40).map(|i| {
+        let (b, key, meta, (fence, _)) = (&b, put_key(i), meta(i), fence(i));
+        async move { b.put_fenced(&key, format!("value {i}").into_bytes(), &meta, &fence).await }
+    }));
+    let deletes = futures_util::future::join_all((0..10).map(|j| {
+        let (b, key, (fence, _)) = (&b, delete_key(j), delete_fence(j));
+        async move { b.delete_fenced(&key, &fence).await }
+    }));
+    let (put_answers, delete_answers) =
+        bounded("batch", futures_util::future::join(puts, deletes)).await;
+
+    let refused =
+        |answer: Result<(), StateError>, fence: &Fence, current: u64, what: &str| match answer {
+            Err(StateError::Fenced { name, token, current: now }) => {
+                assert_eq!((name.as_str(), token, now), (fence.name.as_str(), fence.token, current))
+            }
+            other => panic!("{what}: expected Fenced at {current}, got {other:?}"),
+        };
+    for (i, answer) in put_answers.into_iter().enumerate() {
+        match fence(i) {
+            (_, None) => answer.unwrap_or_else(|e| panic!("put {i} under a live fence: {e}")),
+            (f, Some(current)) => refused(answer, &f, current, &format!("put {i}")),
+        }
+    }
+    for (j, answer) in delete_answers.into_iter().enumerate() {
+        match delete_fence(j) {
+            (_, None) => {
+                let existed =
+                    answer.unwrap_or_else(|e| panic!("delete {j} under a live fence: {e}"));
+                assert_eq!(existed, j < 8, "delete {j}: whether its key existed");
+            }
+            (f, Some(current)) => refused(answer.map(drop), &f, current, &format!("delete {j}")),
+        }
+    }
+
+    // The rows as they stand: value, step column, writing transaction.
+    let admin = admin_client().await;
+    let records = format!("\"{}\".mars_state_records", schema.name());
+    let rows = admin
+        .query(&format!("SELECT key, value, step, xmin::text FROM {records}"), &[])
+        .await
+        .unwrap();
+    let stored: HashMap<String, (Vec<u8>, Option<i64>, String)> =
+        rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3)))).collect();
+    let mut batch_xids = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let key = put_key(i).as_str().to_owned();
+        let row = stored.get(&key);
+        match (fence(i).1, row) {
+            (None, Some((value, step, xid))) => {
+                assert_eq!(value, format!("value {i}").as_bytes(), "{key}");
+                assert_eq!(*step, Some(i as i64), "{key}: its facts are written with it");
+                batch_xids.insert(xid.clone());
+            }
+            (Some(_), Some((value, step, _))) if i < 10 => {
+                assert_eq!((value.as_slice(), *step), (&b"before"[..], None), "{key} refused")
+            }
+            (Some(_), None) if i >= 10 => {}
+            (expected, row) => panic!("{key}: stale fence {expected:?}, row {row:?}"),
+        }
+    }
+    assert_eq!(batch_xids.len(), 1, "the fenced puts did not commit in one batch: {batch_xids:?}");
+    for j in 0..10 {
+        let key = delete_key(j).as_str().to_owned();
+        let row = stored.get(&key);
+        match delete_fence(j).1 {
+            None => assert!(row.is_none(), "{key} is deleted"),
+            Some(_) => assert_eq!(row.map(|r| r.0.as_slice()), Some(&b"before"[..]), "{key}"),
+        }
+    }
+    // 28 puts applied, 3 refused over rows that were there, 4 deletes refused.
+    assert_eq!(stored.len(), 28 + 3 + 4, "no other row written: {:?}", stored.keys());
 }

@@ -36,10 +36,12 @@
 //!   so `sweep` has nothing to remove.
 //! - leases (`lease.rs`, table `mars_state_leases`) are granted, renewed (one or many in
 //!   one statement) and released in short transactions of their own, by the server's clock;
-//!   a release sets the row's `released` column, which a grant or renewal clears. A fenced write is one statement
-//!   of a group-commit batch that locks its lease's row `FOR SHARE` and writes only under
-//!   the current token, so a grant to another node waits for the old holder's writes in
-//!   flight, and a refused write changes nothing while the rest of its batch commits.
+//!   a release sets the row's `released` column, which a grant or renewal clears. A fenced
+//!   write is part of a group-commit batch: a statement of its own, or one multi-row
+//!   statement for the batch's fenced writes of one kind, that locks the lease rows
+//!   `FOR SHARE` and writes each row only under its lease's current token, so a grant to
+//!   another node waits for the old holder's writes in flight, and a refused write changes
+//!   nothing while the rest of its batch commits.
 
 mod append;
 mod error;
@@ -519,9 +521,10 @@ impl StorageBackend for PostgresStorageBackend {
     }
 
     /// `put_record`'s statement gated by the fence: in one statement of a group-commit
-    /// transaction, the lease's row is locked `FOR SHARE` and the row is written only if
-    /// its token is the fence's (so a grant to another node waits for this transaction to
-    /// commit, and a write after it sees the new token).
+    /// transaction (shared with the batch's other fenced puts of non-log keys), the lease's
+    /// row is locked `FOR SHARE` and the row is written only if its token is the fence's (so
+    /// a grant to another node waits for this transaction to commit, and a write after it
+    /// sees the new token).
     async fn put_fenced(
         &self,
         key: &StorageKey,

@@ -147,6 +147,15 @@ pub(super) struct Sql {
     pub(super) delete_fenced: String,
     /// The same for a log key and its pieces.
     pub(super) delete_fenced_log: String,
+    /// [`Sql::put_fenced`] of many non-log keys at once: `$1`..`$11` as
+    /// [`Sql::put_records`], `$12` the lease names and `$13` the fences' tokens (arrays, one
+    /// entry per row). Locks every lease row named `FOR SHARE`, in name order, and writes
+    /// the rows whose token is their fence's; a row per entry, in order: its position (from
+    /// 1), its lease's current token (NULL: no such lease) and whether it was written.
+    pub(super) put_fenced_many: String,
+    /// [`Sql::delete_fenced`] of many non-log keys at once: `$1` keys, `$2` lease names,
+    /// `$3` tokens (arrays); answered as `put_fenced_many` (whether a row was deleted).
+    pub(super) delete_fenced_many: String,
     /// Grants a lease: `$1` name, `$2` node, `$3` TTL in ms. One row: granted, holder,
     /// token, ms left, and (granted only) the node it was taken over from after that node
     /// let it expire unreleased, else NULL (no row if a concurrent first grant is not yet
@@ -235,6 +244,47 @@ impl Sql {
             held("$3"),
             held("$3"),
             answer("gone")
+        );
+        // Many fenced writes in one statement. Each entry is checked against its own lease
+        // row, as the single statements do: the rows of every lease named are locked FOR
+        // SHARE (in name order, the order every such statement takes them in), and an entry
+        // is written only if its lease's token is its fence's. The entries whose fence does
+        // not hold change nothing; the others are written all the same. The answer has a
+        // row per entry, in the arrays' order (`n`), saying which.
+        let leases = |names: &str| {
+            format!(
+                "lease AS (SELECT name, token FROM {le} WHERE name = ANY({names}) \
+                 ORDER BY name FOR SHARE)"
+            )
+        };
+        let answers = |rows: &str| {
+            format!(
+                "SELECT t.n, l.token, w.key IS NOT NULL FROM t \
+                 LEFT JOIN lease AS l ON l.name = t.ln LEFT JOIN {rows} AS w ON w.key = t.k \
+                 ORDER BY t.n"
+            )
+        };
+        // Written in key order, so two batches writing the same keys lock them in one order.
+        let put_fenced_many = format!(
+            "WITH t AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::text[], $8::int8[], $9::text[], $10::text[], \
+             $11::int8[], $12::text[], $13::int8[]) WITH ORDINALITY \
+             AS t (k, v, kd, sid, cid, b, p, st, rs, sts, at, ln, tk, n)), {}, \
+             written AS (INSERT INTO {r} (key, value, size, kind, updated_at, {columns}) \
+             SELECT t.k, t.v, octet_length(t.v), t.kd, now(), t.sid, t.cid, t.b, t.p, t.st, \
+             t.rs, t.sts, to_timestamp(t.at::float8 / 1000) \
+             FROM t JOIN lease ON lease.name = t.ln AND lease.token = t.tk ORDER BY t.k \
+             {conflict}{set_columns} RETURNING key) {}",
+            leases("$12::text[]"),
+            answers("written")
+        );
+        let delete_fenced_many = format!(
+            "WITH t AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
+             WITH ORDINALITY AS t (k, ln, tk, n)), {}, \
+             gone AS (DELETE FROM {r} AS r USING t JOIN lease \
+             ON lease.name = t.ln AND lease.token = t.tk WHERE r.key = t.k RETURNING r.key) {}",
+            leases("$2::text[]"),
+            answers("gone")
         );
         // A grant: a new row, or the row taken over when it is free (expired or released) or
         // already `$2`'s. The token stays only when `$2` held it live; any other grant raises
@@ -350,6 +400,8 @@ impl Sql {
             put_fenced_log,
             delete_fenced,
             delete_fenced_log,
+            put_fenced_many,
+            delete_fenced_many,
             acquire_lease,
             renew_lease,
             renew_leases,

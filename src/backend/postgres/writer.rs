@@ -5,8 +5,10 @@
 //!
 //! A writer takes the first queued write, then everything queued behind it (up to
 //! [`MAX_BATCH`]), and sends `BEGIN; SET LOCAL synchronous_commit = on; SET LOCAL
-//! statement_timeout = …; SELECT txid_current()`, the writes (one statement each) and
-//! `COMMIT` pipelined: all at once, answered in order, one round trip plus the flush. Each caller is
+//! statement_timeout = …; SELECT txid_current()`, the writes and `COMMIT` pipelined: all at
+//! once, answered in order, one round trip plus the flush. Several writes of one kind (puts,
+//! records, fenced records, fenced deletes; no log key, and no key twice in the batch) go as
+//! one multi-row statement, the others as a statement each. Each caller is
 //! answered after the COMMIT returned: with synchronous commit, after the WAL record is
 //! flushed. Several writers (`PostgresOptions::writers`) run such transactions on their own
 //! connections at once, so one's flush overlaps another's statements, and PostgreSQL's own
@@ -24,9 +26,12 @@
 //!
 //! Fenced writes are statements like the others: one refused by its fence changes nothing,
 //! does not abort the transaction, and is answered [`StateError::Fenced`] once the batch
-//! committed. Refused on a retry after an attempt whose outcome was unknown, it is answered
-//! [`StateError::Timeout`] instead: the earlier attempt may have been applied before the
-//! lease changed hands.
+//! committed. In a multi-row fenced statement each row is checked against its own lease and
+//! answered on its own, exactly as its single statement would be; the statement locks its
+//! lease rows in name order and writes its rows in key order, so two such statements of
+//! different writers take their locks in one order. A fenced write refused on a retry after
+//! an attempt whose outcome was unknown is answered [`StateError::Timeout`] instead: the
+//! earlier attempt may have been applied before the lease changed hands.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -267,7 +272,7 @@ impl<'a> Facts<'a> {
 }
 
 /// The parameter types of `Sql::put_record`.
-const PUT_RECORD_TYPES: [Type; 11] = [
+static PUT_RECORD_TYPES: [Type; 11] = [
     Type::TEXT,
     Type::BYTEA,
     Type::TEXT,
@@ -282,7 +287,7 @@ const PUT_RECORD_TYPES: [Type; 11] = [
 ];
 
 /// The parameter types of `Sql::put_records` (arrays of `PUT_RECORD_TYPES`).
-const PUT_RECORDS_TYPES: [Type; 11] = [
+static PUT_RECORDS_TYPES: [Type; 11] = [
     Type::TEXT_ARRAY,
     Type::BYTEA_ARRAY,
     Type::TEXT_ARRAY,
@@ -297,7 +302,28 @@ const PUT_RECORDS_TYPES: [Type; 11] = [
 ];
 
 /// The parameter types of `Sql::put_many`.
-const PUT_MANY_TYPES: [Type; 3] = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
+static PUT_MANY_TYPES: [Type; 3] = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
+
+/// The parameter types of `Sql::put_fenced_many`: `PUT_RECORDS_TYPES`, then the lease names
+/// and the tokens.
+static PUT_FENCED_MANY_TYPES: [Type; 13] = [
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+];
+
+/// The parameter types of `Sql::delete_fenced_many`: keys, lease names, tokens.
+static DELETE_FENCED_MANY_TYPES: [Type; 3] = [Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY];
 
 /// The `kind` column of a key's row: its class, for people reading the table.
 fn kind_name(class: KeyClass) -> &'static str {
@@ -536,6 +562,213 @@ pub(super) async fn resolve(shared: &Shared, xid: Option<i64>) -> Option<bool> {
     }
 }
 
+/// The multi-row statements a batch's writes may go in, each at most once per transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    /// Puts of non-log keys: `Sql::put_many`.
+    Puts,
+    /// Records with their facts: `Sql::put_records`.
+    Records,
+    /// Fenced records of non-log keys: `Sql::put_fenced_many`.
+    FencedPuts,
+    /// Fenced deletes of non-log keys: `Sql::delete_fenced_many`.
+    FencedDeletes,
+}
+
+impl Group {
+    const ALL: [Group; 4] = [Group::Puts, Group::Records, Group::FencedPuts, Group::FencedDeletes];
+
+    /// The group `op` may go in, if any.
+    fn of(op: &Op) -> Option<Group> {
+        let log = op.key().class() == KeyClass::Log;
+        match op {
+            Op::Put(..) if !log => Some(Group::Puts),
+            // A record is never a log (`put_record` sends a log key as a plain put).
+            Op::PutRecord(..) => Some(Group::Records),
+            Op::PutFenced(..) if !log => Some(Group::FencedPuts),
+            Op::DeleteFenced(..) if !log => Some(Group::FencedDeletes),
+            _ => None,
+        }
+    }
+
+    fn sql(self, shared: &Shared) -> &str {
+        let sql = &shared.sql;
+        match self {
+            Group::Puts => &sql.put_many,
+            Group::Records => &sql.put_records,
+            Group::FencedPuts => &sql.put_fenced_many,
+            Group::FencedDeletes => &sql.delete_fenced_many,
+        }
+    }
+
+    fn types(self) -> &'static [Type] {
+        match self {
+            Group::Puts => &PUT_MANY_TYPES,
+            Group::Records => &PUT_RECORDS_TYPES,
+            Group::FencedPuts => &PUT_FENCED_MANY_TYPES,
+            Group::FencedDeletes => &DELETE_FENCED_MANY_TYPES,
+        }
+    }
+
+    /// Runs this group's statement over `ops` (all of this group, none repeating a key):
+    /// what each write did, in the order of `ops`.
+    async fn apply(
+        self,
+        shared: &Shared,
+        client: &Object,
+        ops: &[&Op],
+    ) -> Result<Vec<Done>, tokio_postgres::Error> {
+        use tokio_postgres::types::ToSql;
+        let sql = self.sql(shared);
+        let types = self.types();
+        let fences: Vec<&Fence> = ops.iter().filter_map(|op| op.fence()).collect();
+        let names: Vec<&str> = fences.iter().map(|f| f.name.as_str()).collect();
+        let tokens: Vec<i64> = fences.iter().map(|f| token_param(f.token)).collect();
+        let rows = match self {
+            Group::Puts => {
+                let keys: Vec<&str> = ops.iter().map(|op| op.key().as_str()).collect();
+                let values: Vec<&[u8]> = ops
+                    .iter()
+                    .map(|op| match op {
+                        Op::Put(_, v) => v.as_slice(),
+                        _ => &[],
+                    })
+                    .collect();
+                let kinds: Vec<&str> = ops.iter().map(|op| kind_name(op.key().class())).collect();
+                let params: [(&(dyn ToSql + Sync), Type); 3] = [
+                    (&keys, types[0].clone()),
+                    (&values, types[1].clone()),
+                    (&kinds, types[2].clone()),
+                ];
+                super::query(client, shared.prepared, sql, &params).await?;
+                return Ok(vec![Done::Found(true); ops.len()]);
+            }
+            Group::Records | Group::FencedPuts => {
+                let columns = RecordColumns::of(ops);
+                let mut params = columns.params();
+                if self == Group::FencedPuts {
+                    params.extend([
+                        (&names as &(dyn ToSql + Sync), types[11].clone()),
+                        (&tokens, types[12].clone()),
+                    ]);
+                }
+                let rows = super::query(client, shared.prepared, sql, &params).await?;
+                if self == Group::Records {
+                    return Ok(vec![Done::Found(true); ops.len()]);
+                }
+                rows
+            }
+            Group::FencedDeletes => {
+                let keys: Vec<&str> = ops.iter().map(|op| op.key().as_str()).collect();
+                let params: [(&(dyn ToSql + Sync), Type); 3] = [
+                    (&keys, types[0].clone()),
+                    (&names, types[1].clone()),
+                    (&tokens, types[2].clone()),
+                ];
+                super::query(client, shared.prepared, sql, &params).await?
+            }
+        };
+        fenced_outcomes(&rows, &fences)
+    }
+}
+
+/// What the answer rows of a multi-row fenced statement (position from 1, the lease's
+/// current token, whether the row was written or deleted) say of each of `fences`' writes,
+/// as [`fenced_outcome`] says of one: an entry with no answer row was not applied.
+fn fenced_outcomes(
+    rows: &[tokio_postgres::Row],
+    fences: &[&Fence],
+) -> Result<Vec<Done>, tokio_postgres::Error> {
+    let mut done = vec![Done::Fenced { current: 0 }; fences.len()];
+    for row in rows {
+        let n: i64 = row.try_get(0)?;
+        let current: Option<i64> = row.try_get(1)?;
+        let changed: bool = row.try_get(2)?;
+        let current = current.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
+        let at = usize::try_from(n).ok().and_then(|n| n.checked_sub(1));
+        let (Some(slot), Some(fence)) =
+            (at.and_then(|i| done.get_mut(i)), at.and_then(|i| fences.get(i)))
+        else {
+            continue;
+        };
+        *slot =
+            if current == fence.token { Done::Found(changed) } else { Done::Fenced { current } };
+    }
+    Ok(done)
+}
+
+/// The facts of records as the array parameters `$1`..`$11` of `Sql::put_records` (and of
+/// `Sql::put_fenced_many`).
+struct RecordColumns<'a> {
+    keys: Vec<&'a str>,
+    values: Vec<&'a [u8]>,
+    kinds: Vec<&'static str>,
+    session: Vec<&'a str>,
+    checkpoint: Vec<Option<&'a str>>,
+    branch: Vec<Option<&'a str>>,
+    parent: Vec<Option<&'a str>>,
+    step: Vec<Option<i64>>,
+    reason: Vec<Option<&'a str>>,
+    status: Vec<Option<&'a str>>,
+    saved_at: Vec<i64>,
+}
+
+impl<'a> RecordColumns<'a> {
+    /// The columns of the records among `ops` (`PutRecord`, `PutFenced`), in order.
+    fn of(ops: &[&'a Op]) -> Self {
+        let mut c = RecordColumns {
+            keys: Vec::with_capacity(ops.len()),
+            values: Vec::with_capacity(ops.len()),
+            kinds: Vec::with_capacity(ops.len()),
+            session: Vec::with_capacity(ops.len()),
+            checkpoint: Vec::with_capacity(ops.len()),
+            branch: Vec::with_capacity(ops.len()),
+            parent: Vec::with_capacity(ops.len()),
+            step: Vec::with_capacity(ops.len()),
+            reason: Vec::with_capacity(ops.len()),
+            status: Vec::with_capacity(ops.len()),
+            saved_at: Vec::with_capacity(ops.len()),
+        };
+        for op in ops {
+            let (key, value, meta) = match op {
+                Op::PutRecord(k, v, meta) => (k, v, meta.as_ref()),
+                Op::PutFenced(k, v, facts) => (k, v, &facts.0),
+                _ => continue,
+            };
+            let f = Facts::of(meta);
+            c.keys.push(key.as_str());
+            c.values.push(value.as_slice());
+            c.kinds.push(kind_name(key.class()));
+            c.session.push(f.session);
+            c.checkpoint.push(f.checkpoint);
+            c.branch.push(f.branch);
+            c.parent.push(f.parent);
+            c.step.push(f.step);
+            c.reason.push(f.reason);
+            c.status.push(f.status);
+            c.saved_at.push(f.saved_at);
+        }
+        c
+    }
+
+    fn params(&self) -> Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> {
+        let t = &PUT_RECORDS_TYPES;
+        vec![
+            (&self.keys, t[0].clone()),
+            (&self.values, t[1].clone()),
+            (&self.kinds, t[2].clone()),
+            (&self.session, t[3].clone()),
+            (&self.checkpoint, t[4].clone()),
+            (&self.branch, t[5].clone()),
+            (&self.parent, t[6].clone()),
+            (&self.step, t[7].clone()),
+            (&self.reason, t[8].clone()),
+            (&self.status, t[9].clone()),
+            (&self.saved_at, t[10].clone()),
+        ]
+    }
+}
+
 /// One transaction of `ops` on a fresh connection from the pool, pipelined: BEGIN (with the
 /// SET LOCALs and the transaction's id), every write, and COMMIT are sent at once and
 /// answered in order, one round trip. `stage` says what a failure means. The connection goes
@@ -553,28 +786,33 @@ pub(super) async fn attempt_once(
     use std::sync::atomic::{AtomicI64, Ordering};
     let mut conn = Discard::new(shared.connection().await?);
     let client = conn.client();
-    // The puts of non-log keys go as one multi-row statement when no key repeats in the
+    // The writes of one kind (puts, records, fenced records, fenced deletes of non-log
+    // keys) go as one multi-row statement when there are several and no key repeats in the
     // batch (so their order against the batch's other writes cannot matter): one statement
-    // for the server to run instead of one per put.
-    let many: Vec<usize> = (0..ops.len())
-        .filter(|&i| matches!(ops[i], Op::Put(k, _) if k.class() != KeyClass::Log))
-        .collect();
-    let records: Vec<usize> =
-        (0..ops.len()).filter(|&i| matches!(ops[i], Op::PutRecord(..))).collect();
+    // for the server to run instead of one per write. Each fenced write is still checked
+    // against its own lease and answered on its own.
     let keys: std::collections::HashSet<&str> = ops.iter().map(|op| op.key().as_str()).collect();
     let unique = keys.len() == ops.len();
-    let many = if many.len() > 1 && unique { many } else { Vec::new() };
-    let records = if records.len() > 1 && unique { records } else { Vec::new() };
-    let singles: Vec<usize> =
-        (0..ops.len()).filter(|i| !many.contains(i) && !records.contains(i)).collect();
+    let mut route: Vec<Option<Group>> = ops.iter().map(|op| Group::of(op)).collect();
+    let groups: Vec<(Group, Vec<&Op>)> = Group::ALL
+        .iter()
+        .filter_map(|&g| {
+            let members: Vec<&Op> =
+                (0..ops.len()).filter(|&i| route[i] == Some(g)).map(|i| ops[i]).collect();
+            (members.len() > 1 && unique).then_some((g, members))
+        })
+        .collect();
+    for r in route.iter_mut() {
+        if !groups.iter().any(|(g, _)| Some(*g) == *r) {
+            *r = None;
+        }
+    }
+    let singles: Vec<usize> = (0..ops.len()).filter(|&i| route[i].is_none()).collect();
     if shared.prepared {
         // Prepare (or find cached) every statement first, so each write below goes out at
         // its first poll, in the batch's order: a cache miss would otherwise hold it back.
-        if !many.is_empty() {
-            super::prepare(client, &shared.sql.put_many, &PUT_MANY_TYPES).await?;
-        }
-        if !records.is_empty() {
-            super::prepare(client, &shared.sql.put_records, &PUT_RECORDS_TYPES).await?;
+        for (group, _) in &groups {
+            super::prepare(client, group.sql(shared), group.types()).await?;
         }
         // `Sql::put_fenced`: a record's parameters, then the lease's name and the token.
         let put_fenced_types: Vec<Type> =
@@ -604,90 +842,51 @@ pub(super) async fn attempt_once(
         xid.store(id.unwrap_or(0), Ordering::Relaxed);
         Ok::<_, tokio_postgres::Error>(())
     };
-    let put_many = async {
-        if many.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<&str> = many.iter().map(|&i| ops[i].key().as_str()).collect();
-        let values: Vec<&[u8]> = many
-            .iter()
-            .map(|&i| match ops[i] {
-                Op::Put(_, v) => v.as_slice(),
-                _ => &[],
-            })
-            .collect();
-        let kinds: Vec<&str> = many.iter().map(|&i| kind_name(ops[i].key().class())).collect();
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
-            (&keys, PUT_MANY_TYPES[0].clone()),
-            (&values, PUT_MANY_TYPES[1].clone()),
-            (&kinds, PUT_MANY_TYPES[2].clone()),
-        ];
-        super::query(client, shared.prepared, &shared.sql.put_many, &params).await.map(drop)
-    };
-    let put_records = async {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut keys = Vec::with_capacity(records.len());
-        let mut values = Vec::with_capacity(records.len());
-        let mut kinds = Vec::with_capacity(records.len());
-        let mut facts = Vec::with_capacity(records.len());
-        for &i in &records {
-            if let Op::PutRecord(k, v, meta) = ops[i] {
-                keys.push(k.as_str());
-                values.push(v.as_slice());
-                kinds.push(kind_name(k.class()));
-                facts.push(Facts::of(meta));
-            }
-        }
-        let session: Vec<&str> = facts.iter().map(|f| f.session).collect();
-        let checkpoint: Vec<Option<&str>> = facts.iter().map(|f| f.checkpoint).collect();
-        let branch: Vec<Option<&str>> = facts.iter().map(|f| f.branch).collect();
-        let parent: Vec<Option<&str>> = facts.iter().map(|f| f.parent).collect();
-        let reason: Vec<Option<&str>> = facts.iter().map(|f| f.reason).collect();
-        let status: Vec<Option<&str>> = facts.iter().map(|f| f.status).collect();
-        let step: Vec<Option<i64>> = facts.iter().map(|f| f.step).collect();
-        let saved_at: Vec<i64> = facts.iter().map(|f| f.saved_at).collect();
-        let t = &PUT_RECORDS_TYPES;
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 11] = [
-            (&keys, t[0].clone()),
-            (&values, t[1].clone()),
-            (&kinds, t[2].clone()),
-            (&session, t[3].clone()),
-            (&checkpoint, t[4].clone()),
-            (&branch, t[5].clone()),
-            (&parent, t[6].clone()),
-            (&step, t[7].clone()),
-            (&reason, t[8].clone()),
-            (&status, t[9].clone()),
-            (&saved_at, t[10].clone()),
-        ];
-        super::query(client, shared.prepared, &shared.sql.put_records, &params).await.map(drop)
-    };
+    // join_all polls in order, so the statements go out in order: the groups', then the
+    // singles'.
+    let groups_done = futures_util::future::join_all(
+        groups.iter().map(|(group, members)| group.apply(shared, client, members)),
+    );
     let singles_done =
         futures_util::future::join_all(singles.iter().map(|&i| ops[i].apply(shared, client)));
     let writes = async {
-        let (many_done, records_done, singles_done) =
-            futures_util::future::join3(put_many, put_records, singles_done).await;
-        let mut results: Vec<Result<Done, tokio_postgres::Error>> = Vec::with_capacity(ops.len());
-        let mut many_done = Some(many_done);
-        let mut records_done = Some(records_done);
+        let (groups_done, singles_done) =
+            futures_util::future::join(groups_done, singles_done).await;
+        // Each group's answers, in its members' order; a failed statement's error is
+        // reported once, by its first member (the others count as done: the transaction is
+        // aborted anyway).
+        let mut answers: Vec<std::vec::IntoIter<Result<Done, tokio_postgres::Error>>> = groups
+            .iter()
+            .zip(groups_done)
+            .map(|((_, members), done)| {
+                let spread: Vec<_> = match done {
+                    Ok(done) => done.into_iter().map(Ok).collect(),
+                    Err(e) => std::iter::once(Err(e))
+                        .chain((1..members.len()).map(|_| Ok(Done::Found(true))))
+                        .collect(),
+                };
+                spread.into_iter()
+            })
+            .collect();
         let mut singles_done = singles_done.into_iter();
-        for i in 0..ops.len() {
-            if many.contains(&i) {
-                // The multi-row statement's result, reported once (its error counts once).
-                results.push(match many_done.take() {
-                    Some(r) => r.map(|()| Done::Found(true)),
-                    None => Ok(Done::Found(true)),
-                });
-            } else if records.contains(&i) {
-                results.push(match records_done.take() {
-                    Some(r) => r.map(|()| Done::Found(true)),
-                    None => Ok(Done::Found(true)),
-                });
-            } else if let Some(r) = singles_done.next() {
-                results.push(r);
-            }
+        let mut results: Vec<Result<Done, tokio_postgres::Error>> = Vec::with_capacity(ops.len());
+        for r in &route {
+            let next = match r {
+                Some(g) => groups
+                    .iter()
+                    .position(|(group, _)| group == g)
+                    .and_then(|at| answers.get_mut(at))
+                    .and_then(Iterator::next),
+                None => singles_done.next(),
+            };
+            // Every group answers each of its members, so `next` is always there; were one
+            // missing, a fenced write would count as not applied, as a fenced statement
+            // with no answer row does (`fenced_outcome`).
+            let missing = match ops[results.len()].fence() {
+                Some(_) => Done::Fenced { current: 0 },
+                None => Done::Found(true),
+            };
+            results.push(next.unwrap_or(Ok(missing)));
         }
         results
     };
