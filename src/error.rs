@@ -541,7 +541,7 @@ impl Operation {
 
 /// Replaces the contents of every `"…"` and `` `…` `` span in a serde message: serde quotes
 /// the offending value ("invalid type: string \"secret\"") and values may be secrets.
-fn redact(msg: &str) -> String {
+pub(crate) fn redact(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
     let mut quote: Option<char> = None;
     for c in msg.chars() {

@@ -67,9 +67,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
 ///
 /// - a file store is opened with [`FileOptions::read_only`](super::FileOptions::read_only):
 ///   no lock, its write-ahead log replayed in memory only;
-/// - an SQLite store with
-///   [`SqliteOptions::read_only`](super::SqliteOptions::read_only): no lock, read-only
-///   connections (see there for the `-shm` file of WAL mode);
+/// - an SQLite store with `SqliteOptions::read_only` (feature `sqlite`): no lock,
+///   read-only connections (see there for the `-shm` file of WAL mode);
 /// - a PostgreSQL or Redis store is opened as [`open`] does: they have no lock, and
 ///   reading them takes none. Their handle can still write; start the manager with
 ///   [`StateManagerBuilder::read_only`](crate::StateManagerBuilder::read_only), which

@@ -470,3 +470,12 @@ fn default_node_id() -> String {
     );
     format!("{host}-{}-{:08x}", std::process::id(), h.finish() as u32)
 }
+
+impl StateManager {
+    /// The store behind this handle, for a store-wide pass defined outside the manager
+    /// module (`store::verify`, `store::dump`), after the handle's principal is checked for
+    /// `op` (administrators only).
+    pub(crate) fn store_for(&self, op: crate::error::Operation) -> Result<Arc<Store>> {
+        self.maintenance(op)
+    }
+}

@@ -26,18 +26,22 @@ use crate::types::{BranchId, CheckpointId, Clock, SessionId, SessionStatus};
 
 pub(crate) mod codec;
 mod copy;
+mod dump;
 mod format;
 pub(crate) mod index;
 pub(crate) mod keys;
 mod maintenance;
+mod verify;
 
 use codec::{CheckpointMeta, Codec, Decoded, RecordHead, SessionMeta};
 pub use copy::{CopyReport, copy_store};
+pub use dump::{DUMP_FORMAT_VERSION, ExportOptions, ExportReport, ImportReport};
 #[cfg(feature = "encryption")]
 pub(crate) use format::read_store_meta;
 use index::{Change, CheckpointEntry, Index, RecordEntry};
 pub use maintenance::RetentionPolicy;
 pub(crate) use maintenance::Trust;
+pub use verify::{DamagedRecord, RecordKind, VerifyReport};
 
 /// The store of one manager (see the [module docs](self)).
 #[derive(Debug)]
