@@ -16,13 +16,13 @@ use crate::store::Opened;
 
 #[derive(Debug, Args)]
 pub(crate) struct StoreOnly {
-    /// The store: a path or a URL (default: MARS_STATE_URL).
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
     #[arg(value_name = "STORE")]
-    store: Option<String>,
+    store: String,
 }
 
 pub(crate) async fn stats(g: &Global, a: StoreOnly) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(a.store.as_deref(), &g.keys).await?;
+    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
     let result = async {
         let stats = opened.manager.get_storage_stats().await.map_err(|e| opened.error(e, None))?;
         let sessions = opened.manager.list_sessions().await.map_err(|e| opened.error(e, None))?;
@@ -62,14 +62,14 @@ pub(crate) async fn stats(g: &Global, a: StoreOnly) -> Result<ExitCode, CliError
 }
 
 pub(crate) async fn vacuum(g: &Global, a: StoreOnly) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(a.store.as_deref(), &g.keys).await?;
+    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
     let report = opened.manager.vacuum_storage().await.map_err(|e| opened.error(e, None));
     opened.close().await?;
     print_report(g, "vacuum", &report?)
 }
 
 pub(crate) async fn janitor(g: &Global, a: StoreOnly) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(a.store.as_deref(), &g.keys).await?;
+    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
     let report = opened.manager.run_janitor_now().await.map_err(|e| opened.error(e, None));
     opened.close().await?;
     print_report(g, "janitor", &report?)

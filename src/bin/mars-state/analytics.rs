@@ -9,9 +9,9 @@ use crate::output::{CliError, Exit};
 
 #[derive(Debug, Args)]
 pub(crate) struct AnalyticsArgs {
-    /// The store: a path or a URL (`-`: MARS_STATE_URL).
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
     #[arg(value_name = "STORE")]
-    store: Option<String>,
+    store: String,
     /// One session's analytics (default: the whole store).
     session: Option<String>,
     /// Also draw the growth and cadence charts into this SVG file.

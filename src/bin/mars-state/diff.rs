@@ -14,14 +14,14 @@ use crate::store::Opened;
 
 #[derive(Debug, Args)]
 pub(crate) struct DiffArgs {
-    /// The store: a path or a URL (`-`: MARS_STATE_URL).
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
     #[arg(value_name = "STORE")]
-    store: Option<String>,
+    store: String,
     /// The session.
     session: String,
-    /// The older state: a checkpoint id (or a unique part of one), or `current`.
+    /// The older state: a checkpoint id (or a unique part of one), `step:N`, or `current`.
     a: String,
-    /// The newer state: a checkpoint id (or a unique part of one), or `current`.
+    /// The newer state: a checkpoint id (or a unique part of one), `step:N`, or `current`.
     b: String,
 }
 
@@ -122,7 +122,7 @@ async fn state(opened: &Opened, session: &str, spec: &str) -> Result<(String, Va
 }
 
 pub(crate) async fn run(g: &Global, a: DiffArgs) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(a.store.as_deref(), &g.keys).await?;
+    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
     let result = async {
         let x = state(&opened, &a.session, &a.a).await?;
         let y = state(&opened, &a.session, &a.b).await?;

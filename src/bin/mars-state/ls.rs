@@ -11,9 +11,9 @@ use crate::store::Opened;
 
 #[derive(Debug, Args)]
 pub(crate) struct LsArgs {
-    /// The store: a path or a URL (default: MARS_STATE_URL).
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
     #[arg(value_name = "STORE")]
-    store: Option<String>,
+    store: String,
     /// Only sessions with this status: running, paused, completed or failed.
     #[arg(long, value_name = "S")]
     status: Option<String>,
@@ -43,7 +43,7 @@ pub(crate) fn status_name(status: SessionStatus, interrupted: bool) -> String {
 
 pub(crate) async fn run(g: &Global, a: LsArgs) -> Result<ExitCode, CliError> {
     let status = a.status.as_deref().map(parse_status).transpose()?;
-    let opened = Opened::open(a.store.as_deref(), &g.keys).await?;
+    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
     let listed = opened.manager.list_sessions().await.map_err(|e| opened.error(e, None));
     let url = opened.url.clone();
     opened.close().await?;

@@ -78,7 +78,8 @@ enum Command {
     /// What changed between two checkpoints, or a checkpoint and the current state.
     #[command(
         after_help = "Examples:\n  mars-state diff ./state run-1 0192a3b4c5d60001-1a2b3c4d current\n  \
-                            mars-state diff ./state run-1 1a2b3c4d 5e6f7a8b   (unique parts of ids)"
+                            mars-state diff ./state run-1 1a2b3c4d 5e6f7a8b   (unique parts of ids)\n  \
+                            mars-state diff ./state run-1 step:10 current"
     )]
     Diff(diff::DiffArgs),
     /// Totals of the store: sessions (by status), checkpoints, bytes.

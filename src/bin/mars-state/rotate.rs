@@ -15,9 +15,9 @@ use crate::store::{self, Key};
 
 #[derive(Debug, Args)]
 pub(crate) struct RotateArgs {
-    /// The store: a path or a URL (default: MARS_STATE_URL).
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
     #[arg(value_name = "STORE")]
-    store: Option<String>,
+    store: String,
     /// File holding the new raw key (64 hex digits or 32 bytes).
     #[arg(long, env = "MARS_STATE_NEW_KEY_FILE", value_name = "PATH")]
     new_key_file: Option<PathBuf>,
@@ -47,7 +47,7 @@ pub(crate) async fn run(g: &Global, a: RotateArgs) -> Result<ExitCode, CliError>
              MARS_STATE_KEY / MARS_STATE_PASSPHRASE)",
         ));
     }
-    let opened = store::Opened::open(a.store.as_deref(), &g.keys).await.map_err(|e| {
+    let opened = store::Opened::open(Some(a.store.as_str()), &g.keys).await.map_err(|e| {
         e.hint("if an earlier rotation finished, the old key no longer opens the store: use the new one")
     })?;
     let rewritten = opened.manager.rotate_key(new).await.map_err(|e| {

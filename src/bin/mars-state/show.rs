@@ -15,30 +15,40 @@ use crate::store::Opened;
 
 #[derive(Debug, Args)]
 pub(crate) struct ShowArgs {
-    /// The store: a path or a URL (`-`: MARS_STATE_URL).
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
     #[arg(value_name = "STORE")]
-    store: Option<String>,
+    store: String,
     /// The session.
     session: String,
-    /// A checkpoint instead of the current state: its id, or a unique part of it.
+    /// A checkpoint instead of the current state: its id, a unique part of it, or `step:N`.
     #[arg(long, value_name = "CHECKPOINT", conflicts_with = "step")]
     at: Option<String>,
     /// The newest checkpoint taken at this step.
     #[arg(long, value_name = "N")]
     step: Option<u64>,
-    /// The state's JSON exactly as stored (compact, no newline added).
+    /// The state's JSON bytes exactly as saved (a checkpoint's: compact), no newline added.
     #[arg(long, conflicts_with = "json")]
     raw: bool,
 }
 
-/// Finds the session's checkpoint named by `spec`: its full id or a unique part of one (the
-/// random suffix, say). Not found or ambiguous: exit code 1 or 2, naming the candidates.
+/// Finds the session's checkpoint named by `spec`: its full id, a unique part of one (the
+/// random suffix, say), or `step:N` (the newest checkpoint taken at step N). Not found or ambiguous: exit code 1 or 2, naming the candidates.
 pub(crate) async fn find_checkpoint(
     opened: &Opened,
     session: &str,
     spec: &str,
 ) -> Result<CheckpointInfo, CliError> {
     let list = checkpoints(opened, session).await?;
+    if let Some(n) = spec.strip_prefix("step:") {
+        let step: u64 = n.parse().map_err(|_| {
+            CliError::new(Exit::Usage, format!("{spec:?}: `step:` takes a step number"))
+        })?;
+        return list
+            .into_iter()
+            .rev()
+            .find(|c| c.step == Some(step))
+            .ok_or_else(|| not_found(opened, session, spec));
+    }
     if let Ok(id) = CheckpointId::parse(spec) {
         return list
             .into_iter()
@@ -119,8 +129,23 @@ pub(crate) async fn checkpoint_state(
 }
 
 pub(crate) async fn run(g: &Global, a: ShowArgs) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(a.store.as_deref(), &g.keys).await?;
-    let result = body(g, &a, &opened).await;
+    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
+    if a.raw && a.at.is_none() && a.step.is_none() {
+        // The state's bytes exactly as the application saved them.
+        let bytes = opened.manager.load_session_bytes(&a.session).await;
+        let bytes = bytes.map_err(|e| opened.error(e, Some(&a.session)));
+        let missing = matches!(bytes, Ok(None)).then(|| unknown_session(&opened, &a.session));
+        opened.close().await?;
+        if let Some(e) = missing {
+            return Err(e);
+        }
+        if let Some(b) = bytes? {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(b.as_bytes()).and_then(|()| out.flush());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let result = body(&a, &opened).await;
     opened.close().await?;
     let (checkpoint, step, state) = result?;
     if a.raw {
@@ -142,7 +167,6 @@ pub(crate) async fn run(g: &Global, a: ShowArgs) -> Result<ExitCode, CliError> {
 }
 
 async fn body(
-    _g: &Global,
     a: &ShowArgs,
     opened: &Opened,
 ) -> Result<(Option<String>, Option<u64>, Value), CliError> {

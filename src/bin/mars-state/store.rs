@@ -269,7 +269,9 @@ fn local_path(url: &str) -> Option<(PathBuf, bool)> {
 /// nothing is created.
 pub(crate) async fn open_existing(url: &str) -> Result<Arc<dyn StorageBackend>, CliError> {
     if let Some((path, dir)) = local_path(url) {
-        let ok = if dir { path.is_dir() } else { path.is_file() };
+        // Every file store has its `metadata` directory from its first open on; without
+        // it the directory is no store, and opening it would start making one.
+        let ok = if dir { path.join("metadata").is_dir() } else { path.is_file() };
         if !ok {
             return Err(no_store(url));
         }

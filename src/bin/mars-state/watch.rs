@@ -16,9 +16,9 @@ use crate::store::Opened;
 
 #[derive(Debug, Args)]
 pub(crate) struct WatchArgs {
-    /// The store: a path or a URL (`-`: MARS_STATE_URL).
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
     #[arg(value_name = "STORE")]
-    store: Option<String>,
+    store: String,
     /// Only this session's events (default: every session).
     session: Option<String>,
 }
@@ -63,7 +63,7 @@ fn print_event(g: &Global, e: &StateEvent) {
 }
 
 pub(crate) async fn run(g: &Global, a: WatchArgs) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(a.store.as_deref(), &g.keys).await?;
+    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
     let watch = match &a.session {
         Some(s) => opened.manager.watch(s).await.map_err(|e| opened.error(e, Some(s))),
         None => opened.manager.watch_all().await.map_err(|e| opened.error(e, None)),
