@@ -164,6 +164,46 @@ async fn reads_run_while_the_holder_keeps_saving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_run_while_the_holder_brings_its_files_up_to_date() {
+    // States of 256 KiB: the log passes 8 MiB every 32 saves, so the holder writes the
+    // record files and removes the log several times while the readers open and read.
+    let dir = tempfile::tempdir().unwrap();
+    let w = writer(dir.path(), 1, None, false).await;
+    let big = "x".repeat(256 << 10);
+    let saving = {
+        let w = w.clone();
+        tokio::spawn(async move {
+            for step in 0..120u64 {
+                let s = format!("big-{}", step % 4);
+                w.save_session(&s, &json!({ "step": step, "pad": big })).await.unwrap();
+            }
+        })
+    };
+    let mut opens = 0;
+    while !saving.is_finished() {
+        let acked: Vec<Option<u64>> = {
+            let mut v = Vec::new();
+            for i in 0..4 {
+                let s: Option<Value> = w.load_session(format!("big-{i}")).await.unwrap();
+                v.push(s.and_then(|s| s["step"].as_u64()));
+            }
+            v
+        };
+        let r = reader_over(dir.path(), None).await;
+        for (i, acked) in acked.iter().enumerate() {
+            let s: Option<Value> = r.load_session(format!("big-{i}")).await.unwrap();
+            let seen = s.and_then(|s| s["step"].as_u64());
+            assert!(seen >= *acked, "big-{i}: saw {seen:?} after {acked:?} was acknowledged");
+        }
+        r.shutdown().await.unwrap();
+        opens += 1;
+    }
+    saving.await.unwrap();
+    assert!(opens > 0);
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_log_tail_is_ignored_as_a_reader_would() {
     let dir = tempfile::tempdir().unwrap();
     let w = writer(dir.path(), 2, None, false).await;

@@ -361,7 +361,7 @@ impl StateManagerBuilder {
         let read_only = self.read_only;
         let mut config = self.config;
         if read_only {
-            backend = Arc::new(crate::backend::ReadOnly::new(backend, "opened read-only"));
+            backend = Arc::new(crate::backend::ReadOnly::new(backend, "of this read-only manager"));
             // The janitor's passes write (retention, vacuum): none in a read-only manager.
             config.janitor_interval = None;
         }
