@@ -142,3 +142,19 @@ async fn bad_dumps_are_refused_with_their_line_and_change_nothing() {
         assert!(to.list_sessions().await.unwrap().is_empty(), "nothing imported");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_move_byte_for_byte() {
+    // Key order and numbers no f64 holds survive the dump and the import as they were.
+    let exact =
+        r#"{"zeta":1,"alpha":18446744073709551615123,"f":0.1000000000000000055511151231257827}"#;
+    let raw = serde_json::value::RawValue::from_string(exact.to_owned()).unwrap();
+    let from = StateManager::start(MemoryStorageBackend::new()).await.unwrap();
+    from.save_session("s", &raw).await.unwrap();
+    let first = dump(&from, &ExportOptions::new()).await;
+    let text = String::from_utf8(first.clone()).unwrap();
+    assert!(text.contains(&format!("\"state\":{exact}}}")), "{text}");
+    let to = StateManager::start(MemoryStorageBackend::new()).await.unwrap();
+    to.import_store(&first[..]).await.unwrap();
+    assert_eq!(dump(&to, &ExportOptions::new()).await, first);
+}

@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::codec::{CheckpointMeta, RecordHead, SessionMeta};
 use super::{Store, keys};
@@ -36,8 +37,9 @@ use crate::types::{BranchId, CheckpointId, SessionId};
 /// has one), its checkpoints in id order (ids grow with time), its access record (if it
 /// has one). `meta` is the record's own metadata as the store keeps it (schema version,
 /// status and its reason and time, step, the fork of a rollback; a checkpoint's reason,
-/// step and parent), so an import restores the records exactly; `state` is the state as
-/// JSON, as it was stored (no migration is applied). Two dumps of stores holding the same
+/// step and parent), so an import restores the records exactly; `state` is the state's JSON
+/// byte for byte as it was stored (no key reordered, no number rounded, no migration
+/// applied). Two dumps of stores holding the same
 /// records are byte-identical, whatever their backends, compression or keys.
 pub const DUMP_FORMAT_VERSION: u32 = 1;
 
@@ -109,15 +111,16 @@ struct Header {
     crate_version: String,
 }
 
-/// Every line after the first.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+/// Every line after the first, as written (`state` is the stored state's JSON, byte for
+/// byte: no key is reordered and no number rounded) and as read back.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 enum Line {
     Session {
         session: SessionId,
         saved_at: u64,
         meta: SessionMeta,
-        state: Value,
+        state: Box<RawValue>,
     },
     Checkpoint {
         session: SessionId,
@@ -125,12 +128,96 @@ enum Line {
         branch: BranchId,
         timestamp: u64,
         meta: CheckpointMeta,
-        state: Value,
+        state: Box<RawValue>,
     },
     Access {
         session: SessionId,
         record: AccessRecord,
     },
+}
+
+/// A line as read: every field of every kind, checked by [`InLine::into_line`]. (serde's
+/// tagged enums buffer their fields, which a [`RawValue`] cannot go through, so lines are
+/// read into this plain struct first.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InLine {
+    #[serde(rename = "type")]
+    kind: String,
+    session: SessionId,
+    #[serde(default)]
+    saved_at: Option<u64>,
+    #[serde(default)]
+    id: Option<CheckpointId>,
+    #[serde(default)]
+    branch: Option<BranchId>,
+    #[serde(default)]
+    timestamp: Option<u64>,
+    #[serde(default)]
+    meta: Option<Value>,
+    #[serde(default)]
+    state: Option<Box<RawValue>>,
+    #[serde(default)]
+    record: Option<AccessRecord>,
+}
+
+impl InLine {
+    fn into_line(self) -> std::result::Result<Line, String> {
+        let missing = |what: &str| format!("a {} line needs `{what}`", self.kind);
+        let meta_of = |v: Option<Value>| -> std::result::Result<Value, String> {
+            v.ok_or_else(|| missing("meta"))
+        };
+        let extra = |present: bool, field: &str| {
+            if present { Err(format!("a {} line has no `{field}`", self.kind)) } else { Ok(()) }
+        };
+        match self.kind.as_str() {
+            "session" => {
+                extra(self.id.is_some(), "id")?;
+                extra(self.branch.is_some(), "branch")?;
+                extra(self.timestamp.is_some(), "timestamp")?;
+                extra(self.record.is_some(), "record")?;
+                let meta = serde_json::from_value(meta_of(self.meta.clone())?)
+                    .map_err(|e| format!("`meta`: {}", redact(&e.to_string())))?;
+                Ok(Line::Session {
+                    saved_at: self.saved_at.ok_or_else(|| missing("saved_at"))?,
+                    state: self.state.ok_or_else(|| missing("state"))?,
+                    session: self.session,
+                    meta,
+                })
+            }
+            "checkpoint" => {
+                extra(self.saved_at.is_some(), "saved_at")?;
+                extra(self.record.is_some(), "record")?;
+                let meta = serde_json::from_value(meta_of(self.meta.clone())?)
+                    .map_err(|e| format!("`meta`: {}", redact(&e.to_string())))?;
+                Ok(Line::Checkpoint {
+                    id: self.id.ok_or_else(|| missing("id"))?,
+                    branch: self.branch.ok_or_else(|| missing("branch"))?,
+                    timestamp: self.timestamp.ok_or_else(|| missing("timestamp"))?,
+                    state: self.state.ok_or_else(|| missing("state"))?,
+                    session: self.session,
+                    meta,
+                })
+            }
+            "access" => {
+                for (present, field) in [
+                    (self.saved_at.is_some(), "saved_at"),
+                    (self.id.is_some(), "id"),
+                    (self.branch.is_some(), "branch"),
+                    (self.timestamp.is_some(), "timestamp"),
+                    (self.meta.is_some(), "meta"),
+                    (self.state.is_some(), "state"),
+                ] {
+                    extra(present, field)?;
+                }
+                Ok(Line::Access {
+                    record: self.record.ok_or_else(|| missing("record"))?,
+                    session: self.session,
+                })
+            }
+            _ => Err("unknown line type (expected session, checkpoint or access)".to_owned()),
+        }
+    }
 }
 
 impl StateManager {
@@ -341,15 +428,13 @@ impl Store {
         for line in lines {
             match line {
                 Line::Session { session, saved_at, meta, state } => {
-                    let data = serde_json::to_vec(&state)
-                        .map_err(|e| StateError::json(session.as_str(), &e))?;
-                    self.save_session(&session, &data, saved_at, meta).await?;
+                    let data = state.get().as_bytes();
+                    self.save_session(&session, data, saved_at, meta).await?;
                     report.session_records += 1;
                 }
                 Line::Checkpoint { session, id, branch, timestamp, meta, state } => {
-                    let data = serde_json::to_vec(&state)
-                        .map_err(|e| StateError::json(session.as_str(), &e))?;
-                    self.put_checkpoint(&session, &id, &branch, timestamp, meta, &data).await?;
+                    let data = state.get().as_bytes();
+                    self.put_checkpoint(&session, &id, &branch, timestamp, meta, data).await?;
                     report.checkpoints += 1;
                 }
                 Line::Access { session, record } => {
@@ -364,9 +449,15 @@ impl Store {
     }
 }
 
-/// A record's stored state as JSON.
-fn state_of(sid: &SessionId, data: &[u8]) -> Result<Value> {
-    serde_json::from_slice(data).map_err(|e| StateError::json(sid.as_str(), &e))
+/// A record's stored state, its JSON bytes as they are (compacted only if they span lines,
+/// which a JSON Lines dump cannot hold; the manager always stores compact JSON).
+fn state_of(sid: &SessionId, data: &[u8]) -> Result<Box<RawValue>> {
+    let json = |e: serde_json::Error| StateError::json(sid.as_str(), &e);
+    if data.contains(&b'\n') || data.contains(&b'\r') {
+        let value: Value = serde_json::from_slice(data).map_err(json)?;
+        return serde_json::value::to_raw_value(&value).map_err(json);
+    }
+    serde_json::from_slice(data).map_err(json)
 }
 
 /// Reads and checks a whole dump: the header's version, then every line. Gzip is
@@ -416,9 +507,9 @@ fn parse(input: impl Read) -> Result<Vec<Line>> {
             }
         }
         // serde_json's messages quote values, which may be secrets: redacted.
-        let line: Line =
+        let line: InLine =
             serde_json::from_slice(&text).map_err(|e| bad(n, redact(&e.to_string())))?;
-        lines.push(line);
+        lines.push(line.into_line().map_err(|why| bad(n, why))?);
     }
     if !header_seen {
         return Err(bad(1, "the dump is empty (not even a header)".into()));
