@@ -204,6 +204,18 @@ pub enum StateError {
         /// this node's clock: the store server's time left added to now).
         until: u64,
     },
+
+    /// A write to a store opened read-only (a file store another process holds, opened
+    /// beside it with [`FileOptions::read_only`](crate::FileOptions::read_only); a manager
+    /// started with [`StateManagerBuilder::read_only`](crate::StateManagerBuilder::read_only)).
+    /// Nothing was written. Open the store normally (once its holder let go) to write to it.
+    #[error("{operation} refused: the store {store} is open read-only; nothing was written")]
+    ReadOnly {
+        /// What was refused (`"put"`, `"delete"`, `"append"`, ...).
+        operation: &'static str,
+        /// The store: its path, or a description of the backend.
+        store: String,
+    },
 }
 
 /// A coarse classification of [`StateError`], for matching without caring about fields.
@@ -248,6 +260,8 @@ pub enum ErrorKind {
     Fenced,
     /// [`StateError::OwnedElsewhere`].
     OwnedElsewhere,
+    /// [`StateError::ReadOnly`].
+    ReadOnly,
 }
 
 impl StateError {
@@ -273,6 +287,7 @@ impl StateError {
             StateError::Config { .. } => ErrorKind::Config,
             StateError::Fenced { .. } => ErrorKind::Fenced,
             StateError::OwnedElsewhere { .. } => ErrorKind::OwnedElsewhere,
+            StateError::ReadOnly { .. } => ErrorKind::ReadOnly,
         }
     }
 
@@ -308,6 +323,10 @@ impl StateError {
 
     pub(crate) fn unavailable(reason: impl Into<String>) -> Self {
         StateError::Unavailable { reason: reason.into() }
+    }
+
+    pub(crate) fn read_only(operation: &'static str, store: impl std::fmt::Display) -> Self {
+        StateError::ReadOnly { operation, store: store.to_string() }
     }
 }
 
@@ -349,6 +368,9 @@ pub(crate) enum Operation {
     VacuumStorage,
     RunJanitorNow,
     MigrateStore,
+    VerifyStore,
+    ExportStore,
+    ImportStore,
     #[cfg(feature = "encryption")]
     RotateKey,
     #[cfg(feature = "encryption")]
@@ -410,6 +432,9 @@ impl Operation {
             VacuumStorage => "vacuum_storage",
             RunJanitorNow => "run_janitor_now",
             MigrateStore => "migrate_store",
+            VerifyStore => "verify_store",
+            ExportStore => "export_store",
+            ImportStore => "import_store",
             #[cfg(feature = "encryption")]
             RotateKey => "rotate_key",
             #[cfg(feature = "encryption")]
@@ -450,6 +475,9 @@ impl Operation {
             VacuumStorage => "vacuum",
             RunJanitorNow => "run the janitor on",
             MigrateStore => "migrate",
+            VerifyStore => "verify",
+            ExportStore => "export",
+            ImportStore => "import into",
             #[cfg(feature = "encryption")]
             RotateKey | FinishKeyRotation => "rotate the key of",
             Shutdown => "shut down",
@@ -481,7 +509,7 @@ impl Operation {
             | CleanupCheckpoints => Needs::Write,
             DeleteSession | GrantAccess | RevokeAccess | SessionActor | Claim => Needs::Owner,
             WatchAll | CleanupOldSessions | VacuumStorage | RunJanitorNow | MigrateStore
-            | Shutdown | DeleteIfIdle => Needs::Admin,
+            | VerifyStore | ExportStore | ImportStore | Shutdown | DeleteIfIdle => Needs::Admin,
             #[cfg(feature = "encryption")]
             RotateKey | FinishKeyRotation => Needs::Admin,
         }
@@ -513,7 +541,7 @@ impl Operation {
 
 /// Replaces the contents of every `"…"` and `` `…` `` span in a serde message: serde quotes
 /// the offending value ("invalid type: string \"secret\"") and values may be secrets.
-fn redact(msg: &str) -> String {
+pub(crate) fn redact(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
     let mut quote: Option<char> = None;
     for c in msg.chars() {

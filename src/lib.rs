@@ -50,7 +50,10 @@ pub use manager::{StateManager, StateManagerBuilder};
 pub use middleware::crypto::{
     EncryptedFileStorageBackend, EncryptionKey, EncryptionLayer, KeySource, Passphrase,
 };
-pub use store::{CopyReport, copy_store};
+pub use store::{
+    CopyReport, DUMP_FORMAT_VERSION, DamagedRecord, ExportOptions, ExportReport, ImportReport,
+    RecordKind, VerifyReport, copy_store,
+};
 pub use types::{
     BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN,
     MigrationReport, Principal, Recovery, SessionId, SessionInfo, SessionStatus, SkippedCheckpoint,

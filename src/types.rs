@@ -294,6 +294,12 @@ pub struct SessionInfo {
     pub checkpoint_count: usize,
     /// Where its run stands.
     pub status: SessionStatus,
+    /// The orchestrator's step of the stored state, if known: the step given to
+    /// [`record_step`](crate::StateManager::record_step) when it was made durable (`None`
+    /// for a state saved with [`save_session`](crate::StateManager::save_session) and for
+    /// a session with no stored state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
     /// Why that status was set: the reason given to
     /// [`pause_session`](crate::StateManager::pause_session) or
     /// [`fail_session`](crate::StateManager::fail_session), if any.

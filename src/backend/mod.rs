@@ -26,6 +26,7 @@ mod lease;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod read_only;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "sqlite")]
@@ -46,9 +47,10 @@ pub use lease::{Acquired, Fence, Lease, LeaseState};
 pub use memory::MemoryStorageBackend;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStorageBackend};
+pub use read_only::ReadOnly;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStorageBackend};
-pub use url::open;
+pub use url::{open, open_read_only};
 
 /// A validated relative key such as `sessions/s1.json`: `/`-separated segments, each
 /// non-empty, without NUL or `\`, not `.` or `..`, and not starting with `.` (names starting

@@ -62,6 +62,63 @@ pub async fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
     }
 }
 
+/// Opens the store named by `url` (the forms of [`open`]) for reading only, beside a
+/// process that may hold it, without taking its lock and without writing anything:
+///
+/// - a file store is opened with [`FileOptions::read_only`](super::FileOptions::read_only):
+///   no lock, its write-ahead log replayed in memory only;
+/// - an SQLite store with `SqliteOptions::read_only` (feature `sqlite`): no lock,
+///   read-only connections (see there for the `-shm` file of WAL mode);
+/// - a PostgreSQL or Redis store is opened as [`open`] does: they have no lock, and
+///   reading them takes none. Their handle can still write; start the manager with
+///   [`StateManagerBuilder::read_only`](crate::StateManagerBuilder::read_only), which
+///   refuses every write of any backend;
+/// - `memory:` is refused ([`StateError::Config`]): a new memory store is empty, so there
+///   is nothing to read.
+///
+/// The file and SQLite handles answer every write with [`StateError::ReadOnly`]. The
+/// store must exist: a missing directory or database file is an error, never created.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), mars_state::StateError> {
+/// use mars_state::{StateManager, backend};
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let url = format!("file://{}", dir.path().display());
+/// let manager = StateManager::start(backend::open(&url).await?).await?;
+/// manager.save_session("s1", &serde_json::json!({ "step": 1 })).await?;
+///
+/// // While `manager` holds the store:
+/// let reader = StateManager::builder(backend::open_read_only(&url).await?)
+///     .read_only()
+///     .start()
+///     .await?;
+/// let state: Option<serde_json::Value> = reader.load_session("s1").await?;
+/// assert_eq!(state, Some(serde_json::json!({ "step": 1 })));
+/// # reader.shutdown().await?;
+/// # manager.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub async fn open_read_only(url: &str) -> Result<Arc<dyn StorageBackend>> {
+    let read_only_file = |path: PathBuf| -> Result<Arc<dyn StorageBackend>> {
+        Ok(Arc::new(FileStorageBackend::options().read_only(true).open(path)?))
+    };
+    let Some((scheme, rest)) = split_scheme(url) else {
+        if url.is_empty() {
+            return Err(bad(url, "it is empty"));
+        }
+        return read_only_file(PathBuf::from(url));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "file" => read_only_file(local_path(url, rest)?),
+        "sqlite" => sqlite_read_only(url, rest),
+        "memory" => {
+            Err(bad(url, "a new memory store is empty: there is nothing to open read-only"))
+        }
+        _ => open(url).await,
+    }
+}
+
 #[cfg(feature = "sqlite")]
 fn sqlite(url: &str, rest: &str) -> Result<Arc<dyn StorageBackend>> {
     Ok(Arc::new(super::SqliteStorageBackend::open(local_path(url, rest)?)?))
@@ -69,6 +126,17 @@ fn sqlite(url: &str, rest: &str) -> Result<Arc<dyn StorageBackend>> {
 
 #[cfg(not(feature = "sqlite"))]
 fn sqlite(url: &str, _rest: &str) -> Result<Arc<dyn StorageBackend>> {
+    Err(missing_feature(url, "sqlite"))
+}
+
+#[cfg(feature = "sqlite")]
+fn sqlite_read_only(url: &str, rest: &str) -> Result<Arc<dyn StorageBackend>> {
+    let path = local_path(url, rest)?;
+    Ok(Arc::new(super::SqliteStorageBackend::options().read_only(true).open(path)?))
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn sqlite_read_only(url: &str, _rest: &str) -> Result<Arc<dyn StorageBackend>> {
     Err(missing_feature(url, "sqlite"))
 }
 

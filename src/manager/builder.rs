@@ -57,6 +57,8 @@ pub struct StateManagerBuilder {
     /// `EncryptedFileStorageBackend`), and the backend below it.
     #[cfg(feature = "encryption")]
     layer: Option<FoundLayer>,
+    /// [`read_only`](Self::read_only).
+    read_only: bool,
 }
 
 #[cfg(feature = "encryption")]
@@ -78,6 +80,7 @@ impl StateManagerBuilder {
             #[cfg(feature = "encryption")]
             layer,
             compression: None,
+            read_only: false,
             access: None,
             #[cfg(feature = "encryption")]
             encryption: None,
@@ -277,6 +280,51 @@ impl StateManagerBuilder {
         self
     }
 
+    /// Starts a manager that never writes to the store: for looking inside a store, also
+    /// one another process holds and keeps writing (open it with
+    /// [`backend::open_read_only`](crate::backend::open_read_only), or a file store with
+    /// [`FileOptions::read_only`](crate::FileOptions::read_only)).
+    ///
+    /// What changes:
+    /// - the backend is wrapped in [`backend::ReadOnly`](crate::backend::ReadOnly) (under
+    ///   the encryption layer), so every write of the manager, whatever the backend,
+    ///   fails with [`StateError::ReadOnly`] and stores nothing; a shared store is read as
+    ///   one this manager reads alone (no leases, no change events sent);
+    /// - the start writes nothing: the store must exist (its `metadata/store.json`), no
+    ///   staged file is swept, no delete left part way is finished (its session is only
+    ///   marked, as while it is being deleted), the index is rebuilt from the journal and
+    ///   the records in memory (the journal is not rewritten), and the running marker is
+    ///   neither written nor taken as a sign of a crash (no session is marked interrupted);
+    /// - no janitor runs, and the index journal, quarantine copies of damaged records (the
+    ///   damage is still reported) and the clean snapshot at shutdown are not written;
+    /// - an encrypted store needs its current key (a key that only a cut-off rotation
+    ///   recorded would have to be written, and is refused), and
+    ///   [`rotate_key`](StateManager::rotate_key) is refused.
+    ///
+    /// The view is the store as it was read at start (and, for records read later, as they
+    /// are then); start again for a newer one.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{ErrorKind, FileStorageBackend, StateManager};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let writer = StateManager::start(FileStorageBackend::new(dir.path())?).await?;
+    /// writer.save_session("run-1", &serde_json::json!({ "step": 12 })).await?;
+    ///
+    /// let backend = FileStorageBackend::options().read_only(true).open(dir.path())?;
+    /// let reader = StateManager::builder(backend).read_only().start().await?;
+    /// assert_eq!(reader.list_sessions().await?.len(), 1);
+    /// let refused = reader.save_session("run-1", &serde_json::json!({})).await.unwrap_err();
+    /// assert_eq!(refused.kind(), ErrorKind::ReadOnly);
+    /// # reader.shutdown().await?;
+    /// # writer.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
     /// Opens the store (checks its format, sweeps staged files, loads and reconciles the
     /// index, finishes interrupted deletes) and starts the actors.
     pub async fn start(self) -> Result<StateManager> {
@@ -310,6 +358,13 @@ impl StateManagerBuilder {
         let mut codec = Codec { compression, encrypted: false, max_record };
         #[allow(unused_mut)]
         let mut backend = self.backend;
+        let read_only = self.read_only;
+        let mut config = self.config;
+        if read_only {
+            backend = Arc::new(crate::backend::ReadOnly::new(backend, "of this read-only manager"));
+            // The janitor's passes write (retention, vacuum): none in a read-only manager.
+            config.janitor_interval = None;
+        }
         #[allow(unused_mut)]
         let mut below = None;
         #[cfg(feature = "encryption")]
@@ -357,18 +412,25 @@ impl StateManagerBuilder {
             }
             (None, None) => {}
         }
+        // A key rotation writes the key metadata through the layer itself, below the
+        // read-only wrapper: a read-only manager has no key ring to rotate with.
+        #[cfg(feature = "encryption")]
+        if read_only {
+            crypt = Weak::<EncryptedBackend>::new();
+        }
         let store = Arc::new(
             Store::open(
                 backend,
                 codec,
-                self.config.retention.clone(),
+                config.retention.clone(),
                 self.access.unwrap_or_default(),
                 below,
+                read_only,
             )
             .await?,
         );
-        let rt = Arc::new(Runtime::new(store.clone(), &self.config.node_id));
-        let config = Arc::new(self.config);
+        let rt = Arc::new(Runtime::new(store.clone(), &config.node_id));
+        let config = Arc::new(config);
         if store.shared {
             crate::actor::lease::spawn_keeper(&store, &rt, &config);
             crate::actor::remote::start(&store, &rt).await?;
@@ -407,4 +469,13 @@ fn default_node_id() -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     format!("{host}-{}-{:08x}", std::process::id(), h.finish() as u32)
+}
+
+impl StateManager {
+    /// The store behind this handle, for a store-wide pass defined outside the manager
+    /// module (`store::verify`, `store::dump`), after the handle's principal is checked for
+    /// `op` (administrators only).
+    pub(crate) fn store_for(&self, op: crate::error::Operation) -> Result<Arc<Store>> {
+        self.maintenance(op)
+    }
 }

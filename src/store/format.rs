@@ -83,7 +83,7 @@ impl StoreMeta {
     /// opened without `compression` keeps gzipping (at level 6), one opened at another
     /// level uses that level, and a plain store stays plain. (Reads do not depend on it:
     /// each record is recognised by its own bytes.)
-    fn adopt_format(&self, codec: &mut Codec) {
+    pub(super) fn adopt_format(&self, codec: &mut Codec) {
         let stored = match (self.compression.as_str(), codec.compression) {
             ("gzip", Compression::None) => {
                 info!("the store was created with gzip; new records are gzipped at level 6");

@@ -389,6 +389,7 @@ impl Index {
             size_bytes: e.record.as_ref().map_or(0, |r| r.size),
             checkpoint_count: e.checkpoints.len(),
             status: e.record.as_ref().map_or(SessionStatus::Running, |r| r.status),
+            step: e.record.as_ref().and_then(|r| r.step),
             status_reason: e.record.as_ref().and_then(|r| r.reason.clone()),
             status_at: e.record.as_ref().and_then(|r| r.status_at),
             interrupted: self.interrupted.contains(sid),

@@ -215,7 +215,6 @@ pub(crate) fn is_lock(key: &StorageKey) -> bool {
 }
 
 /// The folder of quarantine copies.
-#[cfg(feature = "encryption")]
 pub(crate) fn quarantine() -> StorageKey {
     fixed(QUARANTINE)
 }

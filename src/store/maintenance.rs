@@ -332,7 +332,8 @@ impl Store {
         key: &StorageKey,
         bytes: Vec<u8>,
     ) {
-        if !lock(&self.quarantined).insert(key.clone()) {
+        // A read-only store writes no copy: the damage is reported all the same.
+        if self.read_only || !lock(&self.quarantined).insert(key.clone()) {
             return;
         }
         let copy = keys::quarantine_copy(key, self.clock.now_ms());

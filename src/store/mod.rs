@@ -26,18 +26,22 @@ use crate::types::{BranchId, CheckpointId, Clock, SessionId, SessionStatus};
 
 pub(crate) mod codec;
 mod copy;
+mod dump;
 mod format;
 pub(crate) mod index;
 pub(crate) mod keys;
 mod maintenance;
+mod verify;
 
 use codec::{CheckpointMeta, Codec, Decoded, RecordHead, SessionMeta};
 pub use copy::{CopyReport, copy_store};
+pub use dump::{DUMP_FORMAT_VERSION, ExportOptions, ExportReport, ImportReport};
 #[cfg(feature = "encryption")]
 pub(crate) use format::read_store_meta;
 use index::{Change, CheckpointEntry, Index, RecordEntry};
 pub use maintenance::RetentionPolicy;
 pub(crate) use maintenance::Trust;
+pub use verify::{DamagedRecord, RecordKind, VerifyReport};
 
 /// The store of one manager (see the [module docs](self)).
 #[derive(Debug)]
@@ -76,6 +80,12 @@ pub(crate) struct Store {
     /// stored, so what this node knows of them is read again from the records before its
     /// next use ([`refresh_session`](Self::refresh_session) clears the mark).
     unsure: Mutex<HashSet<SessionId>>,
+    /// Opened read-only ([`StateManagerBuilder::read_only`](crate::StateManagerBuilder::read_only)):
+    /// the open writes nothing (no format descriptor, sweep, finished deletes, journal
+    /// rewrite or running marker), nor does anything after it that would on its own (journal
+    /// appends and compaction, quarantine copies, the clean snapshot at close). The backend
+    /// below refuses every other write.
+    pub(crate) read_only: bool,
 }
 
 /// What becomes of a session's access record: in a delete, and in a refresh that finds no
@@ -92,13 +102,23 @@ pub(crate) enum AccessRule {
 impl Store {
     /// Opens the store: checks its format, sweeps staged files, loads and reconciles the
     /// index, and finishes deletes a crash interrupted.
+    ///
+    /// With `read_only`, nothing is written: the format descriptor must be there already,
+    /// nothing is swept, deletes left part way are only noted (as on a shared store), the
+    /// journal is not rewritten, the running marker is neither written nor read (a holder
+    /// that is running has it; its sessions are not cut off), so no session is marked
+    /// interrupted.
     pub(crate) async fn open(
         backend: Arc<dyn StorageBackend>,
         mut codec: Codec,
         retention: RetentionPolicy,
         access: AccessControlLayer,
         below: Option<Arc<dyn StorageBackend>>,
+        read_only: bool,
     ) -> Result<Store> {
+        if read_only {
+            return Store::open_read_only(backend, codec, retention, access, below).await;
+        }
         if backend.get(&keys::copying()).await?.is_some() {
             return Err(StateError::Config {
                 message: "the store is the destination of a copy that did not finish \
@@ -115,24 +135,7 @@ impl Store {
                 "removed staged files of interrupted writes"
             );
         }
-        let shared = backend.shared();
-        let store = Store {
-            shared,
-            fences: Mutex::new(HashMap::new()),
-            unsure: Mutex::new(HashSet::new()),
-            backend,
-            below,
-            codec,
-            index: Mutex::new(Index::default()),
-            journal: tokio::sync::Mutex::new(()),
-            quarantined: Mutex::new(HashSet::new()),
-            retention,
-            clock: Clock::new(),
-            access: AccessTable::default(),
-            evicting: tokio::sync::Mutex::new(()),
-            deleting: Mutex::new(HashSet::new()),
-            access_writes: tokio::sync::Mutex::new(()),
-        };
+        let store = Store::new(backend, codec, retention, below, false);
         let access = store.load_access(access).await?;
         let store = Store { access, ..store };
         if store.shared {
@@ -176,6 +179,77 @@ impl Store {
             // With those a clean restart kept from an earlier crash (still not saved since).
             idx.interrupted.extend(running);
         }
+        Ok(store)
+    }
+
+    /// A store over `backend` with an empty index, before anything is read.
+    fn new(
+        backend: Arc<dyn StorageBackend>,
+        codec: Codec,
+        retention: RetentionPolicy,
+        below: Option<Arc<dyn StorageBackend>>,
+        read_only: bool,
+    ) -> Store {
+        Store {
+            shared: backend.shared() && !read_only,
+            fences: Mutex::new(HashMap::new()),
+            unsure: Mutex::new(HashSet::new()),
+            backend,
+            below,
+            codec,
+            index: Mutex::new(Index::default()),
+            journal: tokio::sync::Mutex::new(()),
+            quarantined: Mutex::new(HashSet::new()),
+            retention,
+            clock: Clock::new(),
+            access: AccessTable::default(),
+            evicting: tokio::sync::Mutex::new(()),
+            deleting: Mutex::new(HashSet::new()),
+            access_writes: tokio::sync::Mutex::new(()),
+            read_only,
+        }
+    }
+
+    /// [`open`](Self::open) with `read_only`: reads the format descriptor, the access
+    /// records, the journal (on a store with one writer) and the records, and writes
+    /// nothing.
+    async fn open_read_only(
+        backend: Arc<dyn StorageBackend>,
+        mut codec: Codec,
+        retention: RetentionPolicy,
+        access: AccessControlLayer,
+        below: Option<Arc<dyn StorageBackend>>,
+    ) -> Result<Store> {
+        match format::read_store_meta(backend.as_ref()).await? {
+            Some(meta) => {
+                meta.check(&codec)?;
+                meta.adopt_format(&mut codec);
+            }
+            None => {
+                return Err(StateError::Config {
+                    message: "no mars-state store there (metadata/store.json is missing); a \
+                              read-only open creates nothing"
+                        .into(),
+                });
+            }
+        }
+        let store = Store::new(backend, codec, retention, below, true);
+        let access = store.load_access(access).await?;
+        let store = Store { access, ..store };
+        // A journal that says it is clean (its holder shut down) is taken on the sizes of
+        // the records; otherwise every session record is read. Checkpoint records never
+        // change, so their journal entries are trusted when the sizes agree.
+        let (loaded, clean) = match store.backend.get(&keys::journal()).await {
+            Ok(journal) => Index::replay(&journal.unwrap_or_default()),
+            Err(StateError::Corrupt { .. }) => None,
+            Err(e) => return Err(e),
+        }
+        .unwrap_or_default();
+        *store.index() = loaded;
+        store.reconcile(if clean { Trust::Sizes } else { Trust::Checkpoints }).await?;
+        let pending = store.backend.list(&keys::pending_markers()).await?;
+        lock(&store.deleting)
+            .extend(pending.iter().filter_map(|m| SessionId::new(m.key.file_name()).ok()));
         Ok(store)
     }
 
@@ -463,8 +537,9 @@ impl Store {
     /// Writes the journal as a clean snapshot. Called at shutdown, after every write has
     /// finished; the next start then trusts it without reading any record.
     pub(crate) async fn close(&self) -> Result<()> {
-        if self.shared {
-            // No journal and no marker on a shared store: other nodes go on using it.
+        if self.shared || self.read_only {
+            // No journal and no marker on a shared store: other nodes go on using it. A
+            // read-only store writes nothing, and its holder keeps the journal.
             return Ok(());
         }
         let _guard = self.journal.lock().await;
@@ -485,7 +560,7 @@ impl Store {
     pub(super) async fn record(&self, change: Change) -> Result<()> {
         let _guard = self.journal.lock().await;
         self.index().apply(&change);
-        if self.shared {
+        if self.shared || self.read_only {
             return Ok(());
         }
         // The journal write is best effort: the record is already durable and the index
@@ -500,7 +575,7 @@ impl Store {
     /// Rewrites the journal as one line per live entry (atomic put), if it has grown past
     /// twice the live entries, or always when `force`.
     pub(super) async fn compact_locked(&self, force: bool) -> Result<()> {
-        if self.shared {
+        if self.shared || self.read_only {
             return Ok(());
         }
         let (bytes, n) = {

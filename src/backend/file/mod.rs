@@ -17,11 +17,16 @@
 //! - a new directory is fsynced into its parent before any record is written in it.
 //! - the store is locked with an OS file lock on `metadata/LOCK` for the backend's life,
 //!   so a second process gets [`StateError::Locked`] instead of racing this one.
+//!
+//! A store opened [read-only](FileOptions::read_only) takes no lock and writes nothing:
+//! its write-ahead log is read once at open and replayed into memory (the overlay) only,
+//! and every write method answers [`StateError::ReadOnly`] (see `read_only.rs`).
 
 mod direct;
 mod frame;
 pub(super) mod fs;
 mod log;
+mod read_only;
 #[cfg(test)]
 mod seam;
 
@@ -63,6 +68,8 @@ struct Inner {
     /// Held for the backend's life: released when the backend is dropped, or by the OS when
     /// the process dies.
     _lock: Option<StoreLock>,
+    /// Opened with [`FileOptions::read_only`]: every write is refused.
+    read_only: bool,
 }
 
 impl Drop for Inner {
@@ -102,11 +109,12 @@ fn create_root(fs: &dyn Fs, dir: &Path) -> std::io::Result<()> {
 pub struct FileOptions {
     lock_wait: std::time::Duration,
     log: bool,
+    read_only: bool,
 }
 
 impl Default for FileOptions {
     fn default() -> Self {
-        FileOptions { lock_wait: std::time::Duration::ZERO, log: true }
+        FileOptions { lock_wait: std::time::Duration::ZERO, log: true, read_only: false }
     }
 }
 
@@ -143,8 +151,46 @@ impl FileOptions {
         self
     }
 
+    /// Opens the store read-only (default: no), beside the process that holds it, if any:
+    /// no lock is taken and nothing is ever written (no lock file, no directory, no
+    /// recovery, no staged file). The store must exist.
+    ///
+    /// The write-ahead log of the holder is read once, at open, and replayed in memory
+    /// only, so every save acknowledged before the open is seen, also one that is still
+    /// only in the log; a torn tail (a write in progress, never acknowledged) is ignored as
+    /// at recovery, and damage before whole frames of a later batch is
+    /// [`StateError::Corrupt`] as there. Records the holder brings up to date in their
+    /// files later are read from those files; the values taken from the log at open stay
+    /// as they were then (reopen for a newer view).
+    ///
+    /// Every write method (`put`, `put_record`, `delete`, `append`, `sweep`, and the
+    /// fenced writes) answers [`StateError::ReadOnly`] and touches nothing. Reading takes
+    /// no lock, so it never waits for the holder, and the holder never waits for it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), mars_state::StateError> {
+    /// use mars_state::{ErrorKind, FileStorageBackend, StateManager, StorageBackend, StorageKey};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let manager = StateManager::start(FileStorageBackend::new(dir.path())?).await?;
+    /// manager.save_session("run-1", &serde_json::json!({ "step": 3 })).await?;
+    ///
+    /// // Beside the running manager, which holds the store's lock:
+    /// let reader = FileStorageBackend::options().read_only(true).open(dir.path())?;
+    /// let key = StorageKey::new("sessions/run-1.json")?;
+    /// assert!(reader.get(&key).await?.is_some());
+    /// let refused = reader.put(&key, b"{}".to_vec()).await.unwrap_err();
+    /// assert_eq!(refused.kind(), ErrorKind::ReadOnly);
+    /// # manager.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
+
     /// Opens (creating if needed) the store at `path` with these options and takes its
-    /// lock. An existing log (a crash cut the last process off) is replayed into the
+    /// lock (a [read-only](Self::read_only) open neither creates nor locks). An existing log (a crash cut the last process off) is replayed into the
     /// record files first, whatever [`write_ahead_log`](Self::write_ahead_log) says.
     ///
     /// ```no_run
@@ -157,6 +203,9 @@ impl FileOptions {
     /// # Ok(()) }
     /// ```
     pub fn open(&self, path: impl AsRef<Path>) -> Result<FileStorageBackend> {
+        if self.read_only {
+            return FileStorageBackend::open_read_only_with(path.as_ref(), Arc::new(OsFs));
+        }
         FileStorageBackend::open_with(path.as_ref(), Arc::new(OsFs), Some(self.lock_wait), self.log)
     }
 }
@@ -222,7 +271,22 @@ impl FileStorageBackend {
         // record files before anything reads them.
         let kept = core.recover_log(log)?;
         let log = if log { Some(Arc::new(Log::new(core.clone(), kept))) } else { None };
-        Ok(FileStorageBackend { inner: Arc::new(Inner { core, log, _lock: lock }) })
+        Ok(FileStorageBackend {
+            inner: Arc::new(Inner { core, log, _lock: lock, read_only: false }),
+        })
+    }
+
+    /// Whether this handle was opened [read-only](FileOptions::read_only).
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// The error of a write on a read-only handle, if this is one.
+    fn refuse(&self, operation: &'static str) -> Result<()> {
+        if self.inner.read_only {
+            return Err(StateError::read_only(operation, self.root().display()));
+        }
+        Ok(())
     }
 
     /// The store's base directory.
@@ -342,6 +406,7 @@ impl StorageBackend for FileStorageBackend {
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
+        self.refuse("put")?;
         if let Some(log) = &self.inner.log
             && through_log(key)
         {
@@ -354,6 +419,7 @@ impl StorageBackend for FileStorageBackend {
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool> {
+        self.refuse("delete")?;
         // A key the log holds a write for must be deleted through the log too, or a replay
         // would bring the write back. Any other key is unlinked directly (and durably).
         if let (Some(log), Some(pending)) = (&self.inner.log, self.core().pending(key)) {
@@ -387,11 +453,13 @@ impl StorageBackend for FileStorageBackend {
     }
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
+        self.refuse("append")?;
         let key = key.clone();
         self.blocking(move |b| b.append_blocking(&key, &bytes)).await
     }
 
     async fn sweep(&self) -> Result<SweepReport> {
+        self.refuse("sweep")?;
         self.blocking(|b| b.sweep_blocking()).await
     }
 }

@@ -91,10 +91,11 @@ pub struct SqliteStorageBackend {
 #[derive(Debug)]
 struct Inner {
     db: Arc<Db>,
-    writer: Writer,
+    /// `None` when opened [read-only](SqliteOptions::read_only).
+    writer: Option<Writer>,
     /// Held for the backend's life: released when it is dropped, or by the OS when the
-    /// process dies.
-    _lock: super::file::StoreLock,
+    /// process dies. `None` when opened read-only.
+    _lock: Option<super::file::StoreLock>,
 }
 
 impl Drop for Inner {
@@ -103,7 +104,9 @@ impl Drop for Inner {
         // database, checkpointing the WAL), all while the lock (a field, dropped after this)
         // is still held.
         crate::sync::lock(&self.db.readers).clear();
-        self.writer.close();
+        if let Some(writer) = &mut self.writer {
+            writer.close();
+        }
     }
 }
 
@@ -112,12 +115,15 @@ impl Drop for Inner {
 struct Db {
     path: Arc<Path>,
     readers: Mutex<Vec<Connection>>,
+    /// Read connections are opened `SQLITE_OPEN_READONLY` (a read-only backend).
+    read_only: bool,
 }
 
 /// How a [`SqliteStorageBackend`] is opened: see [`SqliteStorageBackend::options`].
 #[derive(Debug, Clone, Default)]
 pub struct SqliteOptions {
     lock_wait: Duration,
+    read_only: bool,
 }
 
 impl SqliteOptions {
@@ -148,7 +154,38 @@ impl SqliteOptions {
     /// # Ok(()) }
     /// ```
     pub fn open(&self, path: impl AsRef<Path>) -> Result<SqliteStorageBackend> {
+        if self.read_only {
+            return SqliteStorageBackend::open_read_only_with(path.as_ref());
+        }
         SqliteStorageBackend::open_with(path.as_ref(), self.lock_wait)
+    }
+
+    /// Opens the store read-only (default: no), beside the process that holds it, if any:
+    /// no lock is taken, the file is not created, no pragma or schema is written, and
+    /// every connection is opened `SQLITE_OPEN_READONLY` (with `query_only` on as well).
+    /// Every write method answers [`StateError::ReadOnly`]. The store must exist and be a
+    /// mars-state store ([`StateError::Config`] otherwise).
+    ///
+    /// Reads see every commit made before they start (SQLite's WAL gives each read one
+    /// consistent snapshot), also commits still only in `<file>-wal`. The one thing a
+    /// reader of a WAL database changes on disk is the `<file>-shm` index, which is shared
+    /// memory that every reader marks its snapshot in, not data; when no process has the
+    /// store open and the `-wal` and `-shm` files are absent, SQLite creates them (they
+    /// hold no data, and the next writer would make them anyway). SQLite's `immutable`
+    /// mode would avoid even that, but it is unsafe beside a writer (it reads without
+    /// locks and ignores the WAL), so it is not used.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mars_state::StateError> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("state.db");
+    /// # drop(mars_state::SqliteStorageBackend::open(&path)?);
+    /// let reader = mars_state::SqliteStorageBackend::options().read_only(true).open(&path)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
     }
 }
 
@@ -194,8 +231,57 @@ impl SqliteStorageBackend {
                 .map_err(|e| StateError::io("syncing the directory of", &*path, e))?;
         }
         let writer = Writer::start(conn, path.clone())?;
-        let db = Arc::new(Db { path, readers: Mutex::new(Vec::new()) });
-        Ok(SqliteStorageBackend { inner: Arc::new(Inner { db, writer, _lock: lock }) })
+        let db = Arc::new(Db { path, readers: Mutex::new(Vec::new()), read_only: false });
+        Ok(SqliteStorageBackend {
+            inner: Arc::new(Inner { db, writer: Some(writer), _lock: Some(lock) }),
+        })
+    }
+
+    /// The read-only open (see [`SqliteOptions::read_only`]): no lock, no writer; the file
+    /// must be a store of ours, checked on a read-only connection that is then kept for
+    /// reads.
+    fn open_read_only_with(path: &Path) -> Result<Self> {
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(|e| StateError::io("resolving", path, e))?.join(path)
+        };
+        if let Err(e) = std::fs::symlink_metadata(&path) {
+            return Err(StateError::io("opening the store (read-only)", &path, e));
+        }
+        let path: Arc<Path> = path.into();
+        let conn = open_reader(&path, true)
+            .map_err(|e| sql_error(&e, "opening (read-only)", &path, None, 0))?;
+        let (app, version, _) =
+            identity(&conn).map_err(|e| sql_error(&e, "reading", &path, None, 0))?;
+        if app != APPLICATION_ID {
+            return Err(StateError::Config {
+                message: format!("{} is not a mars-state store", path.display()),
+            });
+        }
+        if version != SCHEMA_VERSION {
+            return Err(StateError::Config {
+                message: format!(
+                    "{} has store schema version {version}; this build reads version {SCHEMA_VERSION}",
+                    path.display()
+                ),
+            });
+        }
+        let db = Arc::new(Db { path, readers: Mutex::new(vec![conn]), read_only: true });
+        Ok(SqliteStorageBackend { inner: Arc::new(Inner { db, writer: None, _lock: None }) })
+    }
+
+    /// Whether this handle was opened [read-only](SqliteOptions::read_only).
+    pub fn is_read_only(&self) -> bool {
+        self.inner.writer.is_none()
+    }
+
+    /// The writer, or [`StateError::ReadOnly`] on a read-only handle.
+    fn writer(&self, operation: &'static str) -> Result<&Writer> {
+        self.inner
+            .writer
+            .as_ref()
+            .ok_or_else(|| StateError::read_only(operation, self.path().display()))
     }
 
     /// Runs `f` on a read connection, on tokio's blocking pool (SQLite blocks).
@@ -221,7 +307,7 @@ impl Db {
         let idle = crate::sync::lock(&self.readers).pop();
         let conn = match idle {
             Some(conn) => conn,
-            None => open_reader(&self.path)?,
+            None => open_reader(&self.path, self.read_only)?,
         };
         let result = f(&conn);
         let mut idle = crate::sync::lock(&self.readers);
@@ -259,8 +345,12 @@ fn create_file(path: &Path) -> Result<bool> {
 fn flags() -> OpenFlags {
     // No symbolic link as the database file; one connection per thread at a time (the
     // writer thread, or the read that took it from the pool), so SQLite's mutex is not needed.
-    OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_NOFOLLOW
+    OpenFlags::SQLITE_OPEN_READ_WRITE | common_flags()
+}
+
+/// The flags of every connection but the access mode.
+fn common_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_NOFOLLOW
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_EXRESCODE
 }
@@ -384,9 +474,11 @@ fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map(drop)
 }
 
-/// Opens a read connection (the writer made the file a WAL store already).
-fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(path, flags())?;
+/// Opens a read connection (the writer made the file a WAL store already); with
+/// `read_only`, `SQLITE_OPEN_READONLY` (a read-only backend).
+fn open_reader(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let flags = if read_only { OpenFlags::SQLITE_OPEN_READ_ONLY | common_flags() } else { flags() };
+    let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     stable_plans(&conn)?;
     conn.pragma_update(None, "query_only", "ON")?;
@@ -467,11 +559,11 @@ impl StorageBackend for SqliteStorageBackend {
     }
 
     async fn put(&self, key: &StorageKey, value: Vec<u8>) -> Result<()> {
-        self.inner.writer.submit(Op::Put(key.clone(), value)).await.map(drop)
+        self.writer("put")?.submit(Op::Put(key.clone(), value)).await.map(drop)
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool> {
-        self.inner.writer.submit(Op::Delete(key.clone())).await
+        self.writer("delete")?.submit(Op::Delete(key.clone())).await
     }
 
     async fn list(&self, prefix: &StorageKey) -> Result<Vec<ObjectMeta>> {
@@ -504,12 +596,13 @@ impl StorageBackend for SqliteStorageBackend {
     }
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
-        self.inner.writer.submit(Op::Append(key.clone(), bytes)).await.map(drop)
+        self.writer("append")?.submit(Op::Append(key.clone(), bytes)).await.map(drop)
     }
 
     /// Nothing to sweep: a write interrupted by a crash is an uncommitted WAL tail, which
     /// SQLite ignores and overwrites by itself; no staged files are ever made.
     async fn sweep(&self) -> Result<SweepReport> {
+        self.writer("sweep")?;
         Ok(SweepReport::default())
     }
 }

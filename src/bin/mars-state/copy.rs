@@ -1,0 +1,78 @@
+//! `mars-state copy --from URL --to URL`: a whole store moved between any two backends
+//! through the library's `copy_store` (byte for byte, every key read back and compared;
+//! resumable: run again after an interruption, it skips what is there and finishes without
+//! duplicates). A gzipped or encrypted store stays so, and needs no key to be copied.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::Global;
+use crate::output::{self, CliError, Exit};
+use crate::store;
+
+#[derive(Debug, Args)]
+pub(crate) struct CopyArgs {
+    /// The store to copy (default: MARS_STATE_URL). It must not be in use.
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
+    /// Where to copy it: an empty store, or one an interrupted copy left.
+    #[arg(long, value_name = "URL")]
+    to: String,
+}
+
+pub(crate) async fn run(g: &Global, a: CopyArgs) -> Result<ExitCode, CliError> {
+    let from_url = store::resolve(a.from.as_deref())?;
+    if from_url == a.to {
+        return Err(CliError::new(Exit::Usage, "--from and --to name the same store"));
+    }
+    let from = store::open_existing(&from_url).await?;
+    let to =
+        mars_state::backend::open(&a.to).await.map_err(|e| CliError::from_state(e, &a.to, None))?;
+    // copy_store reports no progress as it goes: a spinner with the time taken shows that
+    // it is alive (drawn on stderr, and only on a terminal).
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} copying {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(format!("{} -> {}", store::redact(&from_url), store::redact(&a.to)));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let result = mars_state::copy_store(from.as_ref(), to.as_ref()).await;
+    bar.finish_and_clear();
+    let report = result.map_err(|e| {
+        let err = CliError::from_state(e, &from_url, None);
+        err.hint(format!(
+            "nothing in {} was changed; run the same command again to finish the copy into {}",
+            store::redact(&from_url),
+            store::redact(&a.to)
+        ))
+    })?;
+    if g.json {
+        output::print_json(&json!({
+            "from": store::redact(&from_url),
+            "to": store::redact(&a.to),
+            "copied": report.copied,
+            "already_there": report.already_there,
+            "removed": report.removed,
+            "bytes_copied": report.bytes_copied,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = [
+        ("keys copied and verified", report.copied.to_string()),
+        ("already there (earlier run)", report.already_there.to_string()),
+        ("stale keys removed", report.removed.to_string()),
+        ("bytes copied", output::size(report.bytes_copied)),
+    ];
+    output::print_lines(&format!(
+        "copied {} -> {}\n{}",
+        store::redact(&from_url),
+        store::redact(&a.to),
+        output::key_values(&rows)
+    ));
+    Ok(ExitCode::SUCCESS)
+}

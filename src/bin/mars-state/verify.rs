@@ -1,0 +1,141 @@
+//! `mars-state verify STORE`: every record of a store read and checked (checksums, gzip
+//! integrity, decryption with the given key, decoding) through the library's
+//! `StateManager::verify_store`; each damaged record printed with what it is and what is
+//! wrong; exit code 1 if anything is damaged. It never writes, and works on a file or
+//! SQLite store another process holds (opened read-only, without its lock). This file also
+//! owns that read-only opening (`open_read_only`), which `export` uses too.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use mars_state::{ErrorKind, StateManager, VerifyReport};
+use serde_json::json;
+
+use crate::Global;
+use crate::output::{self, CliError, Exit};
+use crate::store::{self, Key, KeyArgs, Opened};
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    /// The store: a path or a URL (`-`, or left out: MARS_STATE_URL).
+    #[arg(value_name = "STORE")]
+    store: String,
+}
+
+pub(crate) async fn run(g: &Global, a: VerifyArgs) -> Result<ExitCode, CliError> {
+    let opened = open_read_only(Some(a.store.as_str()), &g.keys).await?;
+    let bar = progress_bar();
+    let result = {
+        let bar = bar.clone();
+        opened
+            .manager
+            .verify_store(move |done, total| {
+                if bar.length() != Some(total) {
+                    bar.set_length(total);
+                }
+                bar.set_position(done);
+            })
+            .await
+    };
+    bar.finish_and_clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let err = opened.error(e, None);
+            opened.close().await?;
+            return Err(err);
+        }
+    };
+    let url = opened.url.clone();
+    opened.close().await?;
+    print(g.json, &url, &report)?;
+    Ok(if report.is_healthy() { ExitCode::SUCCESS } else { ExitCode::from(Exit::Damage.code()) })
+}
+
+/// A bar on stderr while the pass runs, only where stderr is a terminal (never in a pipe or
+/// a log).
+fn progress_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("verifying {wide_bar} {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn print(json: bool, url: &str, report: &VerifyReport) -> Result<(), CliError> {
+    if json {
+        return output::print_json(&json!({
+            "store": store::redact(url),
+            "healthy": report.is_healthy(),
+            "records_checked": report.records_checked,
+            "bytes_checked": report.bytes_checked,
+            "quarantine_copies": report.quarantine_copies,
+            "damaged": report.damaged,
+        }));
+    }
+    let mut text = String::new();
+    if !report.damaged.is_empty() {
+        let rows = report
+            .damaged
+            .iter()
+            .map(|d| vec![d.key.clone(), d.what.to_string(), d.problem.clone()])
+            .collect();
+        text.push_str(&output::table(&["DAMAGED KEY", "WHAT", "PROBLEM"], rows, &[]));
+        text.push_str("\n\n");
+    }
+    text.push_str(&format!(
+        "{}: {} records checked ({}), {} damaged",
+        store::redact(url),
+        report.records_checked,
+        output::size(report.bytes_checked),
+        report.damaged.len()
+    ));
+    if report.quarantine_copies > 0 {
+        text.push_str(&format!(
+            "; {} quarantine copies of records damaged earlier",
+            report.quarantine_copies
+        ));
+    }
+    output::print_lines(&text);
+    Ok(())
+}
+
+/// Opens the store named by `arg` for reading only, beside any process that holds it: the
+/// backend from `backend::open_read_only` (a file or SQLite store without its lock, nothing
+/// written), and a manager started with `StateManagerBuilder::read_only`.
+pub(crate) async fn open_read_only(arg: Option<&str>, keys: &KeyArgs) -> Result<Opened, CliError> {
+    let url = store::resolve(arg)?;
+    let key = Key::from_args(keys)?;
+    let backend = mars_state::backend::open_read_only(&url).await.map_err(|e| match e.kind() {
+        // A missing directory or database file: nothing was created.
+        ErrorKind::Io | ErrorKind::PermissionDenied | ErrorKind::Config => {
+            CliError::new(Exit::Open, format!("cannot open {} read-only: {e}", store::redact(&url)))
+                .hint(
+                    "check the path or URL (a store is created by the application that writes it)",
+                )
+        }
+        _ => CliError::from_state(e, &url, None),
+    })?;
+    let builder = StateManager::builder(backend)
+        .read_only()
+        .node_id(format!("mars-state-cli-{}", std::process::id()));
+    let had_key = key.is_some();
+    let builder = match key {
+        Key::None => builder,
+        #[cfg(feature = "encryption")]
+        Key::Raw(k) => builder.encryption_key(k),
+        #[cfg(feature = "encryption")]
+        Key::Passphrase(p) => builder.encryption_passphrase(p.as_str()),
+    };
+    let manager = builder.start().await.map_err(|e| {
+        let err = CliError::from_state(e, &url, None);
+        if had_key { err } else { err.when_no_key() }
+    })?;
+    Ok(Opened { manager, url })
+}
