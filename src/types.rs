@@ -294,10 +294,24 @@ pub struct SessionInfo {
     pub checkpoint_count: usize,
     /// Where its run stands.
     pub status: SessionStatus,
-    /// The orchestrator's step of the stored state, if known: the step given to
-    /// [`record_step`](crate::StateManager::record_step) when it was made durable (`None`
-    /// for a state saved with [`save_session`](crate::StateManager::save_session) and for
-    /// a session with no stored state).
+    /// The orchestrator's step of the stored state, if known: the step last given to
+    /// [`record_step`](crate::StateManager::record_step) once it is durable (`None` for a
+    /// session whose state never had a step, and for one with no stored state).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> mars_state::Result<()> {
+    /// use mars_state::{CheckpointPolicy, MemoryStorageBackend, StateManager};
+    /// let manager = StateManager::builder(MemoryStorageBackend::new())
+    ///     .checkpoint_policy(CheckpointPolicy::every_steps(1)) // every step made durable
+    ///     .start()
+    ///     .await?;
+    /// manager.record_step("run", 7, &serde_json::json!({"done": 7})).await?;
+    /// manager.save_session("other", &serde_json::json!({})).await?;
+    /// let sessions = manager.list_sessions().await?; // sorted by id
+    /// assert_eq!((sessions[0].session_id.as_str(), sessions[0].step), ("other", None));
+    /// assert_eq!((sessions[1].session_id.as_str(), sessions[1].step), ("run", Some(7)));
+    /// # Ok(()) }
+    /// ```
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
     /// Why that status was set: the reason given to

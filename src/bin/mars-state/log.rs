@@ -146,3 +146,56 @@ pub(crate) fn graph(list: &[CheckpointInfo]) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mars_state::{BranchId, SessionId};
+
+    fn cp(n: u64, branch: &str, parent: Option<u64>) -> CheckpointInfo {
+        let id = |n: u64| CheckpointId::parse(&format!("{:016x}-0000000{n}", n << 16)).unwrap();
+        CheckpointInfo {
+            id: id(n),
+            session_id: SessionId::new("s").unwrap(),
+            branch_id: BranchId::new(branch).unwrap(),
+            timestamp: 0,
+            size_bytes: 1,
+            reason: CheckpointReason::Manual,
+            step: Some(n),
+            parent: parent.map(id),
+        }
+    }
+
+    /// Cuts each line after the graph and the id's last digit, to compare shapes.
+    fn shapes(lines: Vec<String>) -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| l.split("  step").next().unwrap_or(l).replace("0000000000", ""))
+            .collect()
+    }
+
+    #[test]
+    fn three_lines_forking_from_one_checkpoint_join_it() {
+        let list =
+            [cp(1, "main", None), cp(2, "main", Some(1)), cp(3, "x", Some(1)), cp(4, "y", Some(1))];
+        assert_eq!(
+            shapes(graph(&list)),
+            [
+                "* 040000-00000004",
+                "| * 030000-00000003",
+                "| | * 020000-00000002",
+                "|/_/",
+                "* 010000-00000001",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_line_of_its_own_is_not_drawn_under_another() {
+        let list = [cp(1, "main", None), cp(2, "main", Some(1)), cp(3, "other", None)];
+        assert_eq!(
+            shapes(graph(&list)),
+            ["* 030000-00000003", "  * 020000-00000002", "  * 010000-00000001"]
+        );
+    }
+}

@@ -102,6 +102,14 @@ fn not_found(opened: &Opened, session: &str, spec: &str) -> CliError {
 pub(crate) async fn current_state(opened: &Opened, session: &str) -> Result<Value, CliError> {
     match opened.manager.load_session(session).await.map_err(|e| opened.error(e, Some(session)))? {
         Some(v) => Ok(v),
+        None if !checkpoints(opened, session).await?.is_empty() => Err(CliError::new(
+            Exit::Damage,
+            format!(
+                "store {}, session {session}: no current state (only checkpoints)",
+                crate::store::redact(&opened.url)
+            ),
+        )
+        .hint(format!("name a checkpoint (`mars-state log STORE {session}` lists them)"))),
         None => Err(unknown_session(opened, session)),
     }
 }
