@@ -226,18 +226,108 @@ async fn an_encrypted_store_needs_its_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_in_use_is_reported_with_its_holder() {
-    let (_dir, s, _) = demo(false, None).await;
+async fn a_store_in_use_is_read_beside_its_holder_and_not_written() {
+    let (dir, s, _) = demo(false, None).await;
     let holder =
         StateManager::start(mars_state::FileStorageBackend::new(&s).unwrap()).await.unwrap();
+    // A save the holder made after it opened the store: read commands see it.
+    holder.save_session("live-9", &serde_json::json!({"step": 3})).await.unwrap();
+    let ls = json(&expect(&["ls", &s, "--json"], 0));
+    assert_eq!(ls.as_array().unwrap().len(), 5, "{ls}");
+    assert_eq!(
+        json(&expect(&["show", &s, "live-9", "--json"], 0))["state"],
+        serde_json::json!({"step": 3})
+    );
+    expect(&["verify", &s], 0);
+    let dump = dir.path().join("held.jsonl");
+    expect(&["export", &s, "--out", dump.to_str().unwrap()], 0);
+    assert!(std::fs::read_to_string(&dump).unwrap().contains("live-9"));
+    // Commands that write name the holder and stop.
     let me = std::process::id();
-    for cmd in ["ls", "vacuum", "janitor"] {
-        let err = stderr_of(&[cmd, &s], 5);
-        assert!(err.contains(&format!("in use by process {me}")), "{cmd}: {err}");
+    for args in
+        [vec!["vacuum", &s], vec!["janitor", &s], vec!["import", &s, dump.to_str().unwrap()]]
+    {
+        let err = stderr_of(&args, 5);
+        assert!(err.contains(&format!("in use by process {me}")), "{args:?}: {err}");
         assert!(err.contains("stop that process"), "{err}");
     }
+    // The holder was left alone: it still saves, and nothing it had is gone.
+    holder.save_session("live-9", &serde_json::json!({"step": 4})).await.unwrap();
+    assert_eq!(holder.list_sessions().await.unwrap().len(), 5);
     holder.shutdown().await.unwrap();
-    expect(&["ls", &s], 0);
+    expect(&["vacuum", &s], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_planted_damage_with_exit_code_1() {
+    let (_dir, s, _) = demo(false, None).await;
+    let clean = json(&expect(&["verify", &s, "--json"], 0));
+    assert_eq!(clean["damaged"].as_array().map(Vec::len), Some(0), "{clean}");
+    // One byte of one checkpoint record flipped, another session's record cut short.
+    let ckpt_dir = Path::new(&s).join("checkpoints/research-1");
+    let ckpt = std::fs::read_dir(&ckpt_dir).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    put(&ckpt, &bytes);
+    let record = Path::new(&s).join("sessions/triage-7.json");
+    let bytes = std::fs::read(&record).unwrap();
+    put(&record, &bytes[..bytes.len() / 2]);
+    let out = run(&["verify", &s]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 damaged"), "{text}");
+    assert!(text.contains("triage-7"), "the cut session record is named: {text}");
+    assert!(text.contains("research-1"), "the flipped checkpoint's session is named: {text}");
+    assert_fits(&text);
+    let report = json(&String::from_utf8_lossy(&run(&["verify", &s, "--json"]).stdout));
+    assert_eq!(report["damaged"].as_array().map(Vec::len), Some(2), "{report}");
+    // Verify never quarantines or repairs: the damaged files are as planted.
+    assert_eq!(std::fs::read(&record).unwrap(), &bytes[..bytes.len() / 2]);
+    assert!(!Path::new(&s).join("quarantine").read_dir().is_ok_and(|mut d| d.next().is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_import_gives_an_equal_store_on_another_key() {
+    let (dir, s, _) = demo(true, None).await;
+    let first = dir.path().join("first.jsonl.gz");
+    expect(&["export", &s, "--out", first.to_str().unwrap()], 0);
+    // Into a new encrypted store, twice (the second changes nothing).
+    let copy = dir.path().join("copy");
+    let copy = copy.to_str().unwrap();
+    for _ in 0..2 {
+        expect_with(
+            bin()
+                .args(["import", copy, first.to_str().unwrap()])
+                .env("MARS_STATE_PASSPHRASE", PASSPHRASE),
+            0,
+        );
+    }
+    let second = dir.path().join("second.jsonl.gz");
+    expect_with(
+        bin()
+            .args(["export", copy, "--out", second.to_str().unwrap()])
+            .env("MARS_STATE_PASSPHRASE", PASSPHRASE),
+        0,
+    );
+    assert_eq!(gunzip(&first), gunzip(&second), "the dumps of the two stores differ");
+    // Without the key the copy does not open.
+    stderr_of(&["ls", copy], 4);
+    // A dump that is not one: exit 2, nothing written.
+    let bad = dir.path().join("bad.jsonl");
+    put(&bad, "{\"not\": \"a dump\"}\n");
+    let fresh = dir.path().join("fresh");
+    stderr_of(&["import", fresh.to_str().unwrap(), bad.to_str().unwrap()], 2);
+    assert!(!fresh.join("sessions").read_dir().is_ok_and(|mut d| d.next().is_some()));
+}
+
+fn gunzip(path: &Path) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ pub(crate) struct StoreOnly {
 }
 
 pub(crate) async fn stats(g: &Global, a: StoreOnly) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
+    let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     let result = async {
         let stats = opened.manager.get_storage_stats().await.map_err(|e| opened.error(e, None))?;
         let sessions = opened.manager.list_sessions().await.map_err(|e| opened.error(e, None))?;

@@ -121,7 +121,7 @@ fn spread_text(s: Option<Spread>) -> String {
 }
 
 pub(crate) async fn run(g: &Global, a: AnalyticsArgs) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
+    let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     let result = gather(&opened, a.session.as_deref()).await;
     opened.close().await?;
     let (sessions, lists) = result?;

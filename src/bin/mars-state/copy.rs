@@ -29,7 +29,7 @@ pub(crate) async fn run(g: &Global, a: CopyArgs) -> Result<ExitCode, CliError> {
     if from_url == a.to {
         return Err(CliError::new(Exit::Usage, "--from and --to name the same store"));
     }
-    let from = store::open_existing(&from_url).await?;
+    let from = store::open_existing(&from_url, store::Access::Read).await?;
     let to =
         mars_state::backend::open(&a.to).await.map_err(|e| CliError::from_state(e, &a.to, None))?;
     // copy_store reports no progress as it goes: a spinner with the time taken shows that

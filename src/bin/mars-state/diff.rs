@@ -122,7 +122,7 @@ async fn state(opened: &Opened, session: &str, spec: &str) -> Result<(String, Va
 }
 
 pub(crate) async fn run(g: &Global, a: DiffArgs) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
+    let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     let result = async {
         let x = state(&opened, &a.session, &a.a).await?;
         let y = state(&opened, &a.session, &a.b).await?;

@@ -47,7 +47,7 @@ pub(crate) struct ImportArgs {
 }
 
 pub(crate) async fn export(g: &Global, a: ExportArgs) -> Result<ExitCode, CliError> {
-    let opened = crate::verify::open_read_only(Some(a.store.as_str()), &g.keys).await?;
+    let opened = crate::store::Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     let gzip = a.out.extension().is_some_and(|e| e == "gz");
     let options = a.sessions.iter().fold(ExportOptions::new().gzip(gzip), |o, s| o.session(s));
     let result = write_dump(&opened.manager, &a.out, &options).await;
@@ -150,24 +150,7 @@ pub(crate) async fn import(g: &Global, a: ImportArgs) -> Result<ExitCode, CliErr
     })?;
     let backend =
         mars_state::backend::open(&url).await.map_err(|e| CliError::from_state(e, &url, None))?;
-    let mut builder = StateManager::builder(backend)
-        .janitor_interval(std::time::Duration::from_secs(365 * 24 * 3600))
-        .node_id(format!("mars-state-cli-{}", std::process::id()));
-    if let Some(level) = a.compression {
-        builder = builder.compression(level);
-    }
-    let had_key = key.is_some();
-    let builder = match key {
-        Key::None => builder,
-        #[cfg(feature = "encryption")]
-        Key::Raw(k) => builder.encryption_key(k),
-        #[cfg(feature = "encryption")]
-        Key::Passphrase(p) => builder.encryption_passphrase(p.as_str()),
-    };
-    let manager = builder.start().await.map_err(|e| {
-        let err = CliError::from_state(e, &url, None);
-        if had_key { err } else { err.when_no_key() }
-    })?;
+    let manager = store::start(backend, key, &url, store::Access::Write, a.compression).await?;
     let result = manager.import_store(BufReader::new(file)).await;
     let closed = manager.shutdown().await;
     let report = result.map_err(|e| {

@@ -31,7 +31,7 @@ pub(crate) fn reason_name(r: CheckpointReason) -> &'static str {
 }
 
 pub(crate) async fn run(g: &Global, a: LogArgs) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
+    let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     let listed = crate::show::checkpoints(&opened, &a.session).await;
     let known = match &listed {
         Ok(l) if l.is_empty() => {

@@ -43,7 +43,7 @@ pub(crate) fn status_name(status: SessionStatus, interrupted: bool) -> String {
 
 pub(crate) async fn run(g: &Global, a: LsArgs) -> Result<ExitCode, CliError> {
     let status = a.status.as_deref().map(parse_status).transpose()?;
-    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
+    let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     let listed = opened.manager.list_sessions().await.map_err(|e| opened.error(e, None));
     let url = opened.url.clone();
     opened.close().await?;

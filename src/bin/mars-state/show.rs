@@ -137,7 +137,7 @@ pub(crate) async fn checkpoint_state(
 }
 
 pub(crate) async fn run(g: &Global, a: ShowArgs) -> Result<ExitCode, CliError> {
-    let opened = Opened::open(Some(a.store.as_str()), &g.keys).await?;
+    let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     if a.raw && a.at.is_none() && a.step.is_none() {
         // The state's bytes exactly as the application saved them.
         let bytes = opened.manager.load_session_bytes(&a.session).await;

@@ -267,7 +267,24 @@ fn local_path(url: &str) -> Option<(PathBuf, bool)> {
 /// Opens the backend of an existing store: a missing directory or database file, or a
 /// server store without its format descriptor, is "no store here" (exit code 3), and
 /// nothing is created.
-pub(crate) async fn open_existing(url: &str) -> Result<Arc<dyn StorageBackend>, CliError> {
+/// Whether a command writes to the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Reads only: a file or SQLite store is opened beside the process that holds it,
+    /// without its lock, and nothing is written (`backend::open_read_only`).
+    Read,
+    /// Writes: the store is opened as an application opens it (a file or SQLite store
+    /// held by another process is refused, naming it).
+    Write,
+}
+
+/// Opens the backend of an existing store, read-only or not: a missing directory or
+/// database file, or a server store without its format descriptor, is "no store here" (exit
+/// code 3), and nothing is created.
+pub(crate) async fn open_existing(
+    url: &str,
+    access: Access,
+) -> Result<Arc<dyn StorageBackend>, CliError> {
     if let Some((path, dir)) = local_path(url) {
         // Every file store has its `metadata` directory from its first open on; without
         // it the directory is no store, and opening it would start making one.
@@ -276,7 +293,11 @@ pub(crate) async fn open_existing(url: &str) -> Result<Arc<dyn StorageBackend>, 
             return Err(no_store(url));
         }
     }
-    let backend = backend::open(url).await.map_err(|e| CliError::from_state(e, url, None))?;
+    let opened = match access {
+        Access::Read => backend::open_read_only(url).await,
+        Access::Write => backend::open(url).await,
+    };
+    let backend = opened.map_err(|e| CliError::from_state(e, url, None))?;
     let meta = StorageKey::new(STORE_META).map_err(|e| CliError::from_state(e, url, None))?;
     match backend.get(&meta).await {
         Ok(Some(_)) => Ok(backend),
@@ -299,10 +320,26 @@ pub(crate) struct Opened {
 impl Opened {
     /// Opens the store named by `arg` (see [`resolve`]) with `key`.
     pub(crate) async fn open(arg: Option<&str>, keys: &KeyArgs) -> Result<Opened, CliError> {
+        Self::open_as(arg, keys, Access::Write).await
+    }
+
+    /// Opens the store named by `arg` for reading only, beside any process that holds it
+    /// (a file or SQLite store is read without its lock; the write-ahead log is replayed in
+    /// memory): the manager is started with `StateManagerBuilder::read_only` and writes
+    /// nothing.
+    pub(crate) async fn read_only(arg: Option<&str>, keys: &KeyArgs) -> Result<Opened, CliError> {
+        Self::open_as(arg, keys, Access::Read).await
+    }
+
+    async fn open_as(
+        arg: Option<&str>,
+        keys: &KeyArgs,
+        access: Access,
+    ) -> Result<Opened, CliError> {
         let url = resolve(arg)?;
         let key = Key::from_args(keys)?;
-        let backend = open_existing(&url).await?;
-        let manager = start(backend, key, &url).await?;
+        let backend = open_existing(&url, access).await?;
+        let manager = start(backend, key, &url, access, None).await?;
         Ok(Opened { manager, url })
     }
 
@@ -318,15 +355,24 @@ impl Opened {
 }
 
 /// Starts a manager over `backend` for a command: no periodic janitor (a command runs
-/// one pass only when asked to), and the key if one was given.
+/// one pass only when asked to), read-only or not, and the key if one was given;
+/// `compression` applies to a store this open creates (an existing store keeps its own).
 pub(crate) async fn start(
     backend: Arc<dyn StorageBackend>,
     key: Key,
     url: &str,
+    access: Access,
+    compression: Option<u32>,
 ) -> Result<StateManager, CliError> {
-    let builder = StateManager::builder(backend)
-        .janitor_interval(Duration::from_secs(365 * 24 * 3600))
-        .node_id(format!("mars-state-cli-{}", std::process::id()));
+    let mut builder =
+        StateManager::builder(backend).node_id(format!("mars-state-cli-{}", std::process::id()));
+    if let Some(level) = compression {
+        builder = builder.compression(level);
+    }
+    let builder = match access {
+        Access::Read => builder.read_only(),
+        Access::Write => builder.janitor_interval(Duration::from_secs(365 * 24 * 3600)),
+    };
     let had_key = key.is_some();
     let builder = match key {
         Key::None => builder,

@@ -2,20 +2,19 @@
 //! integrity, decryption with the given key, decoding) through the library's
 //! `StateManager::verify_store`; each damaged record printed with what it is and what is
 //! wrong; exit code 1 if anything is damaged. It never writes, and works on a file or
-//! SQLite store another process holds (opened read-only, without its lock). This file also
-//! owns that read-only opening (`open_read_only`), which `export` uses too.
+//! SQLite store another process holds (opened read-only, without its lock: `Opened::read_only`).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mars_state::{ErrorKind, StateManager, VerifyReport};
+use mars_state::VerifyReport;
 use serde_json::json;
 
 use crate::Global;
 use crate::output::{self, CliError, Exit};
-use crate::store::{self, Key, KeyArgs, Opened};
+use crate::store::{self, Opened};
 
 #[derive(Debug, Args)]
 pub(crate) struct VerifyArgs {
@@ -25,7 +24,7 @@ pub(crate) struct VerifyArgs {
 }
 
 pub(crate) async fn run(g: &Global, a: VerifyArgs) -> Result<ExitCode, CliError> {
-    let opened = open_read_only(Some(a.store.as_str()), &g.keys).await?;
+    let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
     let bar = progress_bar();
     let result = {
         let bar = bar.clone();
@@ -104,38 +103,4 @@ fn print(json: bool, url: &str, report: &VerifyReport) -> Result<(), CliError> {
     }
     output::print_lines(&text);
     Ok(())
-}
-
-/// Opens the store named by `arg` for reading only, beside any process that holds it: the
-/// backend from `backend::open_read_only` (a file or SQLite store without its lock, nothing
-/// written), and a manager started with `StateManagerBuilder::read_only`.
-pub(crate) async fn open_read_only(arg: Option<&str>, keys: &KeyArgs) -> Result<Opened, CliError> {
-    let url = store::resolve(arg)?;
-    let key = Key::from_args(keys)?;
-    let backend = mars_state::backend::open_read_only(&url).await.map_err(|e| match e.kind() {
-        // A missing directory or database file: nothing was created.
-        ErrorKind::Io | ErrorKind::PermissionDenied | ErrorKind::Config => {
-            CliError::new(Exit::Open, format!("cannot open {} read-only: {e}", store::redact(&url)))
-                .hint(
-                    "check the path or URL (a store is created by the application that writes it)",
-                )
-        }
-        _ => CliError::from_state(e, &url, None),
-    })?;
-    let builder = StateManager::builder(backend)
-        .read_only()
-        .node_id(format!("mars-state-cli-{}", std::process::id()));
-    let had_key = key.is_some();
-    let builder = match key {
-        Key::None => builder,
-        #[cfg(feature = "encryption")]
-        Key::Raw(k) => builder.encryption_key(k),
-        #[cfg(feature = "encryption")]
-        Key::Passphrase(p) => builder.encryption_passphrase(p.as_str()),
-    };
-    let manager = builder.start().await.map_err(|e| {
-        let err = CliError::from_state(e, &url, None);
-        if had_key { err } else { err.when_no_key() }
-    })?;
-    Ok(Opened { manager, url })
 }
