@@ -52,7 +52,7 @@ pub use middleware::crypto::{
 };
 pub use store::{
     CopyReport, DUMP_FORMAT_VERSION, DamagedRecord, ExportOptions, ExportReport, ImportReport,
-    RecordKind, VerifyReport, copy_store,
+    RecordKind, VerifyReport, copy_store, copy_store_with_progress,
 };
 pub use types::{
     BranchId, Checkpoint, CheckpointId, CheckpointInfo, CheckpointReason, MAX_ID_LEN,

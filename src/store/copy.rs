@@ -46,9 +46,10 @@ pub struct CopyReport {
 /// has; nothing is duplicated, since every key is written with `put` (idempotent).
 ///
 /// Errors: [`StateError::Config`] if the destination holds another store (keys, but no
-/// marker), or if the source is itself an unfinished copy (it has the marker); [`StateError::Corrupt`] if a key reads back different from what was written;
-/// any error of either backend. After an error, the destination holds the marker and part
-/// of the store; the source is never written.
+/// marker), or if the source is itself an unfinished copy (it has the marker);
+/// [`StateError::Corrupt`] if a key reads back different from what was written; any error
+/// of either backend. After an error, the destination holds the marker and part of the
+/// store; the source is never written.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -71,6 +72,40 @@ pub struct CopyReport {
 /// # Ok(()) }
 /// ```
 pub async fn copy_store(from: &dyn StorageBackend, to: &dyn StorageBackend) -> Result<CopyReport> {
+    copy_store_with_progress(from, to, |_done, _total| {}).await
+}
+
+/// [`copy_store`], calling `progress(done, total)` as it goes, for a progress bar: once with
+/// `done == 0` when the source is listed (`total` is the number of its keys), then after
+/// each key is copied and verified (or found already there), in key order, up to
+/// `done == total`. Stale keys of an earlier run are removed after that, and the copy is
+/// finished only when this function returns `Ok`: a callback that saw `done == total` does
+/// not mean the copy is complete. Everything else (the order, the marker, resuming, the
+/// errors) is as in [`copy_store`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), mars_state::StateError> {
+/// use mars_state::{MemoryStorageBackend, StateManager, copy_store_with_progress};
+/// let from = MemoryStorageBackend::new();
+/// let manager = StateManager::start(from.clone()).await?;
+/// manager.save_session("run-1", &serde_json::json!({ "step": 3 })).await?;
+/// manager.shutdown().await?;
+///
+/// let mut seen = Vec::new();
+/// let to = MemoryStorageBackend::new();
+/// let report = copy_store_with_progress(&from, &to, |done, total| seen.push((done, total))).await?;
+/// let total = seen[0].1;
+/// assert_eq!(seen.first(), Some(&(0, total)));
+/// assert_eq!(seen.last(), Some(&(total, total)));
+/// assert_eq!(total as usize, report.copied + report.already_there);
+/// # Ok(()) }
+/// ```
+pub async fn copy_store_with_progress(
+    from: &dyn StorageBackend,
+    to: &dyn StorageBackend,
+    mut progress: impl FnMut(u64, u64) + Send,
+) -> Result<CopyReport> {
     let marker = keys::copying();
     // A half copy is no source: copied on, it would lose its marker and open as a whole
     // store with keys missing. Checked before anything is written.
@@ -103,12 +138,13 @@ pub async fn copy_store(from: &dyn StorageBackend, to: &dyn StorageBackend) -> R
     let mut order: Vec<&StorageKey> = Vec::with_capacity(source.len());
     order.extend(source.keys().filter(|k| k.class() == crate::KeyClass::Plaintext));
     order.extend(source.keys().filter(|k| k.class() != crate::KeyClass::Plaintext));
-    let outcomes: Vec<Option<u64>> = stream::iter(order)
+    let total = order.len() as u64;
+    progress(0, total);
+    let mut outcomes = stream::iter(order)
         .map(|key| copy_one(from, to, key, there.get(key).copied()))
-        .buffered(IN_FLIGHT)
-        .try_collect()
-        .await?;
-    for outcome in outcomes {
+        .buffered(IN_FLIGHT);
+    let mut done = 0;
+    while let Some(outcome) = outcomes.try_next().await? {
         match outcome {
             Some(bytes) => {
                 report.copied += 1;
@@ -116,6 +152,8 @@ pub async fn copy_store(from: &dyn StorageBackend, to: &dyn StorageBackend) -> R
             }
             None => report.already_there += 1,
         }
+        done += 1;
+        progress(done, total);
     }
     // Left by an earlier run from keys the source has since lost.
     let stale: BTreeSet<&StorageKey> =

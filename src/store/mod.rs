@@ -34,7 +34,7 @@ mod maintenance;
 mod verify;
 
 use codec::{CheckpointMeta, Codec, Decoded, RecordHead, SessionMeta};
-pub use copy::{CopyReport, copy_store};
+pub use copy::{CopyReport, copy_store, copy_store_with_progress};
 pub use dump::{DUMP_FORMAT_VERSION, ExportOptions, ExportReport, ImportReport};
 #[cfg(feature = "encryption")]
 pub(crate) use format::read_store_meta;

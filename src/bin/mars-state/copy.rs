@@ -3,11 +3,11 @@
 //! resumable: run again after an interruption, it skips what is there and finishes without
 //! duplicates). A gzipped or encrypted store stays so, and needs no key to be copied.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use crate::Global;
@@ -32,16 +32,17 @@ pub(crate) async fn run(g: &Global, a: CopyArgs) -> Result<ExitCode, CliError> {
     let from = store::open_existing(&from_url, store::Access::Read).await?;
     let to =
         mars_state::backend::open(&a.to).await.map_err(|e| CliError::from_state(e, &a.to, None))?;
-    // copy_store reports no progress as it goes: a spinner with the time taken shows that
-    // it is alive (drawn on stderr, and only on a terminal).
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} copying {msg} ({elapsed})")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.set_message(format!("{} -> {}", store::redact(&from_url), store::redact(&a.to)));
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let result = mars_state::copy_store(from.as_ref(), to.as_ref()).await;
+    let bar = progress_bar();
+    let result = {
+        let bar = bar.clone();
+        mars_state::copy_store_with_progress(from.as_ref(), to.as_ref(), move |done, total| {
+            if bar.length() != Some(total) {
+                bar.set_length(total);
+            }
+            bar.set_position(done);
+        })
+        .await
+    };
     bar.finish_and_clear();
     let report = result.map_err(|e| {
         let err = CliError::from_state(e, &from_url, None);
@@ -75,4 +76,18 @@ pub(crate) async fn run(g: &Global, a: CopyArgs) -> Result<ExitCode, CliError> {
         output::key_values(&rows)
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A bar of the keys copied, on stderr while the copy runs, only where stderr is a terminal
+/// (never in a pipe or a log).
+fn progress_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("copying {wide_bar} {pos}/{len} keys ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }
