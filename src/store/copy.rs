@@ -40,10 +40,11 @@ pub struct CopyReport {
 ///
 /// Resumable: the destination must be empty, or hold an earlier interrupted copy. The copy
 /// first writes a marker (`metadata/copying`) to the destination and removes it only when
-/// every key is copied and verified; a manager refuses to open a store that has the marker
-/// ([`StateError::Config`]). Run again after a kill or an error, it skips keys already
-/// there with the same bytes, rewrites the others, and removes keys the source no longer
-/// has; nothing is duplicated, since every key is written with `put` (idempotent).
+/// every key is copied and verified; a manager, read-only or not, refuses to open a store
+/// that has the marker ([`StateError::Config`]). Run again after a kill or an error, it
+/// skips keys already there with the same bytes, rewrites the others, and removes keys the
+/// source no longer has; nothing is duplicated, since every key is written with `put`
+/// (idempotent).
 ///
 /// Errors: [`StateError::Config`] if the destination holds another store (keys, but no
 /// marker), or if the source is itself an unfinished copy (it has the marker);

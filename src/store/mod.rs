@@ -107,7 +107,7 @@ impl Store {
     /// nothing is swept, deletes left part way are only noted (as on a shared store), the
     /// journal is not rewritten, the running marker is neither written nor read (a holder
     /// that is running has it; its sessions are not cut off), so no session is marked
-    /// interrupted.
+    /// interrupted. Either way, a store holding the marker of an unfinished copy is refused.
     pub(crate) async fn open(
         backend: Arc<dyn StorageBackend>,
         mut codec: Codec,
@@ -116,15 +116,17 @@ impl Store {
         below: Option<Arc<dyn StorageBackend>>,
         read_only: bool,
     ) -> Result<Store> {
-        if read_only {
-            return Store::open_read_only(backend, codec, retention, access, below).await;
-        }
+        // A half copy is no store, for a reader as much as for a writer: read, it would
+        // show some sessions and checkpoints and silently miss others.
         if backend.get(&keys::copying()).await?.is_some() {
             return Err(StateError::Config {
                 message: "the store is the destination of a copy that did not finish \
                           (metadata/copying is there): run copy_store again to finish it"
                     .into(),
             });
+        }
+        if read_only {
+            return Store::open_read_only(backend, codec, retention, access, below).await;
         }
         format::check_or_create(backend.as_ref(), &mut codec).await?;
         let swept = backend.sweep().await?;
