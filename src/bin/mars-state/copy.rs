@@ -3,11 +3,9 @@
 //! resumable: run again after an interruption, it skips what is there and finishes without
 //! duplicates). A gzipped or encrypted store stays so, and needs no key to be copied.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use crate::Global;
@@ -32,7 +30,7 @@ pub(crate) async fn run(g: &Global, a: CopyArgs) -> Result<ExitCode, CliError> {
     let from = store::open_existing(&from_url, store::Access::Read).await?;
     let to =
         mars_state::backend::open(&a.to).await.map_err(|e| CliError::from_state(e, &a.to, None))?;
-    let bar = progress_bar();
+    let bar = output::progress_bar("copying {wide_bar} {pos}/{len} keys ({eta})");
     let result = {
         let bar = bar.clone();
         mars_state::copy_store_with_progress(from.as_ref(), to.as_ref(), move |done, total| {
@@ -76,18 +74,4 @@ pub(crate) async fn run(g: &Global, a: CopyArgs) -> Result<ExitCode, CliError> {
         output::key_values(&rows)
     ));
     Ok(ExitCode::SUCCESS)
-}
-
-/// A bar of the keys copied, on stderr while the copy runs, only where stderr is a terminal
-/// (never in a pipe or a log).
-fn progress_bar() -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("copying {wide_bar} {pos}/{len} keys ({eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
 }

@@ -289,6 +289,21 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     out
 }
 
+/// A progress bar on stderr drawn with `template` (indicatif's), only where stderr is a
+/// terminal (never in a pipe or a log: there it is hidden and costs nothing).
+pub(crate) fn progress_bar(template: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,11 +4,9 @@
 //! wrong; exit code 1 if anything is damaged. It never writes, and works on a file or
 //! SQLite store another process holds (opened read-only, without its lock: `Opened::read_only`).
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mars_state::VerifyReport;
 use serde_json::json;
 
@@ -25,7 +23,7 @@ pub(crate) struct VerifyArgs {
 
 pub(crate) async fn run(g: &Global, a: VerifyArgs) -> Result<ExitCode, CliError> {
     let opened = Opened::read_only(Some(a.store.as_str()), &g.keys).await?;
-    let bar = progress_bar();
+    let bar = output::progress_bar("verifying {wide_bar} {pos}/{len} ({eta})");
     let result = {
         let bar = bar.clone();
         opened
@@ -51,20 +49,6 @@ pub(crate) async fn run(g: &Global, a: VerifyArgs) -> Result<ExitCode, CliError>
     opened.close().await?;
     print(g.json, &url, &report)?;
     Ok(if report.is_healthy() { ExitCode::SUCCESS } else { ExitCode::from(Exit::Damage.code()) })
-}
-
-/// A bar on stderr while the pass runs, only where stderr is a terminal (never in a pipe or
-/// a log).
-fn progress_bar() -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("verifying {wide_bar} {pos}/{len} ({eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
 }
 
 fn print(json: bool, url: &str, report: &VerifyReport) -> Result<(), CliError> {
