@@ -108,6 +108,10 @@ async fn beside_a_running_manager(key: Option<[u8; 32]>, gzip: bool) {
     let e = r.create_checkpoint("s2", "main", &json!({})).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ReadOnly, "{e}");
     assert!(r.vacuum_storage().await.is_err());
+    if key.is_some() {
+        let e = r.rotate_key(mars_state::EncryptionKey::from_bytes([9; 32])).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly, "{e}");
+    }
     r.shutdown().await.unwrap();
     drop(r);
     drop(raw);

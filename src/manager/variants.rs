@@ -117,6 +117,14 @@ impl StateManager {
     /// The encryption layer's key ring, for rotation.
     #[cfg(feature = "encryption")]
     pub(super) fn crypt(&self) -> Result<Arc<dyn KeyRing>> {
+        // A read-only manager has no key ring to rotate (its key ring would write below the
+        // read-only wrapper): say so, rather than that the store is not encrypted.
+        if self.store()?.read_only {
+            return Err(StateError::read_only(
+                "key rotation",
+                "opened with StateManagerBuilder::read_only",
+            ));
+        }
         match self.inner.crypt.upgrade() {
             Some(c) => Ok(c),
             None if self.inner.store.strong_count() == 0 => {
