@@ -501,3 +501,83 @@ async fn sqlite_stores_read_like_file_stores() {
     assert!(err.contains("in use by"), "{err}");
     holder.shutdown().await.unwrap();
 }
+
+/// Runs `watch URL --json --interval 100` beside `holder`, which holds the store and keeps
+/// it: after each change the holder makes, the next line the tool prints must be the event
+/// that change causes, and nothing else. Ends the tool with SIGINT (exit 0); the holder
+/// still writes afterwards.
+async fn watch_beside_holder(url: &str, holder: &StateManager) {
+    use std::time::Duration;
+    let (child, rx) = spawn_watch(&[url, "--json", "--interval", "100"]);
+    let next_any = || -> Value {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("no event within 30 s");
+        let v = json(&line);
+        assert_eq!(v["session_id"], "live-1", "{v}");
+        v
+    };
+    let next = |session: &str, event: &str| -> Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no `{event}` of {session} within 30 s: {e}"));
+        let v = json(&line);
+        assert_eq!((v["session_id"].as_str(), v["event"].as_str()), (Some(session), Some(event)));
+        assert!(v["at"].as_u64().is_some_and(|at| at > 0), "{v}");
+        v
+    };
+    holder.save_session("live-1", &serde_json::json!({"step": 1})).await.unwrap();
+    next("live-1", "saved");
+    let id = holder.create_checkpoint("live-1", "main", &serde_json::json!({"step": 1})).await;
+    let checkpointed = next("live-1", "checkpointed");
+    assert_eq!(checkpointed["checkpoint"], id.unwrap().as_str());
+    assert_eq!(checkpointed["reason"], "manual");
+    let state = serde_json::json!({"step": 1});
+    let pause = holder.pause_session("live-1", &state, "waiting for a human").await.unwrap();
+    // Pausing saves (with the status), then takes the pause checkpoint: one look sees the
+    // checkpoint, then the pause; a look that falls between the two writes sees the pause
+    // first and the checkpoint in the next look.
+    next("live-1", "saved");
+    let (a, b) = (next_any(), next_any());
+    let mut pair = [&a, &b].map(|v| v["event"].as_str().unwrap().to_owned());
+    pair.sort();
+    assert_eq!(pair, ["checkpointed", "paused"], "{a} {b}");
+    let (checkpoint, paused) = if a["event"] == "paused" { (&b, &a) } else { (&a, &b) };
+    assert_eq!(checkpoint["reason"], "pause");
+    assert_eq!(checkpoint["checkpoint"], pause.as_str());
+    assert_eq!(paused["reason"], "waiting for a human");
+    holder.resume_session("live-1").await.unwrap();
+    next("live-1", "saved");
+    next("live-1", "resumed");
+    holder.complete_session("live-1", &serde_json::json!({"step": 2})).await.unwrap();
+    next("live-1", "saved");
+    next("live-1", "completed");
+    assert!(holder.delete_session("research-1").await.unwrap());
+    next("research-1", "deleted");
+    // Nothing more was printed: the store is unchanged since the last look.
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "an event no change caused");
+    interrupt_watch(child);
+    holder.save_session("live-1", &serde_json::json!({"step": 3})).await.unwrap();
+    assert_eq!(holder.list_sessions().await.unwrap().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_a_file_store_its_application_holds() {
+    let (_dir, s, _) = demo(false, None).await;
+    let holder =
+        StateManager::start(mars_state::FileStorageBackend::new(&s).unwrap()).await.unwrap();
+    watch_beside_holder(&s, &holder).await;
+    holder.shutdown().await.unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_an_sqlite_store_its_application_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let open = || mars_state::SqliteStorageBackend::open(&db).unwrap();
+    let m = StateManager::start(open()).await.unwrap();
+    build_demo(&m).await;
+    m.shutdown().await.unwrap();
+    let holder = StateManager::start(open()).await.unwrap();
+    watch_beside_holder(&format!("sqlite://{}", db.display()), &holder).await;
+    holder.shutdown().await.unwrap();
+}

@@ -11,7 +11,6 @@ mod pg_common;
 #[path = "redis_backend/support.rs"]
 mod redis_support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -66,48 +65,28 @@ fn reads_like_the_file_store(url: &str, ids: &[String], passphrase: Option<&str>
 }
 
 /// Runs `watch URL --json` while `act` changes the store through another manager; returns
-/// the events the tool printed, after stopping it with SIGINT (it must exit 0).
+/// the events the tool printed up to the session's completion, after stopping it with
+/// SIGINT (it must exit 0).
 async fn watched<F, Fut>(url: &str, act: F) -> Vec<Value>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut child = bin()
-        .args(["watch", url, "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The tool says on stderr when it is watching.
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    err.read_line(&mut first).unwrap();
-    assert!(first.starts_with("watching"), "{first}");
+    let (child, lines) = spawn_watch(&[url, "--json"]);
     act().await;
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            let done = line.contains("\"completed\"");
-            lines.push(json(&line));
-            if done {
-                break;
-            }
+    let mut events = Vec::new();
+    loop {
+        let line = lines.recv_timeout(Duration::from_secs(30));
+        let line = line
+            .unwrap_or_else(|e| panic!("the events did not arrive within 30 s ({e}): {events:?}"));
+        let done = line.contains("\"completed\"");
+        events.push(json(&line));
+        if done {
+            break;
         }
-        lines
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !reader.is_finished() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // SIGINT, as Ctrl-C would send.
-    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    assert!(sent.unwrap().success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "watch did not end cleanly on SIGINT");
-    assert!(reader.is_finished(), "the events did not arrive within 30 s");
-    reader.join().unwrap()
+    interrupt_watch(child);
+    events
 }
 
 /// Saves, checkpoints and completes `live-1` through a manager of its own on `url`.

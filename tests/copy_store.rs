@@ -218,6 +218,13 @@ async fn interrupted_copy_resumes_without_duplicates() {
     let refused = StateManager::start(dest.inner.clone()).await.map(|_| ()).unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
     assert!(refused.to_string().contains("copy"), "{refused}");
+    // A reader too (read-only, it would show a store with records missing as if whole),
+    // and refusing it wrote nothing.
+    let refused = StateManager::builder(dest.inner.clone()).read_only().start().await;
+    let refused = refused.map(|_| ()).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    assert!(refused.to_string().contains("copy"), "{refused}");
+    assert_eq!(dump(&dest.inner).await, partial, "refusing the half copy changed it");
 
     // Nor can the half copy be the source of another copy (it would lose its marker there
     // and open as a whole store); the would-be destination is left as it was.

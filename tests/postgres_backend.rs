@@ -428,6 +428,52 @@ async fn takeover_waits_for_an_in_flight_fenced_write() {
     drop(watcher);
 }
 
+/// A renewal of many leases locks their rows in name order, as the fenced writes of a
+/// batch lock theirs: a writer that holds lease `a` `FOR SHARE` and then takes `b` while a
+/// renewal of `[b, a]` waits for `a` is not deadlocked. The rows are made `b` first, so a
+/// renewal locking in the order it meets rows (the table's, or the array's) would hold `b`
+/// while it waits for `a`, and the server would abort one of the two after its deadlock
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_and_a_writer_lock_leases_in_the_same_order() {
+    use mars_state::Acquired;
+    let (a, schema) = fresh().await;
+    let ttl = Duration::from_secs(30);
+    let mut leases = Vec::new();
+    for name in ["b", "a"] {
+        let Acquired::Granted(lease) =
+            bounded("acquire", a.acquire_lease(name, "node-a", ttl)).await.unwrap()
+        else {
+            panic!("a new lease is free")
+        };
+        leases.push(lease);
+    }
+    let leases_table = format!("\"{}\".mars_state_leases", schema.name());
+    let mut admin = admin_client().await;
+    let writer = admin.transaction().await.unwrap();
+    let share =
+        |name: &str| format!("SELECT 1 FROM {leases_table} WHERE name = '{name}' FOR SHARE");
+    writer.execute(&share("a"), &[]).await.unwrap();
+    let renewal = {
+        let a = a.clone();
+        tokio::spawn(async move { a.renew_leases(&leases, ttl).await })
+    };
+    let watcher = admin_client().await;
+    let leases_t = format!("{}\".mars_state_leases AS l", schema.name());
+    let no_wait = "the renewal did not wait for the writer's share lock";
+    wait_for_lock_wait(&watcher, &leases_t, || renewal.is_finished(), no_wait).await;
+    // The writer's next lease: free, since the renewal waits for `a` before it takes `b`.
+    // Were it held, the writer would wait in a cycle; it gives up after half a second, before
+    // the server's deadlock check (`deadlock_timeout`, 1 s) would abort the renewal (which
+    // the backend retries, hiding the cycle but for the second it cost).
+    writer.execute("SET LOCAL lock_timeout = '500ms'", &[]).await.unwrap();
+    bounded("share b", writer.execute(&share("b"), &[])).await.expect("the writer's second lease");
+    writer.commit().await.unwrap();
+    let renewed = bounded("renew", renewal).await.unwrap().expect("the renewal");
+    assert!(renewed.iter().all(Option::is_some), "{renewed:?}");
+    drop(watcher);
+}
+
 /// The connection a node LISTENs on is terminated on the server (`pg_terminate_backend`),
 /// and the node subscribes again only later: another node's events made meanwhile are lost
 /// to it, its watches say exactly how many before that node's next event, and then see

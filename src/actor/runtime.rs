@@ -41,15 +41,19 @@ pub(crate) struct Runtime {
     pub(crate) actors: Directory,
     /// The session leases this node holds, on a shared store.
     pub(crate) leases: Leases,
-    /// On a shared store: this node's events go to the other nodes through it.
+    /// On a shared store: this node's events go to the other nodes through it, and theirs
+    /// come in. A read-only manager on a shared store has it for the incoming events only
+    /// (it makes none).
     pub(crate) remote: Option<Remote>,
 }
 
 impl Runtime {
-    /// The runtime of node `node`.
-    pub(crate) fn new(store: Arc<Store>, node: &str) -> Runtime {
+    /// The runtime of node `node`; `others_write` says whether other nodes write the
+    /// store (its backend is shared, also when this manager only reads it), so that their
+    /// events are received.
+    pub(crate) fn new(store: Arc<Store>, node: &str, others_write: bool) -> Runtime {
         Runtime {
-            remote: store.shared.then(|| Remote::new(node)),
+            remote: (store.shared || others_write).then(|| Remote::new(node)),
             store,
             hot: Sharded::default(),
             events: broadcast::channel(EVENT_BUFFER).0,

@@ -289,7 +289,8 @@ impl StateManagerBuilder {
     /// - the backend is wrapped in [`backend::ReadOnly`](crate::backend::ReadOnly) (under
     ///   the encryption layer), so every write of the manager, whatever the backend,
     ///   fails with [`StateError::ReadOnly`] and stores nothing; a shared store is read as
-    ///   one this manager reads alone (no leases, no change events sent);
+    ///   one this manager reads alone (no leases, no change events sent), though the change
+    ///   events the other nodes send reach its [`watch`](StateManager::watch)es;
     /// - the start writes nothing: the store must exist (its `metadata/store.json`), no
     ///   staged file is swept, no delete left part way is finished (its session is only
     ///   marked, as while it is being deleted), the index is rebuilt from the journal and
@@ -359,6 +360,9 @@ impl StateManagerBuilder {
         #[allow(unused_mut)]
         let mut backend = self.backend;
         let read_only = self.read_only;
+        // Whether other nodes write the store (checked before the read-only wrapper, which
+        // reads a shared store as one read alone): their change events reach the watches.
+        let others_write = backend.shared();
         let mut config = self.config;
         if read_only {
             backend = Arc::new(crate::backend::ReadOnly::new(backend, "of this read-only manager"));
@@ -429,10 +433,12 @@ impl StateManagerBuilder {
             )
             .await?,
         );
-        let rt = Arc::new(Runtime::new(store.clone(), &config.node_id));
+        let rt = Arc::new(Runtime::new(store.clone(), &config.node_id, others_write));
         let config = Arc::new(config);
         if store.shared {
             crate::actor::lease::spawn_keeper(&store, &rt, &config);
+        }
+        if store.shared || others_write {
             crate::actor::remote::start(&store, &rt).await?;
         }
         let args = SupervisorArgs { store: store.clone(), rt: rt.clone(), config: config.clone() };

@@ -170,3 +170,38 @@ fn time_at(s: &[char]) -> Option<usize> {
     }
     if fits(":dd", &s[pat.len()..]) { Some(pat.len() + 3) } else { Some(pat.len()) }
 }
+
+/// Starts `mars-state watch ARGS...` and waits until it says on stderr that it is watching;
+/// returns the child and its stdout lines as they are printed.
+pub fn spawn_watch(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = bin()
+        .arg("watch")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run the mars-state binary");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(first.starts_with("watching"), "{first}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Ends a `watch` with SIGINT, as Ctrl-C would; it must exit 0.
+pub fn interrupt_watch(mut child: std::process::Child) {
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(sent.unwrap().success());
+    assert_eq!(child.wait().unwrap().code(), Some(0), "watch did not end cleanly on SIGINT");
+}

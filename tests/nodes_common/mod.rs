@@ -46,6 +46,7 @@ macro_rules! node_tests {
                 a_watch_on_one_node_sees_writes_made_on_another,
                 a_watch_all_sees_every_nodes_events,
                 a_principals_watch_on_another_node_is_checked_against_the_sessions_owner,
+                a_read_only_manager_s_watch_sees_the_writers_events,
             );
         }
     };
@@ -548,6 +549,41 @@ pub async fn a_watch_on_one_node_sees_writes_made_on_another(store: Arc<dyn Stor
     nothing_more(&mut other_session, Duration::from_millis(200)).await;
     b.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
+}
+
+/// A read-only manager on the shared store (a tool looking on) takes no lease and sends
+/// no events, but its watches get the writing nodes' events as any node's do; its own
+/// write is refused and reaches no watch.
+pub async fn a_read_only_manager_s_watch_sees_the_writers_events(store: Arc<dyn StorageBackend>) {
+    let a = node(&store, "node-a", Duration::ZERO).await;
+    a.save_session("s0", &json!({"step": 0})).await.unwrap();
+    let reader = start(node_builder(&store, "reader", Duration::ZERO).read_only(), "reader").await;
+    let mut one = reader.watch("s1").await.unwrap();
+    let mut all = reader.watch_all().await.unwrap();
+    let mut reference = a.watch("s1").await.unwrap();
+    a.save_session("s1", &json!({"step": 1})).await.unwrap();
+    let cp = a.create_checkpoint("s1", "main", &json!({"step": 1})).await.unwrap();
+    a.complete_session("s1", &json!({"step": 2})).await.unwrap();
+    let local = next_events(&mut reference, 4).await;
+    assert!(matches!(&local[1].kind, EventKind::Checkpointed { id, .. } if *id == cp), "{local:?}");
+    assert_eq!(next_events(&mut one, local.len()).await, local);
+    assert_eq!(next_events(&mut all, local.len()).await, local);
+    let refused = reader.save_session("s1", &json!({"step": 9})).await.unwrap_err();
+    assert_eq!(refused.kind(), mars_state::ErrorKind::ReadOnly, "{refused}");
+    nothing_more(&mut reference, Duration::from_millis(300)).await;
+    nothing_more(&mut all, Duration::ZERO).await;
+    // No lease of the reader's: the writer still owns the session.
+    assert_eq!(
+        a.list_sessions()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|s| s.owner.as_deref() == Some("reader"))
+            .count(),
+        0
+    );
+    reader.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
 }
 
 pub async fn a_watch_all_sees_every_nodes_events(store: Arc<dyn StorageBackend>) {

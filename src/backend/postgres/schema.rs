@@ -316,12 +316,21 @@ impl Sql {
             ms_left("expires_at")
         );
         // Every lease of the arrays that is still its node's at its token, in one UPDATE (one
-        // round trip, one transaction); the others match no row and are not returned.
+        // round trip, one transaction); the others match no row and are not returned. The
+        // rows are locked first, in name order (the materialized CTE; FOR UPDATE locks rows
+        // as the sort hands them out), as a batch's fenced writes lock theirs FOR SHARE, so
+        // a renewal and a writer never wait for each other in a cycle; the UPDATE then only
+        // touches rows this statement already holds.
         let renew_leases = format!(
-            "UPDATE {le} AS l SET expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
+            "WITH locked AS MATERIALIZED (SELECT l.name FROM {le} AS l \
+             JOIN unnest($1::text[], $2::text[], $3::int8[]) AS r (name, node, token) \
+             ON l.name = r.name AND l.node = r.node AND l.token = r.token \
+             ORDER BY l.name FOR UPDATE OF l) \
+             UPDATE {le} AS l SET expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
              released = false \
              FROM unnest($1::text[], $2::text[], $3::int8[]) AS r (name, node, token) \
              WHERE l.name = r.name AND l.node = r.node AND l.token = r.token \
+             AND l.name IN (SELECT name FROM locked) \
              RETURNING l.name, l.node, l.token, {}",
             ms_left("l.expires_at")
         );

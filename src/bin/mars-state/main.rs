@@ -112,7 +112,8 @@ enum Command {
     Janitor(admin::StoreOnly),
     /// Print live change events, one line each, until interrupted (Ctrl-C).
     #[command(after_help = "Examples:\n  mars-state watch redis://cache:6379/0\n  \
-                            mars-state watch postgres://app@db/agents run-1 --json")]
+                            mars-state watch postgres://app@db/agents run-1 --json\n  \
+                            mars-state watch ./state --interval 250")]
     Watch(watch::WatchArgs),
     /// Copy a whole store between any two backends, verified, resumable.
     #[command(

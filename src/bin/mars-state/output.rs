@@ -217,6 +217,13 @@ pub(crate) fn key_values(rows: &[(&str, String)]) -> String {
         .join("\n")
 }
 
+/// Now, in milliseconds since the Unix epoch (0 on a clock before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// `ms` since the Unix epoch as `YYYY-MM-DD HH:MM:SS` (UTC); `-` for 0.
 pub(crate) fn time(ms: u64) -> String {
     if ms == 0 {

@@ -58,7 +58,7 @@ pub(crate) fn refuse_keys_in_arguments(keys: &KeyArgs) -> Result<(), CliError> {
 }
 
 /// Where a key comes from, read and checked but not yet used.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Key {
     /// No key: the store must be unencrypted.
     None,
