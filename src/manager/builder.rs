@@ -484,4 +484,9 @@ impl StateManager {
     pub(crate) fn store_for(&self, op: crate::error::Operation) -> Result<Arc<Store>> {
         self.maintenance(op)
     }
+
+    /// The manager's settings (node id, lease TTL and wait), for the store's own paths.
+    pub(crate) fn config(&self) -> &crate::actor::Config {
+        &self.inner.config
+    }
 }

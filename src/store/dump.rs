@@ -136,6 +136,16 @@ enum Line {
     },
 }
 
+impl Line {
+    fn session(&self) -> &SessionId {
+        match self {
+            Line::Session { session, .. }
+            | Line::Checkpoint { session, .. }
+            | Line::Access { session, .. } => session,
+        }
+    }
+}
+
 /// A line as read: every field of every kind, checked by [`InLine::into_line`]. (serde's
 /// tagged enums buffer their fields, which a [`RawValue`] cannot go through, so lines are
 /// read into this plain struct first.)
@@ -289,8 +299,16 @@ impl StateManager {
     /// Import into a manager that has served no session yet (one started for the import):
     /// records are written below the session actors, which would go on serving a state
     /// they had cached. So if this manager has any live session actor, the import is
-    /// refused ([`StateError::Config`]). On a shared store, no other node may be writing
-    /// the sessions imported.
+    /// refused ([`StateError::Config`]).
+    ///
+    /// On a shared store (PostgreSQL, Redis) each session is imported under its lease, as
+    /// a session actor writes it: the import waits up to the manager's
+    /// [`lease_wait`](crate::StateManagerBuilder::lease_wait) while another node holds the
+    /// session and then stops with [`StateError::OwnedElsewhere`] (the sessions before it
+    /// are imported; run the import again once that node let go), its writes are fenced
+    /// (a node granted the session meanwhile makes them fail with [`StateError::Fenced`]
+    /// instead of overwriting that node's), and the lease is released when the session's
+    /// lines are written.
     ///
     /// Errors besides those: [`StateError::Io`] if `input` fails,
     /// [`StateError::ReadOnly`] on a read-only manager, [`StateError::AccessDenied`] for a
@@ -306,7 +324,45 @@ impl StateManager {
             });
         }
         let lines = parse(input)?;
-        store.import(lines).await
+        store.check_import(&lines)?;
+        let mut report = ImportReport { lines: lines.len() + 1, ..Default::default() };
+        if !store.shared {
+            store.import(lines, &mut report, None).await?;
+            return Ok(report);
+        }
+        // Per session, in the dump's order (a dump holds each session's lines together).
+        let mut groups: Vec<(SessionId, Vec<Line>)> = Vec::new();
+        for line in lines {
+            let sid = line.session().clone();
+            match groups.last_mut() {
+                Some((last, group)) if *last == sid => group.push(line),
+                _ => groups.push((sid, vec![line])),
+            }
+        }
+        let config = self.config();
+        for (sid, group) in groups {
+            let name = crate::actor::lease::lease_name(&sid);
+            let (ttl, wait) = (config.lease_ttl, config.lease_wait());
+            let (lease, _) = crate::actor::lease::acquire_within(
+                store.backend.as_ref(),
+                &store.clock,
+                &name,
+                &config.node_id,
+                ttl,
+                wait,
+            )
+            .await?;
+            store.set_fence(&sid, Some(lease.fence()));
+            let written = store.import(group, &mut report, Some((&lease, ttl))).await;
+            store.set_fence(&sid, None);
+            // Released even after a failure: what was written is whole records, and the
+            // next holder reads them. A release that fails leaves the lease to run out.
+            if let Err(e) = store.backend.release_lease(&lease).await {
+                tracing::debug!(session = %sid, error = %e, "releasing an import's lease failed; it runs out");
+            }
+            written?;
+        }
+        Ok(report)
     }
 }
 
@@ -404,10 +460,10 @@ impl Store {
         Ok(report)
     }
 
-    async fn import(&self, lines: Vec<Line>) -> Result<ImportReport> {
-        let mut report = ImportReport { lines: lines.len() + 1, ..Default::default() };
-        // A checkpoint id names one checkpoint in the whole store: one the store holds for
-        // another session is refused before anything is written.
+    /// Refuses a dump that cannot be imported whole, before anything is written: a
+    /// checkpoint id names one checkpoint in the whole store, so one the store holds for
+    /// another session is refused.
+    fn check_import(&self, lines: &[Line]) -> Result<()> {
         {
             let idx = self.index();
             for (n, line) in lines.iter().enumerate() {
@@ -425,7 +481,37 @@ impl Store {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Writes `lines` (checked by [`check_import`](Self::check_import)), counting them in
+    /// `report`. `lease` is the lease (and its TTL) the writes are fenced by, on a shared
+    /// store: it is renewed once a third of its TTL has passed, and a lease lost meanwhile
+    /// stops the import with [`StateError::Fenced`].
+    async fn import(
+        &self,
+        lines: Vec<Line>,
+        report: &mut ImportReport,
+        lease: Option<(&crate::backend::Lease, std::time::Duration)>,
+    ) -> Result<()> {
+        let mut renewed = tokio::time::Instant::now();
         for line in lines {
+            if let Some((lease, ttl)) = lease
+                && renewed.elapsed() >= ttl / 3
+            {
+                renewed = tokio::time::Instant::now();
+                if self.backend.renew_lease(lease, ttl).await?.is_none() {
+                    let current = match self.backend.read_lease(&lease.name).await {
+                        Ok(Some(state)) => state.token,
+                        _ => lease.token + 1,
+                    };
+                    return Err(StateError::Fenced {
+                        name: lease.name.clone(),
+                        token: lease.token,
+                        current,
+                    });
+                }
+            }
             match line {
                 Line::Session { session, saved_at, meta, state } => {
                     let data = state.get().as_bytes();
@@ -445,7 +531,7 @@ impl Store {
                 }
             }
         }
-        Ok(report)
+        Ok(())
     }
 }
 

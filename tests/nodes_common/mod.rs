@@ -47,6 +47,7 @@ macro_rules! node_tests {
                 a_watch_all_sees_every_nodes_events,
                 a_principals_watch_on_another_node_is_checked_against_the_sessions_owner,
                 a_read_only_manager_s_watch_sees_the_writers_events,
+                an_import_waits_for_the_owner_of_a_session_it_writes,
             );
         }
     };
@@ -584,6 +585,38 @@ pub async fn a_read_only_manager_s_watch_sees_the_writers_events(store: Arc<dyn 
     );
     reader.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
+}
+
+/// An import into a shared store takes each session's lease, as a session actor does: a
+/// session another node holds stops it with `OwnedElsewhere` before anything of that
+/// session is written (and the node's state stays); once the node let go, the same import
+/// goes through, and the next node reads the imported state.
+pub async fn an_import_waits_for_the_owner_of_a_session_it_writes(store: Arc<dyn StorageBackend>) {
+    let source = StateManager::start(mars_state::MemoryStorageBackend::new()).await.unwrap();
+    source.save_session("s1", &json!({"step": 100})).await.unwrap();
+    source.save_session("s2", &json!({"step": 200})).await.unwrap();
+    let mut dump = Vec::new();
+    source.export_store(&mut dump, &mars_state::ExportOptions::new()).await.unwrap();
+    source.shutdown().await.unwrap();
+
+    let a = node(&store, "node-a", Duration::ZERO).await;
+    a.save_session("s1", &json!({"step": 1})).await.unwrap();
+    let importer = node(&store, "importer", Duration::ZERO).await;
+    let refused = importer.import_store(dump.as_slice()).await.unwrap_err();
+    match &refused {
+        StateError::OwnedElsewhere { node, .. } => assert_eq!(node, "node-a"),
+        other => panic!("expected OwnedElsewhere, got {other}"),
+    }
+    assert_eq!(a.load_session("s1").await.unwrap(), Some(json!({"step": 1})));
+    a.shutdown().await.unwrap();
+
+    let report = importer.import_store(dump.as_slice()).await.unwrap();
+    assert_eq!(report.session_records, 2, "{report:?}");
+    importer.shutdown().await.unwrap();
+    let b = node(&store, "node-b", Duration::ZERO).await;
+    assert_eq!(b.load_session("s1").await.unwrap(), Some(json!({"step": 100})));
+    assert_eq!(b.load_session("s2").await.unwrap(), Some(json!({"step": 200})));
+    b.shutdown().await.unwrap();
 }
 
 pub async fn a_watch_all_sees_every_nodes_events(store: Arc<dyn StorageBackend>) {
