@@ -1,7 +1,8 @@
 //! Shared by the benches: the states they save, shaped like an agent's working state (a
 //! conversation plus a few scalar fields), sized by their compact JSON; the save loops every
-//! bench times the same way; and, per server backend, the raw baselines and set-up that both
-//! that backend's own bench and the comparison runner use (`pg`, `redis`).
+//! bench times the same way; per server backend, the raw baselines and set-up that both
+//! that backend's own bench and the comparison runner use (`pg`, `redis`); and SQLite's
+//! own engine as a yardstick (`sqlite`).
 
 // Each bench is its own crate and uses a part of this module.
 #![allow(dead_code)]
@@ -14,6 +15,8 @@ pub mod redis;
 #[cfg(feature = "redis")]
 #[path = "../../tests/redis_backend/support.rs"]
 pub mod redis_server;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
