@@ -506,9 +506,9 @@ async fn sqlite_stores_read_like_file_stores() {
 /// it: after each change the holder makes, the next line the tool prints must be the event
 /// that change causes, and nothing else. Ends the tool with SIGINT (exit 0); the holder
 /// still writes afterwards.
-async fn watch_beside_holder(url: &str, holder: &StateManager) {
+async fn watch_beside_holder(url: &str, holder: &StateManager, env: &[(&str, &str)]) {
     use std::time::Duration;
-    let (child, rx) = spawn_watch(&[url, "--json", "--interval", "100"]);
+    let (child, rx) = spawn_watch(&[url, "--json", "--interval", "100"], env);
     let next_any = || -> Value {
         let line = rx.recv_timeout(Duration::from_secs(30)).expect("no event within 30 s");
         let v = json(&line);
@@ -564,7 +564,16 @@ async fn watch_follows_a_file_store_its_application_holds() {
     let (_dir, s, _) = demo(false, None).await;
     let holder =
         StateManager::start(mars_state::FileStorageBackend::new(&s).unwrap()).await.unwrap();
-    watch_beside_holder(&s, &holder).await;
+    watch_beside_holder(&s, &holder, &[]).await;
+    holder.shutdown().await.unwrap();
+    // Gzipped and encrypted: each look opens the store with the passphrase.
+    let (_dir, s, _) = demo(true, Some(PASSPHRASE)).await;
+    let holder = StateManager::builder(mars_state::FileStorageBackend::new(&s).unwrap())
+        .encryption_passphrase(PASSPHRASE)
+        .start()
+        .await
+        .unwrap();
+    watch_beside_holder(&s, &holder, &[("MARS_STATE_PASSPHRASE", PASSPHRASE)]).await;
     holder.shutdown().await.unwrap();
 }
 
@@ -578,6 +587,6 @@ async fn watch_follows_an_sqlite_store_its_application_holds() {
     build_demo(&m).await;
     m.shutdown().await.unwrap();
     let holder = StateManager::start(open()).await.unwrap();
-    watch_beside_holder(&format!("sqlite://{}", db.display()), &holder).await;
+    watch_beside_holder(&format!("sqlite://{}", db.display()), &holder, &[]).await;
     holder.shutdown().await.unwrap();
 }

@@ -72,7 +72,7 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let (child, lines) = spawn_watch(&[url, "--json"]);
+    let (child, lines) = spawn_watch(&[url, "--json"], &[]);
     act().await;
     let mut events = Vec::new();
     loop {

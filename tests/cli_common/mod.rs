@@ -171,12 +171,16 @@ fn time_at(s: &[char]) -> Option<usize> {
     if fits(":dd", &s[pat.len()..]) { Some(pat.len() + 3) } else { Some(pat.len()) }
 }
 
-/// Starts `mars-state watch ARGS...` and waits until it says on stderr that it is watching;
-/// returns the child and its stdout lines as they are printed.
-pub fn spawn_watch(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+/// Starts `mars-state watch ARGS...` (with the variables `env`) and waits until it says on
+/// stderr that it is watching; returns the child and its stdout lines as they are printed.
+pub fn spawn_watch(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = bin()
+        .envs(env.iter().copied())
         .arg("watch")
         .args(args)
         .stdout(Stdio::piped())
