@@ -126,6 +126,12 @@ async fn postgres_stores_gzipped_and_encrypted() {
     let empty = pg_common::Database::new().await;
     let err = stderr_of(&["ls", &empty.url()], 3);
     assert!(err.contains("no mars-state store"), "{err}");
+    let (client, conn) =
+        tokio_postgres::connect(&empty.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tables = "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'mars_state%'";
+    let made: i64 = client.query_one(tables, &[]).await.unwrap().get(0);
+    assert_eq!(made, 0, "`ls` made the store's tables");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

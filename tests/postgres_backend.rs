@@ -675,3 +675,42 @@ async fn a_batch_of_fenced_writes_answers_each_by_its_own_fence(
     // 28 puts applied, 3 refused over rows that were there, 4 deletes refused.
     assert_eq!(stored.len(), 28 + 3 + 4, "no other row written: {:?}", stored.keys());
 }
+
+/// A read-only open creates and migrates nothing: on a schema that is not there it is
+/// refused (`Config`, "no mars-state store") and the schema stays absent; on a store's
+/// schema it opens; on a schema of an older version it is refused and the version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_creates_and_migrates_nothing() {
+    let schema = Schema::new();
+    let read_only =
+        || PostgresStorageBackend::options().schema(schema.name()).read_only(true).pool_size(2);
+    let refused = read_only().connect(&test_url()).await.map(|_| ()).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    assert!(refused.to_string().contains("no mars-state store"), "{refused}");
+    let count = |sql: String| async move {
+        tokio::task::spawn_blocking(move || pg_common::admin_query_sync(&sql)).await.unwrap()
+    };
+    let namespaces =
+        format!("SELECT count(*) FROM pg_namespace WHERE nspname = '{}'", schema.name());
+    assert_eq!(count(namespaces.clone()).await[0].0, "0", "the read-only open made the schema");
+
+    let options = PostgresStorageBackend::options().schema(schema.name());
+    let writer = options.connect(&test_url()).await.unwrap();
+    let key = StorageKey::new("sessions/s1.json").unwrap();
+    writer.put(&key, b"{}".to_vec()).await.unwrap();
+    let reader = read_only().connect(&test_url()).await.unwrap();
+    assert_eq!(reader.get(&key).await.unwrap().as_deref(), Some(&b"{}"[..]));
+    drop(reader);
+
+    let versions = format!("\"{}\".mars_state_migrations", schema.name());
+    pg_common::admin_sql(&format!(
+        "DELETE FROM {versions} WHERE version = (SELECT max(version) FROM {versions})"
+    ))
+    .await;
+    let before = count(format!("SELECT count(*) FROM {versions}")).await;
+    let refused = read_only().connect(&test_url()).await.map(|_| ()).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    assert!(refused.to_string().contains("older"), "{refused}");
+    assert_eq!(count(format!("SELECT count(*) FROM {versions}")).await, before, "it migrated");
+    drop(writer);
+}

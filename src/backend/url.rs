@@ -69,8 +69,11 @@ pub async fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
 ///   no lock, its write-ahead log replayed in memory only;
 /// - an SQLite store with `SqliteOptions::read_only` (feature `sqlite`): no lock,
 ///   read-only connections (see there for the `-shm` file of WAL mode);
-/// - a PostgreSQL or Redis store is opened as [`open`] does: they have no lock, and
-///   reading them takes none. Their handle can still write; start the manager with
+/// - a PostgreSQL store with `PostgresOptions::read_only` (feature `postgres`): it creates
+///   and migrates nothing (a database without the store's schema, or with an older
+///   version of it, is refused);
+/// - a Redis store is opened as [`open`] does: it has no lock and no schema;
+/// - the PostgreSQL and Redis handles can still write; start the manager with
 ///   [`StateManagerBuilder::read_only`](crate::StateManagerBuilder::read_only), which
 ///   refuses every write of any backend;
 /// - `memory:` is refused ([`StateError::Config`]): a new memory store is empty, so there
@@ -112,6 +115,7 @@ pub async fn open_read_only(url: &str) -> Result<Arc<dyn StorageBackend>> {
     match scheme.to_ascii_lowercase().as_str() {
         "file" => read_only_file(local_path(url, rest)?),
         "sqlite" => sqlite_read_only(url, rest),
+        "postgres" | "postgresql" => postgres_read_only(url).await,
         "memory" => {
             Err(bad(url, "a new memory store is empty: there is nothing to open read-only"))
         }
@@ -143,6 +147,17 @@ fn sqlite_read_only(url: &str, _rest: &str) -> Result<Arc<dyn StorageBackend>> {
 #[cfg(feature = "postgres")]
 async fn postgres(url: &str) -> Result<Arc<dyn StorageBackend>> {
     Ok(Arc::new(super::PostgresStorageBackend::connect(url).await?))
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_read_only(url: &str) -> Result<Arc<dyn StorageBackend>> {
+    let options = super::PostgresStorageBackend::options().read_only(true);
+    Ok(Arc::new(options.connect(url).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_read_only(url: &str) -> Result<Arc<dyn StorageBackend>> {
+    Err(missing_feature(url, "postgres"))
 }
 
 #[cfg(not(feature = "postgres"))]

@@ -40,6 +40,7 @@ pub struct PostgresOptions {
     pub(super) schema: String,
     pub(super) best_effort: bool,
     pub(super) prepared_statements: bool,
+    pub(super) read_only: bool,
 }
 
 impl Default for PostgresOptions {
@@ -52,6 +53,7 @@ impl Default for PostgresOptions {
             schema: "public".to_owned(),
             best_effort: false,
             prepared_statements: true,
+            read_only: false,
         }
     }
 }
@@ -141,6 +143,22 @@ impl PostgresOptions {
     /// ```
     pub fn prepared_statements(mut self, enabled: bool) -> Self {
         self.prepared_statements = enabled;
+        self
+    }
+
+    /// Opens for reading only (default `false`): the connect creates and migrates nothing.
+    /// The schema must be there at this build's version; a database without one is
+    /// [`StateError::Config`] ("no mars-state store", nothing created), and so is a schema
+    /// of an older version (a writing open migrates it). For looking at a store others
+    /// write, under [`StateManagerBuilder::read_only`](crate::StateManagerBuilder::read_only)
+    /// (which refuses every write); [`backend::open_read_only`](crate::backend::open_read_only)
+    /// opens `postgres://` URLs so.
+    ///
+    /// ```
+    /// let options = mars_state::PostgresStorageBackend::options().read_only(true);
+    /// ```
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
         self
     }
 
@@ -249,6 +267,15 @@ impl PostgresOptions {
                 problems = %problems.join("; "),
                 "PostgreSQL backend in best-effort mode: an acknowledged write may be lost"
             );
+        }
+        if self.read_only {
+            let checked = real_time::hold(schema::check_version(&client, &schema, &self.schema));
+            checked.await.map_err(|e| match e {
+                MigrateError::Newer(e) => e,
+                MigrateError::Failed(f) => connect_error(&f),
+            })?;
+            drop(client);
+            return Ok(PostgresStorageBackend::start(shared, writers));
         }
         // Unbounded as before (it may wait for another process's migration), but held in
         // real time like every wait on the server.

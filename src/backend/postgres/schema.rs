@@ -537,12 +537,66 @@ async fn migrate_in_transaction(
     Ok(())
 }
 
-/// Why migrating failed.
+/// A read-only open's check of the schema, which writes nothing (no lock, no `CREATE`):
+/// the schema's migrations table must be there and at [`SCHEMA_VERSION`]. Anything else is
+/// [`MigrateError::Newer`] carrying the [`StateError::Config`] that says what to do.
+pub(super) async fn check_version(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<(), MigrateError> {
+    let rows = client
+        .simple_query(&format!(
+            "SELECT coalesce(max(version), 0) FROM {schema}.mars_state_migrations"
+        ))
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        // No such table (or no such schema): no store was ever made here.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Err(no_schema(name));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let version: i32 = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(-1);
+    let message = match version {
+        v if v == SCHEMA_VERSION => return Ok(()),
+        v if v < 0 => return Err(no_schema(name)),
+        v if v > SCHEMA_VERSION => format!(
+            "PostgreSQL schema {name} has mars-state schema version {v}; this build knows \
+             versions up to {SCHEMA_VERSION} (upgrade mars-state)"
+        ),
+        v => format!(
+            "PostgreSQL schema {name} has mars-state schema version {v}, older than this \
+             build's {SCHEMA_VERSION}: a read-only open does not migrate it (open it once \
+             for writing, which does)"
+        ),
+    };
+    Err(MigrateError::Newer(StateError::Config { message }))
+}
+
+fn no_schema(name: &str) -> MigrateError {
+    MigrateError::Newer(StateError::Config {
+        message: format!(
+            "no mars-state store in this database (schema {name} has no mars-state tables; a \
+             read-only open creates nothing)"
+        ),
+    })
+}
+
+/// Why migrating (or a read-only open's check) failed.
 #[derive(Debug)]
 pub(super) enum MigrateError {
     /// The database or connection failed.
     Failed(Failure),
-    /// The schema is newer than this build.
+    /// The schema is newer than this build (or, for a read-only open, not usable as it
+    /// is): the error says why.
     Newer(StateError),
 }
 
