@@ -108,7 +108,7 @@ impl Migrations {
         };
         Ok(match self.upgrade(session, schema, record.data())? {
             Some(bytes) => Migrated { state: StateBytes::from_vec(bytes), migrated: true },
-            None => Migrated { state: StateBytes::from_slice(record.data()), migrated: false },
+            None => Migrated { state: record.state(), migrated: false },
         })
     }
 

@@ -432,10 +432,14 @@ pub struct VacuumReport {
 
 /// A state serialized as compact JSON, cheap to clone. This is what travels in
 /// [`SessionMsg`](crate::SessionMsg)s and what session actors cache.
-#[derive(Clone, PartialEq, Eq)]
-// An `Arc<Vec<u8>>` rather than `Arc<[u8]>`: the serializer's buffer is shared as it is,
-// without a copy on every save.
-pub struct StateBytes(std::sync::Arc<Vec<u8>>);
+#[derive(Clone)]
+// A range of an `Arc<Vec<u8>>` rather than an `Arc<[u8]>`: the serializer's buffer is
+// shared as it is, without a copy on every save, and a loaded state is the `data` of the
+// record's buffer as it was read, without a copy on every load.
+pub struct StateBytes {
+    buf: std::sync::Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
 
 impl StateBytes {
     /// Serializes `state` to compact JSON.
@@ -450,37 +454,48 @@ impl StateBytes {
 
     /// Deserializes the state into `T`.
     pub fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_slice(&self.0).map_err(|e| StateError::json("", &e))
+        serde_json::from_slice(self.as_bytes()).map_err(|e| StateError::json("", &e))
     }
 
     /// The JSON bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        self.buf.get(self.range.clone()).unwrap_or_default()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_bytes().len()
     }
 
     /// Whether there are no bytes (never true for a valid state).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_bytes().is_empty()
     }
 
     pub(crate) fn from_vec(v: Vec<u8>) -> Self {
-        StateBytes(std::sync::Arc::new(v))
+        StateBytes { range: 0..v.len(), buf: std::sync::Arc::new(v) }
     }
 
-    pub(crate) fn from_slice(b: &[u8]) -> Self {
-        StateBytes::from_vec(b.to_vec())
+    /// The bytes at `range` of `buf`, sharing it (a record's `data` in the buffer it was
+    /// read into). A range outside `buf` reads as empty.
+    pub(crate) fn shared(buf: std::sync::Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Self {
+        debug_assert!(buf.get(range.clone()).is_some());
+        StateBytes { buf, range }
     }
 }
+
+impl PartialEq for StateBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for StateBytes {}
 
 impl fmt::Debug for StateBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print state contents: they may hold user data or credentials.
-        write!(f, "StateBytes({} bytes)", self.0.len())
+        write!(f, "StateBytes({} bytes)", self.len())
     }
 }
 

@@ -89,7 +89,7 @@ impl StateManager {
             RecordHead::Session { meta, .. }
                 if meta.schema == self.inner.config.migrations.current =>
             {
-                Ok(cx.rt.hot(sid).unwrap_or_else(|| Some(StateBytes::from_slice(d.data()))))
+                Ok(cx.rt.hot(sid).unwrap_or_else(|| Some(d.state())))
             }
             _ => cx.call(|reply| SessionMsg::Load { reply }).await,
         }

@@ -7,15 +7,27 @@
 //! A record is one line of JSON that `jq` reads:
 //!
 //! ```text
-//! {"mars_state":1,"crc32":"1a2b3c4d","kind":"session","session_id":"s1","saved_at":1764095662123,"meta":{"schema":1,"status":"running"},"data":{...}}
+//! {"mars_state":2,"crc32":"1a2b3c4d","data_at":"0000000196","data_len":"00000000000000000017","kind":"session","session_id":"s1","saved_at":1764095662123,"meta":{"schema":1,"status":"running"},"data":{...}}
 //! ```
 //!
-//! The envelope always starts with the literal `{"mars_state":1,"crc32":"`; the eight hex
-//! digits that follow are the CRC-32 of every byte after the `",` that closes them. So a
-//! change to any byte is detected: in the literal prefix (it no longer matches), in the
-//! checksum (it no longer agrees), or in the rest (the checksum no longer covers it). The
-//! `session_id` and `checkpoint_id` inside bind the record to its key, so a record copied
-//! over another is refused.
+//! The envelope starts with a header of fixed layout: the literal `{"mars_state":2,"crc32":"`,
+//! eight hex digits, then `","data_at":"`, ten decimal digits, `","data_len":"`, twenty
+//! decimal digits and `",`. The checksum is the CRC-32 of every byte after the `",` that
+//! closes it (the two numbers included); `data_at` is the offset of the first byte of
+//! `data` in the record and `data_len` its length. So a load checks the checksum over the
+//! bytes as they were read, parses only the few fields between the header and `"data":`,
+//! and hands `data` on as a slice of the same buffer: the state is parsed once, by whoever
+//! asked for it, and never copied (issue 15). Every number of the header is checked against
+//! the record's own bytes (`data` ends where the record's closing `}` starts, and `"data":`
+//! stands right before it), so a header that lies is [`StateError::Corrupt`], never a wrong
+//! slice. A change to any byte is detected: in the header's literals (they no longer
+//! match), in the checksum (it no longer agrees), or in the rest (the checksum no longer
+//! covers it). The `session_id` and `checkpoint_id` inside bind the record to its key, so a
+//! record copied over another is refused.
+//!
+//! Records of format 1 (written before issue 15: `{"mars_state":1,"crc32":"…",` with no
+//! `data_at` or `data_len`) still load: the checksum is checked the same way and the whole
+//! envelope is parsed to find `data`.
 //!
 //! Compressed stores gzip the whole line (`zcat | jq` reads it). Because a deflate stream
 //! has bits a decoder ignores, the gzip header carries an extra field (`MS`, 4 bytes) with
@@ -32,11 +44,33 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::backend::{RecordMeta, StorageKey};
-use crate::error::{Result, StateError};
-use crate::types::{BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus};
+use crate::error::{Result, StateError, redact};
+use crate::types::{
+    BranchId, CheckpointId, CheckpointReason, SessionId, SessionStatus, StateBytes,
+};
 
-const PREFIX: &[u8] = br#"{"mars_state":1,"crc32":""#;
-const HEADER_LEN: usize = PREFIX.len() + 8 + 2; // prefix, 8 hex digits, `",`
+/// The first bytes of a record of format 1 (no `data_at`, `data_len`).
+const PREFIX_V1: &[u8] = br#"{"mars_state":1,"crc32":""#;
+/// The first bytes of a record of the current format, 2.
+const PREFIX: &[u8] = br#"{"mars_state":2,"crc32":""#;
+/// Where the bytes the checksum covers start (both formats): after the prefix, 8 hex
+/// digits and `",`.
+const CRC_FROM: usize = PREFIX.len() + 8 + 2;
+const DATA_AT_KEY: &[u8] = br#""data_at":""#;
+const DATA_LEN_KEY: &[u8] = br#"","data_len":""#;
+/// Digits of `data_at` (the offset of `data` is a few hundred bytes: the header and the
+/// record's fields) and of `data_len` (any `u64`).
+const DATA_AT_DIGITS: usize = 10;
+const DATA_LEN_DIGITS: usize = 20;
+const DATA_AT_FROM: usize = CRC_FROM + DATA_AT_KEY.len();
+const DATA_LEN_FROM: usize = DATA_AT_FROM + DATA_AT_DIGITS + DATA_LEN_KEY.len();
+/// The length of the fixed header of format 2: up to and including the `",` after
+/// `data_len`.
+const HEADER_LEN: usize = DATA_LEN_FROM + DATA_LEN_DIGITS + 2;
+/// The key that stands right before the data.
+const DATA_KEY: &[u8] = br#""data":"#;
+/// What ends every record, after the data.
+const TAIL: &[u8] = b"}\n";
 
 /// How records are stored: plain JSON, or gzip at a level from 1 to 9.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,14 +201,48 @@ pub(crate) struct Decoded {
 }
 
 impl Decoded {
+    /// The record's `data` (compact JSON), a slice of the bytes as read.
     pub(crate) fn data(&self) -> &[u8] {
-        &self.bytes[self.data.clone()]
+        self.bytes.get(self.data.clone()).unwrap_or_default()
+    }
+
+    /// The record's `data` as a state that shares the record's buffer: no copy.
+    pub(crate) fn state(&self) -> StateBytes {
+        StateBytes::shared(Arc::clone(&self.bytes), self.data.clone())
+    }
+
+    /// Checks that `data` is JSON. A load leaves that to whoever parses the state (the
+    /// checksum vouches for the bytes the codec wrote, and the codec is only given JSON);
+    /// `verify` checks it, so that a record no load could parse is reported.
+    pub(crate) fn check_data(&self, key: &StorageKey) -> Result<()> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(self.data()).map(drop).map_err(|e| {
+            StateError::corrupt(key, format!("data is not JSON: {}", redact(&e.to_string())))
+        })
     }
 }
 
+/// The fields of an envelope between its header and `data`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Envelope<'a> {
+struct Fields<'a> {
+    kind: &'a str,
+    session_id: SessionId,
+    #[serde(default)]
+    saved_at: Option<u64>,
+    #[serde(default)]
+    checkpoint_id: Option<CheckpointId>,
+    #[serde(default)]
+    branch_id: Option<BranchId>,
+    #[serde(default)]
+    timestamp: Option<u64>,
+    #[serde(default, borrow)]
+    meta: Option<&'a RawValue>,
+}
+
+/// A whole envelope of format 1: the header's fields, [`Fields`], and `data`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvelopeV1<'a> {
     #[allow(dead_code)]
     mars_state: u32,
     #[allow(dead_code)]
@@ -195,9 +263,71 @@ struct Envelope<'a> {
     data: &'a RawValue,
 }
 
+impl<'a> EnvelopeV1<'a> {
+    fn split(self) -> (Fields<'a>, &'a RawValue) {
+        let EnvelopeV1 {
+            kind,
+            session_id,
+            saved_at,
+            checkpoint_id,
+            branch_id,
+            timestamp,
+            meta,
+            data,
+            ..
+        } = self;
+        (Fields { kind, session_id, saved_at, checkpoint_id, branch_id, timestamp, meta }, data)
+    }
+}
+
+impl Fields<'_> {
+    /// The record's head, if its fields match its kind.
+    fn head(self, key: &StorageKey) -> Result<RecordHead> {
+        fn meta<M: Default + serde::de::DeserializeOwned>(
+            key: &StorageKey,
+            raw: Option<&RawValue>,
+        ) -> Result<M> {
+            raw.map(|r| serde_json::from_str(r.get()))
+                .transpose()
+                .map(Option::unwrap_or_default)
+                .map_err(|e| {
+                    StateError::corrupt(
+                        key,
+                        format!("meta does not parse: {}", redact(&e.to_string())),
+                    )
+                })
+        }
+        Ok(match (self.kind, self.saved_at, self.checkpoint_id, self.branch_id, self.timestamp) {
+            ("session", Some(saved_at), None, None, None) => RecordHead::Session {
+                session_id: self.session_id,
+                saved_at,
+                meta: meta(key, self.meta)?,
+            },
+            ("checkpoint", None, Some(checkpoint_id), Some(branch_id), Some(timestamp)) => {
+                RecordHead::Checkpoint {
+                    session_id: self.session_id,
+                    checkpoint_id,
+                    branch_id,
+                    timestamp,
+                    meta: meta(key, self.meta)?,
+                }
+            }
+            _ => return Err(StateError::corrupt(key, "envelope fields do not match its kind")),
+        })
+    }
+}
+
 fn json_str(s: &str) -> String {
     // Ids are validated to a safe ASCII set, but escape anyway so the envelope stays JSON.
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// A number of the header: exactly `digits.len()` decimal digits.
+fn decimal(digits: &[u8]) -> Option<usize> {
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse::<u64>().ok()?.try_into().ok()
 }
 
 impl Codec {
@@ -227,15 +357,28 @@ impl Codec {
                 )
             }
         };
+        let data_at = HEADER_LEN + fields.len();
+        // Ten digits hold any offset the fields can reach (they are a few hundred bytes:
+        // ids of at most 128 bytes and the meta object); refused rather than misframed.
+        const MAX_DATA_AT: usize = 9_999_999_999;
+        if data_at > MAX_DATA_AT {
+            return Err(StateError::TooLarge { size: data_at, limit: MAX_DATA_AT });
+        }
         // One buffer, one copy of the state: header with a placeholder checksum, fields,
-        // data, then the checksum of everything after the header written in place.
-        let mut out = Vec::with_capacity(HEADER_LEN + fields.len() + data.len() + 2);
+        // data, then the checksum of everything after it written in place.
+        let mut out = Vec::with_capacity(data_at + data.len() + TAIL.len());
         out.extend_from_slice(PREFIX);
         out.extend_from_slice(b"00000000\",");
+        out.extend_from_slice(DATA_AT_KEY);
+        out.extend_from_slice(format!("{data_at:0DATA_AT_DIGITS$}").as_bytes());
+        out.extend_from_slice(DATA_LEN_KEY);
+        out.extend_from_slice(format!("{:0DATA_LEN_DIGITS$}", data.len()).as_bytes());
+        out.extend_from_slice(b"\",");
         out.extend_from_slice(fields.as_bytes());
+        debug_assert_eq!(out.len(), data_at);
         out.extend_from_slice(data);
-        out.extend_from_slice(b"}\n");
-        let crc = crc32fast::hash(&out[HEADER_LEN..]);
+        out.extend_from_slice(TAIL);
+        let crc = crc32fast::hash(&out[CRC_FROM..]);
         out[PREFIX.len()..PREFIX.len() + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
         match self.compression {
             Compression::None => Ok(out),
@@ -286,56 +429,102 @@ impl Codec {
                 format!("record of {} bytes exceeds the limit", bytes.len()),
             ));
         }
-        if bytes.len() < HEADER_LEN
-            || !bytes.starts_with(PREFIX)
+        if bytes.starts_with(PREFIX) {
+            Self::parse_v2(key, bytes)
+        } else if bytes.starts_with(PREFIX_V1) {
+            Self::parse_v1(key, bytes)
+        } else {
+            Err(StateError::corrupt(key, "not a mars-state record (header missing or damaged)"))
+        }
+    }
+
+    /// Checks the checksum field (at the same place in both formats) against the bytes
+    /// after it.
+    fn check_crc(key: &StorageKey, bytes: &[u8]) -> Result<()> {
+        let stored = std::str::from_utf8(&bytes[PREFIX.len()..PREFIX.len() + 8])
+            .ok()
+            .filter(|h| h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| StateError::corrupt(key, "checksum field damaged"))?;
+        if crc32fast::hash(&bytes[CRC_FROM..]) != stored {
+            return Err(StateError::corrupt(key, "checksum mismatch"));
+        }
+        Ok(())
+    }
+
+    /// A record of the current format: the header says where `data` lies, so only the
+    /// fields before it are parsed.
+    fn parse_v2(key: &StorageKey, bytes: &[u8]) -> Result<(RecordHead, Range<usize>)> {
+        let damaged =
+            || StateError::corrupt(key, "not a mars-state record (header missing or damaged)");
+        if bytes.len() < HEADER_LEN + DATA_KEY.len() + 1 + TAIL.len()
+            || &bytes[CRC_FROM - 2..CRC_FROM] != b"\","
+            || &bytes[CRC_FROM..DATA_AT_FROM] != DATA_AT_KEY
+            || &bytes[DATA_AT_FROM + DATA_AT_DIGITS..DATA_LEN_FROM] != DATA_LEN_KEY
             || &bytes[HEADER_LEN - 2..HEADER_LEN] != b"\","
         {
+            return Err(damaged());
+        }
+        Self::check_crc(key, bytes)?;
+        let data_at = decimal(&bytes[DATA_AT_FROM..DATA_AT_FROM + DATA_AT_DIGITS])
+            .ok_or_else(|| StateError::corrupt(key, "data offset field damaged"))?;
+        let data_len = decimal(&bytes[DATA_LEN_FROM..DATA_LEN_FROM + DATA_LEN_DIGITS])
+            .ok_or_else(|| StateError::corrupt(key, "data length field damaged"))?;
+        if !bytes.ends_with(TAIL) {
+            return Err(StateError::corrupt(key, "record is truncated"));
+        }
+        // The header's numbers, checked against the record's own bytes: `data` is not empty,
+        // it ends where the closing `}` starts, and `"data":` stands right before it.
+        let data_end = bytes.len() - TAIL.len();
+        if data_len == 0
+            || data_at < HEADER_LEN + DATA_KEY.len()
+            || data_at.checked_add(data_len) != Some(data_end)
+        {
+            return Err(StateError::corrupt(
+                key,
+                "the header's data offset and length do not match the record",
+            ));
+        }
+        let Some(fields) = bytes[HEADER_LEN..data_at - DATA_KEY.len()]
+            .strip_suffix(b",")
+            .filter(|_| bytes[..data_at].ends_with(DATA_KEY))
+        else {
+            return Err(StateError::corrupt(
+                key,
+                "the header's data offset does not point at data",
+            ));
+        };
+        // The fields as an object of their own: a copy of a few hundred bytes, not of the
+        // state.
+        let mut object = Vec::with_capacity(fields.len() + 2);
+        object.push(b'{');
+        object.extend_from_slice(fields);
+        object.push(b'}');
+        let fields: Fields<'_> = serde_json::from_slice(&object).map_err(|e| {
+            StateError::corrupt(key, format!("envelope does not parse: {}", redact(&e.to_string())))
+        })?;
+        Ok((fields.head(key)?, data_at..data_end))
+    }
+
+    /// A record of format 1 (written before issue 15): the whole envelope is parsed to
+    /// find `data`.
+    fn parse_v1(key: &StorageKey, bytes: &[u8]) -> Result<(RecordHead, Range<usize>)> {
+        if bytes.len() < CRC_FROM || &bytes[CRC_FROM - 2..CRC_FROM] != b"\"," {
             return Err(StateError::corrupt(
                 key,
                 "not a mars-state record (header missing or damaged)",
             ));
         }
-        let hex = std::str::from_utf8(&bytes[PREFIX.len()..PREFIX.len() + 8])
-            .ok()
-            .filter(|h| h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .ok_or_else(|| StateError::corrupt(key, "checksum field damaged"))?;
-        if crc32fast::hash(&bytes[HEADER_LEN..]) != hex {
-            return Err(StateError::corrupt(key, "checksum mismatch"));
-        }
-        if !bytes.ends_with(b"}\n") {
+        Self::check_crc(key, bytes)?;
+        if !bytes.ends_with(TAIL) {
             return Err(StateError::corrupt(key, "record is truncated"));
         }
-        let env: Envelope<'_> = serde_json::from_slice(bytes)
-            .map_err(|e| StateError::corrupt(key, format!("envelope does not parse: {e}")))?;
-        fn meta<M: Default + serde::de::DeserializeOwned>(
-            key: &StorageKey,
-            raw: Option<&RawValue>,
-        ) -> Result<M> {
-            raw.map(|r| serde_json::from_str(r.get()))
-                .transpose()
-                .map(Option::unwrap_or_default)
-                .map_err(|e| StateError::corrupt(key, format!("meta does not parse: {e}")))
-        }
-        let head = match (env.kind, env.saved_at, env.checkpoint_id, env.branch_id, env.timestamp) {
-            ("session", Some(saved_at), None, None, None) => RecordHead::Session {
-                session_id: env.session_id,
-                saved_at,
-                meta: meta(key, env.meta)?,
-            },
-            ("checkpoint", None, Some(checkpoint_id), Some(branch_id), Some(timestamp)) => {
-                RecordHead::Checkpoint {
-                    session_id: env.session_id,
-                    checkpoint_id,
-                    branch_id,
-                    timestamp,
-                    meta: meta(key, env.meta)?,
-                }
-            }
-            _ => return Err(StateError::corrupt(key, "envelope fields do not match its kind")),
-        };
-        let start = env.data.get().as_ptr() as usize - bytes.as_ptr() as usize;
-        Ok((head, start..start + env.data.get().len()))
+        let env: EnvelopeV1<'_> = serde_json::from_slice(bytes).map_err(|e| {
+            StateError::corrupt(key, format!("envelope does not parse: {}", redact(&e.to_string())))
+        })?;
+        let (fields, data) = env.split();
+        let start = data.get().as_ptr() as usize - bytes.as_ptr() as usize;
+        Ok((fields.head(key)?, start..start + data.get().len()))
     }
 
     fn gunzip(&self, key: &StorageKey, raw: &[u8]) -> Result<Vec<u8>> {
@@ -347,7 +536,17 @@ impl Codec {
             return Err(StateError::corrupt(key, "compressed checksum mismatch"));
         }
         let mut dec = flate2::bufread::GzDecoder::new(raw);
-        let mut out = Vec::new();
+        // Sized from the gzip trailer (the decompressed length, covered by the checksum
+        // above): the buffer is not grown and copied on the way, and a state that shares it
+        // holds no slack. Bounded by the limit whatever the trailer says.
+        let trailer = raw.len() - 4;
+        let plain_len = u32::from_le_bytes([
+            raw[trailer],
+            raw[trailer + 1],
+            raw[trailer + 2],
+            raw[trailer + 3],
+        ]);
+        let mut out = Vec::with_capacity((plain_len as usize).min(self.max_record));
         (&mut dec)
             .take(self.max_record as u64 + 1)
             .read_to_end(&mut out)
@@ -434,5 +633,207 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&enc).unwrap();
         assert_eq!(v["data"]["a"][1], 2);
         assert_eq!(v["session_id"], "s1");
+        assert_eq!(v["mars_state"], 2);
+        // The header's numbers say where `data` is, in the record's own bytes.
+        let at: usize = v["data_at"].as_str().unwrap().parse().unwrap();
+        let len: usize = v["data_len"].as_str().unwrap().parse().unwrap();
+        assert_eq!(&enc[at..at + len], br#"{"a":[1,2]}"#);
+        assert_eq!(enc.len(), at + len + 2);
+    }
+
+    fn plain() -> Codec {
+        Codec { compression: Compression::None, encrypted: false, max_record: 1 << 20 }
+    }
+
+    fn checkpoint_head() -> RecordHead {
+        RecordHead::Checkpoint {
+            session_id: SessionId::new("s1").unwrap(),
+            checkpoint_id: CheckpointId::parse("0192a3b4c5d60001-1a2b3c4d").unwrap(),
+            branch_id: BranchId::new("main").unwrap(),
+            timestamp: 9,
+            meta: CheckpointMeta { schema: 3, step: Some(4), ..CheckpointMeta::default() },
+        }
+    }
+
+    /// The checksum of a plain record written again over its bytes (what a writer with a
+    /// bug in its header would store).
+    fn reseal(bytes: &mut [u8]) {
+        let crc = crc32fast::hash(&bytes[CRC_FROM..]);
+        bytes[PREFIX.len()..PREFIX.len() + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
+    }
+
+    /// A record of format 1, as versions before issue 15 wrote it.
+    fn v1_record(fields: &str, data: &str) -> Vec<u8> {
+        let mut out =
+            format!("{{\"mars_state\":1,\"crc32\":\"00000000\",{fields},\"data\":{data}}}\n")
+                .into_bytes();
+        reseal(&mut out);
+        out
+    }
+
+    fn corrupt(r: std::result::Result<Decoded, (StateError, Vec<u8>)>) -> String {
+        match r {
+            Err((StateError::Corrupt { reason, .. }, _)) => reason,
+            Err((e, _)) => panic!("not Corrupt: {e}"),
+            Ok(d) => panic!("accepted, data {:?}", String::from_utf8_lossy(d.data())),
+        }
+    }
+
+    #[test]
+    fn a_record_of_format_1_still_loads() {
+        // A record of the v1 fixture (tests/fixtures/v1), byte for byte.
+        let fixture = br#"{"mars_state":1,"crc32":"e8717655","kind":"session","session_id":"agent-b","saved_at":1795636056239,"meta":{"schema":1,"status":"paused","reason":"waiting for human review","status_at":1795636056239,"step":2},"data":{"msgs":["message 1","message 2"],"step":2}}
+"#;
+        let key = StorageKey::new("sessions/agent-b.json").unwrap();
+        let d = plain().decode(&key, fixture.to_vec()).map_err(|e| e.0).unwrap();
+        assert_eq!(d.data(), br#"{"msgs":["message 1","message 2"],"step":2}"#);
+        let RecordHead::Session { session_id, saved_at, meta } = &d.head else {
+            panic!("not a session: {:?}", d.head)
+        };
+        assert_eq!((session_id.as_str(), *saved_at), ("agent-b", 1795636056239));
+        assert_eq!(meta.status, SessionStatus::Paused);
+        assert_eq!(meta.reason.as_deref(), Some("waiting for human review"));
+        assert_eq!(meta.step, Some(2));
+
+        // A checkpoint of format 1, plain and gzipped (the gzip frame did not change).
+        let v1 = v1_record(
+            r#""kind":"checkpoint","session_id":"s1","checkpoint_id":"0192a3b4c5d60001-1a2b3c4d","branch_id":"main","timestamp":9,"meta":{"schema":3,"step":4}"#,
+            r#"{"x":[1,"two"]}"#,
+        );
+        for bytes in [v1.clone(), gzip(&v1, 6).unwrap()] {
+            let d = plain().decode(&key, bytes).map_err(|e| e.0).unwrap();
+            assert_eq!(d.head, checkpoint_head());
+            assert_eq!(d.data(), br#"{"x":[1,"two"]}"#);
+        }
+        // Still checked as strictly as before: every flipped bit and every cut is Corrupt.
+        for i in 0..v1.len() * 8 {
+            let mut bad = v1.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            corrupt(plain().decode(&key, bad));
+        }
+        for len in 0..v1.len() {
+            corrupt(plain().decode(&key, v1[..len].to_vec()));
+        }
+    }
+
+    #[test]
+    fn the_loaded_state_shares_the_read_buffer() {
+        let enc = plain().encode(&head(), br#"{"step":42}"#).unwrap();
+        let d = plain().decode(&key(), enc).map_err(|e| e.0).unwrap();
+        let state = d.state();
+        assert_eq!(state.as_bytes(), br#"{"step":42}"#);
+        assert_eq!(state.as_bytes().as_ptr(), d.bytes[d.data.start..].as_ptr(), "copied");
+        assert_eq!(state.deserialize::<serde_json::Value>().unwrap()["step"], 42);
+    }
+
+    /// Every way the numbers of the header can lie, with the checksum made to agree: each is
+    /// `Corrupt`, never a panic or a slice that is not the data.
+    #[test]
+    fn a_header_that_lies_is_corrupt() {
+        let data = br#"{"step":42,"msg":"hello"}"#;
+        let good = plain().encode(&checkpoint_head(), data).unwrap();
+        let at = |b: &[u8]| decimal(&b[DATA_AT_FROM..DATA_AT_FROM + DATA_AT_DIGITS]).unwrap();
+        let data_at = at(&good);
+        let len = data.len();
+        let set = |field: usize, digits: usize, text: String| {
+            let mut b = good.clone();
+            assert_eq!(text.len(), digits, "{text}");
+            b[field..field + digits].copy_from_slice(text.as_bytes());
+            reseal(&mut b);
+            b
+        };
+        let offset = |v: usize| set(DATA_AT_FROM, DATA_AT_DIGITS, format!("{v:010}"));
+        let length = |v: usize| set(DATA_LEN_FROM, DATA_LEN_DIGITS, format!("{v:020}"));
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("offset one early", offset(data_at - 1)),
+            ("offset one late", offset(data_at + 1)),
+            ("offset 0", offset(0)),
+            ("offset into the header", offset(HEADER_LEN - 1)),
+            ("offset into the fields", offset(HEADER_LEN + 10)),
+            ("offset at the end", offset(good.len())),
+            ("offset past the end", offset(good.len() + 100)),
+            ("largest offset", offset(9_999_999_999)),
+            ("length one short", length(len - 1)),
+            ("length one long", length(len + 1)),
+            ("length 0", length(0)),
+            ("length past the end", length(good.len())),
+            ("largest u64 length", length(u64::MAX as usize)),
+            ("length beyond u64", set(DATA_LEN_FROM, DATA_LEN_DIGITS, "9".repeat(20))),
+            ("offset not digits", set(DATA_AT_FROM, DATA_AT_DIGITS, "00000000x1".into())),
+            ("offset with a sign", set(DATA_AT_FROM, DATA_AT_DIGITS, "+000000123".into())),
+            ("length not digits", set(DATA_LEN_FROM, DATA_LEN_DIGITS, format!("{:>20}", len))),
+            ("both moved by one", {
+                let mut b = offset(data_at + 1);
+                b[DATA_LEN_FROM..DATA_LEN_FROM + DATA_LEN_DIGITS]
+                    .copy_from_slice(format!("{:020}", len - 1).as_bytes());
+                reseal(&mut b);
+                b
+            }),
+            ("a data key in the fields", {
+                // `"data":` moved into the fields, where the header says data starts.
+                let text = String::from_utf8(good.clone()).unwrap();
+                let text =
+                    text.replacen(r#""kind":"checkpoint""#, r#""data":0,"kind":"checkpoint""#, 1);
+                let mut b = text.into_bytes();
+                let at = HEADER_LEN + r#""data":"#.len();
+                let len = b.len() - 2 - at;
+                b[DATA_AT_FROM..DATA_AT_FROM + DATA_AT_DIGITS]
+                    .copy_from_slice(format!("{at:010}").as_bytes());
+                b[DATA_LEN_FROM..DATA_LEN_FROM + DATA_LEN_DIGITS]
+                    .copy_from_slice(format!("{len:020}").as_bytes());
+                reseal(&mut b);
+                b
+            }),
+        ];
+        for (name, bytes) in cases {
+            let reason = corrupt(plain().decode(&key(), bytes.clone()));
+            assert!(!reason.is_empty(), "{name}");
+            // Not resealed: the checksum catches it first.
+            let mut stale = bytes;
+            stale[PREFIX.len()..PREFIX.len() + 8]
+                .copy_from_slice(&good[PREFIX.len()..PREFIX.len() + 8]);
+            if stale != good {
+                corrupt(plain().decode(&key(), stale));
+            }
+        }
+        // A damaged checksum field, and a checksum that does not agree.
+        for crc in ["0000000g", "ABCDEF01", "        ", "00000000"] {
+            let mut b = good.clone();
+            b[PREFIX.len()..PREFIX.len() + 8].copy_from_slice(crc.as_bytes());
+            corrupt(plain().decode(&key(), b));
+        }
+        assert_eq!(at(&good), data_at, "the good record is untouched");
+        let d = plain().decode(&key(), good).map_err(|e| e.0).unwrap();
+        assert_eq!(d.data(), data);
+    }
+
+    /// Any byte of the header or fields replaced, checksum made to agree: never a panic, and
+    /// a record still accepted (a field's value changed) still gives exactly the data; a
+    /// change to the header's numbers or literals is always `Corrupt`.
+    #[test]
+    fn any_resealed_header_byte_is_corrupt_or_the_same_data() {
+        let data = br#"{"step":42,"msg":"hello"}"#;
+        let good = plain().encode(&checkpoint_head(), data).unwrap();
+        let data_at = good.len() - 2 - data.len();
+        let mut rejected = 0;
+        for i in 0..data_at {
+            for byte in [b'0', b'1', b'9', b'"', b',', b':', b'{', b'}', b' ', b'\\', 0xff, 0] {
+                if good[i] == byte || (PREFIX.len()..PREFIX.len() + 8).contains(&i) {
+                    continue;
+                }
+                let mut b = good.clone();
+                b[i] = byte;
+                reseal(&mut b);
+                match plain().decode(&key(), b) {
+                    Ok(d) => {
+                        assert!(i >= HEADER_LEN, "header byte {i} replaced by {byte} accepted");
+                        assert_eq!(d.data(), data, "byte {i} replaced by {byte}");
+                    }
+                    Err((StateError::Corrupt { .. }, _)) => rejected += 1,
+                    Err((e, _)) => panic!("byte {i}: not Corrupt: {e}"),
+                }
+            }
+        }
+        assert!(rejected > data_at, "{rejected}");
     }
 }

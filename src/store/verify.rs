@@ -219,7 +219,7 @@ impl Store {
             RecordKind::Session { session } => match self.codec.decode(key, raw) {
                 Ok(d) => match &d.head {
                     RecordHead::Session { session_id, .. } if session_id.as_str() == session => {
-                        None
+                        d.check_data(key).err().map(reason_of)
                     }
                     _ => Some("the record belongs to another key".to_owned()),
                 },
@@ -231,7 +231,7 @@ impl Store {
                         if session_id.as_str() == session
                             && checkpoint_id.as_str() == checkpoint =>
                     {
-                        None
+                        d.check_data(key).err().map(reason_of)
                     }
                     _ => Some("the record belongs to another key".to_owned()),
                 },
