@@ -4,7 +4,10 @@
 //! answers of the actor path: the saved state after a restart, the same `Corrupt` error
 //! (and quarantine copy) for a damaged record, migrations of older records, access checks,
 //! and never a state older than one acknowledged before the load began, also while actors
-//! passivate, respawn and flush recorded steps around the load.
+//! passivate, respawn and flush recorded steps around the load. A cold load finds `data`
+//! from the record's header (format 2): a record of format 1, written before that header
+//! existed, still loads cold, and a header whose numbers lie (its checksum made to agree)
+//! is `Corrupt` and quarantined like any other damage.
 
 mod common;
 
@@ -429,5 +432,122 @@ async fn a_cold_load_never_returns_a_state_later_loads_go_back_from() {
     backend.put_after.release();
     saving.await.unwrap().unwrap();
     assert_eq!(m.load_session("s").await.unwrap(), Some(state(2)));
+    m.shutdown().await.unwrap();
+}
+
+/// A plain record's checksum written again over its bytes (what a writer with a bug in its
+/// header would store): the CRC-32 of every byte after the 8 hex digits and `",`.
+fn reseal(record: &mut [u8]) {
+    let prefix = br#"{"mars_state":2,"crc32":""#.len();
+    let crc = crc32fast::hash(&record[prefix + 10..]);
+    record[prefix..prefix + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
+}
+
+/// Where the digits of the header field `name` (`data_at` or `data_len`) are in a record.
+fn header_field(record: &[u8], name: &str) -> std::ops::Range<usize> {
+    let key = format!("\"{name}\":\"");
+    let at = record.windows(key.len()).position(|w| w == key.as_bytes()).unwrap() + key.len();
+    let len = record[at..].iter().position(|b| *b == b'"').unwrap();
+    at..at + len
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_format_1_loads_cold_and_is_rewritten_in_format_2_by_a_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open_quiet(dir.path(), None).await;
+    m.save_session("other", &state(1)).await.unwrap();
+    m.shutdown().await.unwrap();
+    // As versions before format 2 wrote it: no `data_at`, no `data_len`.
+    let data = r#"{"msgs":["message 1","message \"2\""],"step":2,"nested":{"k":[1,2.5,null]}}"#;
+    let mut v1 = format!(
+        r#"{{"mars_state":1,"crc32":"00000000","kind":"session","session_id":"old","saved_at":1795636056182,"meta":{{"schema":1,"status":"running","step":2}},"data":{data}}}"#
+    )
+    .into_bytes();
+    v1.push(b'\n');
+    let crc = crc32fast::hash(&v1[br#"{"mars_state":1,"crc32":"00000000","#.len()..]);
+    v1[25..33].copy_from_slice(format!("{crc:08x}").as_bytes());
+    let path = session_file(dir.path(), "old", None);
+    common::put_file(&path, &v1);
+
+    let m = open_quiet(dir.path(), None).await;
+    let expected: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(m.load_session("old").await.unwrap(), Some(expected.clone()));
+    let m = restart(m, dir.path(), None).await;
+    assert_eq!(m.load_session_bytes("old").await.unwrap().unwrap().as_bytes(), data.as_bytes());
+    assert!(quarantined(dir.path()).is_empty(), "nothing was taken for damage");
+
+    // A save writes format 2, which loads cold too.
+    m.transactional_update("old", |v: Option<Value>| {
+        let mut v = v.expect("the state of format 1");
+        v["step"] = json!(3);
+        Ok::<_, common::Never>(v)
+    })
+    .await
+    .unwrap();
+    let m = restart(m, dir.path(), None).await;
+    let stored = std::fs::read(&path).unwrap();
+    assert!(
+        stored.starts_with(br#"{"mars_state":2,"crc32":""#),
+        "{}",
+        String::from_utf8_lossy(&stored)
+    );
+    let mut updated = expected;
+    updated["step"] = json!(3);
+    assert_eq!(m.load_session("old").await.unwrap(), Some(updated));
+    assert_eq!(m.load_session("other").await.unwrap(), Some(state(1)));
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_header_lies_about_data_is_corrupt_and_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open_quiet(dir.path(), None).await;
+    m.save_session("lied", &state(1)).await.unwrap();
+    m.save_session("fine", &state(2)).await.unwrap();
+    m.shutdown().await.unwrap();
+    let path = session_file(dir.path(), "lied", None);
+    let good = std::fs::read(&path).unwrap();
+    let number = |name: &str| -> usize {
+        std::str::from_utf8(&good[header_field(&good, name)]).unwrap().parse().unwrap()
+    };
+    let (data_at, data_len) = (number("data_at"), number("data_len"));
+    assert_eq!(good.len(), data_at + data_len + 2);
+    // Each number moved, alone or both together (so that they still add up), and a length
+    // past the end: the checksum is made to agree every time.
+    let set = |changes: &[(&str, usize)]| {
+        let mut b = good.clone();
+        for (name, value) in changes {
+            let at = header_field(&b, name);
+            let text = format!("{value:0width$}", width = at.len());
+            b[at].copy_from_slice(text.as_bytes());
+        }
+        reseal(&mut b);
+        b
+    };
+    let cases = [
+        ("offset one late", set(&[("data_at", data_at + 1)])),
+        ("offset one early", set(&[("data_at", data_at - 1)])),
+        ("length one short", set(&[("data_len", data_len - 1)])),
+        ("length past the end", set(&[("data_len", 10 * good.len())])),
+        ("both moved", set(&[("data_at", data_at + 1), ("data_len", data_len - 1)])),
+        ("both at the fields", set(&[("data_at", data_at - 20), ("data_len", data_len + 20)])),
+    ];
+    for (name, lying) in cases {
+        common::put_file(&path, &lying);
+        let m = open_quiet(dir.path(), None).await;
+        let err = m.load_session("lied").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{name}: {err}");
+        assert!(quarantined(dir.path()).contains(&lying), "{name}: quarantined");
+        let bytes = m.load_session_bytes("lied").await.unwrap_err();
+        assert_eq!(bytes.kind(), ErrorKind::Corrupt, "{name}: {bytes}");
+        assert_eq!(m.load_session("fine").await.unwrap(), Some(state(2)), "{name}");
+        let report = m.verify_store(|_, _| {}).await.unwrap();
+        assert_eq!(report.damaged.len(), 1, "{name}: {report:?}");
+        m.shutdown().await.unwrap();
+    }
+    // The record as written still loads.
+    common::put_file(&path, &good);
+    let m = open_quiet(dir.path(), None).await;
+    assert_eq!(m.load_session("lied").await.unwrap(), Some(state(1)));
     m.shutdown().await.unwrap();
 }

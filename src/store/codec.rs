@@ -7,7 +7,7 @@
 //! A record is one line of JSON that `jq` reads:
 //!
 //! ```text
-//! {"mars_state":2,"crc32":"1a2b3c4d","data_at":"0000000196","data_len":"00000000000000000017","kind":"session","session_id":"s1","saved_at":1764095662123,"meta":{"schema":1,"status":"running"},"data":{...}}
+//! {"mars_state":2,"crc32":"1a2b3c4d","data_at":"0000000198","data_len":"00000000000000001234","kind":"session","session_id":"s1","saved_at":1764095662123,"meta":{"schema":1,"status":"running"},"data":{...}}
 //! ```
 //!
 //! The envelope starts with a header of fixed layout: the literal `{"mars_state":2,"crc32":"`,
@@ -27,7 +27,8 @@
 //!
 //! Records of format 1 (written before issue 15: `{"mars_state":1,"crc32":"…",` with no
 //! `data_at` or `data_len`) still load: the checksum is checked the same way and the whole
-//! envelope is parsed to find `data`.
+//! envelope is parsed to find `data`. (Versions before format 2 take a record of format 2
+//! for a damaged one: `metadata/store.json` still says format 1.)
 //!
 //! Compressed stores gzip the whole line (`zcat | jq` reads it). Because a deflate stream
 //! has bits a decoder ignores, the gzip header carries an extra field (`MS`, 4 bytes) with
@@ -724,6 +725,24 @@ mod tests {
         assert_eq!(state.as_bytes(), br#"{"step":42}"#);
         assert_eq!(state.as_bytes().as_ptr(), d.bytes[d.data.start..].as_ptr(), "copied");
         assert_eq!(state.deserialize::<serde_json::Value>().unwrap()["step"], 42);
+    }
+
+    #[test]
+    fn check_data_reports_data_that_is_not_json() {
+        let good = plain().encode(&head(), br#"{"a":1}"#).unwrap();
+        let d = plain().decode(&key(), good).map_err(|e| e.0).unwrap();
+        d.check_data(&key()).unwrap();
+        // Sealed by a writer that was handed something other than JSON: a load passes it on
+        // (whoever parses the state says it does not parse), verify reports it.
+        let bad = plain().encode(&head(), br#"{"a":1"#).unwrap();
+        let d = plain().decode(&key(), bad).map_err(|e| e.0).unwrap();
+        assert_eq!(d.data(), br#"{"a":1"#);
+        assert!(d.state().deserialize::<serde_json::Value>().is_err());
+        let e = d.check_data(&key()).unwrap_err();
+        assert!(
+            matches!(&e, StateError::Corrupt { reason, .. } if reason.starts_with("data is not JSON")),
+            "{e}"
+        );
     }
 
     /// Every way the numbers of the header can lie, with the checksum made to agree: each is
