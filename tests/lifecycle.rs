@@ -14,6 +14,10 @@
 //! from a copy in a temporary directory. `MARS_WRITE_FIXTURES=1 cargo test --test lifecycle
 //! write_fixtures` regenerates them (without the variable that test does nothing); the
 //! values the golden tests expect are hard-coded from the generator's deterministic inputs.
+//! Their records are also of record format 1 (before the header said where `data` starts,
+//! issue 15) and their `metadata/store.json` of store format 1: they pin that such stores
+//! still open and load, and that an open for writing marks them format 2 (regenerated with
+//! today's code they would lose that).
 //!
 //! The "file" stores are on the backend `MARS_STATE_TEST_BACKEND` picks
 //! (`tests/common/backend.rs`; the file backend by default). On another backend, a fixture
@@ -1324,6 +1328,59 @@ fn the_plain_v1_fixture_is_jq_readable_json_at_schema_1() {
         (&json!("paused"), &json!("waiting for human review"))
     );
     assert_eq!(b["data"], v1_state(2));
+}
+
+/// `"mars_state"` of a store's `metadata/store.json`, and the rest of it.
+fn store_format(dir: &Path) -> (Value, Value) {
+    let mut meta: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("metadata/store.json")).unwrap()).unwrap();
+    let format = meta.as_object_mut().unwrap().remove("mars_state").unwrap();
+    (format, meta)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_format_1_is_marked_format_2_by_an_open_for_writing_only() {
+    if !file_backend_only(
+        "a_store_of_format_1_is_marked_format_2_by_an_open_for_writing_only",
+        "reads metadata/store.json as a file",
+    ) {
+        return;
+    }
+    for (name, compression) in FIXTURES {
+        let (_tmp, dir) = fixture_copy(name);
+        let (format, settings) = store_format(&dir);
+        assert_eq!(format, 1, "{name}");
+        let before = std::fs::read(dir.join("metadata/store.json")).unwrap();
+        // Read-only: nothing is written, the records of format 1 load.
+        let m = file_builder(&dir, compression).read_only().start().await.unwrap();
+        check_fixture(&m, v1_state).await;
+        m.shutdown().await.unwrap();
+        assert_eq!(std::fs::read(dir.join("metadata/store.json")).unwrap(), before, "{name}");
+        // For writing: marked format 2 at the open, settings kept, old records still load,
+        // and a save writes a record of format 2 beside them.
+        let m = file_builder_direct(&dir, compression).start().await.unwrap();
+        assert_eq!(store_format(&dir), (json!(2), settings.clone()), "{name}");
+        check_fixture(&m, v1_state).await;
+        m.save_session("new", &json!({"n": 1})).await.unwrap();
+        m.shutdown().await.unwrap();
+        let m = file_builder(&dir, compression).start().await.unwrap();
+        assert_eq!(m.load_session("new").await.unwrap(), Some(json!({"n": 1})), "{name}");
+        assert_eq!(m.load_session("agent-b").await.unwrap(), Some(v1_state(2)), "{name}");
+        m.shutdown().await.unwrap();
+        if compression.is_none() {
+            let new = std::fs::read(dir.join("sessions/new.json")).unwrap();
+            assert!(new.starts_with(br#"{"mars_state":2,"crc32":""#), "{name}");
+        }
+        assert_eq!(store_format(&dir), (json!(2), settings), "{name}");
+    }
+    // A format this version does not know is refused, and the store is left as it is.
+    let (_tmp, dir) = fixture_copy("v1");
+    let later = br#"{"mars_state":3,"compression":"none","encrypted":false}"#;
+    common::put_file(&dir.join("metadata/store.json"), later);
+    let err = file_builder(&dir, None).start().await.expect_err("a store of format 3 opened");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("unsupported store format 3"), "{err}");
+    assert_eq!(std::fs::read(dir.join("metadata/store.json")).unwrap(), later);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,8 +27,9 @@
 //!
 //! Records of format 1 (written before issue 15: `{"mars_state":1,"crc32":"…",` with no
 //! `data_at` or `data_len`) still load: the checksum is checked the same way and the whole
-//! envelope is parsed to find `data`. (Versions before format 2 take a record of format 2
-//! for a damaged one: `metadata/store.json` still says format 1.)
+//! envelope is parsed to find `data`. An open for writing marks `metadata/store.json`
+//! format 2 before it writes a record (see `format.rs`), so versions before format 2 refuse
+//! the store rather than take its new records for damaged ones.
 //!
 //! Compressed stores gzip the whole line (`zcat | jq` reads it). Because a deflate stream
 //! has bits a decoder ignores, the gzip header carries an extra field (`MS`, 4 bytes) with

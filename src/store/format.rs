@@ -13,6 +13,12 @@ use super::keys;
 use crate::backend::StorageBackend;
 use crate::error::{Result, StateError};
 
+/// The store format this version writes: 2 since records say where their `data` starts
+/// (issue 15). It reads stores of format 1 too, and marks one format 2 when it opens it
+/// for writing, before it writes any record: versions before format 2 then refuse the
+/// store ("unsupported store format 2") instead of taking its new records for damaged ones.
+pub(crate) const STORE_FORMAT: u32 = 2;
+
 /// The contents of `metadata/store.json`.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct StoreMeta {
@@ -25,7 +31,7 @@ pub(crate) struct StoreMeta {
 impl StoreMeta {
     fn of(codec: &Codec) -> StoreMeta {
         StoreMeta {
-            mars_state: 1,
+            mars_state: STORE_FORMAT,
             compression: codec.compression.name().to_owned(),
             encrypted: codec.encrypted,
         }
@@ -43,7 +49,7 @@ impl StoreMeta {
     /// a format this version does not know. Compression is not checked: see
     /// [`adopt_format`](Self::adopt_format).
     pub(crate) fn check(&self, codec: &Codec) -> Result<()> {
-        if self.mars_state != 1 {
+        if !(1..=STORE_FORMAT).contains(&self.mars_state) {
             return Err(StateError::Config {
                 message: format!("unsupported store format {}", self.mars_state),
             });
@@ -103,18 +109,31 @@ impl StoreMeta {
 /// store, writes `metadata/store.json` from `codec`'s settings.
 pub(super) async fn check_or_create(backend: &dyn StorageBackend, codec: &mut Codec) -> Result<()> {
     match read_store_meta(backend).await? {
-        Some(meta) => {
+        Some(mut meta) => {
             meta.check(codec)?;
             meta.adopt_format(codec);
+            if meta.mars_state < STORE_FORMAT {
+                // Before any record of the new format is written (the open comes first).
+                info!(
+                    from = meta.mars_state,
+                    to = STORE_FORMAT,
+                    "marking the store with this version's format; earlier versions will \
+                     refuse it"
+                );
+                meta.mars_state = STORE_FORMAT;
+                write_store_meta(backend, &meta).await?;
+            }
         }
-        None => {
-            let meta = StoreMeta::of(codec);
-            let bytes = serde_json::to_vec(&meta)
-                .map_err(|e| StateError::Config { message: e.to_string() })?;
-            backend.put(&keys::store_meta(), bytes).await?;
-        }
+        None => write_store_meta(backend, &StoreMeta::of(codec)).await?,
     }
     Ok(())
+}
+
+/// Writes `metadata/store.json` (an atomic, durable put).
+async fn write_store_meta(backend: &dyn StorageBackend, meta: &StoreMeta) -> Result<()> {
+    let bytes =
+        serde_json::to_vec(meta).map_err(|e| StateError::Config { message: e.to_string() })?;
+    backend.put(&keys::store_meta(), bytes).await
 }
 
 /// The store's format metadata, if the store has been created. Read before any middleware
