@@ -130,3 +130,120 @@ impl Core {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Pins the race a reader beside a live writer can lose now that the log is written in
+    //! place: it reads the header of one generation and a prefix of its frames, and the
+    //! rest of the file after the writer has started the next generation over it.
+
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::backend::{DirEntry, FsFile, StorageBackend};
+    use crate::testing::simfs::SimFs;
+
+    /// A file system whose first read of the log returns `first` (what a reader racing the
+    /// writer saw), and which is `inner` for everything else.
+    #[derive(Debug)]
+    struct RacingFs {
+        inner: SimFs,
+        first: Mutex<Option<Vec<u8>>>,
+        reads: Mutex<u32>,
+    }
+
+    impl Fs for RacingFs {
+        fn create_new(&self, p: &Path) -> std::io::Result<Box<dyn FsFile>> {
+            self.inner.create_new(p)
+        }
+        fn open_append(&self, p: &Path) -> std::io::Result<Box<dyn FsFile>> {
+            self.inner.open_append(p)
+        }
+        fn open_in_place(&self, p: &Path) -> std::io::Result<Box<dyn FsFile>> {
+            self.inner.open_in_place(p)
+        }
+        fn read(&self, p: &Path) -> std::io::Result<Option<Vec<u8>>> {
+            if p.ends_with(WAL_FILE) {
+                *lock(&self.reads) += 1;
+                if let Some(first) = lock(&self.first).take() {
+                    return Ok(Some(first));
+                }
+            }
+            self.inner.read(p)
+        }
+        fn read_head(&self, p: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+            self.inner.read_head(p, max)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.inner.rename(from, to)
+        }
+        fn remove_file(&self, p: &Path) -> std::io::Result<bool> {
+            self.inner.remove_file(p)
+        }
+        fn create_dir(&self, p: &Path) -> std::io::Result<bool> {
+            self.inner.create_dir(p)
+        }
+        fn sync_dir(&self, p: &Path) -> std::io::Result<()> {
+            self.inner.sync_dir(p)
+        }
+        fn list_dir(&self, p: &Path) -> std::io::Result<Vec<DirEntry>> {
+            self.inner.list_dir(p)
+        }
+        fn check_dir(&self, p: &Path) -> std::io::Result<()> {
+            self.inner.check_dir(p)
+        }
+    }
+
+    /// The writer logs `a = 1` then `a = 2`, brings the files up to date and starts the next
+    /// generation. A reader that read the old header and the first frame only (the rest
+    /// already overwritten) would hold `a = 1` in its overlay, older than what was
+    /// acknowledged before it opened, shadowing the record file's `a = 2` for good. It must
+    /// notice that the header changed under it and read again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_catches_a_new_generation_reads_the_log_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let fs = SimFs::new(&root);
+        let key = StorageKey::new("sessions/a.json").unwrap();
+        let wal = root.join(METADATA).join(WAL_FILE);
+        let w = FileStorageBackend::with_fs_log_sizes(
+            &root,
+            Arc::new(fs.clone()),
+            4096,
+            1 << 20,
+            false,
+        )
+        .unwrap();
+        w.put(&key, b"1".to_vec()).await.unwrap();
+        let after_first = fs.read(&wal).unwrap().unwrap();
+        let first_end = frame::replay(&after_first).unwrap().valid_len;
+        w.put(&key, b"2".to_vec()).await.unwrap();
+        let old = fs.read(&wal).unwrap().unwrap();
+        assert_eq!(frame::replay(&old).unwrap().frames.len(), 2);
+        // The last handle dropped: records brought up to date, a new generation started.
+        drop(w);
+        let now = fs.read(&wal).unwrap().unwrap();
+        assert_ne!(now[..HEADER_LEN as usize], old[..HEADER_LEN as usize]);
+        // What the racing reader saw: the old header and first frame, then zeros where the
+        // writer's next batch was going (the second frame already gone).
+        let mut seen = old[..first_end].to_vec();
+        seen.resize(old.len(), 0);
+        assert_eq!(frame::replay(&seen).unwrap().frames.len(), 1);
+
+        let racing = Arc::new(RacingFs {
+            inner: fs.clone(),
+            first: Mutex::new(Some(seen)),
+            reads: Mutex::new(0),
+        });
+        let r = FileStorageBackend::open_read_only_with(&root, racing.clone()).unwrap();
+        assert_eq!(r.get(&key).await.unwrap(), Some(b"2".to_vec()), "a stale value was taken");
+        assert_eq!(*lock(&racing.reads), 2, "the log was not read again");
+
+        // Without the race: one read, and the same answer.
+        let plain = Arc::new(RacingFs { inner: fs, first: Mutex::new(None), reads: Mutex::new(0) });
+        let r = FileStorageBackend::open_read_only_with(&root, plain.clone()).unwrap();
+        assert_eq!(r.get(&key).await.unwrap(), Some(b"2".to_vec()));
+        assert_eq!(*lock(&plain.reads), 1);
+    }
+}
