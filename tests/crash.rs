@@ -24,6 +24,13 @@
 //! It also checks that no staged file survives a reopen. The parent trims each session to
 //! its 12 newest checkpoints after each round so the store stays small.
 //! `MARS_CRASH_ROUNDS` sets the rounds per test (default 150).
+//!
+//! Through the write-ahead log, the log is preallocated once and reused in place: every
+//! round's child writes its frames over the older generations' frames of the rounds before
+//! (each reopen replays the live generation and starts a new one). The parent checks that
+//! the log stays the same file (same inode, its preallocated size) across all rounds, and
+//! counts the rounds whose kill left live frames for the reopen to replay and whose next
+//! generation was written over them.
 
 mod common;
 
@@ -199,6 +206,10 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
     let started = Instant::now();
     let mut acked = Acked::new(WORKLOAD);
     let mut counts = Counts::default();
+    // Log mode: the log's inode (the same file in every round) and the rounds whose kill
+    // left live frames in it.
+    let mut log_inode = None;
+    let mut replayed_rounds = 0;
 
     for round in 0..rounds {
         let delay = Duration::from_millis(2 + rng.next() % 59);
@@ -208,6 +219,17 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
             counts.killed_mid_write += 1;
         }
         counts.acks += acked.read(&lines, &format!("round {round}"));
+        if log {
+            let path = dir.path().join("metadata/.wal");
+            let meta = std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("round {round}: no log left by the child: {e}"));
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(meta.len(), 9 << 20, "round {round}: the log is not its preallocated size");
+            let inode = *log_inode.get_or_insert(meta.ino());
+            assert_eq!(meta.ino(), inode, "round {round}: the log was replaced, not reused");
+            let frames = common::wal::live_frames(&std::fs::read(&path).unwrap()).len();
+            replayed_rounds += usize::from(frames > 0);
+        }
         rt.block_on(check(dir.path(), compression, log, &mut acked, &mut counts, round));
         counts.runs += 1;
         if (round + 1) % 20 == 0 {
@@ -227,6 +249,14 @@ fn parent(test_name: &str, compression: Option<u32>, log: bool) {
     );
     assert!(counts.acks >= counts.runs, "every round must ack at least once");
     counts.assert_sound();
+    if log {
+        println!(
+            "crash test ({label}): one log file reused in place in all {rounds} rounds; {replayed_rounds} \
+             kills left live frames that the reopen replayed"
+        );
+        // Every round acks at least once before its kill, through the log.
+        assert_eq!(replayed_rounds, rounds, "a kill after an ack left no live frame in the log");
+    }
 }
 
 /// Starts the child, waits for its first ack, kills it `delay` later with SIGKILL, and

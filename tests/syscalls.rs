@@ -23,13 +23,17 @@
 //!   `unlink` of a record and every `mkdir` is followed by an `fsync` of its parent directory
 //!   before the next marker (and, for a `mkdir`, before anything is renamed into it); that
 //!   every write to the write-ahead log is followed by a successful sync of the log before
-//!   the next marker; and that no rename touches anything but a staged file. The checker is
+//!   the next marker, is a `pwrite64` in place (the log is preallocated and reused, never
+//!   appended to) and that the log's creation is followed by an `fsync` of `metadata/`
+//!   before the next marker; that the log is started again in place (a header written at
+//!   offset 0) at least twice; and that no rename touches anything but a staged file. The checker is
 //!   then run on copies of the trace with the `fdatasync` lines removed, and with the
 //!   directory `fsync` lines removed: both must be reported (the harness can fail). It also
 //!   checks that a staged file lives in its target's directory and is not written after its
 //!   last sync.
 //! - `sigkill_just_before_the_nth_syscall_passes_the_oracle` (item 7, crash-point sweep):
-//!   for `openat`, `write`, `fdatasync`, `fsync` and `rename`, N = 1..30, and each record
+//!   for `openat`, `write`, `fdatasync`, `fsync` and `rename` (and `pwrite64`, the log's
+//!   writes in place, through the write-ahead log), N = 1..30, and each record
 //!   format (plain, gzip, gzip+encrypted with the `encryption` feature, and plain through the
 //!   write-ahead log): a fresh store,
 //!   a child that saves 8 records, then `strace -f -p <child>` attaches with
@@ -655,6 +659,8 @@ struct Call {
     marker: Option<String>,
     /// An `openat` with `O_DIRECTORY`.
     o_directory: bool,
+    /// The last argument as a number (a `pwrite64`'s offset), if it is one.
+    last_arg: Option<i64>,
 }
 
 impl Call {
@@ -790,6 +796,7 @@ fn parse_call(
         injected: result.contains("(INJECTED)"),
         marker,
         o_directory: has_o_directory(args),
+        last_arg: args.rsplit(',').next().and_then(|a| a.trim().parse::<i64>().ok()),
     })
 }
 
@@ -843,6 +850,9 @@ struct Audit {
     renames: usize,
     /// Writes to the write-ahead log.
     log_writes: usize,
+    /// Of those, writes at offset 0: a new generation's header (the log is written in
+    /// place, from its start, once the record files are up to date).
+    log_generations: usize,
     unlinks: usize,
     mkdirs: usize,
     markers: usize,
@@ -959,6 +969,14 @@ fn audit(calls: &[Call], root: &str) -> Audit {
             // that starts after it has succeeded.
             a.log_writes += 1;
             let log = c.fd_path.as_ref().map(|(p, _)| p.as_str()).unwrap_or_default();
+            if c.name == "write" {
+                // The log is preallocated and written in place (`pwrite64` at an offset),
+                // never appended to.
+                a.violations.push(format!("line {}: an append to the log", c.start));
+            }
+            if c.last_arg == Some(0) {
+                a.log_generations += 1;
+            }
             let limit = next_marker(c.end).unwrap_or(usize::MAX);
             let synced = calls.iter().any(|s| {
                 s.is_sync()
@@ -970,6 +988,20 @@ fn audit(calls: &[Call], root: &str) -> Audit {
             if acknowledges(c.end) && !synced {
                 a.violations.push(format!(
                     "line {}: a write to the log is not synced before the next report",
+                    c.start
+                ));
+            }
+        } else if c.name == "openat"
+            && c.ok()
+            && c.path().is_some_and(|p| under(p) && p.ends_with("/metadata/.wal"))
+            && !calls[..i].iter().any(|o| o.name == "openat" && o.path() == c.path())
+        {
+            // The log's first opening in a fresh store creates it: its name must be durable
+            // in `metadata/` before anything written to it is acknowledged.
+            let p = c.path().unwrap_or_default();
+            if acknowledges(c.end) && !dir_synced(parent_dir(p), c.end) {
+                a.violations.push(format!(
+                    "line {}: the new log {p} is not made durable in its directory before the next report",
                     c.start
                 ));
             }
@@ -1068,11 +1100,12 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
                 .count()
         };
         println!(
-            "syscall audit ({}): {} staged renames, {} log writes, {} record unlinks, {} mkdirs, {} reports \
-             checked ({} fdatasync, {} fsync, {} openat in the store); violations: {}",
+            "syscall audit ({}): {} staged renames, {} log writes ({} in place at offset 0: generations), {} record \
+             unlinks, {} mkdirs, {} reports checked ({} fdatasync, {} fsync, {} openat in the store); violations: {}",
             format.name(),
             a.renames,
             a.log_writes,
+            a.log_generations,
             a.unlinks,
             a.mkdirs,
             a.markers,
@@ -1098,6 +1131,9 @@ fn audit_every_staged_rename_is_synced_before_and_its_directory_after() {
                 a.log_writes
             );
             assert!(a.renames > 0, "the log was never brought into the record files");
+            // A generation begins before the first frame and again once the record files are
+            // brought up to date at shutdown.
+            assert!(a.log_generations >= 2, "the log was not restarted in place: {a:?}");
         } else {
             // Every save and checkpoint renames once; so do the store metadata, the
             // pending-delete marker and the journal snapshot at shutdown.
@@ -1165,9 +1201,11 @@ fn sigkill_just_before_the_nth_syscall_passes_the_oracle() {
     let mut counts = Counts::default();
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
     let mut formats_seen = Vec::new();
-    for (syscall, format) in ["openat", "write", "fdatasync", "fsync", "rename"]
+    // `pwrite64`: the write-ahead log's frames and headers, written in place (log only).
+    for (syscall, format) in ["openat", "write", "pwrite64", "fdatasync", "fsync", "rename"]
         .into_iter()
         .flat_map(|s| Format::all().into_iter().map(move |f| (s, f)))
+        .filter(|&(s, f)| s != "pwrite64" || f == Format::PlainLog)
     {
         if !formats_seen.contains(&format.name()) {
             formats_seen.push(format.name());

@@ -6,8 +6,16 @@
 //! aborts: no destructor runs, so the record files are not brought up to date and the log
 //! is the only copy of the newest writes. The parent then checks that the log is there and
 //! the files are stale, opens the store (plain or after damaging the log's tail) and checks
-//! every acknowledged write, and that the log is gone and the files current afterwards.
-//! A clean shutdown, in contrast, leaves current files and no log.
+//! every acknowledged write, and that the files are current afterwards and the log, kept
+//! for reuse, holds no frame that a replay would take. A clean shutdown leaves the same.
+//!
+//! The log is preallocated and reused in place (format 3, `src/backend/file/frame.rs`), so
+//! damage is made the way a power loss makes it there: bytes overwritten inside the file,
+//! not appended or cut off. The format is read here independently of the crate's code
+//! (`live_frames`), which pins it: a header `MSWH`, version 3, a salt and a CRC, then
+//! frames that carry the same salt. A log of the older format (no header, frames appended
+//! from offset 0), as the previous version leaves it after a crash, is still replayed at
+//! open and then replaced by a format-3 one.
 //!
 //! Damage is told apart from a torn tail (issue 10, defect 2): a flipped byte in the middle
 //! of the log, with whole frames after it, must fail the open with `Corrupt` and leave the
@@ -21,6 +29,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use common::wal::{HEADER_LEN, frames_end, live_frames};
 use mars_state::{ErrorKind, FileStorageBackend, StateManager};
 use serde_json::{Value, json};
 
@@ -41,6 +50,14 @@ fn log_backend(dir: &Path) -> FileStorageBackend {
 
 fn wal(dir: &Path) -> PathBuf {
     dir.join("metadata").join(".wal")
+}
+
+/// The log after a clean shutdown or a replay: still there (reused, never grown past its
+/// preallocated 9 MiB by these writes), and nothing in it a replay would take.
+fn assert_log_empty(dir: &Path, what: &str) {
+    let log = std::fs::read(wal(dir)).unwrap_or_else(|e| panic!("{what}: no log kept: {e}"));
+    assert_eq!(log.len(), 9 << 20, "{what}: the log is not its preallocated size");
+    assert_eq!(live_frames(&log), Vec::new(), "{what}: the log still holds live frames");
 }
 
 /// The child: writes, reports, and dies without running any destructor.
@@ -130,10 +147,13 @@ fn writes_only_in_the_log_of_a_crashed_process_are_replayed_at_open() {
         Some(value("a", 20)),
         "the files were already current"
     );
+    let log = std::fs::read(wal(dir.path())).unwrap();
+    assert_eq!(log.len(), 9 << 20, "the log was not preallocated");
+    assert!(live_frames(&log).len() >= 64, "the writes are not in the log's live generation");
     runtime().block_on(check_everything(dir.path(), &checkpoints));
-    // The open replayed the log into the files and removed it; a clean shutdown leaves
-    // current files that plain tools can read.
-    assert!(!wal(dir.path()).exists(), "the log outlived a clean shutdown");
+    // The open replayed the log into the files and started a new generation; a clean
+    // shutdown leaves current files that plain tools can read, and a log to reuse.
+    assert_log_empty(dir.path(), "after replay and shutdown");
     for s in ["a", "b", "c"] {
         assert_eq!(record_file(dir.path(), s), Some(value(s, 20)));
     }
@@ -142,20 +162,97 @@ fn writes_only_in_the_log_of_a_crashed_process_are_replayed_at_open() {
 
 #[test]
 fn a_torn_or_damaged_tail_of_the_log_is_ignored_and_nothing_acknowledged_is_lost() {
-    for damage in ["garbage", "torn frame"] {
+    for damage in ["garbage", "torn frame", "older generation"] {
         let dir = tempfile::tempdir().unwrap();
         let checkpoints = run_child(dir.path());
         let path = wal(dir.path());
-        let mut log = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-        match damage {
-            // What a crash in the middle of an append can leave: a frame's start.
-            "torn frame" => log.write_all(b"MSWL\x01\x02\x03\x04\x01\x10\x00\xff\xff").unwrap(),
-            _ => log.write_all(&[0xA5; 333]).unwrap(),
-        }
-        drop(log);
+        let mut log = std::fs::read(&path).unwrap();
+        let end = frames_end(&log);
+        // Written in place right after the last acknowledged frame, where the next batch
+        // would have gone: what a power loss in the middle of that batch can leave.
+        let tail: Vec<u8> = match damage {
+            "torn frame" => b"MSWL\x01\x02\x03\x04\x05\x10\x00\xff\xff".to_vec(),
+            // A whole frame of an older generation (another salt) that the new generation's
+            // frames never overwrote: a put of session a's very first value.
+            "older generation" => {
+                let mut other = log[HEADER_LEN..live_frames(&log)[0].1].to_vec();
+                other[23] ^= 0xFF;
+                let crc = crc32fast::hash(&other[8..]);
+                other[4..8].copy_from_slice(&crc.to_le_bytes());
+                other
+            }
+            _ => vec![0xA5; 333],
+        };
+        log[end..end + tail.len()].copy_from_slice(&tail);
+        common::put_file(&path, &log);
         runtime().block_on(check_everything(dir.path(), &checkpoints));
-        assert!(!path.exists(), "{damage}: the log was not removed after the replay");
+        assert_log_empty(dir.path(), damage);
     }
+}
+
+/// A log of the older format (frames from offset 0, no header, appended: format 2), as the
+/// previous version leaves it when its process dies before bringing the files up to date,
+/// is replayed at open, then replaced by a format-3 log.
+#[test]
+fn a_log_in_the_older_format_is_replayed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let m = StateManager::start(log_backend(dir.path())).await.unwrap();
+        m.save_session("a", &value("a", 1)).await.unwrap();
+        m.save_session("b", &value("b", 1)).await.unwrap();
+        m.shutdown().await.unwrap();
+    });
+    // Frames as the previous version wrote them: kind 3 (put) and 4 (delete), each naming
+    // the offset of its batch's first frame.
+    let mut log = Vec::new();
+    let frame = |log: &mut Vec<u8>, key: &str, value: Option<&[u8]>, batch: u64| {
+        let start = log.len();
+        log.extend_from_slice(b"MSWL");
+        log.extend_from_slice(&[0; 4]);
+        log.push(if value.is_some() { 3 } else { 4 });
+        log.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        log.extend_from_slice(&(value.unwrap_or_default().len() as u32).to_le_bytes());
+        log.extend_from_slice(&batch.to_le_bytes());
+        log.extend_from_slice(key.as_bytes());
+        log.extend_from_slice(value.unwrap_or_default());
+        let crc = crc32fast::hash(&log[start + 8..]);
+        log[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    };
+    // A put of session c (its record as a store writes it) and a delete of session b.
+    let c_record = {
+        let d2 = tempfile::tempdir().unwrap();
+        runtime().block_on(async {
+            let m = StateManager::start(log_backend(d2.path())).await.unwrap();
+            m.save_session("c", &value("c", 7)).await.unwrap();
+            m.shutdown().await.unwrap();
+        });
+        std::fs::read(d2.path().join("sessions/c.json")).unwrap()
+    };
+    frame(&mut log, "sessions/c.json", Some(&c_record), 0);
+    let second = log.len() as u64;
+    frame(&mut log, "sessions/b.json", None, second);
+    // A torn third batch: ignored.
+    log.extend_from_slice(b"MSWL\x00\x00");
+    common::put_file(&wal(dir.path()), &log);
+    runtime().block_on(async {
+        let m = StateManager::start(log_backend(dir.path())).await.unwrap();
+        assert_eq!(m.load_session("c").await.unwrap(), Some(value("c", 7)));
+        assert_eq!(m.load_session("b").await.unwrap(), None, "the logged delete was lost");
+        assert_eq!(m.load_session("a").await.unwrap(), Some(value("a", 1)));
+        // The store goes on with a format-3 log.
+        m.save_session("a", &value("a", 2)).await.unwrap();
+        let now = std::fs::read(wal(dir.path())).unwrap();
+        assert_eq!(
+            live_frames(&now).len(),
+            1,
+            "the save after the replay is not in a format-3 log"
+        );
+        m.shutdown().await.unwrap();
+    });
+    assert_eq!(record_file(dir.path(), "c"), Some(value("c", 7)));
+    assert_eq!(record_file(dir.path(), "b"), None);
+    assert_eq!(record_file(dir.path(), "a"), Some(value("a", 2)));
+    assert_log_empty(dir.path(), "after the older log's replay");
 }
 
 #[test]
@@ -204,7 +301,7 @@ fn concurrent_saves_of_many_sessions_are_all_durable_and_current_after_shutdown(
         }
         m.shutdown().await.unwrap();
     });
-    assert!(!wal(dir.path()).exists());
+    assert_log_empty(dir.path(), "after 640 saves and a shutdown");
     for k in 0..64 {
         let s = format!("s{k}");
         assert_eq!(record_file(dir.path(), &s), Some(value(&s, 10)), "{s}");
@@ -221,7 +318,9 @@ fn a_flipped_byte_in_the_middle_of_the_log_fails_the_open_and_keeps_everything()
     let dir = tempfile::tempdir().unwrap();
     run_child(dir.path());
     let path = wal(dir.path());
-    let damaged = common::flip_byte(&path, |len| len / 2, 0x10);
+    // A byte in the middle of the live frames (the rest of the file is zeros).
+    let end = frames_end(&std::fs::read(&path).unwrap());
+    let damaged = common::flip_byte(&path, |_| end / 2, 0x10);
     let before = common::snapshot(dir.path());
     for attempt in 0..2 {
         let err = match FileStorageBackend::options().write_ahead_log(true).open(dir.path()) {
@@ -260,16 +359,18 @@ fn a_torn_last_frame_is_dropped_and_every_frame_before_it_replayed() {
         let dir = tempfile::tempdir().unwrap();
         run_child(dir.path());
         let path = wal(dir.path());
-        let log = std::fs::read(&path).unwrap();
-        // Payloads are JSON: the last "MSWL" is the start of the last frame.
-        let last = log.windows(4).rposition(|w| w == b"MSWL").unwrap();
+        let mut log = std::fs::read(&path).unwrap();
+        let (last, end) = *live_frames(&log).last().unwrap();
         let key = last + log[last..].windows(18).position(|w| w == b"sessions/gone.json").unwrap();
         let cut = match tear {
             "magic" => last + 2,
             "key" => key + 5,
-            _ => log.len() - 1,
+            _ => end - 1,
         };
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(cut as u64).unwrap();
+        // The frame's blocks from `cut` on never reached the disk: they read as the zeros
+        // the log was preallocated with.
+        log[cut..end].fill(0);
+        common::put_file(&path, &log);
         runtime().block_on(async {
             let m = StateManager::start(log_backend(dir.path())).await.unwrap();
             for s in ["a", "b", "c"] {
@@ -286,6 +387,6 @@ fn a_torn_last_frame_is_dropped_and_every_frame_before_it_replayed() {
             );
             m.shutdown().await.unwrap();
         });
-        assert!(!path.exists(), "{tear}: the log outlived the replay");
+        assert_log_empty(dir.path(), tear);
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod oracle;
+pub mod wal;
 
 pub use backend::{backend, backend_defaults, backend_name, file_backend_only, on_file_backend};
 

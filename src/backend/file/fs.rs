@@ -20,6 +20,10 @@ pub(crate) trait FsFile: Send {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Flushes the file's data (and the size needed to read it) to stable storage.
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, over whatever is there (extending the file if it
+    /// ends before). Only for a file opened with [`Fs::open_in_place`]: on a file opened for
+    /// appending the system would append instead.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Cuts the file to `len` bytes (to drop a failed append).
     fn set_len(&mut self, len: u64) -> io::Result<()>;
     /// The file's current length.
@@ -41,8 +45,14 @@ pub(crate) trait Fs: Send + Sync + fmt::Debug + 'static {
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
     /// Opens (creating if needed) a file for appending, owner-only.
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
+    /// Opens (creating if needed) a file for writing in place with
+    /// [`FsFile::write_at`], owner-only, neither appending nor cutting it.
+    fn open_in_place(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
     /// Reads a whole regular file; `Ok(None)` if it does not exist. Refuses symbolic links.
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
+    /// Reads at most the first `max` bytes of a regular file; `Ok(None)` if it does not
+    /// exist. Refuses symbolic links.
+    fn read_head(&self, path: &Path, max: usize) -> io::Result<Option<Vec<u8>>>;
     /// Renames `from` over `to` atomically.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file; `Ok(false)` if it did not exist.
@@ -91,6 +101,9 @@ impl FsFile for OsFile {
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
@@ -144,6 +157,24 @@ impl Fs for OsFs {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)?;
         Ok(Box::new(OsFile(f)))
+    }
+
+    fn open_in_place(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(Box::new(OsFile(f)))
+    }
+
+    fn read_head(&self, path: &Path, max: usize) -> io::Result<Option<Vec<u8>>> {
+        let Some((f, _)) = open_for_reading(path)? else { return Ok(None) };
+        let mut buf = Vec::with_capacity(max);
+        f.take(max as u64).read_to_end(&mut buf)?;
+        Ok(Some(buf))
     }
 
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {

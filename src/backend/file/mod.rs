@@ -41,7 +41,7 @@ use async_trait::async_trait;
 
 use self::direct::Core;
 use self::fs::{Fs, OsFs};
-use self::log::{Log, LogReq, Reply, through_log};
+use self::log::{Log, LogReq, LogSizes, Reply, through_log};
 use super::{ObjectMeta, StorageBackend, StorageKey, SweepReport};
 use crate::error::{Result, StateError};
 use crate::store::keys;
@@ -75,7 +75,7 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone: wait for a running commit (the writer lock), bring the
-        // record files up to date and remove the log, all while the store lock (a field,
+        // record files up to date and start the log's next generation, all while the store lock (a field,
         // dropped after this) is still held. A leader that starts later finds the queue
         // closed and writes nothing.
         if let Some(log) = &self.log {
@@ -131,13 +131,16 @@ impl FileOptions {
     /// Whether writes go through the write-ahead log (default: yes).
     ///
     /// With the log, a put or delete of a session or checkpoint record is durable once its
-    /// frame is appended to `metadata/.wal` and `fdatasync`ed (the store's own metadata is
+    /// frame is written to `metadata/.wal` and `fdatasync`ed (the store's own metadata is
     /// always written directly); the frames of all writes that arrive while one
     /// `fdatasync` runs share the next one (group commit). The record files are brought up
     /// to date in batches (each one staged, `fdatasync`ed, renamed, its directory
     /// `fsync`ed) when the log passes 8 MiB, when the last handle of the backend is
     /// dropped (the [`StateManager`](crate::StateManager) drops it at shutdown), and at the
-    /// next open after a crash; only then is the log removed. Reads see the newest value
+    /// next open after a crash; only then does the log start again from its beginning. The
+    /// log is preallocated (9 MiB, zero-filled once) and reused in place, its frames
+    /// written over those of the generation before, each carrying the salt of its
+    /// generation so that no older frame is ever replayed. Reads see the newest value
     /// either way; the overlay of values not yet in their files stays under the log's size.
     ///
     /// Without it, every put writes its record file directly (stage, `fdatasync`, rename,
@@ -206,7 +209,13 @@ impl FileOptions {
         if self.read_only {
             return FileStorageBackend::open_read_only_with(path.as_ref(), Arc::new(OsFs));
         }
-        FileStorageBackend::open_with(path.as_ref(), Arc::new(OsFs), Some(self.lock_wait), self.log)
+        FileStorageBackend::open_with(
+            path.as_ref(),
+            Arc::new(OsFs),
+            Some(self.lock_wait),
+            self.log,
+            LogSizes::default(),
+        )
     }
 }
 
@@ -251,6 +260,7 @@ impl FileStorageBackend {
         fs: Arc<dyn Fs>,
         lock_wait: Option<std::time::Duration>,
         log: bool,
+        sizes: LogSizes,
     ) -> Result<Self> {
         let root = if root.is_absolute() {
             root.to_path_buf()
@@ -270,7 +280,7 @@ impl FileStorageBackend {
         // Only now, holding the lock: what a crashed process left in the log goes into the
         // record files before anything reads them.
         let kept = core.recover_log(log)?;
-        let log = if log { Some(Arc::new(Log::new(core.clone(), kept))) } else { None };
+        let log = if log { Some(Arc::new(Log::new(core.clone(), kept, sizes))) } else { None };
         Ok(FileStorageBackend {
             inner: Arc::new(Inner { core, log, _lock: lock, read_only: false }),
         })

@@ -7,11 +7,26 @@ use std::sync::Arc;
 
 use super::FileStorageBackend;
 use super::fs::Fs;
+use super::log::LogSizes;
 use crate::error::Result;
 
 impl FileStorageBackend {
     /// Opens a store over `fs` instead of the real file system, without an OS lock.
     pub(crate) fn with_fs(path: &Path, fs: Arc<dyn Fs>, log: bool) -> Result<Self> {
-        Self::open_with(path, fs, None, log)
+        Self::open_with(path, fs, None, log, LogSizes::default())
+    }
+
+    /// Like [`with_fs`](Self::with_fs), in log mode, with a log preallocated to `prealloc`
+    /// bytes and brought into the record files past `materialize_at`; with
+    /// `broken_reuse_salt`, a deliberately broken log that never changes its salt.
+    pub(crate) fn with_fs_log_sizes(
+        path: &Path,
+        fs: Arc<dyn Fs>,
+        prealloc: u64,
+        materialize_at: u64,
+        broken_reuse_salt: bool,
+    ) -> Result<Self> {
+        let sizes = LogSizes { prealloc, materialize_at, broken_reuse_salt };
+        Self::open_with(path, fs, None, true, sizes)
     }
 }

@@ -16,7 +16,9 @@
 //! what stable storage holds.
 //!
 //! - A **file** has current and durable content. [`FsFile::write_all`] appends to the
-//!   current content; [`FsFile::sync_data`] copies the current content to the durable one.
+//!   current content, [`FsFile::write_at`] overwrites it in place (extending it with
+//!   zeros if it ends before the offset); [`FsFile::sync_data`] copies the current content
+//!   to the durable one.
 //! - A **directory** has current and durable entries (name → inode). `create_new`,
 //!   `open_append` (when it creates), `create_dir`, `rename` and `remove_file` change only
 //!   the current entries of the directories involved; [`Fs::sync_dir`] copies a
@@ -36,15 +38,20 @@
 //! - [`CrashMode::Random`]: a power loss that keeps the durable versions plus a random
 //!   subset of what is unsynced: each differing directory entry (a create, a removal,
 //!   either half of a rename) is independently kept or dropped, and each file with
-//!   unsynced data keeps its durable content, its current content, or its durable content
-//!   followed by a prefix of the unsynced tail (a torn append). Letting the two halves of
-//!   one rename disagree is more than a journaling file system does; a program that
-//!   survives that survives the atomic rename too.
+//!   unsynced data keeps its durable content, its current content, or a torn mix of the
+//!   two: after appends only (the durable content is a prefix of the current one), the
+//!   durable content followed by a prefix of the unsynced tail (a torn append); after an
+//!   overwrite in place, every block of [`TORN_BLOCK`](tree::TORN_BLOCK) bytes taken from
+//!   either version independently (a disk that wrote some of the dirty sectors), at a
+//!   length between the two versions' (a block taken from a version that ends before it
+//!   reads as zeros). Letting the two halves of one rename disagree, or blocks far smaller than a
+//!   sector tear apart, is more than a disk or a journaling file system does; a program
+//!   that survives that survives the real thing too.
 //!
 //! Not modelled: file metadata other than size; hard links and directory renames (the
-//! backend uses neither; renaming a directory is refused); overwrites in place (the
-//! backend only creates and appends); an unsynced tail that comes back as zeros or
-//! garbage rather than as a prefix; and the Linux behaviour after a failed fsync (pages
+//! backend uses neither; renaming a directory is refused); an unsynced append that comes
+//! back as zeros or garbage rather than as a prefix (an overwrite in place may come back
+//! as any mix of its blocks, see above); and the Linux behaviour after a failed fsync (pages
 //! marked clean, so a retried fsync reports success for lost data): an injected fsync
 //! failure simply leaves the durable version unchanged.
 //!
@@ -94,7 +101,9 @@ mod tree;
 pub(crate) enum Op {
     CreateNew,
     OpenAppend,
+    OpenInPlace,
     WriteAll,
+    WriteAt,
     SyncData,
     Rename,
     RemoveFile,
@@ -296,6 +305,26 @@ impl FsFile for SimFile {
         Ok(())
     }
 
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut g = self.fs.lock();
+        let fault = g.check(Op::WriteAt);
+        // A failing write is a short write first, as on a failing or full disk.
+        let n = if fault.is_err() { buf.len() / 2 } else { buf.len() };
+        let at = usize::try_from(offset).map_err(|_| errno(libc::EFBIG))?;
+        match g.tree.node_mut(self.ino)? {
+            Node::File { current, .. } => {
+                if current.len() < at + n {
+                    // A write past the end leaves a hole, which reads as zeros.
+                    current.resize(at + n, 0);
+                }
+                current[at..at + n].copy_from_slice(&buf[..n]);
+            }
+            Node::Dir { .. } => return Err(errno(libc::EISDIR)),
+        }
+        g.changed();
+        fault
+    }
+
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         let mut g = self.fs.lock();
         g.check(Op::SetLen)?;
@@ -337,6 +366,25 @@ impl Fs for SimFs {
             None => g.create_file(dir, name)?,
         };
         Ok(Box::new(SimFile { fs: self.clone(), ino }))
+    }
+
+    fn open_in_place(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        let mut g = self.lock();
+        g.check(Op::OpenInPlace)?;
+        let (dir, name) = g.tree.parent(path)?;
+        let ino = match g.tree.entries(dir)?.get(&name).copied() {
+            Some(ino) if g.tree.is_dir(ino) => return Err(errno(libc::EISDIR)),
+            Some(ino) => ino,
+            None => g.create_file(dir, name)?,
+        };
+        Ok(Box::new(SimFile { fs: self.clone(), ino }))
+    }
+
+    fn read_head(&self, path: &Path, max: usize) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.read(path)?.map(|mut b| {
+            b.truncate(max);
+            b
+        }))
     }
 
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {

@@ -290,8 +290,15 @@ impl Tree {
     }
 }
 
+/// The unit in which a power loss tears an overwrite in place: each block of this many
+/// bytes comes back from the durable or the current version independently. Far smaller
+/// than a sector, so that frames and headers tear in the middle too.
+pub(crate) const TORN_BLOCK: usize = 16;
+
 /// What a power loss leaves of a file with unsynced data: the durable content, the current
-/// content, or the durable content and a prefix of the unsynced tail.
+/// content, or a torn mix: after appends only, the durable content and a prefix of the
+/// unsynced tail; after an overwrite in place, each [`TORN_BLOCK`] from either version,
+/// at a length between the two (zeros where the version a block is taken from ends).
 fn torn(durable: &[u8], current: &[u8], rng: &mut SplitMix) -> Vec<u8> {
     if durable == current {
         return durable.to_vec();
@@ -303,7 +310,22 @@ fn torn(durable: &[u8], current: &[u8], rng: &mut SplitMix) -> Vec<u8> {
             let tail = (current.len() - durable.len()) as u64;
             current[..durable.len() + rng.below(tail + 1) as usize].to_vec()
         }
-        // Not an append (the backend never rewrites in place): keep either version.
-        _ => durable.to_vec(),
+        _ => {
+            let (short, long) = if durable.len() <= current.len() {
+                (durable.len(), current.len())
+            } else {
+                (current.len(), durable.len())
+            };
+            let len = short + rng.below((long - short) as u64 + 1) as usize;
+            let mut out = vec![0; len];
+            for (i, block) in out.chunks_mut(TORN_BLOCK).enumerate() {
+                let from = if rng.coin() { current } else { durable };
+                let at = i * TORN_BLOCK;
+                for (j, byte) in block.iter_mut().enumerate() {
+                    *byte = from.get(at + j).copied().unwrap_or(0);
+                }
+            }
+            out
+        }
     }
 }

@@ -38,9 +38,37 @@ async fn open(fs: &SimFs, root: &Path, gzip: bool) -> crate::Result<StateManager
     open_mode(fs, root, gzip, false).await
 }
 
+/// The write-ahead log's preallocated size in these tests, and where it is brought into
+/// the record files: small, so that the oracle's workload crosses several generations of
+/// the log (each written over the one before, in place) and some batches grow the file
+/// past its preallocated part.
+const LOG_PREALLOC: u64 = 750;
+const LOG_MATERIALIZE_AT: u64 = 700;
+
 /// A manager over `fs`, with or without the write-ahead log.
 async fn open_mode(fs: &SimFs, root: &Path, gzip: bool, log: bool) -> crate::Result<StateManager> {
-    let backend = FileStorageBackend::with_fs(root, Arc::new(fs.clone()), log)?;
+    open_log(fs, root, gzip, log, false).await
+}
+
+/// [`open_mode`], and with `broken_reuse_salt` a log that never changes its salt.
+async fn open_log(
+    fs: &SimFs,
+    root: &Path,
+    gzip: bool,
+    log: bool,
+    broken_reuse_salt: bool,
+) -> crate::Result<StateManager> {
+    let backend = if log {
+        FileStorageBackend::with_fs_log_sizes(
+            root,
+            Arc::new(fs.clone()),
+            LOG_PREALLOC,
+            LOG_MATERIALIZE_AT,
+            broken_reuse_salt,
+        )?
+    } else {
+        FileStorageBackend::with_fs(root, Arc::new(fs.clone()), false)?
+    };
     let builder = StateManager::builder(backend);
     let builder = if gzip { builder.compression(6) } else { builder };
     builder.start().await
@@ -224,6 +252,45 @@ async fn a_failing_mkdir_fails_the_checkpoint_cleanly() {
     assert_eq!(m.list_checkpoints("n").await.unwrap().len(), 1);
     m.shutdown().await.unwrap();
     assert!(bed.fs.calls(Op::CreateDir) >= 2);
+}
+
+/// Through the write-ahead log: a batch whose write or `fdatasync` fails fails its save,
+/// and what it left in the file is zeroed (and synced) before anything else is written
+/// there: no crash image, then or after the next batches were written in its place, may
+/// bring the failed write back. The log is written in place, so without the zeroing a
+/// whole frame of the failed batch would sit right after the last acknowledged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_write_is_never_replayed() {
+    let mut images = 0;
+    for op in [Op::WriteAt, Op::SyncData] {
+        let bed = Bed::new();
+        let m = open_mode(&bed.fs, &bed.root, false, true).await.unwrap();
+        m.save_session("f", &payload("f", 1)).await.unwrap();
+        bed.fs.fail(op, 1, 1, Fault::Eio);
+        let err = m.save_session("f", &payload("f", 2)).await.expect_err("the save went through");
+        assert_eq!(err.kind(), ErrorKind::Io, "{op:?}: {err}");
+        assert_eq!(bed.fs.faults_pending(), 0, "{op:?}: the fault did not fire");
+        let failed_at = bed.fs.tree();
+        // A shorter save of another session, in the failed batch's place.
+        m.save_session("g", &json!({"g": 1})).await.unwrap();
+        let after = bed.fs.tree();
+        for (when, tree) in [("after the failure", &failed_at), ("after the next save", &after)] {
+            let modes = [CrashMode::Durable, CrashMode::ProcessKill]
+                .into_iter()
+                .chain((0..24).map(CrashMode::Random));
+            for mode in modes {
+                let image = SimFs::from_tree(tree.crash_image(mode));
+                let m = open_mode(&image, &bed.root, false, true).await.unwrap();
+                let got = m.load_session("f").await.unwrap();
+                assert_eq!(got, Some(payload("f", 1)), "{op:?} {when}, {mode:?}");
+                m.shutdown().await.unwrap();
+                images += 1;
+            }
+        }
+        m.shutdown().await.unwrap();
+        assert_eq!(load_fresh(&bed.fs, &bed.root, "g").await, Some(json!({"g": 1})), "{op:?}");
+    }
+    println!("failed log writes: {images} crash images, none brought a failed write back");
 }
 
 // ---------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ struct Report {
     /// Of those, process-kill images recovered, written to, then power-lost again.
     second_crashes: usize,
     fsyncs: u64,
+    /// Log mode: distinct generation headers the log went through, and its largest size.
+    log_generations: usize,
+    log_max_len: usize,
     violations: BTreeMap<Class, usize>,
     examples: Vec<String>,
 }
@@ -438,6 +441,8 @@ struct Oracle {
     /// Writes through the write-ahead log.
     log: bool,
     broken: Option<Broken>,
+    /// A deliberately broken log writer that never changes its generation's salt.
+    broken_log: bool,
     /// Random "some unsynced kept" images per crash point, besides the durable-only
     /// and process-kill ones.
     variants: u64,
@@ -484,7 +489,9 @@ async fn check_point(
 /// after each acknowledgement, builds the crash images and checks them.
 async fn run_oracle(oracle: Oracle) -> Report {
     let bed = Bed::new();
-    let m = open_mode(&bed.fs, &bed.root, oracle.gzip, oracle.log).await.unwrap();
+    let m = open_log(&bed.fs, &bed.root, oracle.gzip, oracle.log, oracle.broken_log).await.unwrap();
+    let wal = bed.root.join("metadata/.wal");
+    let mut headers = HashSet::new();
     // Broken only now: the store's layout is durable, so what the oracle catches is
     // a save that a broken primitive fails to make durable.
     if let Some(b) = oracle.broken {
@@ -501,6 +508,12 @@ async fn run_oracle(oracle: Oracle) -> Report {
         let ctx = Ctx { oracle: &oracle, root: &bed.root, model: &model, inflight: &inflight };
         let mut seen = HashSet::new();
         for tree in bed.fs.take_snapshots() {
+            if let Ok(Some(log)) = SimFs::from_tree(tree.clone()).read(&wal) {
+                report.log_max_len = report.log_max_len.max(log.len());
+                if log.len() >= 32 && log.starts_with(b"MSWH") {
+                    headers.insert(log[..32].to_vec());
+                }
+            }
             point += 1;
             check_point(&tree, point, &ctx, &mut seen, &mut report).await;
             if stop(&report) {
@@ -517,6 +530,7 @@ async fn run_oracle(oracle: Oracle) -> Report {
         }
     }
     report.fsyncs = bed.fs.calls(Op::SyncData) + bed.fs.calls(Op::SyncDir);
+    report.log_generations = headers.len();
     m.shutdown().await.unwrap();
     report
 }
@@ -528,6 +542,7 @@ async fn power_loss_at_every_step_loses_no_acknowledged_write() {
             gzip,
             log,
             broken: None,
+            broken_log: false,
             variants: 12,
             second_crash: false,
             stop_at_first_loss: false,
@@ -535,11 +550,14 @@ async fn power_loss_at_every_step_loses_no_acknowledged_write() {
         let report = run_oracle(oracle).await;
         println!(
             "power-loss oracle (gzip: {gzip}, log: {log}): {} steps ({} fsyncs), {} crash points, {} distinct \
-             crash states recovered and checked; lost {} / corrupt {} / missing {}; all violations {:?}",
+             crash states recovered and checked; log generations written in place {}, largest log {} bytes \
+             (preallocated {LOG_PREALLOC}); lost {} / corrupt {} / missing {}; all violations {:?}",
             WORKLOAD.len(),
             report.fsyncs,
             report.points,
             report.states,
+            report.log_generations,
+            report.log_max_len,
             report.count(Class::Lost),
             report.count(Class::Corrupt),
             report.count(Class::Missing),
@@ -547,6 +565,12 @@ async fn power_loss_at_every_step_loses_no_acknowledged_write() {
         );
         assert_eq!(report.failures(), 0, "gzip {gzip}, log {log}: {:#?}", report.examples);
         assert!(report.states > 200, "too few crash states: {}", report.states);
+        if log {
+            // The workload must cross several generations of the log, each written over the
+            // one before in place, and grow it past its preallocated part at least once.
+            assert!(report.log_generations >= 4, "log generations: {}", report.log_generations);
+            assert!(report.log_max_len as u64 > LOG_PREALLOC, "the log never grew");
+        }
     }
 }
 
@@ -557,6 +581,7 @@ async fn power_loss_after_a_process_crash_and_restart_loses_no_acknowledged_writ
             gzip: false,
             log,
             broken: None,
+            broken_log: false,
             variants: 0,
             second_crash: true,
             stop_at_first_loss: false,
@@ -582,6 +607,7 @@ async fn the_oracle_catches_a_missing_file_fsync_and_a_missing_directory_fsync()
             gzip: false,
             log,
             broken: Some(broken),
+            broken_log: false,
             variants: 2,
             second_crash: false,
             stop_at_first_loss: true,
@@ -596,4 +622,26 @@ async fn the_oracle_catches_a_missing_file_fsync_and_a_missing_directory_fsync()
             "the oracle did not notice {broken:?} (log: {log}): {report:?}"
         );
     }
+}
+
+/// The same oracle over a log writer that never changes its generation's salt: frames of
+/// older generations, left in the file after the live generation's end, look live again.
+/// Overwriting in place is only safe with the salt; the oracle must see the difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oracle_catches_a_log_that_reuses_its_salt() {
+    let oracle = Oracle {
+        gzip: false,
+        log: true,
+        broken: None,
+        broken_log: true,
+        variants: 4,
+        second_crash: false,
+        stop_at_first_loss: true,
+    };
+    let report = run_oracle(oracle).await;
+    println!(
+        "broken log (one salt for every generation): caught after {} crash states: {:?}",
+        report.states, report.examples
+    );
+    assert!(report.data_failures() > 0, "the oracle did not notice a reused salt: {report:?}");
 }
