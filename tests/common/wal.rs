@@ -44,3 +44,16 @@ pub fn live_frames(log: &[u8]) -> Vec<(usize, usize)> {
 pub fn frames_end(log: &[u8]) -> usize {
     live_frames(log).last().map_or(HEADER_LEN, |&(_, end)| end)
 }
+
+/// A new log's zero-filled part, and the most it is filled ahead of its frames to.
+pub const FIRST_SIZE: u64 = 256 << 10;
+pub const FULL_SIZE: u64 = 9 << 20;
+
+/// The log's size is one the writer fills it to: at least a new log's filled part, and
+/// (for writes smaller than a megabyte) at most the full size.
+pub fn assert_filled_size(len: u64, what: &str) {
+    assert!(
+        (FIRST_SIZE..=FULL_SIZE).contains(&len),
+        "{what}: the log is {len} bytes, not between {FIRST_SIZE} and {FULL_SIZE}"
+    );
+}

@@ -10,9 +10,12 @@
 //!
 //! # The log's life, and why each step keeps it crash-safe
 //!
-//! The log (`metadata/.wal`) is one file, preallocated once and then reused in place, so
-//! that a batch's `fdatasync` writes data into blocks that already exist and need not
-//! change the file's size (see `BENCHMARKS.md`). Its format is in `frame.rs`: a header
+//! The log (`metadata/.wal`) is one file, zero-filled ahead of its frames and reused in
+//! place, so that a batch's `fdatasync` writes data into blocks that already exist and
+//! need not change the file's size (see `BENCHMARKS.md`). A new log is filled to 256 KiB;
+//! a batch that would run past the filled part first doubles it, up to 9 MiB (the
+//! materializing threshold and room for the batch that crosses it): a store that writes
+//! little keeps a small log, a busy one reaches the full size in its first generation. Its format is in `frame.rs`: a header
 //! naming the live generation's salt, then that generation's frames; a replay takes only
 //! whole frames carrying the header's salt.
 //!
@@ -70,9 +73,14 @@ pub(super) fn through_log(key: &StorageKey) -> bool {
 
 /// Bring the record files up to date once the log is this long...
 const MATERIALIZE_AT: u64 = 8 << 20;
-/// ...and make the log this long when it is first made: the threshold and room for the
-/// batch that crosses it, so that a batch seldom has to grow the file.
+/// ...and let the log's zero-filled part grow to this: the threshold and room for the
+/// batch that crosses it, so that a busy store's batches seldom have to grow the file.
 const PREALLOCATE: u64 = MATERIALIZE_AT + (1 << 20);
+/// The zero-filled part of a new log: a store that writes little keeps a small log. A
+/// batch that would run past the filled part first fills it further, to twice its size
+/// (up to [`PREALLOCATE`]), so a busy store's log reaches its full size within its first
+/// generation and stays there.
+const PREALLOCATE_FIRST: u64 = 256 << 10;
 
 /// The log's sizes: the defaults above, smaller in the power-loss simulator's tests (so a
 /// short workload crosses several generations and grows past the preallocated part).
@@ -80,6 +88,9 @@ const PREALLOCATE: u64 = MATERIALIZE_AT + (1 << 20);
 pub(super) struct LogSizes {
     /// The log is zero-filled to this size when a generation starts on a shorter file.
     pub(super) prealloc: u64,
+    /// A batch that would run past the zero-filled part first fills the file to twice its
+    /// size, up to this.
+    pub(super) prealloc_max: u64,
     /// The record files are brought up to date once the frames reach this offset.
     pub(super) materialize_at: u64,
     /// A deliberately broken writer for the power-loss oracle's tests: every generation
@@ -91,7 +102,8 @@ pub(super) struct LogSizes {
 impl Default for LogSizes {
     fn default() -> Self {
         LogSizes {
-            prealloc: PREALLOCATE,
+            prealloc: PREALLOCATE_FIRST,
+            prealloc_max: PREALLOCATE,
             materialize_at: MATERIALIZE_AT,
             #[cfg(test)]
             broken_reuse_salt: false,
@@ -376,8 +388,37 @@ impl LogWriter {
                 .map_err(|why| StateError::Config { message: why.to_owned() })?;
         }
         let end = start + frames.len() as u64;
-        let result = file
-            .write_at(&frames, start)
+        // Growing ahead: a batch that would run past the zero-filled part first fills the
+        // file to twice its size (up to `prealloc_max`), so that later batches, also of
+        // later generations, write into blocks that exist. The fill and the frames reach
+        // the disk with the batch's one `fdatasync`; until then the file's durable size is
+        // `self.size`, which a failed batch cuts the file back to (`zero_failed`). A crash
+        // before the sync leaves zeros or nothing past the whole frames: a torn tail.
+        let mut grown = self.size;
+        let mut filled = Ok(());
+        if end > self.size && !self.prealloc_failed && self.size < self.sizes.prealloc_max {
+            let cap = self.sizes.prealloc_max.max(end);
+            let target = self.size.saturating_mul(2).max(end).min(cap);
+            filled = match zero_fill(file.as_mut(), self.size, target) {
+                Ok(()) => {
+                    grown = target;
+                    Ok(())
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    // No room to fill ahead: the log grows with its frames from now on,
+                    // and the fill is cut back (room for the frames and the record files).
+                    tracing::info!(
+                        target,
+                        "no room to grow the write-ahead log ahead of its frames"
+                    );
+                    self.prealloc_failed = true;
+                    file.set_len(self.size)
+                }
+                Err(e) => Err(e),
+            };
+        }
+        let result = filled
+            .and_then(|()| file.write_at(&frames, start))
             .map_err(|e| StateError::io("writing to the log", &path, e))
             // The frames must be on disk before any caller hears Ok.
             .and_then(|()| {
@@ -386,7 +427,7 @@ impl LogWriter {
         match result {
             Ok(()) => {
                 self.len = end;
-                self.size = self.size.max(end);
+                self.size = grown.max(end);
                 Ok(())
             }
             Err(e) => {

@@ -138,7 +138,8 @@ impl FileOptions {
     /// `fsync`ed) when the log passes 8 MiB, when the last handle of the backend is
     /// dropped (the [`StateManager`](crate::StateManager) drops it at shutdown), and at the
     /// next open after a crash; only then does the log start again from its beginning. The
-    /// log is preallocated (9 MiB, zero-filled once) and reused in place, its frames
+    /// log is zero-filled ahead of its frames (256 KiB for a new log, doubled by a batch
+    /// that would run past it, up to 9 MiB) and reused in place, its frames
     /// written over those of the generation before, each carrying the salt of its
     /// generation so that no older frame is ever replayed. Reads see the newest value
     /// either way; the overlay of values not yet in their files stays under the log's size.

@@ -210,7 +210,7 @@ mod tests {
         let w = FileStorageBackend::with_fs_log_sizes(
             &root,
             Arc::new(fs.clone()),
-            4096,
+            (4096, 4096),
             1 << 20,
             false,
         )

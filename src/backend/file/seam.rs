@@ -17,16 +17,17 @@ impl FileStorageBackend {
     }
 
     /// Like [`with_fs`](Self::with_fs), in log mode, with a log preallocated to `prealloc`
-    /// bytes and brought into the record files past `materialize_at`; with
-    /// `broken_reuse_salt`, a deliberately broken log that never changes its salt.
+    /// bytes (filled ahead of its frames up to `prealloc_max`) and brought into the record
+    /// files past `materialize_at`; with `broken_reuse_salt`, a deliberately broken log
+    /// that never changes its salt.
     pub(crate) fn with_fs_log_sizes(
         path: &Path,
         fs: Arc<dyn Fs>,
-        prealloc: u64,
+        (prealloc, prealloc_max): (u64, u64),
         materialize_at: u64,
         broken_reuse_salt: bool,
     ) -> Result<Self> {
-        let sizes = LogSizes { prealloc, materialize_at, broken_reuse_salt };
+        let sizes = LogSizes { prealloc, prealloc_max, materialize_at, broken_reuse_salt };
         Self::open_with(path, fs, None, true, sizes)
     }
 }

@@ -43,6 +43,9 @@ async fn open(fs: &SimFs, root: &Path, gzip: bool) -> crate::Result<StateManager
 /// the log (each written over the one before, in place) and some batches grow the file
 /// past its preallocated part.
 const LOG_PREALLOC: u64 = 750;
+/// A new log's zero-filled part in these tests: batches fill it ahead (doubling) up to
+/// [`LOG_PREALLOC`], then grow it with their frames.
+const LOG_PREALLOC_FIRST: u64 = 200;
 const LOG_MATERIALIZE_AT: u64 = 700;
 
 /// A manager over `fs`, with or without the write-ahead log.
@@ -62,7 +65,7 @@ async fn open_log(
         FileStorageBackend::with_fs_log_sizes(
             root,
             Arc::new(fs.clone()),
-            LOG_PREALLOC,
+            (LOG_PREALLOC_FIRST, LOG_PREALLOC),
             LOG_MATERIALIZE_AT,
             broken_reuse_salt,
         )?
