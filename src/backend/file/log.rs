@@ -394,38 +394,22 @@ impl LogWriter {
         // the disk with the batch's one `fdatasync`; until then the file's durable size is
         // `self.size`, which a failed batch cuts the file back to (`zero_failed`). A crash
         // before the sync leaves zeros or nothing past the whole frames: a torn tail.
-        let mut grown = self.size;
-        let mut filled = Ok(());
-        if end > self.size && !self.prealloc_failed && self.size < self.sizes.prealloc_max {
+        let mut grown = Ok(self.size);
+        if end > self.size && self.size < self.sizes.prealloc_max {
             let cap = self.sizes.prealloc_max.max(end);
             let target = self.size.saturating_mul(2).max(end).min(cap);
-            filled = match zero_fill(file.as_mut(), self.size, target) {
-                Ok(()) => {
-                    grown = target;
-                    Ok(())
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    // No room to fill ahead: the log grows with its frames from now on,
-                    // and the fill is cut back (room for the frames and the record files).
-                    tracing::info!(
-                        target,
-                        "no room to grow the write-ahead log ahead of its frames"
-                    );
-                    self.prealloc_failed = true;
-                    file.set_len(self.size)
-                }
-                Err(e) => Err(e),
-            };
+            grown = fill_ahead(file.as_mut(), &mut self.prealloc_failed, self.size, target);
         }
-        let result = filled
-            .and_then(|()| file.write_at(&frames, start))
+        let result = grown
+            .and_then(|grown| file.write_at(&frames, start).map(|()| grown))
             .map_err(|e| StateError::io("writing to the log", &path, e))
             // The frames must be on disk before any caller hears Ok.
-            .and_then(|()| {
-                file.sync_data().map_err(|e| StateError::io("syncing the log", &path, e))
+            .and_then(|grown| {
+                file.sync_data().map_err(|e| StateError::io("syncing the log", &path, e))?;
+                Ok(grown)
             });
         match result {
-            Ok(()) => {
+            Ok(grown) => {
                 self.len = end;
                 self.size = grown.max(end);
                 Ok(())
@@ -535,28 +519,11 @@ impl LogWriter {
             .write_at(&frame::header(salt), 0)
             .and_then(|()| {
                 new_size = size.max(HEADER_LEN);
-                if size >= prealloc || self.prealloc_failed {
-                    return Ok(());
+                if size < prealloc {
+                    new_size =
+                        fill_ahead(file.as_mut(), &mut self.prealloc_failed, new_size, prealloc)?;
                 }
-                match zero_fill(file.as_mut(), new_size, prealloc) {
-                    Ok(()) => {
-                        new_size = prealloc;
-                        Ok(())
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                        // No room for the whole log: it grows with its frames instead (as
-                        // logs did before they were preallocated), and this writer does not
-                        // try again (each try fills the disk for a moment). Cut back what
-                        // the fill wrote: that is room for the record files.
-                        tracing::info!(
-                            prealloc,
-                            "no room to preallocate the write-ahead log; it grows as it is written"
-                        );
-                        self.prealloc_failed = true;
-                        file.set_len(new_size)
-                    }
-                    Err(e) => Err(e),
-                }
+                Ok(())
             })
             // The header (and the file's new size) must be on disk before any frame of the
             // new generation is written after it.
@@ -579,6 +546,36 @@ impl LogWriter {
         self.last_salt = salt;
         self.len = HEADER_LEN;
         Ok(())
+    }
+}
+
+/// Fills the log with zeros from its size `from` up to `to`, so that frames are later
+/// written into blocks that exist; returns the size it has then. The caller's next
+/// `fdatasync` makes the fill durable (until then a crash leaves zeros or nothing there,
+/// which a replay treats as the end of the frames). Without room (`ENOSPC`) the fill is
+/// cut back to `from` (that is room for the frames and the record files), `failed` is set
+/// and `from` returned: the log grows with its frames from then on, and this writer does
+/// not try again (each try fills the disk for a moment). Once `failed`, nothing is filled.
+fn fill_ahead(
+    file: &mut dyn FsFile,
+    failed: &mut bool,
+    from: u64,
+    to: u64,
+) -> std::io::Result<u64> {
+    if *failed || to <= from {
+        return Ok(from);
+    }
+    match zero_fill(file, from, to) {
+        Ok(()) => Ok(to),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            tracing::info!(
+                to,
+                "no room to fill the write-ahead log ahead; it grows with its frames"
+            );
+            *failed = true;
+            file.set_len(from).map(|()| from)
+        }
+        Err(e) => Err(e),
     }
 }
 
