@@ -46,6 +46,17 @@ pub(crate) fn until_ms(clock: &Clock, left: Duration) -> u64 {
     clock.now_ms().saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The [`StateError::Fenced`] for a node whose lease `name` at `token` is another node's
+/// now, naming the lease's current token (read from the backend; `token + 1` if it cannot
+/// be read, the least it can be).
+pub(crate) async fn fenced(backend: &dyn StorageBackend, name: String, token: u64) -> StateError {
+    let current = match backend.read_lease(&name).await {
+        Ok(Some(state)) => state.token,
+        _ => token + 1,
+    };
+    StateError::Fenced { name, token, current }
+}
+
 /// Takes lease `name` for `node`, waiting up to `wait` while another node holds it (asking
 /// again when the holder's lease runs out, or after [`POLL`]), then
 /// [`StateError::OwnedElsewhere`] naming the holder. Returns the lease and when the granting

@@ -501,15 +501,8 @@ impl Store {
             {
                 renewed = tokio::time::Instant::now();
                 if self.backend.renew_lease(lease, ttl).await?.is_none() {
-                    let current = match self.backend.read_lease(&lease.name).await {
-                        Ok(Some(state)) => state.token,
-                        _ => lease.token + 1,
-                    };
-                    return Err(StateError::Fenced {
-                        name: lease.name.clone(),
-                        token: lease.token,
-                        current,
-                    });
+                    let (backend, name) = (self.backend.as_ref(), lease.name.clone());
+                    return Err(crate::actor::lease::fenced(backend, name, lease.token).await);
                 }
             }
             match line {

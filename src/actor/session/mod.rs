@@ -357,11 +357,7 @@ impl SessionState {
         let (lease, sent) = match (taken, self.token) {
             (Err(StateError::OwnedElsewhere { .. }), Some(token)) => {
                 self.mark_fenced();
-                let current = match store.backend.read_lease(&name).await {
-                    Ok(Some(state)) => state.token,
-                    _ => token + 1,
-                };
-                return Err(StateError::Fenced { name, token, current });
+                return Err(crate::actor::lease::fenced(store.backend.as_ref(), name, token).await);
             }
             (taken, _) => taken?,
         };
