@@ -138,36 +138,24 @@ fn open_for_reading(path: &Path) -> io::Result<Option<(File, u64)>> {
     Ok(Some((f, meta.len())))
 }
 
+/// Opens `path` with `options`, as every file the store writes is opened: owner-only
+/// permissions for a new file, never through a symbolic link, not inherited by children.
+fn os_open(path: &Path, options: &mut OpenOptions) -> io::Result<Box<dyn FsFile>> {
+    let f = options.mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    Ok(Box::new(OsFile(f)))
+}
+
 impl Fs for OsFs {
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
-        Ok(Box::new(OsFile(f)))
+        os_open(path, OpenOptions::new().write(true).create_new(true))
     }
 
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let f = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
-        Ok(Box::new(OsFile(f)))
+        os_open(path, OpenOptions::new().append(true).create(true))
     }
 
     fn open_in_place(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
-        Ok(Box::new(OsFile(f)))
+        os_open(path, OpenOptions::new().write(true).create(true).truncate(false))
     }
 
     fn read_head(&self, path: &Path, max: usize) -> io::Result<Option<Vec<u8>>> {

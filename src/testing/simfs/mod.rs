@@ -205,6 +205,21 @@ impl fmt::Debug for SimFs {
 }
 
 impl SimFs {
+    /// Opens `path` for writing (an `op` the fault plan may fail), creating it if there is
+    /// none; a directory is `EISDIR`. How a write lands (appended or in place) is the
+    /// caller's: `write_all` appends, `write_at` writes where it is told.
+    fn open_or_create(&self, path: &Path, op: Op) -> io::Result<Box<dyn FsFile>> {
+        let mut g = self.lock();
+        g.check(op)?;
+        let (dir, name) = g.tree.parent(path)?;
+        let ino = match g.tree.entries(dir)?.get(&name).copied() {
+            Some(ino) if g.tree.is_dir(ino) => return Err(errno(libc::EISDIR)),
+            Some(ino) => ino,
+            None => g.create_file(dir, name)?,
+        };
+        Ok(Box::new(SimFile { fs: self.clone(), ino }))
+    }
+
     /// A file system holding `root` and its ancestors, all durable, and nothing else.
     pub(crate) fn new(root: &Path) -> SimFs {
         SimFs::from_tree(Tree::rooted_at(root))
@@ -357,27 +372,11 @@ impl Fs for SimFs {
     }
 
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let mut g = self.lock();
-        g.check(Op::OpenAppend)?;
-        let (dir, name) = g.tree.parent(path)?;
-        let ino = match g.tree.entries(dir)?.get(&name).copied() {
-            Some(ino) if g.tree.is_dir(ino) => return Err(errno(libc::EISDIR)),
-            Some(ino) => ino,
-            None => g.create_file(dir, name)?,
-        };
-        Ok(Box::new(SimFile { fs: self.clone(), ino }))
+        self.open_or_create(path, Op::OpenAppend)
     }
 
     fn open_in_place(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let mut g = self.lock();
-        g.check(Op::OpenInPlace)?;
-        let (dir, name) = g.tree.parent(path)?;
-        let ino = match g.tree.entries(dir)?.get(&name).copied() {
-            Some(ino) if g.tree.is_dir(ino) => return Err(errno(libc::EISDIR)),
-            Some(ino) => ino,
-            None => g.create_file(dir, name)?,
-        };
-        Ok(Box::new(SimFile { fs: self.clone(), ino }))
+        self.open_or_create(path, Op::OpenInPlace)
     }
 
     fn read_head(&self, path: &Path, max: usize) -> io::Result<Option<Vec<u8>>> {
