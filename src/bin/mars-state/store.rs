@@ -237,6 +237,12 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
+/// Whether `url` names a file or SQLite store (held by one process at a time), not a
+/// server's.
+pub(crate) fn is_local(url: &str) -> bool {
+    local_path(url).is_some()
+}
+
 /// The local path a file or SQLite store is at, if `url` names one (for the check that it
 /// exists before opening, which would create it).
 fn local_path(url: &str) -> Option<(PathBuf, bool)> {
@@ -337,10 +343,15 @@ impl Opened {
         access: Access,
     ) -> Result<Opened, CliError> {
         let url = resolve(arg)?;
-        let key = Key::from_args(keys)?;
-        let backend = open_existing(&url, access).await?;
-        let manager = start(backend, key, &url, access, None).await?;
-        Ok(Opened { manager, url })
+        Self::with_key(&url, Key::from_args(keys)?, access).await
+    }
+
+    /// Opens the existing store at `url` (resolved) with `key` read already, as
+    /// [`open`](Self::open) or [`read_only`](Self::read_only) do, by `access`.
+    pub(crate) async fn with_key(url: &str, key: Key, access: Access) -> Result<Opened, CliError> {
+        let backend = open_existing(url, access).await?;
+        let manager = start(backend, key, url, access, None).await?;
+        Ok(Opened { manager, url: url.to_owned() })
     }
 
     /// Shuts the manager down, releasing the store (and its lock).

@@ -81,17 +81,14 @@ fn print_event(g: &Global, e: &StateEvent) {
 pub(crate) async fn run(g: &Global, a: WatchArgs) -> Result<ExitCode, CliError> {
     let url = store::resolve(Some(a.store.as_str()))?;
     let key = Key::from_args(&g.keys)?;
-    // Read-only on every backend: the tool never holds a store its application needs.
-    let backend = store::open_existing(&url, Access::Read).await?;
     let what =
         a.session.as_deref().map_or_else(|| "every session".to_owned(), |s| format!("session {s}"));
-    if backend.shared() {
-        let manager = store::start(backend, key, &url, Access::Read, None).await?;
-        let opened = Opened { manager, url };
-        return subscribed(g, &a, opened, &what).await;
+    // Read-only on every backend: the tool never holds a store its application needs.
+    if store::is_local(&url) {
+        return polled(g, &a, &url, &key, &what).await;
     }
-    drop(backend);
-    polled(g, &a, &url, &key, &what).await
+    let opened = Opened::with_key(&url, key, Access::Read).await?;
+    subscribed(g, &a, opened, &what).await
 }
 
 /// A shared store: the events every node publishes, through a read-only manager.
@@ -153,11 +150,7 @@ async fn look(
     session: Option<&str>,
     before: &BTreeMap<String, Seen>,
 ) -> Result<(BTreeMap<String, Seen>, Vec<CheckpointInfo>), CliError> {
-    let backend = store::open_existing(url, Access::Read).await?;
-    let opened = Opened {
-        manager: store::start(backend, key.clone(), url, Access::Read, None).await?,
-        url: url.to_owned(),
-    };
+    let opened = Opened::with_key(url, key.clone(), Access::Read).await?;
     let result = async {
         let mut sessions =
             opened.manager.list_sessions().await.map_err(|e| opened.error(e, None))?;
