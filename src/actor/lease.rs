@@ -109,9 +109,17 @@ impl Held {
 
 /// The session leases this node holds (see the [module docs](self)).
 #[derive(Debug, Default)]
-pub(crate) struct Leases(Mutex<HashMap<SessionId, Held>>);
+pub(crate) struct Leases(Mutex<HashMap<SessionId, Held>>, tokio::sync::Mutex<()>);
 
 impl Leases {
+    /// Waits until no renewal round is in flight. A release waits for it after taking its
+    /// lease out of the table (so no later round carries it): a renewal sent before the
+    /// release and answered after it would mark the lease held again (a renewal clears
+    /// `released` and extends the lease), and other nodes would wait for it to run out.
+    pub(crate) async fn no_renewal_in_flight(&self) {
+        drop(self.1.lock().await);
+    }
+
     /// `sid`'s lease as the session actor checks it before every write, without copying
     /// it: its token, its local end, and whether it was lost.
     pub(crate) fn peek(&self, sid: &SessionId) -> Option<(u64, Instant, bool)> {
@@ -165,6 +173,8 @@ pub(crate) fn spawn_keeper(store: &Arc<Store>, rt: &Arc<Runtime>, config: &Arc<C
 /// One renewal round. Returns false once the manager is gone.
 async fn renew_round(store: &Weak<Store>, rt: &Weak<Runtime>, ttl: Duration) -> bool {
     let (Some(store), Some(rt)) = (store.upgrade(), rt.upgrade()) else { return false };
+    // Held for the round's call: a release waits for it (`no_renewal_in_flight`).
+    let _round = rt.leases.1.lock().await;
     let held = rt.leases.snapshot();
     if !held.is_empty() {
         let leases: Vec<Lease> = held.iter().map(|(_, l)| l.clone()).collect();

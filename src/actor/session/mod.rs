@@ -403,6 +403,7 @@ impl SessionState {
         if held.lost {
             return;
         }
+        self.shared.rt.leases.no_renewal_in_flight().await;
         if let Err(e) = self.shared.store.backend.release_lease(&held.lease).await {
             warn!(session = %self.sid, error = %e, "could not release the session's lease; it runs out on its own");
         }
