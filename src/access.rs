@@ -32,8 +32,8 @@
 //! administrators may touch them.
 //!
 //! Order in which a request sees each stage: access control (in the handle, before the
-//! session actor and its cache) → session actor → storage actor → codec (JSON, gzip, CRC)
-//! → encryption → backend.
+//! session actor and its cache) → session actor → store (codec: JSON, gzip, CRC) →
+//! encryption → backend.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,5 +1,6 @@
-//! The crate's lock helpers, the only place that handles lock poisoning, and [`Sharded`],
-//! a session-keyed map split over several mutexes.
+//! The crate's lock helpers, the only place that handles lock poisoning, [`Sharded`], a
+//! session-keyed map split over several mutexes, and the mark of the crate's own tasks
+//! ([`in_own_task`], [`may_block_in_place`]).
 //! Owns: how a poisoned lock is treated (go on: see [`lock`]). Calls nothing else in the
 //! crate but [`crate::types::SessionId`].
 
@@ -12,6 +13,28 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 /// cannot leave its contents half-updated.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+tokio::task_local! {
+    /// Set around the I/O of a task the crate spawned itself on the runtime (a session
+    /// actor's), see [`may_block_in_place`].
+    static OWN_TASK: ();
+}
+
+/// Runs `f` marked as the I/O of one of the crate's own tasks: a task spawned on the
+/// runtime (never one of the caller's, which may be a `LocalSet`'s local task or the future
+/// of a `block_on`), so it may block its thread with `tokio::task::block_in_place`.
+pub(crate) async fn in_own_task<F: std::future::Future>(f: F) -> F::Output {
+    OWN_TASK.scope((), f).await
+}
+
+/// Whether the running code may call `tokio::task::block_in_place`, which panics where
+/// blocking is not allowed (a current-thread runtime; a `LocalSet`'s task, even on a
+/// multi-thread runtime): only inside [`in_own_task`] on a multi-thread runtime.
+pub(crate) fn may_block_in_place() -> bool {
+    OWN_TASK.try_with(|_| ()).is_ok()
+        && tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Read-locks `l`, going on past poisoning (for the same reason as [`lock`]).

@@ -534,6 +534,72 @@ async fn recorded_steps_are_flushed_when_the_session_actor_passivates() {
     m.shutdown().await.unwrap();
 }
 
+/// A session actor that is already stopping when the manager shuts down (it passivated
+/// after its idle timeout, and a save queued before its mailbox closed is still being
+/// written) is waited for before the store is closed: the clean close (its last step
+/// removes the running marker) comes only after that write, and the save is there after a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_store_after_a_passivating_actor_s_last_write() {
+    use mars_state::testing::{Faulty, Hold, Method};
+    let (flush, save, closing) = (Hold::new(), Hold::new(), Hold::new());
+    // A file store: a store with one writer keeps a running marker (a shared one does not).
+    let dir = tempfile::tempdir().unwrap();
+    let file = mars_state::FileStorageBackend::new(dir.path()).unwrap();
+    // The flush writes the session record, then its checkpoint: the checkpoint's write is
+    // held. The queued save writes the session record.
+    let checkpoint = |k: &StorageKey| k.as_str().starts_with("checkpoints/");
+    let session = |k: &StorageKey| k.as_str().starts_with("sessions/");
+    let running = |k: &StorageKey| k.as_str() == "metadata/running";
+    let backend = Arc::new(
+        Faulty::new(file)
+            .hold(Method::Put, &flush, checkpoint)
+            .hold(Method::Put, &save, session)
+            .hold(Method::Delete, &closing, running),
+    );
+    let m = quiet(StateManager::builder(backend.clone()))
+        .idle_timeout(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    m.record_step("run", 1, &run_state(1)).await.unwrap();
+    // The idle actor passivates: its flush of step 1 is held.
+    flush.arm();
+    tokio::time::timeout(Duration::from_secs(10), flush.held()).await.expect("the flush");
+    // A save queued behind the flush, before the mailbox closes.
+    let saving = tokio::spawn({
+        let m = m.clone();
+        async move { m.save_session("run", &run_state(2)).await }
+    });
+    // Time for it to reach the actor's mailbox (the actor is busy, so it waits there).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    save.arm();
+    flush.release();
+    // The actor is draining now, and writing the queued save.
+    tokio::time::timeout(Duration::from_secs(10), save.held()).await.expect("the queued save");
+    closing.arm();
+    let stopping = tokio::spawn({
+        let m = m.clone();
+        async move { m.shutdown().await }
+    });
+    let early = tokio::time::timeout(Duration::from_millis(300), closing.held()).await;
+    assert!(early.is_err(), "the store was closed while a stopping actor was writing");
+    save.release();
+    tokio::time::timeout(Duration::from_secs(10), closing.held()).await.expect("the close");
+    closing.release();
+    stopping.await.unwrap().unwrap();
+    saving.await.unwrap().unwrap();
+
+    drop(m);
+    drop(backend);
+    let m = quiet(StateManager::builder(mars_state::FileStorageBackend::new(dir.path()).unwrap()))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(m.load_session("run").await.unwrap(), Some(run_state(2)));
+    m.shutdown().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Pause and resume across managers
 // ---------------------------------------------------------------------------------------

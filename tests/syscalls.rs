@@ -57,7 +57,9 @@
 //!   save that reports `Ok` has, in the trace, a successful rename of its record with a
 //!   successful data sync before and directory sync after (no false `Ok`); no `fsync` is
 //!   retried on a descriptor whose `fsync` failed; the next save and checkpoint succeed; no
-//!   staged file remains; a fresh manager reads v3 and the checkpoint. That includes a
+//!   staged file remains; a fresh manager reads v3 and the checkpoint. (strace counts calls
+//!   per thread: where K falls on save v3's call instead, v3 is held to v2's rules, and the
+//!   fresh manager reads v2.) That includes a
 //!   failed *directory* fsync, which comes after the rename: the store renames the previous
 //!   version back; `a_failed_directory_fsync_leaves_the_previous_version` pins it.
 //! - `an_eio_from_the_log_fdatasync_fails_the_save_and_leaves_the_previous_value`: the
@@ -1542,7 +1544,20 @@ fn injected_io_errors_fail_the_save_cleanly() {
             } else {
                 bad.push(format!("save v2: expected Ok or {want_kind}…, got {}", o.v2));
             }
-            if o.v3 != "ok" || !o.v4.starts_with("ok ") || o.load_end != "v3" || o.closed != "ok" {
+            // strace counts a syscall's calls per thread, and one save's calls run on more
+            // than one thread (the record's I/O on the blocking pool, the journal's small
+            // append on the caller's): `when=K` may fall on save v3's call on the thread
+            // that made fewer than K such calls in v2. Then v3 must fail (or succeed) as
+            // v2 would have, and the checkpoint after it must still succeed.
+            let v3_hit = failed.first().is_some_and(|c| c.start > v2_line(&calls))
+                && o.v2 == "ok"
+                && o.v3.starts_with(want_kind);
+            let a_end = if v3_hit { "v2" } else { "v3" };
+            if (o.v3 != "ok" && !v3_hit)
+                || !o.v4.starts_with("ok ")
+                || o.load_end != a_end
+                || o.closed != "ok"
+            {
                 bad.push(format!("the next saves did not work: {o:?}"));
             }
             let a = audit(&calls, dir.to_str().unwrap());
@@ -1557,13 +1572,13 @@ fn injected_io_errors_fail_the_save_cleanly() {
                     let a_now = m.load_session("a").await.unwrap();
                     let b_now = m.load_session("b").await.unwrap();
                     let cp = m.restore_checkpoint(&id.parse().unwrap()).await.unwrap();
-                    if a_now != Some(value("a", 3))
+                    if a_now != Some(value("a", if v3_hit { 2 } else { 3 }))
                         || b_now != Some(value("b", 1))
                         || cp.map(|c| c.data) != Some(value("a", 4))
                     {
-                        bad.push(
-                            "a fresh manager does not read v3, b v1 and the checkpoint".into(),
-                        );
+                        bad.push(format!(
+                            "a fresh manager does not read {a_end}, b v1 and the checkpoint"
+                        ));
                     }
                     m.shutdown().await.unwrap();
                 });

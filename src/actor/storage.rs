@@ -1,9 +1,11 @@
-//! The storage actor: runs record I/O jobs against the [`Store`], several at once.
-//! Owns the running jobs. Calls only the store (whose codec, middleware and backend do the
-//! I/O); every record read or write of the actors goes through [`run`].
+//! The storage actor: runs the record I/O that no session actor owns (restores and
+//! listings for the handle, vacuum, the janitor's passes) against the [`Store`], several
+//! jobs at once. Owns the running jobs. Calls only the store (whose codec, middleware and
+//! backend do the I/O); such jobs go through [`run`]. (A session actor does its own
+//! session's I/O in its own task: it awaits each write anyway, and a hop through here
+//! would cost two thread hand-offs per save.)
 //!
-//! Each job runs in its own task, so slow I/O on one key never holds up another. Jobs for
-//! one session never overlap, because its session actor awaits each job before the next.
+//! Each job runs in its own task, so slow I/O on one key never holds up another.
 //! Stopping the actor (drain) waits for every job still running.
 
 use std::future::Future;
@@ -68,8 +70,8 @@ impl Actor for StorageActor {
 }
 
 /// Runs `f` on the storage actor and waits for its result. There is deliberately no
-/// timeout: the caller (a session actor) must not start its next write while this one may
-/// still be running.
+/// timeout: a caller must not start a write that depends on this one while it may still be
+/// running.
 pub(crate) async fn run<T, F, Fut>(storage: &ActorRef<StorageMsg>, f: F) -> Result<T>
 where
     T: Send + 'static,
@@ -79,7 +81,7 @@ where
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move |store| {
         Box::pin(async move {
-            let _ = tx.send(f(store).await);
+            let _ = tx.send(crate::sync::in_own_task(f(store)).await);
         })
     });
     storage

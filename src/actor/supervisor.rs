@@ -50,7 +50,7 @@ enum Slot {
     /// Draining; requests wait here until it has stopped, so two actors never serve one
     /// session at the same time.
     Draining {
-        actor: ActorId,
+        actor: ActorRef<SessionMsg>,
         waiting: Vec<SessionReply>,
     },
 }
@@ -164,7 +164,7 @@ impl Actor for SupervisorActor {
                     // A draining or dead actor refuses messages: park the request until
                     // its termination is reported, then hand out a fresh actor.
                     if actor.get_status() >= ActorStatus::Draining {
-                        let actor = actor.get_id();
+                        let actor = actor.clone();
                         st.sessions
                             .insert(sid.clone(), Slot::Draining { actor, waiting: Vec::new() });
                     }
@@ -182,9 +182,10 @@ impl Actor for SupervisorActor {
             }
             SupervisorMsg::Passivating { sid, actor } => {
                 if let Some(slot) = st.sessions.get_mut(&sid)
-                    && matches!(slot, Slot::Live(a) if a.get_id() == actor)
+                    && let Slot::Live(a) = slot
+                    && a.get_id() == actor
                 {
-                    *slot = Slot::Draining { actor, waiting: Vec::new() };
+                    *slot = Slot::Draining { actor: a.clone(), waiting: Vec::new() };
                 }
             }
             SupervisorMsg::LiveSessions { reply } => {
@@ -212,17 +213,22 @@ impl Actor for SupervisorActor {
                                 warn!(error = %e, "a session actor did not drain in time");
                             }
                         }
-                        Slot::Draining { waiting, .. } => {
+                        // Stopping already (passivating, or fenced): its last writes run in
+                        // its own task, so it is waited for before the store is closed.
+                        Slot::Draining { actor, waiting } => {
                             for w in waiting {
                                 let _ = w.send(Err(StateError::unavailable(
                                     "the state manager is shut down",
                                 )));
                             }
+                            if let Err(e) = actor.wait(timeout).await {
+                                warn!(error = %e, "a session actor did not stop in time");
+                            }
                         }
                     }
                 }
-                // Every session actor awaited its storage jobs, so this only waits for
-                // jobs started outside them (restores, listings, vacuum).
+                // Session actors do their own I/O, so this only waits for jobs started
+                // outside them (restores, listings, vacuum, the janitor's).
                 let _ = st.shared.storage.drain_and_wait(timeout).await;
                 // Everything is written: leave a clean journal so the next start reads no record.
                 if let Err(e) = st.shared.store.close().await {
@@ -273,17 +279,11 @@ impl Actor for SupervisorActor {
             return Ok(());
         }
         if st.shared.storage.get_id() == id {
-            error!(error = ?failure.map(|e| e.to_string()), "storage actor stopped; restarting it and the session actors");
+            error!(error = ?failure.map(|e| e.to_string()), "storage actor stopped; restarting it");
             let (storage, _) =
                 Actor::spawn_linked(None, StorageActor, st.shared.store.clone(), myself.get_cell())
                     .await?;
             st.shared.storage = storage;
-            // Session actors hold the old storage actor: let them finish and respawn.
-            for slot in st.sessions.values() {
-                if let Slot::Live(a) = slot {
-                    let _ = a.drain();
-                }
-            }
             return Ok(());
         }
         let Some(sid) = st.by_actor.remove(&id) else { return Ok(()) };
@@ -294,7 +294,9 @@ impl Actor for SupervisorActor {
             error!(session = %sid, error = %err, "session actor failed; it is restarted on next use");
         }
         match st.sessions.remove(&sid) {
-            Some(Slot::Draining { actor, waiting }) if actor == id && !waiting.is_empty() => {
+            Some(Slot::Draining { actor, waiting })
+                if actor.get_id() == id && !waiting.is_empty() =>
+            {
                 let r = st.spawn_session(&myself, &sid).await;
                 for w in waiting {
                     let _ = w.send(match &r {
@@ -307,7 +309,7 @@ impl Actor for SupervisorActor {
                 st.sessions.insert(sid, Slot::Live(a));
             }
             // Another actor's slot (a newer one for the same session): leave it alone.
-            Some(Slot::Draining { actor, waiting }) if actor != id => {
+            Some(Slot::Draining { actor, waiting }) if actor.get_id() != id => {
                 st.sessions.insert(sid, Slot::Draining { actor, waiting });
             }
             // This actor's slot with nobody waiting, or its live slot: the session simply

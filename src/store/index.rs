@@ -1,12 +1,14 @@
 //! The in-memory index of sessions and checkpoints, with an append-only journal. This file
 //! owns [`Index`] (its entries, [`RecordEntry`] and [`CheckpointEntry`], and the listings
 //! and totals built from them) and the journal's line format ([`Change`], replay,
-//! snapshot). It calls only the codec's `meta` types and does no I/O: the store appends,
-//! replaces and reads the journal.
+//! snapshot). It calls only the codec's `meta` types and does no I/O: the store reads the
+//! journal, and its writer (`journal.rs`) appends and replaces it.
 //!
 //! The index makes listing and stats cheap: no record body is read. It is persisted as a
 //! journal (`metadata/index.log`): one line per change, `CRC32HEX JSON`. Each change costs
-//! one small append, however many checkpoints exist. The journal is not fsynced: records
+//! one small append, however many checkpoints exist, queued by the write it describes and
+//! appended by the first writer to find no append running, with every line queued
+//! meanwhile (the others do not wait for it). The journal is not fsynced: records
 //! are the truth, and at every start the index is reconciled against a listing of the
 //! records (keys and sizes only), re-reading just the records it disagrees about. A
 //! damaged journal is discarded and the index rebuilt from the records. The journal is

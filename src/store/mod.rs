@@ -1,6 +1,6 @@
 //! The store: typed loads and saves of session records and checkpoints over a backend,
 //! with the codec and the index. Every record operation of the crate goes through here,
-//! called from the storage actor's tasks, the session actors and the manager (and once from
+//! called from the session actors, the storage actor's tasks and the manager (and once from
 //! start-up).
 //!
 //! This module owns [`Store`]: opening a store (format check, journal replay, interrupted
@@ -29,6 +29,7 @@ mod copy;
 mod dump;
 mod format;
 pub(crate) mod index;
+mod journal;
 pub(crate) mod keys;
 mod maintenance;
 mod verify;
@@ -52,8 +53,11 @@ pub(crate) struct Store {
     below: Option<Arc<dyn StorageBackend>>,
     pub(crate) codec: Codec,
     index: Mutex<Index>,
-    /// Serializes journal appends with compaction.
+    /// Serializes index changes (and the queueing of their journal lines) with journal
+    /// snapshots.
     journal: tokio::sync::Mutex<()>,
+    /// Appends journal lines off the writes' path.
+    journal_writer: Arc<journal::Journal>,
     quarantined: Mutex<HashSet<StorageKey>>,
     pub(crate) retention: RetentionPolicy,
     pub(crate) clock: Clock,
@@ -196,6 +200,7 @@ impl Store {
             shared: backend.shared() && !read_only,
             fences: Mutex::new(HashMap::new()),
             unsure: Mutex::new(HashSet::new()),
+            journal_writer: Arc::new(journal::Journal::new(backend.clone())),
             backend,
             below,
             codec,
@@ -549,7 +554,7 @@ impl Store {
         // The clean snapshot first, durably (an atomic put), the marker second: a crash in
         // between leaves the marker, so the next start treats the run as cut off and
         // re-reads session records rather than trusting a journal it cannot vouch for.
-        self.backend.put(&keys::journal(), bytes).await?;
+        self.journal_writer.replace(bytes).await?;
         self.index().journal_lines = n;
         self.backend.delete(&keys::running()).await?;
         Ok(())
@@ -560,17 +565,21 @@ impl Store {
     }
 
     pub(super) async fn record(&self, change: Change) -> Result<()> {
-        let _guard = self.journal.lock().await;
-        self.index().apply(&change);
-        if self.shared || self.read_only {
-            return Ok(());
+        let appender = {
+            let _guard = self.journal.lock().await;
+            self.index().apply(&change);
+            if self.shared || self.read_only {
+                return Ok(());
+            }
+            self.index().journal_lines += 1;
+            // Queued in the order of the changes, under the lock; appended after it.
+            self.journal_writer.queue(&Index::line(&change))
+        };
+        // The journal write is best effort: the record is already durable, and the index
+        // is reconciled against the records at the next start if the line is lost.
+        if appender {
+            self.journal_writer.append().await;
         }
-        // The journal write is best effort: the record is already durable and the index
-        // is reconciled against the records at the next start.
-        if let Err(e) = self.backend.append(&keys::journal(), Index::line(&change)).await {
-            warn!(error = %e, "index journal append failed; it will be rebuilt at the next start");
-        }
-        self.index().journal_lines += 1;
         Ok(())
     }
 
@@ -587,7 +596,7 @@ impl Store {
             }
             idx.snapshot(false)
         };
-        self.backend.put(&keys::journal(), bytes).await?;
+        self.journal_writer.replace(bytes).await?;
         self.index().journal_lines = n;
         debug!(entries = n, "index journal compacted");
         Ok(())

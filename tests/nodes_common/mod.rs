@@ -557,7 +557,13 @@ pub async fn a_watch_on_one_node_sees_writes_made_on_another(store: Arc<dyn Stor
 /// write is refused and reaches no watch.
 pub async fn a_read_only_manager_s_watch_sees_the_writers_events(store: Arc<dyn StorageBackend>) {
     let a = node(&store, "node-a", Duration::ZERO).await;
+    // A save made before the reader starts, seen through the store's feed by another
+    // onlooker first: its event is delivered before the reader subscribes (an event goes
+    // to the feed after its save is answered), so the reader's watches must not see it.
+    let probe = start(node_builder(&store, "probe", Duration::ZERO).read_only(), "probe").await;
+    let mut before = probe.watch_all().await.unwrap();
     a.save_session("s0", &json!({"step": 0})).await.unwrap();
+    assert_eq!(next_events(&mut before, 1).await[0].session_id.as_str(), "s0");
     let reader = start(node_builder(&store, "reader", Duration::ZERO).read_only(), "reader").await;
     let mut one = reader.watch("s1").await.unwrap();
     let mut all = reader.watch_all().await.unwrap();
@@ -584,6 +590,7 @@ pub async fn a_read_only_manager_s_watch_sees_the_writers_events(store: Arc<dyn 
         0
     );
     reader.shutdown().await.unwrap();
+    probe.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
 

@@ -2,7 +2,7 @@
 //! branch), taking one, recorded steps and the flush the policy triggers, rollback and
 //! cleanup.
 //! Owns no state of its own: these are methods of the session actor's state. Calls the
-//! storage actor (through `SessionState::io`) and reads the store's index.
+//! store (through `SessionState::io`) and reads the store's index.
 
 use tokio::time::Instant;
 

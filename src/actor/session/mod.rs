@@ -1,8 +1,8 @@
 //! The session actor: one per live session id, the only writer of that session.
 //! Owns the session's cached state, its checkpoint policy and timers, and its writes
 //! (`msg.rs`: its messages; `checkpoint.rs`: checkpoints, recorded steps, rollback). Calls
-//! the storage actor for every record I/O (through [`SessionState::io`]), the store for the
-//! index, hot map, events and access records it reads or publishes, [`crate::config`] for
+//! the store for every record I/O, in its own task (through [`SessionState::io`]), and for
+//! the index, hot map, events and access records it reads or publishes, [`crate::config`] for
 //! migrations, and tells the supervisor when it passivates.
 //!
 //! Every save, checkpoint and read-modify-write of a session goes through this actor's
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::lease::{acquire_within, lease_name};
-use super::{Shared, storage, supervisor::SupervisorMsg};
+use super::{Shared, supervisor::SupervisorMsg};
 use crate::config::CheckpointPolicy;
 use crate::error::{Result, StateError};
 use crate::events::EventKind;
@@ -272,15 +272,17 @@ impl SessionState {
         }
     }
 
-    /// Runs `job` on the storage actor and waits for it: every record I/O of this actor
-    /// goes through here, one at a time.
+    /// Runs `job` against the store and waits for it: every record I/O of this actor goes
+    /// through here, one at a time. The job runs right here, in this actor's task (a hop
+    /// through the storage actor and a task of its own would cost two thread hand-offs per
+    /// save): the actor awaits each write anyway, and nothing ends it part way (it is
+    /// drained, never killed; a shutdown waits for draining actors too).
     async fn io<T, F, Fut>(&self, job: F) -> Result<T>
     where
-        T: Send + 'static,
-        F: FnOnce(Arc<Store>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<T>> + Send + 'static,
+        F: FnOnce(Arc<Store>) -> Fut,
+        Fut: Future<Output = Result<T>>,
     {
-        let r = storage::run(&self.shared.storage, job).await;
+        let r = crate::sync::in_own_task(job(self.shared.store.clone())).await;
         if matches!(r, Err(StateError::Fenced { .. })) {
             self.mark_fenced();
         }

@@ -297,9 +297,22 @@ impl Core {
     }
 
     pub(super) fn append_blocking(&self, key: &StorageKey, bytes: &[u8]) -> Result<()> {
+        self.append_to(self.path_of(key), bytes)
+    }
+
+    /// An append that only writes to a file already open for appending (no directory to
+    /// create, no file to open): one `write` to the page cache, made on the caller's
+    /// thread. `None` if the file is not open yet; the caller appends the blocking way.
+    pub(super) fn append_open(&self, key: &StorageKey, bytes: &[u8]) -> Option<Result<()>> {
         let path = self.path_of(key);
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        self.ensure_dir(&dir)?;
+        if !lock(&self.appenders.0).contains_key(&path) {
+            return None;
+        }
+        Some(self.append_to(path, bytes))
+    }
+
+    fn append_to(&self, path: PathBuf, bytes: &[u8]) -> Result<()> {
+        self.ensure_dir(path.parent().unwrap_or(&self.root))?;
         let mut appenders = lock(&self.appenders.0);
         let f = match appenders.entry(path.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

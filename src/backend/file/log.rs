@@ -159,9 +159,12 @@ impl LogReq {
 /// The log: writes waiting for the next group commit, and the writer that makes them.
 ///
 /// There is no thread of its own: the first writer to find no commit running becomes the
-/// leader and runs commits on tokio's blocking pool until the queue is empty; everyone who
-/// queues meanwhile is answered by those commits. (A blocking-pool task, unlike a thread of
-/// our own, also keeps a paused test clock from jumping ahead while a commit runs.)
+/// leader; everyone who queues meanwhile is answered by its commits. The leader commits one
+/// batch on its own thread where it may block (`lead_once` under `block_in_place`, on a
+/// multi-thread runtime), and leaves the rest of the queue to a leader on tokio's blocking
+/// pool (`lead`), which commits until the queue is empty. (A blocking-pool task, unlike a
+/// thread of our own, also keeps a paused test clock, which needs a current-thread runtime,
+/// from jumping ahead while a commit runs.)
 pub(super) struct Log {
     queue: Mutex<Queue>,
     writer: Mutex<LogWriter>,
@@ -217,42 +220,53 @@ impl Log {
 
     /// The leader: commits what is queued, batch after batch, until nothing is.
     pub(super) fn lead(&self) {
+        while self.lead_once() {}
+    }
+
+    /// The leader's step: commits one batch of what is queued. Returns whether the caller
+    /// is still the leader (more was queued meanwhile); once it returns `false`, nothing is
+    /// queued and a writer queueing later starts a new leader.
+    pub(super) fn lead_once(&self) -> bool {
         let mut writer = lock(&self.writer);
-        loop {
-            let batch = {
-                let mut q = lock(&self.queue);
-                if q.closed {
-                    // Only requests whose callers gave up can be left when the last handle
-                    // is dropped: refuse them, the files are final.
-                    for req in q.waiting.drain(..) {
-                        req.answer(Err(StateError::unavailable("the file backend was dropped")));
-                    }
-                    q.leading = false;
-                    return;
+        let batch = {
+            let mut q = lock(&self.queue);
+            if q.closed {
+                // Only requests whose callers gave up can be left when the last handle
+                // is dropped: refuse them, the files are final.
+                for req in q.waiting.drain(..) {
+                    req.answer(Err(StateError::unavailable("the file backend was dropped")));
                 }
-                if q.waiting.is_empty() {
-                    // Decided under the queue lock: a writer queueing after this starts a
-                    // new leader.
-                    q.leading = false;
-                    return;
-                }
-                let mut bytes = 0;
-                let n = q
-                    .waiting
-                    .iter()
-                    .take_while(|r| {
-                        let fits = bytes < MAX_BATCH;
-                        bytes += r.size();
-                        fits
-                    })
-                    .count();
-                q.waiting.drain(..n).collect::<Vec<_>>()
-            };
-            writer.commit(batch);
-            if writer.len >= writer.sizes.materialize_at {
-                writer.materialize_logged();
+                q.leading = false;
+                return false;
             }
+            if q.waiting.is_empty() {
+                // Decided under the queue lock: a writer queueing after this starts a
+                // new leader.
+                q.leading = false;
+                return false;
+            }
+            let mut bytes = 0;
+            let n = q
+                .waiting
+                .iter()
+                .take_while(|r| {
+                    let fits = bytes < MAX_BATCH;
+                    bytes += r.size();
+                    fits
+                })
+                .count();
+            q.waiting.drain(..n).collect::<Vec<_>>()
+        };
+        writer.commit(batch);
+        if writer.len >= writer.sizes.materialize_at {
+            writer.materialize_logged();
         }
+        let mut q = lock(&self.queue);
+        if q.waiting.is_empty() && !q.closed {
+            q.leading = false;
+            return false;
+        }
+        true
     }
 
     /// Closes the log for good (the backend's last handle is gone): a leader that starts

@@ -325,12 +325,24 @@ impl FileStorageBackend {
     async fn through_log(&self, log: &Log, make: impl FnOnce(Reply) -> LogReq) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if log.enqueue(make(tx)) {
-            let log = self.inner.log.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Some(log) = log {
-                    log.lead();
-                }
-            });
+            // This caller leads the commit. Where it may block its thread (a session
+            // actor's I/O on a multi-thread runtime) it commits its own batch right here
+            // (`block_in_place` hands the worker's other tasks to another thread first):
+            // its answer then needs no hop from a pool thread back to this task, which is
+            // most of a lone writer's cost besides the sync itself. Whatever was queued
+            // meanwhile is left to a leader on the blocking pool, so this caller is
+            // answered after one batch however busy the log is. Anywhere else (a
+            // current-thread runtime, a caller's `LocalSet`) every commit runs on the pool.
+            let more = !crate::sync::may_block_in_place()
+                || tokio::task::block_in_place(|| log.lead_once());
+            if more {
+                let log = self.inner.log.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Some(log) = log {
+                        log.lead();
+                    }
+                });
+            }
         }
         rx.await.map_err(|_| {
             StateError::unavailable("the log writer stopped before answering; outcome unknown")
@@ -465,6 +477,15 @@ impl StorageBackend for FileStorageBackend {
 
     async fn append(&self, key: &StorageKey, bytes: Vec<u8>) -> Result<()> {
         self.refuse("append")?;
+        // A small append to a file already open (the index journal's lines, after the
+        // first) is one `write` to the page cache, never synced: made right here, as a
+        // small cached read is, since the hop to the blocking pool and back costs more.
+        const INLINE_MAX: usize = 16 << 10;
+        if bytes.len() <= INLINE_MAX
+            && let Some(r) = self.core().append_open(key, &bytes)
+        {
+            return r;
+        }
         let key = key.clone();
         self.blocking(move |b| b.append_blocking(&key, &bytes)).await
     }
