@@ -48,6 +48,7 @@ macro_rules! node_tests {
                 a_principals_watch_on_another_node_is_checked_against_the_sessions_owner,
                 a_read_only_manager_s_watch_sees_the_writers_events,
                 an_import_waits_for_the_owner_of_a_session_it_writes,
+                an_import_that_fails_part_way_lets_go_of_the_session_it_was_writing,
             );
         }
     };
@@ -624,6 +625,51 @@ pub async fn an_import_waits_for_the_owner_of_a_session_it_writes(store: Arc<dyn
     assert_eq!(b.load_session("s1").await.unwrap(), Some(json!({"step": 100})));
     assert_eq!(b.load_session("s2").await.unwrap(), Some(json!({"step": 200})));
     b.shutdown().await.unwrap();
+}
+
+/// An import into a shared store whose write fails part way through a session stops with
+/// that error, and lets go of the session: its lease is released at once (another node
+/// that does not wait for leases takes the session right away). The sessions before it are
+/// imported, and the same import run again once the fault is gone imports the rest whole.
+pub async fn an_import_that_fails_part_way_lets_go_of_the_session_it_was_writing(
+    store: Arc<dyn StorageBackend>,
+) {
+    use mars_state::testing::{Faulty, Method};
+    let source = StateManager::start(mars_state::MemoryStorageBackend::new()).await.unwrap();
+    for (sid, step) in [("s1", 100), ("s2", 200)] {
+        source.save_session(sid, &json!({"step": step})).await.unwrap();
+        source.create_checkpoint(sid, "main", &json!({"step": step + 1})).await.unwrap();
+    }
+    let mut dump = Vec::new();
+    source.export_store(&mut dump, &mars_state::ExportOptions::new()).await.unwrap();
+    source.shutdown().await.unwrap();
+
+    // s2's checkpoint cannot be written: its session record is, then the import stops.
+    let faulty = Faulty::new(store.clone()).fail(Method::Put, std::io::ErrorKind::Other, |k| {
+        k.as_str().starts_with("checkpoints/s2/")
+    });
+    let switch = faulty.switch().clone();
+    let faulty: Arc<dyn StorageBackend> = Arc::new(faulty);
+    let importer = node(&faulty, "importer", Duration::ZERO).await;
+    let failed = importer.import_store(dump.as_slice()).await.unwrap_err();
+    assert_eq!(failed.kind(), mars_state::ErrorKind::Io, "{failed}");
+
+    // Another node takes s2 at once: the import's lease is released, not left to run out.
+    let b = node(&store, "node-b", Duration::ZERO).await;
+    assert_eq!(b.load_session("s1").await.unwrap(), Some(json!({"step": 100})));
+    assert_eq!(b.list_checkpoints("s1").await.unwrap().len(), 1);
+    b.save_session("s2", &json!({"step": 7})).await.unwrap();
+    b.shutdown().await.unwrap();
+
+    // The fault gone, the same importer imports s2 whole.
+    switch.set(false);
+    let report = importer.import_store(dump.as_slice()).await.unwrap();
+    assert_eq!(report.session_records, 2, "{report:?}");
+    importer.shutdown().await.unwrap();
+    let c = node(&store, "node-c", Duration::ZERO).await;
+    assert_eq!(c.load_session("s2").await.unwrap(), Some(json!({"step": 200})));
+    assert_eq!(c.list_checkpoints("s2").await.unwrap().len(), 1);
+    c.shutdown().await.unwrap();
 }
 
 pub async fn a_watch_all_sees_every_nodes_events(store: Arc<dyn StorageBackend>) {
