@@ -312,13 +312,19 @@ impl Core {
     }
 
     fn append_to(&self, path: PathBuf, bytes: &[u8]) -> Result<()> {
-        self.ensure_dir(path.parent().unwrap_or(&self.root))?;
         let mut appenders = lock(&self.appenders.0);
         let f = match appenders.entry(path.clone()) {
+            // Written through its open descriptor: no path is resolved, so there is no
+            // directory on the way to check.
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(
-                self.fs.open_append(&path).map_err(|e| StateError::io("opening log", &path, e))?,
-            ),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.ensure_dir(path.parent().unwrap_or(&self.root))?;
+                v.insert(
+                    self.fs
+                        .open_append(&path)
+                        .map_err(|e| StateError::io("opening log", &path, e))?,
+                )
+            }
         };
         // No fsync: the contract says an appended log may lose its tail in a crash; its
         // only user, the index journal, is reconciled against the records at start.
