@@ -539,6 +539,7 @@ async fn recorded_steps_are_flushed_when_the_session_actor_passivates() {
 /// written) is waited for before the store is closed: the clean close (its last step
 /// removes the running marker) comes only after that write, and the save is there after a
 /// restart.
+#[cfg(feature = "testing")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_the_store_after_a_passivating_actor_s_last_write() {
     use mars_state::testing::{Faulty, Hold, Method};

@@ -47,12 +47,18 @@ struct Queue {
 }
 
 /// Clears the appending flag if an appender is dropped part way (its caller gave up): the
-/// lines stay queued, and the next writer appends them.
-struct Appending<'a>(&'a Journal);
+/// lines still queued stay, and the next writer appends them. An appender that finishes
+/// clears the flag itself, under the queue's lock, when it finds the queue empty.
+struct Appending<'a> {
+    journal: &'a Journal,
+    finished: bool,
+}
 
 impl Drop for Appending<'_> {
     fn drop(&mut self) {
-        lock(&self.0.queue).appending = false;
+        if !self.finished {
+            lock(&self.journal.queue).appending = false;
+        }
     }
 }
 
@@ -75,29 +81,37 @@ impl Journal {
     /// the records are durable already, and the next start reconciles the index with them
     /// (the running marker says it must).
     pub(crate) async fn append(self: &Arc<Self>) {
-        let guard = Appending(self);
+        let mut guard = Appending { journal: self, finished: false };
         let _writing = self.writing.lock().await;
         for _ in 0..ROUNDS {
             if !self.append_round().await {
-                return; // `guard` clears the flag
+                guard.finished = true;
+                return;
             }
         }
         // Still more: a task takes over (the flag stays set for it).
-        std::mem::forget(guard);
+        guard.finished = true;
         let journal = self.clone();
         tokio::spawn(async move {
-            let _guard = Appending(&journal);
+            let mut guard = Appending { journal: &journal, finished: false };
             let _writing = journal.writing.lock().await;
             while journal.append_round().await {}
+            guard.finished = true;
         });
     }
 
-    /// Appends the lines queued now. Returns `false` if there were none.
+    /// Appends the lines queued now. Returns `false` if there were none, having cleared the
+    /// appending flag under the same lock: a line queued after that starts an appender of
+    /// its own, and none is left behind.
     async fn append_round(&self) -> bool {
-        let lines = std::mem::take(&mut lock(&self.queue).lines);
-        if lines.is_empty() {
-            return false;
-        }
+        let lines = {
+            let mut q = lock(&self.queue);
+            if q.lines.is_empty() {
+                q.appending = false;
+                return false;
+            }
+            std::mem::take(&mut q.lines)
+        };
         if let Err(e) = self.backend.append(&keys::journal(), lines).await {
             warn!(error = %e, "index journal append failed; it will be rebuilt at the next start");
         }
@@ -114,5 +128,88 @@ impl Journal {
         let _writing = self.writing.lock().await;
         lock(&self.queue).lines.clear();
         self.backend.put(&keys::journal(), bytes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStorageBackend;
+
+    async fn journal_text(backend: &Arc<dyn StorageBackend>) -> String {
+        let bytes = backend.get(&keys::journal()).await.unwrap().unwrap_or_default();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// Lines queued by many writers at once are all appended, each writer's in its order,
+    /// and the flag is clear once they are (the next line starts an appender).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_queued_line_is_appended_in_order() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryStorageBackend::new());
+        let journal = Arc::new(Journal::new(backend.clone()));
+        let order = Arc::new(tokio::sync::Mutex::new(()));
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..16 {
+            let (journal, order) = (journal.clone(), order.clone());
+            writers.spawn(async move {
+                for i in 0..50 {
+                    // As the store does: queued under its lock, appended after it.
+                    let appender = {
+                        let _lock = order.lock().await;
+                        journal.queue(format!("w{w} {i}\n").as_bytes())
+                    };
+                    if appender {
+                        journal.append().await;
+                    }
+                }
+            });
+        }
+        while writers.join_next().await.transpose().unwrap().is_some() {}
+        // A task may still be appending the last lines: wait for the write lock, then look.
+        drop(journal.writing.lock().await);
+        let text = journal_text(&backend).await;
+        for w in 0..16 {
+            let mine: Vec<&str> =
+                text.lines().filter(|l| l.starts_with(&format!("w{w} "))).collect();
+            let expected: Vec<String> = (0..50).map(|i| format!("w{w} {i}")).collect();
+            assert_eq!(mine, expected, "writer {w}'s lines");
+        }
+        assert!(!lock(&journal.queue).appending, "no appender is left marked");
+    }
+
+    /// A replacement drops the lines queued before it (its snapshot holds them), and lines
+    /// queued after it are appended after it.
+    #[tokio::test]
+    async fn a_replacement_comes_after_every_line_queued_before_it() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryStorageBackend::new());
+        let journal = Arc::new(Journal::new(backend.clone()));
+        assert!(journal.queue(b"old 1\n"));
+        journal.append().await;
+        // Queued, not appended yet (its appender has not run), when the snapshot replaces.
+        assert!(journal.queue(b"old 2\n"));
+        journal.replace(b"snapshot\n".to_vec()).await.unwrap();
+        journal.append().await;
+        assert!(journal.queue(b"new 1\n"));
+        journal.append().await;
+        assert_eq!(journal_text(&backend).await, "snapshot\nnew 1\n");
+    }
+
+    /// An appender whose caller gave up before it appended leaves its lines queued and the
+    /// flag clear: the next writer appends them with its own.
+    #[tokio::test]
+    async fn a_cancelled_appender_leaves_its_lines_to_the_next_writer() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryStorageBackend::new());
+        let journal = Arc::new(Journal::new(backend.clone()));
+        let held = journal.writing.lock().await;
+        assert!(journal.queue(b"a\n"));
+        let cancelled = journal.append();
+        // Polled once (it waits for the write lock), then dropped.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), cancelled).await.is_err()
+        );
+        drop(held);
+        assert!(journal.queue(b"b\n"), "the flag was cleared");
+        journal.append().await;
+        assert_eq!(journal_text(&backend).await, "a\nb\n");
     }
 }
