@@ -23,9 +23,6 @@ use crate::backend::StorageBackend;
 use crate::error::Result;
 use crate::sync::lock;
 
-/// An append of journal lines, owning what it needs.
-type Append = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 /// Rounds of appends one writer makes before it leaves the rest to a task: a writer is not
 /// held up by a stream of others' lines.
 const ROUNDS: usize = 2;
@@ -35,10 +32,9 @@ const ROUNDS: usize = 2;
 pub(crate) struct Journal {
     backend: Arc<dyn StorageBackend>,
     queue: Mutex<Queue>,
-    /// Held by whoever writes the journal file: an appender (or the task it handed its
-    /// append to), or a replacement. So a line queued before a snapshot is never appended
-    /// after it.
-    writing: Arc<tokio::sync::Mutex<()>>,
+    /// Held by whoever writes the journal file: an appender, or a replacement. So a line
+    /// queued before a snapshot is never appended after it.
+    writing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -81,76 +77,45 @@ impl Journal {
     }
 
     /// The appender's part: appends what is queued, a few rounds, then leaves anything
-    /// still queued to a task. An append the backend cannot finish at once (its writer is
-    /// another thread: the SQLite backend's) is handed to that task too, so the caller never
-    /// waits for one; an append that finishes at once (a `write` to the file backend's open
-    /// journal) costs no hand-off. An append that fails is logged and its lines are dropped:
+    /// still queued to a task. An append that fails is logged and its lines are dropped:
     /// the records are durable already, and the next start reconciles the index with them
     /// (the running marker says it must).
     pub(crate) async fn append(self: &Arc<Self>) {
         let mut guard = Appending { journal: self, finished: false };
-        let writing = self.writing.clone().lock_owned().await;
+        let _writing = self.writing.lock().await;
         for _ in 0..ROUNDS {
-            let Some(lines) = self.take_queued() else {
+            if !self.append_round().await {
                 guard.finished = true;
-                return;
-            };
-            let mut append = self.append_lines(lines);
-            let waker = std::task::Waker::noop();
-            let mut cx = std::task::Context::from_waker(waker);
-            if append.as_mut().poll(&mut cx).is_pending() {
-                // Polled again by the task, which registers its own waker then.
-                guard.finished = true;
-                self.hand_over(writing, Some(append));
                 return;
             }
         }
-        // Still more queued: a task takes over (the flag stays set for it).
+        // Still more: a task takes over (the flag stays set for it).
         guard.finished = true;
-        self.hand_over(writing, None);
-    }
-
-    /// Starts the task that finishes `first` (an append already started) and appends
-    /// whatever is queued after it, holding the write lock all along.
-    fn hand_over(
-        self: &Arc<Self>,
-        writing: tokio::sync::OwnedMutexGuard<()>,
-        first: Option<Append>,
-    ) {
         let journal = self.clone();
         tokio::spawn(async move {
             let mut guard = Appending { journal: &journal, finished: false };
-            let _writing = writing;
-            if let Some(append) = first {
-                append.await;
-            }
-            while let Some(lines) = journal.take_queued() {
-                journal.append_lines(lines).await;
-            }
+            let _writing = journal.writing.lock().await;
+            while journal.append_round().await {}
             guard.finished = true;
         });
     }
 
-    /// Takes the lines queued now; `None` if there were none, having cleared the appending
-    /// flag under the same lock: a line queued after that starts an appender of its own,
-    /// and none is left behind.
-    fn take_queued(&self) -> Option<Vec<u8>> {
-        let mut q = lock(&self.queue);
-        if q.lines.is_empty() {
-            q.appending = false;
-            return None;
-        }
-        Some(std::mem::take(&mut q.lines))
-    }
-
-    /// The append of `lines`, not started yet.
-    fn append_lines(&self, lines: Vec<u8>) -> Append {
-        let backend = self.backend.clone();
-        Box::pin(async move {
-            if let Err(e) = backend.append(&keys::journal(), lines).await {
-                warn!(error = %e, "index journal append failed; it will be rebuilt at the next start");
+    /// Appends the lines queued now. Returns `false` if there were none, having cleared the
+    /// appending flag under the same lock: a line queued after that starts an appender of
+    /// its own, and none is left behind.
+    async fn append_round(&self) -> bool {
+        let lines = {
+            let mut q = lock(&self.queue);
+            if q.lines.is_empty() {
+                q.appending = false;
+                return false;
             }
-        })
+            std::mem::take(&mut q.lines)
+        };
+        if let Err(e) = self.backend.append(&keys::journal(), lines).await {
+            warn!(error = %e, "index journal append failed; it will be rebuilt at the next start");
+        }
+        true
     }
 
     /// Waits for the append in flight, then replaces the journal with `bytes` (an atomic
