@@ -162,8 +162,7 @@ async fn look(
         for info in sessions {
             let id = info.session_id.as_str().to_owned();
             let unchanged = before.get(&id).filter(|b| {
-                b.info.checkpoint_count == info.checkpoint_count
-                    && b.info.updated_at == info.updated_at
+                b.info.checkpoint_count == info.checkpoint_count && !record_changed(&b.info, &info)
             });
             let checkpoints = match unchanged {
                 Some(b) => b.checkpoints.clone(),
@@ -191,6 +190,17 @@ async fn look(
     result
 }
 
+/// Whether the session record behind `now` differs from the one behind `before`: another
+/// save time, or (two saves in one millisecond) another size, step or status.
+fn record_changed(before: &SessionInfo, now: &SessionInfo) -> bool {
+    before.updated_at != now.updated_at
+        || before.size_bytes != now.size_bytes
+        || before.step != now.step
+        || before.status != now.status
+        || before.status_at != now.status_at
+        || before.status_reason != now.status_reason
+}
+
 /// The events that turn look `before` into look `now` (`new_checkpoints` from [`look`]),
 /// in the order they happened. `deleted_at` stamps deletions, which leave no time behind.
 ///
@@ -216,7 +226,9 @@ fn changes(
         let info = &seen.info;
         let old = before.get(id).map(|b| &b.info);
         let event = |kind, at| StateEvent { session_id: info.session_id.clone(), kind, at };
-        if old.is_none_or(|o| o.updated_at != info.updated_at) {
+        // A save changes the record: its time, and (within the same millisecond, which a
+        // fast disk allows) its size, step or status, which live in the record too.
+        if old.is_none_or(|o| record_changed(o, info)) {
             saves.push((info.updated_at, event(EventKind::Saved, info.updated_at)));
         }
         let was = old.map_or(SessionStatus::Running, |o| o.status);
